@@ -1,0 +1,79 @@
+"""Defaults shared by every config in `configs/`: the FFL/ONE CIFAR protocol of the spec.
+
+Loss settings default to `None` (typed placeholders, so `--config.loss.lam_feat=0` parses):
+`None` means "take the value of the preset named by `config.method`" (see `ffcl_jax.methods`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Data.
+    c.dataset = "cifar100"
+    c.data_source = "tfds"  # "tfds", or "idx" for the Fashion-MNIST IDX files
+    c.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS's default
+    c.download = True  # let TFDS download a data set that is not prepared yet
+    c.idx_dir = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+    c.train_examples = config_dict.placeholder(int)  # use only the first N (smoke runs)
+    c.test_examples = config_dict.placeholder(int)
+    c.augment = "pad_crop_flip"  # "pad_crop_flip", "pad_crop" or "none"
+    c.pad = 4
+    c.pad_mode = "reflect"  # "reflect" or "constant"
+
+    # Networks and method.
+    c.teacher = "resnet110"
+    c.student = "resnet32"
+    c.method = "ffcl"  # independent | dml | ffl | ffcl
+    c.fusion_channels = config_dict.placeholder(int)  # C_fused; None: the student's channels
+    c.compute_dtype = "float32"  # or "bfloat16" (losses stay float32)
+
+    # Loss settings; None = the method preset's value.
+    c.loss = ml_collections.ConfigDict()
+    c.loss.use_fusion = config_dict.placeholder(bool)
+    for name in ("lam_fuse", "lam_ens", "lam_mutual", "lam_feat", "lam_reg"):
+        c.loss[name] = config_dict.placeholder(float)
+    c.loss.tau = config_dict.placeholder(float)
+    c.loss.rampup_epochs = config_dict.placeholder(float)
+    c.loss.feat_stages = config_dict.placeholder(tuple)  # stage indices; None: all stages
+    c.loss.feat_direction = config_dict.placeholder(str)  # teacher_to_student | mutual
+    c.loss.regularizer = config_dict.placeholder(str)  # virtual_teacher | label_smoothing | none
+    c.loss.reg_correct_prob = config_dict.placeholder(float)
+    c.loss.reg_temperature = config_dict.placeholder(float)
+    c.loss.label_smoothing = config_dict.placeholder(float)
+
+    # Optimisation (FFL/ONE protocol).
+    c.batch_size = 128  # global, over all devices and hosts
+    c.eval_batch_size = 500
+    c.num_epochs = 300
+    c.learning_rate = 0.1
+    c.momentum = 0.9
+    c.nesterov = True
+    c.weight_decay = 1e-4  # teacher and student
+    c.fusion_weight_decay = 1e-5
+    c.lr_decay_epochs = (150, 225)
+    c.lr_decay_factor = 0.1
+
+    # Bookkeeping.
+    c.seed = 0
+    c.log_every_steps = 100
+    c.eval_every_epochs = 1
+    return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Seconds-long CPU run: the smallest pair, a few hundred examples, two short epochs."""
+    c.teacher = "resnet14"
+    c.student = "resnet8"
+    c.train_examples = 512
+    c.test_examples = 500
+    c.batch_size = 64
+    c.eval_batch_size = 250
+    c.num_epochs = 2
+    c.lr_decay_epochs = (1,)
+    c.loss.rampup_epochs = 1.0
+    c.log_every_steps = 4
+    return c

@@ -1,0 +1,304 @@
+"""Input pipeline: CIFAR-10/100 and Fashion-MNIST through TFDS, or Fashion-MNIST IDX files.
+
+Each split is read once into host memory (the largest, CIFAR, is 150 MB), each process keeping
+only its own shard. tf.data then shuffles, augments and batches the training shard; batches stay
+uint8 NHWC and are normalised inside the jitted step, which keeps host-to-device traffic 4x
+smaller. Every epoch is a new, deterministic pass: the shuffle seed and every example's
+augmentation seed derive from (seed, epoch, example index), so any epoch can be re-created
+exactly. Evaluation batches are padded to a fixed shape with a 0/1 `mask`, so the whole test split
+is counted exactly once without a recompile for the last partial batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from ffcl_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]  # per channel, on [0, 1] pixels
+    std: tuple[float, ...]
+    tfds_name: str
+
+
+DATASETS = {
+    "cifar10": DatasetInfo(
+        10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar10"
+    ),
+    "cifar100": DatasetInfo(
+        100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar100"
+    ),
+    "fashion_mnist": DatasetInfo(10, (28, 28, 1), (0.2860,), (0.3530,), "fashion_mnist"),
+}
+SOURCES = ("tfds", "idx")
+AUGMENTATIONS = ("pad_crop_flip", "pad_crop", "none")
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@functools.cache
+def import_tensorflow():
+    """TensorFlow for tf.data only: silent, and kept off any GPU so that JAX owns it.
+
+    oneDNN is switched off because it only announces itself here: the pipeline moves uint8
+    pixels (pad, crop, flip) and does no floating-point math that oneDNN could speed up.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _open_maybe_gz(directory: str, stem: str):
+    for name, opener in ((stem + ".gz", gzip.open), (stem, open)):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return path, opener(path, "rb")
+    return None, None
+
+
+def read_idx(path: str, stream) -> np.ndarray:
+    """Parses one IDX file (the MNIST format: magic, big-endian dims, then unsigned bytes)."""
+    with stream:
+        raw = stream.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(
+            f"{path} is not an unsigned-byte IDX file (bad magic number); re-install it"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(dims)) if dims else 0
+    if len(raw) - header != expected:
+        raise UserError(
+            f"{path} is truncated or corrupt: header says {dims} ({expected} bytes), file has "
+            f"{len(raw) - header}; re-install it"
+        )
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def load_idx_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST (or MNIST) IDX files -> (uint8 images NHW1, int32 labels)."""
+    image_stem, label_stem = IDX_FILES[split]
+    image_path, image_stream = _open_maybe_gz(directory, image_stem)
+    label_path, label_stream = _open_maybe_gz(directory, label_stem)
+    if image_stream is None or label_stream is None:
+        if image_stream is not None:
+            image_stream.close()
+        if label_stream is not None:
+            label_stream.close()
+        raise UserError(
+            f"Fashion-MNIST IDX files not found in {directory!r} (need {image_stem}.gz and "
+            f"{label_stem}.gz): install them with `apt-get install dataset-fashion-mnist` or "
+            "point --config.idx_dir at a folder that has them"
+        )
+    images = read_idx(image_path, image_stream)
+    labels = read_idx(label_path, label_stream)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(
+            f"IDX files in {directory!r} do not match: images {images.shape}, labels "
+            f"{labels.shape}; re-install the data set"
+        )
+    return images[..., None], labels.astype(np.int32)
+
+
+def load_tfds_split(
+    name: str, split: str, data_dir: str | None, download: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    import_tensorflow()
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    how = (
+        f"build it where the network allows (`tfds build {name} --data_dir DIR`), copy DIR "
+        "here and pass --config.data_dir=DIR"
+    )
+    if download and not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except Exception as exc:  # network errors come in many types; all mean the same here
+            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise UserError(f"could not download TFDS data set {name!r} ({reason}); {how}") from exc
+    try:
+        dataset = builder.as_dataset(split=split, as_supervised=True)
+    except AssertionError as exc:  # what TFDS raises for a data set that is not prepared
+        raise UserError(
+            f"TFDS data set {name!r} is not prepared in {builder.data_dir!r}"
+            + ("" if download else " and config.download is False")
+            + f": {how}"
+        ) from exc
+    # Large batches rather than batch_size=-1, which aborts inside TensorFlow under
+    # tfds.testing.mock_data; the whole split still arrives in a few reads.
+    chunks = list(tfds.as_numpy(dataset.batch(10_000)))
+    if not chunks:
+        raise UserError(f"TFDS split {name}/{split} is empty; rebuild the data set")
+    images = np.concatenate([c[0] for c in chunks])
+    labels = np.concatenate([c[1] for c in chunks])
+    return images.astype(np.uint8), labels.astype(np.int32)
+
+
+def load_split(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The whole `split` ("train" or "test") of `config.dataset` as host numpy arrays."""
+    info = dataset_info(config.dataset)
+    if config.data_source == "idx":
+        if config.dataset != "fashion_mnist":
+            raise UserError(
+                f"data_source 'idx' reads Fashion-MNIST IDX files, not {config.dataset!r}; "
+                "use data_source='tfds' for it"
+            )
+        images, labels = load_idx_split(config.idx_dir, split)
+    elif config.data_source == "tfds":
+        images, labels = load_tfds_split(
+            info.tfds_name, split, config.get("data_dir"), config.get("download", True)
+        )
+    else:
+        raise UserError(f"unknown data_source {config.data_source!r}; valid: {', '.join(SOURCES)}")
+    if images.shape[1:] != info.image_shape:
+        raise UserError(
+            f"{config.dataset} images have shape {images.shape[1:]}, expected {info.image_shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
+        raise UserError(f"{config.dataset} labels fall outside 0..{info.num_classes - 1}")
+    limit = config.get("train_examples" if split == "train" else "test_examples")
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def process_shard(
+    images: np.ndarray, labels: np.ndarray, process_index: int, process_count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous, equal-size shard of this process (the few examples left over are dropped
+    in training; evaluation pads instead, see `eval_batches`)."""
+    per_process = len(images) // process_count
+    start = process_index * per_process
+    return images[start : start + per_process], labels[start : start + per_process]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _augment_fn(config, info: DatasetInfo):
+    tf = import_tensorflow()
+
+    kind = config.augment
+    if kind not in AUGMENTATIONS:
+        raise UserError(f"unknown augment {kind!r}; valid: {', '.join(AUGMENTATIONS)}")
+    if config.pad_mode not in ("reflect", "constant"):
+        raise UserError(f"unknown pad_mode {config.pad_mode!r}; valid: reflect, constant")
+    height, width, channels = info.image_shape
+    pad = int(config.pad)
+
+    def augment(seed, image):
+        if kind == "none":
+            return image
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode=config.pad_mode.upper())
+        image = tf.image.stateless_random_crop(padded, (height, width, channels), seed=crop_seed)
+        if kind == "pad_crop_flip":
+            image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+        return image
+
+    return augment
+
+
+def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
+    steps = num_train_examples // global_batch_size
+    if steps == 0:
+        raise UserError(
+            f"batch_size {global_batch_size} is larger than the {num_train_examples} training "
+            "examples: lower config.batch_size"
+        )
+    return steps
+
+
+class TrainData:
+    """The process's training shard; `epoch(e)` iterates epoch `e`'s augmented local batches."""
+
+    def __init__(self, config, images: np.ndarray, labels: np.ndarray, local_batch_size: int):
+        self.config = config
+        self.info = dataset_info(config.dataset)
+        self.images, self.labels = images, labels
+        self.local_batch_size = local_batch_size
+        self._augment = _augment_fn(config, self.info)
+
+    def epoch(self, epoch: int, *, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        tf = import_tensorflow()
+
+        epoch_seed = int(self.config.seed) * 1_000_003 + int(epoch)
+        n = len(self.images)
+        ds = tf.data.Dataset.from_tensor_slices((self.images, self.labels))
+        ds = ds.shuffle(n, seed=epoch_seed, reshuffle_each_iteration=False)
+        ds = ds.enumerate()
+
+        def augment(index, example):
+            image, label = example
+            seed = tf.stack([tf.constant(epoch_seed, tf.int64), index])
+            return {"image": self._augment(seed, image), "label": label}
+
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(self.local_batch_size, drop_remainder=True)
+        if skip_batches:
+            ds = ds.skip(skip_batches)
+        ds = ds.prefetch(tf.data.AUTOTUNE)
+        return ds.as_numpy_iterator()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def eval_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, num_batches: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-shape batches over every example; padding rows have `mask == 0`.
+
+    `num_batches` (>= what the data needs) lets every process run the same number of eval steps
+    when their shards differ in length.
+    """
+    needed = -(-len(images) // batch_size)
+    num_batches = needed if num_batches is None else num_batches
+    for b in range(num_batches):
+        chunk_images = images[b * batch_size : (b + 1) * batch_size]
+        chunk_labels = labels[b * batch_size : (b + 1) * batch_size]
+        valid = len(chunk_images)
+        pad = batch_size - valid
+        yield {
+            "image": np.concatenate(
+                [chunk_images, np.zeros((pad, *images.shape[1:]), images.dtype)]
+            ),
+            "label": np.concatenate([chunk_labels, np.zeros((pad,), labels.dtype)]),
+            "mask": np.concatenate([np.ones((valid,), np.float32), np.zeros((pad,), np.float32)]),
+        }
+
+
+def normalize(images, info: DatasetInfo):
+    """uint8 NHWC -> float32 standardised with the data set's channel statistics (on device)."""
+    import jax.numpy as jnp
+
+    mean = jnp.asarray(info.mean, jnp.float32) * 255.0
+    std = jnp.asarray(info.std, jnp.float32) * 255.0
+    return (images.astype(jnp.float32) - mean) / std

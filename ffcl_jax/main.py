@@ -1,0 +1,84 @@
+"""Command line: `python -m ffcl_jax.main --config=configs/cifar100.py --workdir=DIR`.
+
+Any config value can be overridden with `--config.key=value` (for example
+`--config.method=dml`, `--config.loss.lam_feat=0`, `--config.num_epochs=10`); a config file takes
+an argument after a colon (`--config=configs/fashion_mnist.py:smoke`). Bad input ends with one
+`error: ...` line that says what to do, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/fashion_mnist.py", "Training configuration file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs, results and curves.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0 for multi-host runs (or set JAX_COORDINATOR_ADDRESS).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+def _initialize_distributed() -> None:
+    """Joins a multi-process run when flags or the environment describe one.
+
+    With no flags, `jax.distributed.initialize()` still auto-detects the usual cluster
+    environments (Cloud TPU pods, SLURM, Open MPI) when JAX_COORDINATOR_ADDRESS or one of those
+    environments is present; a plain single-machine run skips it.
+    """
+    import jax
+
+    cluster_env = any(
+        v in os.environ
+        for v in (
+            "JAX_COORDINATOR_ADDRESS",
+            "SLURM_JOB_ID",
+            "OMPI_COMM_WORLD_SIZE",
+            "TPU_WORKER_HOSTNAMES",
+            "MEGASCALE_COORDINATOR_ADDRESS",
+        )
+    )
+    if _COORDINATOR.value or _NUM_PROCESSES.value is not None:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    elif cluster_env:
+        jax.distributed.initialize()
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value:
+        print("error: --workdir is required (a folder for logs and results)", file=sys.stderr)
+        sys.exit(2)
+    logging.set_verbosity(logging.WARNING)
+    from ffcl_jax.errors import UserError
+    from ffcl_jax.input_pipeline import import_tensorflow
+    from ffcl_jax.train import train_and_evaluate
+
+    import_tensorflow()
+    _initialize_distributed()
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,240 @@
+"""Method presets (independent, dml, ffl, ffcl) and the cohort objective they configure.
+
+A preset is a set of default loss settings; every setting is also a config key under
+`config.loss`, where `None` means "the preset's value". So `--config.method=ffcl
+--config.loss.lam_feat=0` is the ffcl ablation without feature terms, and nothing about a method
+is hidden in code. The resolved settings form a frozen `LossSettings`, which is static for `jit`:
+terms whose weight is zero are not traced at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ffcl_jax import losses
+from ffcl_jax.errors import UserError
+
+REGULARIZERS = ("virtual_teacher", "label_smoothing", "none")
+FEATURE_DIRECTIONS = ("teacher_to_student", "mutual")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """Everything the objective needs, resolved from a preset and the user's overrides."""
+
+    method: str
+    use_fusion: bool
+    lam_fuse: float  # KL(z_T <- z_F) + KL(z_S <- z_F): the fused classifier teaches both
+    lam_ens: float  # KL(z_F <- z_E): the T+S ensemble teaches the fused classifier
+    lam_mutual: float  # KL(z_S <- z_T) + KL(z_T <- z_S): peers teach each other
+    lam_feat: float  # attention transfer at the listed stages
+    lam_reg: float  # network regularization (the "positive knowledge")
+    tau: float
+    rampup_epochs: float
+    feat_stages: tuple[int, ...] | None  # None: every stage
+    feat_direction: str
+    regularizer: str
+    reg_correct_prob: float
+    reg_temperature: float
+    label_smoothing: float
+
+    def active_terms(self) -> tuple[str, ...]:
+        """Names of the loss terms this setting computes (the rest are not traced)."""
+        terms = ["ce_teacher", "ce_student"]
+        if self.use_fusion:
+            terms.append("ce_fused")
+        if self.lam_fuse:
+            terms.append("kl_fused_to_peers")
+        if self.lam_ens:
+            terms.append("kl_ensemble_to_fused")
+        if self.lam_mutual:
+            terms.append("kl_mutual")
+        if self.lam_feat:
+            terms.append("feat")
+        if self.lam_reg and self.regularizer != "none":
+            terms.append("reg")
+        return tuple(terms)
+
+
+_OFF = dict(lam_fuse=0.0, lam_ens=0.0, lam_mutual=0.0, lam_feat=0.0, lam_reg=0.0)
+_COMMON = dict(
+    feat_stages=None,
+    feat_direction="teacher_to_student",
+    reg_correct_prob=0.99,
+    reg_temperature=20.0,
+    label_smoothing=0.1,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "independent": dict(
+        _COMMON, **_OFF, use_fusion=False, tau=1.0, rampup_epochs=0.0, regularizer="none"
+    ),
+    # Deep Mutual Learning: KL at tau 1 both ways, from the first step (no ramp-up).
+    "dml": dict(
+        _COMMON,
+        **dict(_OFF, lam_mutual=1.0),
+        use_fusion=False,
+        tau=1.0,
+        rampup_epochs=0.0,
+        regularizer="none",
+    ),
+    # Feature Fusion Learning (Kim et al. 2020): fused -> both, ensemble -> fused.
+    "ffl": dict(
+        _COMMON,
+        **dict(_OFF, lam_fuse=1.0, lam_ens=1.0),
+        use_fusion=True,
+        tau=3.0,
+        rampup_epochs=80.0,
+        regularizer="none",
+    ),
+    "ffcl": dict(
+        _COMMON,
+        lam_fuse=1.0,
+        lam_ens=1.0,
+        lam_mutual=1.0,
+        lam_feat=1.0,
+        lam_reg=1.0,
+        use_fusion=True,
+        tau=3.0,
+        rampup_epochs=80.0,
+        regularizer="virtual_teacher",
+    ),
+}
+PENDING_METHODS = {
+    "kd": "it trains the student from a frozen teacher checkpoint, which needs the "
+    "checkpoint support that is not in this version yet"
+}
+
+
+def resolve_loss_settings(method: str, overrides: Mapping[str, Any] | None = None) -> LossSettings:
+    """Preset `method` with every non-None entry of `overrides` (usually `config.loss`) on top."""
+    if method in PENDING_METHODS:
+        raise UserError(
+            f"method {method!r} is not available yet: {PENDING_METHODS[method]}; "
+            f"use one of {', '.join(PRESETS)}"
+        )
+    if method not in PRESETS:
+        raise UserError(f"unknown method {method!r}; valid methods: {', '.join(PRESETS)}")
+    values = dict(PRESETS[method])
+    for key, value in (overrides or {}).items():
+        if key not in values:
+            raise UserError(
+                f"unknown loss setting {key!r}; valid settings: {', '.join(sorted(values))}"
+            )
+        if value is not None:
+            values[key] = value
+    if values["feat_stages"] is not None:
+        values["feat_stages"] = tuple(int(s) for s in values["feat_stages"])
+    settings = LossSettings(method=method, **values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: LossSettings) -> None:
+    for name in ("lam_fuse", "lam_ens", "lam_mutual", "lam_feat", "lam_reg"):
+        if getattr(s, name) < 0:
+            raise UserError(f"loss.{name} must be >= 0, got {getattr(s, name)}")
+    if s.tau <= 0:
+        raise UserError(f"loss.tau must be > 0, got {s.tau}")
+    if s.rampup_epochs < 0:
+        raise UserError(f"loss.rampup_epochs must be >= 0 (0 = no ramp-up), got {s.rampup_epochs}")
+    if (s.lam_fuse or s.lam_ens) and not s.use_fusion:
+        raise UserError(
+            "loss.lam_fuse / loss.lam_ens need the fusion module: set loss.use_fusion=True "
+            "or set both weights to 0"
+        )
+    if s.regularizer not in REGULARIZERS:
+        raise UserError(
+            f"unknown loss.regularizer {s.regularizer!r}; valid: {', '.join(REGULARIZERS)}"
+        )
+    if s.feat_direction not in FEATURE_DIRECTIONS:
+        raise UserError(
+            f"unknown loss.feat_direction {s.feat_direction!r}; "
+            f"valid: {', '.join(FEATURE_DIRECTIONS)}"
+        )
+    if not 0 < s.reg_correct_prob < 1:
+        raise UserError(f"loss.reg_correct_prob must be in (0, 1), got {s.reg_correct_prob}")
+    if s.reg_temperature <= 0:
+        raise UserError(f"loss.reg_temperature must be > 0, got {s.reg_temperature}")
+    if not 0 <= s.label_smoothing < 1:
+        raise UserError(f"loss.label_smoothing must be in [0, 1), got {s.label_smoothing}")
+
+
+def check_feature_stages(settings: LossSettings, num_teacher_stages: int, num_student_stages: int):
+    """Feature stages are matched by index, so both networks must have each listed stage."""
+    available = min(num_teacher_stages, num_student_stages)
+    for stage in settings.feat_stages or ():
+        if not 0 <= stage < available:
+            raise UserError(
+                f"loss.feat_stages has stage {stage}, but the networks have stages "
+                f"0..{available - 1}; list stage indices in that range"
+            )
+
+
+def cohort_objective(
+    outputs: Mapping[str, Any],
+    labels: jax.Array,
+    settings: LossSettings,
+    epoch: jax.Array,
+    num_classes: int,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The total loss L of FFCL_METHOD.md section 3 and each unweighted term, for logging.
+
+    `outputs` is what `Cohort.__call__` returns. Terms with zero weight are skipped at trace time.
+    """
+    z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
+    z_f = outputs.get("fused_logits")
+    tau = settings.tau
+    terms: dict[str, jax.Array] = {
+        "ce_teacher": losses.cross_entropy(z_t, labels),
+        "ce_student": losses.cross_entropy(z_s, labels),
+    }
+    if settings.use_fusion:
+        terms["ce_fused"] = losses.cross_entropy(z_f, labels)
+    supervised = sum(terms.values())
+
+    ramp = losses.rampup_weight(epoch, settings.rampup_epochs)
+    distill = jnp.zeros((), jnp.float32)
+    if settings.lam_fuse:
+        terms["kl_fused_to_peers"] = losses.kl_distill(z_t, z_f, tau) + losses.kl_distill(
+            z_s, z_f, tau
+        )
+        distill += settings.lam_fuse * terms["kl_fused_to_peers"]
+    if settings.lam_ens:
+        terms["kl_ensemble_to_fused"] = losses.kl_distill(
+            z_f, losses.ensemble_logits(z_t, z_s), tau
+        )
+        distill += settings.lam_ens * terms["kl_ensemble_to_fused"]
+    if settings.lam_mutual:
+        terms["kl_mutual"] = losses.kl_distill(z_s, z_t, tau) + losses.kl_distill(z_t, z_s, tau)
+        distill += settings.lam_mutual * terms["kl_mutual"]
+    if settings.lam_feat:
+        student_features = outputs["student_features"]
+        stages = settings.feat_stages
+        if stages is None:
+            stages = tuple(range(min(len(student_features), len(outputs["teacher_features"]))))
+        terms["feat"] = losses.attention_transfer(
+            student_features, outputs["teacher_features"], stages, settings.feat_direction
+        )
+        distill += settings.lam_feat * terms["feat"]
+
+    regularization = jnp.zeros((), jnp.float32)
+    if settings.lam_reg and settings.regularizer != "none":
+        if settings.regularizer == "virtual_teacher":
+            target = losses.virtual_teacher_target(
+                labels, num_classes, settings.reg_correct_prob, settings.reg_temperature
+            )
+        else:
+            target = losses.label_smoothing_target(labels, num_classes, settings.label_smoothing)
+        reg_logits = [z_t, z_s] + ([z_f] if settings.use_fusion else [])
+        terms["reg"] = sum(losses.fixed_target_kl(z, target) for z in reg_logits)
+        regularization = settings.lam_reg * terms["reg"]
+
+    total = supervised + ramp * distill + regularization
+    terms["rampup_weight"] = ramp
+    return total, terms

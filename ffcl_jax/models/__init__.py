@@ -1,0 +1,106 @@
+"""Model zoo registry and the teacher/student/fusion cohort.
+
+Every zoo model maps NHWC images of any size and channel count to `(logits, stage_features)`,
+where `stage_features` holds the un-pooled output of each of its three stages.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+from ffcl_jax.errors import UserError
+from ffcl_jax.models.fusion import FusionModule
+from ffcl_jax.models.resnet import CifarResNet
+from ffcl_jax.models.wrn import WideResNet
+
+_X4 = dict(stem_channels=32, widths=(64, 128, 256))
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    **{
+        f"resnet{depth}": functools.partial(CifarResNet, depth)
+        for depth in (8, 14, 20, 32, 44, 56, 110)
+    },
+    "resnet8x4": functools.partial(CifarResNet, 8, **_X4),
+    "resnet32x4": functools.partial(CifarResNet, 32, **_X4),
+    "wrn_16_1": functools.partial(WideResNet, 16, 1),
+    "wrn_16_2": functools.partial(WideResNet, 16, 2),
+    "wrn_40_1": functools.partial(WideResNet, 40, 1),
+    "wrn_40_2": functools.partial(WideResNet, 40, 2),
+    "wrn_28_10": functools.partial(WideResNet, 28, 10),
+}
+
+
+def check_model_name(name: str) -> None:
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
+
+
+def create_model(
+    name: str, num_classes: int, *, in_channels: int = 3, dtype=None, rngs: nnx.Rngs
+) -> nnx.Module:
+    """Builds a zoo model by name; an unknown name raises a ValueError listing the valid ones."""
+    check_model_name(name)
+    return MODELS[name](num_classes, in_channels=in_channels, dtype=dtype, rngs=rngs)
+
+
+class Cohort(nnx.Module):
+    """Teacher, student and (optionally) the fusion module, trained as one set of parameters.
+
+    Splitting the cohort once gives one parameter tree with top-level keys `teacher`, `student`
+    and `fusion`, which is what the per-role weight decay and the checkpoints key on.
+    """
+
+    def __init__(self, teacher: nnx.Module, student: nnx.Module, fusion: FusionModule | None):
+        self.teacher = teacher
+        self.student = student
+        self.fusion = fusion
+
+    def __call__(self, images: jax.Array, *, train: bool) -> dict:
+        teacher_logits, teacher_features = self.teacher(images, train=train)
+        student_logits, student_features = self.student(images, train=train)
+        out = dict(
+            teacher_logits=teacher_logits,
+            student_logits=student_logits,
+            teacher_features=teacher_features,
+            student_features=student_features,
+        )
+        if self.fusion is not None:
+            out["fused_logits"] = self.fusion(
+                teacher_features[-1], student_features[-1], train=train
+            )
+        return out
+
+
+def create_cohort(
+    teacher: str,
+    student: str,
+    num_classes: int,
+    *,
+    in_channels: int,
+    use_fusion: bool,
+    fused_channels: int | None = None,
+    dtype=None,
+    seed: int = 0,
+) -> Cohort:
+    rngs = nnx.Rngs(seed)
+    teacher_net = create_model(
+        teacher, num_classes, in_channels=in_channels, dtype=dtype, rngs=rngs
+    )
+    student_net = create_model(
+        student, num_classes, in_channels=in_channels, dtype=dtype, rngs=rngs
+    )
+    fusion = None
+    if use_fusion:
+        fusion = FusionModule(
+            teacher_net.stage_channels[-1],
+            student_net.stage_channels[-1],
+            num_classes,
+            fused_channels=fused_channels,
+            dtype=dtype,
+            rngs=rngs,
+        )
+    return Cohort(teacher_net, student_net, fusion)

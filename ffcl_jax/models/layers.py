@@ -1,0 +1,105 @@
+"""Layer constructors shared by the model zoo, initialised as the PyTorch CIFAR KD zoos do.
+
+The PyTorch references (RepDistiller, FFL-pytorch) initialise convolutions with
+`kaiming_normal_(mode="fan_out", nonlinearity="relu")` (an *untruncated* normal), BatchNorm with
+scale 1 / bias 0, and leave `nn.Linear` at its default `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` for
+both weight and bias. Matching them keeps accuracy comparable and makes weight conversion to the
+PyTorch reference a pure re-layout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ffcl_jax.errors import UserError
+
+# torch.nn.init.kaiming_normal_(mode="fan_out"): He-normal on fan_out ("normal" is untruncated).
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear default: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+dense_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# PyTorch BatchNorm2d defaults: momentum 0.1 (flax: 0.9 on the running average), eps 1e-5.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def conv(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    stride: int = 1,
+    *,
+    groups: int = 1,
+    dtype=None,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """Bias-free convolution with PyTorch-style symmetric padding (`padding=kernel // 2`).
+
+    Explicit padding rather than "SAME": for stride 2 on an even size, "SAME" pads (0, 1) while
+    PyTorch pads (1, 1), which shifts every downsampled feature map by one pixel.
+    """
+    pad = kernel // 2
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(
+        num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs
+    )
+
+
+def _torch_linear_bias_init(fan_in: int):
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def dense(in_features: int, out_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=dense_kernel_init,
+        bias_init=_torch_linear_bias_init(in_features),
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """NHWC -> NC, averaged in float32 so that bf16 runs do not lose the mean."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+
+
+def avg_pool_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Average-pools an NHWC map down to spatial `size` with a window equal to the stride.
+
+    Used to match feature maps of different resolutions (fusion, attention transfer); the
+    ratio must be an integer so that every output pixel averages the same number of inputs.
+    """
+    h, w = x.shape[1:3]
+    th, tw = size
+    if (h, w) == (th, tw):
+        return x
+    if h % th or w % tw or h < th or w < tw:
+        raise UserError(
+            f"cannot average-pool a {h}x{w} feature map to {th}x{tw}: the larger size must be an "
+            "integer multiple of the smaller; choose networks whose stage resolutions divide"
+        )
+    window = (h // th, w // tw)
+    return nnx.avg_pool(x, window_shape=window, strides=window)

@@ -1,0 +1,242 @@
+"""Input pipeline: IDX files in the real format, TFDS (mocked and prepared from real-format CIFAR
+binaries), deterministic per-epoch shuffling and augmentation, exact padded evaluation."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from ffcl_jax import input_pipeline as ip
+from ffcl_jax.errors import UserError
+from tests.conftest import write_fashion_mnist, write_idx
+
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def data_config(**kw):
+    base = dict(
+        dataset="fashion_mnist",
+        data_source="idx",
+        idx_dir=DEBIAN_DIR,
+        data_dir=None,
+        download=False,
+        augment="pad_crop_flip",
+        pad=2,
+        pad_mode="constant",
+        seed=0,
+        train_examples=None,
+        test_examples=None,
+    )
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def test_idx_reader_round_trip(tmp_path):
+    arrays = write_fashion_mnist(str(tmp_path), 20, 7)
+    images, labels = ip.load_idx_split(str(tmp_path), "train")
+    assert images.shape == (20, 28, 28, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[..., 0], arrays["train"][0])
+    np.testing.assert_array_equal(labels, arrays["train"][1])
+    test_images, _ = ip.load_idx_split(str(tmp_path), "test")
+    assert len(test_images) == 7
+
+
+def test_idx_reader_rejects_bad_files(tmp_path):
+    write_fashion_mnist(str(tmp_path), 5, 5)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    with gzip.open(path, "wb") as f:
+        f.write(raw[:-100])  # truncated
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        ip.load_idx_split(str(tmp_path), "train")
+    with gzip.open(path, "wb") as f:
+        f.write(b"\x00\x00\x0d\x03" + raw[4:])  # float magic, not unsigned bytes
+    with pytest.raises(UserError, match="bad magic"):
+        ip.load_idx_split(str(tmp_path), "train")
+    write_idx(str(path), np.zeros((4, 28, 28)))  # 4 images for 5 labels
+    with pytest.raises(UserError, match="do not match"):
+        ip.load_idx_split(str(tmp_path), "train")
+
+
+def test_missing_idx_files_say_how_to_get_them(tmp_path):
+    with pytest.raises(UserError) as info:
+        ip.load_split(data_config(idx_dir=str(tmp_path / "nowhere")), "train")
+    assert "apt-get install dataset-fashion-mnist" in str(info.value)
+    assert "--config.idx_dir" in str(info.value)
+
+
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_DIR), reason="dataset-fashion-mnist not installed")
+def test_debian_fashion_mnist_files():
+    images, labels = ip.load_split(data_config(), "train")
+    assert images.shape == (60000, 28, 28, 1) and labels.shape == (60000,)
+    assert np.bincount(labels).tolist() == [6000] * 10
+    test_images, test_labels = ip.load_split(data_config(), "test")
+    assert test_images.shape == (10000, 28, 28, 1)
+    assert np.bincount(test_labels).tolist() == [1000] * 10
+
+
+def test_unknown_names_fail_clearly():
+    with pytest.raises(UserError, match="unknown dataset 'mnist'"):
+        ip.dataset_info("mnist")
+    with pytest.raises(UserError, match="data_source 'idx' reads Fashion-MNIST"):
+        ip.load_split(data_config(dataset="cifar10"), "train")
+    with pytest.raises(UserError, match="unknown augment"):
+        ip.TrainData(
+            data_config(augment="mixup"),
+            np.zeros((4, 28, 28, 1), np.uint8),
+            np.zeros(4, np.int32),
+            2,
+        )
+
+
+def _train_data(n=40, batch=8, **kw):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (n, 28, 28, 1)).astype(np.uint8)
+    labels = np.arange(n, dtype=np.int32) % 10
+    return ip.TrainData(data_config(**kw), images, labels, batch), images, labels
+
+
+def test_epochs_are_deterministic_shuffled_and_drop_the_remainder():
+    data, _, labels = _train_data(n=42, batch=8)
+    epoch0 = list(data.epoch(0))
+    assert len(epoch0) == 5 and all(b["image"].shape == (8, 28, 28, 1) for b in epoch0)
+    again = list(data.epoch(0))
+    for a, b in zip(epoch0, again, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    epoch1 = list(data.epoch(1))
+    assert not np.array_equal(
+        np.concatenate([b["label"] for b in epoch0]), np.concatenate([b["label"] for b in epoch1])
+    )
+    # Skipping batches resumes the same epoch exactly.
+    resumed = list(data.epoch(1, skip_batches=3))
+    np.testing.assert_array_equal(resumed[0]["image"], epoch1[3]["image"])
+
+
+def test_without_augmentation_each_example_appears_once_per_epoch():
+    data, images, labels = _train_data(n=40, batch=8, augment="none")
+    batches = list(data.epoch(0))
+    seen = np.concatenate([b["image"] for b in batches])
+    order = [int(np.where((images == img).all(axis=(1, 2, 3)))[0][0]) for img in seen]
+    assert sorted(order) == list(range(40))
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), labels[order])
+
+
+def test_pad_crop_flip_moves_pixels_but_keeps_content():
+    image = np.zeros((1, 28, 28, 1), np.uint8)
+    image[0, 10:18, 5:9] = 200
+    data = ip.TrainData(data_config(), np.repeat(image, 64, 0), np.zeros(64, np.int32), 64)
+    out = next(data.epoch(0))["image"]
+    # Constant padding of 2 and a crop shift the block by at most 2 pixels; no pixel invented.
+    assert set(np.unique(out)) <= {0, 200}
+    sums = out.reshape(64, -1).sum(-1)
+    assert np.all(sums == 200 * 32)  # the 8x4 block stays whole at this offset range
+    assert len({o.tobytes() for o in out}) > 4  # different crops / flips per example
+
+
+def test_eval_batches_pad_and_mask_every_example_once():
+    images = np.arange(23, dtype=np.uint8).reshape(23, 1, 1, 1)
+    labels = np.arange(23, dtype=np.int32)
+    batches = list(ip.eval_batches(images, labels, 10))
+    assert len(batches) == 3 and all(b["image"].shape == (10, 1, 1, 1) for b in batches)
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.sum() == 23 and masks[23:].sum() == 0
+    valid = np.concatenate([b["label"] for b in batches])[masks > 0]
+    np.testing.assert_array_equal(valid, labels)
+    assert len(list(ip.eval_batches(images, labels, 10, num_batches=5))) == 5
+
+
+def test_process_shards_are_disjoint_and_equal():
+    images = np.arange(10).reshape(10, 1, 1, 1)
+    shards = [ip.process_shard(images, np.arange(10), i, 3)[1] for i in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    assert len(set(np.concatenate(shards))) == 9
+
+
+def test_tfds_path_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        images, labels = ip.load_split(data_config(dataset="cifar100", data_source="tfds"), "train")
+    assert images.shape == (12, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.shape == (12,) and labels.max() < 100
+
+
+def _write_cifar10_binaries(root, n_per_file=3):
+    """The files of cifar-10-binary.tar.gz, extracted: 1 label byte + 3072 CHW pixel bytes each."""
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    (folder / "batches.meta.txt").write_text(
+        "\n".join(
+            [
+                "airplane",
+                "automobile",
+                "bird",
+                "cat",
+                "deer",
+                "dog",
+                "frog",
+                "horse",
+                "ship",
+                "truck",
+            ]
+        )
+        + "\n"
+    )
+    records = {}
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = rng.integers(0, 10, n_per_file).astype(np.uint8)
+        pixels = rng.integers(0, 256, (n_per_file, 3, 32, 32)).astype(np.uint8)
+        blob = b"".join(bytes([lbl]) + px.tobytes() for lbl, px in zip(labels, pixels, strict=True))
+        (folder / name).write_bytes(blob)
+        records[name] = (labels, pixels.transpose(0, 2, 3, 1))
+    return records
+
+
+def test_tfds_cifar10_prepared_from_real_format_files(tmp_path, monkeypatch):
+    """TFDS builds its on-disk format from CIFAR binaries we write; we then read it offline."""
+    import tensorflow_datasets as tfds
+
+    records = _write_cifar10_binaries(tmp_path / "extracted")
+    monkeypatch.setattr(
+        tfds.download.DownloadManager,
+        "download_and_extract",
+        lambda self, url: str(tmp_path / "extracted"),
+    )
+    data_dir = str(tmp_path / "tfds")
+    config = data_config(dataset="cifar10", data_source="tfds", data_dir=data_dir, download=True)
+    images, labels = ip.load_split(config, "test")
+    expected_labels, expected_images = records["test_batch.bin"]
+    order = np.argsort([img.tobytes() for img in images])
+    expected_order = np.argsort([img.tobytes() for img in expected_images])
+    np.testing.assert_array_equal(images[order], expected_images[expected_order])
+    np.testing.assert_array_equal(labels[order], expected_labels[expected_order])
+    # Now prepared on disk: readable with downloads off.
+    monkeypatch.undo()
+    config.download = False
+    train_images, _ = ip.load_split(config, "train")
+    assert train_images.shape == (15, 32, 32, 3)
+
+
+def test_tfds_missing_or_undownloadable_data_set_fails_clearly(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    config = data_config(dataset="cifar100", data_source="tfds", data_dir=str(tmp_path))
+    with pytest.raises(UserError) as info:
+        ip.load_split(config, "train")
+    assert "not prepared" in str(info.value) and "tfds build cifar100" in str(info.value)
+
+    def no_network(self, url):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", no_network)
+    config.download = True
+    with pytest.raises(UserError) as info:
+        ip.load_split(config, "train")
+    assert "could not download" in str(info.value)
+    assert "name resolution" in str(info.value) and "--config.data_dir" in str(info.value)

@@ -1,0 +1,144 @@
+"""Model zoo: shapes for any input, parameter counts of the PyTorch CIFAR KD zoos, PyTorch-style
+initialisation, the registry's errors, and the fusion module on heterogeneous pairs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ffcl_jax.errors import UserError
+from ffcl_jax.models import MODELS, create_cohort, create_model
+from ffcl_jax.models.fusion import FusionModule
+from ffcl_jax.models.layers import avg_pool_to
+
+
+def n_params(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# Parameter counts with 100 classes, as RepDistiller / the CRD paper tables list them (millions).
+REFERENCE_MILLIONS = {
+    "resnet8": 0.08,
+    "resnet14": 0.18,
+    "resnet20": 0.28,
+    "resnet32": 0.47,
+    "resnet44": 0.67,
+    "resnet56": 0.86,
+    "resnet110": 1.74,
+    "resnet8x4": 1.23,
+    "resnet32x4": 7.43,
+    "wrn_16_1": 0.18,
+    "wrn_16_2": 0.70,
+    "wrn_40_1": 0.57,
+    "wrn_40_2": 2.25,
+    "wrn_28_10": 36.5,
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_parameter_counts_match_the_pytorch_zoo(name):
+    model = create_model(name, 100, in_channels=3, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(
+        n_params(model) / 1e6, REFERENCE_MILLIONS[name], rtol=0.03, atol=0.005
+    )
+
+
+@pytest.mark.parametrize("name", ["resnet8", "resnet8x4", "wrn_16_2"])
+@pytest.mark.parametrize("shape", [(32, 32, 3), (28, 28, 1), (12, 20, 2)])
+def test_outputs_for_any_input_size_and_channels(name, shape):
+    model = create_model(name, 7, in_channels=shape[-1], rngs=nnx.Rngs(0))
+    logits, features = model(jnp.ones((2, *shape)), train=False)
+    assert logits.shape == (2, 7)
+    assert len(features) == 3
+    h, w = shape[:2]
+    for i, (f, c) in enumerate(zip(features, model.stage_channels, strict=True)):
+        assert f.shape == (2, -(-h // 2**i), -(-w // 2**i), c)
+
+
+def test_every_model_runs_on_small_inputs():
+    for name in MODELS:
+        if name == "wrn_28_10":
+            continue  # 36M parameters; covered by the parameter count test
+        model = create_model(name, 10, in_channels=1, rngs=nnx.Rngs(0))
+        logits, features = model(jnp.ones((1, 8, 8, 1)), train=True)
+        assert logits.shape == (1, 10) and len(features) == 3, name
+
+
+def test_unknown_model_lists_the_valid_names():
+    with pytest.raises(UserError) as info:
+        create_model("resnet9", 10, rngs=nnx.Rngs(0))
+    message = str(info.value)
+    assert "unknown model 'resnet9'" in message
+    for name in MODELS:
+        assert name in message
+
+
+def test_initialisation_follows_pytorch():
+    model = create_model("resnet110", 100, rngs=nnx.Rngs(0))
+    kernel = model.stages[2][5].conv1.kernel[...]  # 3x3x64x64
+    fan_out = 3 * 3 * 64
+    np.testing.assert_allclose(np.std(kernel), np.sqrt(2.0 / fan_out), rtol=0.05)
+    # Untruncated normal: with 37k draws some lie beyond 2 standard deviations.
+    assert np.abs(kernel).max() > 2.5 * np.sqrt(2.0 / fan_out)
+    bn = model.stages[2][5].bn1
+    np.testing.assert_array_equal(bn.scale[...], 1.0)
+    np.testing.assert_array_equal(bn.bias[...], 0.0)
+    assert bn.momentum == 0.9 and bn.epsilon == 1e-5  # PyTorch momentum 0.1, eps 1e-5
+    bound = 1 / np.sqrt(64)
+    for w in (model.classifier.kernel[...], model.classifier.bias[...]):
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.8 * bound
+
+
+def test_resnet_shortcuts_where_shape_changes():
+    model = create_model("resnet8x4", 10, rngs=nnx.Rngs(0))
+    # Stem 32 -> stage 64 at stride 1: the channel change alone needs a projection.
+    assert model.stages[0][0].shortcut_conv is not None
+    small = create_model("resnet20", 10, rngs=nnx.Rngs(0))
+    assert small.stages[0][0].shortcut_conv is None
+    assert small.stages[1][0].shortcut_conv is not None
+    assert small.stages[1][1].shortcut_conv is None
+
+
+def test_fusion_heterogeneous_pair_shapes_and_gradients():
+    cohort = create_cohort("wrn_16_2", "resnet8x4", 10, in_channels=3, use_fusion=True)
+    fusion = cohort.fusion
+    assert fusion.depthwise.kernel.shape == (3, 3, 1, 128 + 256)  # groups = C_T + C_S
+    assert fusion.pointwise.kernel.shape == (1, 1, 384, 256)  # C_fused defaults to C_S
+    assert fusion.classifier.kernel.shape == (256, 10)
+    out = cohort(jnp.ones((2, 16, 16, 3)), train=True)
+    assert out["fused_logits"].shape == (2, 10)
+
+    # Different spatial sizes: the larger map is average-pooled to the smaller.
+    fusion = FusionModule(6, 4, 3, fused_channels=5, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    f_t = jnp.asarray(rng.normal(size=(2, 8, 8, 6)), jnp.float32)
+    f_s = jnp.asarray(rng.normal(size=(2, 4, 4, 4)), jnp.float32)
+    assert fusion(f_t, f_s, train=True).shape == (2, 3)
+    assert fusion.pointwise.kernel.shape == (1, 1, 10, 5)
+    # No stop-gradient: the fused loss reaches both networks' features.
+    g_t, g_s = jax.grad(lambda a, b: fusion(a, b, train=False).sum(), argnums=(0, 1))(f_t, f_s)
+    assert float(jnp.abs(g_t).max()) > 0 and float(jnp.abs(g_s).max()) > 0
+
+
+def test_fusion_pools_exactly_like_a_manual_average():
+    x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+    expected = np.asarray(x).reshape(2, 2, 2, 2, 2, 1).mean(axis=(2, 4))
+    np.testing.assert_allclose(avg_pool_to(x, (2, 2)), expected)
+    with pytest.raises(UserError, match="integer multiple"):
+        avg_pool_to(jnp.ones((1, 6, 6, 1)), (4, 4))
+
+
+def test_cohort_without_fusion_has_no_fused_output():
+    cohort = create_cohort("resnet8", "resnet8", 10, in_channels=1, use_fusion=False)
+    assert cohort.fusion is None
+    assert "fused_logits" not in cohort(jnp.ones((1, 8, 8, 1)), train=False)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    model = create_model("resnet8", 10, in_channels=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    logits, _ = model(jnp.ones((2, 8, 8, 1)), train=True)
+    assert logits.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

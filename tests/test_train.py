@@ -1,0 +1,254 @@
+"""The compiled cohort step, the optimizer, evaluation, and end-to-end runs (library and CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ffcl_jax import input_pipeline, train
+from ffcl_jax.errors import UserError
+from tests.conftest import REPO, tiny_config
+
+
+def build(config, steps_per_epoch=4):
+    settings = train.check_config(config, jax.device_count())
+    info = input_pipeline.dataset_info(config.dataset)
+    tx, schedule = train.make_optimizer(config, steps_per_epoch)
+    graphdef, state = train.create_train_state(train.create_cohort(config, settings, info), tx)
+    step_fn = train.make_train_step(graphdef, tx, schedule, settings, info, steps_per_epoch)
+    return graphdef, state, step_fn, settings, info, schedule
+
+
+def fixed_batch(fmnist_dir, n=32):
+    images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
+    return {"image": images[:n], "label": labels[:n]}
+
+
+def test_schedule_is_epoch_based_multistep(fmnist_dir):
+    config = tiny_config(fmnist_dir, learning_rate=0.1, lr_decay_epochs=(3, 5))
+    _, schedule = train.make_optimizer(config, steps_per_epoch=10)
+    lrs = [float(schedule(s)) for s in (0, 29, 30, 49, 50, 99)]
+    np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_weight_decay_per_role_and_nesterov(fmnist_dir):
+    config = tiny_config(
+        fmnist_dir, learning_rate=0.1, weight_decay=1e-4, fusion_weight_decay=1e-5, momentum=0.9
+    )
+    _, state, *_ = build(config)
+    tx, _ = train.make_optimizer(config, 4)
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    updates, _ = tx.update(zero_grads, tx.init(state.params), state.params)
+    # First Nesterov step on gradient g = wd * p (torch.optim.SGD semantics): -lr (1 + mu) g.
+    for role, wd in (("teacher", 1e-4), ("student", 1e-4), ("fusion", 1e-5)):
+        for u, p in zip(
+            jax.tree.leaves(updates[role]), jax.tree.leaves(state.params[role]), strict=True
+        ):
+            np.testing.assert_allclose(u, -0.1 * 1.9 * wd * p, rtol=1e-5, atol=1e-12)
+
+
+def test_a_few_steps_lower_the_loss_and_update_batch_norm(fmnist_dir):
+    config = tiny_config(fmnist_dir, learning_rate=0.05)
+    _, state, step_fn, settings, *_ = build(config, steps_per_epoch=1)
+    step = jax.jit(step_fn, donate_argnums=0)
+    batch = fixed_batch(fmnist_dir)
+    stats_before = jax.tree.map(np.array, state.batch_stats)
+    losses, totals = [], []
+    for _ in range(12):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["ce_student"] + metrics["ce_teacher"]))
+        totals.append(float(metrics["loss"]))
+    # A wrong-signed or missing update leaves these flat or rising.
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert totals[-1] < 0.9 * totals[0], totals
+    assert sum(b < a for a, b in zip(losses, losses[1:], strict=False)) >= 9, losses
+    assert int(state.step) == 12
+    changed = jax.tree.map(
+        lambda a, b: not np.allclose(a, b), stats_before, jax.tree.map(np.array, state.batch_stats)
+    )
+    assert all(jax.tree.leaves(changed))
+    expected_keys = set(settings.active_terms()) | {
+        "loss",
+        "rampup_weight",
+        "learning_rate",
+        "train_acc_teacher",
+        "train_acc_student",
+        "train_acc_fused",
+    }
+    assert set(metrics) == expected_keys
+    assert all(np.ndim(v) == 0 for v in metrics.values())
+
+
+def test_no_recompilation_across_steps_epochs_and_lr_boundaries(fmnist_dir):
+    config = tiny_config(fmnist_dir, lr_decay_epochs=(1,))
+    _, state, step_fn, *_ = build(config, steps_per_epoch=2)
+    traces = []
+
+    def counted(state, batch):
+        traces.append(1)
+        return step_fn(state, batch)
+
+    step = jax.jit(counted, donate_argnums=0)
+    images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
+    for i in range(6):  # crosses two epoch boundaries, the ramp-up end and the lr decay
+        batch = {"image": images[32 * i : 32 * (i + 1)], "label": labels[32 * i : 32 * (i + 1)]}
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    assert len(traces) == 1
+    assert step._cache_size() == 1
+    assert float(metrics["rampup_weight"]) == 1.0 and float(metrics["learning_rate"]) < 0.1
+
+
+def test_state_is_donated(fmnist_dir):
+    config = tiny_config(fmnist_dir)
+    _, state, step_fn, *_ = build(config)
+    step = jax.jit(step_fn, donate_argnums=0)
+    old_leaf = jax.tree.leaves(state.params)[0]
+    state, _ = step(state, fixed_batch(fmnist_dir))
+    assert old_leaf.is_deleted()
+
+
+def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
+    config = tiny_config(fmnist_dir, eval_batch_size=16)
+    graphdef, state, *_, info, _ = build(config)
+    images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
+    images, labels = images[:37], labels[:37]
+    mesh = train.Mesh()
+    eval_step = jax.jit(train.make_eval_step(graphdef, info))
+    got = train.evaluate(eval_step, state, mesh, images, labels, config)
+    cohort = nnx.merge(graphdef, state.params, state.batch_stats)
+    out = cohort(input_pipeline.normalize(jnp.asarray(images), info), train=False)
+    for name, logits in (
+        ("teacher", out["teacher_logits"]),
+        ("student", out["student_logits"]),
+        ("fused", out["fused_logits"]),
+        ("ensemble", (out["teacher_logits"] + out["student_logits"]) / 2),
+    ):
+        expected = float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
+        assert got[name] == pytest.approx(expected, abs=1e-9), name
+
+
+def test_train_and_evaluate_end_to_end(fmnist_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(fmnist_dir, num_epochs=3, lr_decay_epochs=(2,))
+    results = train.train_and_evaluate(config, workdir)
+    for name in ("results.json", "metrics.jsonl", "curves.png", "config.json"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2, 3]
+    assert sum(r["kind"] == "train" for r in rows) >= 3
+    summary = results["summary"]
+    assert set(summary) == {"student", "teacher", "fused", "ensemble"}
+    for model, s in summary.items():
+        assert s["last"] == evals[-1][model]
+        assert s["best"] == max(r[model] for r in evals)
+    # The toy classes are bright bands: three epochs learn them far above chance (10%).
+    assert summary["teacher"]["best"] > 0.3
+    assert results["train_img_per_sec"] > 0
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["summary"] == summary
+
+
+def test_a_used_workdir_is_refused_and_left_alone(fmnist_dir, tmp_path):
+    workdir = tmp_path / "used"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"kind": "eval"}\n')
+    with pytest.raises(UserError, match="already holds a run"):
+        train.train_and_evaluate(tiny_config(fmnist_dir), str(workdir))
+    assert (workdir / "metrics.jsonl").read_text() == '{"kind": "eval"}\n'
+    assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "overrides, num_devices, message",
+    [
+        ({"batch_size": 30}, 4, "config.batch_size=30 must be a positive multiple of the 4"),
+        ({"eval_batch_size": 0}, 1, "config.eval_batch_size=0 must be a positive multiple"),
+        ({"teacher": "resnet9"}, 1, "unknown model 'resnet9'"),
+        ({"dataset": "imagenet"}, 1, "unknown dataset 'imagenet'"),
+        ({"method": "kd"}, 1, "method 'kd' is not available yet"),
+        ({"compute_dtype": "float16"}, 1, "unknown compute_dtype 'float16'"),
+        ({"lr_decay_epochs": (5, 2)}, 1, "lr_decay_epochs must be increasing"),
+        ({"num_epochs": 0}, 1, "num_epochs must be > 0"),
+    ],
+)
+def test_bad_configs_fail_clearly(fmnist_dir, overrides, num_devices, message):
+    with pytest.raises(UserError) as info:
+        train.check_config(tiny_config(fmnist_dir, **overrides), num_devices)
+    assert message in str(info.value)
+
+
+def test_feature_stage_out_of_range_fails_clearly(fmnist_dir):
+    config = tiny_config(fmnist_dir, **{"loss.feat_stages": (0, 5)})
+    settings = train.check_config(config, 1)
+    with pytest.raises(UserError, match="loss.feat_stages has stage 5"):
+        train.create_cohort(config, settings, input_pipeline.dataset_info(config.dataset))
+
+
+def test_batch_larger_than_the_data_set_fails_clearly():
+    with pytest.raises(UserError, match="lower config.batch_size"):
+        input_pipeline.steps_per_epoch(100, 128)
+
+
+def test_non_finite_loss_names_the_step_and_terms(tmp_path):
+    with pytest.raises(UserError) as info:
+        train._check_finite(
+            {"loss": float("nan"), "ce_student": 2.0, "learning_rate": 0.1}, 17, str(tmp_path)
+        )
+    message = str(info.value)
+    assert "step 17" in message and "ce_student=2" in message and str(tmp_path) in message
+
+
+def run_cli(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "ffcl_jax.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
+    workdir = tmp_path / "cli"
+    proc = run_cli(
+        "--config=configs/fashion_mnist.py:smoke",
+        f"--config.idx_dir={fmnist_dir}",
+        "--config.method=dml",
+        "--config.train_examples=128",
+        "--config.test_examples=70",
+        f"--workdir={workdir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "method dml" in proc.stdout and "img/s" in proc.stdout and "ETA" in proc.stdout
+    assert "| fused    |              n/a |" in proc.stdout  # DML trains no fusion module
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["config"]["method"] == "dml"
+    assert results["loss_terms"] == ["ce_teacher", "ce_student", "kl_mutual"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.teacher=resnet9"], "error: unknown model 'resnet9'; valid models: resnet110"),
+        (["--config.idx_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
+    ],
+)
+def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
+    proc = run_cli("--config=configs/fashion_mnist.py:smoke", *args, f"--workdir={tmp_path / 'w'}")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert message in lines[-1]
+    assert "Traceback" not in proc.stderr
