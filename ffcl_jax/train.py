@@ -264,16 +264,68 @@ def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
         )
 
 
-class JsonlLog:
-    """Appends one JSON object per line to `metrics.jsonl` (process 0 only)."""
+class RunLog:
+    """Where a run reports: the console, `metrics.jsonl` and TensorBoard (process 0 only)."""
 
-    def __init__(self, path: str, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = None
+        if enabled:
+            from clu import metric_writers
 
-    def write(self, **row) -> None:
+            self.writer = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def print(self, message: str) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            print(message, flush=True)
+
+    def _jsonl(self, **row) -> None:
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def train(
+        self,
+        step: int,
+        epoch: int,
+        num_epochs: int,
+        total_steps: int,
+        summary: dict,
+        img_per_sec: float,
+        eta_seconds: float,
+    ) -> None:
+        if not self.enabled:
+            return
+        accuracies = " ".join(
+            f"{name[0].upper()} {summary[f'train_acc_{name}']:.3f}"
+            for name in ("teacher", "student", "fused")
+            if f"train_acc_{name}" in summary
+        )
+        self.print(
+            f"epoch {epoch}/{num_epochs} step {step}/{total_steps} | loss {summary['loss']:.4f} | "
+            f"train acc {accuracies} | {img_per_sec:.0f} img/s | "
+            f"ETA {_format_duration(eta_seconds)}"
+        )
+        self._jsonl(kind="train", step=step, epoch=epoch, img_per_sec=img_per_sec, **summary)
+        scalars = {f"train/{k}": v for k, v in summary.items()}
+        self.writer.write_scalars(step, {**scalars, "train/img_per_sec": img_per_sec})
+
+    def eval(self, row: dict, seconds: float) -> None:
+        if not self.enabled:
+            return
+        accuracy = {k: row[k] for k in EVAL_MODELS if k in row}
+        self.print(
+            f"epoch {row['epoch']} test top-1: "
+            + " ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items())
+            + f" ({seconds:.1f}s)"
+        )
+        self._jsonl(kind="eval", **row)
+        self.writer.write_scalars(row["step"], {f"test/acc_{k}": v for k, v in accuracy.items()})
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _prepare_workdir(workdir: str) -> None:
@@ -300,8 +352,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is_chief = jax.process_index() == 0
     if is_chief:
         _prepare_workdir(workdir)
-    log = JsonlLog(os.path.join(workdir, "metrics.jsonl"), is_chief)
-    printer = print if is_chief else (lambda *a, **k: None)
 
     train_images, train_labels = input_pipeline.load_split(config, "train")
     test_images, test_labels = input_pipeline.load_split(config, "test")
@@ -327,23 +377,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_chief:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    writer = None
-    if is_chief:
-        from clu import metric_writers
-
-        writer = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    log = RunLog(workdir, is_chief)
 
     num_params = {
         role: int(sum(x.size for x in jax.tree.leaves(state.params[role]))) for role in state.params
     }
-    printer(
+    log.print(
         f"FFCL | method {config.method} | teacher {config.teacher} "
         f"({num_params['teacher'] / 1e6:.2f}M) | student {config.student} "
         f"({num_params['student'] / 1e6:.2f}M) | {config.dataset} "
         f"{len(train_images)} train / {len(test_images)} test | batch {config.batch_size} | "
         f"{config.num_epochs} epochs x {spe} steps | {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s) | terms: {', '.join(settings.active_terms())}",
-        flush=True,
+        f"{jax.devices()[0].platform} device(s) | terms: {', '.join(settings.active_terms())}"
     )
 
     total_steps = config.num_epochs * spe
@@ -365,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 first_step_seconds = time.time() - interval_start
                 train_seconds += first_step_seconds
                 interval_start, interval_steps, pending = time.time(), 0, []
-                printer(f"compiled and ran the first step in {first_step_seconds:.1f}s", flush=True)
+                log.print(f"compiled and ran the first step in {first_step_seconds:.1f}s")
                 continue
             if step % config.log_every_steps == 0 or step % spe == 0:
                 summary = _mean_metrics(pending)
@@ -374,25 +419,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 img_per_sec = interval_steps * config.batch_size / max(elapsed, 1e-9)
                 _check_finite(summary, step, workdir)
                 eta = (total_steps - step) * config.batch_size / img_per_sec
-                printer(
-                    f"epoch {epoch + 1}/{config.num_epochs} step {step}/{total_steps} | "
-                    f"loss {summary['loss']:.4f} | train acc T {summary['train_acc_teacher']:.3f}"
-                    f" S {summary['train_acc_student']:.3f}"
-                    + (f" F {summary['train_acc_fused']:.3f}" if settings.use_fusion else "")
-                    + f" | {img_per_sec:.0f} img/s | ETA {_format_duration(eta)}",
-                    flush=True,
+                log.train(
+                    step, epoch + 1, config.num_epochs, total_steps, summary, img_per_sec, eta
                 )
-                log.write(
-                    kind="train", step=step, epoch=epoch + 1, img_per_sec=img_per_sec, **summary
-                )
-                if writer is not None:
-                    writer.write_scalars(
-                        step,
-                        {
-                            **{f"train/{k}": v for k, v in summary.items()},
-                            "train/img_per_sec": img_per_sec,
-                        },
-                    )
                 pending, interval_start, interval_steps = [], time.time(), 0
         is_last = epoch + 1 == config.num_epochs
         if (epoch + 1) % config.eval_every_epochs == 0 or is_last:
@@ -400,16 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             accuracy = evaluate(eval_step, state, mesh, test_images, test_labels, config)
             row = {"epoch": epoch + 1, "step": step, **accuracy}
             history.append(row)
-            log.write(kind="eval", **row)
-            if writer is not None:
-                writer.write_scalars(step, {f"test/acc_{k}": v for k, v in accuracy.items()})
-                writer.flush()
-            printer(
-                f"epoch {epoch + 1} test top-1: "
-                + " ".join(f"{k} {100 * accuracy[k]:.2f}%" for k in EVAL_MODELS if k in accuracy)
-                + f" ({time.time() - eval_start:.1f}s)",
-                flush=True,
-            )
+            log.eval(row, time.time() - eval_start)
 
     wall_seconds = time.time() - wall_start
     measured_steps = step - 1
@@ -436,14 +456,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             os.path.join(workdir, "curves.png"),
             title=f"{config.method}: {config.teacher} + {config.student} on {config.dataset}",
         )
-        printer(report.format_table(results["summary"]))
+        log.print(report.format_table(results["summary"]))
         speed = results["train_img_per_sec"]
-        printer(
+        log.print(
             f"wall time {_format_duration(wall_seconds)}"
             + (f"; train step {speed:.0f} img/s" if speed else "")
-            + f"; outputs in {workdir} (results.json, metrics.jsonl, curves.png, tensorboard/)",
-            flush=True,
+            + f"; outputs in {workdir} (results.json, metrics.jsonl, curves.png, tensorboard/)"
         )
-    if writer is not None:
-        writer.close()
+    log.close()
     return results

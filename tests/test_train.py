@@ -209,8 +209,8 @@ def test_non_finite_loss_names_the_step_and_terms(tmp_path):
     assert "step 17" in message and "ce_student=2" in message and str(tmp_path) in message
 
 
-def run_cli(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+def run_cli(*args, **env_overrides):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", **env_overrides)
     return subprocess.run(
         [sys.executable, "-m", "ffcl_jax.main", *args],
         cwd=REPO,
@@ -237,6 +237,25 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     assert results["config"]["method"] == "dml"
     assert results["loss_terms"] == ["ce_teacher", "ce_student", "kl_mutual"]
+
+
+def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
+    workdir = tmp_path / "two_devices"
+    proc = run_cli(
+        "--config=configs/fashion_mnist.py:smoke",
+        f"--config.idx_dir={fmnist_dir}",
+        "--config.train_examples=128",
+        "--config.test_examples=70",
+        "--config.eval_batch_size=20",
+        f"--workdir={workdir}",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 cpu device(s)" in proc.stdout
+    results = json.loads((workdir / "results.json").read_text())
+    # 70 test examples in padded batches of 20 split over 2 devices: each counted once.
+    assert all(0 <= s["last"] <= 1 for s in results["summary"].values())
+    assert len(results["history"]) == 2
 
 
 @pytest.mark.parametrize(
