@@ -11,14 +11,10 @@ accuracy measured with this codebase yet; ResNet-32 reaches about 93-94% with on
 literature. `:smoke` runs a seconds-long CPU check (accuracy near chance).
 """
 
-from ffcl_jax.config_base import apply_smoke, base_config
+from ffcl_jax.config_base import apply_arg, base_config
 
 
 def get_config(arg: str | None = None):
     c = base_config()
     c.dataset = "cifar10"
-    if arg == "smoke":
-        apply_smoke(c)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; valid: smoke")
-    return c
+    return apply_arg(c, arg)

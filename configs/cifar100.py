@@ -16,14 +16,10 @@ machines it was written on cannot download CIFAR). For reference, the FFL paper 
 images, 2 epochs); its accuracy is near chance and only shows that the pipeline runs.
 """
 
-from ffcl_jax.config_base import apply_smoke, base_config
+from ffcl_jax.config_base import apply_arg, base_config
 
 
 def get_config(arg: str | None = None):
     c = base_config()
     c.dataset = "cifar100"
-    if arg == "smoke":
-        apply_smoke(c)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; valid: smoke")
-    return c
+    return apply_arg(c, arg)

@@ -18,7 +18,7 @@ EXPECTED_RESULTS
 about 15 s and only shows that everything runs (test top-1 40-50%).
 """
 
-from ffcl_jax.config_base import apply_smoke, base_config
+from ffcl_jax.config_base import apply_arg, base_config
 
 
 def get_config(arg: str | None = None):
@@ -33,8 +33,4 @@ def get_config(arg: str | None = None):
     c.lr_decay_epochs = (2,)
     c.loss.rampup_epochs = 1.0
     c.log_every_steps = 50
-    if arg == "smoke":
-        apply_smoke(c)
-    elif arg:
-        raise ValueError(f"unknown config argument {arg!r}; valid: smoke")
-    return c
+    return apply_arg(c, arg)

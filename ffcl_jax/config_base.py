@@ -64,6 +64,15 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """The argument after the colon in `--config=FILE:ARG`; only `smoke` is defined."""
+    if arg == "smoke":
+        return apply_smoke(c)
+    if arg:
+        raise ValueError(f"unknown config argument {arg!r}; valid: smoke")
+    return c
+
+
 def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Seconds-long CPU run: the smallest pair, a few hundred examples, two short epochs."""
     c.teacher = "resnet14"

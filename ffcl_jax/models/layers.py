@@ -81,6 +81,20 @@ def dense(in_features: int, out_features: int, *, dtype=None, rngs: nnx.Rngs) ->
     )
 
 
+def build_stages(block, in_ch: int, widths, blocks_per_stage: int, *, dtype, rngs: nnx.Rngs):
+    """Three-stage CIFAR layout: `blocks_per_stage` blocks per width, the first block of every
+    stage but the first downsampling by 2. Returns the stages and the final channel count."""
+    stages = []
+    for stage_index, width in enumerate(widths):
+        blocks = []
+        for block_index in range(blocks_per_stage):
+            stride = 2 if stage_index > 0 and block_index == 0 else 1
+            blocks.append(block(in_ch, width, stride, dtype=dtype, rngs=rngs))
+            in_ch = width
+        stages.append(nnx.List(blocks))
+    return nnx.List(stages), in_ch
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """NHWC -> NC, averaged in float32 so that bf16 runs do not lose the mean."""
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from ffcl_jax.models.layers import batch_norm, conv, dense, global_avg_pool
+from ffcl_jax.models.layers import batch_norm, build_stages, conv, dense, global_avg_pool
 
 
 class BasicBlock(nnx.Module):
@@ -55,16 +55,9 @@ class CifarResNet(nnx.Module):
         self.stage_channels = tuple(widths)
         self.stem_conv = conv(in_channels, stem_channels, 3, dtype=dtype, rngs=rngs)
         self.stem_bn = batch_norm(stem_channels, dtype=dtype, rngs=rngs)
-        stages = []
-        in_ch = stem_channels
-        for stage_index, width in enumerate(widths):
-            blocks = []
-            for block_index in range(blocks_per_stage):
-                stride = 2 if stage_index > 0 and block_index == 0 else 1
-                blocks.append(BasicBlock(in_ch, width, stride, dtype=dtype, rngs=rngs))
-                in_ch = width
-            stages.append(nnx.List(blocks))
-        self.stages = nnx.List(stages)
+        self.stages, in_ch = build_stages(
+            BasicBlock, stem_channels, widths, blocks_per_stage, dtype=dtype, rngs=rngs
+        )
         self.classifier = dense(in_ch, num_classes, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, list[jax.Array]]:

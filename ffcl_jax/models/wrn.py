@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from ffcl_jax.models.layers import batch_norm, conv, dense, global_avg_pool
+from ffcl_jax.models.layers import batch_norm, build_stages, conv, dense, global_avg_pool
 
 
 class WideBlock(nnx.Module):
@@ -54,16 +54,9 @@ class WideResNet(nnx.Module):
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.stage_channels = widths
         self.stem_conv = conv(in_channels, 16, 3, dtype=dtype, rngs=rngs)
-        stages = []
-        in_ch = 16
-        for stage_index, width in enumerate(widths):
-            blocks = []
-            for block_index in range(blocks_per_stage):
-                stride = 2 if stage_index > 0 and block_index == 0 else 1
-                blocks.append(WideBlock(in_ch, width, stride, dtype=dtype, rngs=rngs))
-                in_ch = width
-            stages.append(nnx.List(blocks))
-        self.stages = nnx.List(stages)
+        self.stages, in_ch = build_stages(
+            WideBlock, 16, widths, blocks_per_stage, dtype=dtype, rngs=rngs
+        )
         self.final_bn = batch_norm(in_ch, dtype=dtype, rngs=rngs)
         self.classifier = dense(in_ch, num_classes, dtype=dtype, rngs=rngs)
 
