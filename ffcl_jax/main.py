@@ -76,8 +76,29 @@ def main(argv) -> None:
         sys.exit(2)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a bad config file argument or `--config.*` override (unknown key,
+    wrong type) ends in one `error:` line and exit status 2 instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as exc:
+        text = str(exc).strip()
+        if "Traceback (most recent call last)" in text:  # a config file's own error, wrapped
+            text = text.splitlines()[-1]
+        if len(text) >= 2 and text[0] == text[-1] == "'":  # ConfigDict's repr-quoted messages
+            text = text[1:-1]
+        reason = " ".join(text.replace("\\'", "'").replace("\\n", " ").split())
+        if isinstance(exc, (AttributeError, KeyError)):
+            reason = f"unknown config key {reason}"
+        print(
+            f"error: bad command line or config ({reason}); see the config file for valid keys",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

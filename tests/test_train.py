@@ -87,6 +87,20 @@ def test_a_few_steps_lower_the_loss_and_update_batch_norm(fmnist_dir):
     assert all(np.ndim(v) == 0 for v in metrics.values())
 
 
+def test_bfloat16_compute_trains_with_float32_losses_and_parameters(fmnist_dir):
+    config = tiny_config(fmnist_dir, compute_dtype="bfloat16", learning_rate=0.05)
+    _, state, step_fn, *_ = build(config, steps_per_epoch=1)
+    step = jax.jit(step_fn, donate_argnums=0)
+    batch = fixed_batch(fmnist_dir)
+    first = None
+    for _ in range(6):
+        state, metrics = step(state, batch)
+        first = first if first is not None else float(metrics["loss"])
+    assert all(v.dtype == jnp.float32 for v in metrics.values() if v.dtype != jnp.int32)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) < first
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+
+
 def test_no_recompilation_across_steps_epochs_and_lr_boundaries(fmnist_dir):
     config = tiny_config(fmnist_dir, lr_decay_epochs=(1,))
     _, state, step_fn, *_ = build(config, steps_per_epoch=2)
@@ -263,6 +277,8 @@ def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
     [
         (["--config.teacher=resnet9"], "error: unknown model 'resnet9'; valid models: resnet110"),
         (["--config.idx_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
+        (["--config.loss.lam_fusion=1"], 'Did you mean "lam_fuse"'),
+        (["--config.batch_size=abc"], "error: bad command line or config"),
     ],
 )
 def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
