@@ -1,12 +1,12 @@
 """Input pipeline: CIFAR-10/100 and Fashion-MNIST through TFDS, or Fashion-MNIST IDX files.
 
-Each split is read once into host memory (the largest, CIFAR, is 150 MB), each process keeping
-only its own shard. tf.data then shuffles, augments and batches the training shard; batches stay
-uint8 NHWC and are normalised inside the jitted step, which keeps host-to-device traffic 4x
-smaller. Every epoch is a new, deterministic pass: the shuffle seed and every example's
-augmentation seed derive from (seed, epoch, example index), so any epoch can be re-created
-exactly. Evaluation batches are padded to a fixed shape with a 0/1 `mask`, so the whole test split
-is counted exactly once without a recompile for the last partial batch.
+Each split is read once into host memory (the largest, CIFAR, is 150 MB) and each process
+trains on its own equal, contiguous shard of it. tf.data shuffles, augments and batches the
+shard; batches stay uint8 NHWC and are normalised inside the jitted step, which keeps
+host-to-device traffic 4x smaller. Every epoch is a new, deterministic pass: the shuffle seed
+and every example's augmentation seed derive from (seed, epoch, example index), so any epoch can
+be re-created exactly. Evaluation batches are padded to a fixed shape with a 0/1 `mask`, so the
+whole test split is counted exactly once without a recompile for the last partial batch.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import gzip
 import os
+import socket
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,17 +30,36 @@ class DatasetInfo:
     mean: tuple[float, ...]  # per channel, on [0, 1] pixels
     std: tuple[float, ...]
     tfds_name: str
+    download_host: str  # where TFDS downloads the raw files from (besides its GCS mirror)
 
 
 DATASETS = {
     "cifar10": DatasetInfo(
-        10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar10"
+        10,
+        (32, 32, 3),
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        "cifar10",
+        "www.cs.toronto.edu",
     ),
     "cifar100": DatasetInfo(
-        100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar100"
+        100,
+        (32, 32, 3),
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        "cifar100",
+        "www.cs.toronto.edu",
     ),
-    "fashion_mnist": DatasetInfo(10, (28, 28, 1), (0.2860,), (0.3530,), "fashion_mnist"),
+    "fashion_mnist": DatasetInfo(
+        10,
+        (28, 28, 1),
+        (0.2860,),
+        (0.3530,),
+        "fashion_mnist",
+        "fashion-mnist.s3-website.eu-central-1.amazonaws.com",
+    ),
 }
+TFDS_MIRROR_HOST = "storage.googleapis.com"
 SOURCES = ("tfds", "idx")
 AUGMENTATIONS = ("pad_crop_flip", "pad_crop", "none")
 
@@ -126,8 +146,20 @@ def load_idx_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images[..., None], labels.astype(np.int32)
 
 
+def network_reaches(hosts: tuple[str, ...]) -> bool:
+    """Whether any of `hosts` resolves. Offline, TFDS spends minutes in retries before it fails;
+    a failed name lookup answers in milliseconds."""
+    for host in hosts:
+        try:
+            socket.getaddrinfo(host, 443)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def load_tfds_split(
-    name: str, split: str, data_dir: str | None, download: bool
+    name: str, split: str, data_dir: str | None, download: bool, hosts: tuple[str, ...] = ()
 ) -> tuple[np.ndarray, np.ndarray]:
     import_tensorflow()
     import tensorflow_datasets as tfds
@@ -138,6 +170,11 @@ def load_tfds_split(
         "here and pass --config.data_dir=DIR"
     )
     if download and not builder.is_prepared():
+        if hosts and not network_reaches(hosts):
+            raise UserError(
+                f"could not download TFDS data set {name!r} (no network: cannot resolve "
+                f"{' or '.join(hosts)}); {how}"
+            )
         try:
             builder.download_and_prepare()
         except Exception as exc:  # network errors come in many types; all mean the same here
@@ -173,7 +210,11 @@ def load_split(config, split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = load_idx_split(config.idx_dir, split)
     elif config.data_source == "tfds":
         images, labels = load_tfds_split(
-            info.tfds_name, split, config.get("data_dir"), config.get("download", True)
+            info.tfds_name,
+            split,
+            config.get("data_dir"),
+            config.get("download", True),
+            hosts=(TFDS_MIRROR_HOST, info.download_host),
         )
     else:
         raise UserError(f"unknown data_source {config.data_source!r}; valid: {', '.join(SOURCES)}")

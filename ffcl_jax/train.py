@@ -73,10 +73,14 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
         raise UserError(f"config.num_epochs must be > 0, got {config.num_epochs}")
     if config.learning_rate <= 0:
         raise UserError(f"config.learning_rate must be > 0, got {config.learning_rate}")
-    if list(config.lr_decay_epochs) != sorted(config.lr_decay_epochs):
-        raise UserError(f"config.lr_decay_epochs must be increasing, got {config.lr_decay_epochs}")
-    if config.log_every_steps <= 0:
-        raise UserError(f"config.log_every_steps must be > 0, got {config.log_every_steps}")
+    decay_epochs = list(config.lr_decay_epochs)
+    if any(b <= a for a, b in zip(decay_epochs, decay_epochs[1:], strict=False)):
+        raise UserError(
+            f"config.lr_decay_epochs must be strictly increasing, got {config.lr_decay_epochs}"
+        )
+    for key in ("log_every_steps", "eval_every_epochs"):
+        if config[key] <= 0:
+            raise UserError(f"config.{key} must be > 0, got {config[key]}")
     return settings
 
 
@@ -355,13 +359,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     train_images, train_labels = input_pipeline.load_split(config, "train")
     test_images, test_labels = input_pipeline.load_split(config, "test")
-    spe = input_pipeline.steps_per_epoch(len(train_images), config.batch_size)
+    shard_images, shard_labels = input_pipeline.process_shard(
+        train_images, train_labels, jax.process_index(), jax.process_count()
+    )
+    # From the shard, which is the same size on every process: each process then runs exactly
+    # `spe` local batches an epoch, and the schedule's epoch boundaries line up with the data.
+    spe = input_pipeline.steps_per_epoch(len(shard_images) * jax.process_count(), config.batch_size)
     train_data = input_pipeline.TrainData(
-        config,
-        *input_pipeline.process_shard(
-            train_images, train_labels, jax.process_index(), jax.process_count()
-        ),
-        config.batch_size // jax.process_count(),
+        config, shard_images, shard_labels, config.batch_size // jax.process_count()
     )
 
     mesh = Mesh()
@@ -446,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ),
         "history": history,
         "summary": report.summarize(history),
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python -m ffcl_jax.main", *sys.argv[1:]]),
     }
     if is_chief:
         with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -203,6 +203,7 @@ def test_tfds_cifar10_prepared_from_real_format_files(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
     records = _write_cifar10_binaries(tmp_path / "extracted")
+    monkeypatch.setattr(ip, "network_reaches", lambda hosts: True)
     monkeypatch.setattr(
         tfds.download.DownloadManager,
         "download_and_extract",
@@ -231,12 +232,36 @@ def test_tfds_missing_or_undownloadable_data_set_fails_clearly(tmp_path, monkeyp
         ip.load_split(config, "train")
     assert "not prepared" in str(info.value) and "tfds build cifar100" in str(info.value)
 
-    def no_network(self, url):
-        raise OSError("Temporary failure in name resolution")
+    # The hosts resolve but the download itself fails.
+    def download_fails(self, url):
+        raise OSError("Connection reset by peer")
 
-    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", no_network)
+    monkeypatch.setattr(ip, "network_reaches", lambda hosts: True)
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_fails)
     config.download = True
     with pytest.raises(UserError) as info:
         ip.load_split(config, "train")
     assert "could not download" in str(info.value)
-    assert "name resolution" in str(info.value) and "--config.data_dir" in str(info.value)
+    assert "Connection reset" in str(info.value) and "--config.data_dir" in str(info.value)
+
+
+def test_offline_download_fails_at_once(tmp_path, monkeypatch):
+    """No name resolves: fail before TFDS starts its minutes of retries."""
+    import tensorflow_datasets as tfds
+
+    def unresolvable(host, *args, **kwargs):
+        raise OSError(-2, "Name or service not known")
+
+    def must_not_download(self, *args, **kwargs):
+        raise AssertionError("TFDS was asked to download although no host resolves")
+
+    monkeypatch.setattr(ip.socket, "getaddrinfo", unresolvable)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", must_not_download)
+    config = data_config(
+        dataset="cifar10", data_source="tfds", data_dir=str(tmp_path), download=True
+    )
+    with pytest.raises(UserError) as info:
+        ip.load_split(config, "train")
+    message = str(info.value)
+    assert "no network: cannot resolve storage.googleapis.com or www.cs.toronto.edu" in message
+    assert "tfds build cifar10" in message

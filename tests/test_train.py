@@ -192,7 +192,9 @@ def test_a_used_workdir_is_refused_and_left_alone(fmnist_dir, tmp_path):
         ({"dataset": "imagenet"}, 1, "unknown dataset 'imagenet'"),
         ({"method": "kd"}, 1, "method 'kd' is not available yet"),
         ({"compute_dtype": "float16"}, 1, "unknown compute_dtype 'float16'"),
-        ({"lr_decay_epochs": (5, 2)}, 1, "lr_decay_epochs must be increasing"),
+        ({"lr_decay_epochs": (5, 2)}, 1, "lr_decay_epochs must be strictly increasing"),
+        ({"lr_decay_epochs": (2, 2)}, 1, "lr_decay_epochs must be strictly increasing"),
+        ({"eval_every_epochs": 0}, 1, "config.eval_every_epochs must be > 0"),
         ({"num_epochs": 0}, 1, "num_epochs must be > 0"),
     ],
 )
