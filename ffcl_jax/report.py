@@ -56,6 +56,7 @@ def plot_curves(metrics_path: str, png_path: str, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_jsonl(metrics_path)
     evals = [r for r in rows if r.get("kind") == "eval"]
@@ -69,6 +70,7 @@ def plot_curves(metrics_path: str, png_path: str, title: str = "") -> None:
                 marker="o",
                 label=model,
             )
+    ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test top-1 (%)")
     ax_acc.grid(alpha=0.3)
