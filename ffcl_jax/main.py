@@ -27,32 +27,36 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
 
-def _initialize_distributed() -> None:
-    """Joins a multi-process run when flags or the environment describe one.
+def multi_process_environment(env=os.environ) -> bool:
+    """Whether the environment describes a run of several processes.
 
-    With no flags, `jax.distributed.initialize()` still auto-detects the usual cluster
-    environments (Cloud TPU pods, SLURM, Open MPI) when JAX_COORDINATOR_ADDRESS or one of those
-    environments is present; a plain single-machine run skips it.
+    A single-task SLURM or MPI job, or a single-host TPU VM, is one process: initialising the
+    distributed runtime there would only add a coordinator to wait for.
+    """
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    for count_var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if int(env.get(count_var, "1") or "1") > 1:
+            return True
+    return "," in env.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def _initialize_distributed() -> None:
+    """Joins a multi-process run when the flags or the environment describe one.
+
+    Explicit flags win; otherwise `jax.distributed.initialize()` auto-detects the cluster (Cloud
+    TPU pod slices, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID).
     """
     import jax
 
-    cluster_env = any(
-        v in os.environ
-        for v in (
-            "JAX_COORDINATOR_ADDRESS",
-            "SLURM_JOB_ID",
-            "OMPI_COMM_WORLD_SIZE",
-            "TPU_WORKER_HOSTNAMES",
-            "MEGASCALE_COORDINATOR_ADDRESS",
-        )
-    )
     if _COORDINATOR.value or _NUM_PROCESSES.value is not None:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
-    elif cluster_env:
+    elif multi_process_environment():
         jax.distributed.initialize()
 
 

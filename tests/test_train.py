@@ -225,6 +225,24 @@ def test_non_finite_loss_names_the_step_and_terms(tmp_path):
     assert "step 17" in message and "ce_student=2" in message and str(tmp_path) in message
 
 
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, False),  # one task: one process
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, True),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "t1v-0"}, False),  # single-host TPU VM
+        ({"TPU_WORKER_HOSTNAMES": "t1v-0,t1v-1"}, True),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+    ],
+)
+def test_distributed_start_only_for_several_processes(env, expected):
+    from ffcl_jax.main import multi_process_environment
+
+    assert multi_process_environment(env) is expected
+
+
 def run_cli(*args, **env_overrides):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", **env_overrides)
     return subprocess.run(
