@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ffcl_jax import input_pipeline, train
+from ffcl_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps after the compile.")
@@ -28,20 +28,15 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps after the compile.")
 def main(_):
     config = _CONFIG.value
     settings = train.check_config(config, jax.device_count())
-    info = input_pipeline.dataset_info(config.dataset)
-    spe = 1000  # any value: the step's cost does not depend on it
-    tx, schedule = train.make_optimizer(config, spe)
-    graphdef, state = train.create_train_state(train.create_cohort(config, settings, info), tx)
+    setup, state = train.build(config, settings, steps_per_epoch=1000)  # cost ignores the value
     mesh = train.Mesh()
     state = jax.device_put(state, mesh.replicated)
-    step = jax.jit(
-        train.make_train_step(graphdef, tx, schedule, settings, info, spe), donate_argnums=0
-    )
+    step = jax.jit(setup.train_step, donate_argnums=0)
     rng = np.random.default_rng(0)
     batch = mesh.global_batch(
         {
-            "image": rng.integers(0, 256, (config.batch_size, *info.image_shape), np.uint8),
-            "label": rng.integers(0, info.num_classes, (config.batch_size,), np.int32),
+            "image": rng.integers(0, 256, (config.batch_size, *setup.info.image_shape), np.uint8),
+            "label": rng.integers(0, setup.info.num_classes, (config.batch_size,), np.int32),
         }
     )
     start = time.perf_counter()

@@ -13,6 +13,7 @@ batch (SyncBN semantics).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -138,6 +139,34 @@ def create_train_state(cohort: nnx.Module, tx) -> tuple[nnx.GraphDef, TrainState
         opt_state=tx.init(params),
     )
     return graphdef, state
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run derives from its config before the first step (all static under `jit`)."""
+
+    settings: LossSettings
+    info: input_pipeline.DatasetInfo
+    graphdef: nnx.GraphDef
+    schedule: optax.Schedule
+    train_step: Callable  # pure (state, batch) -> (state, metrics); jit with donate_argnums=0
+    eval_step: Callable  # pure (params, batch_stats, batch) -> correct counts
+
+
+def build(config, settings: LossSettings, steps_per_epoch: int) -> tuple[Setup, TrainState]:
+    """Cohort, optimizer, initial state and the two step functions, from a checked config."""
+    info = input_pipeline.dataset_info(config.dataset)
+    tx, schedule = make_optimizer(config, steps_per_epoch)
+    graphdef, state = create_train_state(create_cohort(config, settings, info), tx)
+    setup = Setup(
+        settings=settings,
+        info=info,
+        graphdef=graphdef,
+        schedule=schedule,
+        train_step=make_train_step(graphdef, tx, schedule, settings, info, steps_per_epoch),
+        eval_step=make_eval_step(graphdef, info),
+    )
+    return setup, state
 
 
 # --------------------------------------------------------------------------- steps
@@ -271,8 +300,9 @@ def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
 class RunLog:
     """Where a run reports: the console, `metrics.jsonl` and TensorBoard (process 0 only)."""
 
-    def __init__(self, workdir: str, enabled: bool):
+    def __init__(self, workdir: str, enabled: bool, num_epochs: int, total_steps: int):
         self.enabled = enabled
+        self.num_epochs, self.total_steps = num_epochs, total_steps
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self.writer = None
         if enabled:
@@ -289,14 +319,7 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
 
     def train(
-        self,
-        step: int,
-        epoch: int,
-        num_epochs: int,
-        total_steps: int,
-        summary: dict,
-        img_per_sec: float,
-        eta_seconds: float,
+        self, step: int, epoch: int, summary: dict, img_per_sec: float, eta_seconds: float
     ) -> None:
         if not self.enabled:
             return
@@ -306,7 +329,8 @@ class RunLog:
             if f"train_acc_{name}" in summary
         )
         self.print(
-            f"epoch {epoch}/{num_epochs} step {step}/{total_steps} | loss {summary['loss']:.4f} | "
+            f"epoch {epoch}/{self.num_epochs} step {step}/{self.total_steps} | "
+            f"loss {summary['loss']:.4f} | "
             f"train acc {accuracies} | {img_per_sec:.0f} img/s | "
             f"ETA {_format_duration(eta_seconds)}"
         )
@@ -352,7 +376,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     per evaluation), TensorBoard events, `results.json` and `curves.png`. Returns the results.
     """
     settings = check_config(config, jax.device_count())
-    info = input_pipeline.dataset_info(config.dataset)
     is_chief = jax.process_index() == 0
     if is_chief:
         _prepare_workdir(workdir)
@@ -370,19 +393,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     mesh = Mesh()
-    tx, schedule = make_optimizer(config, spe)
-    cohort = create_cohort(config, settings, info)
-    graphdef, state = create_train_state(cohort, tx)
+    setup, state = build(config, settings, spe)
     state = jax.device_put(state, mesh.replicated)
-    train_step = jax.jit(
-        make_train_step(graphdef, tx, schedule, settings, info, spe), donate_argnums=0
-    )
-    eval_step = jax.jit(make_eval_step(graphdef, info))
+    train_step = jax.jit(setup.train_step, donate_argnums=0)
+    eval_step = jax.jit(setup.eval_step)
 
     if is_chief:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    log = RunLog(workdir, is_chief)
+    total_steps = config.num_epochs * spe
+    log = RunLog(workdir, is_chief, config.num_epochs, total_steps)
 
     num_params = {
         role: int(sum(x.size for x in jax.tree.leaves(state.params[role]))) for role in state.params
@@ -396,10 +416,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"{jax.devices()[0].platform} device(s) | terms: {', '.join(settings.active_terms())}"
     )
 
-    total_steps = config.num_epochs * spe
     step = 0
     history: list[dict] = []
-    train_seconds = 0.0
+    train_seconds = 0.0  # steady-state training time: the first (compiling) step is left out
     first_step_seconds = None
     wall_start = time.time()
     for epoch in range(config.num_epochs):
@@ -413,7 +432,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if first_step_seconds is None:
                 jax.block_until_ready(metrics)
                 first_step_seconds = time.time() - interval_start
-                train_seconds += first_step_seconds
                 interval_start, interval_steps, pending = time.time(), 0, []
                 log.print(f"compiled and ran the first step in {first_step_seconds:.1f}s")
                 continue
@@ -424,9 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 img_per_sec = interval_steps * config.batch_size / max(elapsed, 1e-9)
                 _check_finite(summary, step, workdir)
                 eta = (total_steps - step) * config.batch_size / img_per_sec
-                log.train(
-                    step, epoch + 1, config.num_epochs, total_steps, summary, img_per_sec, eta
-                )
+                log.train(step, epoch + 1, summary, img_per_sec, eta)
                 pending, interval_start, interval_steps = [], time.time(), 0
         is_last = epoch + 1 == config.num_epochs
         if (epoch + 1) % config.eval_every_epochs == 0 or is_last:
@@ -445,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "wall_seconds": wall_seconds,
         "first_step_seconds": first_step_seconds,
         "train_img_per_sec": (
-            measured_steps * config.batch_size / max(train_seconds - first_step_seconds, 1e-9)
+            measured_steps * config.batch_size / max(train_seconds, 1e-9)
             if measured_steps
             else None
         ),

@@ -20,11 +20,7 @@ from tests.conftest import REPO, tiny_config
 
 def build(config, steps_per_epoch=4):
     settings = train.check_config(config, jax.device_count())
-    info = input_pipeline.dataset_info(config.dataset)
-    tx, schedule = train.make_optimizer(config, steps_per_epoch)
-    graphdef, state = train.create_train_state(train.create_cohort(config, settings, info), tx)
-    step_fn = train.make_train_step(graphdef, tx, schedule, settings, info, steps_per_epoch)
-    return graphdef, state, step_fn, settings, info, schedule
+    return train.build(config, settings, steps_per_epoch)
 
 
 def fixed_batch(fmnist_dir, n=32):
@@ -43,7 +39,7 @@ def test_weight_decay_per_role_and_nesterov(fmnist_dir):
     config = tiny_config(
         fmnist_dir, learning_rate=0.1, weight_decay=1e-4, fusion_weight_decay=1e-5, momentum=0.9
     )
-    _, state, *_ = build(config)
+    _, state = build(config)
     tx, _ = train.make_optimizer(config, 4)
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     updates, _ = tx.update(zero_grads, tx.init(state.params), state.params)
@@ -57,8 +53,8 @@ def test_weight_decay_per_role_and_nesterov(fmnist_dir):
 
 def test_a_few_steps_lower_the_loss_and_update_batch_norm(fmnist_dir):
     config = tiny_config(fmnist_dir, learning_rate=0.05)
-    _, state, step_fn, settings, *_ = build(config, steps_per_epoch=1)
-    step = jax.jit(step_fn, donate_argnums=0)
+    setup, state = build(config, steps_per_epoch=1)
+    step = jax.jit(setup.train_step, donate_argnums=0)
     batch = fixed_batch(fmnist_dir)
     stats_before = jax.tree.map(np.array, state.batch_stats)
     losses, totals = [], []
@@ -75,7 +71,7 @@ def test_a_few_steps_lower_the_loss_and_update_batch_norm(fmnist_dir):
         lambda a, b: not np.allclose(a, b), stats_before, jax.tree.map(np.array, state.batch_stats)
     )
     assert all(jax.tree.leaves(changed))
-    expected_keys = set(settings.active_terms()) | {
+    expected_keys = set(setup.settings.active_terms()) | {
         "loss",
         "rampup_weight",
         "learning_rate",
@@ -89,8 +85,8 @@ def test_a_few_steps_lower_the_loss_and_update_batch_norm(fmnist_dir):
 
 def test_bfloat16_compute_trains_with_float32_losses_and_parameters(fmnist_dir):
     config = tiny_config(fmnist_dir, compute_dtype="bfloat16", learning_rate=0.05)
-    _, state, step_fn, *_ = build(config, steps_per_epoch=1)
-    step = jax.jit(step_fn, donate_argnums=0)
+    setup, state = build(config, steps_per_epoch=1)
+    step = jax.jit(setup.train_step, donate_argnums=0)
     batch = fixed_batch(fmnist_dir)
     first = None
     for _ in range(6):
@@ -103,12 +99,12 @@ def test_bfloat16_compute_trains_with_float32_losses_and_parameters(fmnist_dir):
 
 def test_no_recompilation_across_steps_epochs_and_lr_boundaries(fmnist_dir):
     config = tiny_config(fmnist_dir, lr_decay_epochs=(1,))
-    _, state, step_fn, *_ = build(config, steps_per_epoch=2)
+    setup, state = build(config, steps_per_epoch=2)
     traces = []
 
     def counted(state, batch):
         traces.append(1)
-        return step_fn(state, batch)
+        return setup.train_step(state, batch)
 
     step = jax.jit(counted, donate_argnums=0)
     images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
@@ -123,8 +119,8 @@ def test_no_recompilation_across_steps_epochs_and_lr_boundaries(fmnist_dir):
 
 def test_state_is_donated(fmnist_dir):
     config = tiny_config(fmnist_dir)
-    _, state, step_fn, *_ = build(config)
-    step = jax.jit(step_fn, donate_argnums=0)
+    setup, state = build(config)
+    step = jax.jit(setup.train_step, donate_argnums=0)
     old_leaf = jax.tree.leaves(state.params)[0]
     state, _ = step(state, fixed_batch(fmnist_dir))
     assert old_leaf.is_deleted()
@@ -132,14 +128,14 @@ def test_state_is_donated(fmnist_dir):
 
 def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
     config = tiny_config(fmnist_dir, eval_batch_size=16)
-    graphdef, state, *_, info, _ = build(config)
+    setup, state = build(config)
     images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
     images, labels = images[:37], labels[:37]
     mesh = train.Mesh()
-    eval_step = jax.jit(train.make_eval_step(graphdef, info))
+    eval_step = jax.jit(setup.eval_step)
     got = train.evaluate(eval_step, state, mesh, images, labels, config)
-    cohort = nnx.merge(graphdef, state.params, state.batch_stats)
-    out = cohort(input_pipeline.normalize(jnp.asarray(images), info), train=False)
+    cohort = nnx.merge(setup.graphdef, state.params, state.batch_stats)
+    out = cohort(input_pipeline.normalize(jnp.asarray(images), setup.info), train=False)
     for name, logits in (
         ("teacher", out["teacher_logits"]),
         ("student", out["student_logits"]),
