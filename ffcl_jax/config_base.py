@@ -27,7 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Networks and method.
     c.teacher = "resnet110"
     c.student = "resnet32"
-    c.method = "ffcl"  # independent | dml | ffl | ffcl
+    c.method = "ffcl"  # independent | kd | dml | ffl | ffcl
+    # kd only: a finished run's workdir (its latest checkpoint) or an exported .npz holding the
+    # teacher, which is then frozen.
+    c.teacher_checkpoint = config_dict.placeholder(str)
     c.fusion_channels = config_dict.placeholder(int)  # C_fused; None: the student's channels
     c.compute_dtype = "float32"  # or "bfloat16" (losses stay float32)
 
@@ -44,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.reg_correct_prob = config_dict.placeholder(float)
     c.loss.reg_temperature = config_dict.placeholder(float)
     c.loss.label_smoothing = config_dict.placeholder(float)
+    c.loss.kd_alpha = config_dict.placeholder(float)  # kd: (1 - a) CE(S) + a KL_tau(S <- T)
 
     # Optimisation (FFL/ONE protocol).
     c.batch_size = 128  # global, over all devices and hosts
@@ -56,6 +60,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.fusion_weight_decay = 1e-5
     c.lr_decay_epochs = (150, 225)
     c.lr_decay_factor = 0.1
+
+    # Devices. The batch is split over the `data` axis of a `jax.make_mesh` mesh; -1 = every
+    # device of every process. BatchNorm statistics: "global" (SyncBN: statistics over the whole
+    # global batch, what jit over a sharded batch computes) or "per_device" (each device's rows
+    # normalised with their own statistics, as PyTorch DDP without SyncBatchNorm).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.batch_norm = "global"
+
+    # Checkpoints (orbax, in WORKDIR/checkpoints). A run started in a workdir that holds a
+    # checkpoint resumes from the latest one; `--fresh` starts over (the old run is moved to
+    # WORKDIR/previous_runs/, never deleted).
+    c.checkpoint_every_epochs = 1
+    c.keep_checkpoints = 2  # the last k, plus the best below
+    c.best_metric = "student"  # keep the checkpoint with the best test top-1 of this model
+    # ("student", "teacher", "fused", "ensemble"; "" keeps only the last k)
 
     # Bookkeeping.
     c.seed = 0

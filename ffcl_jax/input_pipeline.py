@@ -230,16 +230,6 @@ def load_split(config, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def process_shard(
-    images: np.ndarray, labels: np.ndarray, process_index: int, process_count: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Contiguous, equal-size shard of this process (the few examples left over are dropped
-    in training; evaluation pads instead, see `eval_batches`)."""
-    per_process = len(images) // process_count
-    start = process_index * per_process
-    return images[start : start + per_process], labels[start : start + per_process]
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -278,13 +268,37 @@ def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
 
 
 class TrainData:
-    """The process's training shard; `epoch(e)` iterates epoch `e`'s augmented local batches."""
+    """Epochs of augmented training batches; each process gets its own rows of every batch.
 
-    def __init__(self, config, images: np.ndarray, labels: np.ndarray, local_batch_size: int):
+    Every process holds the whole (in-memory) training split and derives the same global order
+    from `(seed, epoch)`; process `p` of `P` then keeps rows `[p * B/P, (p + 1) * B/P)` of each
+    global batch of `B` and augments only those, with a seed made of the epoch and the example's
+    global position. The global batches, and so the training run, are therefore the same for any
+    number of processes and devices, and any point of any epoch can be re-created (resume) with
+    `epoch(e, skip_batches=k)` without tf.data state.
+    """
+
+    def __init__(
+        self,
+        config,
+        images: np.ndarray,
+        labels: np.ndarray,
+        global_batch_size: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        if global_batch_size % process_count:
+            raise UserError(
+                f"batch_size {global_batch_size} must be a multiple of the {process_count} "
+                "processes it is split over"
+            )
         self.config = config
         self.info = dataset_info(config.dataset)
         self.images, self.labels = images, labels
-        self.local_batch_size = local_batch_size
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.process_index = process_index
+        self.steps_per_epoch = steps_per_epoch(len(images), global_batch_size)
         self._augment = _augment_fn(config, self.info)
 
     def epoch(self, epoch: int, *, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -294,7 +308,13 @@ class TrainData:
         n = len(self.images)
         ds = tf.data.Dataset.from_tensor_slices((self.images, self.labels))
         ds = ds.shuffle(n, seed=epoch_seed, reshuffle_each_iteration=False)
-        ds = ds.enumerate()
+        ds = ds.enumerate()  # global position in the epoch: the augmentation seed
+        ds = ds.take(self.steps_per_epoch * self.global_batch_size)  # whole batches only
+        if self.local_batch_size != self.global_batch_size:
+            local, rank = self.local_batch_size, self.process_index
+            ds = ds.filter(lambda index, _: (index % self.global_batch_size) // local == rank)
+        if skip_batches:  # before augmenting: skipped examples cost nothing
+            ds = ds.skip(skip_batches * self.local_batch_size)
 
         def augment(index, example):
             image, label = example
@@ -303,8 +323,6 @@ class TrainData:
 
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(self.local_batch_size, drop_remainder=True)
-        if skip_batches:
-            ds = ds.skip(skip_batches)
         ds = ds.prefetch(tf.data.AUTOTUNE)
         return ds.as_numpy_iterator()
 

@@ -17,7 +17,18 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/fashion_mnist.py", "Training configuration file.", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs, results and curves.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory for logs, checkpoints and results. A run started in a workdir holding a "
+    "checkpoint resumes from it.",
+)
+_FRESH = flags.DEFINE_bool(
+    "fresh",
+    False,
+    "Start over even if the workdir holds a run; its files are moved to "
+    "WORKDIR/previous_runs/<time>/, never deleted.",
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address",
     None,
@@ -25,6 +36,8 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+# 128 + SIGTERM, as a shell reports a process stopped by SIGTERM: schedulers requeue on it.
+PREEMPTED_EXIT_CODE = 143
 
 
 def multi_process_environment(env=os.environ) -> bool:
@@ -69,15 +82,18 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     from ffcl_jax.errors import UserError
     from ffcl_jax.input_pipeline import import_tensorflow
-    from ffcl_jax.train import train_and_evaluate
+    from ffcl_jax.train import Preempted, train_and_evaluate
 
     import_tensorflow()
     _initialize_distributed()
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as exc:
+        print(str(exc), file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

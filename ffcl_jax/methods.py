@@ -1,4 +1,4 @@
-"""Method presets (independent, dml, ffl, ffcl) and the cohort objective they configure.
+"""Method presets (independent, kd, dml, ffl, ffcl) and the cohort objective they configure.
 
 A preset is a set of default loss settings; every setting is also a config key under
 `config.loss`, where `None` means "the preset's value". So `--config.method=ffcl
@@ -42,9 +42,13 @@ class LossSettings:
     reg_correct_prob: float
     reg_temperature: float
     label_smoothing: float
+    kd_alpha: float  # kd only: (1 - a) CE(S) + a KL_tau(S <- T)
+    train_teacher: bool  # False (kd): the teacher is loaded from a checkpoint and frozen
 
     def active_terms(self) -> tuple[str, ...]:
         """Names of the loss terms this setting computes (the rest are not traced)."""
+        if not self.train_teacher:
+            return ("ce_student", "kl_teacher_to_student")
         terms = ["ce_teacher", "ce_student"]
         if self.use_fusion:
             terms.append("ce_fused")
@@ -68,11 +72,23 @@ _COMMON = dict(
     reg_correct_prob=0.99,
     reg_temperature=20.0,
     label_smoothing=0.1,
+    kd_alpha=0.9,
+    train_teacher=True,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
     "independent": dict(
         _COMMON, **_OFF, use_fusion=False, tau=1.0, rampup_epochs=0.0, regularizer="none"
+    ),
+    # Hinton KD from a frozen teacher (loaded with config.teacher_checkpoint): alpha 0.9, tau 4.
+    "kd": dict(
+        _COMMON,
+        **_OFF,
+        use_fusion=False,
+        tau=4.0,
+        rampup_epochs=0.0,
+        regularizer="none",
+        train_teacher=False,
     ),
     # Deep Mutual Learning: KL at tau 1 both ways, from the first step (no ramp-up).
     "dml": dict(
@@ -105,24 +121,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         regularizer="virtual_teacher",
     ),
 }
-PENDING_METHODS = {
-    "kd": "it trains the student from a frozen teacher checkpoint, which needs the "
-    "checkpoint support that is not in this version yet"
-}
 
 
 def resolve_loss_settings(method: str, overrides: Mapping[str, Any] | None = None) -> LossSettings:
     """Preset `method` with every non-None entry of `overrides` (usually `config.loss`) on top."""
-    if method in PENDING_METHODS:
-        raise UserError(
-            f"method {method!r} is not available yet: {PENDING_METHODS[method]}; "
-            f"use one of {', '.join(PRESETS)}"
-        )
     if method not in PRESETS:
         raise UserError(f"unknown method {method!r}; valid methods: {', '.join(PRESETS)}")
     values = dict(PRESETS[method])
     for key, value in (overrides or {}).items():
-        if key not in values:
+        if key not in values or key == "train_teacher":
             raise UserError(
                 f"unknown loss setting {key!r}; valid settings: {', '.join(sorted(values))}"
             )
@@ -161,6 +168,15 @@ def _validate(s: LossSettings) -> None:
         raise UserError(f"loss.reg_correct_prob must be in (0, 1), got {s.reg_correct_prob}")
     if s.reg_temperature <= 0:
         raise UserError(f"loss.reg_temperature must be > 0, got {s.reg_temperature}")
+    if not 0 <= s.kd_alpha <= 1:
+        raise UserError(f"loss.kd_alpha must be in [0, 1], got {s.kd_alpha}")
+    if not s.train_teacher and (
+        s.use_fusion or s.lam_fuse or s.lam_ens or s.lam_mutual or s.lam_feat or s.lam_reg
+    ):
+        raise UserError(
+            "the kd preset trains only the student from a frozen teacher: it takes no fusion, "
+            "mutual, feature or regularizer terms (leave those loss settings unset)"
+        )
     if not 0 <= s.label_smoothing < 1:
         raise UserError(f"loss.label_smoothing must be in [0, 1), got {s.label_smoothing}")
 
@@ -190,6 +206,14 @@ def cohort_objective(
     z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
     z_f = outputs.get("fused_logits")
     tau = settings.tau
+    if not settings.train_teacher:  # kd: the frozen teacher only provides targets
+        terms = {
+            "ce_student": losses.cross_entropy(z_s, labels),
+            "kl_teacher_to_student": losses.kl_distill(z_s, z_t, tau),
+        }
+        alpha = settings.kd_alpha
+        total = (1 - alpha) * terms["ce_student"] + alpha * terms["kl_teacher_to_student"]
+        return total, terms
     terms: dict[str, jax.Array] = {
         "ce_teacher": losses.cross_entropy(z_t, labels),
         "ce_student": losses.cross_entropy(z_s, labels),

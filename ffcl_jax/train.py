@@ -6,9 +6,14 @@ One jitted, donated step runs the forward pass of both networks and the fusion m
 term, the gradients, the SGD update and the BatchNorm statistics update, and returns a small
 metrics dict. The host only synchronises at log steps and after evaluation.
 
-Data parallelism: the batch is a global array sharded over the `data` axis of a device mesh and
-the state is replicated; under `jit` the BatchNorm statistics are computed over the *global*
-batch (SyncBN semantics).
+Data parallelism: the batch is a global array sharded over the `data` axis of a `jax.make_mesh`
+mesh (every device of every process by default) and the state is replicated. BatchNorm statistics
+are computed over the *global* batch under `jit` (SyncBN, `config.batch_norm="global"`), or over
+each device's rows (`"per_device"`, via `shard_map`, as PyTorch DDP without SyncBatchNorm).
+
+Runs survive: a checkpoint (see `ffcl_jax.checkpoint`) is written every
+`checkpoint_every_epochs`, at a new best and at the end; a run started in a workdir holding one
+resumes from it, and continues bit for bit as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +37,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ffcl_jax import input_pipeline, losses, models, report
+from ffcl_jax import checkpoint, export, input_pipeline, losses, models, report
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import (
     LossSettings,
@@ -41,6 +48,7 @@ from ffcl_jax.methods import (
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_MODELS = ("student", "teacher", "fused", "ensemble")
+BATCH_NORM_MODES = ("global", "per_device")
 
 
 class TrainState(struct.PyTreeNode):
@@ -79,19 +87,44 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
         raise UserError(
             f"config.lr_decay_epochs must be strictly increasing, got {config.lr_decay_epochs}"
         )
-    for key in ("log_every_steps", "eval_every_epochs"):
+    for key in ("log_every_steps", "eval_every_epochs", "checkpoint_every_epochs"):
         if config[key] <= 0:
             raise UserError(f"config.{key} must be > 0, got {config[key]}")
+    if config.keep_checkpoints < 1:
+        raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+    valid_best = [m for m in EVAL_MODELS if m != "fused" or settings.use_fusion]
+    if config.best_metric and config.best_metric not in valid_best:
+        raise UserError(
+            f"config.best_metric={config.best_metric!r} is not a model this run evaluates; "
+            f"valid: {', '.join(valid_best)}, or '' to keep only the last checkpoints"
+        )
+    if config.batch_norm not in BATCH_NORM_MODES:
+        raise UserError(
+            f"unknown config.batch_norm {config.batch_norm!r}; valid: {', '.join(BATCH_NORM_MODES)}"
+        )
+    if not settings.train_teacher and not config.teacher_checkpoint:
+        raise UserError(
+            f"method {config.method!r} distils from a trained teacher: set "
+            "--config.teacher_checkpoint to the workdir of a finished run with the same teacher "
+            "(for example an 'independent' run) or to an exported .npz"
+        )
+    if settings.train_teacher and config.teacher_checkpoint:
+        raise UserError(
+            f"config.teacher_checkpoint is only read by method 'kd', not {config.method!r}; "
+            "unset it"
+        )
     return settings
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+def make_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, train_teacher: bool = True
+):
     """SGD (Nesterov) with per-role weight decay and an epoch-based multistep schedule.
 
     Weight decay is added to the gradient before momentum, as `torch.optim.SGD(weight_decay=...)`
     does, and applies to every parameter of a role (BatchNorm included), as in the FFL and
     RepDistiller references: `weight_decay` for teacher and student, `fusion_weight_decay` for
-    the fusion module.
+    the fusion module. With `train_teacher=False` (kd) the teacher is frozen.
     """
     schedule = optax.piecewise_constant_schedule(
         config.learning_rate,
@@ -110,6 +143,14 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
         ),
         optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
     )
+    if not train_teacher:
+        # A frozen teacher gets zero updates (no weight decay either) and no optimizer state.
+        tx = optax.multi_transform(
+            {"train": tx, "frozen": optax.set_to_zero()},
+            lambda params: jax.tree_util.tree_map_with_path(
+                lambda path, _: "frozen" if path[0].key == "teacher" else "train", params
+            ),
+        )
     return tx, schedule
 
 
@@ -153,17 +194,29 @@ class Setup:
     eval_step: Callable  # pure (params, batch_stats, batch) -> correct counts
 
 
-def build(config, settings: LossSettings, steps_per_epoch: int) -> tuple[Setup, TrainState]:
-    """Cohort, optimizer, initial state and the two step functions, from a checked config."""
+def build(
+    config, settings: LossSettings, steps_per_epoch: int, mesh: Mesh | None = None
+) -> tuple[Setup, TrainState]:
+    """Cohort, optimizer, initial state and the two step functions, from a checked config.
+
+    `mesh` is needed only for `config.batch_norm="per_device"` (the step then maps over it).
+    """
     info = input_pipeline.dataset_info(config.dataset)
-    tx, schedule = make_optimizer(config, steps_per_epoch)
+    tx, schedule = make_optimizer(config, steps_per_epoch, settings.train_teacher)
     graphdef, state = create_train_state(create_cohort(config, settings, info), tx)
+    per_device_mesh = None
+    if config.get("batch_norm", "global") == "per_device":
+        if mesh is None:
+            raise ValueError("batch_norm='per_device' needs the mesh")
+        per_device_mesh = mesh.mesh
     setup = Setup(
         settings=settings,
         info=info,
         graphdef=graphdef,
         schedule=schedule,
-        train_step=make_train_step(graphdef, tx, schedule, settings, info, steps_per_epoch),
+        train_step=make_train_step(
+            graphdef, tx, schedule, settings, info, steps_per_epoch, per_device_mesh
+        ),
         eval_step=make_eval_step(graphdef, info),
     )
     return setup, state
@@ -179,37 +232,55 @@ def make_train_step(
     settings: LossSettings,
     info: input_pipeline.DatasetInfo,
     steps_per_epoch: int,
+    per_device_mesh: jax.sharding.Mesh | None = None,
 ):
-    """The whole cohort update as one pure function `(state, batch) -> (state, metrics)`."""
+    """The whole cohort update as one pure function `(state, batch) -> (state, metrics)`.
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    With `per_device_mesh`, the forward pass runs under `shard_map` over its `data` axis, so each
+    device normalises its own rows (per-device BatchNorm); losses, metrics and the updated running
+    statistics are averaged over devices, and the gradient of the replicated parameters is summed
+    by `shard_map`'s transpose, which makes it the gradient of the global mean loss.
+    """
+
+    def forward(params, batch_stats, batch, epoch):
         images = input_pipeline.normalize(batch["image"], info)
         labels = batch["label"]
+        # copy=True: fresh Variables owned by this (grad) trace, so BatchNorm may update them.
+        cohort = nnx.merge(graphdef, params, batch_stats, copy=True)
+        outputs = cohort(images, train=True, train_teacher=settings.train_teacher)
+        total, terms = cohort_objective(outputs, labels, settings, epoch, info.num_classes)
+        for name in ("teacher", "student", "fused"):
+            if f"{name}_logits" in outputs:
+                terms[f"train_acc_{name}"] = losses.top1_correct(
+                    outputs[f"{name}_logits"], labels
+                ).mean()
+        return total, (terms, nnx.state(cohort, nnx.BatchStat))
+
+    if per_device_mesh is not None:
+        local_forward = forward
+
+        def forward(params, batch_stats, batch, epoch):
+            def on_device(params, batch_stats, batch, epoch):
+                total, aux = local_forward(params, batch_stats, batch, epoch)
+                return jax.lax.pmean((total, aux), "data")
+
+            return jax.shard_map(
+                on_device,
+                mesh=per_device_mesh,
+                in_specs=(P(), P(), P("data"), P()),
+                out_specs=P(),
+            )(params, batch_stats, batch, epoch)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
         # Epoch-wise quantities (ramp-up weight) derive from the step inside the graph, so the
         # step never retraces and needs no host input.
         epoch = state.step // steps_per_epoch
-
-        def loss_fn(params):
-            # copy=True: fresh Variables owned by this (grad) trace, so BatchNorm may update them.
-            cohort = nnx.merge(graphdef, params, state.batch_stats, copy=True)
-            outputs = cohort(images, train=True)
-            total, terms = cohort_objective(outputs, labels, settings, epoch, info.num_classes)
-            new_batch_stats = nnx.state(cohort, nnx.BatchStat)
-            logits = {
-                k: outputs[f"{k}_logits"]
-                for k in ("teacher", "student", "fused")
-                if f"{k}_logits" in outputs
-            }
-            return total, (terms, logits, new_batch_stats)
-
-        (total, (terms, logits, new_batch_stats)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True
-        )(state.params)
+        (total, (terms, new_batch_stats)), grads = jax.value_and_grad(forward, has_aux=True)(
+            state.params, state.batch_stats, batch, epoch
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": total, **terms, "learning_rate": schedule(state.step)}
-        for name, z in logits.items():
-            metrics[f"train_acc_{name}"] = losses.top1_correct(z, labels).mean()
         new_state = state.replace(
             step=state.step + 1, params=params, batch_stats=new_batch_stats, opt_state=opt_state
         )
@@ -245,10 +316,28 @@ def make_eval_step(graphdef: nnx.GraphDef, info: input_pipeline.DatasetInfo):
 
 
 class Mesh:
-    """A 1-D data-parallel mesh over every device, with the two shardings the loop needs."""
+    """A 1-D data-parallel mesh (`jax.make_mesh`, axis `data`) with the shardings the loop needs.
 
-    def __init__(self):
-        self.mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    `num_devices=-1` takes every device of every process. The axis is `Auto` (GSPMD
+    propagation): the step is written for one device and XLA partitions it.
+    """
+
+    def __init__(self, num_devices: int = -1):
+        devices = jax.devices()
+        n = len(devices) if num_devices in (-1, None) else int(num_devices)
+        if not 1 <= n <= len(devices):
+            raise UserError(
+                f"config.mesh.data={num_devices} devices asked for, {len(devices)} available; "
+                "use -1 for all of them"
+            )
+        if n != len(devices) and jax.process_count() > 1:
+            raise UserError(
+                "a multi-process run shards over every device: leave config.mesh.data at -1"
+            )
+        self.mesh = jax.make_mesh(
+            (n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
+        )
+        self.size = n
         self.data = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())
 
@@ -283,18 +372,30 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _mean_metrics(pending: list[dict]) -> dict[str, float]:
+def _summarize_interval(
+    pending: list[dict], first_step: int, workdir: str, last_checkpoint: str | None
+) -> dict[str, float]:
+    """Mean of the metrics of the steps since the last log; stops the run at a non-finite loss,
+    naming the first such step and its loss terms."""
     fetched = jax.device_get(pending)
+    for offset, metrics in enumerate(fetched):
+        if not np.isfinite(metrics["loss"]):
+            terms = ", ".join(
+                f"{k}={float(v):.4g}"
+                for k, v in metrics.items()
+                if k != "learning_rate" and not k.startswith("train_acc")
+            )
+            kept = (
+                f"the last good checkpoint ({last_checkpoint}) is kept and a rerun resumes from it"
+                if last_checkpoint
+                else "no checkpoint had been written yet"
+            )
+            raise UserError(
+                f"non-finite loss at step {first_step + offset} ({terms}); training stopped, "
+                f"{kept}, logs are in {workdir}; lower config.learning_rate or use "
+                "compute_dtype=float32"
+            )
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-
-
-def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
-    if not np.isfinite(metrics["loss"]):
-        terms = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "learning_rate")
-        raise UserError(
-            f"non-finite loss at step {step} ({terms}); lower config.learning_rate or use "
-            f"compute_dtype=float32; logs so far are kept in {workdir}"
-        )
 
 
 class RunLog:
@@ -356,49 +457,212 @@ class RunLog:
             self.writer.close()
 
 
-def _prepare_workdir(workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    for name in ("metrics.jsonl", "results.json"):
-        if os.path.exists(os.path.join(workdir, name)):
-            raise UserError(
-                f"workdir {workdir!r} already holds a run ({name}); pass a new --workdir "
-                "(nothing there was changed)"
-            )
+class Preempted(Exception):
+    """SIGTERM (or the cluster's preemption notice) arrived; a checkpoint has been written."""
+
+
+class _PreemptionWatch:
+    """Turns SIGTERM into a flag the loop checks between steps. With several processes the
+    decision comes from orbax/JAX's preemption sync point, so every process stops at the same
+    step."""
+
+    def __init__(self, checkpoints: checkpoint.RunCheckpoints):
+        self.checkpoints = checkpoints
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self.checkpoints.manager.reached_preemption(step)
+        return self.requested
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _start_or_resume(
+    workdir: str, config, fresh: bool, is_chief: bool
+) -> tuple[checkpoint.RunCheckpoints, int | None, str | None]:
+    """Prepares the workdir; returns its checkpoints, the step to resume from (None: a new run)
+    and, for --fresh, where an earlier run was moved."""
+    moved = None
+    if is_chief:
+        os.makedirs(workdir, exist_ok=True)
+        if fresh:
+            moved = checkpoint.move_previous_run(workdir)
+    _sync("ffcl_workdir_ready")
+    had_outputs = [
+        name
+        for name in checkpoint.existing_outputs(workdir)
+        if name != checkpoint.CHECKPOINT_SUBDIR
+    ]
+    checkpoints = checkpoint.RunCheckpoints(workdir, config)
+    resume_step = checkpoints.latest_step()
+    if resume_step is None and had_outputs:
+        checkpoints.close()
+        raise UserError(
+            f"workdir {workdir!r} holds a run ({', '.join(had_outputs)}) but no checkpoint to "
+            "resume from (it stopped before its first checkpoint, or an older version wrote it); "
+            "pass --fresh to move it aside and start over, or use a new --workdir "
+            "(nothing there was changed)"
+        )
+    return checkpoints, resume_step, moved
+
+
+def _with_frozen_teacher(state: TrainState, config) -> tuple[TrainState, str]:
+    params, batch_stats, source = export.load_network(
+        config.teacher_checkpoint,
+        "teacher",
+        config,
+        like=(state.params["teacher"], state.batch_stats["teacher"]),
+    )
+
+    def replace_teacher(tree, teacher_arrays):
+        flat = export.flatten(tree)
+        flat.update({f"teacher/{name}": value for name, value in teacher_arrays.items()})
+        return export.fill_like(tree, flat, "the cohort with the loaded teacher")
+
+    return (
+        state.replace(
+            params=replace_teacher(state.params, params),
+            batch_stats=replace_teacher(state.batch_stats, batch_stats),
+        ),
+        source,
+    )
 
 
 # --------------------------------------------------------------------------- main loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False
+) -> dict[str, Any]:
     """Trains the cohort for `config.num_epochs`, evaluating every `eval_every_epochs`.
 
     Writes to `workdir`: `config.json`, `metrics.jsonl` (train rows at log steps, one eval row
-    per evaluation), TensorBoard events, `results.json` and `curves.png`. Returns the results.
+    per evaluation), TensorBoard events, `checkpoints/`, `results.json` and `curves.png`.
+    Resumes from the latest checkpoint in `workdir`, if any; `fresh=True` first moves an earlier
+    run to `workdir/previous_runs/`. Returns the results.
     """
-    settings = check_config(config, jax.device_count())
+    mesh = Mesh(config.mesh.data)
+    settings = check_config(config, mesh.size)
     is_chief = jax.process_index() == 0
-    if is_chief:
-        _prepare_workdir(workdir)
 
     train_images, train_labels = input_pipeline.load_split(config, "train")
     test_images, test_labels = input_pipeline.load_split(config, "test")
-    shard_images, shard_labels = input_pipeline.process_shard(
-        train_images, train_labels, jax.process_index(), jax.process_count()
-    )
-    # From the shard, which is the same size on every process: each process then runs exactly
-    # `spe` local batches an epoch, and the schedule's epoch boundaries line up with the data.
-    spe = input_pipeline.steps_per_epoch(len(shard_images) * jax.process_count(), config.batch_size)
     train_data = input_pipeline.TrainData(
-        config, shard_images, shard_labels, config.batch_size // jax.process_count()
+        config,
+        train_images,
+        train_labels,
+        config.batch_size,
+        jax.process_index(),
+        jax.process_count(),
     )
+    spe = train_data.steps_per_epoch
+    setup, state = build(config, settings, spe, mesh)
 
-    mesh = Mesh()
-    setup, state = build(config, settings, spe)
-    state = jax.device_put(state, mesh.replicated)
+    checkpoints, resume_step, moved = _start_or_resume(workdir, config, fresh, is_chief)
+    watch = _PreemptionWatch(checkpoints)
+    try:
+        with jax.set_mesh(mesh.mesh):
+            progress = {
+                "epoch": 0,  # completed epochs
+                "batch_in_epoch": 0,  # batches of the next epoch already trained (preemption)
+                "history": [],
+                "best": None,
+                "train_seconds": 0.0,
+                "measured_steps": 0,
+                "wall_seconds": 0.0,
+                "first_step_seconds": None,
+                "resumed_at_steps": [],
+            }
+            notes = []
+            if moved:
+                notes.append(f"moved the earlier run to {moved}")
+            if resume_step is not None:
+                meta = checkpoints.read_meta(resume_step)
+                checkpoints.check_config(resume_step, meta, config)
+                state = checkpoints.restore_state(
+                    resume_step, jax.device_put(state, mesh.replicated)
+                )
+                progress = meta["progress"]
+                progress["resumed_at_steps"].append(resume_step)
+                if progress["epoch"] >= config.num_epochs:
+                    notes.append(
+                        f"the run in {workdir} had already finished its {progress['epoch']} "
+                        "epochs: raise --config.num_epochs to train longer, or pass --fresh"
+                    )
+                notes.append(
+                    f"resumed from checkpoint step {resume_step} (epoch {progress['epoch']}"
+                    + (
+                        f", batch {progress['batch_in_epoch']}"
+                        if progress["batch_in_epoch"]
+                        else ""
+                    )
+                    + f") in {checkpoints.directory}"
+                )
+            elif not settings.train_teacher:
+                state, source = _with_frozen_teacher(state, config)
+                notes.append(f"frozen teacher loaded from {source}")
+            state = jax.device_put(state, mesh.replicated)
+            return _train_loop(
+                config,
+                workdir,
+                settings,
+                setup,
+                state,
+                mesh,
+                train_data,
+                (train_images, test_images, test_labels),
+                checkpoints,
+                watch,
+                progress,
+                resume_step,
+                notes,
+            )
+    finally:
+        watch.close()
+        checkpoints.wait()  # a save in flight completes: the last good checkpoint stays
+        checkpoints.close()
+
+
+def _train_loop(
+    config,
+    workdir,
+    settings,
+    setup: Setup,
+    state: TrainState,
+    mesh: Mesh,
+    train_data: input_pipeline.TrainData,
+    arrays,
+    checkpoints: checkpoint.RunCheckpoints,
+    watch: _PreemptionWatch,
+    progress: dict,
+    resume_step: int | None,
+    notes: list[str],
+) -> dict[str, Any]:
+    train_images, test_images, test_labels = arrays
+    is_chief = jax.process_index() == 0
+    spe = train_data.steps_per_epoch
     train_step = jax.jit(setup.train_step, donate_argnums=0)
     eval_step = jax.jit(setup.eval_step)
-
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
     if is_chief:
+        if resume_step is not None:
+            checkpoint.truncate_metrics_log(metrics_path, resume_step)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     total_steps = config.num_epochs * spe
@@ -412,77 +676,147 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"({num_params['teacher'] / 1e6:.2f}M) | student {config.student} "
         f"({num_params['student'] / 1e6:.2f}M) | {config.dataset} "
         f"{len(train_images)} train / {len(test_images)} test | batch {config.batch_size} | "
-        f"{config.num_epochs} epochs x {spe} steps | {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s) | terms: {', '.join(settings.active_terms())}"
+        f"{config.num_epochs} epochs x {spe} steps | {mesh.size} "
+        f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
+        f"batch norm {config.batch_norm} | terms: {', '.join(settings.active_terms())}"
     )
+    for note in notes:
+        log.print(note)
 
-    step = 0
-    history: list[dict] = []
-    train_seconds = 0.0  # steady-state training time: the first (compiling) step is left out
-    first_step_seconds = None
-    wall_start = time.time()
-    for epoch in range(config.num_epochs):
+    step = int(jax.device_get(state.step))
+    expected_step = progress["epoch"] * spe + progress["batch_in_epoch"]
+    if step != expected_step:
+        raise UserError(
+            f"checkpoint step {step} does not match its epoch {progress['epoch']} x {spe} steps "
+            f"+ {progress['batch_in_epoch']} (was batch_size or the data set changed?); use a "
+            "new --workdir or pass --fresh (nothing was deleted)"
+        )
+    history: list[dict] = progress["history"]
+    last_checkpoint = f"step {resume_step}" if resume_step is not None else None
+    wall_clock = {"since": time.time()}  # wall time not yet added to progress
+    first_step_done = False
+
+    def add_wall_time() -> None:
+        now = time.time()
+        progress["wall_seconds"] += now - wall_clock["since"]
+        wall_clock["since"] = now
+
+    def save(epoch_done: int, batch_in_epoch: int, eval_row: dict | None) -> None:
+        nonlocal last_checkpoint
+        add_wall_time()
+        progress.update(epoch=epoch_done, batch_in_epoch=batch_in_epoch)
+        metrics = None
+        if eval_row is not None:
+            metrics = {k: eval_row[k] for k in EVAL_MODELS if k in eval_row}
+        meta = {"config": json.loads(config.to_json_best_effort()), "progress": progress}
+        checkpoints.save(step, state, meta, metrics)
+        last_checkpoint = f"step {step}"
+
+    start_epoch, skip = progress["epoch"], progress["batch_in_epoch"]
+    for epoch in range(start_epoch, config.num_epochs):
         pending: list[dict] = []
-        interval_start, interval_steps = time.time(), 0
-        for local_batch in train_data.epoch(epoch):
+        batch_in_epoch = skip if epoch == start_epoch else 0
+        interval_start, interval_steps, interval_first = time.time(), 0, step + 1
+        for local_batch in train_data.epoch(epoch, skip_batches=batch_in_epoch):
             state, metrics = train_step(state, mesh.global_batch(local_batch))
             step += 1
+            batch_in_epoch += 1
             interval_steps += 1
             pending.append(metrics)
-            if first_step_seconds is None:
+            if not first_step_done:
+                # The first step of a session compiles: it counts for the loss log, not for
+                # the speed.
                 jax.block_until_ready(metrics)
-                first_step_seconds = time.time() - interval_start
-                interval_start, interval_steps, pending = time.time(), 0, []
-                log.print(f"compiled and ran the first step in {first_step_seconds:.1f}s")
-                continue
-            if step % config.log_every_steps == 0 or step % spe == 0:
-                summary = _mean_metrics(pending)
+                first_step_done = True
+                seconds = time.time() - interval_start
+                if progress["first_step_seconds"] is None:
+                    progress["first_step_seconds"] = seconds
+                log.print(f"compiled and ran the first step in {seconds:.1f}s")
+                interval_start, interval_steps = time.time(), 0
+            preempted = watch.reached(step)
+            if step % config.log_every_steps == 0 or batch_in_epoch == spe or preempted:
+                summary = _summarize_interval(pending, interval_first, workdir, last_checkpoint)
                 elapsed = time.time() - interval_start
-                train_seconds += elapsed
+                if interval_steps:
+                    progress["train_seconds"] += elapsed
+                    progress["measured_steps"] += interval_steps
                 img_per_sec = interval_steps * config.batch_size / max(elapsed, 1e-9)
-                _check_finite(summary, step, workdir)
-                eta = (total_steps - step) * config.batch_size / img_per_sec
+                eta = (total_steps - step) * config.batch_size / max(img_per_sec, 1e-9)
                 log.train(step, epoch + 1, summary, img_per_sec, eta)
                 pending, interval_start, interval_steps = [], time.time(), 0
+                interval_first = step + 1
+            if preempted and batch_in_epoch < spe:
+                save(epoch, batch_in_epoch, None)
+                checkpoints.wait()
+                log.close()
+                raise Preempted(
+                    f"preempted at step {step}: saved a checkpoint in {checkpoints.directory}; "
+                    "run the same command again to resume"
+                )
         is_last = epoch + 1 == config.num_epochs
+        row = None
         if (epoch + 1) % config.eval_every_epochs == 0 or is_last:
             eval_start = time.time()
             accuracy = evaluate(eval_step, state, mesh, test_images, test_labels, config)
             row = {"epoch": epoch + 1, "step": step, **accuracy}
             history.append(row)
             log.eval(row, time.time() - eval_start)
+        new_best = False
+        if row is not None and config.best_metric:
+            best = progress["best"]
+            new_best = best is None or row[config.best_metric] > best["value"]
+            if new_best:
+                progress["best"] = {
+                    "metric": config.best_metric,
+                    "value": row[config.best_metric],
+                    "epoch": epoch + 1,
+                    "step": step,
+                }
+        if (epoch + 1) % config.checkpoint_every_epochs == 0 or is_last or new_best:
+            save(epoch + 1, 0, row)
+        if watch.reached(step) and not is_last:
+            checkpoints.wait()
+            log.close()
+            raise Preempted(
+                f"preempted after epoch {epoch + 1}: checkpoint step {step} is in "
+                f"{checkpoints.directory}; run the same command again to resume"
+            )
 
-    wall_seconds = time.time() - wall_start
-    measured_steps = step - 1
+    checkpoints.wait()
+    add_wall_time()
+    measured = progress["measured_steps"]
     results = {
         "config": json.loads(config.to_json_best_effort()),
         "num_params": num_params,
         "loss_terms": list(settings.active_terms()),
-        "wall_seconds": wall_seconds,
-        "first_step_seconds": first_step_seconds,
+        "wall_seconds": progress["wall_seconds"],
+        "first_step_seconds": progress["first_step_seconds"],
         "train_img_per_sec": (
-            measured_steps * config.batch_size / max(train_seconds, 1e-9)
-            if measured_steps
+            measured * config.batch_size / max(progress["train_seconds"], 1e-9)
+            if measured
             else None
         ),
         "history": history,
         "summary": report.summarize(history),
+        "best_checkpoint": progress["best"],
+        "resumed_at_steps": progress["resumed_at_steps"],
         "command": " ".join(["python -m ffcl_jax.main", *sys.argv[1:]]),
     }
     if is_chief:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         report.plot_curves(
-            os.path.join(workdir, "metrics.jsonl"),
+            metrics_path,
             os.path.join(workdir, "curves.png"),
             title=f"{config.method}: {config.teacher} + {config.student} on {config.dataset}",
         )
         log.print(report.format_table(results["summary"]))
         speed = results["train_img_per_sec"]
         log.print(
-            f"wall time {_format_duration(wall_seconds)}"
+            f"wall time {_format_duration(progress['wall_seconds'])}"
             + (f"; train step {speed:.0f} img/s" if speed else "")
-            + f"; outputs in {workdir} (results.json, metrics.jsonl, curves.png, tensorboard/)"
+            + f"; outputs in {workdir} (results.json, metrics.jsonl, curves.png, tensorboard/, "
+            "checkpoints/)"
         )
     log.close()
     return results

@@ -59,8 +59,10 @@ class Cohort(nnx.Module):
         self.student = student
         self.fusion = fusion
 
-    def __call__(self, images: jax.Array, *, train: bool) -> dict:
-        teacher_logits, teacher_features = self.teacher(images, train=train)
+    def __call__(self, images: jax.Array, *, train: bool, train_teacher: bool = True) -> dict:
+        """`train_teacher=False` runs the teacher in inference mode (running BatchNorm
+        statistics, none updated) while the rest trains: a frozen teacher, as in KD."""
+        teacher_logits, teacher_features = self.teacher(images, train=train and train_teacher)
         student_logits, student_features = self.student(images, train=train)
         out = dict(
             teacher_logits=teacher_logits,

@@ -1,0 +1,287 @@
+"""Export trained networks to a standalone file, and load networks safely for inference or KD.
+
+    python -m ffcl_jax.export --workdir=DIR [--output=FILE.npz] [--teacher] [--step=N]
+
+writes the student (and with `--teacher` the teacher) of a run's checkpoint, parameters and
+BatchNorm statistics, to one `.npz` file with the run's config and the data set's normalisation;
+`load_exported(FILE)` rebuilds the network for inference with no other file.
+
+Safety: an export is a numpy zip read with `allow_pickle=False`, its metadata is JSON, and
+checkpoints are orbax (tensorstore/OCDBT) arrays plus JSON: loading either never runs code from
+the file. Anything else (a pickle, a torch file, an object array) is refused with an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from ffcl_jax.errors import UserError
+
+EXPORT_FORMAT = "ffcl_jax.export"
+EXPORT_VERSION = 1
+_META_KEY = "__meta__"
+ROLES = ("student", "teacher")
+
+
+# --------------------------------------------------------------------------- pytrees <-> flat
+
+
+def _path_name(path) -> str:
+    parts = []
+    for entry in path:
+        key = getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry)))
+        parts.append(str(key))
+    if parts and parts[-1] == "value":  # the leaf of an nnx Variable
+        parts.pop()
+    return "/".join(parts)
+
+
+def flatten(tree) -> dict[str, np.ndarray]:
+    """`{"stages/0/blocks/1/conv1/kernel": array, ...}` for an nnx State or nested dicts."""
+    return {
+        _path_name(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def fill_like(like, flat: Mapping[str, np.ndarray], what: str):
+    """`like` (an nnx State) with every leaf taken from `flat`; any missing, extra or
+    differently shaped entry is an error naming it."""
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    names = [_path_name(path) for path, _ in paths_and_leaves]
+    missing = [n for n in names if n not in flat]
+    extra = sorted(set(flat) - set(names))
+    if missing or extra:
+        detail = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise UserError(
+            f"{what} does not fit the network this config builds ({detail}; "
+            f"{len(missing)} missing, {len(extra)} unexpected entries): check the model name"
+        )
+    leaves = []
+    for name, (_, leaf) in zip(names, paths_and_leaves, strict=True):
+        value = flat[name]
+        if value.shape != leaf.shape:
+            raise UserError(
+                f"{what}: {name} has shape {value.shape}, the network built from this config "
+                f"needs {leaf.shape}: check the model name and number of classes"
+            )
+        leaves.append(np.asarray(value, dtype=leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclasses.dataclass
+class Exported:
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    def network(self, role: str) -> tuple[dict, dict]:
+        """Flat parameter and BatchNorm statistic arrays of `role`."""
+        if role not in self.meta["roles"]:
+            raise UserError(
+                f"the export holds {', '.join(self.meta['roles'])}, not the {role}"
+                + ("; export it with --teacher" if role == "teacher" else "")
+            )
+        parts = {}
+        for kind in ("params", "batch_stats"):
+            prefix = f"{role}/{kind}/"
+            parts[kind] = {
+                k[len(prefix) :]: v for k, v in self.arrays.items() if k.startswith(prefix)
+            }
+        return parts["params"], parts["batch_stats"]
+
+
+def read_export(path: str) -> Exported:
+    """Reads an export written by `export_run`, never unpickling anything."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an export")
+            arrays = {k: data[k] for k in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"{path} is not an ffcl_jax export ({reason}); only files written by "
+            "`python -m ffcl_jax.export` are read (pickles and object arrays are refused)"
+        ) from exc
+    meta_bytes = arrays.pop(_META_KEY, None)
+    try:
+        meta = json.loads(bytes(meta_bytes).decode()) if meta_bytes is not None else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{path} is not an ffcl_jax export (no {EXPORT_FORMAT} metadata)")
+    if meta.get("format_version") != EXPORT_VERSION:
+        raise UserError(
+            f"{path} is export format {meta.get('format_version')!r}; this version reads "
+            f"{EXPORT_VERSION}: re-export it with this version from the run's checkpoint"
+        )
+    return Exported(meta, arrays)
+
+
+def export_run(
+    workdir: str, output: str | None = None, roles=("student",), step: int | None = None
+) -> str:
+    """Writes `roles` of the run in `workdir` (its latest checkpoint, or `step`) to `output`."""
+    from ffcl_jax import checkpoint, input_pipeline
+    from ffcl_jax.config_base import base_config
+
+    checkpoints, latest = checkpoint.open_finished_run(workdir, base_config())
+    try:
+        step = latest if step is None else step
+        if step not in checkpoints.manager.all_steps():
+            raise UserError(
+                f"no checkpoint step {step} in {checkpoints.directory}; steps there: "
+                f"{sorted(checkpoints.manager.all_steps())}"
+            )
+        meta = checkpoints.read_meta(step)
+        state = checkpoints.restore_raw_state(step)
+    finally:
+        checkpoints.close()
+    config = meta["config"]
+    info = input_pipeline.dataset_info(config["dataset"])
+    arrays: dict[str, np.ndarray] = {}
+    for role in roles:
+        for kind in ("params", "batch_stats"):
+            for name, value in flatten(state[kind][role]).items():
+                arrays[f"{role}/{kind}/{name}"] = value
+    history = meta["progress"]["history"]
+    export_meta = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "roles": {role: config[role] for role in roles},
+        "num_classes": info.num_classes,
+        "image_shape": list(info.image_shape),
+        "dataset": config["dataset"],
+        "normalization": {"mean": list(info.mean), "std": list(info.std), "scale": 255.0},
+        "step": int(step),
+        "epoch": meta["progress"]["epoch"],
+        "test_top1": history[-1] if history else None,
+        "config": config,
+    }
+    if output is None:
+        output = os.path.join(workdir, f"export_step{step}.npz")
+    arrays[_META_KEY] = np.frombuffer(json.dumps(export_meta).encode(), np.uint8)
+    tmp = output + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, output)
+    return output
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_network(path: str, role: str, config, like) -> tuple[Any, Any, str]:
+    """`role`'s parameters and BatchNorm statistics from a run's workdir (latest checkpoint) or
+    an export, as flat dicts checked against the trees `like = (params, batch_stats)`; checks
+    that the model and data set match `config`. Returns them and a description of the source."""
+    from ffcl_jax import checkpoint
+
+    model = config[role]
+    if os.path.isfile(path):
+        exported = read_export(path)
+        saved_model, dataset = exported.meta["roles"].get(role), exported.meta["dataset"]
+        if saved_model is None:
+            exported.network(role)  # raises, naming what the file holds
+        flat_params, flat_stats = exported.network(role)
+        source = f"export {path} (step {exported.meta['step']})"
+    else:
+        checkpoints, step = checkpoint.open_finished_run(path, config)
+        try:
+            meta = checkpoints.read_meta(step)
+            state = checkpoints.restore_raw_state(step)
+        finally:
+            checkpoints.close()
+        saved_model, dataset = meta["config"][role], meta["config"]["dataset"]
+        flat_params = flatten(state["params"][role])
+        flat_stats = flatten(state["batch_stats"][role])
+        source = f"{checkpoints.directory} step {step} (epoch {meta['progress']['epoch']})"
+    if saved_model != model or dataset != config.dataset:
+        raise UserError(
+            f"{path} holds a {role} {saved_model!r} trained on {dataset!r}, but this config "
+            f"asks for {model!r} on {config.dataset!r}: set config.{role}={saved_model!r} or "
+            "point to a matching run"
+        )
+    fill_like(like[0], flat_params, f"{role} in {path}")
+    fill_like(like[1], flat_stats, f"{role} in {path}")
+    return flat_params, flat_stats, source
+
+
+def load_exported(path: str, role: str = "student"):
+    """`(model, predict, meta)`: the exported network as an nnx module in inference mode, and
+    `predict(images) -> logits` taking uint8 NHWC images as the data set stores them."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ffcl_jax import models
+
+    exported = read_export(path)
+    meta = exported.meta
+    flat_params, flat_stats = exported.network(role)
+    model = models.create_model(
+        meta["roles"][role],
+        meta["num_classes"],
+        in_channels=meta["image_shape"][-1],
+        rngs=nnx.Rngs(0),
+    )
+    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    nnx.update(
+        model,
+        fill_like(params, flat_params, f"{role} in {path}"),
+        fill_like(batch_stats, flat_stats, f"{role} in {path}"),
+    )
+    norm = meta["normalization"]
+    mean = jnp.asarray(norm["mean"], jnp.float32) * norm["scale"]
+    std = jnp.asarray(norm["std"], jnp.float32) * norm["scale"]
+
+    @jax.jit
+    def _logits(graph_state, images):
+        net = nnx.merge(graphdef, graph_state)
+        return net((images.astype(jnp.float32) - mean) / std, train=False)[0]
+
+    graphdef, graph_state = nnx.split(model)
+
+    def predict(images) -> jax.Array:
+        return _logits(graph_state, jnp.asarray(images))
+
+    return model, predict, meta
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ffcl_jax.export",
+        description="Write a run's trained student (and teacher) to a standalone .npz file.",
+    )
+    parser.add_argument("--workdir", required=True, help="the run's workdir")
+    parser.add_argument("--output", help="file to write (default WORKDIR/export_stepN.npz)")
+    parser.add_argument("--teacher", action="store_true", help="include the teacher too")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    args = parser.parse_args(argv)
+    roles = ROLES if args.teacher else ("student",)
+    try:
+        output = export_run(args.workdir, args.output, roles, args.step)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(roles)} to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
