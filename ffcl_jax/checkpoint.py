@@ -228,6 +228,12 @@ class RunCheckpoints:
             ) from exc
         return restored["state"]
 
+    def __enter__(self) -> RunCheckpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

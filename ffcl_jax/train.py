@@ -509,16 +509,19 @@ def _start_or_resume(
         for name in checkpoint.existing_outputs(workdir)
         if name != checkpoint.CHECKPOINT_SUBDIR
     ]
-    checkpoints = checkpoint.RunCheckpoints(workdir, config)
-    resume_step = checkpoints.latest_step()
+    resume_step = None
+    if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)):
+        with checkpoint.RunCheckpoints(workdir, config, read_only=True) as existing:
+            resume_step = existing.latest_step()
     if resume_step is None and had_outputs:
-        checkpoints.close()
         raise UserError(
             f"workdir {workdir!r} holds a run ({', '.join(had_outputs)}) but no checkpoint to "
             "resume from (it stopped before its first checkpoint, or an older version wrote it); "
             "pass --fresh to move it aside and start over, or use a new --workdir "
             "(nothing there was changed)"
         )
+    _sync("ffcl_workdir_checked")
+    checkpoints = checkpoint.RunCheckpoints(workdir, config)
     return checkpoints, resume_step, moved
 
 

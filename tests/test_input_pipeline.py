@@ -150,11 +150,30 @@ def test_eval_batches_pad_and_mask_every_example_once():
     assert len(list(ip.eval_batches(images, labels, 10, num_batches=5))) == 5
 
 
-def test_process_shards_are_disjoint_and_equal():
-    images = np.arange(10).reshape(10, 1, 1, 1)
-    shards = [ip.process_shard(images, np.arange(10), i, 3)[1] for i in range(3)]
-    assert [len(s) for s in shards] == [3, 3, 3]
-    assert len(set(np.concatenate(shards))) == 9
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_global_batches_do_not_depend_on_the_number_of_processes(process_count):
+    """Each process's rows of every global batch, augmentation included, are exactly the rows
+    a single process would put there: runs agree for any number of hosts."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (70, 28, 28, 1)).astype(np.uint8)
+    labels = np.arange(70, dtype=np.int32) % 10
+    config = data_config(augment="pad_crop_flip")
+    single = list(ip.TrainData(config, images, labels, 16).epoch(3))
+    per_process = [
+        list(ip.TrainData(config, images, labels, 16, p, process_count).epoch(3))
+        for p in range(process_count)
+    ]
+    assert len(single) == 4 and all(len(batches) == 4 for batches in per_process)
+    for b, batch in enumerate(single):
+        for key in ("image", "label"):
+            joined = np.concatenate([batches[b][key] for batches in per_process])
+            np.testing.assert_array_equal(joined, batch[key])
+    resumed = list(
+        ip.TrainData(config, images, labels, 16, 1, process_count).epoch(3, skip_batches=2)
+    )
+    np.testing.assert_array_equal(resumed[0]["image"], per_process[1][2]["image"])
+    with pytest.raises(UserError, match="multiple of the 3 processes"):
+        ip.TrainData(config, images, labels, 16, 0, 3)
 
 
 def test_tfds_path_with_mock_data():

@@ -180,8 +180,10 @@ def test_no_gradient_into_any_distillation_target():
 @pytest.mark.parametrize(
     "method, overrides, message",
     [
-        ("fml", {}, "unknown method 'fml'; valid methods: independent, dml, ffl, ffcl"),
-        ("kd", {}, "method 'kd' is not available yet"),
+        ("fml", {}, "unknown method 'fml'; valid methods: independent, kd, dml, ffl, ffcl"),
+        ("kd", {"lam_mutual": 1.0}, "the kd preset trains only the student"),
+        ("kd", {"kd_alpha": 1.5}, "loss.kd_alpha must be in [0, 1]"),
+        ("kd", {"train_teacher": True}, "unknown loss setting 'train_teacher'"),
         ("ffcl", {"lam_fusion": 1.0}, "unknown loss setting 'lam_fusion'"),
         ("ffcl", {"lam_feat": -1.0}, "loss.lam_feat must be >= 0"),
         ("ffcl", {"tau": 0.0}, "loss.tau must be > 0"),

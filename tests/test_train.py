@@ -169,11 +169,11 @@ def test_train_and_evaluate_end_to_end(fmnist_dir, tmp_path):
         assert json.load(f)["summary"] == summary
 
 
-def test_a_used_workdir_is_refused_and_left_alone(fmnist_dir, tmp_path):
+def test_a_workdir_with_a_run_but_no_checkpoint_is_refused_and_left_alone(fmnist_dir, tmp_path):
     workdir = tmp_path / "used"
     workdir.mkdir()
     (workdir / "metrics.jsonl").write_text('{"kind": "eval"}\n')
-    with pytest.raises(UserError, match="already holds a run"):
+    with pytest.raises(UserError, match="holds a run .metrics.jsonl. but no checkpoint"):
         train.train_and_evaluate(tiny_config(fmnist_dir), str(workdir))
     assert (workdir / "metrics.jsonl").read_text() == '{"kind": "eval"}\n'
     assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]
@@ -186,7 +186,12 @@ def test_a_used_workdir_is_refused_and_left_alone(fmnist_dir, tmp_path):
         ({"eval_batch_size": 0}, 1, "config.eval_batch_size=0 must be a positive multiple"),
         ({"teacher": "resnet9"}, 1, "unknown model 'resnet9'"),
         ({"dataset": "imagenet"}, 1, "unknown dataset 'imagenet'"),
-        ({"method": "kd"}, 1, "method 'kd' is not available yet"),
+        ({"method": "kd"}, 1, "set --config.teacher_checkpoint to the workdir of a finished"),
+        ({"teacher_checkpoint": "/x"}, 1, "config.teacher_checkpoint is only read by method 'kd'"),
+        ({"best_metric": "fused", "method": "dml"}, 1, "config.best_metric='fused' is not a"),
+        ({"batch_norm": "sync"}, 1, "unknown config.batch_norm 'sync'"),
+        ({"keep_checkpoints": 0}, 1, "config.keep_checkpoints must be >= 1"),
+        ({"checkpoint_every_epochs": 0}, 1, "config.checkpoint_every_epochs must be > 0"),
         ({"compute_dtype": "float16"}, 1, "unknown compute_dtype 'float16'"),
         ({"lr_decay_epochs": (5, 2)}, 1, "lr_decay_epochs must be strictly increasing"),
         ({"lr_decay_epochs": (2, 2)}, 1, "lr_decay_epochs must be strictly increasing"),
@@ -212,13 +217,15 @@ def test_batch_larger_than_the_data_set_fails_clearly():
         input_pipeline.steps_per_epoch(100, 128)
 
 
-def test_non_finite_loss_names_the_step_and_terms(tmp_path):
+def test_non_finite_loss_names_the_first_bad_step_and_its_terms(tmp_path):
+    good = {"loss": 1.0, "ce_student": 1.0, "learning_rate": 0.1}
+    bad = {"loss": float("nan"), "ce_student": 2.0, "learning_rate": 0.1}
     with pytest.raises(UserError) as info:
-        train._check_finite(
-            {"loss": float("nan"), "ce_student": 2.0, "learning_rate": 0.1}, 17, str(tmp_path)
-        )
+        train._summarize_interval([good, bad, bad], 16, str(tmp_path), "step 8")
     message = str(info.value)
     assert "step 17" in message and "ce_student=2" in message and str(tmp_path) in message
+    assert "last good checkpoint (step 8) is kept" in message
+    assert train._summarize_interval([good, good], 16, str(tmp_path), None)["loss"] == 1.0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,70 @@
+"""One process of a (possibly multi-process) CPU training run, for the multi-host test.
+
+    python tests/helpers/multiprocess_run.py PROC NUM_PROCS PORT DEVICES IDX_DIR WORKDIR OUT STEPS
+
+Forces DEVICES CPU devices, joins `jax.distributed` on localhost:PORT when NUM_PROCS > 1,
+trains the tiny test config for STEPS steps (one epoch of STEPS batches of 32), and writes this
+process's own copy of the parameters and BatchNorm statistics at the final checkpoint to OUT
+(.npz), plus the run's results (OUT.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+process_id, num_processes, port, devices = (int(a) for a in sys.argv[1:5])
+idx_dir, workdir, out = sys.argv[5:8]
+steps = int(sys.argv[8])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+if num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"localhost:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=120,
+    )
+
+from ffcl_jax import checkpoint, export, train  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
+
+local_copies = {}
+original_save = checkpoint.RunCheckpoints.save
+
+
+def save(self, step, state, meta, metrics=None):
+    # This process's own replica of every array, as it is in memory when the run saves.
+    local_copies.update(
+        {
+            f"{kind}/{name}": np.asarray(value)
+            for kind in ("params", "batch_stats")
+            for name, value in export.flatten(
+                jax.tree.map(lambda x: x.addressable_data(0), getattr(state, kind))
+            ).items()
+        }
+    )
+    original_save(self, step, state, meta, metrics)
+
+
+checkpoint.RunCheckpoints.save = save
+config = tiny_config(
+    idx_dir, batch_size=32, eval_batch_size=20, num_epochs=1, train_examples=32 * steps
+)
+results = train.train_and_evaluate(config, workdir)
+np.savez(out, **local_copies)
+with open(out + ".json", "w") as f:
+    json.dump(
+        {
+            "history": results["history"],
+            "process_count": jax.process_count(),
+            "device_count": jax.device_count(),
+        },
+        f,
+    )
