@@ -52,7 +52,7 @@ RESUMABLE_KEYS = frozenset(
         "idx_dir",
         "download",
         "eval_batch_size",
-        "mesh.data",
+        "mesh.data",  # with global BatchNorm the device count does not change the maths
     }
 )
 
@@ -77,16 +77,33 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
     """Human-readable differences between a checkpoint's config and `config`, resumable keys
     excepted."""
     before, now = flat_config(saved), flat_config(config)
+    resumable = set(RESUMABLE_KEYS)
+    if now.get("batch_norm") == "per_device":
+        resumable.discard("mesh.data")  # the device count is then part of the normalisation
     return [
         f"{key}={before.get(key)!r} in the checkpoint but {now.get(key)!r} now"
         for key in sorted(set(before) | set(now))
-        if key not in RESUMABLE_KEYS and before.get(key) != now.get(key)
+        if key not in resumable and before.get(key) != now.get(key)
     ]
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return (text.splitlines()[0][:200] if text else "") or type(exc).__name__
+    line = (text.splitlines()[0] if text else "") or type(exc).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _mismatch(exc: BaseException) -> str | None:
+    """For orbax's "tree structures do not match" / shape errors, where they differ first;
+    None for anything else (truncated, garbled or missing files)."""
+    text = str(exc)
+    if "do not match" in text:
+        lines = text.strip().splitlines()
+        where = lines[1].strip().rstrip(":") if len(lines) > 1 else "the tree"
+        return f"its arrays differ from this model's at {where}"
+    if "shape" in text.lower() and "DATA_LOSS" not in text:
+        return _first_line(exc)
+    return None
 
 
 # --------------------------------------------------------------------------- workdirs
@@ -209,10 +226,18 @@ class RunCheckpoints:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )
         except Exception as exc:
+            mismatch = _mismatch(exc)
+            if mismatch:
+                raise UserError(
+                    f"checkpoint step {step} in {self.directory} cannot be restored into the "
+                    f"model this config builds ({mismatch}): it holds another model; use a new "
+                    "--workdir or pass --fresh (nothing was deleted)"
+                ) from exc
             raise UserError(
-                f"checkpoint step {step} in {self.directory} cannot be restored into the model "
-                f"this config builds ({_first_line(exc)}); the checkpoint may be damaged or from "
-                "another model: use a new --workdir or pass --fresh (nothing was deleted)"
+                f"checkpoint step {step} in {self.directory} is damaged (its array files are "
+                f"truncated or garbled: {_first_line(exc)}); move that step's folder out of "
+                f"{self.directory} to resume from an earlier one, or pass --fresh "
+                "(nothing was deleted)"
             ) from exc
         return restored["state"]
 

@@ -131,15 +131,23 @@ def read_export(path: str) -> Exported:
 
 
 def export_run(
-    workdir: str, output: str | None = None, roles=("student",), step: int | None = None
+    workdir: str, output: str | None = None, roles=("student",), step: int | str | None = None
 ) -> str:
-    """Writes `roles` of the run in `workdir` (its latest checkpoint, or `step`) to `output`."""
+    """Writes `roles` of the run in `workdir` to `output`, from checkpoint `step`: a number,
+    "latest" (default) or "best" (the kept checkpoint with the best `config.best_metric`)."""
     from ffcl_jax import checkpoint, input_pipeline
     from ffcl_jax.config_base import base_config
 
     checkpoints, latest = checkpoint.open_finished_run(workdir, base_config())
     try:
-        step = latest if step is None else step
+        if step in (None, "latest"):
+            step = latest
+        elif step == "best":
+            step = checkpoints.manager.best_step()
+            if step is None:
+                raise UserError(f"{checkpoints.directory} has no checkpoint with test metrics")
+        else:
+            step = int(step)
         if step not in checkpoints.manager.all_steps():
             raise UserError(
                 f"no checkpoint step {step} in {checkpoints.directory}; steps there: "
@@ -271,9 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="the run's workdir")
     parser.add_argument("--output", help="file to write (default WORKDIR/export_stepN.npz)")
     parser.add_argument("--teacher", action="store_true", help="include the teacher too")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument(
+        "--step", default="latest", help="checkpoint step: a number, latest (default) or best"
+    )
     args = parser.parse_args(argv)
     roles = ROLES if args.teacher else ("student",)
+    if args.step not in ("latest", "best") and not args.step.isdigit():
+        parser.error(f"--step must be a number, latest or best, not {args.step!r}")
     try:
         output = export_run(args.workdir, args.output, roles, args.step)
     except UserError as exc:

@@ -89,11 +89,25 @@ def main(argv) -> None:
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _exit_now(2, f"error: {exc}")
     except Preempted as exc:
         print(str(exc), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def _exit_now(code: int, message: str) -> None:
+    """Prints `message` as the last line and exits. Everything the run opened is closed by now,
+    but after a failed restore orbax/tensorstore callbacks may still report the same failure from
+    their threads (as "exception ignored" tracebacks); those reports are muted so that the one
+    line that says what to do stays readable."""
+    import logging as std_logging
+    import threading
+
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -211,9 +211,9 @@ def _other_model(workdir) -> None:
 @pytest.mark.parametrize(
     "damage, overrides, message",
     [
-        (_corrupt_arrays, {}, "checkpoint step 4 in"),
+        (_corrupt_arrays, {}, "is damaged (its array files are truncated or garbled"),
         (_old_format, {}, "has checkpoint format 0, this version of ffcl_jax reads format 1"),
-        (_other_model, {"student": "resnet14"}, "cannot be restored into the model"),
+        (_other_model, {"student": "resnet14"}, "differ from this model's at batch_stats.student"),
     ],
 )
 def test_damaged_or_foreign_checkpoints_fail_clearly_and_are_kept(
@@ -228,6 +228,24 @@ def test_damaged_or_foreign_checkpoints_fail_clearly_and_are_kept(
     assert message in str(info.value) and "\n" not in str(info.value)
     assert "--fresh" in str(info.value)
     assert _listing(workdir) == before
+    if damage is _corrupt_arrays:  # the command line says it in one line, and exits with 2
+        proc = run(
+            "--config=configs/fashion_mnist.py",
+            f"--config.idx_dir={fmnist_dir}",
+            "--config.teacher=resnet8",
+            "--config.train_examples=128",
+            "--config.batch_size=32",
+            "--config.eval_batch_size=50",
+            "--config.num_epochs=2",
+            "--config.lr_decay_epochs=(1,)",
+            "--config.log_every_steps=2",
+            "--config.augment=none",
+            f"--workdir={workdir}",
+        )
+        assert proc.returncode == 2
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith("error: checkpoint step 4 in") and message in line
+        assert _listing(workdir) == before
 
 
 def test_fresh_moves_the_old_run_aside(fmnist_dir, tmp_path):
