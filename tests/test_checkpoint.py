@@ -208,6 +208,8 @@ def _other_model(workdir) -> None:
         json.dump(meta, f)
 
 
+# A failed restore leaves orbax's background callbacks to report the same failure again.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
     "damage, overrides, message",
     [
