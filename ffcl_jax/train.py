@@ -716,6 +716,7 @@ def _train_loop(
         last_checkpoint = f"step {step}"
 
     start_epoch, skip = progress["epoch"], progress["batch_in_epoch"]
+    preempted = False
     for epoch in range(start_epoch, config.num_epochs):
         pending: list[dict] = []
         batch_in_epoch = skip if epoch == start_epoch else 0
@@ -777,7 +778,7 @@ def _train_loop(
                 }
         if (epoch + 1) % config.checkpoint_every_epochs == 0 or is_last or new_best:
             save(epoch + 1, 0, row)
-        if watch.reached(step) and not is_last:
+        if preempted and not is_last:  # the notice came with the epoch's last step
             checkpoints.wait()
             log.close()
             raise Preempted(
