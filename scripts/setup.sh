@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian/Ubuntu machine for ffcl_jax: the Fashion-MNIST data set from Debian
-# (dataset-fashion-mnist), a virtual environment in .venv with the package and its test tools,
+# (dataset-fashion-mnist), a virtual environment in .venv with the package, its test tools and
+# the PyTorch reference's torch (CPU wheel),
 # at the versions in constraints.txt. Safe to run again: it skips what is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +22,11 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import ffcl_jax, pytest, ruff" >/dev/null 2>&1 \
+if ! .venv/bin/python -c "import ffcl_jax, pytest, ruff, torch" >/dev/null 2>&1 \
    || [ setup.cfg -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
   echo "setup: installing ffcl_jax and its dependencies into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,torch]"
   touch .venv/.installed
 fi
 echo "setup: ready (.venv, $(ls /usr/share/datasets/fashion-mnist | wc -l) Fashion-MNIST files)"

@@ -1,0 +1,128 @@
+"""Every FFCL loss term and the cohort objective in PyTorch, from FFCL_METHOD.md section 3.
+
+`settings` is a plain mapping with the keys of `ffcl_jax.methods.LossSettings` (a preset's
+values), so both implementations read the same configuration.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _f32(x):
+    """At least float32: half-precision logits are upcast, float64 (parity tests) is kept."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def kl_distill(student_logits, target_logits, tau: float):
+    """tau^2 * mean_batch sum_classes q (log q - log p), q from the detached target."""
+    target_log_probs = F.log_softmax(_f32(target_logits.detach()) / tau, dim=-1)
+    student_log_probs = F.log_softmax(_f32(student_logits) / tau, dim=-1)
+    per_example = (target_log_probs.exp() * (target_log_probs - student_log_probs)).sum(-1)
+    return tau**2 * per_example.mean()
+
+
+def attention_map(feature_map):
+    energy = _f32(feature_map).pow(2).mean(dim=1).flatten(1)
+    return F.normalize(energy, dim=1)
+
+
+def _pool_to(x, size):
+    h, w = x.shape[2:]
+    return x if (h, w) == size else F.avg_pool2d(x, (h // size[0], w // size[1]))
+
+
+def attention_distance(student_map, teacher_map):
+    size = (
+        min(student_map.shape[2], teacher_map.shape[2]),
+        min(student_map.shape[3], teacher_map.shape[3]),
+    )
+    a_s = attention_map(_pool_to(student_map, size))
+    a_t = attention_map(_pool_to(teacher_map, size)).detach()
+    return (a_s - a_t).pow(2).sum(-1).mean()
+
+
+def virtual_teacher_target(labels, num_classes: int, correct_prob: float, temperature: float):
+    wrong = (1.0 - correct_prob) / (num_classes - 1)
+    p_d = torch.full((labels.shape[0], num_classes), wrong)
+    p_d[torch.arange(labels.shape[0]), labels] = correct_prob
+    return F.softmax(p_d / temperature, dim=-1)
+
+
+def label_smoothing_target(labels, num_classes: int, epsilon: float):
+    one_hot = F.one_hot(labels, num_classes).float()
+    return one_hot * (1 - epsilon) + epsilon / num_classes
+
+
+def fixed_target_kl(logits, target):
+    log_probs = F.log_softmax(_f32(logits), dim=-1)
+    return F.kl_div(log_probs, target.to(log_probs.dtype), reduction="batchmean")
+
+
+def rampup_weight(epoch: int, rampup_epochs: float) -> float:
+    if rampup_epochs <= 0:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - min(epoch, rampup_epochs) / rampup_epochs) ** 2)
+
+
+def cohort_objective(outputs, labels, settings, epoch: int, num_classes: int):
+    """(total, terms): the same decomposition as `ffcl_jax.methods.cohort_objective`."""
+    s = settings
+    z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
+    z_f = outputs.get("fused_logits")
+    tau = s["tau"]
+    if not s["train_teacher"]:
+        terms = {
+            "ce_student": F.cross_entropy(_f32(z_s), labels),
+            "kl_teacher_to_student": kl_distill(z_s, z_t, tau),
+        }
+        alpha = s["kd_alpha"]
+        return (1 - alpha) * terms["ce_student"] + alpha * terms["kl_teacher_to_student"], terms
+    terms = {
+        "ce_teacher": F.cross_entropy(_f32(z_t), labels),
+        "ce_student": F.cross_entropy(_f32(z_s), labels),
+    }
+    if s["use_fusion"]:
+        terms["ce_fused"] = F.cross_entropy(_f32(z_f), labels)
+    supervised = sum(terms.values())
+    distill = torch.zeros(())
+    if s["lam_fuse"]:
+        terms["kl_fused_to_peers"] = kl_distill(z_t, z_f, tau) + kl_distill(z_s, z_f, tau)
+        distill = distill + s["lam_fuse"] * terms["kl_fused_to_peers"]
+    if s["lam_ens"]:
+        ensemble = (_f32(z_t) + _f32(z_s)) / 2
+        terms["kl_ensemble_to_fused"] = kl_distill(z_f, ensemble, tau)
+        distill = distill + s["lam_ens"] * terms["kl_ensemble_to_fused"]
+    if s["lam_mutual"]:
+        terms["kl_mutual"] = kl_distill(z_s, z_t, tau) + kl_distill(z_t, z_s, tau)
+        distill = distill + s["lam_mutual"] * terms["kl_mutual"]
+    if s["lam_feat"]:
+        f_s, f_t = outputs["student_features"], outputs["teacher_features"]
+        stages = s["feat_stages"]
+        if stages is None:
+            stages = range(min(len(f_s), len(f_t)))
+        feat = torch.zeros(())
+        for stage in stages:
+            feat = feat + attention_distance(f_s[stage], f_t[stage])
+            if s["feat_direction"] == "mutual":
+                feat = feat + attention_distance(f_t[stage], f_s[stage])
+        terms["feat"] = feat
+        distill = distill + s["lam_feat"] * feat
+    regularization = torch.zeros(())
+    if s["lam_reg"] and s["regularizer"] != "none":
+        if s["regularizer"] == "virtual_teacher":
+            target = virtual_teacher_target(
+                labels, num_classes, s["reg_correct_prob"], s["reg_temperature"]
+            )
+        else:
+            target = label_smoothing_target(labels, num_classes, s["label_smoothing"])
+        reg_logits = [z_t, z_s] + ([z_f] if s["use_fusion"] else [])
+        terms["reg"] = sum(fixed_target_kl(z, target) for z in reg_logits)
+        regularization = s["lam_reg"] * terms["reg"]
+    ramp = rampup_weight(epoch, s["rampup_epochs"])
+    total = supervised + ramp * distill + regularization
+    terms["rampup_weight"] = torch.tensor(ramp)
+    return total, terms

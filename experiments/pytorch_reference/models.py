@@ -1,0 +1,208 @@
+"""The model zoo, the fusion module and the cohort in PyTorch (NCHW).
+
+Same architectures as `ffcl_jax.models` (RepDistiller's CIFAR ResNets and WRNs, FFCL_METHOD.md's
+fusion module), with the same attribute names, so a Flax parameter `stages/1/0/conv1/kernel` is
+the PyTorch tensor `stages.1.0.conv1.weight`. Initialisation is the PyTorch zoos' (He-normal
+fan-out convolutions, BatchNorm 1/0, default `nn.Linear`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    layer = nn.Conv2d(
+        in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False
+    )
+    nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+    return layer
+
+
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, momentum=0.1, eps=1e-5)
+
+
+def build_stages(block, in_ch: int, widths, blocks_per_stage: int):
+    stages = nn.ModuleList()
+    for stage_index, width in enumerate(widths):
+        blocks = nn.ModuleList()
+        for block_index in range(blocks_per_stage):
+            stride = 2 if stage_index > 0 and block_index == 0 else 1
+            blocks.append(block(in_ch, width, stride))
+            in_ch = width
+        stages.append(blocks)
+    return stages, in_ch
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv1 = conv(in_ch, out_ch, 3, stride)
+        self.bn1 = batch_norm(out_ch)
+        self.conv2 = conv(out_ch, out_ch, 3, 1)
+        self.bn2 = batch_norm(out_ch)
+        self.has_shortcut = stride != 1 or in_ch != out_ch
+        if self.has_shortcut:
+            self.shortcut_conv = conv(in_ch, out_ch, 1, stride)
+            self.shortcut_bn = batch_norm(out_ch)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        if self.has_shortcut:
+            x = self.shortcut_bn(self.shortcut_conv(x))
+        return F.relu(x + y)
+
+
+class CifarResNet(nn.Module):
+    """Returns `(logits, [stage_1, stage_2, stage_3])`."""
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        in_channels: int = 3,
+        stem_channels: int = 16,
+        widths=(16, 32, 64),
+    ):
+        super().__init__()
+        blocks_per_stage = (depth - 2) // 6
+        self.stage_channels = tuple(widths)
+        self.stem_conv = conv(in_channels, stem_channels, 3)
+        self.stem_bn = batch_norm(stem_channels)
+        self.stages, in_ch = build_stages(BasicBlock, stem_channels, widths, blocks_per_stage)
+        self.classifier = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem_conv(x)))
+        features = []
+        for stage in self.stages:
+            for block in stage:
+                x = block(x)
+            features.append(x)
+        return self.classifier(x.mean(dim=(2, 3))), features
+
+
+class WideBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.bn1 = batch_norm(in_ch)
+        self.conv1 = conv(in_ch, out_ch, 3, stride)
+        self.bn2 = batch_norm(out_ch)
+        self.conv2 = conv(out_ch, out_ch, 3, 1)
+        self.equal_in_out = in_ch == out_ch and stride == 1
+        if not self.equal_in_out:
+            self.shortcut_conv = conv(in_ch, out_ch, 1, stride)
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x))
+        y = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        return (x if self.equal_in_out else self.shortcut_conv(pre)) + y
+
+
+class WideResNet(nn.Module):
+    """Returns `(logits, [stage_1, stage_2, relu(bn(stage_3))])`."""
+
+    def __init__(self, depth: int, widen_factor: int, num_classes: int, in_channels: int = 3):
+        super().__init__()
+        blocks_per_stage = (depth - 4) // 6
+        widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.stage_channels = widths
+        self.stem_conv = conv(in_channels, 16, 3)
+        self.stages, in_ch = build_stages(WideBlock, 16, widths, blocks_per_stage)
+        self.final_bn = batch_norm(in_ch)
+        self.classifier = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x):
+        x = self.stem_conv(x)
+        features = []
+        for stage in self.stages:
+            for block in stage:
+                x = block(x)
+            features.append(x)
+        x = F.relu(self.final_bn(x))
+        features[-1] = x
+        return self.classifier(x.mean(dim=(2, 3))), features
+
+
+_X4 = dict(stem_channels=32, widths=(64, 128, 256))
+MODELS = {
+    **{f"resnet{d}": functools.partial(CifarResNet, d) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": functools.partial(CifarResNet, 8, **_X4),
+    "resnet32x4": functools.partial(CifarResNet, 32, **_X4),
+    "wrn_16_1": functools.partial(WideResNet, 16, 1),
+    "wrn_16_2": functools.partial(WideResNet, 16, 2),
+    "wrn_40_1": functools.partial(WideResNet, 40, 1),
+    "wrn_40_2": functools.partial(WideResNet, 40, 2),
+    "wrn_28_10": functools.partial(WideResNet, 28, 10),
+}
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
+    return MODELS[name](num_classes, in_channels=in_channels)
+
+
+def avg_pool_to(x, size):
+    h, w = x.shape[2:]
+    if (h, w) == tuple(size):
+        return x
+    return F.avg_pool2d(x, (h // size[0], w // size[1]))
+
+
+class FusionModule(nn.Module):
+    def __init__(self, teacher_channels, student_channels, num_classes, fused_channels=None):
+        super().__init__()
+        concat = teacher_channels + student_channels
+        fused_channels = fused_channels or student_channels
+        self.depthwise = conv(concat, concat, 3, groups=concat)
+        self.depthwise_bn = batch_norm(concat)
+        self.pointwise = conv(concat, fused_channels, 1)
+        self.pointwise_bn = batch_norm(fused_channels)
+        self.classifier = nn.Linear(fused_channels, num_classes)
+
+    def forward(self, teacher_map, student_map):
+        size = (
+            min(teacher_map.shape[2], student_map.shape[2]),
+            min(teacher_map.shape[3], student_map.shape[3]),
+        )
+        x = torch.cat([avg_pool_to(teacher_map, size), avg_pool_to(student_map, size)], dim=1)
+        x = F.relu(self.depthwise_bn(self.depthwise(x)))
+        x = F.relu(self.pointwise_bn(self.pointwise(x)))
+        return self.classifier(x.mean(dim=(2, 3)))
+
+
+class Cohort(nn.Module):
+    """Teacher, student and (optionally) the fusion module; the same outputs as the JAX one."""
+
+    def __init__(self, teacher, student, fusion=None):
+        super().__init__()
+        self.teacher, self.student, self.fusion = teacher, student, fusion
+
+    def forward(self, images):
+        teacher_logits, teacher_features = self.teacher(images)
+        student_logits, student_features = self.student(images)
+        out = dict(
+            teacher_logits=teacher_logits,
+            student_logits=student_logits,
+            teacher_features=teacher_features,
+            student_features=student_features,
+        )
+        if self.fusion is not None:
+            out["fused_logits"] = self.fusion(teacher_features[-1], student_features[-1])
+        return out
+
+
+def create_cohort(teacher, student, num_classes, in_channels=3, use_fusion=True, fused=None):
+    t = create_model(teacher, num_classes, in_channels)
+    s = create_model(student, num_classes, in_channels)
+    fusion = None
+    if use_fusion:
+        fusion = FusionModule(t.stage_channels[-1], s.stage_channels[-1], num_classes, fused)
+    return Cohort(t, s, fusion)

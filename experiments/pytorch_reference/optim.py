@@ -1,0 +1,25 @@
+"""SGD (Nesterov) with per-role weight decay and an epoch-based multistep schedule, in PyTorch."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_optimizer(cohort, config, steps_per_epoch: int, train_teacher: bool = True):
+    """`torch.optim.SGD` with `weight_decay` on the networks and `fusion_weight_decay` on the
+    fusion module, and a `MultiStepLR` stepped once per training step (milestones in steps)."""
+    networks, fusion = [], []
+    for name, param in cohort.named_parameters():
+        if name.startswith("teacher.") and not train_teacher:
+            param.requires_grad_(False)
+            continue
+        (fusion if name.startswith("fusion.") else networks).append(param)
+    groups = [{"params": networks, "weight_decay": config.weight_decay}]
+    if fusion:
+        groups.append({"params": fusion, "weight_decay": config.fusion_weight_decay})
+    optimizer = torch.optim.SGD(
+        groups, lr=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov
+    )
+    milestones = [int(epoch * steps_per_epoch) for epoch in config.lr_decay_epochs]
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, config.lr_decay_factor)
+    return optimizer, schedule
