@@ -1,0 +1,164 @@
+"""Train/eval loop of the PyTorch reference: the same configs, data, presets and outputs.
+
+    python -m experiments.pytorch_reference.train --config=configs/fashion_mnist.py --workdir=DIR
+
+Reads a config of `configs/` (every `--config.key=value` override works), the same splits
+(`ffcl_jax.input_pipeline.load_split`: numpy arrays), and writes `results.json` with the same
+`history` / `summary` layout as the JAX trainer, plus `metrics.jsonl`. Augmentation is done in
+torch (pad, random crop, horizontal flip; a `torch.Generator` seeded per epoch), no torchvision.
+Runs on the CPU, or on CUDA when available (`--device`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.pytorch_reference import losses, models, optim
+from ffcl_jax import input_pipeline, report
+from ffcl_jax.methods import resolve_loss_settings
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (results.json, metrics.jsonl).")
+_DEVICE = flags.DEFINE_string("device", "cuda" if torch.cuda.is_available() else "cpu", "")
+
+
+def augment(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
+    """Pad + random crop (+ flip) of a uint8 NCHW batch, per example."""
+    if config.augment == "none":
+        return images
+    n, _, h, w = images.shape
+    pad = int(config.pad)
+    mode = "reflect" if config.pad_mode == "reflect" else "constant"
+    padded = F.pad(images.float(), (pad, pad, pad, pad), mode=mode)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    batch = torch.arange(n)[:, None, None, None]
+    channels = torch.arange(images.shape[1])[None, :, None, None]
+    out = padded[batch, channels, rows, cols]
+    if config.augment == "pad_crop_flip":
+        flip = torch.rand(n, generator=generator) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+def normalize(images: torch.Tensor, info) -> torch.Tensor:
+    mean = torch.tensor(info.mean, dtype=torch.float32)[None, :, None, None] * 255
+    std = torch.tensor(info.std, dtype=torch.float32)[None, :, None, None] * 255
+    return (images.float() - mean.to(images.device)) / std.to(images.device)
+
+
+def evaluate(cohort, images, labels, info, device, batch_size) -> dict[str, float]:
+    cohort.eval()
+    correct = {"teacher": 0, "student": 0, "ensemble": 0, "fused": 0}
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
+            y = torch.from_numpy(labels[start : start + batch_size]).long().to(device)
+            out = cohort(normalize(x.to(device), info))
+            logits = {
+                "teacher": out["teacher_logits"],
+                "student": out["student_logits"],
+                "ensemble": (out["teacher_logits"] + out["student_logits"]) / 2,
+            }
+            if "fused_logits" in out:
+                logits["fused"] = out["fused_logits"]
+            for name, z in logits.items():
+                correct[name] += int((z.argmax(-1) == y).sum())
+    if cohort.fusion is None:
+        correct.pop("fused")
+    return {k: v / len(images) for k, v in correct.items()}
+
+
+def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
+    torch.manual_seed(config.seed)
+    settings = resolve_loss_settings(config.method, dict(config.loss))
+    if not settings.train_teacher:
+        raise ValueError("the reference trains independent, dml, ffl and ffcl, not kd")
+    info = input_pipeline.dataset_info(config.dataset)
+    train_images, train_labels = input_pipeline.load_split(config, "train")
+    test_images, test_labels = input_pipeline.load_split(config, "test")
+    cohort = models.create_cohort(
+        config.teacher,
+        config.student,
+        info.num_classes,
+        in_channels=info.image_shape[-1],
+        use_fusion=settings.use_fusion,
+        fused=config.fusion_channels,
+    ).to(device)
+    spe = len(train_images) // config.batch_size
+    optimizer, schedule = optim.make_optimizer(cohort, config, spe)
+    os.makedirs(workdir, exist_ok=True)
+    images_nchw = torch.from_numpy(train_images).permute(0, 3, 1, 2).contiguous()
+    labels_all = torch.from_numpy(train_labels).long()
+    settings_dict = dataclasses.asdict(settings)
+    history, start, step = [], time.time(), 0
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as log:
+        for epoch in range(config.num_epochs):
+            cohort.train()
+            generator = torch.Generator().manual_seed(int(config.seed) * 1_000_003 + epoch)
+            order = torch.randperm(len(images_nchw), generator=generator)
+            for b in range(spe):
+                index = order[b * config.batch_size : (b + 1) * config.batch_size]
+                x = augment(images_nchw[index], config, generator)
+                y = labels_all[index].to(device)
+                out = cohort(normalize(x.to(device), info))
+                total, terms = losses.cohort_objective(
+                    out, y, settings_dict, epoch, info.num_classes
+                )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+                if step % config.log_every_steps == 0:
+                    row = {"kind": "train", "step": step, "epoch": epoch + 1}
+                    row.update({k: float(v) for k, v in terms.items()}, loss=float(total))
+                    log.write(json.dumps(row) + "\n")
+            if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
+                accuracy = evaluate(
+                    cohort, test_images, test_labels, info, device, config.eval_batch_size
+                )
+                row = {"epoch": epoch + 1, "step": step, **accuracy}
+                history.append(row)
+                log.write(json.dumps({"kind": "eval", **row}) + "\n")
+                log.flush()
+                print(
+                    f"epoch {epoch + 1}/{config.num_epochs} test top-1: "
+                    + " ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items()),
+                    flush=True,
+                )
+    results = {
+        "implementation": "pytorch_reference",
+        "config": json.loads(config.to_json_best_effort()),
+        "wall_seconds": time.time() - start,
+        "history": history,
+        "summary": report.summarize(history),
+        "command": " ".join(["python -m experiments.pytorch_reference.train", *sys.argv[1:]]),
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(report.format_table(results["summary"]))
+    return results
+
+
+def main(argv):
+    del argv
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    torch.set_num_threads(os.cpu_count() or 1)
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DEVICE.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
