@@ -96,17 +96,25 @@ def main(argv) -> None:
 
 
 def _exit_now(code: int, message: str) -> None:
-    """Prints `message` as the last line and exits. Everything the run opened is closed by now,
-    but after a failed restore orbax/tensorstore callbacks may still report the same failure from
-    their threads (as "exception ignored" tracebacks); those reports are muted so that the one
-    line that says what to do stays readable."""
-    import logging as std_logging
-    import threading
+    """Prints `message` as the last line of stderr and exits.
 
-    sys.unraisablehook = lambda unraisable: None
-    threading.excepthook = lambda args: None
-    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
-    print(message, file=sys.stderr, flush=True)
+    After a failed checkpoint restore, tensorstore callbacks may still print tracebacks of the
+    same failure from their threads for a moment (see `checkpoint.mute_background_reports`);
+    they are given that moment, then stderr is closed to them, so the line that says what to do
+    always comes last.
+    """
+    import time
+
+    from ffcl_jax.checkpoint import mute_background_reports
+
+    mute_background_reports()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(0.3)
+    stderr_copy = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.write(stderr_copy, (message + "\n").encode())
     sys.exit(code)
 
 
