@@ -47,7 +47,7 @@ def _calibrated_batch_stats(graphdef, params, batch_stats, images):
 
 
 def _to_nchw(x) -> torch.Tensor:
-    nchw = np.ascontiguousarray(np.transpose(np.asarray(x), (0, 3, 1, 2)))
+    nchw = np.array(np.transpose(np.asarray(x), (0, 3, 1, 2)))  # a writable copy
     return torch.from_numpy(nchw).double()
 
 
@@ -151,9 +151,9 @@ def test_ffcl_pair_loss_terms_and_gradients_match_pytorch():
     assert set(terms) == set(torch_terms)
     for key in terms:
         np.testing.assert_allclose(
-            float(terms[key]), float(torch_terms[key]), rtol=1e-5, atol=1e-7, err_msg=key
+            float(terms[key]), float(torch_terms[key].detach()), rtol=1e-5, atol=1e-7, err_msg=key
         )
-    np.testing.assert_allclose(float(total), float(torch_total), rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(torch_total.detach()), rtol=1e-5)
     # Gradients: within 1e-5 of each tensor's largest entry (observed: about 1e-6).
     for role in ("teacher", "student", "fusion"):
         jax_grads = convert.to_torch_state_dict(grads[role], batch_stats[role], as_numpy=True)
