@@ -199,10 +199,8 @@ def load_network(path: str, role: str, config, like) -> tuple[Any, Any, str]:
     model = config[role]
     if os.path.isfile(path):
         exported = read_export(path)
-        saved_model, dataset = exported.meta["roles"].get(role), exported.meta["dataset"]
-        if saved_model is None:
-            exported.network(role)  # raises, naming what the file holds
-        flat_params, flat_stats = exported.network(role)
+        flat_params, flat_stats = exported.network(role)  # raises, naming what the file holds
+        saved_model, dataset = exported.meta["roles"][role], exported.meta["dataset"]
         source = f"export {path} (step {exported.meta['step']})"
     else:
         checkpoints, step = checkpoint.open_finished_run(path, config)

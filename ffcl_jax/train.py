@@ -715,6 +715,14 @@ def _train_loop(
         checkpoints.save(step, state, meta, metrics)
         last_checkpoint = f"step {step}"
 
+    def stop_preempted(when: str) -> None:
+        checkpoints.wait()
+        log.close()
+        raise Preempted(
+            f"preempted {when}: checkpoint step {step} is in {checkpoints.directory}; "
+            "run the same command again to resume"
+        )
+
     start_epoch, skip = progress["epoch"], progress["batch_in_epoch"]
     preempted = False
     for epoch in range(start_epoch, config.num_epochs):
@@ -751,12 +759,7 @@ def _train_loop(
                 interval_first = step + 1
             if preempted and batch_in_epoch < spe:
                 save(epoch, batch_in_epoch, None)
-                checkpoints.wait()
-                log.close()
-                raise Preempted(
-                    f"preempted at step {step}: saved a checkpoint in {checkpoints.directory}; "
-                    "run the same command again to resume"
-                )
+                stop_preempted(f"at step {step}")
         is_last = epoch + 1 == config.num_epochs
         row = None
         if (epoch + 1) % config.eval_every_epochs == 0 or is_last:
@@ -779,12 +782,7 @@ def _train_loop(
         if (epoch + 1) % config.checkpoint_every_epochs == 0 or is_last or new_best:
             save(epoch + 1, 0, row)
         if preempted and not is_last:  # the notice came with the epoch's last step
-            checkpoints.wait()
-            log.close()
-            raise Preempted(
-                f"preempted after epoch {epoch + 1}: checkpoint step {step} is in "
-                f"{checkpoints.directory}; run the same command again to resume"
-            )
+            stop_preempted(f"after epoch {epoch + 1}")
 
     checkpoints.wait()
     add_wall_time()

@@ -112,15 +112,20 @@ def test_zoo_model_logits_match_pytorch(name):
 PAIR = ("wrn_16_2", "resnet8")  # different families and widths: 128 + 64 fused channels
 
 
-def _pair(settings):
-    cohort = models.create_cohort(*PAIR, 10, in_channels=1, use_fusion=settings.use_fusion, seed=3)
-    graphdef, params, batch_stats = nnx.split(cohort, nnx.Param, nnx.BatchStat)
+def _reference_pair(params, batch_stats):
+    """The PyTorch FFCL pair with the cohort's converted weights, in float64."""
     reference = torch_models.create_cohort(*PAIR, 10, in_channels=1, use_fusion=True)
     for role in ("teacher", "student", "fusion"):
         getattr(reference, role).load_state_dict(
             convert.to_torch_state_dict(params[role], batch_stats[role]), strict=True
         )
-    return graphdef, params, batch_stats, reference.double()
+    return reference.double()
+
+
+def _pair(settings):
+    cohort = models.create_cohort(*PAIR, 10, in_channels=1, use_fusion=settings.use_fusion, seed=3)
+    graphdef, params, batch_stats = nnx.split(cohort, nnx.Param, nnx.BatchStat)
+    return graphdef, params, batch_stats, _reference_pair(params, batch_stats)
 
 
 def test_ffcl_pair_loss_terms_and_gradients_match_pytorch():
@@ -186,12 +191,7 @@ def test_three_optimizer_steps_match_pytorch(fmnist_dir):
     setup, state = train.build(config, settings, steps_per_epoch)
 
     def reference_cohort(params, batch_stats):
-        cohort = torch_models.create_cohort(*PAIR, 10, in_channels=1, use_fusion=True)
-        for role in ("teacher", "student", "fusion"):
-            getattr(cohort, role).load_state_dict(
-                convert.to_torch_state_dict(params[role], batch_stats[role]), strict=True
-            )
-        cohort.double()
+        cohort = _reference_pair(params, batch_stats)
         optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch)
         return cohort, optimizer, schedule
 
