@@ -26,10 +26,6 @@ from experiments.pytorch_reference import losses, models, optim
 from ffcl_jax import input_pipeline, report
 from ffcl_jax.methods import resolve_loss_settings
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (results.json, metrics.jsonl).")
-_DEVICE = flags.DEFINE_string("device", "cuda" if torch.cuda.is_available() else "cpu", "")
-
 
 def augment(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
     """Pad + random crop (+ flip) of a uint8 NCHW batch, per example."""
@@ -152,13 +148,22 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
     return results
 
 
-def main(argv):
-    del argv
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    torch.set_num_threads(os.cpu_count() or 1)
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DEVICE.value)
+def main() -> None:
+    # Flags are defined here, not at import: importing this module (tests do) next to
+    # `ffcl_jax.main`, which defines `--config` too, must not clash.
+    config = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
+    workdir = flags.DEFINE_string("workdir", None, "Output folder (results.json, metrics.jsonl).")
+    device = flags.DEFINE_string("device", "cuda" if torch.cuda.is_available() else "cpu", "")
+
+    def run(argv):
+        del argv
+        if not workdir.value:
+            raise app.UsageError("--workdir is required")
+        torch.set_num_threads(os.cpu_count() or 1)
+        train_and_evaluate(config.value, workdir.value, device.value)
+
+    app.run(run)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
