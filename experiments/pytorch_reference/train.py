@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from absl import app, flags
@@ -59,8 +60,8 @@ def evaluate(cohort, images, labels, info, device, batch_size) -> dict[str, floa
     correct = {"teacher": 0, "student": 0, "ensemble": 0, "fused": 0}
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
-            y = torch.from_numpy(labels[start : start + batch_size]).long().to(device)
+            x = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
+            y = torch.from_numpy(np.array(labels[start : start + batch_size])).long().to(device)
             out = cohort(normalize(x.to(device), info))
             logits = {
                 "teacher": out["teacher_logits"],
@@ -95,8 +96,8 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
     spe = len(train_images) // config.batch_size
     optimizer, schedule = optim.make_optimizer(cohort, config, spe)
     os.makedirs(workdir, exist_ok=True)
-    images_nchw = torch.from_numpy(train_images).permute(0, 3, 1, 2).contiguous()
-    labels_all = torch.from_numpy(train_labels).long()
+    images_nchw = torch.from_numpy(np.array(train_images)).permute(0, 3, 1, 2).contiguous()
+    labels_all = torch.from_numpy(np.array(train_labels)).long()
     settings_dict = dataclasses.asdict(settings)
     history, start, step = [], time.time(), 0
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as log:
@@ -119,7 +120,8 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
                 step += 1
                 if step % config.log_every_steps == 0:
                     row = {"kind": "train", "step": step, "epoch": epoch + 1}
-                    row.update({k: float(v) for k, v in terms.items()}, loss=float(total))
+                    row.update({k: float(v.detach()) for k, v in terms.items()})
+                    row["loss"] = float(total.detach())
                     log.write(json.dumps(row) + "\n")
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
                 accuracy = evaluate(

@@ -1,0 +1,371 @@
+"""The method comparison and ablation table on Fashion-MNIST, JAX and PyTorch side by side.
+
+    python experiments/run_table.py                     # every run still missing, then the table
+    python experiments/run_table.py --seeds=0 --runs=ffcl,independent,kd
+    python experiments/run_table.py --report_only       # only rewrite the table from finished runs
+
+Each run is one subprocess (`python -m ffcl_jax.main ...` or the PyTorch reference), in its own
+workdir under `--root`. A run whose workdir holds `results.json` is finished and skipped; an
+interrupted JAX run resumes from its checkpoint when started again (a PyTorch reference run
+starts over). SIGTERM (or Ctrl-C) stops the current run the way a preemption does (it saves a
+checkpoint) and still writes the table of what finished.
+
+Writes `<output>.json` (every run: command, wall time, per-epoch and summary accuracies),
+`<output>.md` (mean +- std over seeds, pending runs marked) and `<output>_student.png` (student
+test top-1 per epoch, mean over seeds), and copies each finished run's `results.json` and
+`metrics.jsonl` to `<output>_runs/<run>/`, so the table can be checked against the raw logs.
+Runs are ordered: the method comparison (both frameworks) seed by seed, then the ablations seed
+by seed, so that an interrupted grid has whole seeds of the most important rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ("student", "teacher", "fused", "ensemble")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One row of the table: a method (or an ffcl ablation) in one framework."""
+
+    name: str
+    framework: str  # "jax" or "pytorch"
+    overrides: tuple[str, ...]
+    description: str
+    needs: str | None = None  # kd: the run whose teacher it distils (same seed)
+    ablation: bool = False  # ablations run after every seed of the method comparison
+
+
+RUNS = (
+    Run("independent", "jax", ("method=independent",), "T and S trained separately (CE only)"),
+    Run(
+        "kd",
+        "jax",
+        ("method=kd",),
+        "Hinton KD (a 0.9, tau 4) from the frozen teacher of `independent`, same seed",
+        needs="independent",
+    ),
+    Run("dml", "jax", ("method=dml",), "Deep Mutual Learning"),
+    Run("ffl", "jax", ("method=ffl",), "Feature Fusion Learning"),
+    Run("ffcl", "jax", ("method=ffcl",), "FFCL, every term"),
+    *(
+        Run(f"ffcl-{part}", "jax", ("method=ffcl", override), f"FFCL without {what}", ablation=True)
+        for part, override, what in (
+            ("fusion", "loss.lam_fuse=0", "fused->peers KL"),
+            ("ensemble", "loss.lam_ens=0", "ensemble->fused KL"),
+            ("mutual", "loss.lam_mutual=0", "mutual KL"),
+            ("feature", "loss.lam_feat=0", "feature (attention) terms"),
+            ("regularizer", "loss.regularizer=none", "the regularizer"),
+        )
+    ),
+    Run("independent", "pytorch", ("method=independent",), "PyTorch reference, independent"),
+    Run("ffcl", "pytorch", ("method=ffcl",), "PyTorch reference, FFCL"),
+)
+
+
+def run_id(run: Run, seed: int) -> str:
+    return f"{run.framework}_{run.name}_seed{seed}"
+
+
+def find_run(name: str, framework: str) -> Run:
+    return next(r for r in RUNS if r.name == name and r.framework == framework)
+
+
+def command(run: Run, seed: int, args) -> list[str]:
+    module = "ffcl_jax.main" if run.framework == "jax" else "experiments.pytorch_reference.train"
+    argv = [
+        sys.executable,
+        "-m",
+        module,
+        f"--config={args.config}",
+        f"--workdir={os.path.join(args.root, run_id(run, seed))}",
+        f"--config.seed={seed}",
+    ]
+    argv += [f"--config.{o}" for o in run.overrides]
+    if run.needs:
+        teacher_run = find_run(run.needs, run.framework)
+        argv.append(
+            f"--config.teacher_checkpoint={os.path.join(args.root, run_id(teacher_run, seed))}"
+        )
+    return argv + [f"--config.{o}" for o in args.extra]
+
+
+def shown_command(run: Run, seed: int, args) -> str:
+    """The command as a user types it in the repository root (paths under it made relative)."""
+    words = ["python", *command(run, seed, args)[1:]]
+    return " ".join(w.replace(ROOT + os.sep, "") for w in words)
+
+
+def started_at(run: Run, seed: int, args) -> dict:
+    """What the driver wrote when it (last) started the run: command, commit, time."""
+    path = os.path.join(args.root, run_id(run, seed), "table_run.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def finished(run: Run, seed: int, args) -> dict | None:
+    path = os.path.join(args.root, run_id(run, seed), "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+class Stop(Exception):
+    """SIGTERM or Ctrl-C reached the table driver."""
+
+
+def execute(run: Run, seed: int, args, child: dict) -> None:
+    argv = command(run, seed, args)
+    workdir = os.path.join(args.root, run_id(run, seed))
+    if run.framework == "pytorch" and os.path.exists(workdir):
+        shutil.rmtree(workdir)  # the reference has no checkpoints: an unfinished run restarts
+    os.makedirs(workdir, exist_ok=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    with open(os.path.join(workdir, "table_run.json"), "w") as f:
+        json.dump(
+            {
+                "command": shown_command(run, seed, args),
+                "commit": commit,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            },
+            f,
+        )
+    print(f"== {run_id(run, seed)}: {shown_command(run, seed, args)}", flush=True)
+    started = time.time()
+    child["process"] = subprocess.Popen(argv, cwd=ROOT)
+    code = child["process"].wait()
+    child["process"] = None
+    if code in (143, -signal.SIGTERM, -signal.SIGINT, 130):
+        raise Stop()
+    if code != 0:
+        raise SystemExit(f"{run_id(run, seed)} failed with exit code {code}; see its output above")
+    print(f"== {run_id(run, seed)} done in {time.time() - started:.0f} s", flush=True)
+
+
+def collect(args) -> list[dict]:
+    """Every finished run as one record (and copies of its results and metrics log)."""
+    records = []
+    for seed in args.all_seeds:
+        for run in RUNS:
+            results = finished(run, seed, args)
+            if results is None:
+                continue
+            rid = run_id(run, seed)
+            copy_dir = f"{args.output}_runs/{rid}"
+            os.makedirs(copy_dir, exist_ok=True)
+            for name in ("results.json", "metrics.jsonl"):
+                src = os.path.join(args.root, rid, name)
+                if os.path.exists(src):
+                    shutil.copyfile(src, os.path.join(copy_dir, name))
+            records.append(
+                {
+                    "run": rid,
+                    "method": run.name,
+                    "framework": run.framework,
+                    "seed": seed,
+                    "command": shown_command(run, seed, args),
+                    "commit": started_at(run, seed, args).get("commit"),
+                    "wall_seconds": results.get("wall_seconds"),
+                    "train_img_per_sec": results.get("train_img_per_sec"),
+                    "history": results["history"],
+                    "summary": results["summary"],
+                }
+            )
+    return records
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "pending"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f} (1 seed)"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def aggregate(records: list[dict], args) -> list[dict]:
+    rows = []
+    for run in RUNS:
+        mine = [r for r in records if r["method"] == run.name and r["framework"] == run.framework]
+        row = {
+            "method": run.name,
+            "framework": run.framework,
+            "description": run.description,
+            "seeds_done": sorted(r["seed"] for r in mine),
+            "seeds_pending": sorted(set(args.all_seeds) - {r["seed"] for r in mine}),
+            "wall_seconds_mean": (
+                statistics.fmean(r["wall_seconds"] for r in mine) if mine else None
+            ),
+        }
+        for model in MODELS:
+            for which in ("last", "best"):
+                values = [r["summary"][model][which] for r in mine if model in r["summary"]]
+                row[f"{model}_{which}"] = values
+        rows.append(row)
+    return rows
+
+
+def write_markdown(rows: list[dict], records: list[dict], args, protocol: str) -> None:
+    lines = [
+        "# Fashion-MNIST: methods and FFCL ablations, JAX and PyTorch",
+        "",
+        protocol,
+        "",
+        "Test top-1 (%) as mean ± sample std over seeds; `last` is the last epoch, `best` the",
+        "best evaluated epoch (it reads the test set, so it is optimistic). `n/a`: the method has",
+        "no such model. `pending`: no finished run yet. Regenerate with",
+        "`python experiments/run_table.py --report_only`.",
+        "",
+        "| method | framework | seeds | student last | student best | teacher last | "
+        "fused last | ensemble last | wall / run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        done = row["seeds_done"]
+        cells = [row["method"], row["framework"], f"{len(done)}/{len(args.all_seeds)}"]
+        for key in ("student_last", "student_best", "teacher_last", "fused_last", "ensemble_last"):
+            no_model = done and not row[key]
+            cells.append("n/a" if no_model else mean_std(row[key]))
+        wall = row["wall_seconds_mean"]
+        cells.append(f"{wall / 60:.1f} min" if wall else "pending")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Methods:", ""]
+    lines += [f"- `{r.name}` ({r.framework}): {r.description}" for r in RUNS]
+    lines += ["", "## Runs", "", "| run | student last | wall | command |", "|---|---|---|---|"]
+    for r in records:
+        student = r["summary"].get("student", {}).get("last")
+        lines.append(
+            f"| {r['run']} | {100 * student:.2f} | {r['wall_seconds'] / 60:.1f} min "
+            f"| `{r['command']}` |"
+        )
+    with open(args.output + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot_students(records: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for run in RUNS:
+        mine = [r for r in records if r["method"] == run.name and r["framework"] == run.framework]
+        if not mine:
+            continue
+        epochs = [row["epoch"] for row in mine[0]["history"]]
+        curves = [[row["student"] for row in r["history"]] for r in mine]
+        curves = [c for c in curves if len(c) == len(epochs)]
+        means = [100 * statistics.fmean(column) for column in zip(*curves, strict=True)]
+        style = "-" if run.framework == "jax" else "--"
+        ax.plot(
+            epochs,
+            means,
+            style,
+            marker="o",
+            label=f"{run.name} ({run.framework}, {len(curves)} seeds)",
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("student test top-1 (%), mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(args) -> list[dict]:
+    records = collect(args)
+    rows = aggregate(records, args)
+    protocol = (
+        f"Protocol: `{args.config}` with seeds {', '.join(map(str, args.all_seeds))}"
+        + (f" and overrides {' '.join(args.extra)}" if args.extra else "")
+        + "; see the docstring of experiments/run_table.py and the README's reading of it."
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output + ".json", "w") as f:
+        json.dump({"protocol": protocol, "table": rows, "runs": records}, f, indent=1)
+    write_markdown(rows, records, args, protocol)
+    if records:
+        plot_students(records, args.output + "_student.png")
+    print(f"table of {len(records)} finished runs in {args.output}.md / .json", flush=True)
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/fashion_mnist.py")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds to run")
+    parser.add_argument(
+        "--runs",
+        default="",
+        help="comma-separated run names (framework:name or name for both); empty: all",
+    )
+    parser.add_argument("--root", default=os.path.join(ROOT, "workdirs", "table_fashion_mnist"))
+    parser.add_argument(
+        "--output", default=os.path.join(ROOT, "experiments", "results", "fashion_mnist")
+    )
+    parser.add_argument(
+        "--extra", default="", help="extra config overrides for every run, e.g. num_epochs=1"
+    )
+    parser.add_argument("--report_only", action="store_true")
+    args = parser.parse_args(argv)
+    args.all_seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.extra = [o for o in args.extra.split(",") if o]
+    wanted = [w for w in args.runs.split(",") if w]
+    known = {r.name for r in RUNS} | {f"{r.framework}:{r.name}" for r in RUNS}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; valid: {', '.join(sorted(known))}")
+    args.selected = [
+        r for r in RUNS if not wanted or r.name in wanted or f"{r.framework}:{r.name}" in wanted
+    ]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    child = {"process": None}
+
+    def on_signal(signum, frame):
+        if child["process"] is not None:
+            child["process"].send_signal(signal.SIGTERM)  # it checkpoints and exits with 143
+        else:
+            raise Stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        if not args.report_only:
+            order = [(a, seed) for a in (False, True) for seed in args.all_seeds]
+            for ablations, seed in order:
+                for run in (r for r in args.selected if r.ablation == ablations):
+                    if finished(run, seed, args):
+                        continue
+                    if run.needs and not finished(find_run(run.needs, run.framework), seed, args):
+                        print(f"== {run_id(run, seed)}: skipped, needs {run.needs} first")
+                        continue
+                    execute(run, seed, args, child)
+    except Stop:
+        print("== stopped; the interrupted JAX run resumes when the table is run again")
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
