@@ -44,6 +44,7 @@ RUN_OUTPUTS = (
 RESUMABLE_KEYS = frozenset(
     {
         "num_epochs",
+        "xla_cpu_ynn_fusion",  # a compiler setting: the same computation, other fusion decisions
         "log_every_steps",
         "eval_every_epochs",
         "checkpoint_every_epochs",

@@ -19,6 +19,7 @@ resumes from it, and continues bit for bit as if it had never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -220,6 +221,57 @@ def build(
         eval_step=make_eval_step(graphdef, info),
     )
     return setup, state
+
+
+# --------------------------------------------------------------------------- compiling
+
+# XLA:CPU's loop fusion pass copies the forward residual + ReLU chain of a ResNet stage into
+# every backward consumer that needs a ReLU mask, so each block's backward recomputes every
+# earlier block of its stage: O(depth^2) work (ResNet-110's fwd+bwd 2x slower than linear).
+# Handing elementwise ops to YNNPACK fusions instead (library fusions, which the loop fusion pass
+# leaves alone) keeps the step linear in depth. For shallow networks that costs a little, and
+# convolutions run faster outside YNNPACK there; the numbers behind the choice are in
+# experiments/README.md. Only XLA:CPU reads these options; each sets the list of YNNPACK fusion
+# types (replacing XLA's default list, individual dots and convolutions).
+CPU_YNN_FUSION = {
+    "eltwise": "LIBRARY_FUSION_TYPE_ELTWISE",
+    "dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+DEEP_BLOCKS_PER_STAGE = 5  # measured crossover: ResNet-20 (3) gains nothing, ResNet-56 (9) does
+
+
+@functools.cache
+def _cpu_option_accepted(value: str) -> bool:
+    """Whether this jaxlib knows the option (it is experimental and may be renamed)."""
+    options = {"xla_cpu_experimental_ynn_fusion_type": value}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+    except Exception:  # an unknown option or value: compile with XLA's defaults instead
+        return False
+    return True
+
+
+def compiler_options(config) -> dict[str, str] | None:
+    """XLA options for the step functions: `config.xla_cpu_ynn_fusion` on the CPU backend."""
+    choice = config.get("xla_cpu_ynn_fusion", "auto")
+    if choice == "auto":
+        deep = max(models.blocks_per_stage(config.teacher), models.blocks_per_stage(config.student))
+        choice = "eltwise" if deep >= DEEP_BLOCKS_PER_STAGE else "dot"
+    if choice == "xla_default" or jax.default_backend() != "cpu":
+        return None
+    value = CPU_YNN_FUSION[choice]
+    if not _cpu_option_accepted(value):
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": value}
+
+
+def jit_steps(setup: Setup, config) -> tuple[Callable, Callable]:
+    """The jitted train step (state donated) and eval step, with `compiler_options(config)`."""
+    options = compiler_options(config)
+    return (
+        jax.jit(setup.train_step, donate_argnums=0, compiler_options=options),
+        jax.jit(setup.eval_step, compiler_options=options),
+    )
 
 
 # --------------------------------------------------------------------------- steps
@@ -660,8 +712,7 @@ def _train_loop(
     train_images, test_images, test_labels = arrays
     is_chief = jax.process_index() == 0
     spe = train_data.steps_per_epoch
-    train_step = jax.jit(setup.train_step, donate_argnums=0)
-    eval_step = jax.jit(setup.eval_step)
+    train_step, eval_step = jit_steps(setup, config)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if is_chief:
         if resume_step is not None:

@@ -55,6 +55,28 @@ def normalize(images: torch.Tensor, info) -> torch.Tensor:
     return (images.float() - mean.to(images.device)) / std.to(images.device)
 
 
+def epoch_batches(images_nchw, labels, config, epoch: int, steps: int):
+    """The augmented uint8 batches of one epoch: a seeded permutation, then pad/crop/flip."""
+    generator = torch.Generator().manual_seed(int(config.seed) * 1_000_003 + epoch)
+    order = torch.randperm(len(images_nchw), generator=generator)
+    for b in range(steps):
+        index = order[b * config.batch_size : (b + 1) * config.batch_size]
+        yield augment(images_nchw[index], config, generator), labels[index]
+
+
+def train_step(cohort, optimizer, schedule, x, y, settings_dict, epoch, info, device):
+    """One SGD step of the whole cohort on a uint8 NCHW batch; returns (total, terms)."""
+    out = cohort(normalize(x.to(device), info))
+    total, terms = losses.cohort_objective(
+        out, y.to(device), settings_dict, epoch, info.num_classes
+    )
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    schedule.step()
+    return total, terms
+
+
 def evaluate(cohort, images, labels, info, device, batch_size) -> dict[str, float]:
     cohort.eval()
     correct = {"teacher": 0, "student": 0, "ensemble": 0, "fused": 0}
@@ -77,14 +99,13 @@ def evaluate(cohort, images, labels, info, device, batch_size) -> dict[str, floa
     return {k: v / len(images) for k, v in correct.items()}
 
 
-def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
+def build(config, steps_per_epoch: int, device: str):
+    """The cohort, its optimizer and schedule, and the loss settings (as a dict) of a config."""
     torch.manual_seed(config.seed)
     settings = resolve_loss_settings(config.method, dict(config.loss))
     if not settings.train_teacher:
         raise ValueError("the reference trains independent, dml, ffl and ffcl, not kd")
     info = input_pipeline.dataset_info(config.dataset)
-    train_images, train_labels = input_pipeline.load_split(config, "train")
-    test_images, test_labels = input_pipeline.load_split(config, "test")
     cohort = models.create_cohort(
         config.teacher,
         config.student,
@@ -93,30 +114,31 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
         use_fusion=settings.use_fusion,
         fused=config.fusion_channels,
     ).to(device)
+    optimizer, schedule = optim.make_optimizer(cohort, config, steps_per_epoch)
+    return cohort, optimizer, schedule, dataclasses.asdict(settings), info
+
+
+def as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC numpy images and int labels as a uint8 NCHW tensor and an int64 tensor."""
+    images_nchw = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
+    return images_nchw, torch.from_numpy(np.array(labels)).long()
+
+
+def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
+    train_images, train_labels = input_pipeline.load_split(config, "train")
+    test_images, test_labels = input_pipeline.load_split(config, "test")
     spe = len(train_images) // config.batch_size
-    optimizer, schedule = optim.make_optimizer(cohort, config, spe)
+    cohort, optimizer, schedule, settings_dict, info = build(config, spe, device)
     os.makedirs(workdir, exist_ok=True)
-    images_nchw = torch.from_numpy(np.array(train_images)).permute(0, 3, 1, 2).contiguous()
-    labels_all = torch.from_numpy(np.array(train_labels)).long()
-    settings_dict = dataclasses.asdict(settings)
+    images_nchw, labels_all = as_tensors(train_images, train_labels)
     history, start, step = [], time.time(), 0
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as log:
         for epoch in range(config.num_epochs):
             cohort.train()
-            generator = torch.Generator().manual_seed(int(config.seed) * 1_000_003 + epoch)
-            order = torch.randperm(len(images_nchw), generator=generator)
-            for b in range(spe):
-                index = order[b * config.batch_size : (b + 1) * config.batch_size]
-                x = augment(images_nchw[index], config, generator)
-                y = labels_all[index].to(device)
-                out = cohort(normalize(x.to(device), info))
-                total, terms = losses.cohort_objective(
-                    out, y, settings_dict, epoch, info.num_classes
+            for x, y in epoch_batches(images_nchw, labels_all, config, epoch, spe):
+                total, terms = train_step(
+                    cohort, optimizer, schedule, x, y, settings_dict, epoch, info, device
                 )
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                schedule.step()
                 step += 1
                 if step % config.log_every_steps == 0:
                     row = {"kind": "train", "step": step, "epoch": epoch + 1}

@@ -39,6 +39,14 @@ def check_model_name(name: str) -> None:
         raise UserError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
 
 
+def blocks_per_stage(name: str) -> int:
+    """Residual blocks in each of a zoo model's three stages (what its backward cost grows with)."""
+    check_model_name(name)
+    factory = MODELS[name]
+    depth = factory.args[0]
+    return (depth - 2) // 6 if factory.func is CifarResNet else (depth - 4) // 6
+
+
 def create_model(
     name: str, num_classes: int, *, in_channels: int = 3, dtype=None, rngs: nnx.Rngs
 ) -> nnx.Module:

@@ -1,0 +1,355 @@
+"""JAX against the PyTorch reference: the cohort's train step and a training epoch, same run.
+
+    python experiments/bench_step.py --config=configs/fashion_mnist.py            # demo pair
+    python experiments/bench_step.py --config=configs/cifar100.py --modes=step     # default pair
+    python experiments/bench_step.py --readme      # rewrite the README table from the results
+
+`step` mode times one jitted, donated JAX train step and one PyTorch reference step (normalise,
+forward, every loss term, backward, SGD update, schedule) on the same fixed random uint8 batch of
+the config's shape: warm-up excluded, `--repeats` timed steps, min and median. `epoch` mode times
+whole training steps with each framework's own input pipeline (JAX: `TrainData`, tf.data;
+PyTorch: the reference's torch augmentation) over
+`--epoch_examples` examples of the config's real training split (the whole split by default).
+
+Each framework runs in its own subprocess, one after the other (never both at once): their
+thread pools would fight over the cores, and each process's peak memory is then its own.
+Peak memory is the process's peak resident set growth over the set-up on a CPU, the allocator's
+peak on a GPU; XLA's own buffer plan (`memory_analysis`) is reported beside it.
+
+Results: one JSON per (config, batch size, device, XLA setting) in `experiments/results/`
+(`bench_<name>.json`, with the machine description and the command), and `--readme` rewrites
+the table between the `bench:start` / `bench:end` markers of README.md from all of them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script: `experiments` and `ffcl_jax` from the repo root
+    sys.path.insert(0, ROOT)
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
+_MODES = flags.DEFINE_list("modes", ["step", "epoch"], "step and/or epoch.")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps after the warm-up (step mode).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (compile, allocator warm-up).")
+_EPOCH_EXAMPLES = flags.DEFINE_integer(
+    "epoch_examples", None, "Epoch mode: train on the first N examples (default: the split)."
+)
+_FRAMEWORKS = flags.DEFINE_list("frameworks", ["jax", "pytorch"], "Which sides to run.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: experiments/results/bench_...)")
+_README = flags.DEFINE_bool("readme", False, "Only rewrite the README table from the results.")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run one framework and print JSON.")
+_DEVICE = flags.DEFINE_string("torch_device", None, "PyTorch device (default: cuda if present).")
+
+RESULTS = os.path.join(ROOT, "experiments", "results")
+README = os.path.join(ROOT, "README.md")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summarize(times: list[float], batch_size: int) -> dict:
+    median = statistics.median(times)
+    return {
+        "step_ms_min": round(1000 * min(times), 1),
+        "step_ms_median": round(1000 * median, 1),
+        "img_per_sec_median": round(batch_size / median, 1),
+        "img_per_sec_best": round(batch_size / min(times), 1),
+        "repeats": len(times),
+    }
+
+
+def jax_worker(config, modes) -> dict:
+    import jax
+    import numpy as np
+
+    from ffcl_jax import input_pipeline, train
+
+    settings = train.check_config(config, jax.device_count())
+    info = input_pipeline.dataset_info(config.dataset)
+    out = {
+        "framework": "jax",
+        "version": f"jax {jax.__version__}",
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": train.compiler_options(config),
+    }
+    mesh = train.Mesh()
+
+    def fresh(steps_per_epoch):
+        setup, state = train.build(config, settings, steps_per_epoch)
+        return setup, jax.device_put(state, mesh.replicated)
+
+    def memory(step_fn, state, batch) -> dict:
+        analysis = step_fn.lower(state, batch).compile().memory_analysis()
+        stats = jax.devices()[0].memory_stats() or {}
+        return {
+            "xla_temp_mb": round(analysis.temp_size_in_bytes / 2**20, 1),
+            "xla_arguments_mb": round(analysis.argument_size_in_bytes / 2**20, 1),
+            "device_peak_mb": (
+                round(stats["peak_bytes_in_use"] / 2**20, 1)
+                if "peak_bytes_in_use" in stats
+                else None
+            ),
+        }
+
+    if "step" in modes:
+        setup, state = fresh(1000)
+        rng = np.random.default_rng(0)
+        batch = mesh.global_batch(
+            {
+                "image": rng.integers(0, 256, (config.batch_size, *info.image_shape), np.uint8),
+                "label": rng.integers(0, info.num_classes, (config.batch_size,), np.int32),
+            }
+        )
+        step, _ = train.jit_steps(setup, config)
+        rss_before = peak_rss_mb()
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        first = time.perf_counter() - start
+        for _ in range(_WARMUP.value - 1):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(_REPEATS.value):
+            start = time.perf_counter()
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+        out["step"] = {
+            **summarize(times, config.batch_size),
+            "first_step_seconds_incl_compile": round(first, 2),
+            "peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1),
+            **memory(step, state, batch),
+        }
+    if "epoch" in modes:
+        images, labels = input_pipeline.load_split(config, "train")
+        if _EPOCH_EXAMPLES.value:
+            images, labels = images[: _EPOCH_EXAMPLES.value], labels[: _EPOCH_EXAMPLES.value]
+        data = input_pipeline.TrainData(config, images, labels, config.batch_size)
+        setup, state = fresh(data.steps_per_epoch)
+        step, _ = train.jit_steps(setup, config)
+        # Compile outside the timed epoch, on the epoch's first batch.
+        warm = mesh.global_batch(next(iter(data.epoch(0))))
+        jax.block_until_ready(step(jax.tree.map(lambda x: x.copy(), state), warm))
+        start = time.perf_counter()
+        for local in data.epoch(0):
+            state, metrics = step(state, mesh.global_batch(local))
+        jax.block_until_ready(state)
+        seconds = time.perf_counter() - start
+        out["epoch"] = {
+            "examples": data.steps_per_epoch * config.batch_size,
+            "steps": data.steps_per_epoch,
+            "seconds": round(seconds, 2),
+            "img_per_sec": round(data.steps_per_epoch * config.batch_size / seconds, 1),
+        }
+    return out
+
+
+def torch_worker(config, modes) -> dict:
+    import numpy as np
+    import torch
+
+    from experiments.pytorch_reference import train as reference
+    from ffcl_jax import input_pipeline
+
+    device = _DEVICE.value or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    out = {
+        "framework": "pytorch",
+        "version": f"torch {torch.__version__}",
+        "device": torch.cuda.get_device_name()
+        if cuda
+        else f"cpu, {torch.get_num_threads()} threads",
+    }
+    info = input_pipeline.dataset_info(config.dataset)
+    if "step" in modes:
+        cohort, optimizer, schedule, settings, info = reference.build(config, 1000, device)
+        cohort.train()
+        rng = np.random.default_rng(0)
+        x, y = reference.as_tensors(
+            rng.integers(0, 256, (config.batch_size, *info.image_shape), np.uint8),
+            rng.integers(0, info.num_classes, (config.batch_size,), np.int32),
+        )
+        x, y = x.to(device), y.to(device)
+
+        def step():
+            reference.train_step(cohort, optimizer, schedule, x, y, settings, 0, info, device)
+            sync()
+
+        rss_before = peak_rss_mb()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        step()
+        first = time.perf_counter() - start
+        for _ in range(_WARMUP.value - 1):
+            step()
+        times = []
+        for _ in range(_REPEATS.value):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        out["step"] = {
+            **summarize(times, config.batch_size),
+            "first_step_seconds": round(first, 2),
+            "peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1),
+            "device_peak_mb": (
+                round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None
+            ),
+        }
+    if "epoch" in modes:
+        images, labels = input_pipeline.load_split(config, "train")
+        if _EPOCH_EXAMPLES.value:
+            images, labels = images[: _EPOCH_EXAMPLES.value], labels[: _EPOCH_EXAMPLES.value]
+        steps = len(images) // config.batch_size
+        cohort, optimizer, schedule, settings, info = reference.build(config, steps, device)
+        cohort.train()
+        images_nchw, labels_all = reference.as_tensors(images, labels)
+        start = time.perf_counter()
+        for x, y in reference.epoch_batches(images_nchw, labels_all, config, 0, steps):
+            reference.train_step(cohort, optimizer, schedule, x, y, settings, 0, info, device)
+        sync()
+        seconds = time.perf_counter() - start
+        out["epoch"] = {
+            "examples": steps * config.batch_size,
+            "steps": steps,
+            "seconds": round(seconds, 2),
+            "img_per_sec": round(steps * config.batch_size / seconds, 1),
+        }
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "system": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+    }
+
+
+def run_worker(framework: str) -> dict:
+    argv = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", *sys.argv[1:]]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stderr[-3000:])
+        raise SystemExit(f"the {framework} benchmark failed (exit {done.returncode}); see above")
+    return json.loads(lines[-1])
+
+
+def result_name(config, device: str) -> str:
+    flags_tag = "_xlaflags" if os.environ.get("XLA_FLAGS") else ""
+    if config.get("xla_cpu_ynn_fusion", "auto") != "auto":
+        flags_tag += f"_ynn_{config.xla_cpu_ynn_fusion}"
+    kind = "gpu" if "cpu" not in device.lower() else "cpu"
+    return f"bench_{config.teacher}_{config.student}_b{config.batch_size}_{kind}{flags_tag}"
+
+
+def write_readme() -> None:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "bench_*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        j, t = r["jax"], r["pytorch"]
+        for mode in ("step", "epoch"):
+            if mode not in j or mode not in t:
+                continue
+            key = "img_per_sec_median" if mode == "step" else "img_per_sec"
+            rows.append(
+                f"| {r['pair']} | {r['batch_size']} | {mode} | {j['device']} | "
+                f"{j[mode][key]:.0f} | {t[mode][key]:.0f} | **{r['ratio'][mode]:.2f}** | "
+                f"{r['date']} | `{r['command']}` |"
+            )
+    table = "\n".join(
+        [
+            "| pair | batch | mode | device | JAX img/s | PyTorch img/s | JAX/PyTorch | date "
+            "| command |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    with open(README) as f:
+        text = f.read()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} block to fill")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    with open(README, "w") as f:
+        f.write(f"{before}{start}\n{table}\n{end}{after}")
+    print(f"README table: {len(rows)} rows from {RESULTS}/bench_*.json")
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    modes = [m for m in _MODES.value if m in ("step", "epoch")]
+    if _WORKER.value:
+        worker = jax_worker if _WORKER.value == "jax" else torch_worker
+        print(json.dumps(worker(config, modes)))
+        return
+    if _README.value:
+        write_readme()
+        return
+    sides = {framework: run_worker(framework) for framework in _FRAMEWORKS.value}
+    result = {
+        "pair": f"{config.teacher}+{config.student}",
+        "method": config.method,
+        "dataset": config.dataset,
+        "batch_size": config.batch_size,
+        "date": datetime.date.today().isoformat(),
+        "command": "python experiments/bench_step.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        **sides,
+    }
+    if "jax" in sides and "pytorch" in sides:
+        result["ratio"] = {}
+        if "step" in modes:
+            result["ratio"]["step"] = round(
+                sides["jax"]["step"]["img_per_sec_median"]
+                / sides["pytorch"]["step"]["img_per_sec_median"],
+                3,
+            )
+        if "epoch" in modes:
+            result["ratio"]["epoch"] = round(
+                sides["jax"]["epoch"]["img_per_sec"] / sides["pytorch"]["epoch"]["img_per_sec"], 3
+            )
+    print(json.dumps(result, indent=1))
+    device = sides.get("jax", sides.get("pytorch"))["device"]
+    path = _OUTPUT.value or os.path.join(RESULTS, result_name(config, device) + ".json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
