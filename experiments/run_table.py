@@ -349,8 +349,7 @@ def main(argv=None) -> None:
         else:
             raise Stop()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if not args.report_only:
             order = [(a, seed) for a in (False, True) for seed in args.all_seeds]
@@ -364,6 +363,9 @@ def main(argv=None) -> None:
                     execute(run, seed, args, child)
     except Stop:
         print("== stopped; the interrupted JAX run resumes when the table is run again")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     report(args)
 
 

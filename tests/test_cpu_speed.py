@@ -1,0 +1,80 @@
+"""The XLA:CPU tuning keeps a ResNet's backward pass linear in depth (deterministic: no timing).
+
+XLA:CPU's default loop fusion copies the forward residual + ReLU chain of a stage into each
+backward consumer, so the largest fusion of the compiled step holds one copy of every earlier
+block: its size grows with the depth, and the work with depth^2. With
+`xla_cpu_ynn_fusion="eltwise"` (what "auto" picks for deep networks) the largest fusion must not
+grow with the depth. The control compiles the same steps with XLA's defaults and must show the
+growth, so a change of XLA that fixes (or moves) the defect is noticed too.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ffcl_jax import train
+from ffcl_jax.config_base import base_config
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU behaviour")
+
+
+def largest_fusion(hlo_text: str) -> int:
+    """Instructions in the largest fused computation of an optimized HLO module."""
+    sizes = [
+        body.count("\n")
+        for body in re.split(r"\n(?=\S)", hlo_text)
+        if re.match(r"%?fused_computation", body)
+    ]
+    assert sizes, "no fused computations found: has the HLO text format changed?"
+    return max(sizes)
+
+
+def compiled_step_hlo(teacher: str, ynn_fusion: str) -> str:
+    config = base_config()
+    config.dataset = "cifar10"
+    config.teacher, config.student = teacher, "resnet8"
+    config.method = "independent"  # the networks' own backward passes, nothing else
+    config.batch_size = 4
+    config.xla_cpu_ynn_fusion = ynn_fusion
+    settings = train.check_config(config, jax.device_count())
+    setup, state = train.build(config, settings, steps_per_epoch=10)
+    train_step, _ = train.jit_steps(setup, config)
+    batch = {
+        "image": jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8),
+        "label": jax.ShapeDtypeStruct((4,), jnp.int32),
+    }
+    return train_step.lower(state, batch).compile().as_text()
+
+
+def test_auto_picks_the_linear_setting_for_deep_networks():
+    config = base_config()
+    config.teacher, config.student = "resnet110", "resnet32"
+    assert train.compiler_options(config) == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"
+    }
+    config.teacher, config.student = "resnet20", "resnet8"
+    assert train.compiler_options(config) == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    }
+    config.xla_cpu_ynn_fusion = "xla_default"
+    assert train.compiler_options(config) is None
+
+
+def test_largest_fusion_does_not_grow_with_depth():
+    shallow = largest_fusion(compiled_step_hlo("resnet20", "eltwise"))  # 3 blocks a stage
+    deep = largest_fusion(compiled_step_hlo("resnet56", "eltwise"))  # 9 blocks a stage
+    assert deep <= 1.2 * shallow, (
+        f"largest fusion {deep} instructions at 9 blocks/stage vs {shallow} at 3: the "
+        "backward pass recomputes the forward chain again (quadratic in depth)"
+    )
+    # Control: XLA's default fusion shows the defect this setting avoids.
+    default_shallow = largest_fusion(compiled_step_hlo("resnet20", "xla_default"))
+    default_deep = largest_fusion(compiled_step_hlo("resnet56", "xla_default"))
+    assert default_deep >= 1.8 * default_shallow, (
+        f"XLA's default fusion no longer grows with depth ({default_shallow} -> {default_deep}):"
+        " re-measure whether xla_cpu_ynn_fusion='auto' still pays off (experiments/bench_step.py)"
+    )

@@ -1,0 +1,113 @@
+"""The experiment drivers: the JAX/PyTorch benchmark and the method/ablation table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+pytest.importorskip("torch")
+
+import bench_step  # noqa: E402
+import run_table  # noqa: E402
+
+TINY = [
+    "--config=configs/fashion_mnist.py",
+    "--config.teacher=resnet8",
+    "--config.student=resnet8",
+    "--config.batch_size=32",
+]
+
+
+def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, tmp_path):
+    output = tmp_path / "bench_tiny.json"
+    argv = [
+        sys.executable,
+        "experiments/bench_step.py",
+        *TINY,
+        f"--config.idx_dir={fmnist_dir}",
+        "--modes=step,epoch",
+        "--repeats=2",
+        "--warmup=1",
+        "--epoch_examples=96",
+        f"--output={output}",
+    ]
+    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    result = json.loads(output.read_text())
+    for side in ("jax", "pytorch"):
+        step, epoch = result[side]["step"], result[side]["epoch"]
+        assert step["repeats"] == 2 and step["step_ms_min"] <= step["step_ms_median"]
+        assert step["img_per_sec_median"] == pytest.approx(32 / step["step_ms_median"] * 1000, 0.01)
+        assert epoch["steps"] == 3 and epoch["examples"] == 96 and epoch["seconds"] > 0
+    jax_side, torch_side = result["jax"]["step"], result["pytorch"]["step"]
+    assert result["ratio"]["step"] == pytest.approx(
+        jax_side["img_per_sec_median"] / torch_side["img_per_sec_median"], 0.01
+    )
+    assert jax_side["first_step_seconds_incl_compile"] > 0 and jax_side["xla_temp_mb"] > 0
+    assert result["machine"]["cores"] == os.cpu_count()
+    assert result["jax"]["compiler_options"] is not None  # 'auto' on the CPU
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n")
+    bench_step.README, bench_step.RESULTS = str(readme), str(tmp_path)
+    bench_step.write_readme()
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    rows = [line for line in text.splitlines() if line.startswith("| resnet8+resnet8")]
+    assert len(rows) == 2  # step and epoch
+    assert f"**{result['ratio']['step']:.2f}**" in rows[0]
+
+
+def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_path):
+    root, output = tmp_path / "runs", tmp_path / "out" / "table"
+    extra = (
+        f"idx_dir={fmnist_dir},teacher=resnet8,student=resnet8,batch_size=32,num_epochs=1,"
+        "lr_decay_epochs=(),augment=none,log_every_steps=4,eval_batch_size=50"
+    )
+    args = [
+        "--seeds=0,1",
+        "--runs=jax:independent,kd,pytorch:ffcl",
+        f"--root={root}",
+        f"--output={output}",
+        f"--extra={extra}",
+    ]
+    run_table.main(args)
+    finished = sorted(os.listdir(root))
+    assert finished == [
+        f"{framework}_{name}_seed{seed}"
+        for framework, name, seed in [
+            ("jax", "independent", 0),
+            ("jax", "independent", 1),
+            ("jax", "kd", 0),
+            ("jax", "kd", 1),
+            ("pytorch", "ffcl", 0),
+            ("pytorch", "ffcl", 1),
+        ]
+    ]
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    by_name = {(row["framework"], row["method"]): row for row in table["table"]}
+    independent = by_name[("jax", "independent")]
+    assert independent["seeds_done"] == [0, 1]
+    runs = {r["run"]: r for r in table["runs"]}
+    assert sorted(independent["student_last"]) == sorted(
+        runs[f"jax_independent_seed{s}"]["summary"]["student"]["last"] for s in (0, 1)
+    )
+    kd = runs["jax_kd_seed1"]
+    assert "--config.method=kd" in kd["command"]
+    assert "jax_independent_seed1" in kd["command"]  # its own seed's teacher
+    assert by_name[("jax", "dml")]["seeds_pending"] == [0, 1]
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    assert "| dml | jax | 0/2 | pending" in markdown
+    assert (tmp_path / "out" / "table_student.png").stat().st_size > 0
+    assert (tmp_path / "out" / "table_runs" / "jax_kd_seed0" / "metrics.jsonl").exists()
+
+    # A second call finds every run finished and starts nothing.
+    stamps = {name: os.path.getmtime(root / name / "results.json") for name in finished}
+    run_table.main(args)
+    assert stamps == {name: os.path.getmtime(root / name / "results.json") for name in finished}
