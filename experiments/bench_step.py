@@ -279,21 +279,31 @@ def write_readme() -> None:
     for path in sorted(glob.glob(os.path.join(RESULTS, "bench_*.json"))):
         with open(path) as f:
             r = json.load(f)
-        j, t = r["jax"], r["pytorch"]
+        j, t = r.get("jax", {}), r.get("pytorch", {})
         for mode in ("step", "epoch"):
-            if mode not in j or mode not in t:
+            if mode not in j and mode not in t:
                 continue
             key = "img_per_sec_median" if mode == "step" else "img_per_sec"
+            speeds = [f"{side[mode][key]:.0f}" if mode in side else "-" for side in (j, t)]
+            ratio = r.get("ratio", {}).get(mode)
+            setting = (j.get("compiler_options") or {}).get(
+                "xla_cpu_experimental_ynn_fusion_type", "XLA defaults"
+            )
+            device = (j or t)["device"]
+            if "cpu" in device.lower():
+                device = f"{r['machine']['cores']}-core {r['machine']['cpu']}"
             rows.append(
-                f"| {r['pair']} | {r['batch_size']} | {mode} | {j['device']} | "
-                f"{j[mode][key]:.0f} | {t[mode][key]:.0f} | **{r['ratio'][mode]:.2f}** | "
-                f"{r['date']} | `{r['command']}` |"
+                f"| {r['pair']} | {r['batch_size']} | {mode} | {device} | "
+                f"{setting.replace('LIBRARY_FUSION_TYPE_', 'ynn ').lower()} | "
+                f"{speeds[0]} | {speeds[1]} | "
+                + (f"**{ratio:.2f}**" if ratio else "-")
+                + f" | {r['date']} | `{r['command']}` |"
             )
     table = "\n".join(
         [
-            "| pair | batch | mode | device | JAX img/s | PyTorch img/s | JAX/PyTorch | date "
-            "| command |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| pair | batch | mode | device | XLA:CPU setting | JAX img/s | PyTorch img/s "
+            "| JAX/PyTorch | date | command |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]
     )
