@@ -7,7 +7,8 @@
 `step` mode times one jitted, donated JAX train step and one PyTorch reference step (normalise,
 forward, every loss term, backward, SGD update, schedule) on the same fixed random uint8 batch of
 the config's shape: warm-up excluded, `--repeats` timed steps, min and median. `epoch` mode times
-whole training steps with each framework's own input pipeline (JAX: `TrainData`, tf.data;
+whole training steps with each framework's own input pipeline (JAX: tf.data, or the batches
+made on the device with `--config.data_on_device=true`;
 PyTorch: the reference's torch augmentation) over
 `--epoch_examples` examples of the config's real training split (the whole split by default).
 
@@ -142,7 +143,7 @@ def jax_worker(config, modes) -> dict:
         images, labels = input_pipeline.load_split(config, "train")
         if _EPOCH_EXAMPLES.value:
             images, labels = images[: _EPOCH_EXAMPLES.value], labels[: _EPOCH_EXAMPLES.value]
-        data = input_pipeline.TrainData(config, images, labels, config.batch_size)
+        data = train.make_train_data(config, images, labels, mesh)
         setup, state = fresh(data.steps_per_epoch)
         step, _ = train.jit_steps(setup, config)
         # Compile outside the timed epoch, on the epoch's first batch.

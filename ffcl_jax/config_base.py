@@ -21,6 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_examples = config_dict.placeholder(int)  # use only the first N (smoke runs)
     c.test_examples = config_dict.placeholder(int)
     c.augment = "pad_crop_flip"  # "pad_crop_flip", "pad_crop" or "none"
+    # Hold the training split on the devices and batch/augment it with jit (accelerators; needs
+    # no tensorflow); False: tf.data on the host. The two give different, equally valid batches.
+    c.data_on_device = False
     c.pad = 4
     c.pad_mode = "reflect"  # "reflect" or "constant"
 

@@ -236,11 +236,8 @@ def load_split(config, split: str) -> tuple[np.ndarray, np.ndarray]:
 def _augment_fn(config, info: DatasetInfo):
     tf = import_tensorflow()
 
+    check_augmentation(config)
     kind = config.augment
-    if kind not in AUGMENTATIONS:
-        raise UserError(f"unknown augment {kind!r}; valid: {', '.join(AUGMENTATIONS)}")
-    if config.pad_mode not in ("reflect", "constant"):
-        raise UserError(f"unknown pad_mode {config.pad_mode!r}; valid: reflect, constant")
     height, width, channels = info.image_shape
     pad = int(config.pad)
 
@@ -325,6 +322,84 @@ class TrainData:
         ds = ds.batch(self.local_batch_size, drop_remainder=True)
         ds = ds.prefetch(tf.data.AUTOTUNE)
         return ds.as_numpy_iterator()
+
+
+def check_augmentation(config) -> None:
+    if config.augment not in AUGMENTATIONS:
+        raise UserError(f"unknown augment {config.augment!r}; valid: {', '.join(AUGMENTATIONS)}")
+    if config.pad_mode not in ("reflect", "constant"):
+        raise UserError(f"unknown pad_mode {config.pad_mode!r}; valid: reflect, constant")
+
+
+def augment_on_device(images, key, *, kind: str, pad: int, pad_mode: str):
+    """Pad + random crop (+ horizontal flip) of a uint8 NHWC batch in jax.numpy, per example."""
+    import jax
+    import jax.numpy as jnp
+
+    if kind == "none":
+        return images
+    n, height, width, channels = images.shape
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=pad_mode)
+    crop_key, flip_key = jax.random.split(key)
+    offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * pad + 1)
+    crops = jax.vmap(
+        lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), (height, width, channels))
+    )(padded, offsets)
+    if kind == "pad_crop_flip":
+        flip = jax.random.bernoulli(flip_key, 0.5, (n,))
+        crops = jnp.where(flip[:, None, None, None], crops[:, :, ::-1, :], crops)
+    return crops
+
+
+class DeviceTrainData:
+    """The training split held on the devices; each batch gathered and augmented by `jit`.
+
+    For accelerators (`config.data_on_device=True`): no tf.data, so no tensorflow is needed,
+    and no host-to-device copy of images per step. The order of an epoch is a NumPy permutation
+    of `(seed, epoch)` and the augmentation key is `(seed, epoch, batch)`, so every process
+    derives the same global batches and `epoch(e, skip_batches=k)` re-creates any point (resume).
+    The batches differ from `TrainData`'s (another shuffle and random generator), equally valid.
+    The split is replicated on every device: fine for CIFAR-size data (150 MB as uint8).
+    """
+
+    def __init__(
+        self,
+        config,
+        images: np.ndarray,
+        labels: np.ndarray,
+        global_batch_size: int,
+        data_sharding,
+        replicated_sharding,
+    ):
+        import jax
+
+        check_augmentation(config)
+        self.config = config
+        self.global_batch_size = global_batch_size
+        self.num_examples = len(images)
+        self.steps_per_epoch = steps_per_epoch(len(images), global_batch_size)
+        self.images = jax.device_put(images, replicated_sharding)
+        self.labels = jax.device_put(labels, replicated_sharding)
+        options = dict(kind=config.augment, pad=int(config.pad), pad_mode=config.pad_mode)
+
+        def batch(images, labels, index, key):
+            return {
+                "image": augment_on_device(images[index], key, **options),
+                "label": labels[index],
+            }
+
+        self._batch = jax.jit(batch, out_shardings=data_sharding)
+        self._key = jax.random.key(int(config.seed))
+
+    def epoch(self, epoch: int, *, skip_batches: int = 0) -> Iterator[dict]:
+        import jax
+
+        rng = np.random.default_rng([int(self.config.seed), int(epoch)])
+        order = rng.permutation(self.num_examples)[: self.steps_per_epoch * self.global_batch_size]
+        order = order.reshape(self.steps_per_epoch, self.global_batch_size).astype(np.int32)
+        epoch_key = jax.random.fold_in(self._key, epoch)
+        for b in range(skip_batches, self.steps_per_epoch):
+            yield self._batch(self.images, self.labels, order[b], jax.random.fold_in(epoch_key, b))
 
 
 # --------------------------------------------------------------------------- evaluation

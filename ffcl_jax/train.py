@@ -394,10 +394,25 @@ class Mesh:
         self.replicated = NamedSharding(self.mesh, P())
 
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Assembles every process's local batch into one array sharded over `data`."""
+        """Assembles every process's local batch into one array sharded over `data`.
+
+        A batch already made on the devices (`DeviceTrainData`) is passed through."""
+        if all(isinstance(v, jax.Array) for v in local_batch.values()):
+            return local_batch
         return {
             k: jax.make_array_from_process_local_data(self.data, v) for k, v in local_batch.items()
         }
+
+
+def make_train_data(config, images, labels, mesh: Mesh):
+    """The training batches: tf.data on the host, or (`config.data_on_device`) made by jit."""
+    if config.get("data_on_device", False):
+        return input_pipeline.DeviceTrainData(
+            config, images, labels, config.batch_size, mesh.data, mesh.replicated
+        )
+    return input_pipeline.TrainData(
+        config, images, labels, config.batch_size, jax.process_index(), jax.process_count()
+    )
 
 
 def evaluate(eval_step, state: TrainState, mesh: Mesh, images, labels, config) -> dict:
@@ -450,6 +465,17 @@ def _summarize_interval(
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
+class _NoWriter:
+    def write_scalars(self, step, scalars) -> None:
+        del step, scalars
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class RunLog:
     """Where a run reports: the console, `metrics.jsonl` and TensorBoard (process 0 only)."""
 
@@ -459,9 +485,16 @@ class RunLog:
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self.writer = None
         if enabled:
-            from clu import metric_writers
+            try:
+                from clu import metric_writers
 
-            self.writer = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.writer = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # clu's TensorBoard writer needs tensorflow (e.g. GPU images)
+                self.print(
+                    "note: no TensorBoard events (tensorflow is not installed); "
+                    "metrics.jsonl has every scalar"
+                )
+                self.writer = _NoWriter()
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -618,14 +651,7 @@ def train_and_evaluate(
 
     train_images, train_labels = input_pipeline.load_split(config, "train")
     test_images, test_labels = input_pipeline.load_split(config, "test")
-    train_data = input_pipeline.TrainData(
-        config,
-        train_images,
-        train_labels,
-        config.batch_size,
-        jax.process_index(),
-        jax.process_count(),
-    )
+    train_data = make_train_data(config, train_images, train_labels, mesh)
     spe = train_data.steps_per_epoch
     setup, state = build(config, settings, spe, mesh)
 

@@ -94,15 +94,41 @@ def test_unknown_names_fail_clearly():
         )
 
 
-def _train_data(n=40, batch=8, **kw):
+class _AsNumpy:
+    """`DeviceTrainData` with numpy batches, so one test body checks both pipelines."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def epoch(self, epoch, **kw):
+        for batch in self.data.epoch(epoch, **kw):
+            yield {k: np.asarray(v) for k, v in batch.items()}
+
+
+def make_pipeline(kind, config, images, labels, batch):
+    if kind == "host":
+        return ip.TrainData(config, images, labels, batch)
+    from ffcl_jax.train import Mesh
+
+    mesh = Mesh()
+    return _AsNumpy(ip.DeviceTrainData(config, images, labels, batch, mesh.data, mesh.replicated))
+
+
+@pytest.fixture(params=["host", "device"])
+def pipeline(request):
+    """Both training pipelines: tf.data on the host, and batches made on the device by jit."""
+    return request.param
+
+
+def _train_data(n=40, batch=8, kind="host", **kw):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (n, 28, 28, 1)).astype(np.uint8)
     labels = np.arange(n, dtype=np.int32) % 10
-    return ip.TrainData(data_config(**kw), images, labels, batch), images, labels
+    return make_pipeline(kind, data_config(**kw), images, labels, batch), images, labels
 
 
-def test_epochs_are_deterministic_shuffled_and_drop_the_remainder():
-    data, _, labels = _train_data(n=42, batch=8)
+def test_epochs_are_deterministic_shuffled_and_drop_the_remainder(pipeline):
+    data, _, labels = _train_data(n=42, batch=8, kind=pipeline)
     epoch0 = list(data.epoch(0))
     assert len(epoch0) == 5 and all(b["image"].shape == (8, 28, 28, 1) for b in epoch0)
     again = list(data.epoch(0))
@@ -117,8 +143,8 @@ def test_epochs_are_deterministic_shuffled_and_drop_the_remainder():
     np.testing.assert_array_equal(resumed[0]["image"], epoch1[3]["image"])
 
 
-def test_without_augmentation_each_example_appears_once_per_epoch():
-    data, images, labels = _train_data(n=40, batch=8, augment="none")
+def test_without_augmentation_each_example_appears_once_per_epoch(pipeline):
+    data, images, labels = _train_data(n=40, batch=8, kind=pipeline, augment="none")
     batches = list(data.epoch(0))
     seen = np.concatenate([b["image"] for b in batches])
     order = [int(np.where((images == img).all(axis=(1, 2, 3)))[0][0]) for img in seen]
@@ -126,16 +152,65 @@ def test_without_augmentation_each_example_appears_once_per_epoch():
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), labels[order])
 
 
-def test_pad_crop_flip_moves_pixels_but_keeps_content():
+def test_pad_crop_flip_moves_pixels_but_keeps_content(pipeline):
     image = np.zeros((1, 28, 28, 1), np.uint8)
     image[0, 10:18, 5:9] = 200
-    data = ip.TrainData(data_config(), np.repeat(image, 64, 0), np.zeros(64, np.int32), 64)
+    images, labels = np.repeat(image, 64, 0), np.zeros(64, np.int32)
+    data = make_pipeline(pipeline, data_config(), images, labels, 64)
     out = next(data.epoch(0))["image"]
     # Constant padding of 2 and a crop shift the block by at most 2 pixels; no pixel invented.
     assert set(np.unique(out)) <= {0, 200}
     sums = out.reshape(64, -1).sum(-1)
     assert np.all(sums == 200 * 32)  # the 8x4 block stays whole at this offset range
     assert len({o.tobytes() for o in out}) > 4  # different crops / flips per example
+
+
+def test_device_augmentation_reflect_padding_and_flip_match_numpy():
+    import jax
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (16, 8, 8, 3)).astype(np.uint8)
+    key = jax.random.key(3)
+    out = np.asarray(
+        ip.augment_on_device(images, key, kind="pad_crop_flip", pad=2, pad_mode="reflect")
+    )
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+    for i in range(16):  # each output is one window of the reflect-padded image, maybe flipped
+        windows = [
+            w
+            for dy in range(5)
+            for dx in range(5)
+            for w in (
+                padded[i, dy : dy + 8, dx : dx + 8],
+                padded[i, dy : dy + 8, dx : dx + 8][:, ::-1],
+            )
+        ]
+        assert any(np.array_equal(out[i], w) for w in windows), i
+    assert not np.array_equal(out, images)  # something moved
+
+
+def test_training_on_device_batches_needs_no_tensorflow(fmnist_dir, tmp_path):
+    """`data_on_device=True` trains (IDX files, batches made by jit) with tensorflow unusable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['tensorflow'] = None\n"  # any `import tensorflow` now fails
+        "from configs.fashion_mnist import get_config\n"
+        "from ffcl_jax import train\n"
+        "config = get_config()\n"
+        f"config.update(idx_dir={fmnist_dir!r}, teacher='resnet8', student='resnet8', "
+        "batch_size=32, eval_batch_size=50, num_epochs=1, lr_decay_epochs=(), "
+        "data_on_device=True)\n"
+        f"r = train.train_and_evaluate(config, {str(tmp_path)!r})\n"
+        "print('STEPS', r['history'][-1]['step'])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "STEPS 8" in done.stdout  # 256 examples / batch 32
 
 
 def test_eval_batches_pad_and_mask_every_example_once():
