@@ -74,10 +74,15 @@ def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     return flat
 
 
+# Config keys added after checkpoints were first written, with the value that reproduces what
+# runs did before the key existed: a checkpoint without the key resumes under that value.
+ADDED_KEYS = {"data_on_device": False, "xla_cpu_ynn_fusion": "auto"}
+
+
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     """Human-readable differences between a checkpoint's config and `config`, resumable keys
     excepted."""
-    before, now = flat_config(saved), flat_config(config)
+    before, now = {**ADDED_KEYS, **flat_config(saved)}, flat_config(config)
     resumable = set(RESUMABLE_KEYS)
     if now.get("batch_norm") == "per_device":
         resumable.discard("mesh.data")  # the device count is then part of the normalisation

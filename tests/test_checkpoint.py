@@ -208,6 +208,18 @@ def _other_model(workdir) -> None:
         json.dump(meta, f)
 
 
+def test_keys_added_later_resume_at_their_old_behaviour(fmnist_dir):
+    config = tiny_config(fmnist_dir)
+    saved = checkpoint.flat_config(config)
+    for key in checkpoint.ADDED_KEYS:  # a checkpoint written before these keys existed
+        saved.pop(key)
+    assert checkpoint.config_differences(saved, config) == []
+    config.data_on_device = True  # not what such a run did: refused
+    assert checkpoint.config_differences(saved, config) == [
+        "data_on_device=False in the checkpoint but True now"
+    ]
+
+
 # A failed restore leaves orbax's background callbacks to report the same failure again.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
