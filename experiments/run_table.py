@@ -300,8 +300,9 @@ def plot_students(records: list[dict], path: str) -> None:
 DEFAULT_PROTOCOL = """Protocol (`configs/fashion_mnist.py`, the README demo's): teacher
 ResNet-20 (0.27M parameters, 3 blocks a stage) and student ResNet-8 (0.08M, 1 block a stage):
 two depths of one family, small enough for a 2-core CPU, with a teacher clearly stronger than
-the student (91.0% vs 89.3% in the demo), so every method has something to transfer. 3 epochs of the 60,000 training images, SGD
-Nesterov lr 0.1 x0.1 at epoch 2, batch 128, wd 1e-4 (fusion 1e-5), ramp-up of the
+the student (91.0% vs 89.3% in the demo), so every method has something to transfer.
+3 epochs of the 60,000 training images, SGD Nesterov lr 0.1 x0.1 at epoch 2, batch 128,
+wd 1e-4 (fusion 1e-5), ramp-up of the
 distillation weights over epoch 1, zero-pad 2 + crop + flip; test top-1 on all 10,000 test
 images after every epoch. A cohort run takes about 10 minutes on the 2-core CPU (the kd run,
 which trains only the student, about 6), so the 30 JAX runs take about 5 hours: long enough
