@@ -37,9 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.fusion_channels = config_dict.placeholder(int)  # C_fused; None: the student's channels
     c.compute_dtype = "float32"  # or "bfloat16" (losses stay float32)
     # XLA:CPU only, what YNNPACK fusions take: "eltwise" (elementwise ops: keeps a deep ResNet's
-    # backward pass linear in depth), "dot" (no convolutions: faster for shallow pairs),
-    # "xla_default", or "auto" (eltwise when a network has >= 5 blocks a stage, else dot).
-    # See ffcl_jax.train.compiler_options.
+    # backward pass linear in depth), "dot" (dots only), "xla_default", or "auto" (eltwise when
+    # a network has >= 5 blocks a stage, else XLA's defaults). See train.compiler_options.
     c.xla_cpu_ynn_fusion = "auto"
 
     # Loss settings; None = the method preset's value.

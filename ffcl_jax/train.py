@@ -229,15 +229,16 @@ def build(
 # every backward consumer that needs a ReLU mask, so each block's backward recomputes every
 # earlier block of its stage: O(depth^2) work (ResNet-110's fwd+bwd 2x slower than linear).
 # Handing elementwise ops to YNNPACK fusions instead (library fusions, which the loop fusion pass
-# leaves alone) keeps the step linear in depth. For shallow networks that costs a little, and
-# convolutions run faster outside YNNPACK there; the numbers behind the choice are in
-# experiments/README.md. Only XLA:CPU reads these options; each sets the list of YNNPACK fusion
-# types (replacing XLA's default list, individual dots and convolutions).
+# leaves alone) keeps the step linear in depth: the cifar100 pair's step 3x faster. For shallow
+# pairs every setting tried is within +-5% of XLA's defaults, which are then kept (and with them
+# the exact numerics of earlier runs). Measurements: experiments/README.md and the README's
+# Speed section. Only XLA:CPU reads these options; each replaces XLA's default list of YNNPACK
+# fusion types (individual dots and convolutions).
 CPU_YNN_FUSION = {
     "eltwise": "LIBRARY_FUSION_TYPE_ELTWISE",
     "dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
-DEEP_BLOCKS_PER_STAGE = 5  # measured crossover: ResNet-20 (3) gains nothing, ResNet-56 (9) does
+DEEP_BLOCKS_PER_STAGE = 5  # ResNet-20 (3 a stage) gains nothing, ResNet-56 (9) gains 1.3x
 
 
 @functools.cache
@@ -256,7 +257,7 @@ def compiler_options(config) -> dict[str, str] | None:
     choice = config.get("xla_cpu_ynn_fusion", "auto")
     if choice == "auto":
         deep = max(models.blocks_per_stage(config.teacher), models.blocks_per_stage(config.student))
-        choice = "eltwise" if deep >= DEEP_BLOCKS_PER_STAGE else "dot"
+        choice = "eltwise" if deep >= DEEP_BLOCKS_PER_STAGE else "xla_default"
     if choice == "xla_default" or jax.default_backend() != "cpu":
         return None
     value = CPU_YNN_FUSION[choice]

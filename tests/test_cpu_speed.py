@@ -56,12 +56,15 @@ def test_auto_picks_the_linear_setting_for_deep_networks():
     assert train.compiler_options(config) == {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"
     }
-    config.teacher, config.student = "resnet20", "resnet8"
+    config.student = "wrn_40_1"  # 6 blocks a stage: the deeper network decides
+    config.teacher = "resnet8"
+    assert train.compiler_options(config) is not None
+    config.teacher, config.student = "resnet20", "resnet8"  # shallow: XLA's defaults
+    assert train.compiler_options(config) is None
+    config.xla_cpu_ynn_fusion = "dot"
     assert train.compiler_options(config) == {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
     }
-    config.xla_cpu_ynn_fusion = "xla_default"
-    assert train.compiler_options(config) is None
 
 
 def test_largest_fusion_does_not_grow_with_depth():
