@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 
+import readme_block  # experiments/, beside this script
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -56,7 +57,7 @@ _WORKER = flags.DEFINE_string("worker", None, "Internal: run one framework and p
 _DEVICE = flags.DEFINE_string("torch_device", None, "PyTorch device (default: cuda if present).")
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
-README = os.path.join(ROOT, "README.md")
+README = readme_block.README
 
 
 def peak_rss_mb() -> float:
@@ -308,15 +309,7 @@ def write_readme() -> None:
             *rows,
         ]
     )
-    with open(README) as f:
-        text = f.read()
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} block to fill")
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1]
-    with open(README, "w") as f:
-        f.write(f"{before}{start}\n{table}\n{end}{after}")
+    readme_block.replace_block("bench", table, README)
     print(f"README table: {len(rows)} rows from {RESULTS}/bench_*.json")
 
 

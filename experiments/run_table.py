@@ -3,6 +3,7 @@
     python experiments/run_table.py                     # every run still missing, then the table
     python experiments/run_table.py --seeds=0 --runs=ffcl,independent,kd
     python experiments/run_table.py --report_only       # only rewrite the table from finished runs
+    python experiments/run_table.py --report_only --readme   # ... and README.md's copy of it
 
 Each run is one subprocess (`python -m ffcl_jax.main ...` or the PyTorch reference), in its own
 workdir under `--root`. A run whose workdir holds `results.json` is finished and skipped; an
@@ -30,6 +31,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import readme_block  # experiments/, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("student", "teacher", "fused", "ensemble")
@@ -263,6 +266,10 @@ def write_markdown(rows: list[dict], records: list[dict], args, protocol: str) -
         )
     with open(args.output + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+    if args.readme:  # the summary table (not the per-run list) goes into the README too
+        table = lines[lines.index(next(x for x in lines if x.startswith("| method"))) :]
+        table = table[: table.index("")]
+        readme_block.replace_block("fashion-mnist-table", "\n".join(table))
 
 
 def plot_students(records: list[dict], path: str) -> None:
@@ -348,6 +355,7 @@ def parse_args(argv=None):
         "--extra", default="", help="extra config overrides for every run, e.g. num_epochs=1"
     )
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--readme", action="store_true", help="also write the table into README.md")
     args = parser.parse_args(argv)
     args.all_seeds = [int(s) for s in args.seeds.split(",") if s]
     args.extra = [o for o in args.extra.split(",") if o]

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 pytest.importorskip("torch")
 
 import bench_step  # noqa: E402
+import readme_block  # noqa: E402
 import run_table  # noqa: E402
 
 TINY = [
@@ -64,7 +65,7 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     assert f"**{result['ratio']['step']:.2f}**" in rows[0]
 
 
-def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_path):
+def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_path, monkeypatch):
     root, output = tmp_path / "runs", tmp_path / "out" / "table"
     extra = (
         f"idx_dir={fmnist_dir},teacher=resnet8,student=resnet8,batch_size=32,num_epochs=1,"
@@ -107,7 +108,12 @@ def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_p
     assert (tmp_path / "out" / "table_student.png").stat().st_size > 0
     assert (tmp_path / "out" / "table_runs" / "jax_kd_seed0" / "metrics.jsonl").exists()
 
-    # A second call finds every run finished and starts nothing.
+    # A second call finds every run finished and starts nothing; --readme fills the README.
     stamps = {name: os.path.getmtime(root / name / "results.json") for name in finished}
-    run_table.main(args)
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- fashion-mnist-table:start -->\n<!-- fashion-mnist-table:end -->\n")
+    monkeypatch.setattr(readme_block, "README", str(readme))
+    run_table.main([*args, "--readme"])
     assert stamps == {name: os.path.getmtime(root / name / "results.json") for name in finished}
+    block = readme.read_text().splitlines()
+    assert block[2].startswith("| method") and "| independent | jax | 2/2 |" in block[4]
