@@ -43,19 +43,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: `experiments` and `ffcl_jax` from the repo root
     sys.path.insert(0, ROOT)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
-_MODES = flags.DEFINE_list("modes", ["step", "epoch"], "step and/or epoch.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps after the warm-up (step mode).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (compile, allocator warm-up).")
-_EPOCH_EXAMPLES = flags.DEFINE_integer(
-    "epoch_examples", None, "Epoch mode: train on the first N examples (default: the split)."
-)
-_FRAMEWORKS = flags.DEFINE_list("frameworks", ["jax", "pytorch"], "Which sides to run.")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: experiments/results/bench_...)")
-_README = flags.DEFINE_bool("readme", False, "Only rewrite the README table from the results.")
-_WORKER = flags.DEFINE_string("worker", None, "Internal: run one framework and print JSON.")
-_DEVICE = flags.DEFINE_string("torch_device", None, "PyTorch device (default: cuda if present).")
 
+def define_flags() -> None:
+    """Flags exist only when this file runs as a script: importing it (tests do) next to
+    `ffcl_jax.main`, which defines `--config` too, must not clash."""
+    config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
+    flags.DEFINE_list("modes", ["step", "epoch"], "step and/or epoch.")
+    flags.DEFINE_integer("repeats", 10, "Timed steps after the warm-up (step mode).")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps first (compile, allocator warm-up).")
+    flags.DEFINE_integer(
+        "epoch_examples", None, "Epoch mode: train on the first N examples (default: the split)."
+    )
+    flags.DEFINE_list("frameworks", ["jax", "pytorch"], "Which sides to run.")
+    flags.DEFINE_string("output", None, "JSON path (default: experiments/results/bench_...)")
+    flags.DEFINE_bool("readme", False, "Only rewrite the README table from the results.")
+    flags.DEFINE_string("worker", None, "Internal: run one framework and print JSON.")
+    flags.DEFINE_string("torch_device", None, "PyTorch device (default: cuda if present).")
+
+
+FLAGS = flags.FLAGS
 RESULTS = os.path.join(ROOT, "experiments", "results")
 README = readme_block.README
 
@@ -125,11 +131,11 @@ def jax_worker(config, modes) -> dict:
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         first = time.perf_counter() - start
-        for _ in range(_WARMUP.value - 1):
+        for _ in range(FLAGS.warmup - 1):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         times = []
-        for _ in range(_REPEATS.value):
+        for _ in range(FLAGS.repeats):
             start = time.perf_counter()
             state, metrics = step(state, batch)
             jax.block_until_ready(metrics)
@@ -142,8 +148,8 @@ def jax_worker(config, modes) -> dict:
         }
     if "epoch" in modes:
         images, labels = input_pipeline.load_split(config, "train")
-        if _EPOCH_EXAMPLES.value:
-            images, labels = images[: _EPOCH_EXAMPLES.value], labels[: _EPOCH_EXAMPLES.value]
+        if FLAGS.epoch_examples:
+            images, labels = images[: FLAGS.epoch_examples], labels[: FLAGS.epoch_examples]
         data = train.make_train_data(config, images, labels, mesh)
         setup, state = fresh(data.steps_per_epoch)
         step, _ = train.jit_steps(setup, config)
@@ -171,7 +177,7 @@ def torch_worker(config, modes) -> dict:
     from experiments.pytorch_reference import train as reference
     from ffcl_jax import input_pipeline
 
-    device = _DEVICE.value or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = FLAGS.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     cuda = device.startswith("cuda")
 
@@ -207,10 +213,10 @@ def torch_worker(config, modes) -> dict:
         start = time.perf_counter()
         step()
         first = time.perf_counter() - start
-        for _ in range(_WARMUP.value - 1):
+        for _ in range(FLAGS.warmup - 1):
             step()
         times = []
-        for _ in range(_REPEATS.value):
+        for _ in range(FLAGS.repeats):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
@@ -224,8 +230,8 @@ def torch_worker(config, modes) -> dict:
         }
     if "epoch" in modes:
         images, labels = input_pipeline.load_split(config, "train")
-        if _EPOCH_EXAMPLES.value:
-            images, labels = images[: _EPOCH_EXAMPLES.value], labels[: _EPOCH_EXAMPLES.value]
+        if FLAGS.epoch_examples:
+            images, labels = images[: FLAGS.epoch_examples], labels[: FLAGS.epoch_examples]
         steps = len(images) // config.batch_size
         cohort, optimizer, schedule, settings, info = reference.build(config, steps, device)
         cohort.train()
@@ -315,16 +321,16 @@ def write_readme() -> None:
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    modes = [m for m in _MODES.value if m in ("step", "epoch")]
-    if _WORKER.value:
-        worker = jax_worker if _WORKER.value == "jax" else torch_worker
+    config = FLAGS.config
+    modes = [m for m in FLAGS.modes if m in ("step", "epoch")]
+    if FLAGS.worker:
+        worker = jax_worker if FLAGS.worker == "jax" else torch_worker
         print(json.dumps(worker(config, modes)))
         return
-    if _README.value:
+    if FLAGS.readme:
         write_readme()
         return
-    sides = {framework: run_worker(framework) for framework in _FRAMEWORKS.value}
+    sides = {framework: run_worker(framework) for framework in FLAGS.frameworks}
     result = {
         "pair": f"{config.teacher}+{config.student}",
         "method": config.method,
@@ -349,11 +355,12 @@ def main(argv):
             )
     print(json.dumps(result, indent=1))
     device = sides.get("jax", sides.get("pytorch"))["device"]
-    path = _OUTPUT.value or os.path.join(RESULTS, result_name(config, device) + ".json")
+    path = FLAGS.output or os.path.join(RESULTS, result_name(config, device) + ".json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
