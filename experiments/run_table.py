@@ -112,19 +112,26 @@ def shown_command(run: Run, seed: int, args) -> str:
 
 def started_at(run: Run, seed: int, args) -> dict:
     """What the driver wrote when it (last) started the run: command, commit, time."""
-    path = os.path.join(args.root, run_id(run, seed), "table_run.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    for path in (
+        os.path.join(args.root, run_id(run, seed), "table_run.json"),
+        os.path.join(f"{args.output}_runs", run_id(run, seed), "table_run.json"),
+    ):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return {}
 
 
 def finished(run: Run, seed: int, args) -> dict | None:
-    path = os.path.join(args.root, run_id(run, seed), "results.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The run's results: from its workdir, or else from the committed copy (a fresh clone)."""
+    for path in (
+        os.path.join(args.root, run_id(run, seed), "results.json"),
+        os.path.join(f"{args.output}_runs", run_id(run, seed), "results.json"),
+    ):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
 
 
 class Stop(Exception):
@@ -172,9 +179,9 @@ def collect(args) -> list[dict]:
             rid = run_id(run, seed)
             copy_dir = f"{args.output}_runs/{rid}"
             os.makedirs(copy_dir, exist_ok=True)
-            for name in ("results.json", "metrics.jsonl"):
+            for name in ("results.json", "metrics.jsonl", "table_run.json"):
                 src = os.path.join(args.root, rid, name)
-                if os.path.exists(src):
+                if os.path.exists(src):  # absent when the committed copy is all there is
                     shutil.copyfile(src, os.path.join(copy_dir, name))
             records.append(
                 {
@@ -388,8 +395,16 @@ def main(argv=None) -> None:
                 for run in (r for r in args.selected if r.ablation == ablations):
                     if finished(run, seed, args):
                         continue
-                    if run.needs and not finished(find_run(run.needs, run.framework), seed, args):
-                        print(f"== {run_id(run, seed)}: skipped, needs {run.needs} first")
+                    teacher_dir = (
+                        os.path.join(args.root, run_id(find_run(run.needs, run.framework), seed))
+                        if run.needs
+                        else None
+                    )
+                    if teacher_dir and not os.path.isdir(os.path.join(teacher_dir, "checkpoints")):
+                        print(
+                            f"== {run_id(run, seed)}: skipped, needs the checkpoint of "
+                            f"{teacher_dir} (run {run.needs} there first)"
+                        )
                         continue
                     execute(run, seed, args, child)
     except Stop:
