@@ -192,7 +192,6 @@ def torch_worker(config, modes) -> dict:
         if cuda
         else f"cpu, {torch.get_num_threads()} threads",
     }
-    info = input_pipeline.dataset_info(config.dataset)
     if "step" in modes:
         cohort, optimizer, schedule, settings, info = reference.build(config, 1000, device)
         cohort.train()

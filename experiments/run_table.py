@@ -97,11 +97,13 @@ def command(run: Run, seed: int, args) -> list[str]:
     ]
     argv += [f"--config.{o}" for o in run.overrides]
     if run.needs:
-        teacher_run = find_run(run.needs, run.framework)
-        argv.append(
-            f"--config.teacher_checkpoint={os.path.join(args.root, run_id(teacher_run, seed))}"
-        )
+        argv.append(f"--config.teacher_checkpoint={teacher_workdir(run, seed, args)}")
     return argv + [f"--config.{o}" for o in args.extra]
+
+
+def teacher_workdir(run: Run, seed: int, args) -> str:
+    """kd: the workdir of the run (same seed) whose teacher it distils."""
+    return os.path.join(args.root, run_id(find_run(run.needs, run.framework), seed))
 
 
 def shown_command(run: Run, seed: int, args) -> str:
@@ -110,28 +112,24 @@ def shown_command(run: Run, seed: int, args) -> str:
     return " ".join(w.replace(ROOT + os.sep, "") for w in words)
 
 
-def started_at(run: Run, seed: int, args) -> dict:
-    """What the driver wrote when it (last) started the run: command, commit, time."""
-    for path in (
-        os.path.join(args.root, run_id(run, seed), "table_run.json"),
-        os.path.join(f"{args.output}_runs", run_id(run, seed), "table_run.json"),
-    ):
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-    return {}
-
-
-def finished(run: Run, seed: int, args) -> dict | None:
-    """The run's results: from its workdir, or else from the committed copy (a fresh clone)."""
-    for path in (
-        os.path.join(args.root, run_id(run, seed), "results.json"),
-        os.path.join(f"{args.output}_runs", run_id(run, seed), "results.json"),
-    ):
+def read_run_file(run: Run, seed: int, args, name: str) -> dict | None:
+    """A JSON file of the run: from its workdir, or else from the committed copy (fresh clone)."""
+    for folder in (args.root, f"{args.output}_runs"):
+        path = os.path.join(folder, run_id(run, seed), name)
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
     return None
+
+
+def started_at(run: Run, seed: int, args) -> dict:
+    """What the driver wrote when it (last) started the run: command, commit, time."""
+    return read_run_file(run, seed, args, "table_run.json") or {}
+
+
+def finished(run: Run, seed: int, args) -> dict | None:
+    """The run's results, if it finished."""
+    return read_run_file(run, seed, args, "results.json")
 
 
 class Stop(Exception):
@@ -395,15 +393,11 @@ def main(argv=None) -> None:
                 for run in (r for r in args.selected if r.ablation == ablations):
                     if finished(run, seed, args):
                         continue
-                    teacher_dir = (
-                        os.path.join(args.root, run_id(find_run(run.needs, run.framework), seed))
-                        if run.needs
-                        else None
-                    )
-                    if teacher_dir and not os.path.isdir(os.path.join(teacher_dir, "checkpoints")):
+                    teacher = teacher_workdir(run, seed, args) if run.needs else None
+                    if teacher and not os.path.isdir(os.path.join(teacher, "checkpoints")):
                         print(
                             f"== {run_id(run, seed)}: skipped, needs the checkpoint of "
-                            f"{teacher_dir} (run {run.needs} there first)"
+                            f"{teacher} (run {run.needs} there first)"
                         )
                         continue
                     execute(run, seed, args, child)
