@@ -42,9 +42,8 @@ def check_model_name(name: str) -> None:
 def blocks_per_stage(name: str) -> int:
     """Residual blocks in each of a zoo model's three stages (what its backward cost grows with)."""
     check_model_name(name)
-    factory = MODELS[name]
-    depth = factory.args[0]
-    return (depth - 2) // 6 if factory.func is CifarResNet else (depth - 4) // 6
+    factory = MODELS[name]  # a partial of the network class with its depth first
+    return factory.func.blocks_per_stage(factory.args[0])
 
 
 def create_model(

@@ -38,6 +38,10 @@ class BasicBlock(nnx.Module):
 class CifarResNet(nnx.Module):
     """Returns `(logits, [stage_1, stage_2, stage_3])`, each stage map in NHWC."""
 
+    @staticmethod
+    def blocks_per_stage(depth: int) -> int:
+        return (depth - 2) // 6
+
     def __init__(
         self,
         depth: int,
@@ -51,7 +55,7 @@ class CifarResNet(nnx.Module):
     ):
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
-        blocks_per_stage = (depth - 2) // 6
+        blocks_per_stage = self.blocks_per_stage(depth)
         self.stage_channels = tuple(widths)
         self.stem_conv = conv(in_channels, stem_channels, 3, dtype=dtype, rngs=rngs)
         self.stem_bn = batch_norm(stem_channels, dtype=dtype, rngs=rngs)

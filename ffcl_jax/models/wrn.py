@@ -38,6 +38,10 @@ class WideBlock(nnx.Module):
 class WideResNet(nnx.Module):
     """Returns `(logits, [stage_1, stage_2, relu(bn(stage_3))])`, each in NHWC."""
 
+    @staticmethod
+    def blocks_per_stage(depth: int) -> int:
+        return (depth - 4) // 6
+
     def __init__(
         self,
         depth: int,
@@ -50,7 +54,7 @@ class WideResNet(nnx.Module):
     ):
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}")
-        blocks_per_stage = (depth - 4) // 6
+        blocks_per_stage = self.blocks_per_stage(depth)
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.stage_channels = widths
         self.stem_conv = conv(in_channels, 16, 3, dtype=dtype, rngs=rngs)
