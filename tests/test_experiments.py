@@ -117,3 +117,29 @@ def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_p
     assert stamps == {name: os.path.getmtime(root / name / "results.json") for name in finished}
     block = readme.read_text().splitlines()
     assert block[2].startswith("| method") and "| independent | jax | 2/2 |" in block[4]
+
+
+def test_paired_difference_matches_a_paired_t_test():
+    import scipy.stats
+
+    def records(lasts):
+        return [
+            {"seed": seed, "summary": {"student": {"last": last}}} for seed, last in lasts.items()
+        ]
+
+    mine = records({0: 0.894, 1: 0.889, 2: 0.895})
+    reference = records({2: 0.890, 0: 0.891, 1: 0.885, 3: 0.5})  # seed 3: no partner, unused
+    diff = run_table.paired_difference(mine, reference)
+    expected = scipy.stats.ttest_rel([89.4, 88.9, 89.5], [89.1, 88.5, 89.0])
+    assert diff["n"] == 3
+    assert diff["mean"] == pytest.approx((0.3 + 0.4 + 0.5) / 3)
+    interval = expected.confidence_interval(0.95)
+    assert diff["ci95"] == pytest.approx([interval.low, interval.high])
+    cell = run_table.format_difference(diff, "independent")
+    assert cell.startswith("**+0.40 [") and cell.endswith("vs independent (n=3)")  # excludes 0
+    single = run_table.paired_difference(mine[:1], reference)
+    assert "ci95" not in single
+    assert run_table.format_difference(single, "ffcl") == "+0.30 vs ffcl (n=1)"
+    wide = run_table.paired_difference(records({0: 0.893, 1: 0.888}), reference)
+    assert run_table.format_difference(wide, "ffcl").startswith("+0.25 [")  # includes 0: plain
+    assert run_table.format_difference(None, None) == "-"
