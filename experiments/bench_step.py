@@ -96,6 +96,7 @@ def jax_worker(config, modes) -> dict:
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compiler_options": train.compiler_options(config),
+        "closed_form_batch_norm": train.closed_form_batch_norm(config),
     }
     mesh = train.Mesh()
 
@@ -277,6 +278,8 @@ def result_name(config, device: str) -> str:
     flags_tag = "_xlaflags" if os.environ.get("XLA_FLAGS") else ""
     if config.get("xla_cpu_ynn_fusion", "auto") != "auto":
         flags_tag += f"_ynn_{config.xla_cpu_ynn_fusion}"
+    if config.get("batch_norm_backward", "auto") != "auto":
+        flags_tag += f"_bn_{config.batch_norm_backward}"
     kind = "gpu" if "cpu" not in device.lower() else "cpu"
     return f"bench_{config.teacher}_{config.student}_b{config.batch_size}_{kind}{flags_tag}"
 
@@ -296,19 +299,22 @@ def write_readme() -> None:
             setting = (j.get("compiler_options") or {}).get(
                 "xla_cpu_experimental_ynn_fusion_type", "XLA defaults"
             )
+            setting = setting.replace("LIBRARY_FUSION_TYPE_", "ynn ").lower()
+            if j.get("closed_form_batch_norm"):
+                setting += ", closed-form BN backward"
             device = (j or t)["device"]
             if "cpu" in device.lower():
                 device = f"{r['machine']['cores']}-core {r['machine']['cpu']}"
             rows.append(
                 f"| {r['pair']} | {r['batch_size']} | {mode} | {device} | "
-                f"{setting.replace('LIBRARY_FUSION_TYPE_', 'ynn ').lower()} | "
+                f"{setting} | "
                 f"{speeds[0]} | {speeds[1]} | "
                 + (f"**{ratio:.2f}**" if ratio else "-")
                 + f" | {r['date']} | `{r['command']}` |"
             )
     table = "\n".join(
         [
-            "| pair | batch | mode | device | XLA:CPU setting | JAX img/s | PyTorch img/s "
+            "| pair | batch | mode | device | CPU tuning | JAX img/s | PyTorch img/s "
             "| JAX/PyTorch | date | command |",
             "|---|---|---|---|---|---|---|---|---|---|",
             *rows,

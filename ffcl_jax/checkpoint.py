@@ -45,6 +45,7 @@ RESUMABLE_KEYS = frozenset(
     {
         "num_epochs",
         "xla_cpu_ynn_fusion",  # a compiler setting: the same computation, other fusion decisions
+        "batch_norm_backward",  # the same gradient, other rounding
         "log_every_steps",
         "eval_every_epochs",
         "checkpoint_every_epochs",
@@ -76,7 +77,11 @@ def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
 
 # Config keys added after checkpoints were first written, with the value that reproduces what
 # runs did before the key existed: a checkpoint without the key resumes under that value.
-ADDED_KEYS = {"data_on_device": False, "xla_cpu_ynn_fusion": "auto"}
+ADDED_KEYS = {
+    "data_on_device": False,
+    "xla_cpu_ynn_fusion": "auto",
+    "batch_norm_backward": "autodiff",
+}
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:

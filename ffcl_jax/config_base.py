@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
     # backward pass linear in depth), "dot" (dots only), "xla_default", or "auto" (eltwise when
     # a network has >= 5 blocks a stage, else XLA's defaults). See train.compiler_options.
     c.xla_cpu_ynn_fusion = "auto"
+    # BatchNorm's training backward: "closed_form" (two per-channel sums; faster for deep
+    # networks on XLA:CPU), "autodiff" (JAX differentiates the forward), or "auto" (closed_form
+    # on the CPU backend when a network has >= 5 blocks a stage). See train.closed_form_batch_norm.
+    c.batch_norm_backward = "auto"
 
     # Loss settings; None = the method preset's value.
     c.loss = ml_collections.ConfigDict()

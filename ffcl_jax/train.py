@@ -46,6 +46,7 @@ from ffcl_jax.methods import (
     cohort_objective,
     resolve_loss_settings,
 )
+from ffcl_jax.models.layers import closed_form_batch_norm_backward
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_MODELS = ("student", "teacher", "fused", "ensemble")
@@ -99,6 +100,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
             f"config.best_metric={config.best_metric!r} is not a model this run evaluates; "
             f"valid: {', '.join(valid_best)}, or '' to keep only the last checkpoints"
         )
+    for key, valid in (
+        ("xla_cpu_ynn_fusion", ("auto", "xla_default", *CPU_YNN_FUSION)),
+        ("batch_norm_backward", BATCH_NORM_BACKWARDS),
+    ):
+        if config.get(key, "auto") not in valid:
+            raise UserError(f"unknown config.{key} {config[key]!r}; valid: {', '.join(valid)}")
     if config.batch_norm not in BATCH_NORM_MODES:
         raise UserError(
             f"unknown config.batch_norm {config.batch_norm!r}; valid: {', '.join(BATCH_NORM_MODES)}"
@@ -216,7 +223,14 @@ def build(
         graphdef=graphdef,
         schedule=schedule,
         train_step=make_train_step(
-            graphdef, tx, schedule, settings, info, steps_per_epoch, per_device_mesh
+            graphdef,
+            tx,
+            schedule,
+            settings,
+            info,
+            steps_per_epoch,
+            per_device_mesh,
+            closed_form_bn=closed_form_batch_norm(config),
         ),
         eval_step=make_eval_step(graphdef, info),
     )
@@ -256,14 +270,33 @@ def compiler_options(config) -> dict[str, str] | None:
     """XLA options for the step functions: `config.xla_cpu_ynn_fusion` on the CPU backend."""
     choice = config.get("xla_cpu_ynn_fusion", "auto")
     if choice == "auto":
-        deep = max(models.blocks_per_stage(config.teacher), models.blocks_per_stage(config.student))
-        choice = "eltwise" if deep >= DEEP_BLOCKS_PER_STAGE else "xla_default"
+        deep = deepest_blocks_per_stage(config) >= DEEP_BLOCKS_PER_STAGE
+        choice = "eltwise" if deep else "xla_default"
     if choice == "xla_default" or jax.default_backend() != "cpu":
         return None
     value = CPU_YNN_FUSION[choice]
     if not _cpu_option_accepted(value):
         return None
     return {"xla_cpu_experimental_ynn_fusion_type": value}
+
+
+BATCH_NORM_BACKWARDS = ("auto", "closed_form", "autodiff")
+
+
+def closed_form_batch_norm(config) -> bool:
+    """`config.batch_norm_backward`: "auto" takes the closed form (layers.batch_norm_train) where
+    it was measured to pay off, a deep network on the CPU backend (cifar100 pair's step 1.2x);
+    for shallow pairs it changes nothing measurable and autodiff keeps earlier runs' numerics."""
+    choice = config.get("batch_norm_backward", "autodiff")
+    if choice == "auto":
+        return jax.default_backend() == "cpu" and deepest_blocks_per_stage(config) >= (
+            DEEP_BLOCKS_PER_STAGE
+        )
+    return choice == "closed_form"
+
+
+def deepest_blocks_per_stage(config) -> int:
+    return max(models.blocks_per_stage(config.teacher), models.blocks_per_stage(config.student))
 
 
 def jit_steps(setup: Setup, config) -> tuple[Callable, Callable]:
@@ -286,6 +319,8 @@ def make_train_step(
     info: input_pipeline.DatasetInfo,
     steps_per_epoch: int,
     per_device_mesh: jax.sharding.Mesh | None = None,
+    *,
+    closed_form_bn: bool = False,
 ):
     """The whole cohort update as one pure function `(state, batch) -> (state, metrics)`.
 
@@ -293,6 +328,7 @@ def make_train_step(
     device normalises its own rows (per-device BatchNorm); losses, metrics and the updated running
     statistics are averaged over devices, and the gradient of the replicated parameters is summed
     by `shard_map`'s transpose, which makes it the gradient of the global mean loss.
+    `closed_form_bn`: BatchNorm layers differentiate with `layers.batch_norm_train`.
     """
 
     def forward(params, batch_stats, batch, epoch):
@@ -300,7 +336,8 @@ def make_train_step(
         labels = batch["label"]
         # copy=True: fresh Variables owned by this (grad) trace, so BatchNorm may update them.
         cohort = nnx.merge(graphdef, params, batch_stats, copy=True)
-        outputs = cohort(images, train=True, train_teacher=settings.train_teacher)
+        with closed_form_batch_norm_backward(closed_form_bn):
+            outputs = cohort(images, train=True, train_teacher=settings.train_teacher)
         total, terms = cohort_objective(outputs, labels, settings, epoch, info.num_classes)
         for name in ("teacher", "student", "fused"):
             if f"{name}_logits" in outputs:

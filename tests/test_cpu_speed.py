@@ -3,9 +3,10 @@
 XLA:CPU's default loop fusion copies the forward residual + ReLU chain of a stage into each
 backward consumer, so the largest fusion of the compiled step holds one copy of every earlier
 block: its size grows with the depth, and the work with depth^2. With
-`xla_cpu_ynn_fusion="eltwise"` (what "auto" picks for deep networks) the largest fusion must not
-grow with the depth. The control compiles the same steps with XLA's defaults and must show the
-growth, so a change of XLA that fixes (or moves) the defect is noticed too.
+`xla_cpu_ynn_fusion="eltwise"` and the closed-form BatchNorm backward (what "auto" picks for
+deep networks) the largest fusion must not grow with the depth. The control compiles the same
+steps with XLA's defaults and must show the growth, so a change of XLA that fixes (or moves) the
+defect is noticed too.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ def largest_fusion(hlo_text: str) -> int:
     return max(sizes)
 
 
-def compiled_step_hlo(teacher: str, ynn_fusion: str) -> str:
+def compiled_step_hlo(teacher: str, ynn_fusion: str, bn_backward: str) -> str:
     config = base_config()
     config.dataset = "cifar10"
     config.teacher, config.student = teacher, "resnet8"
     config.method = "independent"  # the networks' own backward passes, nothing else
     config.batch_size = 4
     config.xla_cpu_ynn_fusion = ynn_fusion
+    config.batch_norm_backward = bn_backward
     settings = train.check_config(config, jax.device_count())
     setup, state = train.build(config, settings, steps_per_epoch=10)
     train_step, _ = train.jit_steps(setup, config)
@@ -68,15 +70,16 @@ def test_auto_picks_the_linear_setting_for_deep_networks():
 
 
 def test_largest_fusion_does_not_grow_with_depth():
-    shallow = largest_fusion(compiled_step_hlo("resnet20", "eltwise"))  # 3 blocks a stage
-    deep = largest_fusion(compiled_step_hlo("resnet56", "eltwise"))  # 9 blocks a stage
+    # What "auto" runs for deep networks, compiled at two depths.
+    shallow = largest_fusion(compiled_step_hlo("resnet20", "eltwise", "closed_form"))  # 3 a stage
+    deep = largest_fusion(compiled_step_hlo("resnet56", "eltwise", "closed_form"))  # 9 a stage
     assert deep <= 1.2 * shallow, (
         f"largest fusion {deep} instructions at 9 blocks/stage vs {shallow} at 3: the "
         "backward pass recomputes the forward chain again (quadratic in depth)"
     )
     # Control: XLA's default fusion shows the defect this setting avoids.
-    default_shallow = largest_fusion(compiled_step_hlo("resnet20", "xla_default"))
-    default_deep = largest_fusion(compiled_step_hlo("resnet56", "xla_default"))
+    default_shallow = largest_fusion(compiled_step_hlo("resnet20", "xla_default", "autodiff"))
+    default_deep = largest_fusion(compiled_step_hlo("resnet56", "xla_default", "autodiff"))
     assert default_deep >= 1.8 * default_shallow, (
         f"XLA's default fusion no longer grows with depth ({default_shallow} -> {default_deep}):"
         " re-measure whether xla_cpu_ynn_fusion='auto' still pays off (experiments/bench_step.py)"

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from ffcl_jax.errors import UserError
-from ffcl_jax.models import MODELS, create_cohort, create_model
+from ffcl_jax.models import MODELS, create_cohort, create_model, layers
 from ffcl_jax.models.fusion import FusionModule
 from ffcl_jax.models.layers import avg_pool_to
 
@@ -142,3 +142,48 @@ def test_bfloat16_compute_keeps_float32_parameters():
     logits, _ = model(jnp.ones((2, 8, 8, 1)), train=True)
     assert logits.dtype == jnp.bfloat16
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_closed_form_batch_norm_matches_flax_forward_and_autodiff(dtype):
+    """layers.BatchNorm under `closed_form_batch_norm_backward`: flax's forward and running
+    statistics exactly (float32), and the gradients autodiff gives."""
+    x = jax.random.normal(jax.random.key(0), (8, 5, 5, 6), jnp.float32) * 3 + 1
+    cotangent = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
+    x, cotangent = x.astype(dtype), cotangent.astype(dtype)
+
+    def make():
+        bn = layers.batch_norm(6, dtype=dtype, rngs=nnx.Rngs(0))
+        bn.scale[...] = jnp.linspace(0.5, 2.0, 6)
+        bn.bias[...] = jnp.linspace(-1.0, 1.0, 6)
+        return bn
+
+    def run(closed_form):
+        bn = make()
+        graphdef, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+
+        def loss(params, x):
+            model = nnx.merge(graphdef, params, stats, copy=True)
+            with layers.closed_form_batch_norm_backward(closed_form):
+                y = model(x, use_running_average=False)
+            return jnp.sum(y.astype(jnp.float32) * cotangent), (y, nnx.state(model, nnx.BatchStat))
+
+        (_, (y, new_stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+            params, x
+        )
+        return y, new_stats, grads
+
+    y_a, stats_a, (params_a, x_a) = run(False)
+    y_c, stats_c, (params_c, x_c) = run(True)
+    assert y_c.dtype == y_a.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    if dtype == jnp.float32:
+        np.testing.assert_array_equal(np.asarray(y_c), np.asarray(y_a))
+        for a, c in zip(jax.tree.leaves(stats_a), jax.tree.leaves(stats_c), strict=True):
+            np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
+    f32 = lambda t: np.asarray(t, np.float32)  # noqa: E731
+    np.testing.assert_allclose(f32(y_c), f32(y_a), **tol)
+    np.testing.assert_allclose(f32(x_c), f32(x_a), **tol)
+    for a, c in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_c), strict=True):
+        np.testing.assert_allclose(f32(c), f32(a), **tol)
+    assert float(jnp.max(jnp.abs(x_a.astype(jnp.float32)))) > 0.1  # a gradient worth comparing

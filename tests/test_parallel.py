@@ -69,6 +69,12 @@ def test_per_device_batch_norm_is_the_mean_of_per_shard_steps(device_results):
     assert per_device["one_device_vs_global"] <= 1e-6
 
 
+def test_closed_form_batch_norm_backward_under_both_shardings(device_results):
+    closed_form = device_results["closed_form"]
+    assert closed_form["global_8_vs_autodiff_1"] <= 2e-5  # as one autodiff step over 8 devices
+    assert closed_form["per_device_2_vs_halves"] <= 1e-5
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

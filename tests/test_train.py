@@ -97,6 +97,40 @@ def test_bfloat16_compute_trains_with_float32_losses_and_parameters(fmnist_dir):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
 
 
+def test_closed_form_batch_norm_backward_trains_like_autodiff(fmnist_dir):
+    """Three steps of the whole cohort (both networks, fusion module) with each BatchNorm
+    backward: the same training up to rounding, and not bit-identical (so the switch is used)."""
+    finals = {}
+    for choice in ("autodiff", "closed_form"):
+        config = tiny_config(fmnist_dir, batch_norm_backward=choice, learning_rate=0.05)
+        setup, state = build(config, steps_per_epoch=1)
+        step = jax.jit(setup.train_step, donate_argnums=0)
+        for _ in range(3):
+            state, metrics = step(state, fixed_batch(fmnist_dir))
+        finals[choice] = (state, float(metrics["loss"]))
+    (autodiff, loss_a), (closed, loss_c) = finals["autodiff"], finals["closed_form"]
+    assert loss_c == pytest.approx(loss_a, rel=1e-4)
+    for tree in ("params", "batch_stats"):
+        a, c = jax.tree.leaves(getattr(autodiff, tree)), jax.tree.leaves(getattr(closed, tree))
+        for x, y in zip(a, c, strict=True):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=2e-5)
+    pairs = zip(jax.tree.leaves(autodiff.params), jax.tree.leaves(closed.params), strict=True)
+    assert any(not np.array_equal(x, y) for x, y in pairs)
+
+
+def test_closed_form_batch_norm_is_chosen_for_deep_networks_on_the_cpu(fmnist_dir):
+    config = tiny_config(fmnist_dir)
+    assert config.batch_norm_backward == "auto"
+    config.teacher, config.student = "resnet20", "resnet8"  # 3 blocks a stage: autodiff
+    assert not train.closed_form_batch_norm(config)
+    config.teacher = "resnet56"
+    assert train.closed_form_batch_norm(config) == (jax.default_backend() == "cpu")
+    config.batch_norm_backward = "autodiff"
+    assert not train.closed_form_batch_norm(config)
+    config.teacher, config.batch_norm_backward = "resnet8", "closed_form"
+    assert train.closed_form_batch_norm(config)
+
+
 def test_no_recompilation_across_steps_epochs_and_lr_boundaries(fmnist_dir):
     config = tiny_config(fmnist_dir, lr_decay_epochs=(1,))
     setup, state = build(config, steps_per_epoch=2)
@@ -197,6 +231,8 @@ def test_a_workdir_with_a_run_but_no_checkpoint_is_refused_and_left_alone(fmnist
         ({"lr_decay_epochs": (2, 2)}, 1, "lr_decay_epochs must be strictly increasing"),
         ({"eval_every_epochs": 0}, 1, "config.eval_every_epochs must be > 0"),
         ({"num_epochs": 0}, 1, "num_epochs must be > 0"),
+        ({"batch_norm_backward": "fast"}, 1, "unknown config.batch_norm_backward 'fast'"),
+        ({"xla_cpu_ynn_fusion": "all"}, 1, "unknown config.xla_cpu_ynn_fusion 'all'"),
     ],
 )
 def test_bad_configs_fail_clearly(fmnist_dir, overrides, num_devices, message):

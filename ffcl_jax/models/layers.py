@@ -9,6 +9,10 @@ PyTorch reference a pure re-layout.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -55,10 +59,98 @@ def conv(
     )
 
 
-def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(
-        num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs
-    )
+# In training mode, BatchNorm's backward pass as autodiff writes it goes through the variance
+# formula term by term: on XLA:CPU that is many separate broadcasts and reductions per layer. The
+# closed form (two per-channel sums of the incoming gradient) is the same maths and makes a deep
+# pair's step faster on the CPU; the trainer turns it on while tracing the train step.
+_closed_form_backward = contextvars.ContextVar("closed_form_bn_backward", default=False)
+
+
+@contextlib.contextmanager
+def closed_form_batch_norm_backward(enabled: bool = True):
+    """While tracing under it, `BatchNorm` in training mode uses `batch_norm_train`."""
+    token = _closed_form_backward.set(enabled)
+    try:
+        yield
+    finally:
+        _closed_form_backward.reset(token)
+
+
+def _batch_norm_forward(x, scale, bias, epsilon):
+    """nnx.BatchNorm's training forward (fast variance), in float32 whatever `x`'s dtype."""
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axes)
+    var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x32 - mean) * (rstd * scale) + bias
+    return (y.astype(x.dtype), mean, var), (x, mean, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon):
+    """`(y, batch mean, batch variance)` over all axes but the last, with the closed-form backward.
+
+    The statistics are returned for the running averages only: their cotangents are ignored (the
+    caller must stop their gradient, as BatchNorm's running-average update does).
+    """
+    return _batch_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_backward(epsilon, residuals, cotangents):
+    del epsilon
+    x, mean, rstd, scale = residuals
+    g = cotangents[0].astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    x_hat = (x.astype(jnp.float32) - mean) * rstd
+    grad_bias = jnp.sum(g, axes)
+    grad_scale = jnp.sum(g * x_hat, axes)
+    grad_x = (scale * rstd / count) * (count * g - grad_bias - x_hat * grad_scale)
+    return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(
+    lambda x, scale, bias, epsilon: _batch_norm_forward(x, scale, bias, epsilon),
+    _batch_norm_backward,
+)
+
+
+def _varying_axes(x) -> frozenset:
+    """The shard_map mesh axes `x` varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))  # earlier versions
+
+
+class BatchNorm(nnx.BatchNorm):
+    """nnx.BatchNorm (same variables, same forward); under `closed_form_batch_norm_backward`
+    its training mode differentiates with the closed form."""
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average or mask is not None or not _closed_form_backward.get():
+            return super().__call__(x, use_running_average, mask=mask)
+        scale, bias = self.scale[...], self.bias[...]
+        # Inside shard_map (per-device BatchNorm) `x` varies over the mesh axes and the replicated
+        # parameters do not; a custom VJP cannot return the per-shard gradient of an invariant
+        # input, so the parameters are cast to varying first: the transpose of that cast sums
+        # their gradient over the shards, as autodiff does.
+        missing = tuple(sorted(_varying_axes(x) - _varying_axes(scale)))
+        if missing:
+            scale, bias = (jax.lax.pcast(v, missing, to="varying") for v in (scale, bias))
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        stop = jax.lax.stop_gradient
+        self.mean[...] = stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+        self.var[...] = stop(self.momentum * self.var[...] + (1 - self.momentum) * var)
+        return y.astype(self.dtype) if self.dtype is not None else y
+
+
+def batch_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> BatchNorm:
+    return BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
 
 
 def _torch_linear_bias_init(fan_in: int):

@@ -8,7 +8,9 @@
 - `eval`: top-1 and example counts of the same state evaluated on 1 and 8 devices;
 - `per_device`: one step with per-device BatchNorm on 2 devices against the mean of two 1-device
   steps on each half of the batch (what per-device statistics mean), and on 1 device against
-  the global mode.
+  the global mode;
+- `closed_form`: one step with the closed-form BatchNorm backward, global on 8 devices and
+  per-device on 2, against the same autodiff references.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ batches = [
 ]
 
 
-def run(num_devices: int, batch_norm: str, steps: list[dict]):
+def run(num_devices: int, batch_norm: str, steps: list[dict], bn_backward: str = "autodiff"):
     config.batch_norm = batch_norm
+    config.batch_norm_backward = bn_backward
     mesh = train.Mesh(num_devices)
     settings = train.check_config(config, mesh.size)
     setup, state = train.build(config, settings, steps_per_epoch=100, mesh=mesh)
@@ -100,4 +103,14 @@ out["per_device"]["vs_global_2_devices"] = max_diff(per_device, run(2, "global",
 out["per_device"]["one_device_vs_global"] = max_diff(
     run(1, "per_device", first)[1], run(1, "global", first)[1]
 )
+# The closed-form BatchNorm backward, sharded: global statistics over 8 devices and per-device
+# statistics over 2, against the autodiff runs above.
+out["closed_form"] = {
+    "global_8_vs_autodiff_1": max_diff(
+        run(8, "global", first, "closed_form")[1], run(1, "global", first)[1]
+    ),
+    "per_device_2_vs_halves": max_diff(
+        run(2, "per_device", first, "closed_form")[1], mean_of_halves
+    ),
+}
 print("RESULT " + json.dumps(out))
