@@ -543,8 +543,15 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
 
     def train(
-        self, step: int, epoch: int, summary: dict, img_per_sec: float, eta_seconds: float
+        self,
+        step: int,
+        epoch: int,
+        summary: dict,
+        img_per_sec: float | None,
+        eta_seconds: float | None,
     ) -> None:
+        """`img_per_sec` / `eta_seconds` are None when the interval timed no step (a log right
+        after the compiling first step, e.g. when preempted at step 1)."""
         if not self.enabled:
             return
         accuracies = " ".join(
@@ -555,12 +562,18 @@ class RunLog:
         self.print(
             f"epoch {epoch}/{self.num_epochs} step {step}/{self.total_steps} | "
             f"loss {summary['loss']:.4f} | "
-            f"train acc {accuracies} | {img_per_sec:.0f} img/s | "
-            f"ETA {_format_duration(eta_seconds)}"
+            f"train acc {accuracies} | "
+            + (
+                f"{img_per_sec:.0f} img/s | ETA {_format_duration(eta_seconds)}"
+                if img_per_sec
+                else "speed not measured yet"
+            )
         )
         self._jsonl(kind="train", step=step, epoch=epoch, img_per_sec=img_per_sec, **summary)
         scalars = {f"train/{k}": v for k, v in summary.items()}
-        self.writer.write_scalars(step, {**scalars, "train/img_per_sec": img_per_sec})
+        if img_per_sec:
+            scalars["train/img_per_sec"] = img_per_sec
+        self.writer.write_scalars(step, scalars)
 
     def eval(self, row: dict, seconds: float) -> None:
         if not self.enabled:
@@ -867,8 +880,10 @@ def _train_loop(
                 if interval_steps:
                     progress["train_seconds"] += elapsed
                     progress["measured_steps"] += interval_steps
-                img_per_sec = interval_steps * config.batch_size / max(elapsed, 1e-9)
-                eta = (total_steps - step) * config.batch_size / max(img_per_sec, 1e-9)
+                img_per_sec = eta = None
+                if interval_steps:
+                    img_per_sec = interval_steps * config.batch_size / max(elapsed, 1e-9)
+                    eta = (total_steps - step) * config.batch_size / img_per_sec
                 log.train(step, epoch + 1, summary, img_per_sec, eta)
                 pending, interval_start, interval_steps = [], time.time(), 0
                 interval_first = step + 1

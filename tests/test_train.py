@@ -346,3 +346,18 @@ def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert message in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_progress_line_without_a_timed_step_shows_no_speed(tmp_path, capsys):
+    """A log right after the compiling first step (preempted at step 1) has timed no step: no
+    speed and no ETA instead of 0 img/s and an absurd ETA."""
+    log = train.RunLog(str(tmp_path), True, num_epochs=3, total_steps=100)
+    summary = {"loss": 2.5, "train_acc_teacher": 0.1, "train_acc_student": 0.2}
+    log.train(1, 1, summary, None, None)
+    log.train(10, 1, summary, 640.0, 90 * 32 / 640.0)
+    log.close()
+    lines = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert lines[0].endswith("train acc T 0.100 S 0.200 | speed not measured yet"), lines[0]
+    assert lines[1].endswith("| 640 img/s | ETA 0m04s"), lines[1]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["img_per_sec"] for r in rows] == [None, 640.0]
