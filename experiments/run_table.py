@@ -235,9 +235,10 @@ def paired_difference(mine: list[dict], reference: list[dict], model: str = "stu
 
 
 def format_difference(diff: dict | None, reference: str | None) -> str:
-    if reference is None:
+    """`+0.40 [+0.15, +0.65] vs reference (n=3)`; "-" without a difference to show."""
+    if diff is None:
         return "-"
-    if not diff["n"]:
+    if diff.get("mean") is None:
         return "pending"
     text = f"{diff['mean']:+.2f}"
     if "ci95" in diff:
@@ -245,7 +246,62 @@ def format_difference(diff: dict | None, reference: str | None) -> str:
         text += f" [{low:+.2f}, {high:+.2f}]"
         if low > 0 or high < 0:
             text = f"**{text}**"
-    return f"{text} vs {reference} (n={diff['n']})"
+    n = "/".join(map(str, diff["n"])) if isinstance(diff["n"], list) else diff["n"]
+    return f"{text} vs {reference} (n={n})" if reference else f"{text} (n={n})"
+
+
+def framework_difference(pytorch: list[float], jax_: list[float]) -> dict:
+    """PyTorch minus JAX (top-1 in points), unpaired: the two draw different initial weights and
+    batches for the same seed. Welch's 95% interval when both have >= 2 seeds."""
+    out = {"n": [len(pytorch), len(jax_)]}
+    if pytorch and jax_:
+        out["mean"] = 100 * (statistics.fmean(pytorch) - statistics.fmean(jax_))
+    if len(pytorch) >= 2 and len(jax_) >= 2:
+        test = scipy.stats.ttest_ind(pytorch, jax_, equal_var=False)
+        interval = test.confidence_interval(0.95)
+        out["ci95"] = [100 * interval.low, 100 * interval.high]
+    return out
+
+
+def claim_lines(records: list[dict]) -> list[str]:
+    """The paper's claim, pair by pair: FFCL's student against each baseline (JAX, paired by
+    seed), and each model of the rows both frameworks ran, PyTorch against JAX."""
+
+    def runs(method: str, framework: str = "jax") -> list[dict]:
+        return [r for r in records if r["method"] == method and r["framework"] == framework]
+
+    lines = [
+        "## FFCL against each baseline, and PyTorch against JAX",
+        "",
+        "Last-epoch top-1 in points (the student where no model is named); 95% t-interval;",
+        "**bold** when it excludes 0.",
+        "",
+        "| comparison | difference |",
+        "|---|---|",
+    ]
+    for baseline in ("independent", "kd", "dml", "ffl"):
+        diff = paired_difference(runs("ffcl"), runs(baseline))
+        lines.append(
+            f"| ffcl - {baseline} (jax, paired by seed) | {format_difference(diff, None)} |"
+        )
+    for method in ("independent", "ffcl"):
+        for model in MODELS:
+            values = {
+                framework: [
+                    r["summary"][model]["last"]
+                    for r in runs(method, framework)
+                    if model in r["summary"]
+                ]
+                for framework in ("pytorch", "jax")
+            }
+            if not (values["pytorch"] or values["jax"]):
+                continue
+            diff = framework_difference(values["pytorch"], values["jax"])
+            lines.append(
+                f"| {method} {model}: pytorch - jax (unpaired, Welch) | "
+                f"{format_difference(diff, None)} |"
+            )
+    return lines
 
 
 def aggregate(records: list[dict], args) -> list[dict]:
@@ -315,6 +371,7 @@ def write_markdown(rows: list[dict], records: list[dict], args, protocol: str) -
         wall = row["wall_seconds_mean"]
         cells.append(f"{wall / 60:.1f} min" if wall else "pending")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *claim_lines(records)]
     lines += ["", "Methods:", ""]
     lines += [f"- `{r.name}` ({r.framework}): {r.description}" for r in RUNS]
     lines += ["", "## Runs", "", "| run | student last | wall | command |", "|---|---|---|---|"]

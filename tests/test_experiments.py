@@ -143,3 +143,31 @@ def test_paired_difference_matches_a_paired_t_test():
     wide = run_table.paired_difference(records({0: 0.893, 1: 0.888}), reference)
     assert run_table.format_difference(wide, "ffcl").startswith("+0.25 [")  # includes 0: plain
     assert run_table.format_difference(None, None) == "-"
+
+
+def test_claim_section_pairs_ffcl_with_each_baseline_and_compares_frameworks():
+    import scipy.stats
+
+    def record(method, framework, seed, student, teacher=0.9):
+        summary = {"student": {"last": student}, "teacher": {"last": teacher}}
+        return {"method": method, "framework": framework, "seed": seed, "summary": summary}
+
+    records = [
+        *(record("ffcl", "jax", s, v) for s, v in enumerate([0.890, 0.880, 0.885])),
+        *(record("ffl", "jax", s, v) for s, v in enumerate([0.898, 0.889, 0.892])),
+        *(record("independent", "jax", s, v) for s, v in enumerate([0.889, 0.890, 0.884])),
+        *(record("independent", "pytorch", s, v) for s, v in enumerate([0.895, 0.896])),
+    ]
+    lines = run_table.claim_lines(records)
+    by_label = dict(line.strip("| ").split(" | ") for line in lines[7:])
+    # ffl beats ffcl by 0.8/0.9/0.7 points: the interval excludes 0.
+    assert by_label["ffcl - ffl (jax, paired by seed)"].startswith("**-0.80 [")
+    assert by_label["ffcl - independent (jax, paired by seed)"].startswith("-0.27 [")
+    assert by_label["ffcl - kd (jax, paired by seed)"] == "pending"
+    welch = scipy.stats.ttest_ind([89.5, 89.6], [88.9, 89.0, 88.4], equal_var=False)
+    interval = welch.confidence_interval(0.95)
+    expected = f"[{interval.low:+.2f}, {interval.high:+.2f}]"
+    cell = by_label["independent student: pytorch - jax (unpaired, Welch)"]
+    assert expected in cell and cell.endswith("(n=2/3)"), cell
+    assert "ffcl student: pytorch - jax (unpaired, Welch)" in by_label  # jax side only
+    assert by_label["ffcl student: pytorch - jax (unpaired, Welch)"] == "pending"
