@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -209,6 +208,11 @@ def mean_std(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def runs_of(records: list[dict], method: str, framework: str) -> list[dict]:
+    """The finished runs of one row (all its seeds)."""
+    return [r for r in records if r["method"] == method and r["framework"] == framework]
+
+
 def reference_of(run: Run) -> str | None:
     """What a row is compared with: ablations with full ffcl, methods with independent training
     (both in the same framework)."""
@@ -228,9 +232,8 @@ def paired_difference(mine: list[dict], reference: list[dict], model: str = "stu
     ]
     out = {"n": len(diffs), "mean": statistics.fmean(diffs) if diffs else None}
     if len(diffs) >= 2:
-        half = scipy.stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs)
-        half /= math.sqrt(len(diffs))
-        out["ci95"] = [out["mean"] - half, out["mean"] + half]
+        interval = scipy.stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+        out["ci95"] = [interval.low, interval.high]
     return out
 
 
@@ -268,7 +271,7 @@ def claim_lines(records: list[dict]) -> list[str]:
     seed), and each model of the rows both frameworks ran, PyTorch against JAX."""
 
     def runs(method: str, framework: str = "jax") -> list[dict]:
-        return [r for r in records if r["method"] == method and r["framework"] == framework]
+        return runs_of(records, method, framework)
 
     lines = [
         "## FFCL against each baseline, and PyTorch against JAX",
@@ -307,7 +310,7 @@ def claim_lines(records: list[dict]) -> list[str]:
 def aggregate(records: list[dict], args) -> list[dict]:
     rows = []
     for run in RUNS:
-        mine = [r for r in records if r["method"] == run.name and r["framework"] == run.framework]
+        mine = runs_of(records, run.name, run.framework)
         row = {
             "method": run.name,
             "framework": run.framework,
@@ -324,11 +327,7 @@ def aggregate(records: list[dict], args) -> list[dict]:
                 row[f"{model}_{which}"] = values
         row["reference"] = reference_of(run)
         if row["reference"] is not None:
-            theirs = [
-                r
-                for r in records
-                if r["method"] == row["reference"] and r["framework"] == run.framework
-            ]
+            theirs = runs_of(records, row["reference"], run.framework)
             row["student_difference"] = paired_difference(mine, theirs)
         rows.append(row)
     return rows
@@ -397,7 +396,7 @@ def plot_students(records: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 5))
     for run in RUNS:
-        mine = [r for r in records if r["method"] == run.name and r["framework"] == run.framework]
+        mine = runs_of(records, run.name, run.framework)
         if not mine:
             continue
         epochs = [row["epoch"] for row in mine[0]["history"]]
