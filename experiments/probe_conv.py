@@ -1,0 +1,180 @@
+"""Where the CPU gap to PyTorch sits: four 3x3 convolutions + ReLU, forward and backward.
+
+    python experiments/probe_conv.py            # batch 128, the demo pair's three stage shapes
+
+Times the gradient (input and weights) of `sum(relu(conv(...relu(conv(x, w1))...))^2)` at the
+shapes of a Fashion-MNIST ResNet's three stages (28x28x16, 14x14x32, 7x7x64):
+- `jax conv`: `lax.conv_general_dilated` (NHWC / HWIO), as the zoo's `nnx.Conv` compiles;
+- `jax conv NCHW`: the same with NCHW / OIHW dimension numbers (XLA picks the physical layout
+  itself, so this should not matter);
+- `jax im2col`: the same convolution as pad + nine shifted slices concatenated on channels +
+  one `dot` (a candidate rewrite for XLA:CPU);
+- `pytorch`: `torch.nn.functional.conv2d` in NCHW (oneDNN on a CPU), default threads.
+Each framework runs in its own subprocess (their thread pools would fight over the cores). The
+JAX variants' weight gradients are checked against `jax conv`'s (1e-4 of their scale)
+before timing. The table gives min / median milliseconds over `--repeats` after a warm-up; the
+script prints it in Markdown with the machine description and writes nothing else. Results are
+quoted in the README's Speed section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+SHAPES = ((28, 16), (14, 32), (7, 64))  # (height = width, channels) of each stage
+LAYERS = 4
+
+flags.DEFINE_integer("batch_size", 128, "Images a step.")
+flags.DEFINE_integer("repeats", 20, "Timed calls after the warm-up.")
+flags.DEFINE_string("worker", None, "Internal: jax or pytorch; prints JSON.")
+FLAGS = flags.FLAGS
+
+
+def time_ms(call, repeats: int) -> tuple[float, float]:
+    """Min and median wall time of `call()` (which must block until its result is ready)."""
+    for _ in range(3):  # compile / allocator warm-up
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return min(times), statistics.median(times)
+
+
+def jax_worker(batch_size: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def conv_nchw(x, w):  # x is NHWC and w HWIO as for `conv`; only the convolution differs
+        y = jax.lax.conv_general_dilated(
+            x.transpose(0, 3, 1, 2),
+            w.transpose(3, 2, 0, 1),
+            (1, 1),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        )
+        return y.transpose(0, 2, 3, 1)
+
+    def conv_im2col(x, w):
+        _, height, width, channels = x.shape
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        shifted = [padded[:, i : i + height, j : j + width] for i in range(3) for j in range(3)]
+        # HWIO flattens in the same (row, column, channel) order as the concatenation.
+        return jnp.concatenate(shifted, axis=-1) @ w.reshape(9 * channels, -1)
+
+    def gradient(conv_fn):
+        def loss(weights, x):
+            for w in weights:
+                x = jax.nn.relu(conv_fn(x, w))
+            return jnp.sum(x * x)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    rng = np.random.default_rng(0)
+    rows = {}
+    for size, channels in SHAPES:
+        x = jnp.asarray(rng.standard_normal((batch_size, size, size, channels), np.float32))
+        scale = (2.0 / (9 * channels)) ** 0.5
+        weights = [
+            jnp.asarray(rng.standard_normal((3, 3, channels, channels), np.float32) * scale)
+            for _ in range(LAYERS)
+        ]
+        for name, conv_fn in (
+            ("jax conv", conv),
+            ("jax conv NCHW", conv_nchw),
+            ("jax im2col", conv_im2col),
+        ):
+            step = gradient(conv_fn)
+            # The weight gradients must agree with `jax conv`'s, or the timing compares different
+            # maths. (Not the input gradient: float32 rounding flips the odd ReLU whose input is
+            # ~1e-7, which changes single elements of it by O(1); sums over the batch average
+            # that out.)
+            reference = gradient(conv)(weights, x)[0]
+            for ours, theirs in zip(step(weights, x)[0], reference, strict=True):
+                error = float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
+                if error > 1e-4:
+                    raise AssertionError(f"{name} at {size}x{size}x{channels}: error {error:.1e}")
+            rows.setdefault(name, []).append(
+                time_ms(lambda s=step, w=weights, x=x: jax.block_until_ready(s(w, x)), repeats)
+            )
+    return rows
+
+
+def torch_worker(batch_size: int, repeats: int) -> dict:
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for size, channels in SHAPES:
+        x = torch.from_numpy(rng.standard_normal((batch_size, channels, size, size), np.float32))
+        x.requires_grad_(True)
+        scale = (2.0 / (9 * channels)) ** 0.5
+        weights = [
+            torch.from_numpy(
+                rng.standard_normal((channels, channels, 3, 3), np.float32) * scale
+            ).requires_grad_(True)
+            for _ in range(LAYERS)
+        ]
+
+        def step(x=x, weights=weights):
+            h = x
+            for w in weights:
+                h = torch.relu(torch.nn.functional.conv2d(h, w, padding=1))
+            return torch.autograd.grad((h * h).sum(), [*weights, x])
+
+        rows.append(time_ms(step, repeats))
+    return {"pytorch": rows}
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker:
+        worker = jax_worker if FLAGS.worker == "jax" else torch_worker
+        print(json.dumps(worker(FLAGS.batch_size, FLAGS.repeats)))
+        return
+    rows = {}
+    for framework in ("jax", "pytorch"):
+        out = subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                f"--worker={framework}",
+                f"--batch_size={FLAGS.batch_size}",
+                f"--repeats={FLAGS.repeats}",
+            ],
+            check=True,
+            stdout=subprocess.PIPE,  # the worker's errors go to the terminal
+            text=True,
+        ).stdout
+        rows.update(json.loads(out.strip().splitlines()[-1]))
+    print(
+        f"{LAYERS} x (3x3 conv + ReLU), forward + backward, batch {FLAGS.batch_size}, "
+        f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
+        "min / median ms"
+    )
+    shapes = [f"{size}x{size}x{channels}" for size, channels in SHAPES]
+    print("| | " + " | ".join(shapes) + " |")
+    print("|---" * (len(shapes) + 1) + "|")
+    for name, times in rows.items():
+        cells = " | ".join(f"{low:.1f} / {mid:.1f}" for low, mid in times)
+        print(f"| {name} | {cells} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
