@@ -10,7 +10,17 @@ the config's shape: warm-up excluded, `--repeats` timed steps, min and median. `
 whole training steps with each framework's own input pipeline (JAX: tf.data, or the batches
 made on the device with `--config.data_on_device=true`;
 PyTorch: the reference's torch augmentation) over
-`--epoch_examples` examples of the config's real training split (the whole split by default).
+`--epoch_examples` examples of the config's real training split (the whole split by default),
+or with `--synthetic_data` of random images of the same shape and number (machines without the
+data set, such as GPU nodes without network; neither side's time depends on the pixels).
+
+On a GPU node, the cifar100 pair with JAX's batches made on the device (no tensorflow needed)
+and in bfloat16 (losses stay float32):
+
+    python experiments/bench_step.py --config=configs/cifar100.py --synthetic_data \
+        --config.data_on_device=true --repeats=20
+    python experiments/bench_step.py --config=configs/cifar100.py --synthetic_data \
+        --config.data_on_device=true --config.compute_dtype=bfloat16 --repeats=20
 
 Each framework runs in its own subprocess, one after the other (never both at once): their
 thread pools would fight over the cores, and each process's peak memory is then its own.
@@ -54,6 +64,13 @@ def define_flags() -> None:
     flags.DEFINE_integer(
         "epoch_examples", None, "Epoch mode: train on the first N examples (default: the split)."
     )
+    flags.DEFINE_bool(
+        "synthetic_data",
+        False,
+        "Epoch mode: random uint8 images of the data set's shape and training-set size instead "
+        "of the real split (for machines without the data set; the timing does not depend on "
+        "the pixels).",
+    )
     flags.DEFINE_list("frameworks", ["jax", "pytorch"], "Which sides to run.")
     flags.DEFINE_string("output", None, "JSON path (default: experiments/results/bench_...)")
     flags.DEFINE_bool("readme", False, "Only rewrite the README table from the results.")
@@ -80,6 +97,31 @@ def summarize(times: list[float], batch_size: int) -> dict:
         "img_per_sec_best": round(batch_size / min(times), 1),
         "repeats": len(times),
     }
+
+
+# Training-set sizes, for --synthetic_data (which must not need the data set to find them).
+TRAIN_EXAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}
+
+
+def train_split(config):
+    """The epoch mode's training images and labels (uint8 NHWC, int32): the config's real
+    split, or with `--synthetic_data` random ones of its shape and size; then the first
+    `--epoch_examples`."""
+    import numpy as np
+
+    from ffcl_jax import input_pipeline
+
+    if FLAGS.synthetic_data:
+        info = input_pipeline.dataset_info(config.dataset)
+        count = config.get("train_examples") or TRAIN_EXAMPLES[config.dataset]
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (count, *info.image_shape), np.uint8)
+        labels = rng.integers(0, info.num_classes, (count,), np.int32)
+    else:
+        images, labels = input_pipeline.load_split(config, "train")
+    if FLAGS.epoch_examples:
+        images, labels = images[: FLAGS.epoch_examples], labels[: FLAGS.epoch_examples]
+    return images, labels
 
 
 def jax_worker(config, modes) -> dict:
@@ -148,9 +190,7 @@ def jax_worker(config, modes) -> dict:
             **memory(step, state, batch),
         }
     if "epoch" in modes:
-        images, labels = input_pipeline.load_split(config, "train")
-        if FLAGS.epoch_examples:
-            images, labels = images[: FLAGS.epoch_examples], labels[: FLAGS.epoch_examples]
+        images, labels = train_split(config)
         data = train.make_train_data(config, images, labels, mesh)
         setup, state = fresh(data.steps_per_epoch)
         step, _ = train.jit_steps(setup, config)
@@ -176,7 +216,6 @@ def torch_worker(config, modes) -> dict:
     import torch
 
     from experiments.pytorch_reference import train as reference
-    from ffcl_jax import input_pipeline
 
     device = FLAGS.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -229,9 +268,7 @@ def torch_worker(config, modes) -> dict:
             ),
         }
     if "epoch" in modes:
-        images, labels = input_pipeline.load_split(config, "train")
-        if FLAGS.epoch_examples:
-            images, labels = images[: FLAGS.epoch_examples], labels[: FLAGS.epoch_examples]
+        images, labels = train_split(config)
         steps = len(images) // config.batch_size
         cohort, optimizer, schedule, settings, info = reference.build(config, steps, device)
         cohort.train()
@@ -274,12 +311,18 @@ def run_worker(framework: str) -> dict:
     return json.loads(lines[-1])
 
 
-def result_name(config, device: str) -> str:
+def result_name(config, device: str, synthetic: bool) -> str:
     flags_tag = "_xlaflags" if os.environ.get("XLA_FLAGS") else ""
     if config.get("xla_cpu_ynn_fusion", "auto") != "auto":
         flags_tag += f"_ynn_{config.xla_cpu_ynn_fusion}"
     if config.get("batch_norm_backward", "auto") != "auto":
         flags_tag += f"_bn_{config.batch_norm_backward}"
+    if config.compute_dtype != "float32":
+        flags_tag += f"_{config.compute_dtype}"
+    if config.data_on_device:
+        flags_tag += "_ondevice"
+    if synthetic:
+        flags_tag += "_synthetic"
     kind = "gpu" if "cpu" not in device.lower() else "cpu"
     return f"bench_{config.teacher}_{config.student}_b{config.batch_size}_{kind}{flags_tag}"
 
@@ -296,15 +339,21 @@ def write_readme() -> None:
             key = "img_per_sec_median" if mode == "step" else "img_per_sec"
             speeds = [f"{side[mode][key]:.0f}" if mode in side else "-" for side in (j, t)]
             ratio = r.get("ratio", {}).get(mode)
-            setting = (j.get("compiler_options") or {}).get(
-                "xla_cpu_experimental_ynn_fusion_type", "XLA defaults"
-            )
-            setting = setting.replace("LIBRARY_FUSION_TYPE_", "ynn ").lower()
-            if j.get("closed_form_batch_norm"):
-                setting += ", closed-form BN backward"
             device = (j or t)["device"]
+            settings = [r.get("compute_dtype", "float32")]
             if "cpu" in device.lower():
                 device = f"{r['machine']['cores']}-core {r['machine']['cpu']}"
+                tuning = (j.get("compiler_options") or {}).get(
+                    "xla_cpu_experimental_ynn_fusion_type", "XLA defaults"
+                )
+                settings.append(tuning.replace("LIBRARY_FUSION_TYPE_", "ynn ").lower())
+            if j.get("closed_form_batch_norm"):
+                settings.append("closed-form BN backward")
+            if mode == "epoch":
+                settings.append("JAX data on device" if r.get("data_on_device") else "tf.data")
+                if r.get("epoch_data") == "synthetic":
+                    settings.append("synthetic images")
+            setting = ", ".join(settings)
             rows.append(
                 f"| {r['pair']} | {r['batch_size']} | {mode} | {device} | "
                 f"{setting} | "
@@ -314,7 +363,7 @@ def write_readme() -> None:
             )
     table = "\n".join(
         [
-            "| pair | batch | mode | device | CPU tuning | JAX img/s | PyTorch img/s "
+            "| pair | batch | mode | device | settings | JAX img/s | PyTorch img/s "
             "| JAX/PyTorch | date | command |",
             "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
@@ -341,6 +390,9 @@ def main(argv):
         "method": config.method,
         "dataset": config.dataset,
         "batch_size": config.batch_size,
+        "compute_dtype": config.compute_dtype,
+        "data_on_device": bool(config.data_on_device),
+        "epoch_data": "synthetic" if FLAGS.synthetic_data else "real",
         "date": datetime.date.today().isoformat(),
         "command": "python experiments/bench_step.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
@@ -360,7 +412,9 @@ def main(argv):
             )
     print(json.dumps(result, indent=1))
     device = sides.get("jax", sides.get("pytorch"))["device"]
-    path = FLAGS.output or os.path.join(RESULTS, result_name(config, device) + ".json")
+    path = FLAGS.output or os.path.join(
+        RESULTS, result_name(config, device, FLAGS.synthetic_data) + ".json"
+    )
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")

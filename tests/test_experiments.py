@@ -65,6 +65,58 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     assert f"**{result['ratio']['step']:.2f}**" in rows[0]
 
 
+def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensorflow(tmp_path):
+    """What a GPU node without network runs: no data set on disk, no tensorflow installed."""
+    blocked = tmp_path / "blocked"  # shadows tensorflow: any import of it fails
+    (blocked / "tensorflow").mkdir(parents=True)
+    (blocked / "tensorflow" / "__init__.py").write_text("raise ImportError('blocked')\n")
+    output = tmp_path / "bench_synthetic.json"
+    argv = [
+        sys.executable,
+        "experiments/bench_step.py",
+        *TINY,
+        f"--config.idx_dir={tmp_path / 'missing'}",
+        "--config.data_on_device=true",
+        "--synthetic_data",
+        "--modes=epoch",
+        "--epoch_examples=64",
+        f"--output={output}",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), ROOT])}
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(output.read_text())
+    assert result["epoch_data"] == "synthetic" and result["data_on_device"] is True
+    for side in ("jax", "pytorch"):
+        assert result[side]["epoch"]["steps"] == 2 and "step" not in result[side]
+    assert result["ratio"]["epoch"] > 0
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
+    bench_step.README, bench_step.RESULTS = str(readme), str(tmp_path)
+    bench_step.write_readme()
+    (row,) = [line for line in readme.read_text().splitlines() if "resnet8+resnet8" in line]
+    assert "JAX data on device, synthetic images" in row
+
+
+def test_benchmark_result_names_keep_settings_apart():
+    """Each setting gets its own results file, so one run never overwrites another's row."""
+    from configs.cifar100 import get_config
+
+    config = get_config()
+    assert bench_step.result_name(config, "NVIDIA H100 80GB HBM3", synthetic=False) == (
+        "bench_resnet110_resnet32_b128_gpu"
+    )
+    config.update(compute_dtype="bfloat16", data_on_device=True)
+    assert bench_step.result_name(config, "NVIDIA H100 80GB HBM3", synthetic=True) == (
+        "bench_resnet110_resnet32_b128_gpu_bfloat16_ondevice_synthetic"
+    )
+    config.update(batch_norm_backward="autodiff")
+    assert bench_step.result_name(config, "1 x cpu", synthetic=False) == (
+        "bench_resnet110_resnet32_b128_cpu_bn_autodiff_bfloat16_ondevice"
+    )
+
+
 def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_path, monkeypatch):
     root, output = tmp_path / "runs", tmp_path / "out" / "table"
     extra = (
