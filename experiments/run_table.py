@@ -278,13 +278,14 @@ def framework_difference(pytorch: list[float], jax_: list[float]) -> dict:
 
 def claim_lines(records: list[dict]) -> list[str]:
     """The paper's claim, pair by pair: FFCL's student against each baseline (JAX, paired by
-    seed), and each model of the rows both frameworks ran, PyTorch against JAX."""
+    seed), each ablation's teacher / fused / ensemble against full FFCL's (the student is in the
+    table), and each model of the rows both frameworks ran, PyTorch against JAX."""
 
     def runs(method: str, framework: str = "jax") -> list[dict]:
         return runs_of(records, method, framework)
 
     lines = [
-        "## FFCL against each baseline, and PyTorch against JAX",
+        "## FFCL against each baseline, the ablations' other models, PyTorch against JAX",
         "",
         "Last-epoch top-1 in points (the student where no model is named); 95% t-interval;",
         "**bold** when it excludes 0.",
@@ -297,6 +298,14 @@ def claim_lines(records: list[dict]) -> list[str]:
         lines.append(
             f"| ffcl - {baseline} (jax, paired by seed) | {format_difference(diff, None)} |"
         )
+    # The table's Δ column is the student's; an ablation can move the other models too.
+    for run in (r for r in RUNS if r.ablation and r.framework == "jax"):
+        for model in MODELS[1:]:
+            diff = paired_difference(runs(run.name), runs("ffcl"), model)
+            lines.append(
+                f"| {run.name} {model}: minus ffcl (jax, paired by seed) | "
+                f"{format_difference(diff, None)} |"
+            )
     for method in ("independent", "ffcl"):
         for model in MODELS:
             values = {

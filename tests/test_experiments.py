@@ -209,6 +209,10 @@ def test_claim_section_pairs_ffcl_with_each_baseline_and_compares_frameworks():
         *(record("ffl", "jax", s, v) for s, v in enumerate([0.898, 0.889, 0.892])),
         *(record("independent", "jax", s, v) for s, v in enumerate([0.889, 0.890, 0.884])),
         *(record("independent", "pytorch", s, v) for s, v in enumerate([0.895, 0.896])),
+        *(
+            record("ffcl-regularizer", "jax", s, 0.87, t)
+            for s, t in enumerate([0.881, 0.88, 0.879])
+        ),
     ]
     lines = run_table.claim_lines(records)
     by_label = dict(line.strip("| ").split(" | ") for line in lines[7:])
@@ -223,3 +227,8 @@ def test_claim_section_pairs_ffcl_with_each_baseline_and_compares_frameworks():
     assert expected in cell and cell.endswith("(n=2/3)"), cell
     assert "ffcl student: pytorch - jax (unpaired, Welch)" in by_label  # jax side only
     assert by_label["ffcl student: pytorch - jax (unpaired, Welch)"] == "pending"
+    # An ablation's teacher against full ffcl's (0.9 in every seed): -1.9, -2.0, -2.1 points.
+    paired = scipy.stats.ttest_1samp([-1.9, -2.0, -2.1], 0.0).confidence_interval(0.95)
+    cell = by_label["ffcl-regularizer teacher: minus ffcl (jax, paired by seed)"]
+    assert cell == f"**-2.00 [{paired.low:+.2f}, {paired.high:+.2f}]** (n=3)", cell
+    assert by_label["ffcl-feature teacher: minus ffcl (jax, paired by seed)"] == "pending"
