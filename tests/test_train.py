@@ -306,6 +306,7 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "method dml" in proc.stdout and "img/s" in proc.stdout and "ETA" in proc.stdout
+    assert "batch 64, float32 compute |" in proc.stdout  # the banner names the precision
     assert "| fused    |              n/a |" in proc.stdout  # DML trains no fusion module
     results = json.loads((workdir / "results.json").read_text())
     assert results["config"]["method"] == "dml"
