@@ -327,6 +327,15 @@ def result_name(config, device: str, synthetic: bool) -> str:
     return f"bench_{config.teacher}_{config.student}_b{config.batch_size}_{kind}{flags_tag}"
 
 
+def ynn_setting(compiler_options: dict | None) -> str:
+    """The README's words for an XLA:CPU YNNPACK fusion list: "ynn eltwise+reduce"."""
+    value = (compiler_options or {}).get("xla_cpu_experimental_ynn_fusion_type")
+    if value is None:
+        return "xla defaults"
+    kinds = [kind.replace("LIBRARY_FUSION_TYPE_", "").lower() for kind in value.split(",") if kind]
+    return "ynn " + "+".join(kinds) if kinds else "ynn off"
+
+
 def write_readme() -> None:
     rows = []
     for path in sorted(glob.glob(os.path.join(RESULTS, "bench_*.json"))):
@@ -343,10 +352,7 @@ def write_readme() -> None:
             settings = [r.get("compute_dtype", "float32")]
             if "cpu" in device.lower():
                 device = f"{r['machine']['cores']}-core {r['machine']['cpu']}"
-                tuning = (j.get("compiler_options") or {}).get(
-                    "xla_cpu_experimental_ynn_fusion_type", "XLA defaults"
-                )
-                settings.append(tuning.replace("LIBRARY_FUSION_TYPE_", "ynn ").lower())
+                settings.append(ynn_setting(j.get("compiler_options")))
             if j.get("closed_form_batch_norm"):
                 settings.append("closed-form BN backward")
             if mode == "epoch":

@@ -1,18 +1,26 @@
 """Where the CPU gap to PyTorch sits: four 3x3 convolutions + ReLU, forward and backward.
 
-    python experiments/probe_conv.py            # batch 128, the demo pair's three stage shapes
+    python experiments/probe_conv.py                 # batch 128, the demo pair's three stage shapes
+    python experiments/probe_conv.py --batch_norm    # conv + BatchNorm + ReLU, as in the networks
 
 Times the gradient (input and weights) of `sum(relu(conv(...relu(conv(x, w1))...))^2)` at the
 shapes of a Fashion-MNIST ResNet's three stages (28x28x16, 14x14x32, 7x7x64):
-- `jax conv`: `lax.conv_general_dilated` (NHWC / HWIO), as the zoo's `nnx.Conv` compiles;
+- `jax conv`: `lax.conv_general_dilated` (NHWC / HWIO), as the zoo's `nnx.Conv` compiles,
+  under XLA's defaults (which hand some of these convolutions to YNNPACK library fusions);
+- `jax conv, no YNNPACK`: the same with YNNPACK fusions off (compiler option
+  `xla_cpu_experimental_ynn_fusion_type=""`), so every convolution runs XLA's own (Eigen)
+  kernel, as under the project's `xla_cpu_ynn_fusion` settings other than `xla_default`;
 - `jax conv NCHW`: the same with NCHW / OIHW dimension numbers (XLA picks the physical layout
   itself, so this should not matter);
 - `jax im2col`: the same convolution as pad + nine shifted slices concatenated on channels +
   one `dot` (a candidate rewrite for XLA:CPU);
 - `pytorch`: `torch.nn.functional.conv2d` in NCHW (oneDNN on a CPU), default threads.
+With `--batch_norm` each convolution is followed by a training-mode BatchNorm without scale and
+bias (batch statistics; in JAX written as flax's BatchNorm computes it, in PyTorch
+`F.batch_norm`), so the difference between the two tables is BatchNorm's cost.
 Each framework runs in its own subprocess (their thread pools would fight over the cores). The
-JAX variants' weight gradients are checked against `jax conv`'s (1e-4 of their scale)
-before timing. The table gives min / median milliseconds over `--repeats` after a warm-up; the
+JAX variants' weight gradients are checked against `jax conv`'s (1e-4 of their scale, 1e-2
+with BatchNorm) before timing. The table gives min / median milliseconds over `--repeats` after a warm-up; the
 script prints it in Markdown with the machine description and writes nothing else. Results are
 quoted in the README's Speed section.
 """
@@ -34,6 +42,7 @@ LAYERS = 4
 
 flags.DEFINE_integer("batch_size", 128, "Images a step.")
 flags.DEFINE_integer("repeats", 20, "Timed calls after the warm-up.")
+flags.DEFINE_bool("batch_norm", False, "A training-mode BatchNorm after each convolution.")
 flags.DEFINE_string("worker", None, "Internal: jax or pytorch; prints JSON.")
 FLAGS = flags.FLAGS
 
@@ -50,7 +59,7 @@ def time_ms(call, repeats: int) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
-def jax_worker(batch_size: int, repeats: int) -> dict:
+def jax_worker(batch_size: int, repeats: int, batch_norm: bool) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -77,13 +86,19 @@ def jax_worker(batch_size: int, repeats: int) -> dict:
         # HWIO flattens in the same (row, column, channel) order as the concatenation.
         return jnp.concatenate(shifted, axis=-1) @ w.reshape(9 * channels, -1)
 
-    def gradient(conv_fn):
+    def normalize(y):  # flax's BatchNorm in training mode (its fast variance), no scale/bias
+        mean = jnp.mean(y, (0, 1, 2))
+        var = jnp.mean(jnp.square(y), (0, 1, 2)) - jnp.square(mean)
+        return (y - mean) * jax.lax.rsqrt(var + 1e-5)
+
+    def gradient(conv_fn, options=None):
         def loss(weights, x):
             for w in weights:
-                x = jax.nn.relu(conv_fn(x, w))
+                y = conv_fn(x, w)
+                x = jax.nn.relu(normalize(y) if batch_norm else y)
             return jnp.sum(x * x)
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
 
     rng = np.random.default_rng(0)
     rows = {}
@@ -94,20 +109,24 @@ def jax_worker(batch_size: int, repeats: int) -> dict:
             jnp.asarray(rng.standard_normal((3, 3, channels, channels), np.float32) * scale)
             for _ in range(LAYERS)
         ]
-        for name, conv_fn in (
-            ("jax conv", conv),
-            ("jax conv NCHW", conv_nchw),
-            ("jax im2col", conv_im2col),
+        for name, conv_fn, options in (
+            ("jax conv", conv, None),
+            ("jax conv, no YNNPACK", conv, {"xla_cpu_experimental_ynn_fusion_type": ""}),
+            ("jax conv NCHW", conv_nchw, None),
+            ("jax im2col", conv_im2col, None),
         ):
-            step = gradient(conv_fn)
+            step = gradient(conv_fn, options)
             # The weight gradients must agree with `jax conv`'s, or the timing compares different
             # maths. (Not the input gradient: float32 rounding flips the odd ReLU whose input is
             # ~1e-7, which changes single elements of it by O(1); sums over the batch average
-            # that out.)
+            # that out. With BatchNorm the weight gradient is a small difference of large terms,
+            # BatchNorm's backward removing the mean and the x_hat component, so float32 rounding
+            # of the convolutions shows up larger: im2col's 1.7e-3 at batch 128.)
             reference = gradient(conv)(weights, x)[0]
+            tolerance = 1e-2 if batch_norm else 1e-4
             for ours, theirs in zip(step(weights, x)[0], reference, strict=True):
                 error = float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
-                if error > 1e-4:
+                if error > tolerance:
                     raise AssertionError(f"{name} at {size}x{size}x{channels}: error {error:.1e}")
             rows.setdefault(name, []).append(
                 time_ms(lambda s=step, w=weights, x=x: jax.block_until_ready(s(w, x)), repeats)
@@ -115,7 +134,7 @@ def jax_worker(batch_size: int, repeats: int) -> dict:
     return rows
 
 
-def torch_worker(batch_size: int, repeats: int) -> dict:
+def torch_worker(batch_size: int, repeats: int, batch_norm: bool) -> dict:
     import numpy as np
     import torch
 
@@ -135,7 +154,10 @@ def torch_worker(batch_size: int, repeats: int) -> dict:
         def step(x=x, weights=weights):
             h = x
             for w in weights:
-                h = torch.relu(torch.nn.functional.conv2d(h, w, padding=1))
+                y = torch.nn.functional.conv2d(h, w, padding=1)
+                if batch_norm:
+                    y = torch.nn.functional.batch_norm(y, None, None, training=True, eps=1e-5)
+                h = torch.relu(y)
             return torch.autograd.grad((h * h).sum(), [*weights, x])
 
         rows.append(time_ms(step, repeats))
@@ -146,7 +168,7 @@ def main(argv):
     del argv
     if FLAGS.worker:
         worker = jax_worker if FLAGS.worker == "jax" else torch_worker
-        print(json.dumps(worker(FLAGS.batch_size, FLAGS.repeats)))
+        print(json.dumps(worker(FLAGS.batch_size, FLAGS.repeats, FLAGS.batch_norm)))
         return
     rows = {}
     for framework in ("jax", "pytorch"):
@@ -157,14 +179,16 @@ def main(argv):
                 f"--worker={framework}",
                 f"--batch_size={FLAGS.batch_size}",
                 f"--repeats={FLAGS.repeats}",
+                f"--batch_norm={FLAGS.batch_norm}",
             ],
             check=True,
             stdout=subprocess.PIPE,  # the worker's errors go to the terminal
             text=True,
         ).stdout
         rows.update(json.loads(out.strip().splitlines()[-1]))
+    layer = "3x3 conv + BatchNorm + ReLU" if FLAGS.batch_norm else "3x3 conv + ReLU"
     print(
-        f"{LAYERS} x (3x3 conv + ReLU), forward + backward, batch {FLAGS.batch_size}, "
+        f"{LAYERS} x ({layer}), forward + backward, batch {FLAGS.batch_size}, "
         f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
         "min / median ms"
     )

@@ -36,9 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher_checkpoint = config_dict.placeholder(str)
     c.fusion_channels = config_dict.placeholder(int)  # C_fused; None: the student's channels
     c.compute_dtype = "float32"  # or "bfloat16" (losses stay float32)
-    # XLA:CPU only, what YNNPACK fusions take: "eltwise" (elementwise ops: keeps a deep ResNet's
-    # backward pass linear in depth), "dot" (dots only), "xla_default", or "auto" (eltwise when
-    # a network has >= 5 blocks a stage, else XLA's defaults). See train.compiler_options.
+    # XLA:CPU only, what YNNPACK fusions take: "eltwise_reduce" (elementwise ops, which keeps a
+    # deep ResNet's backward pass linear in depth, and reductions), "reduce" (BatchNorm's
+    # reductions only), "eltwise", "dot", "xla_default", or "auto" (eltwise_reduce when a network
+    # has >= 5 blocks a stage, else reduce). See train.compiler_options.
     c.xla_cpu_ynn_fusion = "auto"
     # BatchNorm's training backward: "closed_form" (two per-channel sums; faster for deep
     # networks on XLA:CPU), "autodiff" (JAX differentiates the forward), or "auto" (closed_form

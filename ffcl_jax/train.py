@@ -243,12 +243,16 @@ def build(
 # every backward consumer that needs a ReLU mask, so each block's backward recomputes every
 # earlier block of its stage: O(depth^2) work (ResNet-110's fwd+bwd 2x slower than linear).
 # Handing elementwise ops to YNNPACK fusions instead (library fusions, which the loop fusion pass
-# leaves alone) keeps the step linear in depth: the cifar100 pair's step 3x faster. For shallow
-# pairs every setting tried is within +-5% of XLA's defaults, which are then kept (and with them
-# the exact numerics of earlier runs). Measurements: experiments/README.md and the README's
-# Speed section. Only XLA:CPU reads these options; each replaces XLA's default list of YNNPACK
-# fusion types (individual dots and convolutions).
+# leaves alone) keeps the step linear in depth: the cifar100 pair's step 3x faster. XLA's default
+# list (individual dots and convolutions, reductions) also sends the 14x14x32 and 7x7x64
+# convolutions to YNNPACK, whose kernels are 2x slower there than XLA's own (Eigen); keeping only
+# the reductions (BatchNorm's statistics) in YNNPACK makes the demo pair's step 1.1x faster and,
+# with the elementwise ops, the cifar100 pair's 1.07x (measured interleaved in one process).
+# Measurements: the README's Speed section. Only XLA:CPU reads these options; each replaces
+# XLA's default list of YNNPACK fusion types.
 CPU_YNN_FUSION = {
+    "eltwise_reduce": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
+    "reduce": "LIBRARY_FUSION_TYPE_REDUCE",
     "eltwise": "LIBRARY_FUSION_TYPE_ELTWISE",
     "dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
@@ -271,7 +275,7 @@ def compiler_options(config) -> dict[str, str] | None:
     choice = config.get("xla_cpu_ynn_fusion", "auto")
     if choice == "auto":
         deep = deepest_blocks_per_stage(config) >= DEEP_BLOCKS_PER_STAGE
-        choice = "eltwise" if deep else "xla_default"
+        choice = "eltwise_reduce" if deep else "reduce"
     if choice == "xla_default" or jax.default_backend() != "cpu":
         return None
     value = CPU_YNN_FUSION[choice]
@@ -922,6 +926,9 @@ def _train_loop(
         "config": json.loads(config.to_json_best_effort()),
         "num_params": num_params,
         "loss_terms": list(settings.active_terms()),
+        # What "auto" resolved to on this backend: the numbers depend on it (summation order).
+        "xla_compiler_options": compiler_options(config),
+        "closed_form_batch_norm": closed_form_batch_norm(config),
         "wall_seconds": progress["wall_seconds"],
         "first_step_seconds": progress["first_step_seconds"],
         "train_img_per_sec": (

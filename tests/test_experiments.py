@@ -99,6 +99,26 @@ def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensor
     assert "JAX data on device, synthetic images" in row
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_convolution_probe_variants_compute_the_same_gradients(batch_norm):
+    """probe_conv's JAX variants (XLA's defaults, no YNNPACK, NCHW, im2col) time the same maths:
+    its worker checks each one's weight gradients against XLA's default before timing."""
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, "experiments", "probe_conv.py"),
+        "--worker=jax",
+        "--batch_size=4",
+        "--repeats=1",
+        f"--batch_norm={batch_norm}",
+    ]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(rows) == {"jax conv", "jax conv, no YNNPACK", "jax conv NCHW", "jax im2col"}
+    for times in rows.values():
+        assert len(times) == 3 and all(0 < low <= mid for low, mid in times)
+
+
 def test_benchmark_result_names_keep_settings_apart():
     """Each setting gets its own results file, so one run never overwrites another's row."""
     from configs.cifar100 import get_config
@@ -115,6 +135,35 @@ def test_benchmark_result_names_keep_settings_apart():
     assert bench_step.result_name(config, "1 x cpu", synthetic=False) == (
         "bench_resnet110_resnet32_b128_cpu_bn_autodiff_bfloat16_ondevice"
     )
+
+
+def test_settings_comparison_times_each_setting_in_turns():
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, "experiments", "compare_cpu_settings.py"),
+        *TINY,
+        "--config.batch_size=8",
+        "--settings=xla_default,reduce",
+        "--rounds=2",
+        "--steps_per_round=1",
+    ]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| xla_default", "| reduce"]
+    assert rows[0].endswith("| 1.00x |")  # the first setting is the base
+    assert "2 x 1 steps each, interleaved" in done.stdout
+
+
+def test_readme_names_the_ynnpack_setting():
+    key = "xla_cpu_experimental_ynn_fusion_type"
+    assert bench_step.ynn_setting(None) == "xla defaults"
+    assert bench_step.ynn_setting({key: ""}) == "ynn off"
+    assert bench_step.ynn_setting({key: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}) == (
+        "ynn individual_dot"
+    )
+    both = "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"
+    assert bench_step.ynn_setting({key: both}) == "ynn eltwise+reduce"
 
 
 def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_path, monkeypatch):

@@ -311,6 +311,11 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     assert results["config"]["method"] == "dml"
     assert results["loss_terms"] == ["ce_teacher", "ce_student", "kl_mutual"]
+    # What the "auto" settings resolved to for these shallow networks on the CPU backend.
+    assert results["xla_compiler_options"] == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"
+    }
+    assert results["closed_form_batch_norm"] is False
 
 
 def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):

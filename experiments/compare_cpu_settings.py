@@ -1,0 +1,85 @@
+"""Which `config.xla_cpu_ynn_fusion` setting makes the JAX train step fastest, interleaved.
+
+    python experiments/compare_cpu_settings.py --config=configs/fashion_mnist.py \
+        --settings=xla_default,dot,reduce,eltwise_reduce
+    python experiments/compare_cpu_settings.py --config=configs/cifar100.py \
+        --settings=eltwise,eltwise_reduce --rounds=8
+
+Separate benchmark processes (bench_step.py) on a shared 2-core machine drift by 5-10% from one
+run to the next, as much as the settings differ. This script compiles the step once per
+setting in one process and then times them in turns (`--rounds` x `--steps_per_round` each),
+so a drift hits every setting alike. It prints min and median milliseconds per step and each
+median's speed-up over the first setting's. Nothing is written; the README's Speed section
+quotes its output with the command.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
+flags.DEFINE_list(
+    "settings", ["xla_default", "auto"], "config.xla_cpu_ynn_fusion values; the first is the base."
+)
+flags.DEFINE_integer("rounds", 10, "Turns over all settings.")
+flags.DEFINE_integer("steps_per_round", 2, "Timed steps of one setting per turn.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import jax
+    import numpy as np
+
+    from ffcl_jax import input_pipeline, train
+
+    if jax.default_backend() != "cpu":
+        raise SystemExit("these are XLA:CPU settings; run this on the CPU backend")
+    mesh = train.Mesh()
+    rng = np.random.default_rng(0)
+    runs = {}
+    for setting in FLAGS.settings:
+        config = FLAGS.config.copy_and_resolve_references()
+        config.xla_cpu_ynn_fusion = setting
+        settings = train.check_config(config, jax.device_count())
+        info = input_pipeline.dataset_info(config.dataset)
+        batch = mesh.global_batch(
+            {
+                "image": rng.integers(0, 256, (config.batch_size, *info.image_shape), np.uint8),
+                "label": rng.integers(0, info.num_classes, (config.batch_size,), np.int32),
+            }
+        )
+        setup, state = train.build(config, settings, 1000)
+        state = jax.device_put(state, mesh.replicated)
+        step, _ = train.jit_steps(setup, config)
+        for _ in range(2):  # compile, allocator warm-up
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        runs[setting] = {"step": step, "state": state, "batch": batch, "times": []}
+        print(f"{setting}: {train.compiler_options(config)}", flush=True)
+    for _ in range(FLAGS.rounds):
+        for run in runs.values():
+            for _ in range(FLAGS.steps_per_round):
+                start = time.perf_counter()
+                run["state"], metrics = run["step"](run["state"], run["batch"])
+                jax.block_until_ready(metrics)
+                run["times"].append((time.perf_counter() - start) * 1e3)
+    config = FLAGS.config
+    print(
+        f"\n{config.teacher} + {config.student}, batch {config.batch_size}, "
+        f"{FLAGS.rounds} x {FLAGS.steps_per_round} steps each, interleaved"
+    )
+    print("| xla_cpu_ynn_fusion | min ms | median ms | speed-up |")
+    print("|---|---|---|---|")
+    base = statistics.median(next(iter(runs.values()))["times"])
+    for setting, run in runs.items():
+        median = statistics.median(run["times"])
+        print(f"| {setting} | {min(run['times']):.0f} | {median:.0f} | {base / median:.2f}x |")
+
+
+if __name__ == "__main__":
+    app.run(main)
