@@ -20,9 +20,9 @@ bias (batch statistics; in JAX written as flax's BatchNorm computes it, in PyTor
 `F.batch_norm`), so the difference between the two tables is BatchNorm's cost.
 Each framework runs in its own subprocess (their thread pools would fight over the cores). The
 JAX variants' weight gradients are checked against `jax conv`'s (1e-4 of their scale, 1e-2
-with BatchNorm) before timing. The table gives min / median milliseconds over `--repeats` after a warm-up; the
-script prints it in Markdown with the machine description and writes nothing else. Results are
-quoted in the README's Speed section.
+with BatchNorm) before timing. The table gives min / median milliseconds over `--repeats` after
+a warm-up; the script prints it in Markdown with the machine description and writes nothing
+else. Results are quoted in the README's Speed section.
 """
 
 from __future__ import annotations
