@@ -26,6 +26,14 @@ TINY = [
 ]
 
 
+def run_script(name: str, *args: str) -> str:
+    """Runs experiments/<name> in a subprocess and returns its stdout (it must succeed)."""
+    argv = [sys.executable, os.path.join(ROOT, "experiments", name), *args]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, tmp_path):
     output = tmp_path / "bench_tiny.json"
     argv = [
@@ -52,7 +60,10 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     )
     assert jax_side["first_step_seconds_incl_compile"] > 0 and jax_side["xla_temp_mb"] > 0
     assert result["machine"]["cores"] == os.cpu_count()
-    assert result["jax"]["compiler_options"] is None  # "auto" keeps XLA's defaults: shallow pair
+    # "auto" for a shallow pair: only the reductions in YNNPACK.
+    assert result["jax"]["compiler_options"] == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"
+    }
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n")
@@ -63,6 +74,7 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     rows = [line for line in text.splitlines() if line.startswith("| resnet8+resnet8")]
     assert len(rows) == 2  # step and epoch
     assert f"**{result['ratio']['step']:.2f}**" in rows[0]
+    assert "| float32, ynn reduce |" in rows[0]
 
 
 def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensorflow(tmp_path):
@@ -103,17 +115,14 @@ def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensor
 def test_convolution_probe_variants_compute_the_same_gradients(batch_norm):
     """probe_conv's JAX variants (XLA's defaults, no YNNPACK, NCHW, im2col) time the same maths:
     its worker checks each one's weight gradients against XLA's default before timing."""
-    argv = [
-        sys.executable,
-        os.path.join(ROOT, "experiments", "probe_conv.py"),
+    out = run_script(
+        "probe_conv.py",
         "--worker=jax",
         "--batch_size=4",
         "--repeats=1",
         f"--batch_norm={batch_norm}",
-    ]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    )
+    rows = json.loads(out.strip().splitlines()[-1])
     assert set(rows) == {"jax conv", "jax conv, no YNNPACK", "jax conv NCHW", "jax im2col"}
     for times in rows.values():
         assert len(times) == 3 and all(0 < low <= mid for low, mid in times)
@@ -138,21 +147,18 @@ def test_benchmark_result_names_keep_settings_apart():
 
 
 def test_settings_comparison_times_each_setting_in_turns():
-    argv = [
-        sys.executable,
-        os.path.join(ROOT, "experiments", "compare_cpu_settings.py"),
+    out = run_script(
+        "compare_cpu_settings.py",
         *TINY,
         "--config.batch_size=8",
         "--settings=xla_default,reduce",
         "--rounds=2",
         "--steps_per_round=1",
-    ]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]
+    )
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| xla_default", "| reduce"]
     assert rows[0].endswith("| 1.00x |")  # the first setting is the base
-    assert "2 x 1 steps each, interleaved" in done.stdout
+    assert "2 x 1 steps each, interleaved" in out
 
 
 def test_readme_names_the_ynnpack_setting():
