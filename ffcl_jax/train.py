@@ -246,8 +246,8 @@ def build(
 # leaves alone) keeps the step linear in depth: the cifar100 pair's step 3x faster. XLA's default
 # list (individual dots and convolutions, reductions) also sends the 14x14x32 and 7x7x64
 # convolutions to YNNPACK, whose kernels are 2x slower there than XLA's own (Eigen); keeping only
-# the reductions (BatchNorm's statistics) in YNNPACK makes the demo pair's step 1.1x faster and,
-# with the elementwise ops, the cifar100 pair's 1.07x (measured interleaved in one process).
+# the reductions (BatchNorm's statistics) in YNNPACK makes the demo pair's step 1.15x faster and,
+# with the elementwise ops, the cifar100 pair's 1.05x (experiments/compare_cpu_settings.py).
 # Measurements: the README's Speed section. Only XLA:CPU reads these options; each replaces
 # XLA's default list of YNNPACK fusion types.
 CPU_YNN_FUSION = {
