@@ -124,7 +124,9 @@ def train_split(config):
     return images, labels
 
 
-def jax_worker(config, modes) -> dict:
+def step_on_random_batch(config, mesh):
+    """`(jitted train step, fresh replicated state, one random batch of the config's shape)`: what
+    step timings run (the state as if a long epoch had just begun, so the schedule is flat)."""
     import jax
     import numpy as np
 
@@ -132,6 +134,24 @@ def jax_worker(config, modes) -> dict:
 
     settings = train.check_config(config, jax.device_count())
     info = input_pipeline.dataset_info(config.dataset)
+    setup, state = train.build(config, settings, steps_per_epoch=1000)
+    rng = np.random.default_rng(0)
+    batch = mesh.global_batch(
+        {
+            "image": rng.integers(0, 256, (config.batch_size, *info.image_shape), np.uint8),
+            "label": rng.integers(0, info.num_classes, (config.batch_size,), np.int32),
+        }
+    )
+    step, _ = train.jit_steps(setup, config)
+    return step, jax.device_put(state, mesh.replicated), batch
+
+
+def jax_worker(config, modes) -> dict:
+    import jax
+
+    from ffcl_jax import train
+
+    settings = train.check_config(config, jax.device_count())
     out = {
         "framework": "jax",
         "version": f"jax {jax.__version__}",
@@ -160,15 +180,7 @@ def jax_worker(config, modes) -> dict:
         }
 
     if "step" in modes:
-        setup, state = fresh(1000)
-        rng = np.random.default_rng(0)
-        batch = mesh.global_batch(
-            {
-                "image": rng.integers(0, 256, (config.batch_size, *info.image_shape), np.uint8),
-                "label": rng.integers(0, info.num_classes, (config.batch_size,), np.int32),
-            }
-        )
-        step, _ = train.jit_steps(setup, config)
+        step, state, batch = step_on_random_batch(config, mesh)
         rss_before = peak_rss_mb()
         start = time.perf_counter()
         state, metrics = step(state, batch)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import bench_step  # experiments/, beside this script: the step timings' setup
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -33,29 +34,17 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     import jax
-    import numpy as np
 
-    from ffcl_jax import input_pipeline, train
+    from ffcl_jax import train
 
     if jax.default_backend() != "cpu":
         raise SystemExit("these are XLA:CPU settings; run this on the CPU backend")
     mesh = train.Mesh()
-    rng = np.random.default_rng(0)
     runs = {}
     for setting in FLAGS.settings:
         config = FLAGS.config.copy_and_resolve_references()
         config.xla_cpu_ynn_fusion = setting
-        settings = train.check_config(config, jax.device_count())
-        info = input_pipeline.dataset_info(config.dataset)
-        batch = mesh.global_batch(
-            {
-                "image": rng.integers(0, 256, (config.batch_size, *info.image_shape), np.uint8),
-                "label": rng.integers(0, info.num_classes, (config.batch_size,), np.int32),
-            }
-        )
-        setup, state = train.build(config, settings, 1000)
-        state = jax.device_put(state, mesh.replicated)
-        step, _ = train.jit_steps(setup, config)
+        step, state, batch = bench_step.step_on_random_batch(config, mesh)
         for _ in range(2):  # compile, allocator warm-up
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)

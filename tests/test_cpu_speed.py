@@ -24,12 +24,20 @@ from ffcl_jax.config_base import base_config
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU behaviour")
 
 
+def computations(hlo_text: str) -> dict[str, str]:
+    """The computations of an optimized HLO module by name, each with its text."""
+    chunks = re.split(r"\n(?=\S)", hlo_text)
+    return {
+        match.group(1): chunk for chunk in chunks if (match := re.match(r"%?([\w.\-]+)", chunk))
+    }
+
+
 def largest_fusion(hlo_text: str) -> int:
     """Instructions in the largest fused computation of an optimized HLO module."""
     sizes = [
         body.count("\n")
-        for body in re.split(r"\n(?=\S)", hlo_text)
-        if re.match(r"%?fused_computation", body)
+        for name, body in computations(hlo_text).items()
+        if name.startswith("fused_computation")
     ]
     assert sizes, "no fused computations found: has the HLO text format changed?"
     return max(sizes)
@@ -95,10 +103,7 @@ def test_largest_fusion_does_not_grow_with_depth():
 
 def ynn_fusion_ops(hlo_text: str) -> collections.Counter:
     """How many YNNPACK fusions of an optimized HLO module hold each kind of op."""
-    bodies = {
-        match.group(1): match.group(2)
-        for match in re.finditer(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S)
-    }
+    bodies = computations(hlo_text)
     held = collections.Counter()
     for match in re.finditer(r"%ynn_fusion[.\d]* = .*?calls=%([\w.\-]+)", hlo_text):
         body = bodies.get(match.group(1), "")
