@@ -2,6 +2,7 @@
 
     python experiments/probe_conv.py                 # batch 128, the demo pair's three stage shapes
     python experiments/probe_conv.py --batch_norm    # conv + BatchNorm + ReLU, as in the networks
+    python experiments/probe_conv.py --parts         # forward, + input grads, + weight grads
 
 Times the gradient (input and weights) of `sum(relu(conv(...relu(conv(x, w1))...))^2)` at the
 shapes of a Fashion-MNIST ResNet's three stages (28x28x16, 14x14x32, 7x7x64):
@@ -14,10 +15,17 @@ shapes of a Fashion-MNIST ResNet's three stages (28x28x16, 14x14x32, 7x7x64):
   itself, so this should not matter);
 - `jax im2col`: the same convolution as pad + nine shifted slices concatenated on channels +
   one `dot` (a candidate rewrite for XLA:CPU);
+- `jax conv, dX before dW`: `jax conv, no YNNPACK` whose backward computes the input gradient
+  first and the weight gradient only after it (a data dependence XLA cannot drop), instead of
+  letting XLA:CPU run the two convolutions side by side on the two cores;
 - `pytorch`: `torch.nn.functional.conv2d` in NCHW (oneDNN on a CPU), default threads.
 With `--batch_norm` each convolution is followed by a training-mode BatchNorm without scale and
 bias (batch statistics; in JAX written as flax's BatchNorm computes it, in PyTorch
 `F.batch_norm`), so the difference between the two tables is BatchNorm's cost.
+With `--parts` the script times, for `jax conv, no YNNPACK` and for PyTorch, three programs
+instead: the forward pass alone (`forward`), forward + input gradients (`+ dX`), and forward +
+input and weight gradients (`+ dX + dW`, the default table's program), so the differences are
+what each part of the backward pass costs.
 Each framework runs in its own subprocess (their thread pools would fight over the cores). The
 JAX variants' weight gradients are checked against `jax conv`'s (1e-4 of their scale, 1e-2
 with BatchNorm) before timing. The table gives min / median milliseconds over `--repeats` after
@@ -43,6 +51,7 @@ LAYERS = 4
 flags.DEFINE_integer("batch_size", 128, "Images a step.")
 flags.DEFINE_integer("repeats", 20, "Timed calls after the warm-up.")
 flags.DEFINE_bool("batch_norm", False, "A training-mode BatchNorm after each convolution.")
+flags.DEFINE_bool("parts", False, "Time forward, + input gradients, + weight gradients apart.")
 flags.DEFINE_string("worker", None, "Internal: jax or pytorch; prints JSON.")
 FLAGS = flags.FLAGS
 
@@ -59,7 +68,7 @@ def time_ms(call, repeats: int) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
-def jax_worker(batch_size: int, repeats: int, batch_norm: bool) -> dict:
+def jax_worker(batch_size: int, repeats: int, batch_norm: bool, parts: bool) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -86,19 +95,52 @@ def jax_worker(batch_size: int, repeats: int, batch_norm: bool) -> dict:
         # HWIO flattens in the same (row, column, channel) order as the concatenation.
         return jnp.concatenate(shifted, axis=-1) @ w.reshape(9 * channels, -1)
 
+    @jax.custom_vjp
+    def conv_dx_first(x, w):
+        return conv(x, w)
+
+    def conv_dx_first_backward(residuals, grad):
+        x, w = residuals
+        grad_x = jax.vjp(lambda x: conv(x, w), x)[1](grad)[0]
+        # XLA does not fold `0 * a` for floats (NaN, inf), so this keeps dW after dX.
+        x_after = x + jnp.zeros((), x.dtype) * grad_x[0, 0, 0, 0]
+        return grad_x, jax.vjp(lambda w: conv(x_after, w), w)[1](grad)[0]
+
+    conv_dx_first.defvjp(lambda x, w: (conv(x, w), (x, w)), conv_dx_first_backward)
+
     def normalize(y):  # flax's BatchNorm in training mode (its fast variance), no scale/bias
         mean = jnp.mean(y, (0, 1, 2))
         var = jnp.mean(jnp.square(y), (0, 1, 2)) - jnp.square(mean)
         return (y - mean) * jax.lax.rsqrt(var + 1e-5)
 
-    def gradient(conv_fn, options=None):
-        def loss(weights, x):
+    def loss(conv_fn):
+        def value(weights, x):
             for w in weights:
                 y = conv_fn(x, w)
                 x = jax.nn.relu(normalize(y) if batch_norm else y)
             return jnp.sum(x * x)
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=options)
+        return value
+
+    def gradient(conv_fn, options=None, argnums=(0, 1)):
+        return jax.jit(jax.grad(loss(conv_fn), argnums=argnums), compiler_options=options)
+
+    no_ynnpack = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    if parts:
+        programs = (
+            ("jax forward", jax.jit(loss(conv), compiler_options=no_ynnpack), False),
+            ("jax forward + dX", gradient(conv, no_ynnpack, argnums=1), False),
+            ("jax forward + dX + dW", gradient(conv, no_ynnpack), True),
+        )
+    else:
+        programs = (
+            ("jax conv", gradient(conv), True),
+            ("jax conv, no YNNPACK", gradient(conv, no_ynnpack), True),
+            ("jax conv NCHW", gradient(conv_nchw), True),
+            ("jax im2col", gradient(conv_im2col), True),
+            ("jax conv, dX before dW", gradient(conv_dx_first, no_ynnpack), True),
+        )
+    reference = gradient(conv)
 
     rng = np.random.default_rng(0)
     rows = {}
@@ -109,22 +151,17 @@ def jax_worker(batch_size: int, repeats: int, batch_norm: bool) -> dict:
             jnp.asarray(rng.standard_normal((3, 3, channels, channels), np.float32) * scale)
             for _ in range(LAYERS)
         ]
-        for name, conv_fn, options in (
-            ("jax conv", conv, None),
-            ("jax conv, no YNNPACK", conv, {"xla_cpu_experimental_ynn_fusion_type": ""}),
-            ("jax conv NCHW", conv_nchw, None),
-            ("jax im2col", conv_im2col, None),
-        ):
-            step = gradient(conv_fn, options)
+        expected = reference(weights, x)[0]
+        for name, step, gives_weight_gradients in programs:
             # The weight gradients must agree with `jax conv`'s, or the timing compares different
             # maths. (Not the input gradient: float32 rounding flips the odd ReLU whose input is
             # ~1e-7, which changes single elements of it by O(1); sums over the batch average
             # that out. With BatchNorm the weight gradient is a small difference of large terms,
             # BatchNorm's backward removing the mean and the x_hat component, so float32 rounding
             # of the convolutions shows up larger: im2col's 1.7e-3 at batch 128.)
-            reference = gradient(conv)(weights, x)[0]
             tolerance = 1e-2 if batch_norm else 1e-4
-            for ours, theirs in zip(step(weights, x)[0], reference, strict=True):
+            checked = step(weights, x)[0] if gives_weight_gradients else []
+            for ours, theirs in zip(checked, expected[: len(checked)], strict=True):
                 error = float(jnp.max(jnp.abs(ours - theirs)) / jnp.max(jnp.abs(theirs)))
                 if error > tolerance:
                     raise AssertionError(f"{name} at {size}x{size}x{channels}: error {error:.1e}")
@@ -134,12 +171,39 @@ def jax_worker(batch_size: int, repeats: int, batch_norm: bool) -> dict:
     return rows
 
 
-def torch_worker(batch_size: int, repeats: int, batch_norm: bool) -> dict:
+def torch_worker(batch_size: int, repeats: int, batch_norm: bool, parts: bool) -> dict:
     import numpy as np
     import torch
 
+    def layers(h, weights):
+        for w in weights:
+            y = torch.nn.functional.conv2d(h, w, padding=1)
+            if batch_norm:
+                y = torch.nn.functional.batch_norm(y, None, None, training=True, eps=1e-5)
+            h = torch.relu(y)
+        return (h * h).sum()
+
+    def forward(x, weights):
+        with torch.no_grad():  # as JAX's forward program, which keeps nothing for a backward
+            return layers(x, weights)
+
+    def input_gradient(x, weights):
+        frozen = [w.detach() for w in weights]
+        return torch.autograd.grad(layers(x, frozen), [x])
+
+    def all_gradients(x, weights):
+        return torch.autograd.grad(layers(x, weights), [*weights, x])
+
+    if parts:
+        programs = (
+            ("pytorch forward", forward),
+            ("pytorch forward + dX", input_gradient),
+            ("pytorch forward + dX + dW", all_gradients),
+        )
+    else:
+        programs = (("pytorch", all_gradients),)
     rng = np.random.default_rng(0)
-    rows = []
+    rows = {}
     for size, channels in SHAPES:
         x = torch.from_numpy(rng.standard_normal((batch_size, channels, size, size), np.float32))
         x.requires_grad_(True)
@@ -150,25 +214,18 @@ def torch_worker(batch_size: int, repeats: int, batch_norm: bool) -> dict:
             ).requires_grad_(True)
             for _ in range(LAYERS)
         ]
-
-        def step(x=x, weights=weights):
-            h = x
-            for w in weights:
-                y = torch.nn.functional.conv2d(h, w, padding=1)
-                if batch_norm:
-                    y = torch.nn.functional.batch_norm(y, None, None, training=True, eps=1e-5)
-                h = torch.relu(y)
-            return torch.autograd.grad((h * h).sum(), [*weights, x])
-
-        rows.append(time_ms(step, repeats))
-    return {"pytorch": rows}
+        for name, program in programs:
+            rows.setdefault(name, []).append(
+                time_ms(lambda p=program, x=x, w=weights: p(x, w), repeats)
+            )
+    return rows
 
 
 def main(argv):
     del argv
     if FLAGS.worker:
         worker = jax_worker if FLAGS.worker == "jax" else torch_worker
-        print(json.dumps(worker(FLAGS.batch_size, FLAGS.repeats, FLAGS.batch_norm)))
+        print(json.dumps(worker(FLAGS.batch_size, FLAGS.repeats, FLAGS.batch_norm, FLAGS.parts)))
         return
     rows = {}
     for framework in ("jax", "pytorch"):
@@ -180,6 +237,7 @@ def main(argv):
                 f"--batch_size={FLAGS.batch_size}",
                 f"--repeats={FLAGS.repeats}",
                 f"--batch_norm={FLAGS.batch_norm}",
+                f"--parts={FLAGS.parts}",
             ],
             check=True,
             stdout=subprocess.PIPE,  # the worker's errors go to the terminal
@@ -187,8 +245,9 @@ def main(argv):
         ).stdout
         rows.update(json.loads(out.strip().splitlines()[-1]))
     layer = "3x3 conv + BatchNorm + ReLU" if FLAGS.batch_norm else "3x3 conv + ReLU"
+    programs = "forward, + dX, + dX + dW" if FLAGS.parts else "forward + backward"
     print(
-        f"{LAYERS} x ({layer}), forward + backward, batch {FLAGS.batch_size}, "
+        f"{LAYERS} x ({layer}), {programs}, batch {FLAGS.batch_size}, "
         f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
         "min / median ms"
     )

@@ -113,8 +113,8 @@ def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensor
 
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_convolution_probe_variants_compute_the_same_gradients(batch_norm):
-    """probe_conv's JAX variants (XLA's defaults, no YNNPACK, NCHW, im2col) time the same maths:
-    its worker checks each one's weight gradients against XLA's default before timing."""
+    """probe_conv's JAX variants (XLA's defaults, no YNNPACK, NCHW, im2col, dX before dW) time the
+    same maths: its worker checks each one's weight gradients against XLA's default first."""
     out = run_script(
         "probe_conv.py",
         "--worker=jax",
@@ -123,9 +123,29 @@ def test_convolution_probe_variants_compute_the_same_gradients(batch_norm):
         f"--batch_norm={batch_norm}",
     )
     rows = json.loads(out.strip().splitlines()[-1])
-    assert set(rows) == {"jax conv", "jax conv, no YNNPACK", "jax conv NCHW", "jax im2col"}
+    assert set(rows) == {
+        "jax conv",
+        "jax conv, no YNNPACK",
+        "jax conv NCHW",
+        "jax im2col",
+        "jax conv, dX before dW",
+    }
     for times in rows.values():
         assert len(times) == 3 and all(0 < low <= mid for low, mid in times)
+
+
+def test_convolution_probe_times_the_parts_of_the_backward_pass():
+    """`--parts`: forward, + input gradients, + weight gradients, for JAX and for PyTorch."""
+    out = run_script("probe_conv.py", "--parts", "--batch_size=4", "--repeats=1")
+    table = {
+        line.split(" | ")[0].strip("| "): line
+        for line in out.splitlines()
+        if line.startswith("| ") and "/" in line
+    }
+    for framework in ("jax", "pytorch"):
+        for part in ("forward", "forward + dX", "forward + dX + dW"):
+            assert len(table[f"{framework} {part}"].split(" | ")) == 4  # name + three shapes
+    assert "forward, + dX, + dX + dW, batch 4" in out
 
 
 def test_benchmark_result_names_keep_settings_apart():
