@@ -22,6 +22,8 @@ and in bfloat16 (losses stay float32):
     python experiments/bench_step.py --config=configs/cifar100.py --synthetic_data \
         --config.data_on_device=true --config.compute_dtype=bfloat16 --repeats=20
 
+(`bash experiments/gpu_bench.sh float32|bfloat16` runs them on a GPU machine without network.)
+
 Each framework runs in its own subprocess, one after the other (never both at once): their
 thread pools would fight over the cores, and each process's peak memory is then its own.
 Peak memory is the process's peak resident set growth over the set-up on a CPU, the allocator's

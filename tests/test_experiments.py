@@ -111,6 +111,44 @@ def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensor
     assert "JAX data on device, synthetic images" in row
 
 
+def test_gpu_script_runs_the_benchmark_without_tensorflow_and_returns_the_result(tmp_path):
+    """experiments/gpu_bench.sh, as the device machine runs it (no tensorflow, no data set, $OUT
+    set), on the CPU with a tiny pair: it must write the result and copy it to $OUT."""
+    blocked = tmp_path / "blocked"
+    (blocked / "tensorflow").mkdir(parents=True)
+    (blocked / "tensorflow" / "__init__.py").write_text("raise ImportError('blocked')\n")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = [
+        "bash",
+        "experiments/gpu_bench.sh",
+        "bfloat16",
+        "--config.teacher=resnet8",
+        "--config.student=resnet8",
+        "--config.batch_size=32",
+        "--modes=epoch",
+        "--epoch_examples=64",
+        f"--output={tmp_path / 'bench_gpu_tiny.json'}",
+    ]
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(blocked),
+        "OUT": str(out_dir),
+    }
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out_dir / "bench_gpu_tiny.json").read_text())
+    assert result["compute_dtype"] == "bfloat16" and result["epoch_data"] == "synthetic"
+    assert result["data_on_device"] is True and result["ratio"]["epoch"] > 0
+    assert "wrote " in (out_dir / "gpu_bench_bfloat16.log").read_text()
+
+    wrong = subprocess.run(
+        ["bash", "experiments/gpu_bench.sh", "float16"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert wrong.returncode == 2 and "float32 or bfloat16" in wrong.stderr
+
+
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_convolution_probe_variants_compute_the_same_gradients(batch_norm):
     """probe_conv's JAX variants (XLA's defaults, no YNNPACK, NCHW, im2col, dX before dW) time the
