@@ -34,6 +34,14 @@ def run_script(name: str, *args: str) -> str:
     return done.stdout
 
 
+def without_tensorflow(tmp_path) -> str:
+    """A folder that, first on PYTHONPATH, shadows tensorflow: any import of it fails."""
+    blocked = tmp_path / "blocked"
+    (blocked / "tensorflow").mkdir(parents=True)
+    (blocked / "tensorflow" / "__init__.py").write_text("raise ImportError('blocked')\n")
+    return str(blocked)
+
+
 def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, tmp_path):
     output = tmp_path / "bench_tiny.json"
     argv = [
@@ -79,9 +87,7 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
 
 def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensorflow(tmp_path):
     """What a GPU node without network runs: no data set on disk, no tensorflow installed."""
-    blocked = tmp_path / "blocked"  # shadows tensorflow: any import of it fails
-    (blocked / "tensorflow").mkdir(parents=True)
-    (blocked / "tensorflow" / "__init__.py").write_text("raise ImportError('blocked')\n")
+    blocked = without_tensorflow(tmp_path)
     output = tmp_path / "bench_synthetic.json"
     argv = [
         sys.executable,
@@ -94,7 +100,7 @@ def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensor
         "--epoch_examples=64",
         f"--output={output}",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), ROOT])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([blocked, ROOT])}
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(output.read_text())
@@ -114,9 +120,7 @@ def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensor
 def test_gpu_script_runs_the_benchmark_without_tensorflow_and_returns_the_result(tmp_path):
     """experiments/gpu_bench.sh, as the device machine runs it (no tensorflow, no data set, $OUT
     set), on the CPU with a tiny pair: it must write the result and copy it to $OUT."""
-    blocked = tmp_path / "blocked"
-    (blocked / "tensorflow").mkdir(parents=True)
-    (blocked / "tensorflow" / "__init__.py").write_text("raise ImportError('blocked')\n")
+    blocked = without_tensorflow(tmp_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     argv = [
@@ -133,7 +137,7 @@ def test_gpu_script_runs_the_benchmark_without_tensorflow_and_returns_the_result
     env = {
         **os.environ,
         "PYTHON": sys.executable,
-        "PYTHONPATH": str(blocked),
+        "PYTHONPATH": blocked,
         "OUT": str(out_dir),
     }
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
