@@ -300,8 +300,8 @@ def claim_lines(records: list[dict]) -> list[str]:
         )
     # The table's Δ column is the student's; an ablation can move the other models too.
     for run in (r for r in RUNS if r.ablation and r.framework == "jax"):
+        reference = reference_of(run)  # the row's `student Δ` reference, as in the table
         for model in MODELS[1:]:
-            reference = reference_of(run)  # the row's `student Δ` reference, as in the table
             diff = paired_difference(runs(run.name), runs(reference), model)
             lines.append(
                 f"| {run.name} {model}: minus {reference} (jax, paired by seed) | "
