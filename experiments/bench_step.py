@@ -153,6 +153,7 @@ def jax_worker(config, modes) -> dict:
 
     from ffcl_jax import train
 
+    train.set_process_xla_flags(config)  # before the first device query starts the backend
     settings = train.check_config(config, jax.device_count())
     out = {
         "framework": "jax",
@@ -329,6 +330,8 @@ def result_name(config, device: str, synthetic: bool) -> str:
     flags_tag = "_xlaflags" if os.environ.get("XLA_FLAGS") else ""
     if config.get("xla_cpu_ynn_fusion", "auto") != "auto":
         flags_tag += f"_ynn_{config.xla_cpu_ynn_fusion}"
+    if not config.get("xla_cpu_flatten_after_fusion", True):
+        flags_tag += "_noflatten"
     if config.get("batch_norm_backward", "auto") != "auto":
         flags_tag += f"_bn_{config.batch_norm_backward}"
     if config.compute_dtype != "float32":
@@ -367,6 +370,8 @@ def write_readme() -> None:
             if "cpu" in device.lower():
                 device = f"{r['machine']['cores']}-core {r['machine']['cpu']}"
                 settings.append(ynn_setting(j.get("compiler_options")))
+                if "xla_cpu_flatten_after_fusion" in j.get("xla_flags", ""):
+                    settings.append("flatten after fusion")
             if j.get("closed_form_batch_norm"):
                 settings.append("closed-form BN backward")
             if mode == "epoch":

@@ -46,6 +46,7 @@ RESUMABLE_KEYS = frozenset(
         "num_epochs",
         "xla_cpu_ynn_fusion",  # a compiler setting: the same computation, other fusion decisions
         "batch_norm_backward",  # the same gradient, other rounding
+        "xla_cpu_flatten_after_fusion",  # a compiler setting, like xla_cpu_ynn_fusion
         "log_every_steps",
         "eval_every_epochs",
         "checkpoint_every_epochs",
@@ -81,6 +82,7 @@ ADDED_KEYS = {
     "data_on_device": False,
     "xla_cpu_ynn_fusion": "auto",
     "batch_norm_backward": "autodiff",
+    "xla_cpu_flatten_after_fusion": False,
 }
 
 

@@ -82,8 +82,9 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     from ffcl_jax.errors import UserError
     from ffcl_jax.input_pipeline import import_tensorflow
-    from ffcl_jax.train import Preempted, train_and_evaluate
+    from ffcl_jax.train import Preempted, set_process_xla_flags, train_and_evaluate
 
+    set_process_xla_flags(_CONFIG.value)  # before anything starts JAX's backend
     import_tensorflow()
     _initialize_distributed()
     try:

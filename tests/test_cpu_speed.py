@@ -12,7 +12,10 @@ defect is noticed too.
 from __future__ import annotations
 
 import collections
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,7 @@ import pytest
 from ffcl_jax import train
 from ffcl_jax.config_base import base_config
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU behaviour")
 
 
@@ -119,3 +123,76 @@ def test_shallow_setting_leaves_convolutions_to_xla():
     # Control: the default still takes convolutions (else re-measure what "auto" is for).
     default = ynn_fusion_ops(compiled_step_hlo("resnet20", "xla_default", "autodiff"))
     assert default["convolution"] > 0, default
+
+
+# A fresh process (XLA reads XLA_FLAGS once, when JAX starts its backend): what the CLI does
+# first, then the number of copies in the compiled FFCL step of a small pair.
+COPIES_IN_A_FRESH_PROCESS = """
+import sys
+from ffcl_jax import train
+from ffcl_jax.config_base import base_config
+
+config = base_config()
+config.dataset, config.teacher, config.student = "cifar10", "resnet8", "resnet8"
+config.batch_size = 32
+config.xla_cpu_flatten_after_fusion = sys.argv[1] == "on"
+print("added:", train.set_process_xla_flags(config))
+import jax, jax.numpy as jnp
+settings = train.check_config(config, jax.device_count())
+setup, state = train.build(config, settings, steps_per_epoch=10)
+train_step, _ = train.jit_steps(setup, config)
+batch = {
+    "image": jax.ShapeDtypeStruct((32, 32, 32, 3), jnp.uint8),
+    "label": jax.ShapeDtypeStruct((32,), jnp.int32),
+}
+print("copies:", train_step.lower(state, batch).compile().as_text().count(" copy("))
+"""
+
+
+def copies_in_a_fresh_process(flatten: str) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [sys.executable, "-c", COPIES_IN_A_FRESH_PROCESS, flatten],
+        cwd=REPO,
+        env={**env, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    added = re.search(r"added: (.*)", done.stdout).group(1)
+    return added, int(re.search(r"copies: (\d+)", done.stdout).group(1))
+
+
+def test_flatten_after_fusion_reaches_xla_and_removes_copies():
+    added, with_flag = copies_in_a_fresh_process("on")
+    assert added == train.FLATTEN_AFTER_FUSION_FLAG
+    none, without = copies_in_a_fresh_process("off")
+    assert none == "None"
+    # Fewer copies only if XLA got the flag before its backend started (else the counts are
+    # equal); if a new XLA makes no difference here, re-measure whether the flag still pays.
+    assert with_flag < without, (with_flag, without)
+
+
+def test_process_xla_flags_respect_the_users_and_a_started_backend(monkeypatch, capsys):
+    from jax._src import xla_bridge
+
+    config = base_config()
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert train.set_process_xla_flags(config, environ) == train.FLATTEN_AFTER_FUSION_FLAG
+    assert environ["XLA_FLAGS"] == (
+        f"--xla_force_host_platform_device_count=2 {train.FLATTEN_AFTER_FUSION_FLAG}"
+    )
+    assert train.set_process_xla_flags(config, environ) is None  # not twice
+    users = {"XLA_FLAGS": "--xla_backend_extra_options=xla_cpu_use_fusion_emitters"}
+    assert train.set_process_xla_flags(config, users) is None  # the user's own choice stays
+    assert users == {"XLA_FLAGS": "--xla_backend_extra_options=xla_cpu_use_fusion_emitters"}
+    config.xla_cpu_flatten_after_fusion = False
+    assert train.set_process_xla_flags(config, {}) is None
+
+    config.xla_cpu_flatten_after_fusion = True
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    environ = {}
+    assert train.set_process_xla_flags(config, environ) is None and environ == {}
+    assert "no effect in this process" in capsys.readouterr().err

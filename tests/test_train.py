@@ -316,6 +316,7 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"
     }
     assert results["closed_form_batch_norm"] is False
+    assert results["xla_flags"].endswith(train.FLATTEN_AFTER_FUSION_FLAG)  # set by the CLI
 
 
 def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
