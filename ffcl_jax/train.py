@@ -303,9 +303,11 @@ def set_process_xla_flags(config, environ=os.environ) -> str | None:
         "xla_backend_extra_options" in current
     ):
         return None
-    from jax._src import xla_bridge  # no public way to ask whether a backend has started
-
-    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+    try:  # JAX has no public way to ask whether a backend has started
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:  # a JAX without it: assume not (the flag then merely may not apply)
+        backends_are_initialized = bool
+    if backends_are_initialized():
         print(
             "note: config.xla_cpu_flatten_after_fusion has no effect in this process (JAX's "
             f"backend had already started); set XLA_FLAGS={FLATTEN_AFTER_FUSION_FLAG} before "
