@@ -55,12 +55,17 @@ def compiled_step_hlo(teacher: str, ynn_fusion: str, bn_backward: str) -> str:
     config.batch_size = 4
     config.xla_cpu_ynn_fusion = ynn_fusion
     config.batch_norm_backward = bn_backward
+    return compiled_cifar_step(config)
+
+
+def compiled_cifar_step(config) -> str:
+    """The optimized HLO text of the train step for `config` on CIFAR-shaped batches."""
     settings = train.check_config(config, jax.device_count())
     setup, state = train.build(config, settings, steps_per_epoch=10)
     train_step, _ = train.jit_steps(setup, config)
     batch = {
-        "image": jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.uint8),
-        "label": jax.ShapeDtypeStruct((4,), jnp.int32),
+        "image": jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), jnp.uint8),
+        "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
     }
     return train_step.lower(state, batch).compile().as_text()
 
@@ -137,15 +142,10 @@ config.dataset, config.teacher, config.student = "cifar10", "resnet8", "resnet8"
 config.batch_size = 32
 config.xla_cpu_flatten_after_fusion = sys.argv[1] == "on"
 print("added:", train.set_process_xla_flags(config))
-import jax, jax.numpy as jnp
-settings = train.check_config(config, jax.device_count())
-setup, state = train.build(config, settings, steps_per_epoch=10)
-train_step, _ = train.jit_steps(setup, config)
-batch = {
-    "image": jax.ShapeDtypeStruct((32, 32, 32, 3), jnp.uint8),
-    "label": jax.ShapeDtypeStruct((32,), jnp.int32),
-}
-print("copies:", train_step.lower(state, batch).compile().as_text().count(" copy("))
+sys.path.insert(0, "tests")
+from test_cpu_speed import compiled_cifar_step  # starts the backend, after the line above
+
+print("copies:", compiled_cifar_step(config).count(" copy("))
 """
 
 
