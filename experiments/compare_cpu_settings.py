@@ -10,11 +10,14 @@ run to the next, as much as the settings differ. This script compiles the step o
 setting in one process and then times them in turns (`--rounds` x `--steps_per_round` each),
 so a drift hits every setting alike. It prints min and median milliseconds per step and each
 median's speed-up over the first setting's. Nothing is written; the README's Speed section
-quotes its output with the command.
+quotes its output with the command. What only `XLA_FLAGS` can carry
+(`config.xla_cpu_flatten_after_fusion`) is set once for the process, as the CLI sets it, and
+holds for every setting alike; compare that one in alternating `bench_step.py` processes.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -37,6 +40,7 @@ def main(argv):
 
     from ffcl_jax import train
 
+    train.set_process_xla_flags(FLAGS.config)  # as the CLI runs (process-wide, so for all)
     if jax.default_backend() != "cpu":
         raise SystemExit("these are XLA:CPU settings; run this on the CPU backend")
     mesh = train.Mesh()
@@ -60,7 +64,8 @@ def main(argv):
     config = FLAGS.config
     print(
         f"\n{config.teacher} + {config.student}, batch {config.batch_size}, "
-        f"{FLAGS.rounds} x {FLAGS.steps_per_round} steps each, interleaved"
+        f"{FLAGS.rounds} x {FLAGS.steps_per_round} steps each, interleaved; "
+        f"XLA_FLAGS for all: {os.environ.get('XLA_FLAGS') or '(none)'}"
     )
     print("| xla_cpu_ynn_fusion | min ms | median ms | speed-up |")
     print("|---|---|---|---|")

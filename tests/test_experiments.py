@@ -223,6 +223,7 @@ def test_settings_comparison_times_each_setting_in_turns():
     assert [row.split(" | ")[0] for row in rows] == ["| xla_default", "| reduce"]
     assert rows[0].endswith("| 1.00x |")  # the first setting is the base
     assert "2 x 1 steps each, interleaved" in out
+    assert "XLA_FLAGS for all: --xla_backend_extra_options=xla_cpu_flatten_after_fusion" in out
 
 
 def test_readme_names_the_ynnpack_setting():
