@@ -34,11 +34,17 @@ def run_script(name: str, *args: str) -> str:
     return done.stdout
 
 
+# Installed here but not on the GPU image the device tool lends (KINDS.md's package list).
+MISSING_ON_GPU_IMAGE = ("tensorflow", "tensorflow_datasets", "clu")
+
+
 def without_tensorflow(tmp_path) -> str:
-    """A folder that, first on PYTHONPATH, shadows tensorflow: any import of it fails."""
+    """A folder that, first on PYTHONPATH, shadows tensorflow, TFDS and clu: importing any of
+    them fails, as on the GPU image."""
     blocked = tmp_path / "blocked"
-    (blocked / "tensorflow").mkdir(parents=True)
-    (blocked / "tensorflow" / "__init__.py").write_text("raise ImportError('blocked')\n")
+    for name in MISSING_ON_GPU_IMAGE:
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} blocked')\n")
     return str(blocked)
 
 
