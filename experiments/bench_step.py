@@ -15,7 +15,8 @@ or with `--synthetic_data` of random images of the same shape and number (machin
 data set, such as GPU nodes without network; neither side's time depends on the pixels).
 
 On a GPU node, the cifar100 pair with JAX's batches made on the device (no tensorflow needed)
-and in bfloat16 (losses stay float32):
+and in bfloat16 (losses stay float32; the PyTorch reference then runs under `torch.autocast`
+in bfloat16, and with `cudnn.benchmark` on, as CIFAR training scripts set it):
 
     python experiments/bench_step.py --config=configs/cifar100.py --synthetic_data \
         --config.data_on_device=true --repeats=20
@@ -235,6 +236,10 @@ def torch_worker(config, modes) -> dict:
     device = FLAGS.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     cuda = device.startswith("cuda")
+    # What CIFAR training scripts set on a GPU: cuDNN picks its fastest convolution algorithms
+    # in the first steps (untimed in step mode; part of the epoch in epoch mode, as for a user).
+    torch.backends.cudnn.benchmark = cuda
+    dtype = config.compute_dtype  # bfloat16: torch.autocast, float32 weights and losses
 
     def sync():
         if cuda:
@@ -246,6 +251,7 @@ def torch_worker(config, modes) -> dict:
         "device": torch.cuda.get_device_name()
         if cuda
         else f"cpu, {torch.get_num_threads()} threads",
+        "compute": "torch.autocast bfloat16" if dtype == "bfloat16" else "float32",
     }
     if "step" in modes:
         cohort, optimizer, schedule, settings, info = reference.build(config, 1000, device)
@@ -258,7 +264,9 @@ def torch_worker(config, modes) -> dict:
         x, y = x.to(device), y.to(device)
 
         def step():
-            reference.train_step(cohort, optimizer, schedule, x, y, settings, 0, info, device)
+            reference.train_step(
+                cohort, optimizer, schedule, x, y, settings, 0, info, device, dtype
+            )
             sync()
 
         rss_before = peak_rss_mb()
@@ -290,7 +298,9 @@ def torch_worker(config, modes) -> dict:
         images_nchw, labels_all = reference.as_tensors(images, labels)
         start = time.perf_counter()
         for x, y in reference.epoch_batches(images_nchw, labels_all, config, 0, steps):
-            reference.train_step(cohort, optimizer, schedule, x, y, settings, 0, info, device)
+            reference.train_step(
+                cohort, optimizer, schedule, x, y, settings, 0, info, device, dtype
+            )
         sync()
         seconds = time.perf_counter() - start
         out["epoch"] = {

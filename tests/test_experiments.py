@@ -152,6 +152,7 @@ def test_gpu_script_runs_the_benchmark_without_tensorflow_and_returns_the_result
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((out_dir / "bench_gpu_tiny.json").read_text())
     assert result["compute_dtype"] == "bfloat16" and result["epoch_data"] == "synthetic"
+    assert result["pytorch"]["compute"] == "torch.autocast bfloat16"  # like for like
     assert result["data_on_device"] is True and result["ratio"]["epoch"] > 0
     assert "wrote " in (out_dir / "gpu_bench_bfloat16.log").read_text()
 

@@ -285,3 +285,59 @@ def test_reference_loop_trains_and_reports_like_the_jax_trainer(fmnist_dir, tmp_
     train_rows = [r for r in rows if r["kind"] == "train"]
     first, last = train_rows[0], train_rows[-1]
     assert last["ce_teacher"] + last["ce_student"] < first["ce_teacher"] + first["ce_student"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"method": "ffcl"},
+        {"method": "ffcl", "loss.regularizer": "label_smoothing", "loss.feat_direction": "mutual"},
+        {"method": "ffl"},
+        {"method": "dml"},
+    ],
+    ids=["ffcl", "ffcl-label-smoothing-mutual", "ffl", "dml"],
+)
+def test_reference_step_keeps_every_tensor_on_the_model_device(overrides):
+    """On a GPU every tensor the reference's step makes must live on the model's device. The
+    meta device stands in for CUDA here: an op mixing a meta tensor with a CPU tensor (other
+    than a 0-d scalar) fails, as it would on CUDA. (The virtual teacher's target was once made
+    on the CPU.)"""
+    from experiments.pytorch_reference import train as reference
+
+    config = tiny_config(".", **overrides)
+    cohort, optimizer, schedule, settings, info = reference.build(config, 10, "meta")
+    images = np.zeros((config.batch_size, *info.image_shape), np.uint8)
+    x, y = reference.as_tensors(images, np.arange(config.batch_size) % info.num_classes)
+    total, terms = reference.train_step(
+        cohort, optimizer, schedule, x, y, settings, 0, info, "meta"
+    )
+    assert total.device.type == "meta"
+    assert all(p.device.type == "meta" for p in cohort.parameters())
+    assert {"ce_teacher", "ce_student"} <= set(terms)
+
+
+def test_reference_bfloat16_runs_the_networks_under_autocast_and_keeps_losses_float32():
+    """`compute_dtype=bfloat16` in the reference (the GPU benchmark's bfloat16 row compares it
+    with JAX's bfloat16): convolutions compute in bfloat16, weights stay float32, every loss
+    term is float32, and the loss is close to (but not exactly) the float32 one."""
+    from experiments.pytorch_reference import train as reference
+
+    config = tiny_config(".", method="ffcl")
+    images = np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1), np.uint8)
+    x, y = reference.as_tensors(images, np.arange(32) % 10)
+    seen, totals = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        cohort, optimizer, schedule, settings, info = reference.build(config, 10, "cpu")
+        first_conv = next(m for m in cohort.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda m, i, o, d=dtype: seen.__setitem__(d, o.dtype))
+        total, terms = reference.train_step(
+            cohort, optimizer, schedule, x, y, settings, 0, info, "cpu", dtype
+        )
+        totals[dtype] = float(total.detach())
+        assert all(t.dtype == torch.float32 for t in terms.values()), terms
+        assert all(p.dtype == torch.float32 for p in cohort.parameters())
+    assert seen == {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    assert totals["bfloat16"] != totals["float32"]
+    assert totals["bfloat16"] == pytest.approx(totals["float32"], rel=0.05)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        reference.autocast("cpu", "float16")

@@ -47,8 +47,8 @@ def attention_distance(student_map, teacher_map):
 
 def virtual_teacher_target(labels, num_classes: int, correct_prob: float, temperature: float):
     wrong = (1.0 - correct_prob) / (num_classes - 1)
-    p_d = torch.full((labels.shape[0], num_classes), wrong)
-    p_d[torch.arange(labels.shape[0]), labels] = correct_prob
+    p_d = torch.full((labels.shape[0], num_classes), wrong, device=labels.device)
+    p_d[torch.arange(labels.shape[0], device=labels.device), labels] = correct_prob
     return F.softmax(p_d / temperature, dim=-1)
 
 

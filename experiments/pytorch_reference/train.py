@@ -6,11 +6,13 @@ Reads a config of `configs/` (every `--config.key=value` override works), the sa
 (`ffcl_jax.input_pipeline.load_split`: numpy arrays), and writes `results.json` with the same
 `history` / `summary` layout as the JAX trainer, plus `metrics.jsonl`. Augmentation is done in
 torch (pad, random crop, horizontal flip; a `torch.Generator` seeded per epoch), no torchvision.
-Runs on the CPU, or on CUDA when available (`--device`).
+Runs on the CPU, or on CUDA when available (`--device`); `--config.compute_dtype=bfloat16`
+runs the networks under `torch.autocast` (bfloat16), with float32 weights and loss terms.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -64,12 +66,26 @@ def epoch_batches(images_nchw, labels, config, epoch: int, steps: int):
         yield augment(images_nchw[index], config, generator), labels[index]
 
 
-def train_step(cohort, optimizer, schedule, x, y, settings_dict, epoch, info, device):
+def autocast(device: str, compute_dtype: str = "float32"):
+    """`config.compute_dtype` as a PyTorch user runs it: bfloat16 is `torch.autocast` (weights,
+    optimizer and BatchNorm statistics stay float32, as in JAX); the loss terms upcast their
+    inputs to float32 either way (`losses._f32`)."""
+    if compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"compute_dtype must be float32 or bfloat16, not {compute_dtype!r}")
+    if compute_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def train_step(
+    cohort, optimizer, schedule, x, y, settings_dict, epoch, info, device, compute_dtype="float32"
+):
     """One SGD step of the whole cohort on a uint8 NCHW batch; returns (total, terms)."""
-    out = cohort(normalize(x.to(device), info))
-    total, terms = losses.cohort_objective(
-        out, y.to(device), settings_dict, epoch, info.num_classes
-    )
+    with autocast(device, compute_dtype):
+        out = cohort(normalize(x.to(device), info))
+        total, terms = losses.cohort_objective(
+            out, y.to(device), settings_dict, epoch, info.num_classes
+        )
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
@@ -77,10 +93,12 @@ def train_step(cohort, optimizer, schedule, x, y, settings_dict, epoch, info, de
     return total, terms
 
 
-def evaluate(cohort, images, labels, info, device, batch_size) -> dict[str, float]:
+def evaluate(
+    cohort, images, labels, info, device, batch_size, compute_dtype="float32"
+) -> dict[str, float]:
     cohort.eval()
     correct = {"teacher": 0, "student": 0, "ensemble": 0, "fused": 0}
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, compute_dtype):
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
             y = torch.from_numpy(np.array(labels[start : start + batch_size])).long().to(device)
@@ -137,7 +155,16 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
             cohort.train()
             for x, y in epoch_batches(images_nchw, labels_all, config, epoch, spe):
                 total, terms = train_step(
-                    cohort, optimizer, schedule, x, y, settings_dict, epoch, info, device
+                    cohort,
+                    optimizer,
+                    schedule,
+                    x,
+                    y,
+                    settings_dict,
+                    epoch,
+                    info,
+                    device,
+                    config.compute_dtype,
                 )
                 step += 1
                 if step % config.log_every_steps == 0:
@@ -147,7 +174,13 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
                     log.write(json.dumps(row) + "\n")
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
                 accuracy = evaluate(
-                    cohort, test_images, test_labels, info, device, config.eval_batch_size
+                    cohort,
+                    test_images,
+                    test_labels,
+                    info,
+                    device,
+                    config.eval_batch_size,
+                    config.compute_dtype,
                 )
                 row = {"epoch": epoch + 1, "step": step, **accuracy}
                 history.append(row)
