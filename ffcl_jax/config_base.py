@@ -35,7 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     # teacher, which is then frozen.
     c.teacher_checkpoint = config_dict.placeholder(str)
     c.fusion_channels = config_dict.placeholder(int)  # C_fused; None: the student's channels
-    c.compute_dtype = "float32"  # or "bfloat16" (losses stay float32)
+    # "float32", "bfloat16" (losses stay float32) or "float64" (for exact comparisons with a
+    # float64 reference; the CLI turns on 64-bit JAX for it).
+    c.compute_dtype = "float32"
     # XLA:CPU only, what YNNPACK fusions take: "eltwise_reduce" (elementwise ops, which keeps a
     # deep ResNet's backward pass linear in depth, and reductions), "reduce" (BatchNorm's
     # reductions only), "eltwise", "dot", "xla_default", or "auto" (eltwise_reduce when a network

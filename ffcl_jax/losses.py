@@ -6,7 +6,8 @@ Conventions every term follows (the traps of section 6):
 - KL is summed over classes and averaged over the batch (never a mean over classes), and scaled
   by tau^2 so that gradient magnitudes do not shrink with the temperature;
 - softmax / log-softmax / KL run in float32 whatever the compute dtype, since bf16 logits
-  overflow in `exp` and underflow in the target probabilities.
+  overflow in `exp` and underflow in the target probabilities (in float64 when the compute dtype
+  is float64: a run for exact comparisons keeps its precision throughout).
 """
 
 from __future__ import annotations
@@ -17,11 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ffcl_jax.models.layers import at_least_float32 as _f32
 from ffcl_jax.models.layers import avg_pool_to
-
-
-def _f32(x: jax.Array) -> jax.Array:
-    return x.astype(jnp.float32)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -114,7 +112,9 @@ def rampup_weight(epoch: jax.Array, rampup_epochs: float) -> jax.Array:
     """w(epoch) = exp(-5 (1 - min(epoch, R) / R)^2), the sigmoid ramp-up of FFL/ONE; R = 0 -> 1."""
     if rampup_epochs <= 0:
         return jnp.ones((), jnp.float32)
-    progress = jnp.minimum(jnp.asarray(epoch, jnp.float32), rampup_epochs) / rampup_epochs
+    # The default float type: float32, or float64 when 64-bit JAX is on (a float64 run).
+    progress = jnp.minimum(jnp.asarray(epoch, jnp.result_type(float)), rampup_epochs)
+    progress = progress / rampup_epochs
     return jnp.exp(-5.0 * jnp.square(1.0 - progress))
 
 

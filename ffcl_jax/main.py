@@ -85,6 +85,10 @@ def main(argv) -> None:
     from ffcl_jax.train import Preempted, set_process_xla_flags, train_and_evaluate
 
     set_process_xla_flags(_CONFIG.value)  # before anything starts JAX's backend
+    if _CONFIG.value.compute_dtype == "float64":  # exact comparisons: 64-bit arrays throughout
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
     import_tensorflow()
     _initialize_distributed()
     try:

@@ -48,7 +48,9 @@ from ffcl_jax.methods import (
 )
 from ffcl_jax.models.layers import closed_form_batch_norm_backward
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 is for exact comparisons (a float64 reference, such as the PyTorch one in the parity
+# tests), not for speed: it needs 64-bit JAX (`jax_enable_x64`), which the CLI turns on for it.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 EVAL_MODELS = ("student", "teacher", "fused", "ensemble")
 BATCH_NORM_MODES = ("global", "per_device")
 
@@ -72,6 +74,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise UserError(
             f"unknown compute_dtype {config.compute_dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}"
+        )
+    if config.compute_dtype == "float64" and not jax.config.jax_enable_x64:
+        raise UserError(
+            "compute_dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 (the CLI, "
+            "python -m ffcl_jax.main, does it for such a config)"
         )
     for key in ("batch_size", "eval_batch_size"):
         value = config[key]
@@ -173,6 +180,9 @@ def create_cohort(config, settings: LossSettings, info: input_pipeline.DatasetIn
         dtype=COMPUTE_DTYPES[config.compute_dtype],
         seed=config.seed,
     )
+    if config.compute_dtype == "float64":  # flax creates float32 variables whatever the dtype
+        variables = nnx.state(cohort, (nnx.Param, nnx.BatchStat))
+        nnx.update(cohort, jax.tree.map(lambda v: v.astype(jnp.float64), variables))
     check_feature_stages(
         settings, len(cohort.teacher.stage_channels), len(cohort.student.stage_channels)
     )

@@ -227,6 +227,7 @@ def test_a_workdir_with_a_run_but_no_checkpoint_is_refused_and_left_alone(fmnist
         ({"keep_checkpoints": 0}, 1, "config.keep_checkpoints must be >= 1"),
         ({"checkpoint_every_epochs": 0}, 1, "config.checkpoint_every_epochs must be > 0"),
         ({"compute_dtype": "float16"}, 1, "unknown compute_dtype 'float16'"),
+        ({"compute_dtype": "float64"}, 1, "compute_dtype=float64 needs 64-bit JAX"),
         ({"lr_decay_epochs": (5, 2)}, 1, "lr_decay_epochs must be strictly increasing"),
         ({"lr_decay_epochs": (2, 2)}, 1, "lr_decay_epochs must be strictly increasing"),
         ({"eval_every_epochs": 0}, 1, "config.eval_every_epochs must be > 0"),
@@ -320,6 +321,8 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
 
 
 def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
+    """Also in float64, which the CLI runs with 64-bit JAX turned on (the parity tests' exact
+    comparisons use the same compute dtype)."""
     workdir = tmp_path / "two_devices"
     proc = run_cli(
         "--config=configs/fashion_mnist.py:smoke",
@@ -327,11 +330,13 @@ def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
         "--config.train_examples=128",
         "--config.test_examples=70",
         "--config.eval_batch_size=20",
+        "--config.compute_dtype=float64",
         f"--workdir={workdir}",
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 cpu device(s)" in proc.stdout
+    assert "float64 compute |" in proc.stdout
     results = json.loads((workdir / "results.json").read_text())
     # 70 test examples in padded batches of 20 split over 2 devices: each counted once.
     assert all(0 <= s["last"] <= 1 for s in results["summary"].values())

@@ -45,15 +45,19 @@ def attention_distance(student_map, teacher_map):
     return (a_s - a_t).pow(2).sum(-1).mean()
 
 
-def virtual_teacher_target(labels, num_classes: int, correct_prob: float, temperature: float):
+def virtual_teacher_target(
+    labels, num_classes: int, correct_prob: float, temperature: float, dtype=torch.float32
+):
+    """Built in the logits' (at least float32) dtype: a float32 target would round a float64
+    run's regularizer to float32 precision."""
     wrong = (1.0 - correct_prob) / (num_classes - 1)
-    p_d = torch.full((labels.shape[0], num_classes), wrong, device=labels.device)
+    p_d = torch.full((labels.shape[0], num_classes), wrong, dtype=dtype, device=labels.device)
     p_d[torch.arange(labels.shape[0], device=labels.device), labels] = correct_prob
     return F.softmax(p_d / temperature, dim=-1)
 
 
-def label_smoothing_target(labels, num_classes: int, epsilon: float):
-    one_hot = F.one_hot(labels, num_classes).float()
+def label_smoothing_target(labels, num_classes: int, epsilon: float, dtype=torch.float32):
+    one_hot = F.one_hot(labels, num_classes).to(dtype)
     return one_hot * (1 - epsilon) + epsilon / num_classes
 
 
@@ -113,12 +117,13 @@ def cohort_objective(outputs, labels, settings, epoch: int, num_classes: int):
         distill = distill + s["lam_feat"] * feat
     regularization = torch.zeros(())
     if s["lam_reg"] and s["regularizer"] != "none":
+        dtype = _f32(z_t).dtype
         if s["regularizer"] == "virtual_teacher":
             target = virtual_teacher_target(
-                labels, num_classes, s["reg_correct_prob"], s["reg_temperature"]
+                labels, num_classes, s["reg_correct_prob"], s["reg_temperature"], dtype
             )
         else:
-            target = label_smoothing_target(labels, num_classes, s["label_smoothing"])
+            target = label_smoothing_target(labels, num_classes, s["label_smoothing"], dtype)
         reg_logits = [z_t, z_s] + ([z_f] if s["use_fusion"] else [])
         terms["reg"] = sum(fixed_target_kl(z, target) for z in reg_logits)
         regularization = s["lam_reg"] * terms["reg"]

@@ -76,10 +76,17 @@ def closed_form_batch_norm_backward(enabled: bool = True):
         _closed_form_backward.reset(token)
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """`x` upcast to float32 when narrower (bfloat16), kept when wider (`compute_dtype="float64"`,
+    for exact comparisons): statistics, pooled means and the loss terms need no less."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _batch_norm_forward(x, scale, bias, epsilon):
-    """nnx.BatchNorm's training forward (fast variance), in float32 whatever `x`'s dtype."""
+    """nnx.BatchNorm's training forward (fast variance), in at least float32 whatever `x`'s
+    dtype."""
     axes = tuple(range(x.ndim - 1))
-    x32 = x.astype(jnp.float32)
+    x32 = at_least_float32(x)
     mean = jnp.mean(x32, axes)
     var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
     rstd = jax.lax.rsqrt(var + epsilon)
@@ -100,10 +107,10 @@ def batch_norm_train(x, scale, bias, epsilon):
 def _batch_norm_backward(epsilon, residuals, cotangents):
     del epsilon
     x, mean, rstd, scale = residuals
-    g = cotangents[0].astype(jnp.float32)
+    g = at_least_float32(cotangents[0])
     axes = tuple(range(x.ndim - 1))
     count = x.size // x.shape[-1]
-    x_hat = (x.astype(jnp.float32) - mean) * rstd
+    x_hat = (at_least_float32(x) - mean) * rstd
     grad_bias = jnp.sum(g, axes)
     grad_scale = jnp.sum(g * x_hat, axes)
     grad_x = (scale * rstd / count) * (count * g - grad_bias - x_hat * grad_scale)
@@ -188,8 +195,8 @@ def build_stages(block, in_ch: int, widths, blocks_per_stage: int, *, dtype, rng
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """NHWC -> NC, averaged in float32 so that bf16 runs do not lose the mean."""
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+    """NHWC -> NC, averaged in at least float32 so that bf16 runs do not lose the mean."""
+    return jnp.mean(at_least_float32(x), axis=(1, 2)).astype(x.dtype)
 
 
 def avg_pool_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
