@@ -312,15 +312,34 @@ def torch_worker(config, modes) -> dict:
     return out
 
 
+def cpu_isa(cpu_flags: set[str], arch: str) -> str:
+    """The widest vector extension among the CPU's flags ("AVX-512", "AVX2"; else the
+    architecture). It belongs in the machine description: this project's 2-core machines have
+    come as AVX-512 and as AVX2 EPYCs of the same model name, whose step times differ 2x and
+    whose fastest XLA:CPU setting differs too (README, Speed)."""
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in cpu_flags:
+            return name
+    return arch
+
+
 def machine() -> dict:
-    cpu = platform.processor() or "cpu"
+    cpu, cpu_flags = platform.processor() or "cpu", set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    cpu = value.strip()
+                elif key in ("flags", "Features"):  # x86, arm
+                    cpu_flags = set(value.split())
+                    break
+    except OSError:
         pass
     return {
         "cpu": cpu,
+        "isa": cpu_isa(cpu_flags, platform.machine()),
         "cores": os.cpu_count(),
         "system": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
     }
@@ -336,7 +355,8 @@ def run_worker(framework: str) -> dict:
     return json.loads(lines[-1])
 
 
-def result_name(config, device: str, synthetic: bool) -> str:
+def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
+    """One file per pair, batch, device (a CPU by its ISA) and setting."""
     flags_tag = "_xlaflags" if os.environ.get("XLA_FLAGS") else ""
     if config.get("xla_cpu_ynn_fusion", "auto") != "auto":
         flags_tag += f"_ynn_{config.xla_cpu_ynn_fusion}"
@@ -351,6 +371,8 @@ def result_name(config, device: str, synthetic: bool) -> str:
     if synthetic:
         flags_tag += "_synthetic"
     kind = "gpu" if "cpu" not in device.lower() else "cpu"
+    if kind == "cpu" and isa:
+        kind += "_" + isa.lower().replace("-", "")
     return f"bench_{config.teacher}_{config.student}_b{config.batch_size}_{kind}{flags_tag}"
 
 
@@ -378,7 +400,8 @@ def write_readme() -> None:
             device = (j or t)["device"]
             settings = [r.get("compute_dtype", "float32")]
             if "cpu" in device.lower():
-                device = f"{r['machine']['cores']}-core {r['machine']['cpu']}"
+                m = r["machine"]
+                device = f"{m['cores']}-core {m['cpu']}" + (f" ({m['isa']})" if "isa" in m else "")
                 settings.append(ynn_setting(j.get("compiler_options")))
                 if "xla_cpu_flatten_after_fusion" in j.get("xla_flags", ""):
                     settings.append("flatten after fusion")
@@ -448,7 +471,8 @@ def main(argv):
     print(json.dumps(result, indent=1))
     device = sides.get("jax", sides.get("pytorch"))["device"]
     path = FLAGS.output or os.path.join(
-        RESULTS, result_name(config, device, FLAGS.synthetic_data) + ".json"
+        RESULTS,
+        result_name(config, device, FLAGS.synthetic_data, result["machine"]["isa"]) + ".json",
     )
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

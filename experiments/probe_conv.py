@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
+import bench_step  # experiments/, beside this script: the machine description
 from absl import app, flags
 
 SHAPES = ((28, 16), (14, 32), (7, 64))  # (height = width, channels) of each stage
@@ -249,10 +249,10 @@ def main(argv):
         rows.update(json.loads(out.strip().splitlines()[-1]))
     layer = "3x3 conv + BatchNorm + ReLU" if FLAGS.batch_norm else "3x3 conv + ReLU"
     programs = "forward, + dX, + dX + dW" if FLAGS.parts else "forward + backward"
+    cpu = bench_step.machine()
     print(
         f"{LAYERS} x ({layer}), {programs}, batch {FLAGS.batch_size}, "
-        f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
-        "min / median ms"
+        f"{cpu['cores']} cores, {cpu['cpu']} ({cpu['isa']}); min / median ms"
     )
     shapes = [f"{size}x{size}x{channels}" for size, channels in SHAPES]
     print("| | " + " | ".join(shapes) + " |")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -91,6 +92,8 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     assert len(rows) == 2  # step and epoch
     assert f"**{result['ratio']['step']:.2f}**" in rows[0]
     assert "| float32, ynn reduce, flatten after fusion |" in rows[0]
+    m = result["machine"]
+    assert f"| {m['cores']}-core {m['cpu']} ({m['isa']}) |" in rows[0]
 
 
 def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensorflow(tmp_path):
@@ -211,10 +214,32 @@ def test_benchmark_result_names_keep_settings_apart():
     assert bench_step.result_name(config, "NVIDIA H100 80GB HBM3", synthetic=True) == (
         "bench_resnet110_resnet32_b128_gpu_bfloat16_ondevice_synthetic"
     )
+    assert bench_step.result_name(config, "NVIDIA H100 80GB HBM3", False, isa="AVX2") == (
+        "bench_resnet110_resnet32_b128_gpu_bfloat16_ondevice"  # the host's ISA is not the GPU's
+    )
     config.update(batch_norm_backward="autodiff")
     assert bench_step.result_name(config, "1 x cpu", synthetic=False) == (
         "bench_resnet110_resnet32_b128_cpu_bn_autodiff_bfloat16_ondevice"
     )
+    # Two CPUs of one model name but another vector ISA run 2x apart: never one file.
+    assert bench_step.result_name(config, "1 x cpu", False, isa="AVX-512") == (
+        "bench_resnet110_resnet32_b128_cpu_avx512_bn_autodiff_bfloat16_ondevice"
+    )
+    assert bench_step.result_name(config, "1 x cpu", False, isa="AVX2") == (
+        "bench_resnet110_resnet32_b128_cpu_avx2_bn_autodiff_bfloat16_ondevice"
+    )
+
+
+def test_machine_description_names_the_vector_isa():
+    zen3 = set("fpu sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni vaes".split())
+    assert bench_step.cpu_isa(zen3, "x86_64") == "AVX2"
+    assert bench_step.cpu_isa(zen3 | {"avx512f", "avx512bw", "avx512vl"}, "x86_64") == "AVX-512"
+    assert bench_step.cpu_isa({"fp", "asimd", "sve"}, "aarch64") == "aarch64"
+    assert bench_step.cpu_isa(set(), "x86_64") == "x86_64"
+    here = bench_step.machine()
+    assert here["isa"] and here["cores"] == os.cpu_count()
+    if platform.machine() == "x86_64":  # this machine's own /proc/cpuinfo is read
+        assert here["isa"] in ("AVX-512", "AVX2", "AVX")
 
 
 def test_settings_comparison_times_each_setting_in_turns():
