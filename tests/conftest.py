@@ -14,6 +14,18 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One persistent XLA compilation cache for the test run's processes: the pytest workers and every
+# subprocess a test starts inherit these variables (JAX reads them when imported). Many tests
+# compile the same train step in several processes (a run, the same run killed, its resume; one
+# config under two seeds), which then compile it once. The cache key covers the program,
+# XLA_FLAGS and the compiler options, so different settings never share an entry; a clean clone
+# (CI) starts empty.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".pytest_cache", "jax_compilation_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))
+
 
 def write_idx(path: str, array: np.ndarray) -> None:
     """Writes a uint8 array in the IDX format (magic 0x0000 08 ndim, big-endian dims), gzipped."""
