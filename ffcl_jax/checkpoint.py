@@ -83,6 +83,8 @@ ADDED_KEYS = {
     "xla_cpu_ynn_fusion": "auto",
     "batch_norm_backward": "autodiff",
     "xla_cpu_flatten_after_fusion": False,
+    "validation_size": 0,
+    "validation_seed": 0,
 }
 
 

@@ -20,6 +20,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.idx_dir = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
     c.train_examples = config_dict.placeholder(int)  # use only the first N (smoke runs)
     c.test_examples = config_dict.placeholder(int)
+    # Hold out this many training images (class-balanced, the same ones for every run: chosen
+    # with `validation_seed`, not `seed`) as a validation split: the run trains on the rest,
+    # evaluates on them after every epoch and evaluates the test split once, at the end.
+    # 0: no validation split (every epoch is evaluated on the test split).
+    c.validation_size = 0
+    c.validation_seed = 0
     c.augment = "pad_crop_flip"  # "pad_crop_flip", "pad_crop" or "none"
     # Hold the training split on the devices and batch/augment it with jit (accelerators; needs
     # no tensorflow); False: tf.data on the host. The two give different, equally valid batches.
@@ -62,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.tau = config_dict.placeholder(float)
     c.loss.rampup_epochs = config_dict.placeholder(float)
     c.loss.feat_stages = config_dict.placeholder(tuple)  # stage indices; None: all stages
-    c.loss.feat_direction = config_dict.placeholder(str)  # teacher_to_student | mutual
+    c.loss.feat_form = config_dict.placeholder(str)  # attention | fused_map | stage_fusion
+    c.loss.feat_direction = config_dict.placeholder(str)  # attention: teacher_to_student | mutual
+    c.loss.attention_reduction = config_dict.placeholder(str)  # attention: sum | mean (positions)
     c.loss.regularizer = config_dict.placeholder(str)  # virtual_teacher | label_smoothing | none
     c.loss.reg_correct_prob = config_dict.placeholder(float)
     c.loss.reg_temperature = config_dict.placeholder(float)

@@ -230,6 +230,52 @@ def load_split(config, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def validation_rows(labels: np.ndarray, size: int, num_classes: int, seed: int) -> np.ndarray:
+    """Sorted indices of `size` class-balanced rows to hold out of a training split.
+
+    Each class gives `size // num_classes` rows (the first `size % num_classes` classes one
+    more), drawn without replacement by `np.random.default_rng(seed)`, class after class. The
+    choice depends only on the labels, `size` and `seed`: every run, method, run seed and
+    process count holding the same split holds out the same rows.
+    """
+    if size <= 0:
+        return np.zeros((0,), np.int64)
+    if size >= len(labels):
+        raise UserError(
+            f"config.validation_size={size} leaves nothing to train on: the training split has "
+            f"{len(labels)} images; use a smaller validation_size"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in range(num_classes):
+        rows = np.flatnonzero(labels == label)
+        wanted = size // num_classes + (1 if label < size % num_classes else 0)
+        if wanted > len(rows):
+            raise UserError(
+                f"config.validation_size={size} asks for {wanted} images of class {label}, "
+                f"but the training split has {len(rows)}; use a smaller validation_size"
+            )
+        chosen.append(rng.choice(rows, wanted, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def hold_out_validation(
+    config, images: np.ndarray, labels: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """`((train images, labels), (validation images, labels))` of a loaded training split, by
+    `config.validation_size` / `config.validation_seed` (see `validation_rows`)."""
+    info = dataset_info(config.dataset)
+    held = validation_rows(
+        labels,
+        int(config.get("validation_size", 0)),
+        info.num_classes,
+        int(config.get("validation_seed", 0)),
+    )
+    keep = np.ones(len(labels), bool)
+    keep[held] = False
+    return (images[keep], labels[keep]), (images[held], labels[held])
+
+
 # --------------------------------------------------------------------------- training
 
 

@@ -12,7 +12,7 @@ Conventions every term follows (the traps of section 6):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,25 +46,48 @@ def ensemble_logits(teacher_logits: jax.Array, student_logits: jax.Array) -> jax
     return (_f32(teacher_logits) + _f32(student_logits)) / 2.0
 
 
-def attention_map(feature_map: jax.Array) -> jax.Array:
-    """a(f) = l2_normalize(mean_channels(f^2)), flattened per example (Zagoruyko & Komodakis).
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    """`x / max(||x||_2, 1e-12)` along `axis`, as `torch.nn.functional.normalize`.
 
-    The epsilon matches `torch.nn.functional.normalize` (1e-12 on the norm).
+    Where `x` is exactly zero (a stage map that a ReLU zeroed for one example, a position where
+    every channel of a fused map is zero) the result is 0 and so is its gradient: the norm's own
+    gradient there would be 0/0 = NaN, so the norm never sees the zero vector. Elsewhere the
+    forward pass and the gradient are bit for bit those of `jnp.linalg.norm` on `x`.
     """
+    nonzero = jnp.any(x != 0, axis=axis, keepdims=True)
+    norm = jnp.linalg.norm(jnp.where(nonzero, x, 1.0), axis=axis, keepdims=True)
+    return x / jnp.maximum(jnp.where(nonzero, norm, 0.0), 1e-12)
+
+
+def attention_map(feature_map: jax.Array) -> jax.Array:
+    """a(f) = l2_normalize(mean_channels(f^2)), flattened per example (Zagoruyko & Komodakis)."""
     energy = jnp.mean(jnp.square(_f32(feature_map)), axis=-1).reshape(feature_map.shape[0], -1)
-    norm = jnp.linalg.norm(energy, axis=-1, keepdims=True)
-    return energy / jnp.maximum(norm, 1e-12)
+    return l2_normalize(energy, axis=-1)
 
 
-def attention_distance(student_map: jax.Array, teacher_map: jax.Array) -> jax.Array:
-    """mean_batch || a(f_S) - stop_gradient(a(f_T)) ||_2^2, pooling the larger map first."""
+ATTENTION_REDUCTIONS = ("sum", "mean")
+
+
+def attention_distance(
+    student_map: jax.Array, teacher_map: jax.Array, reduction: str = "sum"
+) -> jax.Array:
+    """mean_batch || a(f_S) - stop_gradient(a(f_T)) ||_2^2, pooling the larger map first.
+
+    `reduction="sum"` sums the squared difference over the H*W positions of the stage, so a
+    stage's weight grows with its resolution (a 28x28 stage counts 16x a 7x7 one); `"mean"`
+    averages over positions instead, which weights every stage equally: RepDistiller's
+    attention loss (`(at(f_s) - at(f_t)).pow(2).mean()`, used there with beta = 1000).
+    """
     size = (
         min(student_map.shape[1], teacher_map.shape[1]),
         min(student_map.shape[2], teacher_map.shape[2]),
     )
     student_attention = attention_map(avg_pool_to(student_map, size))
     teacher_attention = jax.lax.stop_gradient(attention_map(avg_pool_to(teacher_map, size)))
-    return jnp.sum(jnp.square(student_attention - teacher_attention), axis=-1).mean()
+    per_example = jnp.sum(jnp.square(student_attention - teacher_attention), axis=-1)
+    if reduction == "mean":
+        per_example = per_example / student_attention.shape[-1]
+    return per_example.mean()
 
 
 def attention_transfer(
@@ -72,6 +95,7 @@ def attention_transfer(
     teacher_features: Sequence[jax.Array],
     stages: Sequence[int],
     direction: str,
+    reduction: str = "sum",
 ) -> jax.Array:
     """L_feat = sum over the listed stages of the attention distance.
 
@@ -80,9 +104,44 @@ def attention_transfer(
     """
     total = jnp.zeros((), jnp.float32)
     for stage in stages:
-        total += attention_distance(student_features[stage], teacher_features[stage])
+        total += attention_distance(student_features[stage], teacher_features[stage], reduction)
         if direction == "mutual":
-            total += attention_distance(teacher_features[stage], student_features[stage])
+            total += attention_distance(teacher_features[stage], student_features[stage], reduction)
+    return total
+
+
+def fused_map_distance(adapted_map: jax.Array, fused_map: jax.Array) -> jax.Array:
+    """mean_batch mean_positions || n(A(f)) - stop_gradient(n(F)) ||_2^2, n normalising the
+    channel vector at each position to unit L2 norm.
+
+    `adapted_map` is a network's stage map after its learned 1x1 adapter, `fused_map` the fusion
+    module's map of that stage (after its 1x1 convolution, BatchNorm and ReLU; the map it pools),
+    which is only a target. Normalising per position makes the distance (2 - 2 cos, in [0, 4])
+    blind to the scale of either map: the fused map's scale follows its BatchNorm's learned
+    gamma and the adapter's is arbitrary, and a plain MSE would let either drift set the term's
+    weight. Averaging over positions keeps every stage's term on the same scale.
+    """
+    if adapted_map.shape != fused_map.shape:
+        raise ValueError(
+            f"adapted map {adapted_map.shape} and fused map {fused_map.shape} must match"
+        )
+    target = jax.lax.stop_gradient(l2_normalize(_f32(fused_map), axis=-1))
+    difference = l2_normalize(_f32(adapted_map), axis=-1) - target
+    per_example = jnp.mean(jnp.sum(jnp.square(difference), axis=-1), axis=(1, 2))
+    return per_example.mean()
+
+
+def fused_map_transfer(feature_targets: Sequence[Mapping[str, jax.Array]]) -> jax.Array:
+    """Sum over the taught stages of the fused map's distance to each network's adapted map.
+
+    Each entry of `feature_targets` (what `Cohort` returns for a fused feature form) holds one
+    stage's `fused` map and the `teacher` and `student` maps after their adapters: the fused
+    map teaches both networks.
+    """
+    total = jnp.zeros((), jnp.float32)
+    for maps in feature_targets:
+        total += fused_map_distance(maps["teacher"], maps["fused"])
+        total += fused_map_distance(maps["student"], maps["fused"])
     return total
 
 

@@ -18,9 +18,14 @@ import jax.numpy as jnp
 
 from ffcl_jax import losses
 from ffcl_jax.errors import UserError
+from ffcl_jax.models import NUM_STAGES
 
 REGULARIZERS = ("virtual_teacher", "label_smoothing", "none")
 FEATURE_DIRECTIONS = ("teacher_to_student", "mutual")
+# The feature-based knowledge weighted by lam_feat (docs/method.md, "Feature knowledge"):
+# attention transfer between the networks, the last-stage fused map teaching both networks
+# through adapters, or a fusion module at every stage whose map teaches both at that stage.
+FEATURE_FORMS = ("attention", "fused_map", "stage_fusion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +37,14 @@ class LossSettings:
     lam_fuse: float  # KL(z_T <- z_F) + KL(z_S <- z_F): the fused classifier teaches both
     lam_ens: float  # KL(z_F <- z_E): the T+S ensemble teaches the fused classifier
     lam_mutual: float  # KL(z_S <- z_T) + KL(z_T <- z_S): peers teach each other
-    lam_feat: float  # attention transfer at the listed stages
+    lam_feat: float  # feature knowledge (feat_form) at the listed stages
     lam_reg: float  # network regularization (the "positive knowledge")
     tau: float
     rampup_epochs: float
     feat_stages: tuple[int, ...] | None  # None: every stage
-    feat_direction: str
+    feat_form: str  # one of FEATURE_FORMS
+    feat_direction: str  # attention only
+    attention_reduction: str  # attention only: "sum" or "mean" over a stage's positions
     regularizer: str
     reg_correct_prob: float
     reg_temperature: float
@@ -52,6 +59,9 @@ class LossSettings:
         terms = ["ce_teacher", "ce_student"]
         if self.use_fusion:
             terms.append("ce_fused")
+        if fused_feature_stages(self, NUM_STAGES) and self.feat_form == "stage_fusion":
+            if min(taught_stages(self, NUM_STAGES)) < NUM_STAGES - 1:
+                terms.append("ce_stage_fused")
         if self.lam_fuse:
             terms.append("kl_fused_to_peers")
         if self.lam_ens:
@@ -68,7 +78,9 @@ class LossSettings:
 _OFF = dict(lam_fuse=0.0, lam_ens=0.0, lam_mutual=0.0, lam_feat=0.0, lam_reg=0.0)
 _COMMON = dict(
     feat_stages=None,
+    feat_form="attention",
     feat_direction="teacher_to_student",
+    attention_reduction="sum",
     reg_correct_prob=0.99,
     reg_temperature=20.0,
     label_smoothing=0.1,
@@ -159,6 +171,25 @@ def _validate(s: LossSettings) -> None:
         raise UserError(
             f"unknown loss.regularizer {s.regularizer!r}; valid: {', '.join(REGULARIZERS)}"
         )
+    if s.feat_form not in FEATURE_FORMS:
+        raise UserError(
+            f"unknown loss.feat_form {s.feat_form!r}; valid: {', '.join(FEATURE_FORMS)}"
+        )
+    if s.lam_feat and s.feat_form != "attention" and not s.use_fusion:
+        raise UserError(
+            f"loss.feat_form={s.feat_form!r} takes its targets from the fusion module: set "
+            "loss.use_fusion=True, or use feat_form='attention'"
+        )
+    if s.feat_form == "fused_map" and s.feat_stages is not None:
+        raise UserError(
+            "loss.feat_form='fused_map' teaches the last stage only: leave loss.feat_stages "
+            "unset, or use feat_form='stage_fusion' to choose stages"
+        )
+    if s.attention_reduction not in losses.ATTENTION_REDUCTIONS:
+        raise UserError(
+            f"unknown loss.attention_reduction {s.attention_reduction!r}; "
+            f"valid: {', '.join(losses.ATTENTION_REDUCTIONS)}"
+        )
     if s.feat_direction not in FEATURE_DIRECTIONS:
         raise UserError(
             f"unknown loss.feat_direction {s.feat_direction!r}; "
@@ -192,6 +223,23 @@ def check_feature_stages(settings: LossSettings, num_teacher_stages: int, num_st
             )
 
 
+def taught_stages(settings: LossSettings, num_stages: int) -> tuple[int, ...]:
+    """The stages the feature term covers: `feat_stages`, or every stage; `fused_map`: the last."""
+    if settings.feat_form == "fused_map":
+        return (num_stages - 1,)
+    if settings.feat_stages is None:
+        return tuple(range(num_stages))
+    return settings.feat_stages
+
+
+def fused_feature_stages(settings: LossSettings, num_stages: int) -> tuple[int, ...] | None:
+    """The stages whose fused map teaches (what the cohort builds modules for); None when the
+    feature term is off or is attention transfer."""
+    if not settings.lam_feat or settings.feat_form == "attention":
+        return None
+    return taught_stages(settings, num_stages)
+
+
 def cohort_objective(
     outputs: Mapping[str, Any],
     labels: jax.Array,
@@ -220,6 +268,10 @@ def cohort_objective(
     }
     if settings.use_fusion:
         terms["ce_fused"] = losses.cross_entropy(z_f, labels)
+    if outputs.get("stage_fused_logits"):  # feat_form="stage_fusion": trains its fusion modules
+        terms["ce_stage_fused"] = sum(
+            losses.cross_entropy(z, labels) for z in outputs["stage_fused_logits"]
+        )
     supervised = sum(terms.values())
 
     ramp = losses.rampup_weight(epoch, settings.rampup_epochs)
@@ -238,13 +290,18 @@ def cohort_objective(
         terms["kl_mutual"] = losses.kl_distill(z_s, z_t, tau) + losses.kl_distill(z_t, z_s, tau)
         distill += settings.lam_mutual * terms["kl_mutual"]
     if settings.lam_feat:
-        student_features = outputs["student_features"]
-        stages = settings.feat_stages
-        if stages is None:
-            stages = tuple(range(min(len(student_features), len(outputs["teacher_features"]))))
-        terms["feat"] = losses.attention_transfer(
-            student_features, outputs["teacher_features"], stages, settings.feat_direction
-        )
+        if settings.feat_form == "attention":
+            student_features = outputs["student_features"]
+            num_stages = min(len(student_features), len(outputs["teacher_features"]))
+            terms["feat"] = losses.attention_transfer(
+                student_features,
+                outputs["teacher_features"],
+                taught_stages(settings, num_stages),
+                settings.feat_direction,
+                settings.attention_reduction,
+            )
+        else:
+            terms["feat"] = losses.fused_map_transfer(outputs["feature_targets"])
         distill += settings.lam_feat * terms["feat"]
 
     regularization = jnp.zeros((), jnp.float32)

@@ -44,6 +44,7 @@ from ffcl_jax.methods import (
     LossSettings,
     check_feature_stages,
     cohort_objective,
+    fused_feature_stages,
     resolve_loss_settings,
 )
 from ffcl_jax.models.layers import closed_form_batch_norm_backward
@@ -87,6 +88,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
                 f"config.{key}={value} must be a positive multiple of the {num_devices} devices "
                 "it is split over"
             )
+    if config.get("validation_size", 0) < 0:
+        raise UserError(
+            f"config.validation_size must be >= 0 (0: no validation split), got "
+            f"{config.validation_size}"
+        )
     if config.num_epochs <= 0:
         raise UserError(f"config.num_epochs must be > 0, got {config.num_epochs}")
     if config.learning_rate <= 0:
@@ -131,6 +137,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
     return settings
 
 
+def is_network_role(role: str) -> bool:
+    """Teacher and student take `weight_decay`; every other role is fusion-side."""
+    return role in ("teacher", "student")
+
+
 def make_optimizer(
     config: ml_collections.ConfigDict, steps_per_epoch: int, train_teacher: bool = True
 ):
@@ -139,7 +150,8 @@ def make_optimizer(
     Weight decay is added to the gradient before momentum, as `torch.optim.SGD(weight_decay=...)`
     does, and applies to every parameter of a role (BatchNorm included), as in the FFL and
     RepDistiller references: `weight_decay` for teacher and student, `fusion_weight_decay` for
-    the fusion module. With `train_teacher=False` (kd) the teacher is frozen.
+    the fusion side (the fusion module, and the fused feature knowledge's stage fusion modules and
+    adapters). With `train_teacher=False` (kd) the teacher is frozen.
     """
     schedule = optax.piecewise_constant_schedule(
         config.learning_rate,
@@ -152,9 +164,9 @@ def make_optimizer(
         )
 
     tx = optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=role_mask(lambda r: r != "fusion")),
+        optax.add_decayed_weights(config.weight_decay, mask=role_mask(is_network_role)),
         optax.add_decayed_weights(
-            config.fusion_weight_decay, mask=role_mask(lambda r: r == "fusion")
+            config.fusion_weight_decay, mask=role_mask(lambda r: not is_network_role(r))
         ),
         optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
     )
@@ -177,6 +189,7 @@ def create_cohort(config, settings: LossSettings, info: input_pipeline.DatasetIn
         in_channels=info.image_shape[-1],
         use_fusion=settings.use_fusion,
         fused_channels=config.fusion_channels,
+        fused_feature_stages=fused_feature_stages(settings, models.NUM_STAGES),
         dtype=COMPUTE_DTYPES[config.compute_dtype],
         seed=config.seed,
     )
@@ -628,13 +641,14 @@ class RunLog:
         if not self.enabled:
             return
         accuracy = {k: row[k] for k in EVAL_MODELS if k in row}
+        split = row["split"]
         self.print(
-            f"epoch {row['epoch']} test top-1: "
+            f"epoch {row['epoch']} {split} top-1: "
             + " ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items())
             + f" ({seconds:.1f}s)"
         )
         self._jsonl(kind="eval", **row)
-        self.writer.write_scalars(row["step"], {f"test/acc_{k}": v for k, v in accuracy.items()})
+        self.writer.write_scalars(row["step"], {f"{split}/acc_{k}": v for k, v in accuracy.items()})
         self.writer.flush()
 
     def close(self) -> None:
@@ -751,6 +765,11 @@ def train_and_evaluate(
 
     train_images, train_labels = input_pipeline.load_split(config, "train")
     test_images, test_labels = input_pipeline.load_split(config, "test")
+    splits = {"test": (test_images, test_labels)}
+    if config.get("validation_size", 0):
+        (train_images, train_labels), splits["validation"] = input_pipeline.hold_out_validation(
+            config, train_images, train_labels
+        )
     train_data = make_train_data(config, train_images, train_labels, mesh)
     spe = train_data.steps_per_epoch
     setup, state = build(config, settings, spe, mesh)
@@ -807,7 +826,7 @@ def train_and_evaluate(
                 state,
                 mesh,
                 train_data,
-                (train_images, test_images, test_labels),
+                (train_images, splits),
                 checkpoints,
                 watch,
                 progress,
@@ -835,7 +854,10 @@ def _train_loop(
     resume_step: int | None,
     notes: list[str],
 ) -> dict[str, Any]:
-    train_images, test_images, test_labels = arrays
+    train_images, splits = arrays
+    # Each epoch is evaluated on the validation split when there is one, and the test split is
+    # then evaluated once, after training: model selection never sees it.
+    eval_split = "validation" if "validation" in splits else "test"
     is_chief = jax.process_index() == 0
     spe = train_data.steps_per_epoch
     train_step, eval_step = jit_steps(setup, config)
@@ -854,8 +876,9 @@ def _train_loop(
     log.print(
         f"FFCL | method {config.method} | teacher {config.teacher} "
         f"({num_params['teacher'] / 1e6:.2f}M) | student {config.student} "
-        f"({num_params['student'] / 1e6:.2f}M) | {config.dataset} "
-        f"{len(train_images)} train / {len(test_images)} test | batch {config.batch_size}, "
+        f"({num_params['student'] / 1e6:.2f}M) | {config.dataset} {len(train_images)} train / "
+        + " / ".join(f"{len(images)} {name}" for name, (images, _) in sorted(splits.items()))
+        + f" | batch {config.batch_size}, "
         f"{config.compute_dtype} compute | "
         f"{config.num_epochs} epochs x {spe} steps | {mesh.size} "
         f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
@@ -944,8 +967,8 @@ def _train_loop(
         row = None
         if (epoch + 1) % config.eval_every_epochs == 0 or is_last:
             eval_start = time.time()
-            accuracy = evaluate(eval_step, state, mesh, test_images, test_labels, config)
-            row = {"epoch": epoch + 1, "step": step, **accuracy}
+            accuracy = evaluate(eval_step, state, mesh, *splits[eval_split], config)
+            row = {"epoch": epoch + 1, "step": step, "split": eval_split, **accuracy}
             history.append(row)
             log.eval(row, time.time() - eval_start)
         new_best = False
@@ -965,6 +988,12 @@ def _train_loop(
             stop_preempted(f"after epoch {epoch + 1}")
 
     checkpoints.wait()
+    final_test = None
+    if eval_split != "test":
+        eval_start = time.time()
+        accuracy = evaluate(eval_step, state, mesh, *splits["test"], config)
+        final_test = {"epoch": config.num_epochs, "step": step, "split": "test", **accuracy}
+        log.eval(final_test, time.time() - eval_start)
     add_wall_time()
     measured = progress["measured_steps"]
     results = {
@@ -982,8 +1011,12 @@ def _train_loop(
             if measured
             else None
         ),
+        "eval_split": eval_split,
         "history": history,
         "summary": report.summarize(history),
+        # The test split evaluated once after training, when the epochs were evaluated on a
+        # validation split (None otherwise: `history` is then the test split's).
+        "final_test": final_test,
         "best_checkpoint": progress["best"],
         "resumed_at_steps": progress["resumed_at_steps"],
         "command": " ".join(["python -m ffcl_jax.main", *sys.argv[1:]]),
@@ -996,7 +1029,7 @@ def _train_loop(
             os.path.join(workdir, "curves.png"),
             title=f"{config.method}: {config.teacher} + {config.student} on {config.dataset}",
         )
-        log.print(report.format_table(results["summary"]))
+        log.print(report.format_table(results["summary"], eval_split, final_test))
         speed = results["train_img_per_sec"]
         log.print(
             f"wall time {_format_duration(progress['wall_seconds'])}"

@@ -359,3 +359,35 @@ def test_offline_download_fails_at_once(tmp_path, monkeypatch):
     message = str(info.value)
     assert "no network: cannot resolve storage.googleapis.com or www.cs.toronto.edu" in message
     assert "tfds build cifar10" in message
+
+
+def test_validation_rows_are_balanced_disjoint_and_fixed():
+    """Held-out rows: class-balanced, disjoint from the rows trained on, and the same whatever
+    the run's seed or the number of processes (both only act on the rows that remain)."""
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.arange(1000) % 10).astype(np.int32)
+    images = np.arange(1000, dtype=np.int32).astype(np.uint8)[:, None, None, None]
+    held = ip.validation_rows(labels, 105, 10, seed=0)
+    assert len(held) == len(set(held.tolist())) == 105
+    counts = np.bincount(labels[held], minlength=10)
+    assert counts.tolist() == [11] * 5 + [10] * 5  # the remainder goes to the first classes
+    np.testing.assert_array_equal(held, ip.validation_rows(labels, 105, 10, seed=0))
+    assert not np.array_equal(held, ip.validation_rows(labels, 105, 10, seed=1))
+    # The run's seed and the process layout do not enter: configs that differ only there agree.
+    splits = []
+    for seed in (0, 7):
+        config = data_config(seed=seed, validation_size=105)
+        (train_x, train_y), (val_x, val_y) = ip.hold_out_validation(config, images, labels)
+        splits.append((train_y, val_y))
+        assert len(train_y) + len(val_y) == 1000
+        np.testing.assert_array_equal(val_y, labels[held])
+        np.testing.assert_array_equal(val_x[:, 0, 0, 0], images[held, 0, 0, 0])
+        kept = np.setdiff1d(np.arange(1000), held)
+        np.testing.assert_array_equal(train_y, labels[kept])
+        assert not set(kept.tolist()) & set(held.tolist())
+    np.testing.assert_array_equal(splits[0][1], splits[1][1])
+    with pytest.raises(UserError, match="leaves nothing to train on"):
+        ip.validation_rows(labels, 1000, 10, 0)
+    no_zeros = np.where(labels == 0, 1, labels)
+    with pytest.raises(UserError, match="asks for 1 images of class 0, but the training split"):
+        ip.validation_rows(no_zeros, 10, 10, 0)

@@ -174,3 +174,72 @@ def test_rampup_weight(epoch, rampup, expected):
     np.testing.assert_allclose(
         losses.rampup_weight(jnp.asarray(epoch), rampup), expected, rtol=1e-6
     )
+
+
+def test_l2_normalize_of_a_zero_vector_is_zero_with_a_finite_gradient():
+    """A stage map a ReLU zeroed for one example (or a fused map's all-zero position) gives a
+    zero attention map and a zero gradient, as torch.nn.functional.normalize does, not NaN."""
+    rng = np.random.default_rng(4)
+    f = rng.normal(size=(3, 4, 4, 5)).astype(np.float32)
+    f[1] = 0.0
+    other = jnp.asarray(rng.normal(size=(3, 4, 4, 5)), jnp.float32)
+    value, grad = jax.value_and_grad(lambda x: losses.attention_distance(x, other))(jnp.asarray(f))
+    assert np.isfinite(float(value))
+    assert np.all(np.isfinite(np.asarray(grad)))
+    assert float(jnp.abs(grad[1]).max()) == 0.0 and float(jnp.abs(grad[0]).max()) > 0
+    np.testing.assert_array_equal(losses.attention_map(jnp.asarray(f))[1], 0.0)
+    x = jnp.asarray([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(losses.l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
+    g = jax.grad(lambda x: jnp.sum(losses.l2_normalize(x) * jnp.asarray([1.0, 2.0])))(x)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_attention_mean_reduction_weights_every_stage_equally():
+    """'mean' is RepDistiller's at_loss: the squared difference averaged over positions, i.e.
+    'sum' divided by the H*W of the compared maps."""
+    rng = np.random.default_rng(5)
+    fs, ft = rng.normal(size=(3, 6, 6, 4)), rng.normal(size=(3, 6, 6, 8))
+    expected = np.mean(np.mean((np_attention(fs) - np_attention(ft)) ** 2, axis=-1))
+    got = losses.attention_distance(
+        jnp.asarray(fs, jnp.float32), jnp.asarray(ft, jnp.float32), "mean"
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    total = losses.attention_distance(jnp.asarray(fs, jnp.float32), jnp.asarray(ft, jnp.float32))
+    np.testing.assert_allclose(total, 36 * expected, rtol=1e-5)
+
+
+def np_channel_normalize(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_fused_map_distance_matches_numpy_and_ignores_scale():
+    rng = np.random.default_rng(6)
+    adapted, fused = rng.normal(size=(2, 3, 3, 4)), np.abs(rng.normal(size=(2, 3, 3, 4)))
+    per_position = np.sum((np_channel_normalize(adapted) - np_channel_normalize(fused)) ** 2, -1)
+    expected = np.mean(np.mean(per_position, axis=(1, 2)))
+    a, f = jnp.asarray(adapted, jnp.float32), jnp.asarray(fused, jnp.float32)
+    np.testing.assert_allclose(losses.fused_map_distance(a, f), expected, rtol=1e-5)
+    # Scale-free: 2 - 2 cos per position, whatever the scale of either map.
+    np.testing.assert_allclose(losses.fused_map_distance(7.0 * a, 0.1 * f), expected, rtol=1e-5)
+    assert float(losses.fused_map_distance(f, 3.0 * f)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="must match"):
+        losses.fused_map_distance(a, f[:, :2])
+
+
+def test_fused_map_is_only_a_target_and_teaches_both_networks():
+    rng = np.random.default_rng(7)
+    maps = {
+        k: jnp.asarray(rng.normal(size=(2, 4, 4, 3)), jnp.float32)
+        for k in ("fused", "teacher", "student")
+    }
+    maps["fused"] = maps["fused"].at[0, 0, 0].set(0.0)  # an all-zero position stays finite
+    total = losses.fused_map_transfer([maps])
+    expected = losses.fused_map_distance(maps["teacher"], maps["fused"]) + (
+        losses.fused_map_distance(maps["student"], maps["fused"])
+    )
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    grads = jax.grad(lambda m: losses.fused_map_transfer([m]))(maps)
+    assert float(jnp.abs(grads["fused"]).max()) == 0.0
+    assert float(jnp.abs(grads["teacher"]).max()) > 0
+    assert float(jnp.abs(grads["student"]).max()) > 0
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads.values())

@@ -10,7 +10,13 @@ import pytest
 
 from ffcl_jax import losses
 from ffcl_jax.errors import UserError
-from ffcl_jax.methods import PRESETS, cohort_objective, resolve_loss_settings
+from ffcl_jax.methods import (
+    PRESETS,
+    cohort_objective,
+    fused_feature_stages,
+    resolve_loss_settings,
+    taught_stages,
+)
 
 K = 5
 
@@ -191,6 +197,14 @@ def test_no_gradient_into_any_distillation_target():
         ("ffcl", {"regularizer": "dropout"}, "unknown loss.regularizer 'dropout'"),
         ("ffcl", {"feat_direction": "student_to_teacher"}, "unknown loss.feat_direction"),
         ("ffcl", {"reg_correct_prob": 1.5}, "loss.reg_correct_prob must be in (0, 1)"),
+        ("ffcl", {"feat_form": "fitnet"}, "unknown loss.feat_form 'fitnet'"),
+        ("ffcl", {"attention_reduction": "max"}, "unknown loss.attention_reduction 'max'"),
+        (
+            "ffcl",
+            {"feat_form": "fused_map", "use_fusion": False, "lam_fuse": 0.0, "lam_ens": 0.0},
+            "takes its targets from the fusion module",
+        ),
+        ("ffcl", {"feat_form": "fused_map", "feat_stages": (1,)}, "teaches the last stage only"),
     ],
 )
 def test_bad_settings_fail_clearly(method, overrides, message):
@@ -203,3 +217,56 @@ def test_bad_settings_fail_clearly(method, overrides, message):
 def test_every_preset_resolves():
     for method in PRESETS:
         assert resolve_loss_settings(method).method == method
+
+
+def test_feature_forms_choose_their_stages_and_terms():
+    attention = resolve_loss_settings("ffcl", {"feat_stages": (2, 0)})
+    assert taught_stages(attention, 3) == (2, 0)
+    assert fused_feature_stages(attention, 3) is None  # attention needs no extra modules
+    fused_map = resolve_loss_settings("ffcl", {"feat_form": "fused_map"})
+    assert fused_feature_stages(fused_map, 3) == (2,)
+    assert "ce_stage_fused" not in fused_map.active_terms()
+    every = resolve_loss_settings("ffcl", {"feat_form": "stage_fusion"})
+    assert fused_feature_stages(every, 3) == (0, 1, 2)
+    assert "ce_stage_fused" in every.active_terms()
+    last_only = resolve_loss_settings("ffcl", {"feat_form": "stage_fusion", "feat_stages": (2,)})
+    assert "ce_stage_fused" not in last_only.active_terms()
+    off = resolve_loss_settings("ffcl", {"feat_form": "stage_fusion", "lam_feat": 0.0})
+    assert fused_feature_stages(off, 3) is None and "feat" not in off.active_terms()
+
+
+def test_fused_feature_objective_is_the_sum_of_the_stage_distances():
+    settings = resolve_loss_settings("ffcl", {"feat_form": "stage_fusion", "rampup_epochs": 0.0})
+    outputs = fake_outputs()
+    rng = np.random.default_rng(1)
+    outputs["feature_targets"] = [
+        {
+            k: jnp.asarray(rng.normal(size=(4, 2, 2, 3)), jnp.float32)
+            for k in ("fused", "teacher", "student")
+        }
+        for _ in range(3)
+    ]
+    outputs["stage_fused_logits"] = [outputs["fused_logits"] * 0.5, outputs["fused_logits"]]
+    total, terms = cohort_objective(outputs, LABELS, settings, 0, K)
+    expected = sum(
+        losses.fused_map_distance(m[net], m["fused"])
+        for m in outputs["feature_targets"]
+        for net in ("teacher", "student")
+    )
+    np.testing.assert_allclose(terms["feat"], expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        terms["ce_stage_fused"],
+        sum(losses.cross_entropy(z, LABELS) for z in outputs["stage_fused_logits"]),
+        rtol=1e-6,
+    )
+    assert set(terms) - {"rampup_weight"} == set(settings.active_terms())
+    without = dict(terms)
+    feat_free = float(total) - float(terms["feat"]) - float(terms["ce_stage_fused"])
+    assert feat_free == pytest.approx(
+        sum(
+            float(v)
+            for k, v in without.items()
+            if k not in ("feat", "ce_stage_fused", "rampup_weight")
+        ),
+        rel=1e-5,
+    )

@@ -187,3 +187,43 @@ def test_closed_form_batch_norm_matches_flax_forward_and_autodiff(dtype):
     for a, c in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_c), strict=True):
         np.testing.assert_allclose(f32(c), f32(a), **tol)
     assert float(jnp.max(jnp.abs(x_a.astype(jnp.float32)))) > 0.1  # a gradient worth comparing
+
+
+@pytest.mark.parametrize(
+    "stages, fusions", [((2,), 0), ((0, 1, 2), 2)], ids=["fused-map", "stage-fusion"]
+)
+def test_fused_feature_knowledge_modules_shapes_and_unchanged_initialisation(stages, fusions):
+    """Adapters map each network's stage to the fused map's channels and resolution; the
+    feature modules are created last, so the other parameters start exactly as without them."""
+    plain = create_cohort("wrn_16_2", "resnet8", 10, in_channels=1, use_fusion=True, seed=1)
+    cohort = create_cohort(
+        "wrn_16_2",
+        "resnet8",
+        10,
+        in_channels=1,
+        use_fusion=True,
+        fused_feature_stages=stages,
+        seed=1,
+    )
+    for role in ("teacher", "student", "fusion"):
+        a, b = (
+            nnx.state(getattr(plain, role), nnx.Param),
+            nnx.state(getattr(cohort, role), nnx.Param),
+        )
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    knowledge = cohort.fused_knowledge
+    assert len(knowledge.stage_fusions) == fusions
+    out = cohort(jnp.ones((2, 16, 16, 1)), train=True)
+    assert len(out["feature_targets"]) == len(stages)
+    assert len(out["stage_fused_logits"]) == fusions
+    student_channels = (16, 32, 64)
+    for stage, maps in zip(stages, out["feature_targets"], strict=True):
+        size = 16 // 2**stage
+        expected = (2, size, size, student_channels[stage])  # C_fused = C_S
+        assert {k: v.shape for k, v in maps.items()} == dict.fromkeys(maps, expected)
+    assert all(z.shape == (2, 10) for z in out["stage_fused_logits"])
+    assert "feature_targets" not in cohort(jnp.ones((2, 16, 16, 1)), train=False)
+    with pytest.raises(ValueError, match="needs the fusion module"):
+        create_cohort(
+            "resnet8", "resnet8", 10, in_channels=1, use_fusion=False, fused_feature_stages=(2,)
+        )

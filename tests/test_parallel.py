@@ -123,7 +123,12 @@ def test_two_processes_train_like_one(fmnist_dir, tmp_path):
     assert [i["process_count"] for i in info] == [2, 2]
     assert [i["device_count"] for i in info] == [4, 4]
     assert info[0]["history"] == info[1]["history"]
-    assert "test top-1" in outputs[0] and "test top-1" not in outputs[1]  # one process reports
+    # The validation split is held out identically in every process and each of its images is
+    # counted once (`evaluate` checks the count), then the test split once at the end.
+    assert [row["split"] for row in info[0]["history"]] == ["validation"]
+    assert info[0]["final_test"] == info[1]["final_test"] is not None
+    for line in ("validation top-1", "test top-1"):
+        assert line in outputs[0] and line not in outputs[1]  # one process reports
     rows = (workdir / "metrics.jsonl").read_text().splitlines()
-    assert len([r for r in rows if '"kind": "eval"' in r]) == 1  # written once, not twice
+    assert len([r for r in rows if '"kind": "eval"' in r]) == 2  # written once, not twice
     assert os.listdir(workdir / "checkpoints") == ["3"]

@@ -26,7 +26,7 @@ from experiments.pytorch_reference import losses as torch_losses
 from experiments.pytorch_reference import models as torch_models
 from experiments.pytorch_reference import optim as torch_optim
 from ffcl_jax import convert, export, input_pipeline, models, train
-from ffcl_jax.methods import cohort_objective, resolve_loss_settings
+from ffcl_jax.methods import cohort_objective, fused_feature_stages, resolve_loss_settings
 from tests.conftest import tiny_config
 
 torch.set_num_threads(1)  # two pytest workers share two cores
@@ -114,24 +114,49 @@ def test_zoo_model_logits_match_pytorch(name):
 PAIR = ("wrn_16_2", "resnet8")  # different families and widths: 128 + 64 fused channels
 
 
-def _reference_pair(params, batch_stats):
+def _role_stats(batch_stats, role):
+    """A role's BatchNorm statistics; adapters alone (feat_form="fused_map") have none."""
+    return batch_stats[role] if role in batch_stats else {}
+
+
+def _reference_pair(params, batch_stats, fused_feature_stages=None):
     """The PyTorch FFCL pair with the cohort's converted weights, in float64."""
-    reference = torch_models.create_cohort(*PAIR, 10, in_channels=1, use_fusion=True)
-    for role in ("teacher", "student", "fusion"):
+    reference = torch_models.create_cohort(
+        *PAIR, 10, in_channels=1, use_fusion=True, fused_feature_stages=fused_feature_stages
+    )
+    for role in params:
         getattr(reference, role).load_state_dict(
-            convert.to_torch_state_dict(params[role], batch_stats[role]), strict=True
+            convert.to_torch_state_dict(params[role], _role_stats(batch_stats, role)), strict=True
         )
     return reference.double()
 
 
 def _pair(settings):
-    cohort = models.create_cohort(*PAIR, 10, in_channels=1, use_fusion=settings.use_fusion, seed=3)
+    stages = fused_feature_stages(settings, models.NUM_STAGES)
+    cohort = models.create_cohort(
+        *PAIR,
+        10,
+        in_channels=1,
+        use_fusion=settings.use_fusion,
+        fused_feature_stages=stages,
+        seed=3,
+    )
     graphdef, params, batch_stats = nnx.split(cohort, nnx.Param, nnx.BatchStat)
-    return graphdef, params, batch_stats, _reference_pair(params, batch_stats)
+    return graphdef, params, batch_stats, _reference_pair(params, batch_stats, stages)
 
 
-def test_ffcl_pair_loss_terms_and_gradients_match_pytorch():
-    settings = resolve_loss_settings("ffcl", {"feat_direction": "mutual"})
+# Every feature form and attention option: the terms, and so their gradients, must agree.
+FEATURE_SETTINGS = {
+    "attention-mutual": {"feat_direction": "mutual"},
+    "attention-mean": {"attention_reduction": "mean", "feat_stages": (2, 0)},
+    "fused-map": {"feat_form": "fused_map"},
+    "stage-fusion": {"feat_form": "stage_fusion"},
+}
+
+
+@pytest.mark.parametrize("overrides", FEATURE_SETTINGS.values(), ids=FEATURE_SETTINGS.keys())
+def test_ffcl_pair_loss_terms_and_gradients_match_pytorch(overrides):
+    settings = resolve_loss_settings("ffcl", overrides)
     graphdef, params, batch_stats, reference = _pair(settings)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 28, 28, 1)).astype(np.float32)
@@ -162,8 +187,10 @@ def test_ffcl_pair_loss_terms_and_gradients_match_pytorch():
         )
     np.testing.assert_allclose(float(total), float(torch_total.detach()), rtol=1e-5)
     # Gradients: within 1e-5 of each tensor's largest entry (observed: about 1e-6).
-    for role in ("teacher", "student", "fusion"):
-        jax_grads = convert.to_torch_state_dict(grads[role], batch_stats[role], as_numpy=True)
+    for role in params:
+        jax_grads = convert.to_torch_state_dict(
+            grads[role], _role_stats(batch_stats, role), as_numpy=True
+        )
         for name, param in getattr(reference, role).named_parameters():
             exact = param.grad.numpy()
             np.testing.assert_allclose(
@@ -191,7 +218,8 @@ def _optimizer_config(fmnist_dir, **overrides):
 
 
 def _reference_cohort(config, params, batch_stats, steps_per_epoch):
-    cohort = _reference_pair(params, batch_stats)
+    settings = resolve_loss_settings(config.method, dict(config.loss))
+    cohort = _reference_pair(params, batch_stats, fused_feature_stages(settings, models.NUM_STAGES))
     optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch)
     return cohort, optimizer, schedule
 
@@ -200,8 +228,10 @@ def _assert_same_parameters(params, batch_stats, cohort, atol: float, what: str)
     """Every parameter and BatchNorm running mean, in the order of the reference's modules
     (stem first): a failure names the first that differs. (Running variances differ by design:
     Flax averages the biased batch variance, PyTorch the unbiased one.)"""
-    for role in ("teacher", "student", "fusion"):
-        ours = convert.to_torch_state_dict(params[role], batch_stats[role], as_numpy=True)
+    for role in params:
+        ours = convert.to_torch_state_dict(
+            params[role], _role_stats(batch_stats, role), as_numpy=True
+        )
         for name, value in getattr(cohort, role).state_dict().items():
             if name.endswith(("running_var", "num_batches_tracked")):
                 continue
@@ -230,8 +260,10 @@ def test_optimizers_fed_the_same_gradients_agree(fmnist_dir):
         grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        for role in ("teacher", "student", "fusion"):
-            torch_grads = convert.to_torch_state_dict(grads[role], state.batch_stats[role])
+        for role in params:
+            torch_grads = convert.to_torch_state_dict(
+                grads[role], _role_stats(state.batch_stats, role)
+            )
             for name, param in getattr(cohort, role).named_parameters():
                 param.grad = torch_grads[name].double()
         optimizer.step()
@@ -239,7 +271,12 @@ def test_optimizers_fed_the_same_gradients_agree(fmnist_dir):
         _assert_same_parameters(params, state.batch_stats, cohort, 1e-6, f"step {step + 1}")
 
 
-def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir):
+@pytest.mark.parametrize(
+    "feature",
+    [{}, {"loss.feat_form": "fused_map"}, {"loss.feat_form": "stage_fusion"}],
+    ids=["attention", "fused-map", "stage-fusion"],
+)
+def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, feature):
     """The whole train step, JAX with `compute_dtype="float64"` against the reference in
     float64: normalised images, both networks and the fusion module in training mode, every
     loss term with the ramp-up, the backward pass, BatchNorm's running means, Nesterov SGD with
@@ -255,7 +292,7 @@ def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir):
     the gradient test above, on well-conditioned inputs.
     """
     with jax.enable_x64(True):
-        config = _optimizer_config(fmnist_dir, compute_dtype="float64")
+        config = _optimizer_config(fmnist_dir, compute_dtype="float64", **feature)
         settings = train.check_config(config, 1)
         steps_per_epoch = 2
         setup, state = train.build(config, settings, steps_per_epoch)

@@ -373,3 +373,51 @@ def test_progress_line_without_a_timed_step_shows_no_speed(tmp_path, capsys):
     assert lines[1].endswith("| 640 img/s | ETA 0m04s"), lines[1]
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["img_per_sec"] for r in rows] == [None, 640.0]
+
+
+def test_a_validation_split_is_evaluated_every_epoch_and_the_test_split_once(fmnist_dir, tmp_path):
+    """Epochs are evaluated on the held-out images (and the best checkpoint chosen there); the
+    test split is evaluated once, after training, and reported apart."""
+    workdir = str(tmp_path / "run")
+    config = tiny_config(fmnist_dir, num_epochs=2, validation_size=40)
+    results = train.train_and_evaluate(config, workdir)
+    assert results["eval_split"] == "validation"
+    assert [(r["epoch"], r["split"]) for r in results["history"]] == [
+        (1, "validation"),
+        (2, "validation"),
+    ]
+    final = results["final_test"]
+    assert final["split"] == "test" and final["epoch"] == 2
+    assert set(final) >= {"student", "teacher", "fused", "ensemble"}
+    best = results["best_checkpoint"]
+    assert best["value"] == max(r["student"] for r in results["history"])
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    evals = [(r["split"], r["epoch"]) for r in rows if r["kind"] == "eval"]
+    assert evals == [("validation", 1), ("validation", 2), ("test", 2)]
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["tensors"]) | set(events.Tags()["scalars"])
+    assert {"validation/acc_student", "test/acc_student"} <= tags
+    # 256 training images less 40 held out: 216 // 32 = 6 steps an epoch.
+    assert results["history"][-1]["step"] == 12
+
+
+def test_fused_feature_forms_train_end_to_end(fmnist_dir):
+    """A few steps of each fused feature form lower the loss; the feature term and the stage
+    classifiers' cross-entropy are logged."""
+    for form, extra in (("fused_map", set()), ("stage_fusion", {"ce_stage_fused"})):
+        config = tiny_config(fmnist_dir)
+        config.loss.feat_form = form
+        setup, state = build(config)
+        assert "fused_knowledge" in state.params
+        step = jax.jit(setup.train_step)
+        batch = fixed_batch(fmnist_dir)
+        first = None
+        for _ in range(4):
+            state, metrics = step(state, batch)
+            first = first if first is not None else float(metrics["loss"])
+        assert {"feat"} | extra <= set(metrics)
+        assert np.isfinite(float(metrics["feat"]))
+        assert float(metrics["loss"]) < first

@@ -35,14 +35,25 @@ def _pool_to(x, size):
     return x if (h, w) == size else F.avg_pool2d(x, (h // size[0], w // size[1]))
 
 
-def attention_distance(student_map, teacher_map):
+def attention_distance(student_map, teacher_map, reduction: str = "sum"):
     size = (
         min(student_map.shape[2], teacher_map.shape[2]),
         min(student_map.shape[3], teacher_map.shape[3]),
     )
     a_s = attention_map(_pool_to(student_map, size))
     a_t = attention_map(_pool_to(teacher_map, size)).detach()
-    return (a_s - a_t).pow(2).sum(-1).mean()
+    per_example = (a_s - a_t).pow(2).sum(-1)
+    if reduction == "mean":  # RepDistiller's at_loss: mean over positions
+        per_example = per_example / a_s.shape[-1]
+    return per_example.mean()
+
+
+def fused_map_distance(adapted_map, fused_map):
+    """mean_batch mean_positions ||normalize_channels(A(f)) - normalize_channels(F)||^2, the
+    fused map detached."""
+    target = F.normalize(_f32(fused_map.detach()), dim=1)
+    difference = F.normalize(_f32(adapted_map), dim=1) - target
+    return difference.pow(2).sum(1).mean(dim=(1, 2)).mean()
 
 
 def virtual_teacher_target(
@@ -91,6 +102,10 @@ def cohort_objective(outputs, labels, settings, epoch: int, num_classes: int):
     }
     if s["use_fusion"]:
         terms["ce_fused"] = F.cross_entropy(_f32(z_f), labels)
+    if outputs.get("stage_fused_logits"):
+        terms["ce_stage_fused"] = sum(
+            F.cross_entropy(_f32(z), labels) for z in outputs["stage_fused_logits"]
+        )
     supervised = sum(terms.values())
     distill = torch.zeros(())
     if s["lam_fuse"]:
@@ -104,15 +119,21 @@ def cohort_objective(outputs, labels, settings, epoch: int, num_classes: int):
         terms["kl_mutual"] = kl_distill(z_s, z_t, tau) + kl_distill(z_t, z_s, tau)
         distill = distill + s["lam_mutual"] * terms["kl_mutual"]
     if s["lam_feat"]:
-        f_s, f_t = outputs["student_features"], outputs["teacher_features"]
-        stages = s["feat_stages"]
-        if stages is None:
-            stages = range(min(len(f_s), len(f_t)))
         feat = torch.zeros(())
-        for stage in stages:
-            feat = feat + attention_distance(f_s[stage], f_t[stage])
-            if s["feat_direction"] == "mutual":
-                feat = feat + attention_distance(f_t[stage], f_s[stage])
+        if s["feat_form"] == "attention":
+            f_s, f_t = outputs["student_features"], outputs["teacher_features"]
+            stages = s["feat_stages"]
+            if stages is None:
+                stages = range(min(len(f_s), len(f_t)))
+            reduction = s["attention_reduction"]
+            for stage in stages:
+                feat = feat + attention_distance(f_s[stage], f_t[stage], reduction)
+                if s["feat_direction"] == "mutual":
+                    feat = feat + attention_distance(f_t[stage], f_s[stage], reduction)
+        else:
+            for maps in outputs["feature_targets"]:
+                feat = feat + fused_map_distance(maps["teacher"], maps["fused"])
+                feat = feat + fused_map_distance(maps["student"], maps["fused"])
         terms["feat"] = feat
         distill = distill + s["lam_feat"] * feat
     regularization = torch.zeros(())

@@ -161,29 +161,79 @@ class FusionModule(nn.Module):
         super().__init__()
         concat = teacher_channels + student_channels
         fused_channels = fused_channels or student_channels
+        self.fused_channels = fused_channels
         self.depthwise = conv(concat, concat, 3, groups=concat)
         self.depthwise_bn = batch_norm(concat)
         self.pointwise = conv(concat, fused_channels, 1)
         self.pointwise_bn = batch_norm(fused_channels)
         self.classifier = nn.Linear(fused_channels, num_classes)
 
-    def forward(self, teacher_map, student_map):
+    def fuse(self, teacher_map, student_map):
         size = (
             min(teacher_map.shape[2], student_map.shape[2]),
             min(teacher_map.shape[3], student_map.shape[3]),
         )
         x = torch.cat([avg_pool_to(teacher_map, size), avg_pool_to(student_map, size)], dim=1)
         x = F.relu(self.depthwise_bn(self.depthwise(x)))
-        x = F.relu(self.pointwise_bn(self.pointwise(x)))
-        return self.classifier(x.mean(dim=(2, 3)))
+        return F.relu(self.pointwise_bn(self.pointwise(x)))
+
+    def classify(self, fused_map):
+        return self.classifier(fused_map.mean(dim=(2, 3)))
+
+    def forward(self, teacher_map, student_map):
+        return self.classify(self.fuse(teacher_map, student_map))
+
+
+class FusedFeatureKnowledge(nn.Module):
+    """Stage fusion modules before the last taught stage and each network's 1x1 adapters, as
+    `ffcl_jax.models.fusion.FusedFeatureKnowledge`."""
+
+    def __init__(self, teacher_channels, student_channels, stages, last_fused_channels, classes):
+        super().__init__()
+        self.last_stage = min(len(teacher_channels), len(student_channels)) - 1
+        self.stages = tuple(stages)
+        self.stage_fusions = nn.ModuleList()
+        self.teacher_adapters = nn.ModuleList()
+        self.student_adapters = nn.ModuleList()
+        for stage in self.stages:
+            t_ch, s_ch = teacher_channels[stage], student_channels[stage]
+            if stage == self.last_stage:
+                fused_ch = last_fused_channels
+            else:
+                self.stage_fusions.append(FusionModule(t_ch, s_ch, classes))
+                fused_ch = s_ch
+            self.teacher_adapters.append(conv(t_ch, fused_ch, 1))
+            self.student_adapters.append(conv(s_ch, fused_ch, 1))
+
+    def forward(self, teacher_features, student_features, last_fused_map):
+        targets, stage_logits, fusions = [], [], iter(self.stage_fusions)
+        for index, stage in enumerate(self.stages):
+            t_map, s_map = teacher_features[stage], student_features[stage]
+            if stage == self.last_stage:
+                fused = last_fused_map
+            else:
+                fusion = next(fusions)
+                fused = fusion.fuse(t_map, s_map)
+                stage_logits.append(fusion.classify(fused))
+            size = tuple(fused.shape[2:])
+            targets.append(
+                {
+                    "fused": fused,
+                    "teacher": self.teacher_adapters[index](avg_pool_to(t_map, size)),
+                    "student": self.student_adapters[index](avg_pool_to(s_map, size)),
+                }
+            )
+        return targets, stage_logits
 
 
 class Cohort(nn.Module):
-    """Teacher, student and (optionally) the fusion module; the same outputs as the JAX one."""
+    """Teacher, student and (optionally) the fusion module and the fused feature knowledge; the
+    same outputs as the JAX one."""
 
-    def __init__(self, teacher, student, fusion=None):
+    def __init__(self, teacher, student, fusion=None, fused_knowledge=None):
         super().__init__()
         self.teacher, self.student, self.fusion = teacher, student, fusion
+        self.fused_knowledge = fused_knowledge
 
     def forward(self, images):
         teacher_logits, teacher_features = self.teacher(images)
@@ -195,14 +245,35 @@ class Cohort(nn.Module):
             student_features=student_features,
         )
         if self.fusion is not None:
-            out["fused_logits"] = self.fusion(teacher_features[-1], student_features[-1])
+            fused_map = self.fusion.fuse(teacher_features[-1], student_features[-1])
+            out["fused_logits"] = self.fusion.classify(fused_map)
+            if self.fused_knowledge is not None and self.training:
+                out["feature_targets"], out["stage_fused_logits"] = self.fused_knowledge(
+                    teacher_features, student_features, fused_map
+                )
         return out
 
 
-def create_cohort(teacher, student, num_classes, in_channels=3, use_fusion=True, fused=None):
+def create_cohort(
+    teacher,
+    student,
+    num_classes,
+    in_channels=3,
+    use_fusion=True,
+    fused=None,
+    fused_feature_stages=None,
+):
     t = create_model(teacher, num_classes, in_channels)
     s = create_model(student, num_classes, in_channels)
-    fusion = None
+    fusion = fused_knowledge = None
     if use_fusion:
         fusion = FusionModule(t.stage_channels[-1], s.stage_channels[-1], num_classes, fused)
-    return Cohort(t, s, fusion)
+    if fused_feature_stages:
+        fused_knowledge = FusedFeatureKnowledge(
+            t.stage_channels,
+            s.stage_channels,
+            sorted(fused_feature_stages),
+            fusion.fused_channels,
+            num_classes,
+        )
+    return Cohort(t, s, fusion, fused_knowledge)

@@ -7,13 +7,15 @@ import torch
 
 def make_optimizer(cohort, config, steps_per_epoch: int, train_teacher: bool = True):
     """`torch.optim.SGD` with `weight_decay` on the networks and `fusion_weight_decay` on the
-    fusion module, and a `MultiStepLR` stepped once per training step (milestones in steps)."""
+    fusion side (the fusion module and the fused feature knowledge), and a `MultiStepLR`
+    stepped once per training step (milestones in steps)."""
     networks, fusion = [], []
     for name, param in cohort.named_parameters():
         if name.startswith("teacher.") and not train_teacher:
             param.requires_grad_(False)
             continue
-        (fusion if name.startswith("fusion.") else networks).append(param)
+        is_network = name.startswith(("teacher.", "student."))
+        (networks if is_network else fusion).append(param)
     groups = [{"params": networks, "weight_decay": config.weight_decay}]
     if fusion:
         groups.append({"params": fusion, "weight_decay": config.fusion_weight_decay})

@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from experiments.pytorch_reference import losses, models, optim
 from ffcl_jax import input_pipeline, report
-from ffcl_jax.methods import resolve_loss_settings
+from ffcl_jax.methods import fused_feature_stages, resolve_loss_settings
 
 
 def augment(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
@@ -131,6 +131,7 @@ def build(config, steps_per_epoch: int, device: str):
         in_channels=info.image_shape[-1],
         use_fusion=settings.use_fusion,
         fused=config.fusion_channels,
+        fused_feature_stages=fused_feature_stages(settings, 3),
     ).to(device)
     optimizer, schedule = optim.make_optimizer(cohort, config, steps_per_epoch)
     return cohort, optimizer, schedule, dataclasses.asdict(settings), info
@@ -145,6 +146,12 @@ def as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, to
 def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
     train_images, train_labels = input_pipeline.load_split(config, "train")
     test_images, test_labels = input_pipeline.load_split(config, "test")
+    splits = {"test": (test_images, test_labels)}
+    if config.get("validation_size", 0):
+        (train_images, train_labels), splits["validation"] = input_pipeline.hold_out_validation(
+            config, train_images, train_labels
+        )
+    eval_split = "validation" if "validation" in splits else "test"
     spe = len(train_images) // config.batch_size
     cohort, optimizer, schedule, settings_dict, info = build(config, spe, device)
     os.makedirs(workdir, exist_ok=True)
@@ -175,33 +182,46 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
                 accuracy = evaluate(
                     cohort,
-                    test_images,
-                    test_labels,
+                    *splits[eval_split],
                     info,
                     device,
                     config.eval_batch_size,
                     config.compute_dtype,
                 )
-                row = {"epoch": epoch + 1, "step": step, **accuracy}
+                row = {"epoch": epoch + 1, "step": step, "split": eval_split, **accuracy}
                 history.append(row)
                 log.write(json.dumps({"kind": "eval", **row}) + "\n")
                 log.flush()
                 print(
-                    f"epoch {epoch + 1}/{config.num_epochs} test top-1: "
+                    f"epoch {epoch + 1}/{config.num_epochs} {eval_split} top-1: "
                     + " ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items()),
                     flush=True,
                 )
+        final_test = None
+        if eval_split != "test":
+            accuracy = evaluate(
+                cohort,
+                *splits["test"],
+                info,
+                device,
+                config.eval_batch_size,
+                config.compute_dtype,
+            )
+            final_test = {"epoch": config.num_epochs, "step": step, "split": "test", **accuracy}
+            log.write(json.dumps({"kind": "eval", **final_test}) + "\n")
     results = {
         "implementation": "pytorch_reference",
         "config": json.loads(config.to_json_best_effort()),
         "wall_seconds": time.time() - start,
+        "eval_split": eval_split,
         "history": history,
         "summary": report.summarize(history),
+        "final_test": final_test,
         "command": " ".join(["python -m experiments.pytorch_reference.train", *sys.argv[1:]]),
     }
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(report.format_table(results["summary"]))
+    print(report.format_table(results["summary"], eval_split, final_test))
     return results
 
 

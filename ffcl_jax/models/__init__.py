@@ -13,10 +13,11 @@ import jax
 from flax import nnx
 
 from ffcl_jax.errors import UserError
-from ffcl_jax.models.fusion import FusionModule
+from ffcl_jax.models.fusion import FusedFeatureKnowledge, FusionModule
 from ffcl_jax.models.resnet import CifarResNet
 from ffcl_jax.models.wrn import WideResNet
 
+NUM_STAGES = 3  # every zoo model: three stages, each returned as a feature map
 _X4 = dict(stem_channels=32, widths=(64, 128, 256))
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
@@ -57,14 +58,22 @@ def create_model(
 class Cohort(nnx.Module):
     """Teacher, student and (optionally) the fusion module, trained as one set of parameters.
 
-    Splitting the cohort once gives one parameter tree with top-level keys `teacher`, `student`
-    and `fusion`, which is what the per-role weight decay and the checkpoints key on.
+    Splitting the cohort once gives one parameter tree with top-level keys `teacher`, `student`,
+    `fusion` and, for a fused feature form, `fused_knowledge` (its stage fusion modules and
+    adapters), which is what the per-role weight decay and the checkpoints key on.
     """
 
-    def __init__(self, teacher: nnx.Module, student: nnx.Module, fusion: FusionModule | None):
+    def __init__(
+        self,
+        teacher: nnx.Module,
+        student: nnx.Module,
+        fusion: FusionModule | None,
+        fused_knowledge: FusedFeatureKnowledge | None = None,
+    ):
         self.teacher = teacher
         self.student = student
         self.fusion = fusion
+        self.fused_knowledge = fused_knowledge
 
     def __call__(self, images: jax.Array, *, train: bool, train_teacher: bool = True) -> dict:
         """`train_teacher=False` runs the teacher in inference mode (running BatchNorm
@@ -78,9 +87,13 @@ class Cohort(nnx.Module):
             student_features=student_features,
         )
         if self.fusion is not None:
-            out["fused_logits"] = self.fusion(
-                teacher_features[-1], student_features[-1], train=train
-            )
+            fused_map = self.fusion.fuse(teacher_features[-1], student_features[-1], train=train)
+            out["fused_logits"] = self.fusion.classify(fused_map)
+            # Feature targets only teach: an evaluation does not need them.
+            if self.fused_knowledge is not None and train:
+                out["feature_targets"], out["stage_fused_logits"] = self.fused_knowledge(
+                    teacher_features, student_features, fused_map, train=train
+                )
         return out
 
 
@@ -92,9 +105,14 @@ def create_cohort(
     in_channels: int,
     use_fusion: bool,
     fused_channels: int | None = None,
+    fused_feature_stages: tuple[int, ...] | None = None,
     dtype=None,
     seed: int = 0,
 ) -> Cohort:
+    """`fused_feature_stages`: the stages whose fused map teaches both networks (the last
+    stage's is the classifier fusion module's map), or None for none. Modules are created in a
+    fixed order (teacher, student, fusion, then the feature modules), so adding the feature
+    modules leaves the initial weights of the others unchanged."""
     rngs = nnx.Rngs(seed)
     teacher_net = create_model(
         teacher, num_classes, in_channels=in_channels, dtype=dtype, rngs=rngs
@@ -112,4 +130,17 @@ def create_cohort(
             dtype=dtype,
             rngs=rngs,
         )
-    return Cohort(teacher_net, student_net, fusion)
+    fused_knowledge = None
+    if fused_feature_stages:
+        if fusion is None:
+            raise ValueError("fused feature knowledge needs the fusion module (use_fusion)")
+        fused_knowledge = FusedFeatureKnowledge(
+            teacher_net.stage_channels,
+            student_net.stage_channels,
+            tuple(sorted(fused_feature_stages)),
+            fusion.fused_channels,
+            num_classes,
+            dtype=dtype,
+            rngs=rngs,
+        )
+    return Cohort(teacher_net, student_net, fusion, fused_knowledge)

@@ -3,7 +3,8 @@
     python tests/helpers/multiprocess_run.py PROC NUM_PROCS PORT DEVICES IDX_DIR WORKDIR OUT STEPS
 
 Forces DEVICES CPU devices, joins `jax.distributed` on localhost:PORT when NUM_PROCS > 1,
-trains the tiny test config for STEPS steps (one epoch of STEPS batches of 32), and writes this
+trains the tiny test config for STEPS steps (one epoch of STEPS batches of 32, with a validation
+split of 20 images), and writes this
 process's own copy of the parameters and BatchNorm statistics at the final checkpoint to OUT
 (.npz), plus the run's results (OUT.json).
 """
@@ -54,8 +55,14 @@ def save(self, step, state, meta, metrics=None):
 
 
 checkpoint.RunCheckpoints.save = save
+# 20 held-out validation images (the same rows in every process) leave STEPS batches to train.
 config = tiny_config(
-    idx_dir, batch_size=32, eval_batch_size=20, num_epochs=1, train_examples=32 * steps
+    idx_dir,
+    batch_size=32,
+    eval_batch_size=20,
+    num_epochs=1,
+    train_examples=32 * steps + 20,
+    validation_size=20,
 )
 results = train.train_and_evaluate(config, workdir)
 np.savez(out, **local_copies)
@@ -63,6 +70,7 @@ with open(out + ".json", "w") as f:
     json.dump(
         {
             "history": results["history"],
+            "final_test": results["final_test"],
             "process_count": jax.process_count(),
             "device_count": jax.device_count(),
         },
