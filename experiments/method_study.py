@@ -1,0 +1,237 @@
+"""The method study on Fashion-MNIST: FFCL's open choices and FFL's knobs chosen on held-out data.
+
+    python experiments/method_study.py --phase=select            # the selection grid, then report
+    python experiments/method_study.py --phase=select --seeds=0  # first seed of every config only
+    python experiments/method_study.py --report_only             # rewrite the report only
+
+Selection (`--phase=select`): every configuration of `GRID` (8 of FFCL, 8 of FFL: the same
+budget for the strongest baseline) trains on the training split less `VALIDATION_SIZE`
+class-balanced held-out images (`config.validation_size`, the same images for every run) and is
+evaluated on them after every epoch. Each method's selected configuration is the one with the
+best mean last-epoch validation top-1 of the student over the seeds: `select` reads only the
+validation rows of each run's history, never its final test evaluation.
+
+Each run is one `python -m ffcl_jax.main` subprocess in its own workdir under `--root`; a run
+whose results exist (there, or as the committed copy under `<output>_runs/`) is skipped, and an
+interrupted one resumes from its checkpoint. Seeds run in order (every configuration's seed 0
+first), so an interrupted grid has whole seeds. The report (`<output>.json`, and the selection
+section of `experiments/results/fashion_mnist.md` between its `selection` markers) lists every
+configuration, its validation accuracies per seed, and the selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+
+import readme_block  # experiments/, beside this script
+import run_table
+
+ROOT = run_table.ROOT
+VALIDATION_SIZE = 5000
+MODELS = run_table.MODELS
+
+
+def _grid_run(method: str, name: str, overrides: dict, description: str) -> run_table.Run:
+    pairs = (f"method={method}",) + tuple(f"loss.{k}={v}" for k, v in overrides.items())
+    return run_table.Run(f"{method}-{name}", "jax", pairs, description)
+
+
+# FFCL: feature form x regularizer strength. Each feature form has its reference weight: ours
+# for attention summed over positions, RepDistiller's beta = 1000 for attention averaged over
+# positions (every stage weighted equally), 1 for the fused-map distance (bounded in [0, 4]).
+# lam_reg 1 is today's default; 0.1 is a tenth (Tf-KD weighs its KL by 10/K = 1 against 0.9 CE
+# at K = 10, so both lie within the range its authors used). `stage_fusion` is not in the grid:
+# its step costs 1.86x attention's on the demo pair (experiments/results/feature_forms_*.json),
+# over the 1.3x the study allowed.
+FEATURE_FORMS = {
+    "att": ({"feat_form": "attention"}, "attention transfer, summed over positions, lam_feat 1"),
+    "none": ({"lam_feat": 0.0}, "no feature term"),
+    "attmean": (
+        {"feat_form": "attention", "attention_reduction": "mean", "lam_feat": 1000.0},
+        "attention transfer, averaged over positions (RepDistiller), lam_feat 1000",
+    ),
+    "fused": ({"feat_form": "fused_map"}, "fused map teaches both last stages, lam_feat 1"),
+}
+FFCL_GRID = tuple(
+    _grid_run(
+        "ffcl",
+        f"{form}-reg{lam_reg:g}",
+        {**overrides, "lam_reg": lam_reg},
+        f"{description}; virtual teacher lam_reg {lam_reg:g}, T_reg 20",
+    )
+    for lam_reg in (1.0, 0.1)
+    for form, (overrides, description) in FEATURE_FORMS.items()
+)
+# FFL: its temperature and each of its two KL weights, one at a time around its defaults.
+FFL_GRID = tuple(
+    _grid_run("ffl", name, overrides, description)
+    for name, overrides, description in (
+        ("default", {}, "tau 3, lam_fuse 1, lam_ens 1 (FFL's published setting)"),
+        ("tau1", {"tau": 1.0}, "tau 1"),
+        ("tau2", {"tau": 2.0}, "tau 2"),
+        ("tau4", {"tau": 4.0}, "tau 4"),
+        ("fuse0.5", {"lam_fuse": 0.5}, "lam_fuse 0.5"),
+        ("fuse2", {"lam_fuse": 2.0}, "lam_fuse 2"),
+        ("ens0.5", {"lam_ens": 0.5}, "lam_ens 0.5"),
+        ("ens2", {"lam_ens": 2.0}, "lam_ens 2"),
+    )
+)
+GRID = FFCL_GRID + FFL_GRID
+# Runs alternate between the two methods, so that a grid cut short has configurations of both.
+RUN_ORDER = tuple(run for pair in zip(FFCL_GRID, FFL_GRID, strict=True) for run in pair)
+
+
+def validation_accuracy(results: dict, model: str = "student") -> float:
+    """Last-epoch validation top-1 of `model`: the only number selection reads. A run whose
+    epochs were evaluated on the test split is refused, so test accuracy cannot leak in."""
+    history = results["history"]
+    if results.get("eval_split") != "validation" or any(
+        row.get("split") != "validation" for row in history
+    ):
+        raise ValueError("a selection run must evaluate its epochs on the validation split")
+    return history[-1][model]
+
+
+def select(records: list[dict]) -> dict[str, dict]:
+    """Per method, the configuration with the best mean validation top-1 of the student over
+    its finished seeds (ties: the earlier configuration in `GRID`)."""
+    best: dict[str, dict] = {}
+    for run in GRID:
+        mine = [r for r in records if r["run"] == run.name]
+        if not mine:
+            continue
+        score = statistics.fmean(validation_accuracy(r["results"]) for r in mine)
+        method = run.overrides[0].removeprefix("method=")
+        if method not in best or score > best[method]["validation_student"]:
+            best[method] = {
+                "run": run.name,
+                "overrides": list(run.overrides),
+                "validation_student": score,
+                "seeds": sorted(r["seed"] for r in mine),
+            }
+    return best
+
+
+def collect(args) -> list[dict]:
+    records = []
+    for seed in args.all_seeds:
+        for run in GRID:
+            results = run_table.finished(run, seed, args)
+            if results is None:
+                continue
+            rid = run_table.run_id(run, seed)
+            copy_dir = f"{args.output}_runs/{rid}"
+            os.makedirs(copy_dir, exist_ok=True)
+            for name in ("results.json", "metrics.jsonl", "table_run.json"):
+                src = os.path.join(args.root, rid, name)
+                if os.path.exists(src):
+                    shutil.copyfile(src, os.path.join(copy_dir, name))
+            records.append(
+                {
+                    "run": run.name,
+                    "seed": seed,
+                    "command": run_table.shown_command(run, seed, args),
+                    "wall_seconds": results.get("wall_seconds"),
+                    "results": results,
+                }
+            )
+    return records
+
+
+def report(args) -> dict:
+    records = collect(args)
+    selected = select(records)
+    lines = [
+        f"Validation top-1 (%) at the last epoch, on the {VALIDATION_SIZE} held-out training",
+        "images, mean over the finished seeds (each seed's value in brackets); the selected",
+        "configuration of each method in **bold**. Regenerate with",
+        "`python experiments/method_study.py --report_only`.",
+        "",
+        "| configuration | what | seeds | student | teacher | fused | ensemble | wall / run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in GRID:
+        mine = [r for r in records if r["run"] == run.name]
+        cells = [run.name, run.description, f"{len(mine)}/{len(args.all_seeds)}"]
+        for model in MODELS:
+            values = [validation_accuracy(r["results"], model) for r in mine]
+            if not values:
+                cells.append("pending")
+                continue
+            each = ", ".join(f"{100 * v:.2f}" for v in values)
+            cells.append(f"{100 * statistics.fmean(values):.2f} ({each})")
+        walls = [r["wall_seconds"] for r in mine if r["wall_seconds"]]
+        cells.append(f"{statistics.fmean(walls) / 60:.1f} min" if walls else "pending")
+        if any(s["run"] == run.name for s in selected.values()):
+            cells[0] = f"**{cells[0]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Commands:", ""]
+    lines += [f"- `{r['command']}`" for r in records]
+    summary = {
+        "validation_size": VALIDATION_SIZE,
+        "grid": [{"run": r.name, "overrides": list(r.overrides)} for r in GRID],
+        "selected": selected,
+        "runs": [{k: v for k, v in r.items() if k != "results"} for r in records],
+    }
+    with open(args.output + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    if os.path.exists(args.study_file):
+        readme_block.replace_block("selection", "\n".join(lines), path=args.study_file)
+    print(f"selection report of {len(records)} finished runs in {args.output}.json", flush=True)
+    return summary
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--phase", default="select", choices=("select",))
+    parser.add_argument("--config", default="configs/fashion_mnist.py")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--root", default=os.path.join(ROOT, "workdirs", "method_study"))
+    parser.add_argument(
+        "--output",
+        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist_selection"),
+    )
+    parser.add_argument(
+        "--study_file",
+        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist.md"),
+    )
+    parser.add_argument("--report_only", action="store_true")
+    args = parser.parse_args(argv)
+    args.all_seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.extra = [f"validation_size={VALIDATION_SIZE}"]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    child = {"process": None}
+
+    def on_signal(signum, frame):
+        if child["process"] is not None:
+            child["process"].send_signal(signal.SIGTERM)  # it checkpoints and exits with 143
+        else:
+            raise run_table.Stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if not args.report_only:
+            for seed in args.all_seeds:
+                for run in RUN_ORDER:
+                    if not run_table.finished(run, seed, args):
+                        run_table.execute(run, seed, args, child)
+                        report(args)  # each finished run's summary at once
+    except run_table.Stop:
+        print("== stopped; the interrupted run resumes when the study is run again")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
