@@ -147,7 +147,7 @@ def report(args) -> dict:
     records = collect(args)
     selected = select(records)
     lines = [
-        f"Validation top-1 (%) at the last epoch, on the {VALIDATION_SIZE} held-out training",
+        f"Validation top-1 (%) at the last epoch, on the {args.validation_size} held-out training",
         "images, mean over the finished seeds (each seed's value in brackets); the selected",
         "configuration of each method in **bold**. Regenerate with",
         "`python experiments/method_study.py --report_only`.",
@@ -173,7 +173,7 @@ def report(args) -> dict:
     lines += ["", "Commands:", ""]
     lines += [f"- `{r['command']}`" for r in records]
     summary = {
-        "validation_size": VALIDATION_SIZE,
+        "validation_size": args.validation_size,
         "grid": [{"run": r.name, "overrides": list(r.overrides)} for r in GRID],
         "selected": selected,
         "runs": [{k: v for k, v in r.items() if k != "results"} for r in records],
@@ -200,10 +200,26 @@ def parse_args(argv=None):
         "--study_file",
         default=os.path.join(ROOT, "experiments", "results", "fashion_mnist.md"),
     )
+    parser.add_argument("--validation_size", type=int, default=VALIDATION_SIZE)
+    parser.add_argument(
+        "--runs", default="", help="comma-separated configuration names; empty: the whole grid"
+    )
+    parser.add_argument(
+        "--extra",
+        dest="extra_overrides",
+        default="",
+        help="extra config overrides for every run, e.g. num_epochs=1",
+    )
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
     args.all_seeds = [int(s) for s in args.seeds.split(",") if s]
-    args.extra = [f"validation_size={VALIDATION_SIZE}"]
+    args.extra = [f"validation_size={args.validation_size}"]
+    args.extra += [o for o in args.extra_overrides.split(",") if o]
+    known = {run.name for run in GRID}
+    wanted = {w for w in args.runs.split(",") if w}
+    if wanted - known:
+        parser.error(f"unknown configurations {sorted(wanted - known)}; valid: {sorted(known)}")
+    args.selected = [run for run in RUN_ORDER if not wanted or run.name in wanted]
     return args
 
 
@@ -221,7 +237,7 @@ def main(argv=None) -> None:
     try:
         if not args.report_only:
             for seed in args.all_seeds:
-                for run in RUN_ORDER:
+                for run in args.selected:
                     if not run_table.finished(run, seed, args):
                         run_table.execute(run, seed, args, child)
                         report(args)  # each finished run's summary at once

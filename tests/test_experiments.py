@@ -384,3 +384,77 @@ def test_claim_section_pairs_ffcl_with_each_baseline_and_compares_frameworks():
     cell = by_label["ffcl-regularizer teacher: minus ffcl (jax, paired by seed)"]
     assert cell == f"**-2.00 [{paired.low:+.2f}, {paired.high:+.2f}]** (n=3)", cell
     assert by_label["ffcl-feature teacher: minus ffcl (jax, paired by seed)"] == "pending"
+
+
+def _study_record(name: str, seed: int, validation: float, test: float) -> dict:
+    history = [{"epoch": 1, "split": "validation", "student": validation - 0.01}]
+    history.append({"epoch": 2, "split": "validation", "student": validation})
+    results = {
+        "eval_split": "validation",
+        "history": history,
+        "final_test": {"epoch": 2, "split": "test", "student": test},
+    }
+    return {"run": name, "seed": seed, "results": results}
+
+
+def test_study_selection_reads_validation_only():
+    """The selected configuration is the best mean last-epoch validation student; the final
+    test numbers, however arranged, change nothing, and a run evaluated on the test split is
+    refused."""
+    import method_study
+
+    records = [
+        _study_record("ffcl-att-reg1", 0, 0.880, 0.990),
+        _study_record("ffcl-att-reg1", 1, 0.884, 0.990),
+        _study_record("ffcl-fused-reg1", 0, 0.890, 0.100),
+        _study_record("ffcl-fused-reg1", 1, 0.880, 0.100),
+        _study_record("ffl-tau2", 0, 0.870, 0.500),
+        _study_record("ffl-default", 0, 0.870, 0.900),  # a tie: the earlier in the grid wins
+    ]
+    selected = method_study.select(records)
+    assert selected["ffcl"]["run"] == "ffcl-fused-reg1"
+    assert selected["ffcl"]["validation_student"] == pytest.approx(0.885)
+    assert selected["ffl"]["run"] == "ffl-default"
+    for record in records:  # swap the test numbers around: the selection stays
+        record["results"]["final_test"]["student"] = (
+            1.0 - record["results"]["final_test"]["student"]
+        )
+    assert method_study.select(records) == selected
+    leaky = _study_record("ffl-tau4", 0, 0.99, 0.99)
+    leaky["results"]["eval_split"] = "test"
+    with pytest.raises(ValueError, match="validation split"):
+        method_study.select([*records, leaky])
+    assert len(method_study.GRID) == 16
+    assert {r.name.split("-")[0] for r in method_study.GRID[:8]} == {"ffcl"}
+
+
+def test_study_driver_runs_the_grid_on_a_validation_split(fmnist_dir, tmp_path):
+    import method_study
+
+    root, output = tmp_path / "runs", tmp_path / "out" / "selection"
+    study = tmp_path / "study.md"
+    study.write_text("x\n<!-- selection:start -->\n<!-- selection:end -->\n")
+    extra = (
+        f"idx_dir={fmnist_dir},teacher=resnet8,student=resnet8,batch_size=32,num_epochs=1,"
+        "lr_decay_epochs=(),augment=none,log_every_steps=4,eval_batch_size=50"
+    )
+    method_study.main(
+        [
+            "--seeds=0",
+            "--runs=ffcl-fused-reg0.1,ffl-tau2",
+            f"--root={root}",
+            f"--output={output}",
+            f"--study_file={study}",
+            "--validation_size=40",
+            f"--extra={extra}",
+        ]
+    )
+    assert sorted(os.listdir(root)) == ["jax_ffcl-fused-reg0.1_seed0", "jax_ffl-tau2_seed0"]
+    summary = json.loads((tmp_path / "out" / "selection.json").read_text())
+    assert set(summary["selected"]) == {"ffcl", "ffl"}
+    commands = " ".join(r["command"] for r in summary["runs"])
+    assert "--config.validation_size=40" in commands and "feat_form=fused_map" in commands
+    text = study.read_text()
+    assert "| **ffl-tau2** |" in text and "| ffl-default |" in text and "pending" in text
+    results = json.loads((root / "jax_ffl-tau2_seed0" / "results.json").read_text())
+    assert results["eval_split"] == "validation" and results["final_test"]["split"] == "test"
