@@ -2,7 +2,7 @@
 
 A teacher and a student network are trained together from scratch in one compiled step; their
 last-stage features are fused into a third classifier, and the three teach each other (see
-`ffcl_jax.losses` and the method spec `FFCL_METHOD.md`).
+`ffcl_jax.losses` and docs/method.md).
 """
 
 __version__ = "0.1.0"

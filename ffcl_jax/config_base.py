@@ -1,4 +1,4 @@
-"""Defaults shared by every config in `configs/`: the FFL/ONE CIFAR protocol of the spec.
+"""Defaults shared by every config in `configs/`: the FFL/ONE CIFAR protocol (docs/method.md).
 
 Loss settings default to `None` (typed placeholders, so `--config.loss.lam_feat=0` parses):
 `None` means "take the value of the preset named by `config.method`" (see `ffcl_jax.methods`).

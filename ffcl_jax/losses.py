@@ -1,6 +1,6 @@
-"""Loss terms of FFCL and its baselines (FFCL_METHOD.md section 3), one small function each.
+"""Loss terms of FFCL and its baselines (docs/method.md, "Loss"), one small function each.
 
-Conventions every term follows (the traps of section 6):
+Conventions every term follows (docs/method.md, "Known traps"):
 - distillation targets are wrapped in `stop_gradient`: a KD target is never trained toward its
   student;
 - KL is summed over classes and averaged over the batch (never a mean over classes), and scaled

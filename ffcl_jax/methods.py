@@ -247,7 +247,7 @@ def cohort_objective(
     epoch: jax.Array,
     num_classes: int,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The total loss L of FFCL_METHOD.md section 3 and each unweighted term, for logging.
+    """The total loss L of docs/method.md and each unweighted term, for logging.
 
     `outputs` is what `Cohort.__call__` returns. Terms with zero weight are skipped at trace time.
     """

@@ -1,4 +1,4 @@
-"""PyTorch reference of FFCL, written from FFCL_METHOD.md: the baseline every comparison uses.
+"""PyTorch reference of FFCL, written from docs/method.md: the baseline every comparison uses.
 
 `models.py` (model zoo, fusion module, cohort), `losses.py` (every loss term and the cohort
 objective). Module and parameter names mirror the Flax models, so that

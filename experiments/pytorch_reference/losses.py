@@ -1,4 +1,4 @@
-"""Every FFCL loss term and the cohort objective in PyTorch, from FFCL_METHOD.md section 3.
+"""Every FFCL loss term and the cohort objective in PyTorch, from docs/method.md ("Loss").
 
 `settings` is a plain mapping with the keys of `ffcl_jax.methods.LossSettings` (a preset's
 values), so both implementations read the same configuration.

@@ -1,6 +1,6 @@
 """The model zoo, the fusion module and the cohort in PyTorch (NCHW).
 
-Same architectures as `ffcl_jax.models` (RepDistiller's CIFAR ResNets and WRNs, FFCL_METHOD.md's
+Same architectures as `ffcl_jax.models` (RepDistiller's CIFAR ResNets and WRNs, docs/method.md's
 fusion module), with the same attribute names, so a Flax parameter `stages/1/0/conv1/kernel` is
 the PyTorch tensor `stages.1.0.conv1.weight`. Initialisation is the PyTorch zoos' (He-normal
 fan-out convolutions, BatchNorm 1/0, default `nn.Linear`).
