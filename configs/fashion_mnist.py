@@ -25,6 +25,8 @@ from ffcl_jax.config_base import apply_arg, base_config
 
 
 def get_config(arg: str | None = None):
+    """`arg`: None (the study's protocol), "demo" (the README's demo: the first 20,000 training
+    images, the whole test split) or "smoke"."""
     c = base_config()
     c.dataset = "fashion_mnist"
     c.data_source = "idx"
@@ -36,4 +38,7 @@ def get_config(arg: str | None = None):
     c.lr_decay_epochs = (2,)
     c.loss.rampup_epochs = 1.0
     c.log_every_steps = 50
+    if arg == "demo":
+        c.train_examples = 20_000
+        return c
     return apply_arg(c, arg)

@@ -37,11 +37,11 @@ def main(argv) -> None:
     del argv
     import jax
 
-    from ffcl_jax import train
+    from ffcl_jax import parallel, xla_cpu
 
     base = _CONFIG.value
-    train.set_process_xla_flags(base)
-    mesh = train.Mesh()
+    os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(base, os.environ.get("XLA_FLAGS", ""))
+    mesh = parallel.DataParallel()
     steps = {}
     for form in FORMS:
         config = base.copy_and_resolve_references()

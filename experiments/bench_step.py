@@ -2,7 +2,7 @@
 
     python experiments/bench_step.py --config=configs/fashion_mnist.py            # demo pair
     python experiments/bench_step.py --config=configs/cifar100.py --modes=step     # default pair
-    python experiments/bench_step.py --readme      # rewrite the README table from the results
+    python experiments/bench_step.py --readme      # rewrite docs/performance.md's table
 
 `step` mode times one jitted, donated JAX train step and one PyTorch reference step (normalise,
 forward, every loss term, backward, SGD update, schedule) on the same fixed random uint8 batch of
@@ -32,7 +32,8 @@ peak on a GPU; XLA's own buffer plan (`memory_analysis`) is reported beside it.
 
 Results: one JSON per (config, batch size, device, XLA setting) in `experiments/results/`
 (`bench_<name>.json`, with the machine description and the command), and `--readme` rewrites
-the table between the `bench:start` / `bench:end` markers of README.md from all of them.
+the table between the `bench:start` / `bench:end` markers of docs/performance.md from all of
+them.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def define_flags() -> None:
 
 FLAGS = flags.FLAGS
 RESULTS = os.path.join(ROOT, "experiments", "results")
-README = readme_block.README
+README = os.path.join(ROOT, "docs", "performance.md")  # holds the bench table
 
 
 def peak_rss_mb() -> float:
@@ -152,19 +153,20 @@ def step_on_random_batch(config, mesh):
 def jax_worker(config, modes) -> dict:
     import jax
 
-    from ffcl_jax import train
+    from ffcl_jax import parallel, train, xla_cpu
 
-    train.set_process_xla_flags(config)  # before the first device query starts the backend
+    # Before the first device query starts the backend (XLA reads XLA_FLAGS once).
+    os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
     settings = train.check_config(config, jax.device_count())
     out = {
         "framework": "jax",
         "version": f"jax {jax.__version__}",
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "compiler_options": train.compiler_options(config),
-        "closed_form_batch_norm": train.closed_form_batch_norm(config),
+        "compiler_options": xla_cpu.compiler_options(config),
+        "closed_form_batch_norm": xla_cpu.closed_form_batch_norm(config),
     }
-    mesh = train.Mesh()
+    mesh = parallel.DataParallel()
 
     def fresh(steps_per_epoch):
         setup, state = train.build(config, settings, steps_per_epoch)
@@ -231,7 +233,7 @@ def torch_worker(config, modes) -> dict:
     import numpy as np
     import torch
 
-    from experiments.pytorch_reference import train as reference
+    from ffcl_jax.torch_reference import train as reference
 
     device = FLAGS.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)

@@ -38,12 +38,14 @@ def main(argv):
     del argv
     import jax
 
-    from ffcl_jax import train
+    from ffcl_jax import parallel, xla_cpu
 
-    train.set_process_xla_flags(FLAGS.config)  # as the CLI runs (process-wide, so for all)
+    os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(
+        FLAGS.config, os.environ.get("XLA_FLAGS", "")
+    )  # as the CLI runs (process-wide, so for all)
     if jax.default_backend() != "cpu":
         raise SystemExit("these are XLA:CPU settings; run this on the CPU backend")
-    mesh = train.Mesh()
+    mesh = parallel.DataParallel()
     runs = {}
     for setting in FLAGS.settings:
         config = FLAGS.config.copy_and_resolve_references()
@@ -53,7 +55,7 @@ def main(argv):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         runs[setting] = {"step": step, "state": state, "batch": batch, "times": []}
-        print(f"{setting}: {train.compiler_options(config)}", flush=True)
+        print(f"{setting}: {xla_cpu.compiler_options(config)}", flush=True)
     for _ in range(FLAGS.rounds):
         for run in runs.values():
             for _ in range(FLAGS.steps_per_round):

@@ -3,7 +3,7 @@
     python experiments/run_table.py                     # every run still missing, then the table
     python experiments/run_table.py --seeds=0 --runs=ffcl,independent,kd
     python experiments/run_table.py --report_only       # only rewrite the table from finished runs
-    python experiments/run_table.py --report_only --readme   # ... and README.md's copy of it
+    python experiments/run_table.py --report_only --readme   # ... and docs' copy of it
 
 Each run is one subprocess (`python -m ffcl_jax.main ...` or the PyTorch reference), in its own
 workdir under `--root`. A run whose workdir holds `results.json` is finished and skipped; an
@@ -38,6 +38,8 @@ import scipy.stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("student", "teacher", "fused", "ensemble")
+# Where --readme writes the summary table (this driver's table is the 2026-11-25 one).
+TABLE_DOC = os.path.join(ROOT, "docs", "fashion_mnist_2026-11-25.md")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +99,7 @@ def find_run(name: str, framework: str) -> Run:
 
 
 def command(run: Run, seed: int, args) -> list[str]:
-    module = "ffcl_jax.main" if run.framework == "jax" else "experiments.pytorch_reference.train"
+    module = "ffcl_jax.main" if run.framework == "jax" else "ffcl_jax.torch_reference.train"
     argv = [
         sys.executable,
         "-m",
@@ -410,7 +412,7 @@ def write_markdown(rows: list[dict], records: list[dict], args, protocol: str) -
     if args.readme:  # the summary table (not the per-run list) goes into the README too
         table = lines[lines.index(next(x for x in lines if x.startswith("| method"))) :]
         table = table[: table.index("")]
-        readme_block.replace_block("fashion-mnist-table", "\n".join(table))
+        readme_block.replace_block("fashion-mnist-table", "\n".join(table), TABLE_DOC)
 
 
 def plot_students(records: list[dict], path: str) -> None:

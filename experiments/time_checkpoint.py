@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ffcl_jax import checkpoint, train
+from ffcl_jax import checkpoint, parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar100.py", "Config file.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed saves.")
@@ -39,7 +39,7 @@ def _size(path: str) -> int:
 def main(_):
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    mesh = train.Mesh(config.mesh.data)
+    mesh = parallel.DataParallel(config.mesh.data)
     settings = train.check_config(config, mesh.size)
     _, state = train.build(config, settings, steps_per_epoch=1000)
     state = jax.device_put(state, mesh.replicated)

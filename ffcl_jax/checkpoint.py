@@ -108,28 +108,6 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def mute_background_reports() -> None:
-    """After a failed restore, orbax/tensorstore callbacks still running in their threads report
-    the failure again into an event loop that is already closed ("Event loop is closed"
-    tracebacks, asyncio's "Task exception was never retrieved"). The run is about to stop with
-    one clear error, so exactly those reports are dropped; every other exception is reported as
-    before."""
-    import logging
-    import sys
-    import threading
-
-    def is_echo(exc) -> bool:
-        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
-
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    previous_excepthook = sys.excepthook
-    previous_unraisable = sys.unraisablehook
-    previous_thread_hook = threading.excepthook
-    sys.excepthook = lambda t, e, tb: None if is_echo(e) else previous_excepthook(t, e, tb)
-    sys.unraisablehook = lambda u: None if is_echo(u.exc_value) else previous_unraisable(u)
-    threading.excepthook = lambda a: None if is_echo(a.exc_value) else previous_thread_hook(a)
-
-
 def _mismatch(exc: BaseException) -> str | None:
     """For orbax's "tree structures do not match" / shape errors, where they differ first;
     None for anything else (truncated, garbled or missing files)."""
@@ -231,7 +209,6 @@ class RunCheckpoints:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = meta["meta"]
         except Exception as exc:  # orbax/tensorstore report damage in many exception types
-            mute_background_reports()
             raise UserError(
                 f"{where} is unreadable ({_first_line(exc)}); move that step's folder out of "
                 f"{self.directory} to resume from an earlier one, or pass --fresh "
@@ -264,7 +241,6 @@ class RunCheckpoints:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )
         except Exception as exc:
-            mute_background_reports()
             mismatch = _mismatch(exc)
             if mismatch:
                 raise UserError(
@@ -287,7 +263,6 @@ class RunCheckpoints:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
             )
         except Exception as exc:
-            mute_background_reports()
             raise UserError(
                 f"checkpoint step {step} in {self.directory} is unreadable ({_first_line(exc)})"
             ) from exc

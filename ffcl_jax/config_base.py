@@ -6,8 +6,20 @@ Loss settings default to `None` (typed placeholders, so `--config.loss.lam_feat=
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
+
+from ffcl_jax import input_pipeline, models, xla_cpu
+from ffcl_jax.errors import UserError
+from ffcl_jax.methods import LossSettings, resolve_loss_settings
+
+# float64 is for exact comparisons (a float64 reference, such as the PyTorch one in the parity
+# tests), not for speed: it needs 64-bit JAX (`jax_enable_x64`), which the CLI turns on for it.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+EVAL_MODELS = ("student", "teacher", "fused", "ensemble")
+BATCH_NORM_MODES = ("global", "per_device")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -134,3 +146,74 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.loss.rampup_epochs = 1.0
     c.log_every_steps = 4
     return c
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSettings:
+    """Validates what can be checked before any data is read; returns the loss settings."""
+    input_pipeline.dataset_info(config.dataset)
+    models.check_model_name(config.teacher)
+    models.check_model_name(config.student)
+    settings = resolve_loss_settings(config.method, dict(config.loss))
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise UserError(
+            f"unknown compute_dtype {config.compute_dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}"
+        )
+    if config.compute_dtype == "float64" and not jax.config.jax_enable_x64:
+        raise UserError(
+            "compute_dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 (the CLI, "
+            "python -m ffcl_jax.main, does it for such a config)"
+        )
+    for key in ("batch_size", "eval_batch_size"):
+        value = config[key]
+        if value <= 0 or value % num_devices:
+            raise UserError(
+                f"config.{key}={value} must be a positive multiple of the {num_devices} devices "
+                "it is split over"
+            )
+    if config.validation_size < 0:
+        raise UserError(
+            f"config.validation_size must be >= 0 (0: no validation split), got "
+            f"{config.validation_size}"
+        )
+    if config.num_epochs <= 0:
+        raise UserError(f"config.num_epochs must be > 0, got {config.num_epochs}")
+    if config.learning_rate <= 0:
+        raise UserError(f"config.learning_rate must be > 0, got {config.learning_rate}")
+    decay_epochs = list(config.lr_decay_epochs)
+    if any(b <= a for a, b in zip(decay_epochs, decay_epochs[1:], strict=False)):
+        raise UserError(
+            f"config.lr_decay_epochs must be strictly increasing, got {config.lr_decay_epochs}"
+        )
+    for key in ("log_every_steps", "eval_every_epochs", "checkpoint_every_epochs"):
+        if config[key] <= 0:
+            raise UserError(f"config.{key} must be > 0, got {config[key]}")
+    if config.keep_checkpoints < 1:
+        raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
+    valid_best = [m for m in EVAL_MODELS if m != "fused" or settings.use_fusion]
+    if config.best_metric and config.best_metric not in valid_best:
+        raise UserError(
+            f"config.best_metric={config.best_metric!r} is not a model this run evaluates; "
+            f"valid: {', '.join(valid_best)}, or '' to keep only the last checkpoints"
+        )
+    for key, valid in (
+        ("xla_cpu_ynn_fusion", ("auto", "xla_default", *xla_cpu.CPU_YNN_FUSION)),
+        ("batch_norm_backward", xla_cpu.BATCH_NORM_BACKWARDS),
+    ):
+        if config[key] not in valid:
+            raise UserError(f"unknown config.{key} {config[key]!r}; valid: {', '.join(valid)}")
+    if config.batch_norm not in BATCH_NORM_MODES:
+        raise UserError(
+            f"unknown config.batch_norm {config.batch_norm!r}; valid: {', '.join(BATCH_NORM_MODES)}"
+        )
+    if not settings.train_teacher and not config.teacher_checkpoint:
+        raise UserError(
+            f"method {config.method!r} distils from a trained teacher: set "
+            "--config.teacher_checkpoint to the workdir of a finished run with the same teacher "
+            "(for example an 'independent' run) or to an exported .npz"
+        )
+    if settings.train_teacher and config.teacher_checkpoint:
+        raise UserError(
+            f"config.teacher_checkpoint is only read by method 'kd', not {config.method!r}; "
+            "unset it"
+        )
+    return settings

@@ -1,4 +1,4 @@
-"""Weight conversion between Flax and the PyTorch reference (`experiments/pytorch_reference`).
+"""Weight conversion between Flax and the PyTorch reference (`ffcl_jax/torch_reference`).
 
 Users train in JAX and deploy in PyTorch: `to_torch_state_dict` turns a network's (or the fusion
 module's) Flax parameters and BatchNorm statistics into the `state_dict` of the reference model
@@ -97,3 +97,33 @@ def from_torch_state_dict(state_dict, like_params, like_batch_stats):
         fill_like(like_params, converted[0], "the PyTorch state_dict"),
         fill_like(like_batch_stats, converted[1], "the PyTorch state_dict"),
     )
+
+
+def torch_model_from_export(path: str, role: str = "student"):
+    """The exported network (`python -m ffcl_jax.export`) as the PyTorch reference model of the
+    same name, weights loaded, in eval mode; needs `pip install ffcl_jax[torch]`.
+
+    Its input is what the JAX model takes, NCHW instead of NHWC: images normalised with the
+    export's `meta["normalization"]` (mean and std times its scale).
+
+        model = convert.torch_model_from_export("student.npz")
+        logits, stage_maps = model(normalized_nchw_images)
+    """
+    from ffcl_jax.export import read_export
+    from ffcl_jax.torch_reference.models import create_model
+
+    exported = read_export(path)
+    meta = exported.meta
+    flat_params, flat_stats = exported.network(role)
+    model = create_model(meta["roles"][role], meta["num_classes"], meta["image_shape"][-1])
+    bn_modules = {name.rpartition("/")[0] for name in flat_stats}
+    state_dict = {}
+    for name, value in {**flat_params, **flat_stats}.items():
+        array = _kernel_to_torch(value) if name.endswith("/kernel") else value
+        state_dict[_torch_key(name, name.rpartition("/")[0] in bn_modules)] = array
+    import torch
+
+    missing = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    model.load_state_dict({**missing, **tensors}, strict=True)
+    return model.eval()

@@ -224,6 +224,30 @@ def load_network(path: str, role: str, config, like) -> tuple[Any, Any, str]:
     return flat_params, flat_stats, source
 
 
+def with_frozen_teacher(state, config):
+    """`(state, source)`: the train state with its teacher replaced by the one in
+    `config.teacher_checkpoint` (a run's workdir or an exported .npz), for the kd preset."""
+    params, batch_stats, source = load_network(
+        config.teacher_checkpoint,
+        "teacher",
+        config,
+        like=(state.params["teacher"], state.batch_stats["teacher"]),
+    )
+
+    def replace_teacher(tree, teacher_arrays):
+        flat = flatten(tree)
+        flat.update({f"teacher/{name}": value for name, value in teacher_arrays.items()})
+        return fill_like(tree, flat, "the cohort with the loaded teacher")
+
+    return (
+        state.replace(
+            params=replace_teacher(state.params, params),
+            batch_stats=replace_teacher(state.batch_stats, batch_stats),
+        ),
+        source,
+    )
+
+
 def load_exported(path: str, role: str = "student"):
     """`(model, predict, meta)`: the exported network as an nnx module in inference mode, and
     `predict(images) -> logits` taking uint8 NHWC images as the data set stores them."""

@@ -267,9 +267,9 @@ def hold_out_validation(
     info = dataset_info(config.dataset)
     held = validation_rows(
         labels,
-        int(config.get("validation_size", 0)),
+        int(config.validation_size),
         info.num_classes,
-        int(config.get("validation_seed", 0)),
+        int(config.validation_seed),
     )
     keep = np.ones(len(labels), bool)
     keep[held] = False

@@ -8,8 +8,10 @@ an argument after a colon (`--config=configs/fashion_mnist.py:smoke`). Bad input
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -80,11 +82,16 @@ def main(argv) -> None:
         print("error: --workdir is required (a folder for logs and results)", file=sys.stderr)
         sys.exit(2)
     logging.set_verbosity(logging.WARNING)
+    from ffcl_jax import xla_cpu
     from ffcl_jax.errors import UserError
     from ffcl_jax.input_pipeline import import_tensorflow
-    from ffcl_jax.train import Preempted, set_process_xla_flags, train_and_evaluate
+    from ffcl_jax.train import train_and_evaluate
+    from ffcl_jax.workdir import Preempted
 
-    set_process_xla_flags(_CONFIG.value)  # before anything starts JAX's backend
+    # XLA reads XLA_FLAGS once, when JAX starts its backend: set them before anything does.
+    os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(
+        _CONFIG.value, os.environ.get("XLA_FLAGS", "")
+    )
     if _CONFIG.value.compute_dtype == "float64":  # exact comparisons: 64-bit arrays throughout
         import jax
 
@@ -92,7 +99,12 @@ def main(argv) -> None:
     import_tensorflow()
     _initialize_distributed()
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
+        train_and_evaluate(
+            _CONFIG.value,
+            _WORKDIR.value,
+            fresh=_FRESH.value,
+            command=" ".join(["python -m ffcl_jax.main", *sys.argv[1:]]),
+        )
     except UserError as exc:
         _exit_now(2, f"error: {exc}")
     except Preempted as exc:
@@ -100,19 +112,36 @@ def main(argv) -> None:
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
+def _mute_background_reports() -> None:
+    """After a failed restore, orbax/tensorstore callbacks still running in their threads report
+    the failure again into an event loop that is already closed ("Event loop is closed"
+    tracebacks, asyncio's "Task exception was never retrieved"). The run is about to stop with
+    one clear error, so exactly those reports are dropped; every other exception is reported as
+    before."""
+
+    def is_echo(exc) -> bool:
+        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    previous_excepthook = sys.excepthook
+    previous_unraisable = sys.unraisablehook
+    previous_thread_hook = threading.excepthook
+    sys.excepthook = lambda t, e, tb: None if is_echo(e) else previous_excepthook(t, e, tb)
+    sys.unraisablehook = lambda u: None if is_echo(u.exc_value) else previous_unraisable(u)
+    threading.excepthook = lambda a: None if is_echo(a.exc_value) else previous_thread_hook(a)
+
+
 def _exit_now(code: int, message: str) -> None:
     """Prints `message` as the last line of stderr and exits.
 
     After a failed checkpoint restore, tensorstore callbacks may still print tracebacks of the
-    same failure from their threads for a moment (see `checkpoint.mute_background_reports`);
+    same failure from their threads for a moment (see `_mute_background_reports`);
     they are given that moment, then stderr is closed to them, so the line that says what to do
     always comes last.
     """
     import time
 
-    from ffcl_jax.checkpoint import mute_background_reports
-
-    mute_background_reports()
+    _mute_background_reports()
     sys.stdout.flush()
     sys.stderr.flush()
     time.sleep(0.3)

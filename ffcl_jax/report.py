@@ -1,4 +1,4 @@
-"""Result table and learning curves of a run.
+"""Where a run reports (console, metrics.jsonl, TensorBoard), its result table and curves.
 
 "Best" is the best accuracy over the evaluated epochs, per model, with its epoch. Evaluated on
 the test split (a run without a validation split) it is an optimistic number, so the table always
@@ -9,6 +9,14 @@ test split once, after training, which the table prints in a column of its own.
 from __future__ import annotations
 
 import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from ffcl_jax.errors import UserError
 
 MODEL_ORDER = ("student", "teacher", "fused", "ensemble")
 
@@ -119,3 +127,242 @@ def plot_curves(metrics_path: str, png_path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rem = divmod(seconds, 3600)
+    minutes, secs = divmod(rem, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def summarize_interval(
+    pending: list[dict], first_step: int, workdir: str, last_checkpoint: str | None
+) -> dict[str, float]:
+    """Mean of the metrics of the steps since the last log; stops the run at a non-finite loss,
+    naming the first such step and its loss terms."""
+    fetched = jax.device_get(pending)
+    for offset, metrics in enumerate(fetched):
+        if not np.isfinite(metrics["loss"]):
+            terms = ", ".join(
+                f"{k}={float(v):.4g}"
+                for k, v in metrics.items()
+                if k != "learning_rate" and not k.startswith("train_acc")
+            )
+            kept = (
+                f"the last good checkpoint ({last_checkpoint}) is kept and a rerun resumes from it"
+                if last_checkpoint
+                else "no checkpoint had been written yet"
+            )
+            raise UserError(
+                f"non-finite loss at step {first_step + offset} ({terms}); training stopped, "
+                f"{kept}, logs are in {workdir}; lower config.learning_rate or use "
+                "compute_dtype=float32"
+            )
+    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+class _NoWriter:
+    def write_scalars(self, step, scalars) -> None:
+        del step, scalars
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLog:
+    """Where a run reports: the console, `metrics.jsonl` and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str, enabled: bool, num_epochs: int, total_steps: int):
+        self.enabled = enabled
+        self.num_epochs, self.total_steps = num_epochs, total_steps
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.writer = None
+        if enabled:
+            try:
+                from clu import metric_writers
+
+                self.writer = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # clu's TensorBoard writer needs tensorflow (e.g. GPU images)
+                self.print(
+                    "note: no TensorBoard events (tensorflow is not installed); "
+                    "metrics.jsonl has every scalar"
+                )
+                self.writer = _NoWriter()
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+
+    def _jsonl(self, **row) -> None:
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def train(
+        self,
+        step: int,
+        epoch: int,
+        summary: dict,
+        img_per_sec: float | None,
+        eta_seconds: float | None,
+    ) -> None:
+        """`img_per_sec` / `eta_seconds` are None when the interval timed no step (a log right
+        after the compiling first step, e.g. when preempted at step 1)."""
+        if not self.enabled:
+            return
+        accuracies = " ".join(
+            f"{name[0].upper()} {summary[f'train_acc_{name}']:.3f}"
+            for name in ("teacher", "student", "fused")
+            if f"train_acc_{name}" in summary
+        )
+        self.print(
+            f"epoch {epoch}/{self.num_epochs} step {step}/{self.total_steps} | "
+            f"loss {summary['loss']:.4f} | "
+            f"train acc {accuracies} | "
+            + (
+                f"{img_per_sec:.0f} img/s | ETA {format_duration(eta_seconds)}"
+                if img_per_sec
+                else "speed not measured yet"
+            )
+        )
+        self._jsonl(kind="train", step=step, epoch=epoch, img_per_sec=img_per_sec, **summary)
+        scalars = {f"train/{k}": v for k, v in summary.items()}
+        if img_per_sec:
+            scalars["train/img_per_sec"] = img_per_sec
+        self.writer.write_scalars(step, scalars)
+
+    def eval(self, row: dict, seconds: float) -> None:
+        if not self.enabled:
+            return
+        accuracy = {k: row[k] for k in MODEL_ORDER if k in row}
+        split = row["split"]
+        self.print(
+            f"epoch {row['epoch']} {split} top-1: "
+            + " ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items())
+            + f" ({seconds:.1f}s)"
+        )
+        self._jsonl(kind="eval", **row)
+        self.writer.write_scalars(row["step"], {f"{split}/acc_{k}": v for k, v in accuracy.items()})
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def banner(
+    config, settings, params, num_train: int, splits: dict, steps_per_epoch: int, num_devices: int
+) -> str:
+    """The run's first line: method, networks, data, batch, devices and active loss terms."""
+    num_params = {role: sum(x.size for x in jax.tree.leaves(params[role])) for role in params}
+    evaluated = " / ".join(f"{len(images)} {name}" for name, (images, _) in sorted(splits.items()))
+    return (
+        f"FFCL | method {config.method} | teacher {config.teacher} "
+        f"({num_params['teacher'] / 1e6:.2f}M) | student {config.student} "
+        f"({num_params['student'] / 1e6:.2f}M) | {config.dataset} {num_train} train / "
+        f"{evaluated} | batch {config.batch_size}, {config.compute_dtype} compute | "
+        f"{config.num_epochs} epochs x {steps_per_epoch} steps | {num_devices} "
+        f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
+        f"batch norm {config.batch_norm} | terms: {', '.join(settings.active_terms())}"
+    )
+
+
+class StepClock:
+    """Training time between log steps, for the progress line's speed and ETA; the first step of
+    a session (it compiles) is timed apart. Totals accumulate in the checkpointed `progress`."""
+
+    def __init__(self, progress: dict, batch_size: int, total_steps: int):
+        self.progress, self.batch_size, self.total_steps = progress, batch_size, total_steps
+        self.since = time.time()  # wall time not yet added to progress
+        self.first_step_done = False
+        self.interval_start, self.interval_steps, self.interval_first = time.time(), 0, 1
+
+    def add_wall_time(self) -> None:
+        now = time.time()
+        self.progress["wall_seconds"] += now - self.since
+        self.since = now
+
+    def start_interval(self, step: int) -> None:
+        self.interval_start, self.interval_steps, self.interval_first = time.time(), 0, step + 1
+
+    def count_step(self, metrics, log: RunLog) -> None:
+        self.interval_steps += 1
+        if self.first_step_done:
+            return
+        jax.block_until_ready(metrics)
+        self.first_step_done = True
+        seconds = time.time() - self.interval_start
+        if self.progress["first_step_seconds"] is None:
+            self.progress["first_step_seconds"] = seconds
+        log.print(f"compiled and ran the first step in {seconds:.1f}s")
+        self.interval_start, self.interval_steps = time.time(), 0
+
+    def end_interval(self, step: int) -> tuple[float | None, float | None]:
+        """`(img/s, ETA seconds)` of the interval ending at `step` (None without a timed step)."""
+        elapsed = time.time() - self.interval_start
+        img_per_sec = eta = None
+        if self.interval_steps:
+            self.progress["train_seconds"] += elapsed
+            self.progress["measured_steps"] += self.interval_steps
+            img_per_sec = self.interval_steps * self.batch_size / max(elapsed, 1e-9)
+            eta = (self.total_steps - step) * self.batch_size / img_per_sec
+        self.start_interval(step)
+        return img_per_sec, eta
+
+
+def update_best(progress: dict, row: dict | None, metric: str) -> bool:
+    """Records `row` as the best evaluation so far if its `metric` beats the best; says so."""
+    if row is None or not metric:
+        return False
+    best = progress["best"]
+    if best is not None and row[metric] <= best["value"]:
+        return False
+    progress["best"] = {
+        "metric": metric,
+        "value": row[metric],
+        "epoch": row["epoch"],
+        "step": row["step"],
+    }
+    return True
+
+
+def results(config, settings, params, progress: dict, eval_split: str) -> dict[str, Any]:
+    """`results.json`'s content (less what only the trainer knows: final test, command)."""
+    measured = progress["measured_steps"]
+    speed = measured * config.batch_size / max(progress["train_seconds"], 1e-9)
+    return {
+        "config": json.loads(config.to_json_best_effort()),
+        "num_params": {r: int(sum(x.size for x in jax.tree.leaves(params[r]))) for r in params},
+        "loss_terms": list(settings.active_terms()),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "wall_seconds": progress["wall_seconds"],
+        "first_step_seconds": progress["first_step_seconds"],
+        "train_img_per_sec": speed if measured else None,
+        "eval_split": eval_split,
+        "history": progress["history"],
+        "summary": summarize(progress["history"]),
+        "best_checkpoint": progress["best"],
+        "resumed_at_steps": progress["resumed_at_steps"],
+    }
+
+
+def write_outputs(workdir: str, config, results: dict, log: RunLog) -> None:
+    """`results.json` and `curves.png`, then the result table and the wall time on the console."""
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot_curves(
+        os.path.join(workdir, "metrics.jsonl"),
+        os.path.join(workdir, "curves.png"),
+        title=f"{config.method}: {config.teacher} + {config.student} on {config.dataset}",
+    )
+    log.print(format_table(results["summary"], results["eval_split"], results["final_test"]))
+    speed = results["train_img_per_sec"]
+    log.print(
+        f"wall time {format_duration(results['wall_seconds'])}"
+        + (f"; train step {speed:.0f} img/s" if speed else "")
+        + f"; outputs in {workdir} (results.json, metrics.jsonl, curves.png, tensorboard/, "
+        "checkpoints/)"
+    )

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.fashion_mnist import get_config  # noqa: E402
-from ffcl_jax import input_pipeline, train  # noqa: E402
+from ffcl_jax import input_pipeline, parallel, train  # noqa: E402
 
 
 def apply_override(config, assignment: str) -> None:
@@ -68,7 +68,7 @@ def main() -> None:
         apply_override(config, assignment)
     settings = train.check_config(config, 1)
     images, labels = input_pipeline.load_split(config, "train")
-    mesh = train.Mesh(1)
+    mesh = parallel.DataParallel(1)
     data = train.make_train_data(config, images, labels, mesh)
     setup, state = train.build(config, settings, data.steps_per_epoch, mesh)
     step, _ = train.jit_steps(setup, config)

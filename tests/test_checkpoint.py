@@ -69,6 +69,7 @@ def straight_run(fmnist_dir, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["after", "during"])
 def test_a_run_killed_at_a_checkpoint_resumes_bit_for_bit(straight_run, fmnist_dir, tmp_path, mode):
     """SIGKILL once epoch 2's checkpoint is written ("after"), or while it is being written
@@ -102,6 +103,7 @@ def test_a_run_killed_at_a_checkpoint_resumes_bit_for_bit(straight_run, fmnist_d
     assert results["resumed_at_steps"] == [latest]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, fmnist_dir, tmp_path):
     """A preemption notice (SIGTERM) in the middle of epoch 3 saves the step it reached, exits
     with 143, and the rerun continues inside the epoch to the straight run's exact result."""
@@ -221,6 +223,7 @@ def test_keys_added_later_resume_at_their_old_behaviour(fmnist_dir):
 
 
 # A failed restore leaves orbax's background callbacks to report the same failure again.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
     "damage, overrides, message",

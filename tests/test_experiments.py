@@ -10,13 +10,15 @@ import sys
 
 import pytest
 
+# Multi-process runs / experiment scripts: the slow tier (bash scripts/test.sh --all, CI).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 pytest.importorskip("torch")
 
 import bench_step  # noqa: E402
-import readme_block  # noqa: E402
 import run_table  # noqa: E402
 
 TINY = [
@@ -316,7 +318,7 @@ def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_p
     stamps = {name: os.path.getmtime(root / name / "results.json") for name in finished}
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- fashion-mnist-table:start -->\n<!-- fashion-mnist-table:end -->\n")
-    monkeypatch.setattr(readme_block, "README", str(readme))
+    monkeypatch.setattr(run_table, "TABLE_DOC", str(readme))
     run_table.main([*args, "--readme"])
     assert stamps == {name: os.path.getmtime(root / name / "results.json") for name in finished}
     block = readme.read_text().splitlines()

@@ -35,6 +35,7 @@ def test_exported_networks_predict_as_in_the_run(independent_run, fmnist_dir, tm
     assert meta["config"]["method"] == "independent"
 
 
+@pytest.mark.slow
 def test_export_cli_and_missing_roles(independent_run, tmp_path):
     workdir, _ = independent_run
     output = tmp_path / "student.npz"
@@ -130,3 +131,70 @@ def _final(workdir):
     checkpoints, step = checkpoint.open_finished_run(str(workdir), tiny_config("."))
     with checkpoints:
         return checkpoints.restore_raw_state(step)
+
+
+OUTSIDE_THE_SOURCE_TREE = """
+import sys
+sys.path.insert(0, sys.argv[1])  # the installed copy, first
+import numpy as np
+import torch
+import ffcl_jax
+from ffcl_jax import convert, export, input_pipeline
+
+assert ffcl_jax.__file__.startswith(sys.argv[1]), ffcl_jax.__file__
+model = convert.torch_model_from_export(sys.argv[2])
+images, labels = input_pipeline.load_idx_split(sys.argv[3], "test")
+meta = export.read_export(sys.argv[2]).meta
+norm = meta["normalization"]
+x = (images.astype(np.float32) - np.float32(norm["mean"][0] * norm["scale"])) / np.float32(
+    norm["std"][0] * norm["scale"]
+)
+with torch.no_grad():
+    logits, _ = model(torch.from_numpy(x).permute(0, 3, 1, 2))  # and the stage maps
+print("accuracy", float((logits.argmax(-1).numpy() == labels).mean()))
+"""
+
+
+@pytest.mark.slow
+def test_an_installed_package_loads_the_exported_student_into_pytorch(
+    independent_run, fmnist_dir, tmp_path
+):
+    """`pip install .[torch]` (here without dependencies, into a folder) gives `ffcl_jax.convert`
+    and the reference models; from outside the source tree, an exported student runs in PyTorch
+    with the run's own accuracy."""
+    pytest.importorskip("torch")
+    workdir, results = independent_run
+    path = export.export_run(str(workdir), str(tmp_path / "student.npz"))
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            REPO,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    assert (site / "ffcl_jax" / "torch_reference" / "models.py").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", OUTSIDE_THE_SOURCE_TREE, str(site), path, fmnist_dir],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    accuracy = float(proc.stdout.split("accuracy")[-1])
+    assert accuracy == pytest.approx(results["history"][-1]["student"], abs=2 / 70)

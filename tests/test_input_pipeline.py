@@ -108,9 +108,9 @@ class _AsNumpy:
 def make_pipeline(kind, config, images, labels, batch):
     if kind == "host":
         return ip.TrainData(config, images, labels, batch)
-    from ffcl_jax.train import Mesh
+    from ffcl_jax.parallel import DataParallel
 
-    mesh = Mesh()
+    mesh = DataParallel()
     return _AsNumpy(ip.DeviceTrainData(config, images, labels, batch, mesh.data, mesh.replicated))
 
 
@@ -189,6 +189,7 @@ def test_device_augmentation_reflect_padding_and_flip_match_numpy():
     assert not np.array_equal(out, images)  # something moved
 
 
+@pytest.mark.slow
 def test_training_on_device_batches_needs_no_tensorflow(fmnist_dir, tmp_path):
     """`data_on_device=True` trains (IDX files, batches made by jit) with tensorflow unusable."""
     import subprocess
@@ -376,7 +377,7 @@ def test_validation_rows_are_balanced_disjoint_and_fixed():
     # The run's seed and the process layout do not enter: configs that differ only there agree.
     splits = []
     for seed in (0, 7):
-        config = data_config(seed=seed, validation_size=105)
+        config = data_config(seed=seed, validation_size=105, validation_seed=0)
         (train_x, train_y), (val_x, val_y) = ip.hold_out_validation(config, images, labels)
         splits.append((train_y, val_y))
         assert len(train_y) + len(val_y) == 1000

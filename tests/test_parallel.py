@@ -13,6 +13,9 @@ import pytest
 
 from tests.conftest import REPO
 
+# Eight forced devices and two processes in subprocesses: the slow tier (scripts/test.sh --all).
+pytestmark = pytest.mark.slow
+
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
 
 
@@ -123,12 +126,41 @@ def test_two_processes_train_like_one(fmnist_dir, tmp_path):
     assert [i["process_count"] for i in info] == [2, 2]
     assert [i["device_count"] for i in info] == [4, 4]
     assert info[0]["history"] == info[1]["history"]
-    # The validation split is held out identically in every process and each of its images is
-    # counted once (`evaluate` checks the count), then the test split once at the end.
+    assert "test top-1" in outputs[0] and "test top-1" not in outputs[1]  # one process reports
+    rows = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len([r for r in rows if '"kind": "eval"' in r]) == 1  # written once, not twice
+    assert os.listdir(workdir / "checkpoints") == ["3"]
+
+
+def test_two_processes_hold_out_one_validation_split_and_count_it_once(fmnist_dir, tmp_path):
+    """Both processes hold out the same 20 images (the split does not depend on the process
+    layout), train on the same rows and evaluate every validation image once (`evaluate` checks
+    the count), then the test split once; only process 0 reports and writes."""
+    port, workdir = _free_port(), tmp_path / "run"
+    procs = [
+        _python(
+            "tests/helpers/multiprocess_run.py",
+            str(i),
+            "2",
+            str(port),
+            "2",
+            fmnist_dir,
+            str(workdir),
+            str(tmp_path / f"p{i}.npz"),
+            "2",
+            "20",
+        )
+        for i in range(2)
+    ]
+    outputs = [_finish(p) for p in procs]
+    p0, p1 = (np.load(tmp_path / f"p{i}.npz") for i in range(2))
+    for key in p0.files:
+        np.testing.assert_array_equal(p0[key], p1[key], err_msg=key)
+    info = [json.loads((tmp_path / f"p{i}.npz.json").read_text()) for i in range(2)]
+    assert info[0]["history"] == info[1]["history"]
     assert [row["split"] for row in info[0]["history"]] == ["validation"]
     assert info[0]["final_test"] == info[1]["final_test"] is not None
     for line in ("validation top-1", "test top-1"):
-        assert line in outputs[0] and line not in outputs[1]  # one process reports
-    rows = (workdir / "metrics.jsonl").read_text().splitlines()
-    assert len([r for r in rows if '"kind": "eval"' in r]) == 2  # written once, not twice
-    assert os.listdir(workdir / "checkpoints") == ["3"]
+        assert line in outputs[0] and line not in outputs[1]
+    rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows if r["kind"] == "eval"] == ["validation", "test"]

@@ -1,4 +1,4 @@
-"""Parity with the PyTorch reference (`experiments/pytorch_reference`) through weight conversion:
+"""Parity with the PyTorch reference (`ffcl_jax/torch_reference`) through weight conversion:
 every zoo model's logits, a heterogeneous FFCL pair's loss terms and gradients, and three
 optimizer steps. A mismatch names the first stage (or parameter) that differs.
 
@@ -22,11 +22,11 @@ import pytest
 import torch
 from flax import nnx
 
-from experiments.pytorch_reference import losses as torch_losses
-from experiments.pytorch_reference import models as torch_models
-from experiments.pytorch_reference import optim as torch_optim
 from ffcl_jax import convert, export, input_pipeline, models, train
 from ffcl_jax.methods import cohort_objective, fused_feature_stages, resolve_loss_settings
+from ffcl_jax.torch_reference import losses as torch_losses
+from ffcl_jax.torch_reference import models as torch_models
+from ffcl_jax.torch_reference import optim as torch_optim
 from tests.conftest import tiny_config
 
 torch.set_num_threads(1)  # two pytest workers share two cores
@@ -329,7 +329,7 @@ def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, feature)
 
 
 def test_reference_augmentation_moves_pixels_but_keeps_content():
-    from experiments.pytorch_reference.train import augment
+    from ffcl_jax.torch_reference.train import augment
 
     config = tiny_config(".", augment="pad_crop_flip", pad=2, pad_mode="constant")
     image = torch.zeros((64, 1, 28, 28), dtype=torch.uint8)
@@ -341,7 +341,7 @@ def test_reference_augmentation_moves_pixels_but_keeps_content():
 
 
 def test_reference_loop_trains_and_reports_like_the_jax_trainer(fmnist_dir, tmp_path):
-    from experiments.pytorch_reference.train import train_and_evaluate
+    from ffcl_jax.torch_reference.train import train_and_evaluate
 
     config = tiny_config(fmnist_dir, num_epochs=2, learning_rate=0.05)
     results = train_and_evaluate(config, str(tmp_path))
@@ -371,7 +371,7 @@ def test_reference_step_keeps_every_tensor_on_the_model_device(overrides):
     meta device stands in for CUDA here: an op mixing a meta tensor with a CPU tensor (other
     than a 0-d scalar) fails, as it would on CUDA. (The virtual teacher's target was once made
     on the CPU.)"""
-    from experiments.pytorch_reference import train as reference
+    from ffcl_jax.torch_reference import train as reference
 
     config = tiny_config(".", **overrides)
     cohort, optimizer, schedule, settings, info = reference.build(config, 10, "meta")
@@ -389,7 +389,7 @@ def test_reference_bfloat16_runs_the_networks_under_autocast_and_keeps_losses_fl
     """`compute_dtype=bfloat16` in the reference (the GPU benchmark's bfloat16 row compares it
     with JAX's bfloat16): convolutions compute in bfloat16, weights stay float32, every loss
     term is float32, and the loss is close to (but not exactly) the float32 one."""
-    from experiments.pytorch_reference import train as reference
+    from ffcl_jax.torch_reference import train as reference
 
     config = tiny_config(".", method="ffcl")
     images = np.random.default_rng(0).integers(0, 256, (32, 28, 28, 1), np.uint8)

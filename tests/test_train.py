@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import input_pipeline, train
+from ffcl_jax import input_pipeline, parallel, report, train, xla_cpu
 from ffcl_jax.errors import UserError
 from tests.conftest import REPO, tiny_config
 
@@ -122,13 +123,13 @@ def test_closed_form_batch_norm_is_chosen_for_deep_networks_on_the_cpu(fmnist_di
     config = tiny_config(fmnist_dir)
     assert config.batch_norm_backward == "auto"
     config.teacher, config.student = "resnet20", "resnet8"  # 3 blocks a stage: autodiff
-    assert not train.closed_form_batch_norm(config)
+    assert not xla_cpu.closed_form_batch_norm(config)
     config.teacher = "resnet56"
-    assert train.closed_form_batch_norm(config) == (jax.default_backend() == "cpu")
+    assert xla_cpu.closed_form_batch_norm(config) == (jax.default_backend() == "cpu")
     config.batch_norm_backward = "autodiff"
-    assert not train.closed_form_batch_norm(config)
+    assert not xla_cpu.closed_form_batch_norm(config)
     config.teacher, config.batch_norm_backward = "resnet8", "closed_form"
-    assert train.closed_form_batch_norm(config)
+    assert xla_cpu.closed_form_batch_norm(config)
 
 
 def test_no_recompilation_across_steps_epochs_and_lr_boundaries(fmnist_dir):
@@ -165,7 +166,7 @@ def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
     setup, state = build(config)
     images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
     images, labels = images[:37], labels[:37]
-    mesh = train.Mesh()
+    mesh = parallel.DataParallel()
     eval_step = jax.jit(setup.eval_step)
     got = train.evaluate(eval_step, state, mesh, images, labels, config)
     cohort = nnx.merge(setup.graphdef, state.params, state.batch_stats)
@@ -183,7 +184,17 @@ def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
 def test_train_and_evaluate_end_to_end(fmnist_dir, tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_config(fmnist_dir, num_epochs=3, lr_decay_epochs=(2,))
+    hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook, os.environ.get("XLA_FLAGS"))
     results = train.train_and_evaluate(config, workdir)
+    # Library code leaves the process alone: no hooks replaced, no XLA_FLAGS edited, and the
+    # command it records is the caller's (none here), not sys.argv.
+    assert hooks == (
+        sys.excepthook,
+        sys.unraisablehook,
+        threading.excepthook,
+        os.environ.get("XLA_FLAGS"),
+    )
+    assert results["command"] == ""
     for name in ("results.json", "metrics.jsonl", "curves.png", "config.json"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -258,11 +269,11 @@ def test_non_finite_loss_names_the_first_bad_step_and_its_terms(tmp_path):
     good = {"loss": 1.0, "ce_student": 1.0, "learning_rate": 0.1}
     bad = {"loss": float("nan"), "ce_student": 2.0, "learning_rate": 0.1}
     with pytest.raises(UserError) as info:
-        train._summarize_interval([good, bad, bad], 16, str(tmp_path), "step 8")
+        report.summarize_interval([good, bad, bad], 16, str(tmp_path), "step 8")
     message = str(info.value)
     assert "step 17" in message and "ce_student=2" in message and str(tmp_path) in message
     assert "last good checkpoint (step 8) is kept" in message
-    assert train._summarize_interval([good, good], 16, str(tmp_path), None)["loss"] == 1.0
+    assert report.summarize_interval([good, good], 16, str(tmp_path), None)["loss"] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -295,6 +306,7 @@ def run_cli(*args, **env_overrides):
     )
 
 
+@pytest.mark.slow
 def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     workdir = tmp_path / "cli"
     proc = run_cli(
@@ -308,7 +320,7 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "method dml" in proc.stdout and "img/s" in proc.stdout and "ETA" in proc.stdout
     assert "batch 64, float32 compute |" in proc.stdout  # the banner names the precision
-    assert "| fused    |              n/a |" in proc.stdout  # DML trains no fusion module
+    assert "| fused    |                  n/a |" in proc.stdout  # DML trains no fusion module
     results = json.loads((workdir / "results.json").read_text())
     assert results["config"]["method"] == "dml"
     assert results["loss_terms"] == ["ce_teacher", "ce_student", "kl_mutual"]
@@ -317,9 +329,12 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"
     }
     assert results["closed_form_batch_norm"] is False
-    assert results["xla_flags"].endswith(train.FLATTEN_AFTER_FUSION_FLAG)  # set by the CLI
+    assert results["xla_flags"].endswith(xla_cpu.FLATTEN_AFTER_FUSION_FLAG)  # set by the CLI
+    # The CLI records its own command line; the library reads no sys.argv.
+    assert results["command"].startswith("python -m ffcl_jax.main --config=configs/fashion_mnist")
 
 
+@pytest.mark.slow
 def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
     """Also in float64, which the CLI runs with 64-bit JAX turned on (the parity tests' exact
     comparisons use the same compute dtype)."""
@@ -343,6 +358,7 @@ def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
     assert len(results["history"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -363,7 +379,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path, args, message):
 def test_progress_line_without_a_timed_step_shows_no_speed(tmp_path, capsys):
     """A log right after the compiling first step (preempted at step 1) has timed no step: no
     speed and no ETA instead of 0 img/s and an absurd ETA."""
-    log = train.RunLog(str(tmp_path), True, num_epochs=3, total_steps=100)
+    log = report.RunLog(str(tmp_path), True, num_epochs=3, total_steps=100)
     summary = {"loss": 2.5, "train_acc_teacher": 0.1, "train_acc_student": 0.2}
     log.train(1, 1, summary, None, None)
     log.train(10, 1, summary, 640.0, 90 * 32 / 640.0)

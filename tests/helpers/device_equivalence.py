@@ -25,7 +25,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ffcl_jax import export, input_pipeline, train  # noqa: E402
+from ffcl_jax import export, input_pipeline, parallel, train  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 idx_dir, num_steps = sys.argv[1], int(sys.argv[2])
@@ -40,9 +40,9 @@ batches = [
 def run(num_devices: int, batch_norm: str, steps: list[dict], bn_backward: str = "autodiff"):
     config.batch_norm = batch_norm
     config.batch_norm_backward = bn_backward
-    mesh = train.Mesh(num_devices)
+    mesh = parallel.DataParallel(num_devices)
     settings = train.check_config(config, mesh.size)
-    setup, state = train.build(config, settings, steps_per_epoch=100, mesh=mesh)
+    setup, state = train.build(config, settings, steps_per_epoch=100, data_parallel=mesh)
     state = jax.device_put(state, mesh.replicated)
     step = jax.jit(setup.train_step, donate_argnums=0)
     losses = []
@@ -79,7 +79,7 @@ out["one_step_max_diff_8"] = max_diff(
 
 test_images, test_labels = input_pipeline.load_idx_split(idx_dir, "test")
 for n in (1, 8):
-    mesh = train.Mesh(n)
+    mesh = parallel.DataParallel(n)
     with jax.set_mesh(mesh.mesh):
         accuracy = train.evaluate(
             jax.jit(setup.eval_step),

@@ -1,10 +1,11 @@
 """One process of a (possibly multi-process) CPU training run, for the multi-host test.
 
-    python tests/helpers/multiprocess_run.py PROC NUM_PROCS PORT DEVICES IDX_DIR WORKDIR OUT STEPS
+    python tests/helpers/multiprocess_run.py PROC NUM_PROCS PORT DEVICES IDX_DIR WORKDIR OUT STEPS \
+        [VALIDATION]
 
 Forces DEVICES CPU devices, joins `jax.distributed` on localhost:PORT when NUM_PROCS > 1,
-trains the tiny test config for STEPS steps (one epoch of STEPS batches of 32, with a validation
-split of 20 images), and writes this
+trains the tiny test config for STEPS steps (one epoch of STEPS batches of 32; with VALIDATION,
+that many held-out images evaluated after it), and writes this
 process's own copy of the parameters and BatchNorm statistics at the final checkpoint to OUT
 (.npz), plus the run's results (OUT.json).
 """
@@ -18,6 +19,7 @@ import sys
 process_id, num_processes, port, devices = (int(a) for a in sys.argv[1:5])
 idx_dir, workdir, out = sys.argv[5:8]
 steps = int(sys.argv[8])
+validation = int(sys.argv[9]) if len(sys.argv) > 9 else 0
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -55,14 +57,14 @@ def save(self, step, state, meta, metrics=None):
 
 
 checkpoint.RunCheckpoints.save = save
-# 20 held-out validation images (the same rows in every process) leave STEPS batches to train.
+# VALIDATION > 0 holds out that many of the first 32 * STEPS + VALIDATION training images.
 config = tiny_config(
     idx_dir,
     batch_size=32,
     eval_batch_size=20,
     num_epochs=1,
-    train_examples=32 * steps + 20,
-    validation_size=20,
+    train_examples=32 * steps + validation,
+    validation_size=validation,
 )
 results = train.train_and_evaluate(config, workdir)
 np.savez(out, **local_copies)

@@ -1,6 +1,6 @@
 """Train/eval loop of the PyTorch reference: the same configs, data, presets and outputs.
 
-    python -m experiments.pytorch_reference.train --config=configs/fashion_mnist.py --workdir=DIR
+    python -m ffcl_jax.torch_reference.train --config=configs/fashion_mnist.py --workdir=DIR
 
 Reads a config of `configs/` (every `--config.key=value` override works), the same splits
 (`ffcl_jax.input_pipeline.load_split`: numpy arrays), and writes `results.json` with the same
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.pytorch_reference import losses, models, optim
 from ffcl_jax import input_pipeline, report
 from ffcl_jax.methods import fused_feature_stages, resolve_loss_settings
+from ffcl_jax.torch_reference import losses, models, optim
 
 
 def augment(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
@@ -147,7 +147,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
     train_images, train_labels = input_pipeline.load_split(config, "train")
     test_images, test_labels = input_pipeline.load_split(config, "test")
     splits = {"test": (test_images, test_labels)}
-    if config.get("validation_size", 0):
+    if config.validation_size:
         (train_images, train_labels), splits["validation"] = input_pipeline.hold_out_validation(
             config, train_images, train_labels
         )
@@ -217,7 +217,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
         "history": history,
         "summary": report.summarize(history),
         "final_test": final_test,
-        "command": " ".join(["python -m experiments.pytorch_reference.train", *sys.argv[1:]]),
+        "command": " ".join(["python -m ffcl_jax.torch_reference.train", *sys.argv[1:]]),
     }
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

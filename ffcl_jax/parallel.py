@@ -1,0 +1,54 @@
+"""Data parallelism: one `jax.make_mesh` axis, `data`, over every device of every process.
+
+The batch is a global array sharded over `data` and the state is replicated; the step is written
+for one device and XLA partitions it (GSPMD). BatchNorm statistics are then those of the global
+batch (SyncBN); `config.batch_norm="per_device"` maps the step over the mesh instead (see
+`train.make_train_step`).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ffcl_jax.errors import UserError
+
+
+class DataParallel:
+    """A 1-D data-parallel mesh (`jax.make_mesh`, axis `data`) with the shardings the loop needs:
+    `data` splits a global batch over the devices, `replicated` holds the state on each.
+
+    `num_devices=-1` takes every device of every process. The axis is `Auto` (GSPMD
+    propagation): the step is written for one device and XLA partitions it.
+    """
+
+    def __init__(self, num_devices: int = -1):
+        devices = jax.devices()
+        n = len(devices) if num_devices in (-1, None) else int(num_devices)
+        if not 1 <= n <= len(devices):
+            raise UserError(
+                f"config.mesh.data={num_devices} devices asked for, {len(devices)} available; "
+                "use -1 for all of them"
+            )
+        if n != len(devices) and jax.process_count() > 1:
+            raise UserError(
+                "a multi-process run shards over every device: leave config.mesh.data at -1"
+            )
+        self.mesh = jax.make_mesh(
+            (n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
+        )
+        self.size = n
+        self.data = NamedSharding(self.mesh, P("data"))
+        self.replicated = NamedSharding(self.mesh, P())
+
+    def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Assembles every process's local batch into one array sharded over `data`.
+
+        A batch already made on the devices (`DeviceTrainData`) is passed through."""
+        if all(isinstance(v, jax.Array) for v in local_batch.values()):
+            return local_batch
+        return {
+            k: jax.make_array_from_process_local_data(self.data, v) for k, v in local_batch.items()
+        }

@@ -1,0 +1,99 @@
+"""XLA:CPU tuning: per-jit compiler options, the process's XLA_FLAGS, BatchNorm's backward.
+
+Everything here is about speed on the CPU backend (on GPU and TPU, `compiler_options` is None and
+the closed-form BatchNorm backward is off unless asked for); the measurements behind each choice
+are in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from ffcl_jax import models
+
+# XLA:CPU's loop fusion pass copies the forward residual + ReLU chain of a ResNet stage into
+# every backward consumer that needs a ReLU mask, so each block's backward recomputes every
+# earlier block of its stage: O(depth^2) work (ResNet-110's fwd+bwd 2x slower than linear).
+# Handing elementwise ops to YNNPACK fusions instead (library fusions, which the loop fusion pass
+# leaves alone) keeps the step linear in depth: the cifar100 pair's step 3x faster. XLA's default
+# list (individual dots and convolutions, reductions) also sends the 14x14x32 and 7x7x64
+# convolutions to YNNPACK, whose kernels are 2x slower there than XLA's own (Eigen); keeping only
+# the reductions (BatchNorm's statistics) in YNNPACK makes the demo pair's step 1.15x faster and,
+# with the elementwise ops, the cifar100 pair's 1.05x (experiments/compare_cpu_settings.py).
+# Measurements: docs/performance.md. Only XLA:CPU reads these options; each replaces
+# XLA's default list of YNNPACK fusion types.
+CPU_YNN_FUSION = {
+    "eltwise_reduce": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
+    "reduce": "LIBRARY_FUSION_TYPE_REDUCE",
+    "eltwise": "LIBRARY_FUSION_TYPE_ELTWISE",
+    "dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+DEEP_BLOCKS_PER_STAGE = 5  # ResNet-20 (3 a stage) gains nothing, ResNet-56 (9) gains 1.3x
+
+
+@functools.cache
+def _cpu_option_accepted(value: str) -> bool:
+    """Whether this jaxlib knows the option (it is experimental and may be renamed)."""
+    options = {"xla_cpu_experimental_ynn_fusion_type": value}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+    except Exception:  # an unknown option or value: compile with XLA's defaults instead
+        return False
+    return True
+
+
+def compiler_options(config) -> dict[str, str] | None:
+    """XLA options for the step functions: `config.xla_cpu_ynn_fusion` on the CPU backend."""
+    choice = config.xla_cpu_ynn_fusion
+    if choice == "auto":
+        deep = deepest_blocks_per_stage(config) >= DEEP_BLOCKS_PER_STAGE
+        choice = "eltwise_reduce" if deep else "reduce"
+    if choice == "xla_default" or jax.default_backend() != "cpu":
+        return None
+    value = CPU_YNN_FUSION[choice]
+    if not _cpu_option_accepted(value):
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": value}
+
+
+# An XLA:CPU option that cannot go per jit like the ones above: XLA reads
+# `xla_backend_extra_options` only from XLA_FLAGS, once, when JAX starts its first backend. After
+# the fusion pass it inlines called computations (FlattenCallGraph + CallInliner), after which
+# XLA's simplifier removes some copies: 215 -> 188 in the demo pair's step, which runs 1.11x
+# faster (1.03x for the cifar100 pair). Options named xla_* are not passed on to LLVM, so other
+# backends ignore it.
+FLATTEN_AFTER_FUSION_FLAG = "--xla_backend_extra_options=xla_cpu_flatten_after_fusion"
+
+
+def process_xla_flags(config, current: str = "") -> str:
+    """The XLA_FLAGS a process running `config` should start JAX with: `current` plus
+    `FLATTEN_AFTER_FUSION_FLAG` if `config.xla_cpu_flatten_after_fusion` (unless `current`
+    already sets `xla_backend_extra_options`: the user's choice stays).
+
+    Only the owner of a process may apply it, before anything starts a JAX backend (XLA reads
+    XLA_FLAGS once): the CLI and the benchmark scripts do; library code never edits XLA_FLAGS.
+    """
+    if not config.xla_cpu_flatten_after_fusion or "xla_backend_extra_options" in current:
+        return current
+    return f"{current} {FLATTEN_AFTER_FUSION_FLAG}".strip()
+
+
+BATCH_NORM_BACKWARDS = ("auto", "closed_form", "autodiff")
+
+
+def closed_form_batch_norm(config) -> bool:
+    """`config.batch_norm_backward`: "auto" takes the closed form (layers.batch_norm_train) where
+    it was measured to pay off, a deep network on the CPU backend (cifar100 pair's step 1.2x);
+    for shallow pairs it changes nothing measurable and autodiff keeps earlier runs' numerics."""
+    choice = config.batch_norm_backward
+    if choice == "auto":
+        return jax.default_backend() == "cpu" and deepest_blocks_per_stage(config) >= (
+            DEEP_BLOCKS_PER_STAGE
+        )
+    return choice == "closed_form"
+
+
+def deepest_blocks_per_stage(config) -> int:
+    return max(models.blocks_per_stage(config.teacher), models.blocks_per_stage(config.student))
