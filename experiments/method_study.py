@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 
 import readme_block  # experiments/, beside this script
@@ -226,26 +225,13 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     child = {"process": None}
-
-    def on_signal(signum, frame):
-        if child["process"] is not None:
-            child["process"].send_signal(signal.SIGTERM)  # it checkpoints and exits with 143
-        else:
-            raise run_table.Stop()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with run_table.stopping_on_signals(child):
         if not args.report_only:
             for seed in args.all_seeds:
                 for run in args.selected:
                     if not run_table.finished(run, seed, args):
                         run_table.execute(run, seed, args, child)
                         report(args)  # each finished run's summary at once
-    except run_table.Stop:
-        print("== stopped; the interrupted run resumes when the study is run again")
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     report(args)
 
 

@@ -23,6 +23,7 @@ by seed, so that an interrupted grid has whole seeds of the most important rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -519,18 +520,32 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    child = {"process": None}
+@contextlib.contextmanager
+def stopping_on_signals(child: dict):
+    """While running runs: SIGTERM or Ctrl-C stops the current run the way a preemption does
+    (it checkpoints and exits with 143; rerunning resumes it) and ends the loop quietly, so the
+    report of what finished is still written."""
 
     def on_signal(signum, frame):
         if child["process"] is not None:
-            child["process"].send_signal(signal.SIGTERM)  # it checkpoints and exits with 143
+            child["process"].send_signal(signal.SIGTERM)
         else:
             raise Stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        yield
+    except Stop:
+        print("== stopped; the interrupted JAX run resumes when the driver is run again")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    child = {"process": None}
+    with stopping_on_signals(child):
         if not args.report_only:
             order = [(a, seed) for a in (False, True) for seed in args.all_seeds]
             for ablations, seed in order:
@@ -545,11 +560,6 @@ def main(argv=None) -> None:
                         )
                         continue
                     execute(run, seed, args, child)
-    except Stop:
-        print("== stopped; the interrupted JAX run resumes when the table is run again")
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     report(args)
 
 

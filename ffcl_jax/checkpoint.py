@@ -169,7 +169,7 @@ class RunCheckpoints:
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, read_only=False):
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
         policies: list = [checkpoint_managers.LatestN(n=max(int(config.keep_checkpoints), 1))]
-        if config.get("best_metric"):
+        if config.best_metric:
             policies.append(
                 checkpoint_managers.BestN(
                     get_metric_fn=lambda metrics: metrics[config.best_metric],

@@ -212,8 +212,8 @@ def load_split(config, split: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = load_tfds_split(
             info.tfds_name,
             split,
-            config.get("data_dir"),
-            config.get("download", True),
+            config.data_dir,
+            config.download,
             hosts=(TFDS_MIRROR_HOST, info.download_host),
         )
     else:
@@ -274,6 +274,16 @@ def hold_out_validation(
     keep = np.ones(len(labels), bool)
     keep[held] = False
     return (images[keep], labels[keep]), (images[held], labels[held])
+
+
+def load_splits(config) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, tuple]]:
+    """`((train images, labels), {"test": ..., "validation": ...})`; a validation split (when
+    `config.validation_size`) is held out of the training split."""
+    train_split = load_split(config, "train")
+    splits = {"test": load_split(config, "test")}
+    if config.validation_size:
+        train_split, splits["validation"] = hold_out_validation(config, *train_split)
+    return train_split, splits
 
 
 # --------------------------------------------------------------------------- training

@@ -309,16 +309,6 @@ def evaluate(
 # --------------------------------------------------------------------------- the run
 
 
-def load_splits(config) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, tuple]]:
-    """`((train images, labels), {"test": ..., "validation": ...})`; a validation split (when
-    `config.validation_size`) is held out of the training split."""
-    train_split = input_pipeline.load_split(config, "train")
-    splits = {"test": input_pipeline.load_split(config, "test")}
-    if config.validation_size:
-        train_split, splits["validation"] = input_pipeline.hold_out_validation(config, *train_split)
-    return train_split, splits
-
-
 def new_progress() -> dict[str, Any]:
     """What a checkpoint records of the loop, so that a resumed run continues where it was."""
     return {
@@ -375,7 +365,7 @@ def train_and_evaluate(
     data_parallel = DataParallel(config.mesh.data)
     settings = check_config(config, data_parallel.size)
     is_chief = jax.process_index() == 0
-    (train_images, train_labels), splits = load_splits(config)
+    (train_images, train_labels), splits = input_pipeline.load_splits(config)
     eval_split = "validation" if "validation" in splits else "test"
     train_data = make_train_data(config, train_images, train_labels, data_parallel)
     spe, total_steps = train_data.steps_per_epoch, config.num_epochs * train_data.steps_per_epoch

@@ -144,13 +144,7 @@ def as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, to
 
 
 def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
-    train_images, train_labels = input_pipeline.load_split(config, "train")
-    test_images, test_labels = input_pipeline.load_split(config, "test")
-    splits = {"test": (test_images, test_labels)}
-    if config.validation_size:
-        (train_images, train_labels), splits["validation"] = input_pipeline.hold_out_validation(
-            config, train_images, train_labels
-        )
+    (train_images, train_labels), splits = input_pipeline.load_splits(config)
     eval_split = "validation" if "validation" in splits else "test"
     spe = len(train_images) // config.batch_size
     cohort, optimizer, schedule, settings_dict, info = build(config, spe, device)
