@@ -1,8 +1,9 @@
 """The method study on Fashion-MNIST: FFCL's open choices and FFL's knobs chosen on held-out data.
 
-    python experiments/method_study.py --phase=select            # the selection grid, then report
-    python experiments/method_study.py --phase=select --seeds=0  # first seed of every config only
-    python experiments/method_study.py --report_only             # rewrite the report only
+    python experiments/method_study.py                  # the grid, then the final comparison
+    python experiments/method_study.py --phase=select   # the selection grid only
+    python experiments/method_study.py --phase=final    # the final comparison only
+    python experiments/method_study.py --report_only    # rewrite the reports only
 
 Selection (`--phase=select`): every configuration of `GRID` (8 of FFCL, 8 of FFL: the same
 budget for the strongest baseline) trains on the training split less `VALIDATION_SIZE`
@@ -10,6 +11,13 @@ class-balanced held-out images (`config.validation_size`, the same images for ev
 evaluated on them after every epoch. Each method's selected configuration is the one with the
 best mean last-epoch validation top-1 of the student over the seeds: `select` reads only the
 validation rows of each run's history, never its final test evaluation.
+
+Final comparison (`--phase=final`, or after the grid with the default `--phase=all`): with each
+method's selection over the seeds every grid configuration finished, the full training split,
+test top-1 at the last epoch: independent, KD, DML, FFL and FFCL (selected) for 5 seeds, the
+selected FFCL with each of its terms off for 3, and the PyTorch reference's independent and
+selected FFCL for 3 (`final_runs`); its table goes between the `final` markers of the study file
+and `<final_output>.json`.
 
 Each run is one `python -m ffcl_jax.main` subprocess in its own workdir under `--root`; a run
 whose results exist (there, or as the committed copy under `<output>_runs/`) is skipped, and an
@@ -96,12 +104,25 @@ def validation_accuracy(results: dict, model: str = "student") -> float:
     return history[-1][model]
 
 
-def select(records: list[dict]) -> dict[str, dict]:
+def complete_seeds(records: list[dict]) -> list[int]:
+    """The seeds every configuration of the grid has finished: what the final selection uses,
+    so that no configuration is judged on a seed another lacks."""
+    seeds = {r["seed"] for r in records}
+    return sorted(
+        s
+        for s in seeds
+        if all(any(r["run"] == run.name and r["seed"] == s for r in records) for run in GRID)
+    )
+
+
+def select(records: list[dict], seeds: list[int] | None = None) -> dict[str, dict]:
     """Per method, the configuration with the best mean validation top-1 of the student over
-    its finished seeds (ties: the earlier configuration in `GRID`)."""
+    `seeds` (None: each configuration's finished seeds; ties: the earlier one in `GRID`)."""
     best: dict[str, dict] = {}
     for run in GRID:
-        mine = [r for r in records if r["run"] == run.name]
+        mine = [
+            r for r in records if r["run"] == run.name and (seeds is None or r["seed"] in seeds)
+        ]
         if not mine:
             continue
         score = statistics.fmean(validation_accuracy(r["results"]) for r in mine)
@@ -185,9 +206,121 @@ def report(args) -> dict:
     return summary
 
 
+# --------------------------------------------------------------------------- final comparison
+
+FINAL_SEEDS = (0, 1, 2, 3, 4)
+ABLATION_SEEDS = (0, 1, 2)
+PYTORCH_SEEDS = (0, 1, 2)
+# Each term of the selected FFCL, switched off (skipped where the selection has it off already).
+ABLATIONS = (
+    ("fusion", "loss.lam_fuse", "0.0", "fused->peers KL"),
+    ("ensemble", "loss.lam_ens", "0.0", "ensemble->fused KL"),
+    ("mutual", "loss.lam_mutual", "0.0", "mutual KL"),
+    ("feature", "loss.lam_feat", "0.0", "the feature term"),
+    ("regularizer", "loss.regularizer", "none", "the regularizer"),
+)
+
+
+def _merged(overrides: tuple[str, ...], *more: str) -> tuple[str, ...]:
+    """Overrides with later ones replacing earlier ones of the same key."""
+    merged = dict(o.split("=", 1) for o in (*overrides, *more))
+    return tuple(f"{k}={v}" for k, v in merged.items())
+
+
+def final_runs(selected: dict[str, dict]) -> list[tuple[run_table.Run, tuple[int, ...]]]:
+    """The final comparison's rows and their seeds, from the selected configurations."""
+    ffl, ffcl = tuple(selected["ffl"]["overrides"]), tuple(selected["ffcl"]["overrides"])
+    Run = run_table.Run
+    rows = [
+        (Run("independent", "jax", ("method=independent",), "T and S trained apart"), FINAL_SEEDS),
+        (
+            Run("kd", "jax", ("method=kd",), "Hinton KD from independent's teacher", "independent"),
+            FINAL_SEEDS,
+        ),
+        (Run("dml", "jax", ("method=dml",), "Deep Mutual Learning"), FINAL_SEEDS),
+        (Run("ffl", "jax", ffl, f"FFL, selected: {selected['ffl']['run']}"), FINAL_SEEDS),
+        (Run("ffcl", "jax", ffcl, f"FFCL, selected: {selected['ffcl']['run']}"), FINAL_SEEDS),
+    ]
+    for part, key, off, what in ABLATIONS:
+        if f"{key}={off}" in ffcl:
+            continue
+        run = Run(
+            f"ffcl-{part}",
+            "jax",
+            _merged(ffcl, f"{key}={off}"),
+            f"selected FFCL without {what}",
+            ablation=True,
+        )
+        rows.append((run, ABLATION_SEEDS))
+    rows.append(
+        (Run("independent", "pytorch", ("method=independent",), "PyTorch reference"), PYTORCH_SEEDS)
+    )
+    rows.append((Run("ffcl", "pytorch", ffcl, "PyTorch reference, selected FFCL"), PYTORCH_SEEDS))
+    return rows
+
+
+def final_report(rows, final_args, study_file: str, selection: dict | None = None) -> dict:
+    """Last-epoch test top-1 per row, and the paired differences the protocol reads."""
+    records = []
+    for run, seeds in rows:
+        for seed in seeds:
+            results = run_table.finished(run, seed, final_args)
+            if results is not None:
+                records.append(
+                    {
+                        "run": run_table.run_id(run, seed),
+                        "method": run.name,
+                        "framework": run.framework,
+                        "seed": seed,
+                        "command": run_table.shown_command(run, seed, final_args),
+                        "wall_seconds": results.get("wall_seconds"),
+                        "summary": results["summary"],
+                    }
+                )
+
+    def of(name, framework="jax"):
+        return [r for r in records if r["method"] == name and r["framework"] == framework]
+
+    lines = [
+        "Test top-1 (%) at the last epoch, mean ± std over seeds, full training split. Paired",
+        "differences of the student in points with 95% t-intervals; **bold**: the interval",
+        "excludes 0. Regenerate with `python experiments/method_study.py --report_only`.",
+        "",
+        "| row | framework | seeds | student | teacher | fused | ensemble |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run, seeds in rows:
+        mine = of(run.name, run.framework)
+        cells = [run.name, run.framework, f"{len(mine)}/{len(seeds)}"]
+        for model in MODELS:
+            values = [r["summary"][model]["last"] for r in mine if model in r["summary"]]
+            cells.append(run_table.mean_std(values) if values or not mine else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| comparison | student difference |", "|---|---|"]
+    for baseline in ("independent", "kd", "dml", "ffl"):
+        diff = run_table.paired_difference(of("ffcl"), of(baseline))
+        lines.append(f"| ffcl - {baseline} | {run_table.format_difference(diff, None)} |")
+    for run, _ in rows:
+        if run.ablation:
+            diff = run_table.paired_difference(of(run.name), of("ffcl"))
+            lines.append(f"| {run.name} - ffcl | {run_table.format_difference(diff, None)} |")
+    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in records]
+    with open(final_args.output + ".json", "w") as f:
+        json.dump({"selection": selection, "runs": records}, f, indent=1)
+    if os.path.exists(study_file):
+        readme_block.replace_block("final", "\n".join(lines), path=study_file)
+    return {"runs": records}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phase", default="select", choices=("select",))
+    parser.add_argument(
+        "--phase",
+        default="all",
+        choices=("select", "final", "all"),
+        help="select: the grid; final: the test-split comparison (needs a finished grid seed); "
+        "all: the grid, then the final comparison",
+    )
     parser.add_argument("--config", default="configs/fashion_mnist.py")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--root", default=os.path.join(ROOT, "workdirs", "method_study"))
@@ -209,6 +342,13 @@ def parse_args(argv=None):
         default="",
         help="extra config overrides for every run, e.g. num_epochs=1",
     )
+    parser.add_argument(
+        "--final_root", default=os.path.join(ROOT, "workdirs", "method_study_final")
+    )
+    parser.add_argument(
+        "--final_output",
+        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist_final"),
+    )
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
     args.all_seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -222,16 +362,65 @@ def parse_args(argv=None):
     return args
 
 
+def final_selection(args) -> tuple[dict | None, list[int]]:
+    """The selection the final comparison uses: over the seeds every grid configuration has
+    finished (None while no seed is complete)."""
+    records = collect(args)
+    seeds = complete_seeds(records)
+    return (select(records, seeds) if seeds else None), seeds
+
+
+def run_final(args, child: dict | None, rows, selection: dict) -> None:
+    """Runs (child None: only reports) the final comparison's rows, seed by seed."""
+    final_args = argparse.Namespace(
+        config=args.config,
+        root=args.final_root,
+        output=args.final_output,
+        extra=[o for o in args.extra if not o.startswith("validation_size=")],
+    )
+    order = [
+        (run, seed)
+        for run, seeds in rows
+        if not run.ablation and run.framework == "jax"
+        for seed in seeds
+    ]
+    order.sort(key=lambda pair: pair[1])  # seed by seed: whole seeds of the comparison first
+    order += sorted(((r, s) for r, seeds in rows if r.ablation for s in seeds), key=lambda p: p[1])
+    order += [(r, s) for r, seeds in rows if r.framework == "pytorch" for s in seeds]
+    try:
+        for run, seed in order:
+            if child is not None and not run_table.finished(run, seed, final_args):
+                run_table.execute(run, seed, final_args, child)
+                final_report(rows, final_args, args.study_file, selection)
+    finally:
+        final_report(rows, final_args, args.study_file, selection)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     child = {"process": None}
     with run_table.stopping_on_signals(child):
-        if not args.report_only:
+        if not args.report_only and args.phase in ("select", "all"):
             for seed in args.all_seeds:
                 for run in args.selected:
                     if not run_table.finished(run, seed, args):
                         run_table.execute(run, seed, args, child)
                         report(args)  # each finished run's summary at once
+        if args.phase in ("final", "all"):
+            selected, seeds = final_selection(args)
+            if selected is None:
+                print(
+                    "== final comparison: waits for a seed that every grid configuration finished"
+                )
+            else:
+                print(
+                    f"== final comparison with the selection over seeds {seeds}: "
+                    f"{selected['ffcl']['run']}, {selected['ffl']['run']}",
+                    flush=True,
+                )
+                selection = {"seeds": seeds, **selected}
+                child_or_none = None if args.report_only else child
+                run_final(args, child_or_none, final_runs(selected), selection)
     report(args)
 
 

@@ -460,3 +460,70 @@ def test_study_driver_runs_the_grid_on_a_validation_split(fmnist_dir, tmp_path):
     assert "| **ffl-tau2** |" in text and "| ffl-default |" in text and "pending" in text
     results = json.loads((root / "jax_ffl-tau2_seed0" / "results.json").read_text())
     assert results["eval_split"] == "validation" and results["final_test"]["split"] == "test"
+
+
+def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path):
+    """The final comparison takes the selected overrides, ablates each term the selection has
+    on, judges the selection only on seeds every configuration finished, and reports paired
+    differences from the runs' results."""
+    import argparse
+
+    import method_study
+
+    best = "ffcl-fused-reg0.1"
+    records = [
+        _study_record(run.name, 0, 0.95 if run.name == best else 0.80, 0.5)
+        for run in method_study.GRID
+    ]
+    records.append(_study_record("ffl-tau4", 1, 0.99, 0.5))  # seed 1 is incomplete: ignored
+    assert method_study.complete_seeds(records) == [0]
+    selected = method_study.select(records, [0])
+    assert selected["ffcl"]["run"] == "ffcl-fused-reg0.1"
+    assert selected["ffl"]["run"] == "ffl-default"  # every FFL config tied on seed 0
+    rows = method_study.final_runs(selected)
+    by_name = {(run.name, run.framework): (run, seeds) for run, seeds in rows}
+    ffcl, seeds = by_name[("ffcl", "jax")]
+    assert seeds == (0, 1, 2, 3, 4)
+    assert "loss.feat_form=fused_map" in ffcl.overrides and "loss.lam_reg=0.1" in ffcl.overrides
+    feature, ablation_seeds = by_name[("ffcl-feature", "jax")]
+    assert ablation_seeds == (0, 1, 2) and feature.ablation
+    assert (
+        "loss.lam_feat=0.0" in feature.overrides and "loss.feat_form=fused_map" in feature.overrides
+    )
+    assert by_name[("kd", "jax")][0].needs == "independent"
+    assert by_name[("ffcl", "pytorch")][0].overrides == ffcl.overrides
+    # A selection without the feature term has no feature ablation (it is off already).
+    none = method_study.final_runs(
+        {
+            **selected,
+            "ffcl": {
+                "run": "ffcl-none-reg1",
+                "overrides": ["method=ffcl", "loss.lam_feat=0.0", "loss.lam_reg=1.0"],
+            },
+        }
+    )
+    assert "ffcl-feature" not in {run.name for run, _ in none}
+    merged = method_study._merged(("a=1", "b=2"), "a=3")
+    assert merged == ("a=3", "b=2")
+
+    # The report reads each run's results and pairs by seed.
+    final_args = argparse.Namespace(
+        config="configs/fashion_mnist.py",
+        root=str(tmp_path / "runs"),
+        output=str(tmp_path / "final"),
+        extra=[],
+    )
+    for (name, framework), value in {("ffcl", "jax"): 0.90, ("independent", "jax"): 0.89}.items():
+        run = by_name[(name, framework)][0]
+        for seed in (0, 1):
+            folder = tmp_path / "runs" / run_table.run_id(run, seed)
+            folder.mkdir(parents=True)
+            summary = {"student": {"last": value + 0.001 * seed, "best": 0.0}}
+            (folder / "results.json").write_text(json.dumps({"summary": summary, "history": []}))
+    study = tmp_path / "study.md"
+    study.write_text("<!-- final:start -->\n<!-- final:end -->\n")
+    method_study.final_report(rows, final_args, str(study), {"seeds": [0]})
+    text = study.read_text()
+    assert "| ffcl - independent | **+1.00 [+1.00, +1.00]** (n=2) |" in text
+    assert "| ffcl | jax | 2/5 | 90.05 ± 0.07 |" in text
+    assert "| dml | jax | 0/5 | pending |" in text
