@@ -410,3 +410,17 @@ def test_reference_bfloat16_runs_the_networks_under_autocast_and_keeps_losses_fl
     assert totals["bfloat16"] == pytest.approx(totals["float32"], rel=0.05)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         reference.autocast("cpu", "float16")
+
+
+def test_reference_loop_holds_out_the_same_validation_split(fmnist_dir, tmp_path):
+    """With `validation_size` the reference evaluates its epochs on the same held-out images as
+    the JAX trainer (the shared `input_pipeline.load_splits`) and the test split once."""
+    from ffcl_jax.torch_reference.train import train_and_evaluate
+
+    config = tiny_config(fmnist_dir, num_epochs=1, validation_size=40)
+    results = train_and_evaluate(config, str(tmp_path))
+    assert results["eval_split"] == "validation"
+    assert [row["split"] for row in results["history"]] == ["validation"]
+    assert results["final_test"]["split"] == "test"
+    (_, _), splits = input_pipeline.load_splits(config)
+    assert len(splits["validation"][1]) == 40

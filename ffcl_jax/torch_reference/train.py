@@ -149,6 +149,12 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
     spe = len(train_images) // config.batch_size
     cohort, optimizer, schedule, settings_dict, info = build(config, spe, device)
     os.makedirs(workdir, exist_ok=True)
+
+    def evaluate_split(name: str) -> dict[str, float]:
+        images, labels = splits[name]
+        batch = config.eval_batch_size
+        return evaluate(cohort, images, labels, info, device, batch, config.compute_dtype)
+
     images_nchw, labels_all = as_tensors(train_images, train_labels)
     history, start, step = [], time.time(), 0
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as log:
@@ -174,14 +180,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
                     row["loss"] = float(total.detach())
                     log.write(json.dumps(row) + "\n")
             if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-                accuracy = evaluate(
-                    cohort,
-                    *splits[eval_split],
-                    info,
-                    device,
-                    config.eval_batch_size,
-                    config.compute_dtype,
-                )
+                accuracy = evaluate_split(eval_split)
                 row = {"epoch": epoch + 1, "step": step, "split": eval_split, **accuracy}
                 history.append(row)
                 log.write(json.dumps({"kind": "eval", **row}) + "\n")
@@ -193,14 +192,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
                 )
         final_test = None
         if eval_split != "test":
-            accuracy = evaluate(
-                cohort,
-                *splits["test"],
-                info,
-                device,
-                config.eval_batch_size,
-                config.compute_dtype,
-            )
+            accuracy = evaluate_split("test")
             final_test = {"epoch": config.num_epochs, "step": step, "split": "test", **accuracy}
             log.write(json.dumps({"kind": "eval", **final_test}) + "\n")
     results = {
