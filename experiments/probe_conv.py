@@ -30,7 +30,7 @@ Each framework runs in its own subprocess (their thread pools would fight over t
 JAX variants' weight gradients are checked against `jax conv`'s (1e-4 of their scale, 1e-2
 with BatchNorm) before timing. The table gives min / median milliseconds over `--repeats` after
 a warm-up; the script prints it in Markdown with the machine description and writes nothing
-else. Results are quoted in the README's Speed section.
+else. Results are quoted in docs/performance.md.
 """
 
 from __future__ import annotations

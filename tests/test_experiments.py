@@ -258,6 +258,19 @@ def test_settings_comparison_times_each_setting_in_turns():
     assert rows[0].endswith("| 1.00x |")  # the first setting is the base
     assert "2 x 1 steps each, interleaved" in out
     assert "XLA_FLAGS for all: --xla_backend_extra_options=xla_cpu_flatten_after_fusion" in out
+    # Any config key: the cost of a feature form, timed the same way.
+    out = run_script(
+        "compare_cpu_settings.py",
+        *TINY,
+        "--config.batch_size=8",
+        "--key=loss.feat_form",
+        "--settings=attention,fused_map",
+        "--rounds=1",
+        "--steps_per_round=1",
+    )
+    assert "| loss.feat_form | min ms |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| attention", "| fused_map"]
 
 
 def test_readme_names_the_ynnpack_setting():
