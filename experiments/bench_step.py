@@ -379,7 +379,7 @@ def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
 
 
 def ynn_setting(compiler_options: dict | None) -> str:
-    """The words docs/performance.md's table uses for an XLA:CPU YNNPACK fusion list: "ynn eltwise+reduce"."""
+    """The bench table's words for an XLA:CPU YNNPACK fusion list: "ynn eltwise+reduce"."""
     value = (compiler_options or {}).get("xla_cpu_experimental_ynn_fusion_type")
     if value is None:
         return "xla defaults"
