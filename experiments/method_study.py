@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 
 import readme_block  # experiments/, beside this script
@@ -144,13 +143,7 @@ def collect(args) -> list[dict]:
             results = run_table.finished(run, seed, args)
             if results is None:
                 continue
-            rid = run_table.run_id(run, seed)
-            copy_dir = f"{args.output}_runs/{rid}"
-            os.makedirs(copy_dir, exist_ok=True)
-            for name in ("results.json", "metrics.jsonl", "table_run.json"):
-                src = os.path.join(args.root, rid, name)
-                if os.path.exists(src):
-                    shutil.copyfile(src, os.path.join(copy_dir, name))
+            run_table.keep_copy(run, seed, args)
             records.append(
                 {
                     "run": run.name,
@@ -266,6 +259,7 @@ def final_report(rows, final_args, study_file: str, selection: dict | None = Non
         for seed in seeds:
             results = run_table.finished(run, seed, final_args)
             if results is not None:
+                run_table.keep_copy(run, seed, final_args)
                 records.append(
                     {
                         "run": run_table.run_id(run, seed),

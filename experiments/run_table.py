@@ -180,6 +180,18 @@ def execute(run: Run, seed: int, args, child: dict) -> None:
     print(f"== {run_id(run, seed)} done in {time.time() - started:.0f} s", flush=True)
 
 
+def keep_copy(run: Run, seed: int, args) -> None:
+    """Copies a finished run's results, metrics log and start record from its workdir to
+    `<output>_runs/<run>/`, the copy that is committed (a workdir may not outlive the machine)."""
+    rid = run_id(run, seed)
+    copy_dir = f"{args.output}_runs/{rid}"
+    os.makedirs(copy_dir, exist_ok=True)
+    for name in ("results.json", "metrics.jsonl", "table_run.json"):
+        src = os.path.join(args.root, rid, name)
+        if os.path.exists(src):  # absent when the committed copy is all there is
+            shutil.copyfile(src, os.path.join(copy_dir, name))
+
+
 def collect(args) -> list[dict]:
     """Every finished run as one record (and copies of its results and metrics log)."""
     records = []
@@ -189,12 +201,7 @@ def collect(args) -> list[dict]:
             if results is None:
                 continue
             rid = run_id(run, seed)
-            copy_dir = f"{args.output}_runs/{rid}"
-            os.makedirs(copy_dir, exist_ok=True)
-            for name in ("results.json", "metrics.jsonl", "table_run.json"):
-                src = os.path.join(args.root, rid, name)
-                if os.path.exists(src):  # absent when the committed copy is all there is
-                    shutil.copyfile(src, os.path.join(copy_dir, name))
+            keep_copy(run, seed, args)
             records.append(
                 {
                     "run": rid,

@@ -11,14 +11,13 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from ffcl_jax import input_pipeline, models, xla_cpu
+from ffcl_jax import input_pipeline, models, report, xla_cpu
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import LossSettings, resolve_loss_settings
 
 # float64 is for exact comparisons (a float64 reference, such as the PyTorch one in the parity
 # tests), not for speed: it needs 64-bit JAX (`jax_enable_x64`), which the CLI turns on for it.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-EVAL_MODELS = ("student", "teacher", "fused", "ensemble")
 BATCH_NORM_MODES = ("global", "per_device")
 
 
@@ -189,7 +188,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
             raise UserError(f"config.{key} must be > 0, got {config[key]}")
     if config.keep_checkpoints < 1:
         raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
-    valid_best = [m for m in EVAL_MODELS if m != "fused" or settings.use_fusion]
+    valid_best = [m for m in report.MODEL_ORDER if m != "fused" or settings.use_fusion]
     if config.best_metric and config.best_metric not in valid_best:
         raise UserError(
             f"config.best_metric={config.best_metric!r} is not a model this run evaluates; "

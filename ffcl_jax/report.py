@@ -253,11 +253,16 @@ class RunLog:
             self.writer.close()
 
 
+def parameter_counts(params) -> dict[str, int]:
+    """Parameters per role (teacher, student, fusion, ...)."""
+    return {role: int(sum(x.size for x in jax.tree.leaves(params[role]))) for role in params}
+
+
 def banner(
     config, settings, params, num_train: int, splits: dict, steps_per_epoch: int, num_devices: int
 ) -> str:
     """The run's first line: method, networks, data, batch, devices and active loss terms."""
-    num_params = {role: sum(x.size for x in jax.tree.leaves(params[role])) for role in params}
+    num_params = parameter_counts(params)
     evaluated = " / ".join(f"{len(images)} {name}" for name, (images, _) in sorted(splits.items()))
     return (
         f"FFCL | method {config.method} | teacher {config.teacher} "
@@ -335,7 +340,7 @@ def results(config, settings, params, progress: dict, eval_split: str) -> dict[s
     speed = measured * config.batch_size / max(progress["train_seconds"], 1e-9)
     return {
         "config": json.loads(config.to_json_best_effort()),
-        "num_params": {r: int(sum(x.size for x in jax.tree.leaves(params[r]))) for r in params},
+        "num_params": parameter_counts(params),
         "loss_terms": list(settings.active_terms()),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "wall_seconds": progress["wall_seconds"],

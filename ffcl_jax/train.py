@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from ffcl_jax import checkpoint, export, input_pipeline, losses, models, report, xla_cpu
 from ffcl_jax import workdir as workdir_lib
-from ffcl_jax.config_base import COMPUTE_DTYPES, EVAL_MODELS, check_config
+from ffcl_jax.config_base import COMPUTE_DTYPES, check_config
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import (
     LossSettings,
@@ -339,8 +339,7 @@ def restore_or_initialize(config, settings, state, data_parallel, checkpoints, r
     if progress["epoch"] >= config.num_epochs:
         notes.append(
             f"the run in {checkpoints.directory} had already finished its {progress['epoch']} "
-            "epochs: raise "
-            "--config.num_epochs to train longer, or pass --fresh"
+            "epochs: raise --config.num_epochs to train longer, or pass --fresh"
         )
     batch = f", batch {progress['batch_in_epoch']}" if progress["batch_in_epoch"] else ""
     notes.append(
@@ -414,10 +413,18 @@ def train_and_evaluate(
                 nonlocal last_checkpoint
                 clock.add_wall_time()
                 progress.update(epoch=epoch_done, batch_in_epoch=batch_in_epoch)
-                metrics = eval_row and {k: eval_row[k] for k in EVAL_MODELS if k in eval_row}
+                metrics = eval_row and {k: eval_row[k] for k in report.MODEL_ORDER if k in eval_row}
                 meta = {"config": json.loads(config.to_json_best_effort()), "progress": progress}
                 checkpoints.save(step, state, meta, metrics)
                 last_checkpoint = f"step {step}"
+
+            def evaluate_split(split: str, epoch_done: int) -> dict:
+                """Top-1 of every model on `split`, as a logged eval row."""
+                started = time.time()
+                accuracy = evaluate(eval_step, state, data_parallel, *splits[split], config)
+                row = {"epoch": epoch_done, "step": step, "split": split, **accuracy}
+                log.eval(row, time.time() - started)
+                return row
 
             def stop_preempted(when: str) -> None:
                 checkpoints.wait()
@@ -450,13 +457,8 @@ def train_and_evaluate(
                 is_last = epoch + 1 == config.num_epochs
                 row = None
                 if (epoch + 1) % config.eval_every_epochs == 0 or is_last:
-                    started = time.time()
-                    accuracy = evaluate(
-                        eval_step, state, data_parallel, *splits[eval_split], config
-                    )
-                    row = {"epoch": epoch + 1, "step": step, "split": eval_split, **accuracy}
+                    row = evaluate_split(eval_split, epoch + 1)
                     progress["history"].append(row)
-                    log.eval(row, time.time() - started)
                 new_best = report.update_best(progress, row, config.best_metric)
                 if (epoch + 1) % config.checkpoint_every_epochs == 0 or is_last or new_best:
                     save(epoch + 1, 0, row)
@@ -465,10 +467,7 @@ def train_and_evaluate(
             checkpoints.wait()
             final_test = None
             if eval_split != "test":  # the test split, once, after training
-                started = time.time()
-                accuracy = evaluate(eval_step, state, data_parallel, *splits["test"], config)
-                final_test = {"epoch": config.num_epochs, "step": step, "split": "test", **accuracy}
-                log.eval(final_test, time.time() - started)
+                final_test = evaluate_split("test", config.num_epochs)
             clock.add_wall_time()
             results = report.results(config, settings, state.params, progress, eval_split)
             results.update(final_test=final_test, command=command)

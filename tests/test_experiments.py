@@ -540,3 +540,5 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
     assert "| ffcl - independent | **+1.00 [+1.00, +1.00]** (n=2) |" in text
     assert "| ffcl | jax | 2/5 | 90.05 ± 0.07 |" in text
     assert "| dml | jax | 0/5 | pending |" in text
+    # Each finished run's results are kept beside the report, to be committed.
+    assert (tmp_path / "final_runs" / "jax_ffcl_seed1" / "results.json").exists()
