@@ -3,6 +3,8 @@
     python experiments/bench_step.py --config=configs/fashion_mnist.py            # demo pair
     python experiments/bench_step.py --config=configs/cifar100.py --modes=step     # default pair
     python experiments/bench_step.py --readme      # rewrite docs/performance.md's table
+    python experiments/bench_step.py --modes=compare --settings=xla_default,reduce   # JAX alone
+    python experiments/bench_step.py --modes=checkpoint --config=configs/cifar100.py --repeats=3
 
 `step` mode times one jitted, donated JAX train step and one PyTorch reference step (normalise,
 forward, every loss term, backward, SGD update, schedule) on the same fixed random uint8 batch of
@@ -25,6 +27,21 @@ in bfloat16, and with `cudnn.benchmark` on, as CIFAR training scripts set it):
 
 (`bash experiments/gpu_bench.sh float32|bfloat16` runs them on a GPU machine without network.)
 
+Two modes time JAX alone and print their result (nothing is written):
+- `compare`: the train step under several values of one config key (`--key`, default
+  `xla_cpu_ynn_fusion`, XLA:CPU's YNNPACK fusion list; any key works, e.g.
+  `--key=loss.feat_form --settings=attention,fused_map,stage_fusion` for a loss setting's cost).
+  Separate benchmark processes on a shared 2-core machine drift by 5-10% from one run to the
+  next, as much as such settings differ, so the step is compiled once per setting in one
+  process and the settings are timed in turns (`--rounds` x `--steps_per_round` each): a drift
+  hits all alike. Prints a Markdown table of min and median ms and each median's speed-up over
+  the first setting. What only `XLA_FLAGS` carries (`xla_cpu_flatten_after_fusion`) holds for
+  the whole process, so compare it in alternating `--modes=step` processes instead.
+- `checkpoint`: saves the config's initial cohort state (no data needed) as training does,
+  `--repeats` times, timing the part that blocks the loop and the time until the checkpoint is
+  complete, then restores it; prints one JSON line with the medians and the size
+  (`--checkpoint_dir`, default a temporary folder, may be any path orbax writes, gs:// too).
+
 Each framework runs in its own subprocess, one after the other (never both at once): their
 thread pools would fight over the cores, and each process's peak memory is then its own.
 Peak memory is the process's peak resident set growth over the set-up on a CPU, the allocator's
@@ -39,17 +56,15 @@ them.
 from __future__ import annotations
 
 import datetime
-import glob
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-import readme_block  # experiments/, beside this script
+import bench_results  # experiments/, beside this script
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -62,7 +77,7 @@ def define_flags() -> None:
     """Flags exist only when this file runs as a script: importing it (tests do) next to
     `ffcl_jax.main`, which defines `--config` too, must not clash."""
     config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
-    flags.DEFINE_list("modes", ["step", "epoch"], "step and/or epoch.")
+    flags.DEFINE_list("modes", ["step", "epoch"], "step and/or epoch; or compare; or checkpoint.")
     flags.DEFINE_integer("repeats", 10, "Timed steps after the warm-up (step mode).")
     flags.DEFINE_integer("warmup", 2, "Untimed steps first (compile, allocator warm-up).")
     flags.DEFINE_integer(
@@ -80,11 +95,14 @@ def define_flags() -> None:
     flags.DEFINE_bool("readme", False, "Only rewrite the README table from the results.")
     flags.DEFINE_string("worker", None, "Internal: run one framework and print JSON.")
     flags.DEFINE_string("torch_device", None, "PyTorch device (default: cuda if present).")
+    flags.DEFINE_string("key", "xla_cpu_ynn_fusion", "compare: the config key (dotted if nested).")
+    flags.DEFINE_list("settings", ["xla_default", "auto"], "compare: values; the first: base.")
+    flags.DEFINE_integer("rounds", 10, "compare: turns over all settings.")
+    flags.DEFINE_integer("steps_per_round", 2, "compare: timed steps of one setting per turn.")
+    flags.DEFINE_string("checkpoint_dir", None, "checkpoint: where to save (default: a temp dir).")
 
 
 FLAGS = flags.FLAGS
-RESULTS = os.path.join(ROOT, "experiments", "results")
-README = os.path.join(ROOT, "docs", "performance.md")  # holds the bench table
 
 
 def peak_rss_mb() -> float:
@@ -229,6 +247,106 @@ def jax_worker(config, modes) -> dict:
     return out
 
 
+def _config_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def compare_settings(config) -> str:
+    """`compare` mode (see the module docstring); returns the Markdown table it prints."""
+    import jax
+
+    from ffcl_jax import parallel, xla_cpu
+
+    if FLAGS.key.startswith("xla_cpu") and jax.default_backend() != "cpu":
+        raise SystemExit("these are XLA:CPU settings; run this on the CPU backend")
+    mesh = parallel.DataParallel()
+    runs = {}
+    for setting in FLAGS.settings:
+        varied = config.copy_and_resolve_references()
+        *parents, leaf = FLAGS.key.split(".")
+        target = varied
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = _config_value(setting)
+        step, state, batch = step_on_random_batch(varied, mesh)
+        for _ in range(FLAGS.warmup):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        runs[setting] = {"step": step, "state": state, "batch": batch, "times": []}
+        print(f"{setting}: {xla_cpu.compiler_options(varied)}", flush=True)
+    for _ in range(FLAGS.rounds):
+        for run in runs.values():
+            for _ in range(FLAGS.steps_per_round):
+                start = time.perf_counter()
+                run["state"], metrics = run["step"](run["state"], run["batch"])
+                jax.block_until_ready(metrics)
+                run["times"].append((time.perf_counter() - start) * 1e3)
+    cpu = bench_results.machine()
+    lines = [
+        f"{config.teacher} + {config.student}, batch {config.batch_size}, {FLAGS.rounds} x "
+        f"{FLAGS.steps_per_round} steps each, interleaved; XLA_FLAGS for all: "
+        f"{os.environ.get('XLA_FLAGS') or '(none)'}; {cpu['cpu']} ({cpu['isa']})",
+        f"| {FLAGS.key} | min ms | median ms | speed-up |",
+        "|---|---|---|---|",
+    ]
+    base = statistics.median(next(iter(runs.values()))["times"])
+    for setting, run in runs.items():
+        median = statistics.median(run["times"])
+        lines.append(
+            f"| {setting} | {min(run['times']):.0f} | {median:.0f} | {base / median:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def time_checkpoint(config) -> dict:
+    """`checkpoint` mode (see the module docstring)."""
+    import tempfile
+
+    import jax
+    from etils import epath
+
+    from ffcl_jax import checkpoint, parallel, train
+
+    mesh = parallel.DataParallel(config.mesh.data)
+    _, state = train.build(config, train.check_config(config, mesh.size), steps_per_epoch=1000)
+    state = jax.device_put(state, mesh.replicated)
+    blocked, complete, restore = [], [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoints = checkpoint.RunCheckpoints(FLAGS.checkpoint_dir or scratch, config)
+        meta = {"config": json.loads(config.to_json_best_effort()), "progress": {}}
+        for step in range(1, FLAGS.repeats + 1):
+            start = time.perf_counter()
+            checkpoints.save(step, state, meta)
+            blocked.append(time.perf_counter() - start)
+            checkpoints.wait()
+            complete.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            jax.block_until_ready(checkpoints.restore_state(step, state))
+            restore.append(time.perf_counter() - start)
+        last = epath.Path(checkpoints.directory) / str(FLAGS.repeats)
+        size = sum(
+            (folder / name).stat().length for folder, _, names in last.walk() for name in names
+        )
+        checkpoints.close()
+    return {
+        "pair": f"{config.teacher}+{config.student}",
+        "method": config.method,
+        "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "machine": bench_results.machine(),
+        "command": "python experiments/bench_step.py " + " ".join(sys.argv[1:]),
+        "save_blocking_s_median": round(statistics.median(blocked), 3),
+        "save_complete_s_median": round(statistics.median(complete), 3),
+        "restore_s_median": round(statistics.median(restore), 3),
+        "checkpoint_mb": round(size / 2**20, 2),
+    }
+
+
 def torch_worker(config, modes) -> dict:
     import numpy as np
     import torch
@@ -314,39 +432,6 @@ def torch_worker(config, modes) -> dict:
     return out
 
 
-def cpu_isa(cpu_flags: set[str], arch: str) -> str:
-    """The widest vector extension among the CPU's flags ("AVX-512", "AVX2"; else the
-    architecture). It belongs in the machine description: this project's 2-core machines have
-    come as AVX-512 and as AVX2 EPYCs of the same model name, whose step times differ 2x and
-    whose fastest XLA:CPU setting differs too (README, Speed)."""
-    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
-        if flag in cpu_flags:
-            return name
-    return arch
-
-
-def machine() -> dict:
-    cpu, cpu_flags = platform.processor() or "cpu", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name":
-                    cpu = value.strip()
-                elif key in ("flags", "Features"):  # x86, arm
-                    cpu_flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "isa": cpu_isa(cpu_flags, platform.machine()),
-        "cores": os.cpu_count(),
-        "system": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
-    }
-
-
 def run_worker(framework: str) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", *sys.argv[1:]]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
@@ -355,82 +440,6 @@ def run_worker(framework: str) -> dict:
         sys.stderr.write(done.stderr[-3000:])
         raise SystemExit(f"the {framework} benchmark failed (exit {done.returncode}); see above")
     return json.loads(lines[-1])
-
-
-def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
-    """One file per pair, batch, device (a CPU by its ISA) and setting."""
-    flags_tag = "_xlaflags" if os.environ.get("XLA_FLAGS") else ""
-    if config.get("xla_cpu_ynn_fusion", "auto") != "auto":
-        flags_tag += f"_ynn_{config.xla_cpu_ynn_fusion}"
-    if not config.get("xla_cpu_flatten_after_fusion", True):
-        flags_tag += "_noflatten"
-    if config.get("batch_norm_backward", "auto") != "auto":
-        flags_tag += f"_bn_{config.batch_norm_backward}"
-    if config.compute_dtype != "float32":
-        flags_tag += f"_{config.compute_dtype}"
-    if config.data_on_device:
-        flags_tag += "_ondevice"
-    if synthetic:
-        flags_tag += "_synthetic"
-    kind = "gpu" if "cpu" not in device.lower() else "cpu"
-    if kind == "cpu" and isa:
-        kind += "_" + isa.lower().replace("-", "")
-    return f"bench_{config.teacher}_{config.student}_b{config.batch_size}_{kind}{flags_tag}"
-
-
-def ynn_setting(compiler_options: dict | None) -> str:
-    """The bench table's words for an XLA:CPU YNNPACK fusion list: "ynn eltwise+reduce"."""
-    value = (compiler_options or {}).get("xla_cpu_experimental_ynn_fusion_type")
-    if value is None:
-        return "xla defaults"
-    kinds = [kind.replace("LIBRARY_FUSION_TYPE_", "").lower() for kind in value.split(",") if kind]
-    return "ynn " + "+".join(kinds) if kinds else "ynn off"
-
-
-def write_readme() -> None:
-    rows = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, "bench_*.json"))):
-        with open(path) as f:
-            r = json.load(f)
-        j, t = r.get("jax", {}), r.get("pytorch", {})
-        for mode in ("step", "epoch"):
-            if mode not in j and mode not in t:
-                continue
-            key = "img_per_sec_median" if mode == "step" else "img_per_sec"
-            speeds = [f"{side[mode][key]:.0f}" if mode in side else "-" for side in (j, t)]
-            ratio = r.get("ratio", {}).get(mode)
-            device = (j or t)["device"]
-            settings = [r.get("compute_dtype", "float32")]
-            if "cpu" in device.lower():
-                m = r["machine"]
-                device = f"{m['cores']}-core {m['cpu']}" + (f" ({m['isa']})" if "isa" in m else "")
-                settings.append(ynn_setting(j.get("compiler_options")))
-                if "xla_cpu_flatten_after_fusion" in j.get("xla_flags", ""):
-                    settings.append("flatten after fusion")
-            if j.get("closed_form_batch_norm"):
-                settings.append("closed-form BN backward")
-            if mode == "epoch":
-                settings.append("JAX data on device" if r.get("data_on_device") else "tf.data")
-                if r.get("epoch_data") == "synthetic":
-                    settings.append("synthetic images")
-            setting = ", ".join(settings)
-            rows.append(
-                f"| {r['pair']} | {r['batch_size']} | {mode} | {device} | "
-                f"{setting} | "
-                f"{speeds[0]} | {speeds[1]} | "
-                + (f"**{ratio:.2f}**" if ratio else "-")
-                + f" | {r['date']} | `{r['command']}` |"
-            )
-    table = "\n".join(
-        [
-            "| pair | batch | mode | device | settings | JAX img/s | PyTorch img/s "
-            "| JAX/PyTorch | date | command |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-            *rows,
-        ]
-    )
-    readme_block.replace_block("bench", table, README)
-    print(f"README table: {len(rows)} rows from {RESULTS}/bench_*.json")
 
 
 def main(argv):
@@ -442,7 +451,16 @@ def main(argv):
         print(json.dumps(worker(config, modes)))
         return
     if FLAGS.readme:
-        write_readme()
+        bench_results.write_readme()
+        return
+    if "compare" in FLAGS.modes or "checkpoint" in FLAGS.modes:  # JAX alone, in this process
+        from ffcl_jax import xla_cpu
+
+        os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
+        if "compare" in FLAGS.modes:
+            print(compare_settings(config))
+        else:
+            print(json.dumps(time_checkpoint(config)))
         return
     sides = {framework: run_worker(framework) for framework in FLAGS.frameworks}
     result = {
@@ -455,7 +473,7 @@ def main(argv):
         "epoch_data": "synthetic" if FLAGS.synthetic_data else "real",
         "date": datetime.date.today().isoformat(),
         "command": "python experiments/bench_step.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": bench_results.machine(),
         **sides,
     }
     if "jax" in sides and "pytorch" in sides:
@@ -473,8 +491,9 @@ def main(argv):
     print(json.dumps(result, indent=1))
     device = sides.get("jax", sides.get("pytorch"))["device"]
     path = FLAGS.output or os.path.join(
-        RESULTS,
-        result_name(config, device, FLAGS.synthetic_data, result["machine"]["isa"]) + ".json",
+        bench_results.RESULTS,
+        bench_results.result_name(config, device, FLAGS.synthetic_data, result["machine"]["isa"])
+        + ".json",
     )
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

@@ -21,7 +21,7 @@ from ffcl_jax import models
 # list (individual dots and convolutions, reductions) also sends the 14x14x32 and 7x7x64
 # convolutions to YNNPACK, whose kernels are 2x slower there than XLA's own (Eigen); keeping only
 # the reductions (BatchNorm's statistics) in YNNPACK makes the demo pair's step 1.15x faster and,
-# with the elementwise ops, the cifar100 pair's 1.05x (experiments/compare_cpu_settings.py).
+# with the elementwise ops, the cifar100 pair's 1.05x (bench_step.py --modes=compare).
 # Measurements: docs/performance.md. Only XLA:CPU reads these options; each replaces
 # XLA's default list of YNNPACK fusion types.
 CPU_YNN_FUSION = {

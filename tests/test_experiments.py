@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 pytest.importorskip("torch")
 
-import bench_step  # noqa: E402
+import bench_results  # noqa: E402
 import run_table  # noqa: E402
 
 TINY = [
@@ -86,8 +86,7 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n")
-    bench_step.README, bench_step.RESULTS = str(readme), str(tmp_path)
-    bench_step.write_readme()
+    bench_results.write_readme(str(tmp_path), str(readme))
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     rows = [line for line in text.splitlines() if line.startswith("| resnet8+resnet8")]
@@ -124,8 +123,7 @@ def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensor
 
     readme = tmp_path / "README.md"
     readme.write_text("<!-- bench:start -->\n<!-- bench:end -->\n")
-    bench_step.README, bench_step.RESULTS = str(readme), str(tmp_path)
-    bench_step.write_readme()
+    bench_results.write_readme(str(tmp_path), str(readme))
     (row,) = [line for line in readme.read_text().splitlines() if "resnet8+resnet8" in line]
     assert "JAX data on device, synthetic images" in row
 
@@ -167,78 +165,41 @@ def test_gpu_script_runs_the_benchmark_without_tensorflow_and_returns_the_result
     assert wrong.returncode == 2 and "float32 or bfloat16" in wrong.stderr
 
 
-@pytest.mark.parametrize("batch_norm", [False, True])
-def test_convolution_probe_variants_compute_the_same_gradients(batch_norm):
-    """probe_conv's JAX variants (XLA's defaults, no YNNPACK, NCHW, im2col, dX before dW) time the
-    same maths: its worker checks each one's weight gradients against XLA's default first."""
-    out = run_script(
-        "probe_conv.py",
-        "--worker=jax",
-        "--batch_size=4",
-        "--repeats=1",
-        f"--batch_norm={batch_norm}",
-    )
-    rows = json.loads(out.strip().splitlines()[-1])
-    assert set(rows) == {
-        "jax conv",
-        "jax conv, no YNNPACK",
-        "jax conv NCHW",
-        "jax im2col",
-        "jax conv, dX before dW",
-    }
-    for times in rows.values():
-        assert len(times) == 3 and all(0 < low <= mid for low, mid in times)
-
-
-def test_convolution_probe_times_the_parts_of_the_backward_pass():
-    """`--parts`: forward, + input gradients, + weight gradients, for JAX and for PyTorch."""
-    out = run_script("probe_conv.py", "--parts", "--batch_size=4", "--repeats=1")
-    table = {
-        line.split(" | ")[0].strip("| "): line
-        for line in out.splitlines()
-        if line.startswith("| ") and "/" in line
-    }
-    for framework in ("jax", "pytorch"):
-        for part in ("forward", "forward + dX", "forward + dX + dW"):
-            assert len(table[f"{framework} {part}"].split(" | ")) == 4  # name + three shapes
-    assert "forward, + dX, + dX + dW, batch 4" in out
-
-
 def test_benchmark_result_names_keep_settings_apart():
     """Each setting gets its own results file, so one run never overwrites another's row."""
     from configs.cifar100 import get_config
 
     config = get_config()
-    assert bench_step.result_name(config, "NVIDIA H100 80GB HBM3", synthetic=False) == (
+    assert bench_results.result_name(config, "NVIDIA H100 80GB HBM3", synthetic=False) == (
         "bench_resnet110_resnet32_b128_gpu"
     )
     config.update(compute_dtype="bfloat16", data_on_device=True)
-    assert bench_step.result_name(config, "NVIDIA H100 80GB HBM3", synthetic=True) == (
+    assert bench_results.result_name(config, "NVIDIA H100 80GB HBM3", synthetic=True) == (
         "bench_resnet110_resnet32_b128_gpu_bfloat16_ondevice_synthetic"
     )
-    assert bench_step.result_name(config, "NVIDIA H100 80GB HBM3", False, isa="AVX2") == (
+    assert bench_results.result_name(config, "NVIDIA H100 80GB HBM3", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_gpu_bfloat16_ondevice"  # the host's ISA is not the GPU's
     )
     config.update(batch_norm_backward="autodiff")
-    assert bench_step.result_name(config, "1 x cpu", synthetic=False) == (
+    assert bench_results.result_name(config, "1 x cpu", synthetic=False) == (
         "bench_resnet110_resnet32_b128_cpu_bn_autodiff_bfloat16_ondevice"
     )
     # Two CPUs of one model name but another vector ISA run 2x apart: never one file.
-    assert bench_step.result_name(config, "1 x cpu", False, isa="AVX-512") == (
+    assert bench_results.result_name(config, "1 x cpu", False, isa="AVX-512") == (
         "bench_resnet110_resnet32_b128_cpu_avx512_bn_autodiff_bfloat16_ondevice"
     )
-    assert bench_step.result_name(config, "1 x cpu", False, isa="AVX2") == (
+    assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_cpu_avx2_bn_autodiff_bfloat16_ondevice"
     )
 
 
 def test_machine_description_names_the_vector_isa():
     zen3 = set("fpu sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni vaes".split())
-    assert bench_step.cpu_isa(zen3, "x86_64") == "AVX2"
-    assert bench_step.cpu_isa(zen3 | {"avx512f", "avx512bw", "avx512vl"}, "x86_64") == "AVX-512"
-    assert bench_step.cpu_isa({"fp", "asimd", "sve"}, "aarch64") == "aarch64"
-    assert bench_step.cpu_isa(set(), "x86_64") == "x86_64"
-    here = bench_step.machine()
+    assert bench_results.cpu_isa(zen3, "x86_64") == "AVX2"
+    assert bench_results.cpu_isa(zen3 | {"avx512f", "avx512bw", "avx512vl"}, "x86_64") == "AVX-512"
+    assert bench_results.cpu_isa({"fp", "asimd", "sve"}, "aarch64") == "aarch64"
+    assert bench_results.cpu_isa(set(), "x86_64") == "x86_64"
+    here = bench_results.machine()
     assert here["isa"] and here["cores"] == os.cpu_count()
     if platform.machine() == "x86_64":  # this machine's own /proc/cpuinfo is read
         assert here["isa"] in ("AVX-512", "AVX2", "AVX")
@@ -246,7 +207,8 @@ def test_machine_description_names_the_vector_isa():
 
 def test_settings_comparison_times_each_setting_in_turns():
     out = run_script(
-        "compare_cpu_settings.py",
+        "bench_step.py",
+        "--modes=compare",
         *TINY,
         "--config.batch_size=8",
         "--settings=xla_default,reduce",
@@ -260,7 +222,8 @@ def test_settings_comparison_times_each_setting_in_turns():
     assert "XLA_FLAGS for all: --xla_backend_extra_options=xla_cpu_flatten_after_fusion" in out
     # Any config key: the cost of a feature form, timed the same way.
     out = run_script(
-        "compare_cpu_settings.py",
+        "bench_step.py",
+        "--modes=compare",
         *TINY,
         "--config.batch_size=8",
         "--key=loss.feat_form",
@@ -273,15 +236,30 @@ def test_settings_comparison_times_each_setting_in_turns():
     assert [row.split(" | ")[0] for row in rows] == ["| attention", "| fused_map"]
 
 
+def test_checkpoint_mode_times_a_save_and_a_restore_of_the_whole_cohort(tmp_path):
+    out = run_script(
+        "bench_step.py",
+        "--modes=checkpoint",
+        *TINY,
+        "--repeats=2",
+        f"--checkpoint_dir={tmp_path}",
+    )
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["pair"] == "resnet8+resnet8" and result["parameters"] > 2 * 70_000
+    assert 0 < result["save_blocking_s_median"] <= result["save_complete_s_median"]
+    assert result["restore_s_median"] > 0 and result["checkpoint_mb"] > 0.5  # float32 params
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
 def test_readme_names_the_ynnpack_setting():
     key = "xla_cpu_experimental_ynn_fusion_type"
-    assert bench_step.ynn_setting(None) == "xla defaults"
-    assert bench_step.ynn_setting({key: ""}) == "ynn off"
-    assert bench_step.ynn_setting({key: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}) == (
+    assert bench_results.ynn_setting(None) == "xla defaults"
+    assert bench_results.ynn_setting({key: ""}) == "ynn off"
+    assert bench_results.ynn_setting({key: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}) == (
         "ynn individual_dot"
     )
     both = "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"
-    assert bench_step.ynn_setting({key: both}) == "ynn eltwise+reduce"
+    assert bench_results.ynn_setting({key: both}) == "ynn eltwise+reduce"
 
 
 def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_path, monkeypatch):

@@ -1,0 +1,126 @@
+"""The benchmark's results: the machine description, one file name per setting, and the speed
+table of docs/performance.md rebuilt from `experiments/results/bench_*.json`
+(`python experiments/bench_step.py --readme`)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+
+import readme_block  # experiments/, beside this module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "results")
+README = os.path.join(ROOT, "docs", "performance.md")  # holds the bench table
+
+
+def cpu_isa(cpu_flags: set[str], arch: str) -> str:
+    """The widest vector extension among the CPU's flags ("AVX-512", "AVX2"; else the
+    architecture). It belongs in the machine description: this project's 2-core machines have
+    come as AVX-512 and as AVX2 EPYCs of the same model name, whose step times differ 2x and
+    whose fastest XLA:CPU setting differs too (README, Speed)."""
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in cpu_flags:
+            return name
+    return arch
+
+
+def machine() -> dict:
+    cpu, cpu_flags = platform.processor() or "cpu", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    cpu = value.strip()
+                elif key in ("flags", "Features"):  # x86, arm
+                    cpu_flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "isa": cpu_isa(cpu_flags, platform.machine()),
+        "cores": os.cpu_count(),
+        "system": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+    }
+
+
+def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
+    """One file per pair, batch, device (a CPU by its ISA) and setting."""
+    flags_tag = "_xlaflags" if os.environ.get("XLA_FLAGS") else ""
+    if config.get("xla_cpu_ynn_fusion", "auto") != "auto":
+        flags_tag += f"_ynn_{config.xla_cpu_ynn_fusion}"
+    if not config.get("xla_cpu_flatten_after_fusion", True):
+        flags_tag += "_noflatten"
+    if config.get("batch_norm_backward", "auto") != "auto":
+        flags_tag += f"_bn_{config.batch_norm_backward}"
+    if config.compute_dtype != "float32":
+        flags_tag += f"_{config.compute_dtype}"
+    if config.data_on_device:
+        flags_tag += "_ondevice"
+    if synthetic:
+        flags_tag += "_synthetic"
+    kind = "gpu" if "cpu" not in device.lower() else "cpu"
+    if kind == "cpu" and isa:
+        kind += "_" + isa.lower().replace("-", "")
+    return f"bench_{config.teacher}_{config.student}_b{config.batch_size}_{kind}{flags_tag}"
+
+
+def ynn_setting(compiler_options: dict | None) -> str:
+    """The bench table's words for an XLA:CPU YNNPACK fusion list: "ynn eltwise+reduce"."""
+    value = (compiler_options or {}).get("xla_cpu_experimental_ynn_fusion_type")
+    if value is None:
+        return "xla defaults"
+    kinds = [kind.replace("LIBRARY_FUSION_TYPE_", "").lower() for kind in value.split(",") if kind]
+    return "ynn " + "+".join(kinds) if kinds else "ynn off"
+
+
+def write_readme(results: str = RESULTS, readme: str = README) -> None:
+    """Rewrites the table between `readme`'s bench markers from the files in `results`."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(results, "bench_*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        j, t = r.get("jax", {}), r.get("pytorch", {})
+        for mode in ("step", "epoch"):
+            if mode not in j and mode not in t:
+                continue
+            key = "img_per_sec_median" if mode == "step" else "img_per_sec"
+            speeds = [f"{side[mode][key]:.0f}" if mode in side else "-" for side in (j, t)]
+            ratio = r.get("ratio", {}).get(mode)
+            device = (j or t)["device"]
+            settings = [r.get("compute_dtype", "float32")]
+            if "cpu" in device.lower():
+                m = r["machine"]
+                device = f"{m['cores']}-core {m['cpu']}" + (f" ({m['isa']})" if "isa" in m else "")
+                settings.append(ynn_setting(j.get("compiler_options")))
+                if "xla_cpu_flatten_after_fusion" in j.get("xla_flags", ""):
+                    settings.append("flatten after fusion")
+            if j.get("closed_form_batch_norm"):
+                settings.append("closed-form BN backward")
+            if mode == "epoch":
+                settings.append("JAX data on device" if r.get("data_on_device") else "tf.data")
+                if r.get("epoch_data") == "synthetic":
+                    settings.append("synthetic images")
+            setting = ", ".join(settings)
+            rows.append(
+                f"| {r['pair']} | {r['batch_size']} | {mode} | {device} | "
+                f"{setting} | "
+                f"{speeds[0]} | {speeds[1]} | "
+                + (f"**{ratio:.2f}**" if ratio else "-")
+                + f" | {r['date']} | `{r['command']}` |"
+            )
+    table = "\n".join(
+        [
+            "| pair | batch | mode | device | settings | JAX img/s | PyTorch img/s "
+            "| JAX/PyTorch | date | command |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    readme_block.replace_block("bench", table, readme)
+    print(f"README table: {len(rows)} rows from {results}/bench_*.json")
