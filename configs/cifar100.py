@@ -12,6 +12,16 @@ CIFAR-100 comes through TFDS: it is downloaded where the network allows; elsewhe
 machines it was written on cannot download CIFAR). For reference, the FFL paper reports about
 74% for a ResNet-32 student trained with FFL.
 
+Accelerators (no run on either was made for this repository; docs/running.md):
+
+    # one GPU node, 1-8 GPUs: the protocol in bfloat16, the training split on the GPUs
+    python -m ffcl_jax.main --config=configs/cifar100.py:gpu --workdir=gs://BUCKET/c100_gpu
+    # a TPU pod slice, the same command on every worker: global batch 1024, lr 0.8 after 5
+    # warm-up epochs (a larger batch than the protocol's: compare with runs of that batch)
+    gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd ffcl_jax && \
+        python -m ffcl_jax.main --config=configs/cifar100.py:tpu --workdir=gs://BUCKET/c100_tpu \
+        --config.data_dir=gs://BUCKET/tensorflow_datasets"
+
 `--config=configs/cifar100.py:smoke` runs a seconds-long CPU check (resnet14 + resnet8, 512
 images, 2 epochs); its accuracy is near chance and only shows that the pipeline runs.
 """

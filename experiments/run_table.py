@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ import time
 
 import readme_block  # experiments/, beside this script
 import scipy.stats
+
+from ffcl_jax import storage  # --root may be local or gs://
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("student", "teacher", "fused", "ensemble")
@@ -106,7 +107,7 @@ def command(run: Run, seed: int, args) -> list[str]:
         "-m",
         module,
         f"--config={args.config}",
-        f"--workdir={os.path.join(args.root, run_id(run, seed))}",
+        f"--workdir={run_workdir(run, seed, args)}",
         f"--config.seed={seed}",
     ]
     argv += [f"--config.{o}" for o in run.overrides]
@@ -115,9 +116,14 @@ def command(run: Run, seed: int, args) -> list[str]:
     return argv + [f"--config.{o}" for o in args.extra]
 
 
+def run_workdir(run: Run, seed: int, args):
+    """The run's workdir under `--root` (an `epath.Path`: local or gs://)."""
+    return storage.path(args.root) / run_id(run, seed)
+
+
 def teacher_workdir(run: Run, seed: int, args) -> str:
     """kd: the workdir of the run (same seed) whose teacher it distils."""
-    return os.path.join(args.root, run_id(find_run(run.needs, run.framework), seed))
+    return os.fspath(run_workdir(find_run(run.needs, run.framework), seed, args))
 
 
 def shown_command(run: Run, seed: int, args) -> str:
@@ -129,10 +135,9 @@ def shown_command(run: Run, seed: int, args) -> str:
 def read_run_file(run: Run, seed: int, args, name: str) -> dict | None:
     """A JSON file of the run: from its workdir, or else from the committed copy (fresh clone)."""
     for folder in (args.root, f"{args.output}_runs"):
-        path = os.path.join(folder, run_id(run, seed), name)
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
+        path = storage.path(folder) / run_id(run, seed) / name
+        if path.exists():
+            return json.loads(path.read_text())
     return None
 
 
@@ -152,22 +157,19 @@ class Stop(Exception):
 
 def execute(run: Run, seed: int, args, child: dict) -> None:
     argv = command(run, seed, args)
-    workdir = os.path.join(args.root, run_id(run, seed))
-    if run.framework == "pytorch" and os.path.exists(workdir):
-        shutil.rmtree(workdir)  # the reference has no checkpoints: an unfinished run restarts
-    os.makedirs(workdir, exist_ok=True)
+    workdir = run_workdir(run, seed, args)
+    if run.framework == "pytorch" and workdir.exists():
+        workdir.rmtree()  # the reference has no checkpoints: an unfinished run restarts
+    storage.prepare_workdir(workdir)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    with open(os.path.join(workdir, "table_run.json"), "w") as f:
-        json.dump(
-            {
-                "command": shown_command(run, seed, args),
-                "commit": commit,
-                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            },
-            f,
-        )
+    record = {
+        "command": shown_command(run, seed, args),
+        "commit": commit,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    storage.write_text(workdir / "table_run.json", json.dumps(record))
     print(f"== {run_id(run, seed)}: {shown_command(run, seed, args)}", flush=True)
     started = time.time()
     child["process"] = subprocess.Popen(argv, cwd=ROOT)
@@ -187,9 +189,9 @@ def keep_copy(run: Run, seed: int, args) -> None:
     copy_dir = f"{args.output}_runs/{rid}"
     os.makedirs(copy_dir, exist_ok=True)
     for name in ("results.json", "metrics.jsonl", "table_run.json"):
-        src = os.path.join(args.root, rid, name)
-        if os.path.exists(src):  # absent when the committed copy is all there is
-            shutil.copyfile(src, os.path.join(copy_dir, name))
+        src = storage.path(args.root) / rid / name
+        if src.exists():  # absent when the committed copy is all there is
+            (storage.path(copy_dir) / name).write_bytes(src.read_bytes())
 
 
 def collect(args) -> list[dict]:
@@ -560,7 +562,7 @@ def main(argv=None) -> None:
                     if finished(run, seed, args):
                         continue
                     teacher = teacher_workdir(run, seed, args) if run.needs else None
-                    if teacher and not os.path.isdir(os.path.join(teacher, "checkpoints")):
+                    if teacher and not (storage.path(teacher) / "checkpoints").is_dir():
                         print(
                             f"== {run_id(run, seed)}: skipped, needs the checkpoint of "
                             f"{teacher} (run {run.needs} there first)"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any
 
@@ -26,11 +25,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from ffcl_jax import storage
 from ffcl_jax.errors import UserError
 
 FORMAT_VERSION = 1
 CHECKPOINT_SUBDIR = "checkpoints"
 PREVIOUS_RUNS_SUBDIR = "previous_runs"
+MOVED_NOTE = "moved.txt"  # in previous_runs/<time>/: what was moved, from where, when
 # What a run writes into its workdir; `--fresh` moves these aside together.
 RUN_OUTPUTS = (
     CHECKPOINT_SUBDIR,
@@ -53,6 +54,7 @@ RESUMABLE_KEYS = frozenset(
         "keep_checkpoints",
         "data_dir",
         "idx_dir",
+        "tensorboard_dir",
         "download",
         "eval_batch_size",
         "mesh.data",  # with global BatchNorm the device count does not change the maths
@@ -85,10 +87,13 @@ ADDED_KEYS = {
     "xla_cpu_flatten_after_fusion": False,
     "validation_size": 0,
     "validation_seed": 0,
+    "warmup_epochs": 0.0,
 }
 
 
-def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+def config_differences(
+    saved: dict, config: ml_collections.ConfigDict, where: str = "in the checkpoint"
+) -> list[str]:
     """Human-readable differences between a checkpoint's config and `config`, resumable keys
     excepted."""
     before, now = {**ADDED_KEYS, **flat_config(saved)}, flat_config(config)
@@ -96,16 +101,13 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
     if now.get("batch_norm") == "per_device":
         resumable.discard("mesh.data")  # the device count is then part of the normalisation
     return [
-        f"{key}={before.get(key)!r} in the checkpoint but {now.get(key)!r} now"
+        f"{key}={before.get(key)!r} {where} but {now.get(key)!r} now"
         for key in sorted(set(before) | set(now))
         if key not in resumable and before.get(key) != now.get(key)
     ]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = (text.splitlines()[0] if text else "") or type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
+_first_line = storage.first_line
 
 
 def _mismatch(exc: BaseException) -> str | None:
@@ -124,40 +126,54 @@ def _mismatch(exc: BaseException) -> str | None:
 # --------------------------------------------------------------------------- workdirs
 
 
-def existing_outputs(workdir: str) -> list[str]:
-    return [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
+def existing_outputs(workdir) -> list[str]:
+    workdir = storage.path(workdir)
+    return [name for name in RUN_OUTPUTS if (workdir / name).exists()]
 
 
-def move_previous_run(workdir: str) -> str | None:
-    """`--fresh`: moves an earlier run's outputs to WORKDIR/previous_runs/<UTC time>/ (never
-    deletes them); returns where they went, or None if there was nothing to move."""
+def saved_config(workdir) -> dict | None:
+    """The config a run in `workdir` recorded when it started (`config.json`), if any."""
+    path = storage.path(workdir) / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def move_previous_run(workdir) -> str | None:
+    """Moves an earlier run's outputs to WORKDIR/previous_runs/<UTC time>/ (never deletes
+    them); returns where they went, or None if there was nothing to move."""
+    workdir = storage.path(workdir)
     names = existing_outputs(workdir)
     if not names:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    target = os.path.join(workdir, PREVIOUS_RUNS_SUBDIR, stamp)
+    target = workdir / PREVIOUS_RUNS_SUBDIR / stamp
     suffix = 0
-    while os.path.exists(target):
+    while target.exists():
         suffix += 1
-        target = os.path.join(workdir, PREVIOUS_RUNS_SUBDIR, f"{stamp}-{suffix}")
-    os.makedirs(target)
+        target = workdir / PREVIOUS_RUNS_SUBDIR / f"{stamp}-{suffix}"
+    if not storage.is_remote(target):
+        target.mkdir(parents=True)
+    # Also what makes the folder exist on Cloud Storage (no empty folders there) before the
+    # renames into it.
+    (target / MOVED_NOTE).write_text(
+        f"moved here from {workdir} at {stamp} UTC: {', '.join(names)}\n"
+    )
     for name in names:
-        shutil.move(os.path.join(workdir, name), os.path.join(target, name))
-    return target
+        (workdir / name).rename(target / name)
+    return os.fspath(target)
 
 
-def truncate_metrics_log(path: str, last_step: int) -> None:
+def truncate_metrics_log(path, last_step: int) -> None:
     """Drops the rows a resumed run will write again (logged after its checkpoint's step)."""
-    if not os.path.exists(path):
+    path = storage.path(path)
+    if not path.exists():
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip()]
+    rows = [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
     kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
     if len(kept) != len(rows):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        storage.write_text(path, "".join(kept))
 
 
 # --------------------------------------------------------------------------- manager
@@ -167,7 +183,7 @@ class RunCheckpoints:
     """The run's `CheckpointManager`, with resume checks that fail with a clear `UserError`."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, read_only=False):
-        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
+        self.directory = os.fspath(storage.path(workdir) / CHECKPOINT_SUBDIR)
         policies: list = [checkpoint_managers.LatestN(n=max(int(config.keep_checkpoints), 1))]
         if config.best_metric:
             policies.append(
@@ -186,7 +202,7 @@ class RunCheckpoints:
             enable_async_checkpointing=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
+            storage.path(self.directory), options=options, item_names=("state", "meta")
         )
 
     def latest_step(self) -> int | None:
@@ -283,10 +299,15 @@ class RunCheckpoints:
 
 def open_finished_run(path: str, config: ml_collections.ConfigDict) -> tuple[RunCheckpoints, int]:
     """A run's checkpoints, read-only, from its workdir (or its checkpoints folder)."""
-    workdir = path
-    if os.path.basename(os.path.normpath(path)) == CHECKPOINT_SUBDIR:
-        workdir = os.path.dirname(os.path.normpath(path))
-    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_SUBDIR)):
+    workdir = storage.path(path)
+    if workdir.name == CHECKPOINT_SUBDIR:
+        workdir = workdir.parent
+    try:
+        found = (workdir / CHECKPOINT_SUBDIR).is_dir()
+    except Exception as exc:  # e.g. a bucket that does not exist, or no access
+        reason = storage.first_line(exc)
+        raise UserError(f"cannot read {path!r} ({reason}); check the path") from exc
+    if not found:
         raise UserError(
             f"{path!r} holds no checkpoints/ folder: give the workdir of a finished run "
             "(or an exported .npz file)"

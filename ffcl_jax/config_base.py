@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.fusion_weight_decay = 1e-5
     c.lr_decay_epochs = (150, 225)
     c.lr_decay_factor = 0.1
+    # Linear warm-up of the rate over this many epochs (0: none, the FFL protocol); for large
+    # global batches with a linearly scaled learning_rate (the :tpu variant).
+    c.warmup_epochs = 0.0
 
     # Devices. The batch is split over the `data` axis of a `jax.make_mesh` mesh; -1 = every
     # device of every process. BatchNorm statistics: "global" (SyncBN: statistics over the whole
@@ -116,7 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.best_metric = "student"  # keep the checkpoint with the best test top-1 of this model
     # ("student", "teacher", "fused", "ensemble"; "" keeps only the last k)
 
-    # Bookkeeping.
+    # Bookkeeping. TensorBoard events go to WORKDIR/tensorboard unless this names another place
+    # (a local folder or gs://, e.g. one bucket for the events of many runs).
+    c.tensorboard_dir = config_dict.placeholder(str)
     c.seed = 0
     c.log_every_steps = 100
     c.eval_every_epochs = 1
@@ -124,11 +129,37 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """The argument after the colon in `--config=FILE:ARG`; only `smoke` is defined."""
-    if arg == "smoke":
-        return apply_smoke(c)
+    """The argument after the colon in `--config=FILE:ARG`: smoke, gpu or tpu."""
+    variants = {"smoke": apply_smoke, "gpu": apply_gpu, "tpu": apply_tpu}
+    if arg in variants:
+        return variants[arg](c)
     if arg:
-        raise ValueError(f"unknown config argument {arg!r}; valid: smoke")
+        raise ValueError(f"unknown config argument {arg!r}; valid: {', '.join(variants)}")
+    return c
+
+
+def apply_gpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """One GPU node (1 to 8 GPUs): the protocol unchanged (global batch 128, its learning rate),
+    bfloat16 compute with float32 losses, and the training split held on the GPUs and batched
+    there (small CIFAR networks would otherwise wait for the host's input pipeline)."""
+    c.compute_dtype = "bfloat16"
+    c.data_on_device = True
+    c.eval_batch_size = 1000
+    return c
+
+
+def apply_tpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A TPU pod slice: global batch 1024 over every chip of every host (128 per chip on a
+    v4-16 or v5e-8; batches of 128 would leave a few images per chip), the learning rate
+    scaled linearly with the batch (x8) after 5 epochs of linear warm-up (Goyal et al., 2017),
+    bfloat16 compute with float32 losses, and the training split on the chips. A larger batch
+    changes the protocol: compare its accuracy with runs of the same batch."""
+    c = apply_gpu(c)
+    scale = 1024 / c.batch_size
+    c.batch_size = 1024
+    c.learning_rate = c.learning_rate * scale
+    c.warmup_epochs = 5.0
+    c.eval_batch_size = 2048
     return c
 
 
@@ -147,6 +178,12 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """`config.eval_batch_size` rounded up to a multiple of the devices, so that every config
+    runs on any device count: evaluation batches are padded and the padding is masked."""
+    return -(-config.eval_batch_size // num_devices) * num_devices
+
+
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSettings:
     """Validates what can be checked before any data is read; returns the loss settings."""
     input_pipeline.dataset_info(config.dataset)
@@ -162,13 +199,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
             "compute_dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 (the CLI, "
             "python -m ffcl_jax.main, does it for such a config)"
         )
-    for key in ("batch_size", "eval_batch_size"):
-        value = config[key]
-        if value <= 0 or value % num_devices:
-            raise UserError(
-                f"config.{key}={value} must be a positive multiple of the {num_devices} devices "
-                "it is split over"
-            )
+    if config.batch_size <= 0 or config.batch_size % num_devices:
+        raise UserError(
+            f"config.batch_size={config.batch_size} must be a positive multiple of the "
+            f"{num_devices} devices it is split over"
+        )
+    if config.eval_batch_size <= 0:  # rounded up to the devices (padded rows are masked)
+        raise UserError(f"config.eval_batch_size must be > 0, got {config.eval_batch_size}")
     if config.validation_size < 0:
         raise UserError(
             f"config.validation_size must be >= 0 (0: no validation split), got "

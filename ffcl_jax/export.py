@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ffcl_jax import storage
 from ffcl_jax.errors import UserError
 
 EXPORT_FORMAT = "ffcl_jax.export"
@@ -105,7 +106,7 @@ class Exported:
 def read_export(path: str) -> Exported:
     """Reads an export written by `export_run`, never unpickling anything."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with storage.path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ValueError("a single array, not an export")
             arrays = {k: data[k] for k in data.files}
@@ -178,13 +179,13 @@ def export_run(
         "test_top1": history[-1] if history else None,
         "config": config,
     }
-    if output is None:
-        output = os.path.join(workdir, f"export_step{step}.npz")
+    target = storage.path(output or storage.path(workdir) / f"export_step{step}.npz")
     arrays[_META_KEY] = np.frombuffer(json.dumps(export_meta).encode(), np.uint8)
-    tmp = output + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, output)
-    return output
+    tmp = target.parent / (target.name + ".tmp.npz")
+    with tmp.open("wb") as f:  # local or gs://; renamed when complete
+        np.savez(f, **arrays)
+    tmp.replace(target)
+    return os.fspath(target)
 
 
 # --------------------------------------------------------------------------- loading
@@ -197,7 +198,7 @@ def load_network(path: str, role: str, config, like) -> tuple[Any, Any, str]:
     from ffcl_jax import checkpoint
 
     model = config[role]
-    if os.path.isfile(path):
+    if storage.path(path).is_file():
         exported = read_export(path)
         flat_params, flat_stats = exported.network(role)  # raises, naming what the file holds
         saved_model, dataset = exported.meta["roles"][role], exported.meta["dataset"]

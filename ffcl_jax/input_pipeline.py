@@ -94,10 +94,14 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def _open_maybe_gz(directory: str, stem: str):
-    for name, opener in ((stem + ".gz", gzip.open), (stem, open)):
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
-            return path, opener(path, "rb")
+    """`(path, binary stream)` of `stem.gz` or `stem` in `directory` (local or gs://)."""
+    from ffcl_jax import storage
+
+    for name, gzipped in ((stem + ".gz", True), (stem, False)):
+        path = storage.path(directory) / name
+        if path.exists():
+            stream = path.open("rb")
+            return os.fspath(path), gzip.GzipFile(fileobj=stream) if gzipped else stream
     return None, None
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ffcl_jax import storage
 from ffcl_jax.errors import UserError
 
 MODEL_ORDER = ("student", "teacher", "fused", "ensemble")
@@ -67,9 +68,9 @@ def format_table(
     return "\n".join(lines)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path) -> list[dict]:
+    text = storage.path(path).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def plot_curves(metrics_path: str, png_path: str, title: str = "") -> None:
@@ -125,7 +126,8 @@ def plot_curves(metrics_path: str, png_path: str, title: str = "") -> None:
     ax_loss.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    with storage.path(png_path).open("wb") as f:  # local or gs://
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -176,16 +178,30 @@ class _NoWriter:
 class RunLog:
     """Where a run reports: the console, `metrics.jsonl` and TensorBoard (process 0 only)."""
 
-    def __init__(self, workdir: str, enabled: bool, num_epochs: int, total_steps: int):
+    def __init__(
+        self,
+        workdir,
+        enabled: bool,
+        num_epochs: int,
+        total_steps: int,
+        tensorboard_dir: str | None = None,
+    ):
+        """`tensorboard_dir`: where the events go (default `workdir/tensorboard`)."""
         self.enabled = enabled
         self.num_epochs, self.total_steps = num_epochs, total_steps
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.jsonl_path = storage.path(workdir) / "metrics.jsonl"
+        # Cloud Storage cannot append: the rows so far are kept to rewrite the file whole.
+        self._jsonl_text = ""
+        if enabled and storage.is_remote(self.jsonl_path) and self.jsonl_path.exists():
+            self._jsonl_text = self.jsonl_path.read_text()
         self.writer = None
         if enabled:
             try:
                 from clu import metric_writers
 
-                self.writer = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+                # TensorFlow's file system layer writes the events (gs:// included).
+                events = os.fspath(tensorboard_dir or storage.path(workdir) / "tensorboard")
+                self.writer = metric_writers.SummaryWriter(events)
             except ImportError:  # clu's TensorBoard writer needs tensorflow (e.g. GPU images)
                 self.print(
                     "note: no TensorBoard events (tensorflow is not installed); "
@@ -198,8 +214,9 @@ class RunLog:
             print(message, flush=True)
 
     def _jsonl(self, **row) -> None:
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        self._jsonl_text += line
+        storage.append_text(self.jsonl_path, line, whole=self._jsonl_text)
 
     def train(
         self,
@@ -354,13 +371,13 @@ def results(config, settings, params, progress: dict, eval_split: str) -> dict[s
     }
 
 
-def write_outputs(workdir: str, config, results: dict, log: RunLog) -> None:
+def write_outputs(workdir, config, results: dict, log: RunLog) -> None:
     """`results.json` and `curves.png`, then the result table and the wall time on the console."""
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    workdir = storage.path(workdir)
+    storage.write_text(workdir / "results.json", json.dumps(results, indent=2))
     plot_curves(
-        os.path.join(workdir, "metrics.jsonl"),
-        os.path.join(workdir, "curves.png"),
+        workdir / "metrics.jsonl",
+        workdir / "curves.png",
         title=f"{config.method}: {config.teacher} + {config.student} on {config.dataset}",
     )
     log.print(format_table(results["summary"], results["eval_split"], results["final_test"]))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,9 +27,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
-from ffcl_jax import checkpoint, export, input_pipeline, losses, models, report, xla_cpu
+from ffcl_jax import checkpoint, export, input_pipeline, losses, models, report, storage, xla_cpu
 from ffcl_jax import workdir as workdir_lib
-from ffcl_jax.config_base import COMPUTE_DTYPES, check_config
+from ffcl_jax.config_base import COMPUTE_DTYPES, check_config, eval_batch_size
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import (
     LossSettings,
@@ -57,7 +56,8 @@ def is_network_role(role: str) -> bool:
 def make_optimizer(
     config: ml_collections.ConfigDict, steps_per_epoch: int, train_teacher: bool = True
 ):
-    """SGD (Nesterov) with per-role weight decay and an epoch-based multistep schedule.
+    """SGD (Nesterov) with per-role weight decay and an epoch-based multistep schedule, after
+    `config.warmup_epochs` of linear warm-up (none by default).
 
     Weight decay is added to the gradient before momentum, as `torch.optim.SGD(weight_decay=...)`
     does, and applies to every parameter of a role (BatchNorm included), as in the FFL and
@@ -69,6 +69,12 @@ def make_optimizer(
         config.learning_rate,
         {int(epoch * steps_per_epoch): config.lr_decay_factor for epoch in config.lr_decay_epochs},
     )
+    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+    if warmup_steps > 0:  # large global batches (Goyal et al., 2017): a linear ramp to the rate
+        decays = schedule
+
+        def schedule(step):
+            return decays(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
 
     def role_mask(predicate: Callable[[str], bool]):
         return lambda params: jax.tree_util.tree_map_with_path(
@@ -291,7 +297,7 @@ def evaluate(
     eval_step, state: TrainState, data_parallel: DataParallel, images, labels, config
 ) -> dict:
     """Top-1 accuracy of every model over the whole split; each example counted exactly once."""
-    local_batch = config.eval_batch_size // jax.process_count()
+    local_batch = eval_batch_size(config, data_parallel.size) // jax.process_count()
     shards = np.array_split(np.arange(len(images)), jax.process_count())
     mine = shards[jax.process_index()]
     num_batches = -(-max(len(s) for s in shards) // local_batch)
@@ -361,6 +367,7 @@ def train_and_evaluate(
     `previous_runs/`. `command` is recorded in `results.json` as what made the run. Returns the
     results.
     """
+    workdir = storage.path(workdir)
     data_parallel = DataParallel(config.mesh.data)
     settings = check_config(config, data_parallel.size)
     is_chief = jax.process_index() == 0
@@ -379,13 +386,13 @@ def train_and_evaluate(
                 config, settings, state, data_parallel, checkpoints, resume_step, notes
             )
             train_step, eval_step = jit_steps(setup, config)
-            metrics_path = os.path.join(workdir, "metrics.jsonl")
             if is_chief:
                 if resume_step is not None:
-                    checkpoint.truncate_metrics_log(metrics_path, resume_step)
-                with open(os.path.join(workdir, "config.json"), "w") as f:
-                    f.write(config.to_json_best_effort(indent=2))
-            log = report.RunLog(workdir, is_chief, config.num_epochs, total_steps)
+                    checkpoint.truncate_metrics_log(workdir / "metrics.jsonl", resume_step)
+                storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+            log = report.RunLog(
+                workdir, is_chief, config.num_epochs, total_steps, config.tensorboard_dir
+            )
             log.print(
                 report.banner(
                     config,

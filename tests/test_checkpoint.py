@@ -31,8 +31,30 @@ CLI_ARGS = [
 ]
 
 
-def run(*args, entry: tuple[str, ...] = ("-m", "ffcl_jax.main")) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+# `python -c` this with the CLI's arguments: the CLI, with SIGTERM arriving at the second batch of
+# epoch 3 (a preemption notice mid-epoch).
+PREEMPT_IN_EPOCH_3 = (
+    "import os, signal, sys\n"
+    "from ffcl_jax import input_pipeline, main\n"
+    "epoch_fn = input_pipeline.TrainData.epoch\n"
+    "def epoch(self, e, **kw):\n"
+    "    for i, batch in enumerate(epoch_fn(self, e, **kw)):\n"
+    "        if e == 2 and i == 1:\n"
+    "            os.kill(os.getpid(), signal.SIGTERM)\n"
+    "        yield batch\n"
+    "input_pipeline.TrainData.epoch = epoch\n"
+    "sys.argv = ['main', *sys.argv[1:]]\n"
+    "main.run()\n"
+)
+
+
+def run(
+    *args, entry: tuple[str, ...] = ("-m", "ffcl_jax.main"), env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The CLI (or `entry`) in a subprocess, with `env` added to this process's environment."""
+    env = dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **env or {}
+    )
     return subprocess.run(
         [sys.executable, *entry, *args],
         cwd=REPO,
@@ -109,20 +131,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, fmnist_dir, t
     with 143, and the rerun continues inside the epoch to the straight run's exact result."""
     workdir = tmp_path / "preempted"
     args = [*CLI_ARGS, f"--config.idx_dir={fmnist_dir}", f"--workdir={workdir}"]
-    code = (
-        "import os, signal, sys\n"
-        "from ffcl_jax import input_pipeline, main\n"
-        "epoch_fn = input_pipeline.TrainData.epoch\n"
-        "def epoch(self, e, **kw):\n"
-        "    for i, batch in enumerate(epoch_fn(self, e, **kw)):\n"
-        "        if e == 2 and i == 1:\n"
-        "            os.kill(os.getpid(), signal.SIGTERM)\n"
-        "        yield batch\n"
-        "input_pipeline.TrainData.epoch = epoch\n"
-        "sys.argv = ['main', *sys.argv[1:]]\n"
-        "main.run()\n"
-    )
-    proc = run(*args, entry=("-c", code))
+    proc = run(*args, entry=("-c", PREEMPT_IN_EPOCH_3))
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "preempted at step 10" in proc.stderr
     with checkpoint.RunCheckpoints(str(workdir), tiny_config("."), read_only=True) as saved:
@@ -275,7 +284,8 @@ def test_fresh_moves_the_old_run_aside(fmnist_dir, tmp_path):
     train.train_and_evaluate(config, str(workdir), fresh=True)
     (previous,) = os.listdir(workdir / "previous_runs")
     moved = _listing(workdir / "previous_runs" / previous)
-    assert moved == old
+    note = moved.pop("moved.txt")  # what was moved, from where, when
+    assert moved == old and note > 0
     assert (workdir / "results.json").exists() and (workdir / "checkpoints").exists()
 
 

@@ -218,17 +218,43 @@ def test_a_workdir_with_a_run_but_no_checkpoint_is_refused_and_left_alone(fmnist
     workdir = tmp_path / "used"
     workdir.mkdir()
     (workdir / "metrics.jsonl").write_text('{"kind": "eval"}\n')
-    with pytest.raises(UserError, match="holds a run .metrics.jsonl. but no checkpoint"):
+    with pytest.raises(UserError, match="holds a run .metrics.jsonl. but neither a checkpoint"):
         train.train_and_evaluate(tiny_config(fmnist_dir), str(workdir))
     assert (workdir / "metrics.jsonl").read_text() == '{"kind": "eval"}\n'
     assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]
+
+
+def test_a_run_that_died_before_its_first_checkpoint_restarts_unattended(fmnist_dir, tmp_path):
+    """What a scheduler's restart loop does: the same command again. With the config the dead
+    run recorded, its outputs go to previous_runs/ and the run starts over; with another
+    config it is refused, naming the keys, and nothing is touched."""
+    config = tiny_config(fmnist_dir)
+    workdir = tmp_path / "restarted"
+    workdir.mkdir()
+    partial = '{"kind": "train", "step": 1}\n'
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / "metrics.jsonl").write_text(partial)
+    (workdir / "checkpoints").mkdir()  # orbax made it; nothing was saved in it
+
+    other = tiny_config(fmnist_dir)
+    other.learning_rate = 0.05
+    with pytest.raises(UserError, match=r"learning_rate=0\.1 then but 0\.05 now"):
+        train.train_and_evaluate(other, str(workdir))
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl"]
+
+    train.train_and_evaluate(config, str(workdir))
+    (moved,) = os.listdir(workdir / "previous_runs")
+    assert (workdir / "previous_runs" / moved / "metrics.jsonl").read_text() == partial
+    assert (workdir / "results.json").exists()
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] >= 1 and rows[-1]["kind"] == "eval"
 
 
 @pytest.mark.parametrize(
     "overrides, num_devices, message",
     [
         ({"batch_size": 30}, 4, "config.batch_size=30 must be a positive multiple of the 4"),
-        ({"eval_batch_size": 0}, 1, "config.eval_batch_size=0 must be a positive multiple"),
+        ({"eval_batch_size": 0}, 1, "config.eval_batch_size must be > 0, got 0"),
         ({"teacher": "resnet9"}, 1, "unknown model 'resnet9'"),
         ({"dataset": "imagenet"}, 1, "unknown dataset 'imagenet'"),
         ({"method": "kd"}, 1, "set --config.teacher_checkpoint to the workdir of a finished"),

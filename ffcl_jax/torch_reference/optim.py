@@ -23,5 +23,15 @@ def make_optimizer(cohort, config, steps_per_epoch: int, train_teacher: bool = T
         groups, lr=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov
     )
     milestones = [int(epoch * steps_per_epoch) for epoch in config.lr_decay_epochs]
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, config.lr_decay_factor)
+    decay = config.lr_decay_factor
+    warmup_steps = int(config.get("warmup_epochs", 0) * steps_per_epoch)
+    if warmup_steps <= 0:
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, decay)
+    else:  # as ffcl_jax.train.make_optimizer: the linear ramp times the step decays
+
+        def factor(step: int) -> float:
+            ramp = min(1.0, (step + 1) / warmup_steps)
+            return ramp * decay ** sum(step >= m for m in milestones)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, schedule

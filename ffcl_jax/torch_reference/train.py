@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from absl import app, flags
 from ml_collections import config_flags
 
-from ffcl_jax import input_pipeline, report
+from ffcl_jax import input_pipeline, report, storage
 from ffcl_jax.methods import fused_feature_stages, resolve_loss_settings
 from ffcl_jax.torch_reference import losses, models, optim
 
@@ -148,7 +148,8 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
     eval_split = "validation" if "validation" in splits else "test"
     spe = len(train_images) // config.batch_size
     cohort, optimizer, schedule, settings_dict, info = build(config, spe, device)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.path(workdir)  # local or gs://
+    storage.prepare_workdir(workdir)
 
     def evaluate_split(name: str) -> dict[str, float]:
         images, labels = splits[name]
@@ -157,7 +158,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
 
     images_nchw, labels_all = as_tensors(train_images, train_labels)
     history, start, step = [], time.time(), 0
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as log:
+    with (workdir / "metrics.jsonl").open("w") as log:
         for epoch in range(config.num_epochs):
             cohort.train()
             for x, y in epoch_batches(images_nchw, labels_all, config, epoch, spe):
@@ -205,8 +206,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
         "final_test": final_test,
         "command": " ".join(["python -m ffcl_jax.torch_reference.train", *sys.argv[1:]]),
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    storage.write_text(workdir / "results.json", json.dumps(results, indent=2))
     print(report.format_table(results["summary"], eval_split, final_test))
     return results
 

@@ -1,9 +1,11 @@
 """Runs `python -m ffcl_jax.main ARGS` and SIGKILLs itself around the checkpoint save of a step.
 
-    python tests/helpers/kill_at_checkpoint.py STEP after|during MAIN_ARGS...
+    python tests/helpers/kill_at_checkpoint.py STEP after|during|before MAIN_ARGS...
 
 `after`: once the save of STEP has completed (a preemption between epochs); `during`: as soon as
-the save of STEP has started writing in the background (a crash in the middle of a save).
+the save of STEP has started writing in the background (a crash in the middle of a save);
+`before`: just before the save of STEP starts (with STEP the first checkpoint: a job killed
+before it ever saved).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ def install(kill_step: int, mode: str) -> None:
     original_save = checkpoint.RunCheckpoints.save
 
     def save(self, step, *args, **kwargs):
+        if step == kill_step and mode == "before":
+            print(f"killing the process before the checkpoint of step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         original_save(self, step, *args, **kwargs)
         if step == kill_step:
             if mode == "after":

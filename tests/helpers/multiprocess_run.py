@@ -65,6 +65,8 @@ config = tiny_config(
     num_epochs=1,
     train_examples=32 * steps + validation,
     validation_size=validation,
+    # A gs:// workdir on the test's GCS emulator: TensorFlow's events writer cannot reach it.
+    tensorboard_dir=os.environ.get("FFCL_TEST_TENSORBOARD_DIR"),
 )
 results = train.train_and_evaluate(config, workdir)
 np.savez(out, **local_copies)
