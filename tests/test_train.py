@@ -385,6 +385,26 @@ def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_smoke_config_runs_unchanged_on_8_devices(fmnist_dir, tmp_path):
+    """Its eval batch of 250 does not divide by 8: it is rounded up to 256 (padding masked)."""
+    workdir = tmp_path / "eight_devices"
+    proc = run_cli(
+        "--config=configs/fashion_mnist.py:smoke",
+        f"--config.idx_dir={fmnist_dir}",
+        "--config.train_examples=128",
+        "--config.test_examples=70",
+        f"--workdir={workdir}",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 cpu device(s)" in proc.stdout
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["config"]["eval_batch_size"] == 250 and len(results["history"]) == 2
+    # Top-1 over 70 images: every image counted once, none of the 186 padding rows.
+    assert all(round(70 * s["last"], 6).is_integer() for s in results["summary"].values())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
