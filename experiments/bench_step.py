@@ -308,9 +308,8 @@ def time_checkpoint(config) -> dict:
     import tempfile
 
     import jax
-    from etils import epath
 
-    from ffcl_jax import checkpoint, parallel, train
+    from ffcl_jax import checkpoint, parallel, storage, train
 
     mesh = parallel.DataParallel(config.mesh.data)
     _, state = train.build(config, train.check_config(config, mesh.size), steps_per_epoch=1000)
@@ -328,10 +327,7 @@ def time_checkpoint(config) -> dict:
             start = time.perf_counter()
             jax.block_until_ready(checkpoints.restore_state(step, state))
             restore.append(time.perf_counter() - start)
-        last = epath.Path(checkpoints.directory) / str(FLAGS.repeats)
-        size = sum(
-            (folder / name).stat().length for folder, _, names in last.walk() for name in names
-        )
+        size = storage.tree_size(storage.path(checkpoints.directory) / str(FLAGS.repeats))
         checkpoints.close()
     return {
         "pair": f"{config.teacher}+{config.student}",

@@ -27,6 +27,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from ffcl_jax import storage
 from ffcl_jax.errors import UserError
+from ffcl_jax.storage import first_line
 
 FORMAT_VERSION = 1
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -107,9 +108,6 @@ def config_differences(
     ]
 
 
-_first_line = storage.first_line
-
-
 def _mismatch(exc: BaseException) -> str | None:
     """For orbax's "tree structures do not match" / shape errors, where they differ first;
     None for anything else (truncated, garbled or missing files)."""
@@ -119,7 +117,7 @@ def _mismatch(exc: BaseException) -> str | None:
         where = lines[1].strip().rstrip(":") if len(lines) > 1 else "the tree"
         return f"its arrays differ from this model's at {where}"
     if "shape" in text.lower() and "DATA_LOSS" not in text:
-        return _first_line(exc)
+        return first_line(exc)
     return None
 
 
@@ -183,7 +181,8 @@ class RunCheckpoints:
     """The run's `CheckpointManager`, with resume checks that fail with a clear `UserError`."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, read_only=False):
-        self.directory = os.fspath(storage.path(workdir) / CHECKPOINT_SUBDIR)
+        directory = storage.path(workdir) / CHECKPOINT_SUBDIR
+        self.directory = os.fspath(directory)
         policies: list = [checkpoint_managers.LatestN(n=max(int(config.keep_checkpoints), 1))]
         if config.best_metric:
             policies.append(
@@ -202,7 +201,7 @@ class RunCheckpoints:
             enable_async_checkpointing=True,
         )
         self.manager = ocp.CheckpointManager(
-            storage.path(self.directory), options=options, item_names=("state", "meta")
+            directory, options=options, item_names=("state", "meta")
         )
 
     def latest_step(self) -> int | None:
@@ -226,7 +225,7 @@ class RunCheckpoints:
             meta = meta["meta"]
         except Exception as exc:  # orbax/tensorstore report damage in many exception types
             raise UserError(
-                f"{where} is unreadable ({_first_line(exc)}); move that step's folder out of "
+                f"{where} is unreadable ({first_line(exc)}); move that step's folder out of "
                 f"{self.directory} to resume from an earlier one, or pass --fresh "
                 "(the old run is moved aside, not deleted)"
             ) from exc
@@ -266,7 +265,7 @@ class RunCheckpoints:
                 ) from exc
             raise UserError(
                 f"checkpoint step {step} in {self.directory} is damaged (its array files are "
-                f"truncated or garbled: {_first_line(exc)}); move that step's folder out of "
+                f"truncated or garbled: {first_line(exc)}); move that step's folder out of "
                 f"{self.directory} to resume from an earlier one, or pass --fresh "
                 "(nothing was deleted)"
             ) from exc
@@ -280,7 +279,7 @@ class RunCheckpoints:
             )
         except Exception as exc:
             raise UserError(
-                f"checkpoint step {step} in {self.directory} is unreadable ({_first_line(exc)})"
+                f"checkpoint step {step} in {self.directory} is unreadable ({first_line(exc)})"
             ) from exc
         return restored["state"]
 
@@ -305,7 +304,7 @@ def open_finished_run(path: str, config: ml_collections.ConfigDict) -> tuple[Run
     try:
         found = (workdir / CHECKPOINT_SUBDIR).is_dir()
     except Exception as exc:  # e.g. a bucket that does not exist, or no access
-        reason = storage.first_line(exc)
+        reason = first_line(exc)
         raise UserError(f"cannot read {path!r} ({reason}); check the path") from exc
     if not found:
         raise UserError(

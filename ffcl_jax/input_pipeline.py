@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ffcl_jax import storage
 from ffcl_jax.errors import UserError
 
 
@@ -95,8 +96,6 @@ def dataset_info(name: str) -> DatasetInfo:
 
 def _open_maybe_gz(directory: str, stem: str):
     """`(path, binary stream)` of `stem.gz` or `stem` in `directory` (local or gs://)."""
-    from ffcl_jax import storage
-
     for name, gzipped in ((stem + ".gz", True), (stem, False)):
         path = storage.path(directory) / name
         if path.exists():

@@ -81,18 +81,14 @@ def write_text(target: epath.Path, text: str) -> None:
     tmp.replace(target)
 
 
-def append_text(target: epath.Path, text: str, whole: str | None = None) -> None:
+def append_text(target: epath.Path, text: str, whole: str) -> None:
     """Appends `text` to `target`. Cloud Storage objects cannot grow, so there the file is
     rewritten as `whole` (the caller's full content, `text` included)."""
     if is_remote(target):
-        target.write_text(whole if whole is not None else _read_or_empty(target) + text)
+        target.write_text(whole)
     else:
         with open(os.fspath(target), "a") as f:
             f.write(text)
-
-
-def _read_or_empty(target: epath.Path) -> str:
-    return target.read_text() if target.exists() else ""
 
 
 def tree_size(top: epath.Path) -> int:

@@ -332,17 +332,23 @@ def run_cli(*args, **env_overrides):
     )
 
 
+def run_smoke_cli(fmnist_dir, workdir, *args, **env_overrides):
+    """The `:smoke` config through the CLI, on the toy data: 128 training, 70 test images."""
+    return run_cli(
+        "--config=configs/fashion_mnist.py:smoke",
+        f"--config.idx_dir={fmnist_dir}",
+        "--config.train_examples=128",
+        "--config.test_examples=70",
+        *args,
+        f"--workdir={workdir}",
+        **env_overrides,
+    )
+
+
 @pytest.mark.slow
 def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     workdir = tmp_path / "cli"
-    proc = run_cli(
-        "--config=configs/fashion_mnist.py:smoke",
-        f"--config.idx_dir={fmnist_dir}",
-        "--config.method=dml",
-        "--config.train_examples=128",
-        "--config.test_examples=70",
-        f"--workdir={workdir}",
-    )
+    proc = run_smoke_cli(fmnist_dir, workdir, "--config.method=dml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "method dml" in proc.stdout and "img/s" in proc.stdout and "ETA" in proc.stdout
     assert "batch 64, float32 compute |" in proc.stdout  # the banner names the precision
@@ -365,14 +371,11 @@ def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
     """Also in float64, which the CLI runs with 64-bit JAX turned on (the parity tests' exact
     comparisons use the same compute dtype)."""
     workdir = tmp_path / "two_devices"
-    proc = run_cli(
-        "--config=configs/fashion_mnist.py:smoke",
-        f"--config.idx_dir={fmnist_dir}",
-        "--config.train_examples=128",
-        "--config.test_examples=70",
+    proc = run_smoke_cli(
+        fmnist_dir,
+        workdir,
         "--config.eval_batch_size=20",
         "--config.compute_dtype=float64",
-        f"--workdir={workdir}",
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -388,14 +391,7 @@ def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
 def test_the_smoke_config_runs_unchanged_on_8_devices(fmnist_dir, tmp_path):
     """Its eval batch of 250 does not divide by 8: it is rounded up to 256 (padding masked)."""
     workdir = tmp_path / "eight_devices"
-    proc = run_cli(
-        "--config=configs/fashion_mnist.py:smoke",
-        f"--config.idx_dir={fmnist_dir}",
-        "--config.train_examples=128",
-        "--config.test_examples=70",
-        f"--workdir={workdir}",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    )
+    proc = run_smoke_cli(fmnist_dir, workdir, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 cpu device(s)" in proc.stdout
     results = json.loads((workdir / "results.json").read_text())
