@@ -17,7 +17,9 @@ method's selection over the seeds every grid configuration finished, the full tr
 test top-1 at the last epoch: independent, KD, DML, FFL and FFCL (selected) for 5 seeds, the
 selected FFCL with each of its terms off for 3, and the PyTorch reference's independent and
 selected FFCL for 3 (`final_runs`); its table goes between the `final` markers of the study file
-and `<final_output>.json`.
+and `<final_output>.json`, its student curves to `<final_output>_student.png`, and its summary
+(the five methods and FFCL's paired differences) between the README's `fashion-mnist-study`
+markers (`--readme`).
 
 Each run is one `python -m ffcl_jax.main` subprocess in its own workdir under `--root`; a run
 whose results exist (there, or as the committed copy under `<output>_runs/`) is skipped, and an
@@ -252,8 +254,11 @@ def final_runs(selected: dict[str, dict]) -> list[tuple[run_table.Run, tuple[int
     return rows
 
 
-def final_report(rows, final_args, study_file: str, selection: dict | None = None) -> dict:
-    """Last-epoch test top-1 per row, and the paired differences the protocol reads."""
+def final_report(
+    rows, final_args, study_file: str, selection: dict | None = None, readme: str | None = None
+) -> dict:
+    """Last-epoch test top-1 per row, the paired differences the protocol reads, the student
+    curves (`<output>_student.png`) and, with `readme`, the summary the README shows."""
     records = []
     for run, seeds in rows:
         for seed in seeds:
@@ -269,41 +274,85 @@ def final_report(rows, final_args, study_file: str, selection: dict | None = Non
                         "command": run_table.shown_command(run, seed, final_args),
                         "wall_seconds": results.get("wall_seconds"),
                         "summary": results["summary"],
+                        "history": results["history"],
                     }
                 )
 
     def of(name, framework="jax"):
-        return [r for r in records if r["method"] == name and r["framework"] == framework]
+        return run_table.runs_of(records, name, framework)
+
+    def students(name, framework="jax"):
+        return [r["summary"]["student"]["last"] for r in of(name, framework)]
 
     lines = [
         "Test top-1 (%) at the last epoch, mean ± std over seeds, full training split. Paired",
         "differences of the student in points with 95% t-intervals; **bold**: the interval",
-        "excludes 0. Regenerate with `python experiments/method_study.py --report_only`.",
+        "excludes 0. `wall / run`: each run's own training time (other work sometimes shared",
+        "the 2 cores). Regenerate with `python experiments/method_study.py --report_only`.",
         "",
-        "| row | framework | seeds | student | teacher | fused | ensemble |",
-        "|---|---|---|---|---|---|---|",
+        "| row | what | framework | seeds | student | teacher | fused | ensemble | wall / run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run, seeds in rows:
         mine = of(run.name, run.framework)
-        cells = [run.name, run.framework, f"{len(mine)}/{len(seeds)}"]
+        cells = [run.name, run.description, run.framework, f"{len(mine)}/{len(seeds)}"]
         for model in MODELS:
             values = [r["summary"][model]["last"] for r in mine if model in r["summary"]]
             cells.append(run_table.mean_std(values) if values or not mine else "n/a")
+        walls = [r["wall_seconds"] for r in mine if r["wall_seconds"]]
+        cells.append(f"{statistics.fmean(walls) / 60:.1f} min" if walls else "pending")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| comparison | student difference |", "|---|---|"]
+    comparisons = {}
     for baseline in ("independent", "kd", "dml", "ffl"):
         diff = run_table.paired_difference(of("ffcl"), of(baseline))
-        lines.append(f"| ffcl - {baseline} | {run_table.format_difference(diff, None)} |")
+        comparisons[baseline] = run_table.format_difference(diff, None)
+    lines += ["", "| comparison | student difference |", "|---|---|"]
+    lines += [f"| ffcl - {b} (paired by seed) | {text} |" for b, text in comparisons.items()]
     for run, _ in rows:
         if run.ablation:
             diff = run_table.paired_difference(of(run.name), of("ffcl"))
-            lines.append(f"| {run.name} - ffcl | {run_table.format_difference(diff, None)} |")
+            lines.append(
+                f"| {run.name} - ffcl (paired by seed) | "
+                f"{run_table.format_difference(diff, None)} |"
+            )
+    for name in ("independent", "ffcl"):  # different draws for a seed: not paired
+        diff = run_table.framework_difference(students(name, "pytorch"), students(name))
+        lines.append(
+            f"| {name}: pytorch - jax (unpaired, Welch) | "
+            f"{run_table.format_difference(diff, None)} |"
+        )
+    curves = os.path.basename(final_args.output) + "_student.png"
+    if records:
+        run_table.plot_students(
+            records, final_args.output + "_student.png", tuple(run for run, _ in rows)
+        )
+        lines += ["", f"Student test top-1 per epoch, mean over seeds: `{curves}`."]
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in records]
     with open(final_args.output + ".json", "w") as f:
         json.dump({"selection": selection, "runs": records}, f, indent=1)
     if os.path.exists(study_file):
         readme_block.replace_block("final", "\n".join(lines), path=study_file)
+    if readme is not None:
+        readme_block.replace_block(
+            "fashion-mnist-study", "\n".join(readme_summary(rows, of, comparisons)), path=readme
+        )
     return {"runs": records}
+
+
+def readme_summary(rows, of, comparisons: dict[str, str]) -> list[str]:
+    """The README's part of the final table: the five methods' students and FFCL's paired
+    differences, the same cells as the study file's (made by the same code from the same runs)."""
+    lines = [
+        "| method (selected setting) | student test top-1 (%) | FFCL minus it, 95% interval |",
+        "|---|---|---|",
+    ]
+    for run, seeds in rows:
+        if run.ablation or run.framework != "jax":
+            continue
+        values = [r["summary"]["student"]["last"] for r in of(run.name)]
+        cell = f"{run_table.mean_std(values)} ({len(values)}/{len(seeds)} seeds)"
+        lines.append(f"| {run.description} | {cell} | {comparisons.get(run.name, '-')} |")
+    return lines
 
 
 def parse_args(argv=None):
@@ -342,6 +391,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--final_output",
         default=os.path.join(ROOT, "experiments", "results", "fashion_mnist_final"),
+    )
+    parser.add_argument(
+        "--readme",
+        default=readme_block.README,
+        help="the file whose fashion-mnist-study block gets the final table's summary",
     )
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
@@ -385,9 +439,9 @@ def run_final(args, child: dict | None, rows, selection: dict) -> None:
         for run, seed in order:
             if child is not None and not run_table.finished(run, seed, final_args):
                 run_table.execute(run, seed, final_args, child)
-                final_report(rows, final_args, args.study_file, selection)
+                final_report(rows, final_args, args.study_file, selection, args.readme)
     finally:
-        final_report(rows, final_args, args.study_file, selection)
+        final_report(rows, final_args, args.study_file, selection, args.readme)
 
 
 def main(argv=None) -> None:

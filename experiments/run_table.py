@@ -425,14 +425,15 @@ def write_markdown(rows: list[dict], records: list[dict], args, protocol: str) -
         readme_block.replace_block("fashion-mnist-table", "\n".join(table), TABLE_DOC)
 
 
-def plot_students(records: list[dict], path: str) -> None:
+def plot_students(records: list[dict], path: str, runs: tuple[Run, ...] = RUNS) -> None:
+    """Student top-1 per epoch (the runs' evaluated split), mean over seeds, one line a row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    for run in RUNS:
+    for run in runs:
         mine = runs_of(records, run.name, run.framework)
         if not mine:
             continue

@@ -460,6 +460,7 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
     import argparse
 
     import method_study
+    import scipy.stats
 
     best = "ffcl-fused-reg0.1"
     records = [
@@ -504,19 +505,46 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
         output=str(tmp_path / "final"),
         extra=[],
     )
-    for (name, framework), value in {("ffcl", "jax"): 0.90, ("independent", "jax"): 0.89}.items():
+    finished = {
+        ("ffcl", "jax"): 0.90,
+        ("independent", "jax"): 0.89,
+        ("independent", "pytorch"): 0.88,
+        ("ffcl-feature", "jax"): 0.87,
+    }
+    for (name, framework), value in finished.items():
         run = by_name[(name, framework)][0]
         for seed in (0, 1):
             folder = tmp_path / "runs" / run_table.run_id(run, seed)
             folder.mkdir(parents=True)
-            summary = {"student": {"last": value + 0.001 * seed, "best": 0.0}}
-            (folder / "results.json").write_text(json.dumps({"summary": summary, "history": []}))
-    study = tmp_path / "study.md"
+            last = value + 0.001 * seed
+            summary = {"student": {"last": last, "best": last}}
+            history = [{"epoch": 1, "student": last - 0.02}, {"epoch": 2, "student": last}]
+            results = {"summary": summary, "history": history, "wall_seconds": 600.0}
+            (folder / "results.json").write_text(json.dumps(results))
+    study, readme = tmp_path / "study.md", tmp_path / "README.md"
     study.write_text("<!-- final:start -->\n<!-- final:end -->\n")
-    method_study.final_report(rows, final_args, str(study), {"seeds": [0]})
+    block = "<!-- fashion-mnist-study:start -->\n<!-- fashion-mnist-study:end -->"
+    readme.write_text(f"a\n{block}\nb\n")
+    method_study.final_report(rows, final_args, str(study), {"seeds": [0]}, str(readme))
     text = study.read_text()
-    assert "| ffcl - independent | **+1.00 [+1.00, +1.00]** (n=2) |" in text
-    assert "| ffcl | jax | 2/5 | 90.05 ± 0.07 |" in text
-    assert "| dml | jax | 0/5 | pending |" in text
+    assert "| ffcl - independent (paired by seed) | **+1.00 [+1.00, +1.00]** (n=2) |" in text
+    assert "| ffcl - dml (paired by seed) | pending |" in text
+    assert "| ffcl-feature - ffcl (paired by seed) | **-3.00 [-3.00, -3.00]** (n=2) |" in text
+    welch = scipy.stats.ttest_ind([88.0, 88.1], [89.0, 89.1], equal_var=False)
+    interval = welch.confidence_interval(0.95)
+    framework_cell = f"**-1.00 [{interval.low:+.2f}, {interval.high:+.2f}]** (n=2/2)"
+    assert f"| independent: pytorch - jax (unpaired, Welch) | {framework_cell} |" in text
+    assert "| ffcl: pytorch - jax (unpaired, Welch) | pending |" in text
+    assert "| jax | 2/5 | 90.05 ± 0.07 | n/a | n/a | n/a | 10.0 min |" in text
+    assert "| dml | Deep Mutual Learning | jax | 0/5 | pending |" in text
+    assert (tmp_path / "final_student.png").stat().st_size > 0
+    # The README's summary: the same cells, the methods only.
+    summary = readme.read_text().split("\n")
+    assert summary[0] == "a" and summary[-2] == "b"
+    ffcl_line = next(line for line in summary if line.startswith("| FFCL, selected"))
+    assert "| 90.05 ± 0.07 (2/5 seeds) | - |" in ffcl_line
+    independent_line = next(line for line in summary if line.startswith("| T and S"))
+    assert "| 89.05 ± 0.07 (2/5 seeds) | **+1.00 [+1.00, +1.00]** (n=2) |" in independent_line
+    assert not any("ffcl-feature" in line or "PyTorch" in line for line in summary)
     # Each finished run's results are kept beside the report, to be committed.
     assert (tmp_path / "final_runs" / "jax_ffcl_seed1" / "results.json").exists()
