@@ -449,6 +449,7 @@ def plot_students(records: list[dict], path: str, runs: tuple[Run, ...] = RUNS) 
             marker="o",
             label=f"{run.name} ({run.framework}, {len(curves)} seeds)",
         )
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel("student test top-1 (%), mean over seeds")
     ax.grid(alpha=0.3)
