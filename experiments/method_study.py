@@ -164,7 +164,8 @@ def report(args) -> dict:
     lines = [
         f"Validation top-1 (%) at the last epoch, on the {args.validation_size} held-out training",
         "images, mean over the finished seeds (each seed's value in brackets); the selected",
-        "configuration of each method in **bold**. Regenerate with",
+        "configuration of each method in **bold**. `wall / run`: each run's own training time",
+        "(other work sometimes shared the 2 cores). Regenerate with",
         "`python experiments/method_study.py --report_only`.",
         "",
         "| configuration | what | seeds | student | teacher | fused | ensemble | wall / run |",
