@@ -38,6 +38,7 @@ import statistics
 
 import readme_block  # experiments/, beside this script
 import run_table
+import study_stats
 
 ROOT = run_table.ROOT
 VALIDATION_SIZE = 5000
@@ -299,28 +300,28 @@ def final_report(
         cells = [run.name, run.description, run.framework, f"{len(mine)}/{len(seeds)}"]
         for model in MODELS:
             values = [r["summary"][model]["last"] for r in mine if model in r["summary"]]
-            cells.append(run_table.mean_std(values) if values or not mine else "n/a")
+            cells.append(study_stats.mean_std(values) if values or not mine else "n/a")
         walls = [r["wall_seconds"] for r in mine if r["wall_seconds"]]
         cells.append(f"{statistics.fmean(walls) / 60:.1f} min" if walls else "pending")
         lines.append("| " + " | ".join(cells) + " |")
     comparisons = {}
     for baseline in ("independent", "kd", "dml", "ffl"):
-        diff = run_table.paired_difference(of("ffcl"), of(baseline))
-        comparisons[baseline] = run_table.format_difference(diff, None)
+        diff = study_stats.paired_difference(of("ffcl"), of(baseline))
+        comparisons[baseline] = study_stats.format_difference(diff, None)
     lines += ["", "| comparison | student difference |", "|---|---|"]
     lines += [f"| ffcl - {b} (paired by seed) | {text} |" for b, text in comparisons.items()]
     for run, _ in rows:
         if run.ablation:
-            diff = run_table.paired_difference(of(run.name), of("ffcl"))
+            diff = study_stats.paired_difference(of(run.name), of("ffcl"))
             lines.append(
                 f"| {run.name} - ffcl (paired by seed) | "
-                f"{run_table.format_difference(diff, None)} |"
+                f"{study_stats.format_difference(diff, None)} |"
             )
     for name in ("independent", "ffcl"):  # different draws for a seed: not paired
-        diff = run_table.framework_difference(students(name, "pytorch"), students(name))
+        diff = study_stats.framework_difference(students(name, "pytorch"), students(name))
         lines.append(
             f"| {name}: pytorch - jax (unpaired, Welch) | "
-            f"{run_table.format_difference(diff, None)} |"
+            f"{study_stats.format_difference(diff, None)} |"
         )
     curves = os.path.basename(final_args.output) + "_student.png"
     if records:
@@ -351,7 +352,7 @@ def readme_summary(rows, of, comparisons: dict[str, str]) -> list[str]:
         if run.ablation or run.framework != "jax":
             continue
         values = [r["summary"]["student"]["last"] for r in of(run.name)]
-        cell = f"{run_table.mean_std(values)} ({len(values)}/{len(seeds)} seeds)"
+        cell = f"{study_stats.mean_std(values)} ({len(values)}/{len(seeds)} seeds)"
         lines.append(f"| {run.description} | {cell} | {comparisons.get(run.name, '-')} |")
     return lines
 

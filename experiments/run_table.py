@@ -34,7 +34,7 @@ import sys
 import time
 
 import readme_block  # experiments/, beside this script
-import scipy.stats
+import study_stats
 
 from ffcl_jax import storage  # --root may be local or gs://
 
@@ -221,15 +221,6 @@ def collect(args) -> list[dict]:
     return records
 
 
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "pending"
-    mean = 100 * statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
-
-
 def runs_of(records: list[dict], method: str, framework: str) -> list[dict]:
     """The finished runs of one row (all its seeds)."""
     return [r for r in records if r["method"] == method and r["framework"] == framework]
@@ -241,51 +232,6 @@ def reference_of(run: Run) -> str | None:
     if run.ablation:
         return "ffcl"
     return None if run.name == "independent" else "independent"
-
-
-def paired_difference(mine: list[dict], reference: list[dict], model: str = "student") -> dict:
-    """Last-epoch top-1 of `mine` minus `reference`, paired by seed (the same seed gives both runs
-    the same initialisation draws and batch order), with a 95% Student-t interval."""
-    by_seed = {r["seed"]: r["summary"][model]["last"] for r in reference if model in r["summary"]}
-    diffs = [
-        100 * (r["summary"][model]["last"] - by_seed[r["seed"]])
-        for r in mine
-        if model in r["summary"] and r["seed"] in by_seed
-    ]
-    out = {"n": len(diffs), "mean": statistics.fmean(diffs) if diffs else None}
-    if len(diffs) >= 2:
-        interval = scipy.stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
-        out["ci95"] = [interval.low, interval.high]
-    return out
-
-
-def format_difference(diff: dict | None, reference: str | None) -> str:
-    """`+0.40 [+0.15, +0.65] vs reference (n=3)`; "-" without a difference to show."""
-    if diff is None:
-        return "-"
-    if diff.get("mean") is None:
-        return "pending"
-    text = f"{diff['mean']:+.2f}"
-    if "ci95" in diff:
-        low, high = diff["ci95"]
-        text += f" [{low:+.2f}, {high:+.2f}]"
-        if low > 0 or high < 0:
-            text = f"**{text}**"
-    n = "/".join(map(str, diff["n"])) if isinstance(diff["n"], list) else diff["n"]
-    return f"{text} vs {reference} (n={n})" if reference else f"{text} (n={n})"
-
-
-def framework_difference(pytorch: list[float], jax_: list[float]) -> dict:
-    """PyTorch minus JAX (top-1 in points), unpaired: the two draw different initial weights and
-    batches for the same seed. Welch's 95% interval when both have >= 2 seeds."""
-    out = {"n": [len(pytorch), len(jax_)]}
-    if pytorch and jax_:
-        out["mean"] = 100 * (statistics.fmean(pytorch) - statistics.fmean(jax_))
-    if len(pytorch) >= 2 and len(jax_) >= 2:
-        test = scipy.stats.ttest_ind(pytorch, jax_, equal_var=False)
-        interval = test.confidence_interval(0.95)
-        out["ci95"] = [100 * interval.low, 100 * interval.high]
-    return out
 
 
 def claim_lines(records: list[dict]) -> list[str]:
@@ -306,18 +252,17 @@ def claim_lines(records: list[dict]) -> list[str]:
         "|---|---|",
     ]
     for baseline in ("independent", "kd", "dml", "ffl"):
-        diff = paired_difference(runs("ffcl"), runs(baseline))
-        lines.append(
-            f"| ffcl - {baseline} (jax, paired by seed) | {format_difference(diff, None)} |"
-        )
+        diff = study_stats.paired_difference(runs("ffcl"), runs(baseline))
+        cell = study_stats.format_difference(diff, None)
+        lines.append(f"| ffcl - {baseline} (jax, paired by seed) | {cell} |")
     # The table's Δ column is the student's; an ablation can move the other models too.
     for run in (r for r in RUNS if r.ablation and r.framework == "jax"):
         reference = reference_of(run)  # the row's `student Δ` reference, as in the table
         for model in MODELS[1:]:
-            diff = paired_difference(runs(run.name), runs(reference), model)
+            diff = study_stats.paired_difference(runs(run.name), runs(reference), model)
             lines.append(
                 f"| {run.name} {model}: minus {reference} (jax, paired by seed) | "
-                f"{format_difference(diff, None)} |"
+                f"{study_stats.format_difference(diff, None)} |"
             )
     for method in ("independent", "ffcl"):
         for model in MODELS:
@@ -331,10 +276,10 @@ def claim_lines(records: list[dict]) -> list[str]:
             }
             if not (values["pytorch"] or values["jax"]):
                 continue
-            diff = framework_difference(values["pytorch"], values["jax"])
+            diff = study_stats.framework_difference(values["pytorch"], values["jax"])
             lines.append(
                 f"| {method} {model}: pytorch - jax (unpaired, Welch) | "
-                f"{format_difference(diff, None)} |"
+                f"{study_stats.format_difference(diff, None)} |"
             )
     return lines
 
@@ -360,7 +305,7 @@ def aggregate(records: list[dict], args) -> list[dict]:
         row["reference"] = reference_of(run)
         if row["reference"] is not None:
             theirs = runs_of(records, row["reference"], run.framework)
-            row["student_difference"] = paired_difference(mine, theirs)
+            row["student_difference"] = study_stats.paired_difference(mine, theirs)
         rows.append(row)
     return rows
 
@@ -402,8 +347,8 @@ def write_markdown(rows: list[dict], records: list[dict], args, protocol: str) -
             elif not done:
                 cells.append("pending")
             else:
-                cells.append(f"{mean_std(last)} / {mean_std(best)}")
-        cells.append(format_difference(row.get("student_difference"), row["reference"]))
+                cells.append(f"{study_stats.mean_std(last)} / {study_stats.mean_std(best)}")
+        cells.append(study_stats.format_difference(row.get("student_difference"), row["reference"]))
         wall = row["wall_seconds_mean"]
         cells.append(f"{wall / 60:.1f} min" if wall else "pending")
         lines.append("| " + " | ".join(cells) + " |")

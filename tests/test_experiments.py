@@ -20,6 +20,7 @@ pytest.importorskip("torch")
 
 import bench_results  # noqa: E402
 import run_table  # noqa: E402
+import study_stats  # noqa: E402
 
 TINY = [
     "--config=configs/fashion_mnist.py",
@@ -326,20 +327,20 @@ def test_paired_difference_matches_a_paired_t_test():
 
     mine = records({0: 0.894, 1: 0.889, 2: 0.895})
     reference = records({2: 0.890, 0: 0.891, 1: 0.885, 3: 0.5})  # seed 3: no partner, unused
-    diff = run_table.paired_difference(mine, reference)
+    diff = study_stats.paired_difference(mine, reference)
     expected = scipy.stats.ttest_rel([89.4, 88.9, 89.5], [89.1, 88.5, 89.0])
     assert diff["n"] == 3
     assert diff["mean"] == pytest.approx((0.3 + 0.4 + 0.5) / 3)
     interval = expected.confidence_interval(0.95)
     assert diff["ci95"] == pytest.approx([interval.low, interval.high])
-    cell = run_table.format_difference(diff, "independent")
+    cell = study_stats.format_difference(diff, "independent")
     assert cell.startswith("**+0.40 [") and cell.endswith("vs independent (n=3)")  # excludes 0
-    single = run_table.paired_difference(mine[:1], reference)
+    single = study_stats.paired_difference(mine[:1], reference)
     assert "ci95" not in single
-    assert run_table.format_difference(single, "ffcl") == "+0.30 vs ffcl (n=1)"
-    wide = run_table.paired_difference(records({0: 0.893, 1: 0.888}), reference)
-    assert run_table.format_difference(wide, "ffcl").startswith("+0.25 [")  # includes 0: plain
-    assert run_table.format_difference(None, None) == "-"
+    assert study_stats.format_difference(single, "ffcl") == "+0.30 vs ffcl (n=1)"
+    wide = study_stats.paired_difference(records({0: 0.893, 1: 0.888}), reference)
+    assert study_stats.format_difference(wide, "ffcl").startswith("+0.25 [")  # includes 0: plain
+    assert study_stats.format_difference(None, None) == "-"
 
 
 def test_claim_section_pairs_ffcl_with_each_baseline_and_compares_frameworks():

@@ -1,0 +1,62 @@
+"""Statistics of the result tables: mean +- std over seeds, paired and unpaired differences of
+top-1 in points with 95% t-intervals, and their table cells."""
+
+from __future__ import annotations
+
+import statistics
+
+import scipy.stats
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "pending"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def paired_difference(mine: list[dict], reference: list[dict], model: str = "student") -> dict:
+    """Last-epoch top-1 of `mine` minus `reference`, paired by seed (the same seed gives both runs
+    the same initialisation draws and batch order), with a 95% Student-t interval."""
+    by_seed = {r["seed"]: r["summary"][model]["last"] for r in reference if model in r["summary"]}
+    diffs = [
+        100 * (r["summary"][model]["last"] - by_seed[r["seed"]])
+        for r in mine
+        if model in r["summary"] and r["seed"] in by_seed
+    ]
+    out = {"n": len(diffs), "mean": statistics.fmean(diffs) if diffs else None}
+    if len(diffs) >= 2:
+        interval = scipy.stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+        out["ci95"] = [interval.low, interval.high]
+    return out
+
+
+def format_difference(diff: dict | None, reference: str | None) -> str:
+    """`+0.40 [+0.15, +0.65] vs reference (n=3)`; "-" without a difference to show."""
+    if diff is None:
+        return "-"
+    if diff.get("mean") is None:
+        return "pending"
+    text = f"{diff['mean']:+.2f}"
+    if "ci95" in diff:
+        low, high = diff["ci95"]
+        text += f" [{low:+.2f}, {high:+.2f}]"
+        if low > 0 or high < 0:
+            text = f"**{text}**"
+    n = "/".join(map(str, diff["n"])) if isinstance(diff["n"], list) else diff["n"]
+    return f"{text} vs {reference} (n={n})" if reference else f"{text} (n={n})"
+
+
+def framework_difference(pytorch: list[float], jax_: list[float]) -> dict:
+    """PyTorch minus JAX (top-1 in points), unpaired: the two draw different initial weights and
+    batches for the same seed. Welch's 95% interval when both have >= 2 seeds."""
+    out = {"n": [len(pytorch), len(jax_)]}
+    if pytorch and jax_:
+        out["mean"] = 100 * (statistics.fmean(pytorch) - statistics.fmean(jax_))
+    if len(pytorch) >= 2 and len(jax_) >= 2:
+        test = scipy.stats.ttest_ind(pytorch, jax_, equal_var=False)
+        interval = test.confidence_interval(0.95)
+        out["ci95"] = [100 * interval.low, 100 * interval.high]
+    return out
