@@ -412,6 +412,21 @@ def parse_args(argv=None):
     return args
 
 
+def progress_line(phase: str, plan: list, args) -> str:
+    """How far a phase is: `plan` is its (run, seed) pairs, `args` where their results live."""
+    walls = [
+        (results or {}).get("wall_seconds")
+        for results in (run_table.finished(run, seed, args) for run, seed in plan)
+    ]
+    done = [w for w in walls if w is not None]
+    line = f"== {phase}: {len(done)} of {len(plan)} runs finished"
+    timed = [w for w in done if w]
+    if timed and len(done) < len(plan):
+        left = (len(plan) - len(done)) * statistics.fmean(timed) / 3600
+        line += f", about {left:.1f} h left at the finished runs' mean"
+    return line
+
+
 def final_selection(args) -> tuple[dict | None, list[int]]:
     """The selection the final comparison uses: over the seeds every grid configuration has
     finished (None while no seed is complete)."""
@@ -440,6 +455,7 @@ def run_final(args, child: dict | None, rows, selection: dict) -> None:
     try:
         for run, seed in order:
             if child is not None and not run_table.finished(run, seed, final_args):
+                print(progress_line("final comparison", order, final_args), flush=True)
                 run_table.execute(run, seed, final_args, child)
                 final_report(rows, final_args, args.study_file, selection, args.readme)
     finally:
@@ -451,11 +467,12 @@ def main(argv=None) -> None:
     child = {"process": None}
     with run_table.stopping_on_signals(child):
         if not args.report_only and args.phase in ("select", "all"):
-            for seed in args.all_seeds:
-                for run in args.selected:
-                    if not run_table.finished(run, seed, args):
-                        run_table.execute(run, seed, args, child)
-                        report(args)  # each finished run's summary at once
+            plan = [(run, seed) for seed in args.all_seeds for run in args.selected]
+            for run, seed in plan:
+                if not run_table.finished(run, seed, args):
+                    print(progress_line("selection", plan, args), flush=True)
+                    run_table.execute(run, seed, args, child)
+                    report(args)  # each finished run's summary at once
         if args.phase in ("final", "all"):
             selected, seeds = final_selection(args)
             if selected is None:

@@ -422,7 +422,7 @@ def test_study_selection_reads_validation_only():
     assert {r.name.split("-")[0] for r in method_study.GRID[:8]} == {"ffcl"}
 
 
-def test_study_driver_runs_the_grid_on_a_validation_split(fmnist_dir, tmp_path):
+def test_study_driver_runs_the_grid_on_a_validation_split(fmnist_dir, tmp_path, capsys):
     import method_study
 
     root, output = tmp_path / "runs", tmp_path / "out" / "selection"
@@ -444,6 +444,10 @@ def test_study_driver_runs_the_grid_on_a_validation_split(fmnist_dir, tmp_path):
         ]
     )
     assert sorted(os.listdir(root)) == ["jax_ffcl-fused-reg0.1_seed0", "jax_ffl-tau2_seed0"]
+    progress = [x for x in capsys.readouterr().out.splitlines() if x.startswith("== selection")]
+    assert progress[0] == "== selection: 0 of 2 runs finished"
+    assert progress[1].startswith("== selection: 1 of 2 runs finished, about 0.0 h left")
+    assert len(progress) == 2
     summary = json.loads((tmp_path / "out" / "selection.json").read_text())
     assert set(summary["selected"]) == {"ffcl", "ffl"}
     commands = " ".join(r["command"] for r in summary["runs"])
@@ -539,6 +543,11 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
     assert "| jax | 2/5 | 90.05 ± 0.07 | n/a | n/a | n/a | 10.0 min |" in text
     assert "| dml | Deep Mutual Learning | jax | 0/5 | pending |" in text
     assert (tmp_path / "final_student.png").stat().st_size > 0
+    plan = [(run, seed) for run, seeds in rows for seed in seeds]
+    hours = (len(plan) - 8) * 600 / 3600
+    progress = method_study.progress_line("final", plan, final_args)
+    expected = f"== final: 8 of {len(plan)} runs finished, about {hours:.1f} h left"
+    assert progress == expected + " at the finished runs' mean"
     # The README's summary: the same cells, the methods only.
     summary = readme.read_text().split("\n")
     assert summary[0] == "a" and summary[-2] == "b"
