@@ -345,7 +345,7 @@ def readme_summary(rows, of, comparisons: dict[str, str]) -> list[str]:
     """The README's part of the final table: the five methods' students and FFCL's paired
     differences, the same cells as the study file's (made by the same code from the same runs)."""
     lines = [
-        "| method (selected setting) | student test top-1 (%) | FFCL minus it, 95% interval |",
+        "| method | student test top-1 (%) | FFCL minus it, 95% interval |",
         "|---|---|---|",
     ]
     for run, seeds in rows:
@@ -353,7 +353,8 @@ def readme_summary(rows, of, comparisons: dict[str, str]) -> list[str]:
             continue
         values = [r["summary"]["student"]["last"] for r in of(run.name)]
         cell = f"{study_stats.mean_std(values)} ({len(values)}/{len(seeds)} seeds)"
-        lines.append(f"| {run.description} | {cell} | {comparisons.get(run.name, '-')} |")
+        what = f"{run.name} ({run.description})"
+        lines.append(f"| {what} | {cell} | {comparisons.get(run.name, '-')} |")
     return lines
 
 

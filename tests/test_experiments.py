@@ -551,9 +551,9 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
     # The README's summary: the same cells, the methods only.
     summary = readme.read_text().split("\n")
     assert summary[0] == "a" and summary[-2] == "b"
-    ffcl_line = next(line for line in summary if line.startswith("| FFCL, selected"))
+    ffcl_line = next(x for x in summary if x.startswith("| ffcl (FFCL, selected: ffcl-fused"))
     assert "| 90.05 ± 0.07 (2/5 seeds) | - |" in ffcl_line
-    independent_line = next(line for line in summary if line.startswith("| T and S"))
+    independent_line = next(line for line in summary if line.startswith("| independent (T and S"))
     assert "| 89.05 ± 0.07 (2/5 seeds) | **+1.00 [+1.00, +1.00]** (n=2) |" in independent_line
     assert not any("ffcl-feature" in line or "PyTorch" in line for line in summary)
     # Each finished run's results are kept beside the report, to be committed.
