@@ -457,6 +457,7 @@ def run_final(args, child: dict | None, rows, selection: dict) -> None:
         for run, seed in order:
             if child is not None and not run_table.finished(run, seed, final_args):
                 print(progress_line("final comparison", order, final_args), flush=True)
+                run_table.ensure_teacher(run, seed, final_args, child)
                 run_table.execute(run, seed, final_args, child)
                 final_report(rows, final_args, args.study_file, selection, args.readme)
     finally:

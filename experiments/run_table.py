@@ -122,8 +122,34 @@ def run_workdir(run: Run, seed: int, args):
 
 
 def teacher_workdir(run: Run, seed: int, args) -> str:
-    """kd: the workdir of the run (same seed) whose teacher it distils."""
-    return os.fspath(run_workdir(find_run(run.needs, run.framework), seed, args))
+    """kd: the workdir of the run (same seed) whose teacher it distils: that run's own under
+    `--root` or, where its checkpoints are not on this machine (a new machine has only the
+    committed summary), the copy `ensure_teacher` trains under `<root>_teachers`."""
+    teacher = find_run(run.needs, run.framework)
+    own = run_workdir(teacher, seed, args)
+    if (own / "checkpoints").is_dir():
+        return os.fspath(own)
+    return os.fspath(run_workdir(teacher, seed, teacher_copy_args(args)))
+
+
+def teacher_copy_args(args):
+    return argparse.Namespace(**{**vars(args), "root": f"{args.root}_teachers"})
+
+
+def ensure_teacher(run: Run, seed: int, args, child: dict) -> None:
+    """kd: trains its teacher run again, same command and seed, under `<root>_teachers` when
+    neither that run's workdir nor an earlier copy has a finished checkpoint; the committed
+    summary of the teacher run is left as it was (the kd run's command names the copy)."""
+    if not run.needs or (storage.path(teacher_workdir(run, seed, args)) / "results.json").exists():
+        return
+    teacher = find_run(run.needs, run.framework)
+    copy_args = teacher_copy_args(args)
+    print(
+        f"== {run_id(run, seed)} needs the teacher of {run_id(teacher, seed)}, whose checkpoints "
+        f"are not on this machine: training that run again under {copy_args.root}",
+        flush=True,
+    )
+    execute(teacher, seed, copy_args, child)
 
 
 def shown_command(run: Run, seed: int, args) -> str:
@@ -508,13 +534,7 @@ def main(argv=None) -> None:
                 for run in (r for r in args.selected if r.ablation == ablations):
                     if finished(run, seed, args):
                         continue
-                    teacher = teacher_workdir(run, seed, args) if run.needs else None
-                    if teacher and not (storage.path(teacher) / "checkpoints").is_dir():
-                        print(
-                            f"== {run_id(run, seed)}: skipped, needs the checkpoint of "
-                            f"{teacher} (run {run.needs} there first)"
-                        )
-                        continue
+                    ensure_teacher(run, seed, args, child)
                     execute(run, seed, args, child)
     report(args)
 

@@ -316,6 +316,26 @@ def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_p
     block = readme.read_text().splitlines()
     assert block[2].startswith("| method") and "| independent | jax | 2/2 |" in block[4]
 
+    # On a new machine only the committed summaries are left: a kd run still to do trains its
+    # teacher again beside the runs and leaves the teacher run's committed summary alone.
+    import shutil
+
+    shutil.rmtree(root / "jax_independent_seed0" / "checkpoints")
+    shutil.rmtree(root / "jax_kd_seed0")
+    shutil.rmtree(tmp_path / "out" / "table_runs" / "jax_kd_seed0")
+    kept = (tmp_path / "out" / "table_runs" / "jax_independent_seed0" / "results.json").read_bytes()
+    run_table.main(args)
+    copy = tmp_path / "runs_teachers" / "jax_independent_seed0"
+    assert (copy / "results.json").exists() and (copy / "checkpoints").is_dir()
+    kd_command = json.loads((root / "jax_kd_seed0" / "table_run.json").read_text())["command"]
+    assert f"--config.teacher_checkpoint={copy}" in kd_command.split()
+    assert (root / "jax_kd_seed0" / "results.json").exists()
+    assert (
+        kept
+        == (tmp_path / "out" / "table_runs" / "jax_independent_seed0" / "results.json").read_bytes()
+    )
+    assert sorted(os.listdir(tmp_path / "runs_teachers")) == ["jax_independent_seed0"]
+
 
 def test_paired_difference_matches_a_paired_t_test():
     import scipy.stats
