@@ -153,6 +153,7 @@ def collect(args) -> list[dict]:
                     "seed": seed,
                     "command": run_table.shown_command(run, seed, args),
                     "wall_seconds": results.get("wall_seconds"),
+                    "machine": run_table.started_at(run, seed, args).get("machine"),
                     "results": results,
                 }
             )
@@ -166,8 +167,8 @@ def report(args) -> dict:
         f"Validation top-1 (%) at the last epoch, on the {args.validation_size} held-out training",
         "images, mean over the finished seeds (each seed's value in brackets); the selected",
         "configuration of each method in **bold**. `wall / run`: each run's own training time",
-        "(other work sometimes shared the 2 cores). Regenerate with",
-        "`python experiments/method_study.py --report_only`.",
+        "(other work sometimes shared the 2 cores) and the CPU's ISA where recorded.",
+        "Regenerate with `python experiments/method_study.py --report_only`.",
         "",
         "| configuration | what | seeds | student | teacher | fused | ensemble | wall / run |",
         "|---|---|---|---|---|---|---|---|",
@@ -183,7 +184,7 @@ def report(args) -> dict:
             each = ", ".join(f"{100 * v:.2f}" for v in values)
             cells.append(f"{100 * statistics.fmean(values):.2f} ({each})")
         walls = [r["wall_seconds"] for r in mine if r["wall_seconds"]]
-        cells.append(f"{statistics.fmean(walls) / 60:.1f} min" if walls else "pending")
+        cells.append(run_table.wall_cell(walls, [r["machine"] for r in mine]))
         if any(s["run"] == run.name for s in selected.values()):
             cells[0] = f"**{cells[0]}**"
         lines.append("| " + " | ".join(cells) + " |")
@@ -275,6 +276,7 @@ def final_report(
                         "seed": seed,
                         "command": run_table.shown_command(run, seed, final_args),
                         "wall_seconds": results.get("wall_seconds"),
+                        "machine": run_table.started_at(run, seed, final_args).get("machine"),
                         "summary": results["summary"],
                         "history": results["history"],
                     }
@@ -290,7 +292,8 @@ def final_report(
         "Test top-1 (%) at the last epoch, mean ± std over seeds, full training split. Paired",
         "differences of the student in points with 95% t-intervals; **bold**: the interval",
         "excludes 0. `wall / run`: each run's own training time (other work sometimes shared",
-        "the 2 cores). Regenerate with `python experiments/method_study.py --report_only`.",
+        "the 2 cores) and the CPU's ISA. Regenerate with",
+        "`python experiments/method_study.py --report_only`.",
         "",
         "| row | what | framework | seeds | student | teacher | fused | ensemble | wall / run |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -302,7 +305,7 @@ def final_report(
             values = [r["summary"][model]["last"] for r in mine if model in r["summary"]]
             cells.append(study_stats.mean_std(values) if values or not mine else "n/a")
         walls = [r["wall_seconds"] for r in mine if r["wall_seconds"]]
-        cells.append(f"{statistics.fmean(walls) / 60:.1f} min" if walls else "pending")
+        cells.append(run_table.wall_cell(walls, [r["machine"] for r in mine]))
         lines.append("| " + " | ".join(cells) + " |")
     comparisons = {}
     for baseline in ("independent", "kd", "dml", "ffl"):

@@ -33,7 +33,8 @@ import subprocess
 import sys
 import time
 
-import readme_block  # experiments/, beside this script
+import bench_results  # experiments/, beside this script
+import readme_block
 import study_stats
 
 from ffcl_jax import storage  # --root may be local or gs://
@@ -167,6 +168,20 @@ def read_run_file(run: Run, seed: int, args, name: str) -> dict | None:
     return None
 
 
+def machine_line() -> str:
+    """The machine a run's wall time belongs to (this project's CPUs differ 2x by ISA)."""
+    m = bench_results.machine()
+    return f"{m['cores']}-core {m['cpu']} ({m['isa']})"
+
+
+def wall_cell(walls: list[float], machines: list[str | None]) -> str:
+    """Mean wall time per run and, where the runs recorded it, the ISA(s) they ran on."""
+    if not walls:
+        return "pending"
+    isas = sorted({m.rsplit("(", 1)[-1].rstrip(")") for m in machines if m})
+    return f"{statistics.fmean(walls) / 60:.1f} min" + (f" ({', '.join(isas)})" if isas else "")
+
+
 def started_at(run: Run, seed: int, args) -> dict:
     """What the driver wrote when it (last) started the run: command, commit, time."""
     return read_run_file(run, seed, args, "table_run.json") or {}
@@ -194,6 +209,7 @@ def execute(run: Run, seed: int, args, child: dict) -> None:
         "command": shown_command(run, seed, args),
         "commit": commit,
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": machine_line(),
     }
     storage.write_text(workdir / "table_run.json", json.dumps(record))
     print(f"== {run_id(run, seed)}: {shown_command(run, seed, args)}", flush=True)

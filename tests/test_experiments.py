@@ -474,6 +474,10 @@ def test_study_driver_runs_the_grid_on_a_validation_split(fmnist_dir, tmp_path, 
     assert "--config.validation_size=40" in commands and "feat_form=fused_map" in commands
     text = study.read_text()
     assert "| **ffl-tau2** |" in text and "| ffl-default |" in text and "pending" in text
+    started = json.loads((root / "jax_ffl-tau2_seed0" / "table_run.json").read_text())
+    assert started["machine"] == run_table.machine_line() and "-core " in started["machine"]
+    isa = bench_results.machine()["isa"]
+    assert f"min ({isa}) |" in text
     results = json.loads((root / "jax_ffl-tau2_seed0" / "results.json").read_text())
     assert results["eval_split"] == "validation" and results["final_test"]["split"] == "test"
 
@@ -546,6 +550,10 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
             history = [{"epoch": 1, "student": last - 0.02}, {"epoch": 2, "student": last}]
             results = {"summary": summary, "history": history, "wall_seconds": 600.0}
             (folder / "results.json").write_text(json.dumps(results))
+            if name == "ffcl":  # wall times are shown with the ISA of the runs that recorded it
+                isa = ("AVX2", "AVX-512")[seed]
+                started = {"machine": f"2-core AMD EPYC ({isa})"}
+                (folder / "table_run.json").write_text(json.dumps(started))
     study, readme = tmp_path / "study.md", tmp_path / "README.md"
     study.write_text("<!-- final:start -->\n<!-- final:end -->\n")
     block = "<!-- fashion-mnist-study:start -->\n<!-- fashion-mnist-study:end -->"
@@ -560,7 +568,8 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
     framework_cell = f"**-1.00 [{interval.low:+.2f}, {interval.high:+.2f}]** (n=2/2)"
     assert f"| independent: pytorch - jax (unpaired, Welch) | {framework_cell} |" in text
     assert "| ffcl: pytorch - jax (unpaired, Welch) | pending |" in text
-    assert "| jax | 2/5 | 90.05 ± 0.07 | n/a | n/a | n/a | 10.0 min |" in text
+    assert "| jax | 2/5 | 90.05 ± 0.07 | n/a | n/a | n/a | 10.0 min (AVX-512, AVX2) |" in text
+    assert "| jax | 2/5 | 89.05 ± 0.07 | n/a | n/a | n/a | 10.0 min |" in text
     assert "| dml | Deep Mutual Learning | jax | 0/5 | pending |" in text
     assert (tmp_path / "final_student.png").stat().st_size > 0
     plan = [(run, seed) for run, seeds in rows for seed in seeds]
