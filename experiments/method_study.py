@@ -151,7 +151,7 @@ def collect(args) -> list[dict]:
                 {
                     "run": run.name,
                     "seed": seed,
-                    "command": run_table.shown_command(run, seed, args),
+                    "command": run_table.ran_command(run, seed, args),
                     "wall_seconds": results.get("wall_seconds"),
                     "machine": run_table.started_at(run, seed, args).get("machine"),
                     "results": results,
@@ -274,7 +274,7 @@ def final_report(
                         "method": run.name,
                         "framework": run.framework,
                         "seed": seed,
-                        "command": run_table.shown_command(run, seed, final_args),
+                        "command": run_table.ran_command(run, seed, final_args),
                         "wall_seconds": results.get("wall_seconds"),
                         "machine": run_table.started_at(run, seed, final_args).get("machine"),
                         "summary": results["summary"],

@@ -187,6 +187,12 @@ def started_at(run: Run, seed: int, args) -> dict:
     return read_run_file(run, seed, args, "table_run.json") or {}
 
 
+def ran_command(run: Run, seed: int, args) -> str:
+    """The command the run was started with, as recorded: recomputing it would name what this
+    machine has now (a kd teacher's copy under `<root>_teachers`), not what the run used."""
+    return started_at(run, seed, args).get("command") or shown_command(run, seed, args)
+
+
 def finished(run: Run, seed: int, args) -> dict | None:
     """The run's results, if it finished."""
     return read_run_file(run, seed, args, "results.json")
@@ -252,7 +258,7 @@ def collect(args) -> list[dict]:
                     "method": run.name,
                     "framework": run.framework,
                     "seed": seed,
-                    "command": shown_command(run, seed, args),
+                    "command": ran_command(run, seed, args),
                     "commit": started_at(run, seed, args).get("commit"),
                     "wall_seconds": results.get("wall_seconds"),
                     "train_img_per_sec": results.get("train_img_per_sec"),

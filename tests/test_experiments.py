@@ -321,6 +321,7 @@ def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_p
     import shutil
 
     shutil.rmtree(root / "jax_independent_seed0" / "checkpoints")
+    shutil.rmtree(root / "jax_independent_seed1" / "checkpoints")
     shutil.rmtree(root / "jax_kd_seed0")
     shutil.rmtree(tmp_path / "out" / "table_runs" / "jax_kd_seed0")
     kept = (tmp_path / "out" / "table_runs" / "jax_independent_seed0" / "results.json").read_bytes()
@@ -335,6 +336,11 @@ def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_p
         == (tmp_path / "out" / "table_runs" / "jax_independent_seed0" / "results.json").read_bytes()
     )
     assert sorted(os.listdir(tmp_path / "runs_teachers")) == ["jax_independent_seed0"]
+    # The report names the teacher each kd run used, not the copy a new run would use.
+    runs = {r["run"]: r for r in json.loads((tmp_path / "out" / "table.json").read_text())["runs"]}
+    used = f"--config.teacher_checkpoint={root / 'jax_independent_seed1'}"
+    assert used in runs["jax_kd_seed1"]["command"].split()
+    assert f"--config.teacher_checkpoint={copy}" in runs["jax_kd_seed0"]["command"].split()
 
 
 def test_paired_difference_matches_a_paired_t_test():
