@@ -320,6 +320,18 @@ def final_report(
                 f"| {run.name} - ffcl (paired by seed) | "
                 f"{study_stats.format_difference(diff, None)} |"
             )
+    # Within each framework on the seeds both ran, so the frameworks' gains compare like for like.
+    pytorch_seeds = {r["seed"] for r in of("ffcl", "pytorch")}
+    for framework, label in (("pytorch", "pytorch"), ("jax", "jax on pytorch's seeds")):
+        mine, alone = (
+            [r for r in of(name, framework) if r["seed"] in pytorch_seeds]
+            for name in ("ffcl", "independent")
+        )
+        diff = study_stats.paired_difference(mine, alone)
+        lines.append(
+            f"| ffcl - independent, {label} (paired by seed) | "
+            f"{study_stats.format_difference(diff, None)} |"
+        )
     for name in ("independent", "ffcl"):  # different draws for a seed: not paired
         diff = study_stats.framework_difference(students(name, "pytorch"), students(name))
         lines.append(
