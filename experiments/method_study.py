@@ -316,10 +316,7 @@ def final_report(
     for run, _ in rows:
         if run.ablation:
             diff = study_stats.paired_difference(of(run.name), of("ffcl"))
-            lines.append(
-                f"| {run.name} - ffcl (paired by seed) | "
-                f"{study_stats.format_difference(diff, None)} |"
-            )
+            lines.append(study_stats.difference_row(f"{run.name} - ffcl (paired by seed)", diff))
     # Within each framework on the seeds both ran, so the frameworks' gains compare like for like.
     pytorch_seeds = {r["seed"] for r in of("ffcl", "pytorch")}
     for framework, label in (("pytorch", "pytorch"), ("jax", "jax on pytorch's seeds")):
@@ -329,15 +326,11 @@ def final_report(
         )
         diff = study_stats.paired_difference(mine, alone)
         lines.append(
-            f"| ffcl - independent, {label} (paired by seed) | "
-            f"{study_stats.format_difference(diff, None)} |"
+            study_stats.difference_row(f"ffcl - independent, {label} (paired by seed)", diff)
         )
     for name in ("independent", "ffcl"):  # different draws for a seed: not paired
         diff = study_stats.framework_difference(students(name, "pytorch"), students(name))
-        lines.append(
-            f"| {name}: pytorch - jax (unpaired, Welch) | "
-            f"{study_stats.format_difference(diff, None)} |"
-        )
+        lines.append(study_stats.difference_row(f"{name}: pytorch - jax (unpaired, Welch)", diff))
     curves = os.path.basename(final_args.output) + "_student.png"
     if records:
         run_table.plot_students(

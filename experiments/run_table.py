@@ -301,17 +301,14 @@ def claim_lines(records: list[dict]) -> list[str]:
     ]
     for baseline in ("independent", "kd", "dml", "ffl"):
         diff = study_stats.paired_difference(runs("ffcl"), runs(baseline))
-        cell = study_stats.format_difference(diff, None)
-        lines.append(f"| ffcl - {baseline} (jax, paired by seed) | {cell} |")
+        lines.append(study_stats.difference_row(f"ffcl - {baseline} (jax, paired by seed)", diff))
     # The table's Δ column is the student's; an ablation can move the other models too.
     for run in (r for r in RUNS if r.ablation and r.framework == "jax"):
         reference = reference_of(run)  # the row's `student Δ` reference, as in the table
         for model in MODELS[1:]:
             diff = study_stats.paired_difference(runs(run.name), runs(reference), model)
-            lines.append(
-                f"| {run.name} {model}: minus {reference} (jax, paired by seed) | "
-                f"{study_stats.format_difference(diff, None)} |"
-            )
+            label = f"{run.name} {model}: minus {reference} (jax, paired by seed)"
+            lines.append(study_stats.difference_row(label, diff))
     for method in ("independent", "ffcl"):
         for model in MODELS:
             values = {
@@ -325,10 +322,8 @@ def claim_lines(records: list[dict]) -> list[str]:
             if not (values["pytorch"] or values["jax"]):
                 continue
             diff = study_stats.framework_difference(values["pytorch"], values["jax"])
-            lines.append(
-                f"| {method} {model}: pytorch - jax (unpaired, Welch) | "
-                f"{study_stats.format_difference(diff, None)} |"
-            )
+            label = f"{method} {model}: pytorch - jax (unpaired, Welch)"
+            lines.append(study_stats.difference_row(label, diff))
     return lines
 
 

@@ -49,6 +49,11 @@ def format_difference(diff: dict | None, reference: str | None) -> str:
     return f"{text} vs {reference} (n={n})" if reference else f"{text} (n={n})"
 
 
+def difference_row(label: str, diff: dict | None) -> str:
+    """One row of a report's `| comparison | difference |` table."""
+    return f"| {label} | {format_difference(diff, None)} |"
+
+
 def framework_difference(pytorch: list[float], jax_: list[float]) -> dict:
     """PyTorch minus JAX (top-1 in points), unpaired: the two draw different initial weights and
     batches for the same seed. Welch's 95% interval when both have >= 2 seeds."""
