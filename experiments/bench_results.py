@@ -56,6 +56,8 @@ def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
         flags_tag += f"_ynn_{config.xla_cpu_ynn_fusion}"
     if not config.get("xla_cpu_flatten_after_fusion", True):
         flags_tag += "_noflatten"
+    if config.get("cpu_kernels", "auto") != "auto":
+        flags_tag += f"_kernels_{config.cpu_kernels}"
     if config.get("batch_norm_backward", "auto") != "auto":
         flags_tag += f"_bn_{config.batch_norm_backward}"
     if config.compute_dtype != "float32":
@@ -65,6 +67,8 @@ def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
     if synthetic:
         flags_tag += "_synthetic"
     kind = "gpu" if "cpu" not in device.lower() else "cpu"
+    if kind == "cpu" and "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+        flags_tag += "_hugepages"
     if kind == "cpu" and isa:
         kind += "_" + isa.lower().replace("-", "")
     return f"bench_{config.teacher}_{config.student}_b{config.batch_size}_{kind}{flags_tag}"
@@ -102,6 +106,10 @@ def write_readme(results: str = RESULTS, readme: str = README) -> None:
                     settings.append("flatten after fusion")
             if j.get("closed_form_batch_norm"):
                 settings.append("closed-form BN backward")
+            if j.get("onednn_kernels"):
+                settings.append("oneDNN convolutions")
+            if "glibc.malloc.hugetlb=1" in r.get("glibc_tunables", ""):
+                settings.append("huge-page malloc")
             if mode == "epoch":
                 settings.append("JAX data on device" if r.get("data_on_device") else "tf.data")
                 if r.get("epoch_data") == "synthetic":

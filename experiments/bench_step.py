@@ -65,6 +65,7 @@ import sys
 import time
 
 import bench_results  # experiments/, beside this script
+import op_profile
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -77,7 +78,9 @@ def define_flags() -> None:
     """Flags exist only when this file runs as a script: importing it (tests do) next to
     `ffcl_jax.main`, which defines `--config` too, must not clash."""
     config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
-    flags.DEFINE_list("modes", ["step", "epoch"], "step and/or epoch; or compare; or checkpoint.")
+    flags.DEFINE_list(
+        "modes", ["step", "epoch"], "step and/or epoch; or compare, checkpoint, profile."
+    )
     flags.DEFINE_integer("repeats", 10, "Timed steps after the warm-up (step mode).")
     flags.DEFINE_integer("warmup", 2, "Untimed steps first (compile, allocator warm-up).")
     flags.DEFINE_integer(
@@ -100,6 +103,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("rounds", 10, "compare: turns over all settings.")
     flags.DEFINE_integer("steps_per_round", 2, "compare: timed steps of one setting per turn.")
     flags.DEFINE_string("checkpoint_dir", None, "checkpoint: where to save (default: a temp dir).")
+    flags.DEFINE_integer("top", 25, "profile: how many ops to list.")
 
 
 FLAGS = flags.FLAGS
@@ -183,6 +187,8 @@ def jax_worker(config, modes) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compiler_options": xla_cpu.compiler_options(config),
         "closed_form_batch_norm": xla_cpu.closed_form_batch_norm(config),
+        "onednn_kernels": xla_cpu.use_onednn_kernels(config, jax.device_count()),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     mesh = parallel.DataParallel()
 
@@ -301,6 +307,33 @@ def compare_settings(config) -> str:
             f"| {setting} | {min(run['times']):.0f} | {median:.0f} | {base / median:.2f}x |"
         )
     return "\n".join(lines)
+
+
+def profile_step(config) -> str:
+    """`profile` mode: the ops one train step spends its time in (op_profile.top_ops)."""
+    import jax
+
+    from ffcl_jax import parallel
+
+    mesh = parallel.DataParallel()
+    step, state, batch = step_on_random_batch(config, mesh)
+    latest = [state]  # the step donates its state: each call takes the one before's output
+
+    def one_step():
+        latest[0], metrics = step(latest[0], batch)
+        return metrics
+
+    rows, wall_ms = op_profile.top_ops(one_step)
+    jax.block_until_ready(latest)
+    cpu = bench_results.machine()
+    return "\n\n".join(
+        [
+            f"{config.teacher} + {config.student}, batch {config.batch_size}, cpu_kernels="
+            f"{config.cpu_kernels}; {cpu['cpu']} ({cpu['isa']})",
+            "By kind:\n" + op_profile.table(op_profile.by_kind(rows)[: FLAGS.top], wall_ms),
+            "Longest ops:\n" + op_profile.table(rows[: FLAGS.top], wall_ms),
+        ]
+    )
 
 
 def time_checkpoint(config) -> dict:
@@ -449,12 +482,14 @@ def main(argv):
     if FLAGS.readme:
         bench_results.write_readme()
         return
-    if "compare" in FLAGS.modes or "checkpoint" in FLAGS.modes:  # JAX alone, in this process
+    if {"compare", "checkpoint", "profile"} & set(FLAGS.modes):  # JAX alone, in this process
         from ffcl_jax import xla_cpu
 
         os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
         if "compare" in FLAGS.modes:
             print(compare_settings(config))
+        elif "profile" in FLAGS.modes:
+            print(profile_step(config))
         else:
             print(json.dumps(time_checkpoint(config)))
         return
@@ -470,6 +505,7 @@ def main(argv):
         "date": datetime.date.today().isoformat(),
         "command": "python experiments/bench_step.py " + " ".join(sys.argv[1:]),
         "machine": bench_results.machine(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         **sides,
     }
     if "jax" in sides and "pytorch" in sides:
@@ -497,5 +533,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from ffcl_jax import process_env
+
+    # As the CLI runs (both frameworks' workers inherit it): malloc on huge pages.
+    env = process_env.with_hugepage_malloc(dict(os.environ))
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
     define_flags()
     app.run(main)

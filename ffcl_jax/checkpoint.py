@@ -49,6 +49,7 @@ RESUMABLE_KEYS = frozenset(
         "xla_cpu_ynn_fusion",  # a compiler setting: the same computation, other fusion decisions
         "batch_norm_backward",  # the same gradient, other rounding
         "xla_cpu_flatten_after_fusion",  # a compiler setting, like xla_cpu_ynn_fusion
+        "cpu_kernels",  # the same convolutions and BatchNorm, other kernels: other rounding
         "log_every_steps",
         "eval_every_epochs",
         "checkpoint_every_epochs",
@@ -86,6 +87,7 @@ ADDED_KEYS = {
     "xla_cpu_ynn_fusion": "auto",
     "batch_norm_backward": "autodiff",
     "xla_cpu_flatten_after_fusion": False,
+    "cpu_kernels": "xla",
     "validation_size": 0,
     "validation_seed": 0,
     "warmup_epochs": 0.0,

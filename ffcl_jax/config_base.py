@@ -70,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
     # whose backend already runs, or whose XLA_FLAGS already set xla_backend_extra_options, keeps
     # what it has. See train.set_process_xla_flags.
     c.xla_cpu_flatten_after_fusion = True
+    # Convolutions on the CPU: "onednn" (ffcl_jax.cpu_kernels, oneDNN through jax.ffi, float32
+    # layers; 2.8x faster than XLA:CPU's on the demo pair's layers), "xla" (XLA's own), or "auto"
+    # (onednn on a single CPU device when the kernels are built, else xla; GPU and TPU always
+    # xla). See xla_cpu.use_onednn_kernels and docs/performance.md.
+    c.cpu_kernels = "auto"
 
     # Loss settings; None = the method preset's value.
     c.loss = ml_collections.ConfigDict()
@@ -234,6 +239,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
     for key, valid in (
         ("xla_cpu_ynn_fusion", ("auto", "xla_default", *xla_cpu.CPU_YNN_FUSION)),
         ("batch_norm_backward", xla_cpu.BATCH_NORM_BACKWARDS),
+        ("cpu_kernels", xla_cpu.CPU_KERNELS),
     ):
         if config[key] not in valid:
             raise UserError(f"unknown config.{key} {config[key]!r}; valid: {', '.join(valid)}")

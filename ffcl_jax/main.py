@@ -174,6 +174,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
+    from ffcl_jax import process_env
+
+    # glibc reads its tunables at start-up only: restart this process with malloc on huge pages.
+    env = process_env.with_hugepage_malloc(dict(os.environ))
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", "ffcl_jax.main", *sys.argv[1:]], env)
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -360,6 +360,7 @@ def results(config, settings, params, progress: dict, eval_split: str) -> dict[s
         "num_params": parameter_counts(params),
         "loss_terms": list(settings.active_terms()),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge-page malloc: the CLI
         "wall_seconds": progress["wall_seconds"],
         "first_step_seconds": progress["first_step_seconds"],
         "train_img_per_sec": speed if measured else None,

@@ -37,7 +37,7 @@ from ffcl_jax.methods import (
     cohort_objective,
     fused_feature_stages,
 )
-from ffcl_jax.models.layers import closed_form_batch_norm_backward
+from ffcl_jax.models.layers import closed_form_batch_norm_backward, onednn_kernels
 from ffcl_jax.parallel import DataParallel
 
 
@@ -154,6 +154,8 @@ def build(
     info = input_pipeline.dataset_info(config.dataset)
     tx, schedule = make_optimizer(config, steps_per_epoch, settings.train_teacher)
     graphdef, state = create_train_state(create_cohort(config, settings, info), tx)
+    num_devices = data_parallel.size if data_parallel is not None else 1
+    onednn = xla_cpu.use_onednn_kernels(config, num_devices)
     per_device_mesh = None
     if config.batch_norm == "per_device":
         if data_parallel is None:
@@ -173,8 +175,9 @@ def build(
             steps_per_epoch,
             per_device_mesh,
             closed_form_bn=xla_cpu.closed_form_batch_norm(config),
+            onednn=onednn,
         ),
-        eval_step=make_eval_step(graphdef, info),
+        eval_step=make_eval_step(graphdef, info, onednn=onednn),
     )
     return setup, state
 
@@ -201,6 +204,7 @@ def make_train_step(
     per_device_mesh: jax.sharding.Mesh | None = None,
     *,
     closed_form_bn: bool = False,
+    onednn: bool = False,
 ):
     """The whole cohort update as one pure function `(state, batch) -> (state, metrics)`.
 
@@ -209,6 +213,7 @@ def make_train_step(
     statistics are averaged over devices, and the gradient of the replicated parameters is summed
     by `shard_map`'s transpose, which makes it the gradient of the global mean loss.
     `closed_form_bn`: BatchNorm layers differentiate with `layers.batch_norm_train`.
+    `onednn`: float32 convolutions and training-mode BatchNorm run as `ffcl_jax.cpu_kernels`.
     """
 
     def forward(params, batch_stats, batch, epoch):
@@ -216,7 +221,7 @@ def make_train_step(
         labels = batch["label"]
         # copy=True: fresh Variables owned by this (grad) trace, so BatchNorm may update them.
         cohort = nnx.merge(graphdef, params, batch_stats, copy=True)
-        with closed_form_batch_norm_backward(closed_form_bn):
+        with closed_form_batch_norm_backward(closed_form_bn), onednn_kernels(onednn):
             outputs = cohort(images, train=True, train_teacher=settings.train_teacher)
         total, terms = cohort_objective(outputs, labels, settings, epoch, info.num_classes)
         for name in ("teacher", "student", "fused"):
@@ -259,12 +264,15 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, info: input_pipeline.DatasetInfo):
+def make_eval_step(
+    graphdef: nnx.GraphDef, info: input_pipeline.DatasetInfo, *, onednn: bool = False
+):
     """`(params, batch_stats, batch) -> correct counts` of T, S, fused and the T+S ensemble."""
 
     def eval_step(params, batch_stats, batch):
         cohort = nnx.merge(graphdef, params, batch_stats)
-        outputs = cohort(input_pipeline.normalize(batch["image"], info), train=False)
+        with onednn_kernels(onednn):
+            outputs = cohort(input_pipeline.normalize(batch["image"], info), train=False)
         labels, mask = batch["label"], batch["mask"]
         logits = {
             "teacher": outputs["teacher_logits"],
@@ -379,6 +387,8 @@ def train_and_evaluate(
     checkpoints, resume_step, moved = workdir_lib.start_or_resume(workdir, config, fresh, is_chief)
     watch = workdir_lib.PreemptionWatch(checkpoints)
     notes = [f"moved the earlier run to {moved}"] if moved else []
+    fallback = xla_cpu.onednn_fallback_note(config, data_parallel.size)
+    notes += [fallback] if fallback else []
     log = None
     try:
         with jax.set_mesh(data_parallel.mesh):
@@ -480,6 +490,7 @@ def train_and_evaluate(
             results.update(final_test=final_test, command=command)
             results["xla_compiler_options"] = xla_cpu.compiler_options(config)
             results["closed_form_batch_norm"] = xla_cpu.closed_form_batch_norm(config)
+            results["onednn_kernels"] = xla_cpu.use_onednn_kernels(config, data_parallel.size)
             if is_chief:
                 report.write_outputs(workdir, config, results, log)
             return results

@@ -12,6 +12,7 @@ import functools
 import jax
 
 from ffcl_jax import models
+from ffcl_jax.errors import UserError
 
 # XLA:CPU's loop fusion pass copies the forward residual + ReLU chain of a ResNet stage into
 # every backward consumer that needs a ReLU mask, so each block's backward recomputes every
@@ -97,3 +98,48 @@ def closed_form_batch_norm(config) -> bool:
 
 def deepest_blocks_per_stage(config) -> int:
     return max(models.blocks_per_stage(config.teacher), models.blocks_per_stage(config.student))
+
+
+CPU_KERNELS = ("auto", "onednn", "xla")
+
+
+def use_onednn_kernels(config, num_devices: int = 1) -> bool:
+    """`config.cpu_kernels`: whether the steps run convolutions and training-mode BatchNorm as
+    the oneDNN kernels of `ffcl_jax.cpu_kernels` (float32 layers only; others stay XLA's).
+
+    "auto" takes them on the CPU backend with one device when they are built (compiling them on
+    first use), and XLA's kernels elsewhere: on several devices XLA's partitioner would gather a
+    custom call's sharded operands onto every device. "onednn" insists (an error where they
+    cannot run); "xla" never uses them.
+    """
+    choice = config.cpu_kernels
+    if choice == "xla":
+        return False
+    if choice == "auto" and (num_devices > 1 or config.compute_dtype != "float32"):
+        return False
+    if jax.default_backend() != "cpu":
+        if choice == "onednn":
+            raise UserError(
+                f"config.cpu_kernels='onednn' runs on the CPU only, this is "
+                f"{jax.default_backend()}: use 'auto' or 'xla'"
+            )
+        return False
+    from ffcl_jax import cpu_kernels
+
+    reason = cpu_kernels.unavailable_reason()
+    if reason and choice == "onednn":
+        raise UserError(f"config.cpu_kernels='onednn': {reason}; or use 'auto' or 'xla'")
+    return reason is None
+
+
+def onednn_fallback_note(config, num_devices: int = 1) -> str | None:
+    """One line for the CLI when "auto" wanted the oneDNN kernels on this CPU but cannot have
+    them (not built here), else None."""
+    if config.cpu_kernels != "auto" or jax.default_backend() != "cpu" or num_devices > 1:
+        return None
+    if config.compute_dtype != "float32":
+        return None
+    from ffcl_jax import cpu_kernels
+
+    reason = cpu_kernels.unavailable_reason()
+    return f"cpu_kernels: XLA's kernels ({reason})" if reason else None

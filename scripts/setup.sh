@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian/Ubuntu machine for ffcl_jax: the Fashion-MNIST data set from Debian
 # (dataset-fashion-mnist), a virtual environment in .venv with the package, its test tools and
-# the PyTorch reference's torch (CPU wheel),
-# at the versions in constraints.txt. Safe to run again: it skips what is already done.
+# the PyTorch reference's torch (CPU wheel), oneDNN for the optional CPU kernels (built here with
+# g++; without them training runs on XLA's kernels), at the versions in constraints.txt.
+# Safe to run again: it skips what is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +27,11 @@ if ! .venv/bin/python -c "import ffcl_jax, pytest, ruff, torch" >/dev/null 2>&1 
    || [ setup.cfg -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
   echo "setup: installing ffcl_jax and its dependencies into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,torch]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,torch,cpu]"
   touch .venv/.installed
 fi
+# The oneDNN kernels compile once into ~/.cache/ffcl_jax (about 10 s); where they cannot (no g++,
+# not x86-64 Linux), everything runs on XLA's kernels and the trainer says so.
+KERNELS="$(.venv/bin/python -m ffcl_jax.cpu_kernels.build 2>&1)" \
+  || echo "setup: ${KERNELS}; training will use XLA's CPU kernels"
 echo "setup: ready (.venv, $(ls /usr/share/datasets/fashion-mnist | wc -l) Fashion-MNIST files)"

@@ -55,6 +55,7 @@ def compiled_step_hlo(teacher: str, ynn_fusion: str, bn_backward: str) -> str:
     config.batch_size = 4
     config.xla_cpu_ynn_fusion = ynn_fusion
     config.batch_norm_backward = bn_backward
+    config.cpu_kernels = "xla"  # these tests are about XLA's own kernels and fusions
     return compiled_cifar_step(config)
 
 
@@ -141,6 +142,7 @@ from ffcl_jax.config_base import base_config
 config = base_config()
 config.dataset, config.teacher, config.student = "cifar10", "resnet8", "resnet8"
 config.batch_size = 32
+config.cpu_kernels = "xla"
 config.xla_cpu_flatten_after_fusion = sys.argv[1] == "on"
 os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
 print("flags:", os.environ["XLA_FLAGS"])

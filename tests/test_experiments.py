@@ -166,10 +166,11 @@ def test_gpu_script_runs_the_benchmark_without_tensorflow_and_returns_the_result
     assert wrong.returncode == 2 and "float32 or bfloat16" in wrong.stderr
 
 
-def test_benchmark_result_names_keep_settings_apart():
+def test_benchmark_result_names_keep_settings_apart(monkeypatch):
     """Each setting gets its own results file, so one run never overwrites another's row."""
     from configs.cifar100 import get_config
 
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     config = get_config()
     assert bench_results.result_name(config, "NVIDIA H100 80GB HBM3", synthetic=False) == (
         "bench_resnet110_resnet32_b128_gpu"
@@ -191,6 +192,16 @@ def test_benchmark_result_names_keep_settings_apart():
     )
     assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_cpu_avx2_bn_autodiff_bfloat16_ondevice"
+    )
+    # The CPU kernels and malloc's huge pages (the processes' environment) are settings too.
+    config = get_config()
+    config.cpu_kernels = "xla"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
+        "bench_resnet110_resnet32_b128_cpu_avx2_kernels_xla_hugepages"
+    )
+    assert bench_results.result_name(config, "NVIDIA H100 80GB HBM3", False) == (
+        "bench_resnet110_resnet32_b128_gpu_kernels_xla"
     )
 
 

@@ -78,6 +78,17 @@ def test_closed_form_batch_norm_backward_under_both_shardings(device_results):
     assert closed_form["per_device_2_vs_halves"] <= 1e-5
 
 
+def test_forced_onednn_convolutions_under_both_shardings(device_results):
+    """ "auto" keeps XLA's kernels on several devices; forced, the oneDNN convolutions still
+    compute the same step: gathered by XLA's partitioner under global BatchNorm, per shard under
+    `shard_map` with per-device BatchNorm."""
+    if "onednn" not in device_results:
+        pytest.skip("the oneDNN kernels are not built here")
+    onednn = device_results["onednn"]
+    assert onednn["global_8_vs_xla_1"] <= 2e-5  # as the closed-form backward above
+    assert onednn["per_device_2_vs_halves"] <= 1e-5
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

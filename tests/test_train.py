@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import input_pipeline, parallel, report, train, xla_cpu
+from ffcl_jax import cpu_kernels, input_pipeline, parallel, report, train, xla_cpu
 from ffcl_jax.errors import UserError
 from tests.conftest import REPO, tiny_config
 
@@ -361,7 +361,9 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"
     }
     assert results["closed_form_batch_norm"] is False
+    assert results["onednn_kernels"] is cpu_kernels.available()  # one device: "auto" takes them
     assert results["xla_flags"].endswith(xla_cpu.FLATTEN_AFTER_FUSION_FLAG)  # set by the CLI
+    assert "glibc.malloc.hugetlb=1" in results["glibc_tunables"]  # the CLI restarted with it
     # The CLI records its own command line; the library reads no sys.argv.
     assert results["command"].startswith("python -m ffcl_jax.main --config=configs/fashion_mnist")
 
@@ -385,6 +387,7 @@ def test_cli_shards_the_batch_over_several_devices(fmnist_dir, tmp_path):
     # 70 test examples in padded batches of 20 split over 2 devices: each counted once.
     assert all(0 <= s["last"] <= 1 for s in results["summary"].values())
     assert len(results["history"]) == 2
+    assert results["onednn_kernels"] is False  # several devices (and float64): XLA's kernels
 
 
 @pytest.mark.slow

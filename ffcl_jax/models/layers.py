@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ffcl_jax import cpu_kernels
 from ffcl_jax.errors import UserError
 
 # torch.nn.init.kaiming_normal_(mode="fan_out"): He-normal on fan_out ("normal" is untruncated).
@@ -29,6 +30,65 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
+# While the trainer traces a step under `onednn_kernels()`, float32 convolutions run as oneDNN
+# kernels (`ffcl_jax.cpu_kernels`, an optional accelerator of XLA:CPU) instead of XLA's;
+# everything else, and every other dtype, stays XLA's.
+_onednn_kernels = contextvars.ContextVar("onednn_kernels", default=False)
+
+
+@contextlib.contextmanager
+def onednn_kernels(enabled: bool = True):
+    """While tracing under it, `Conv` uses the oneDNN kernels for float32 layers (building them
+    on first use; an error if they cannot be had)."""
+    token = _onednn_kernels.set(enabled)
+    try:
+        yield
+    finally:
+        _onednn_kernels.reset(token)
+
+
+def _use_onednn(module_dtype, *arrays) -> bool:
+    """Under `onednn_kernels`, for a layer that computes in float32 on float32 arrays."""
+    if not _onednn_kernels.get() or module_dtype not in (None, jnp.float32):
+        return False
+    if any(a.dtype != jnp.float32 for a in arrays):
+        return False
+    reason = cpu_kernels.unavailable_reason()
+    if reason:
+        raise UserError(f"config.cpu_kernels: {reason}; or set --config.cpu_kernels=xla")
+    return True
+
+
+def _varying_like(x, *params):
+    """`params` cast to vary over the shard_map mesh axes `x` varies over (per-device
+    BatchNorm): a custom VJP cannot return the per-shard gradient of an invariant input; the
+    transpose of this cast sums the parameters' gradient over the shards, as autodiff does."""
+    missing = tuple(sorted(_varying_axes(x) - _varying_axes(params[0])))
+    if not missing:
+        return params
+    return tuple(jax.lax.pcast(v, missing, to="varying") for v in params)
+
+
+class Conv(nnx.Conv):
+    """nnx.Conv (same variables, same result); under `onednn_kernels` a float32, bias-free,
+    undilated convolution runs as oneDNN's forward and backward kernels."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        undilated = {self.input_dilation, self.kernel_dilation} <= {None, 1, (1, 1)}
+        plain = self.bias is None and self.mask is None and undilated
+        if not (plain and inputs.ndim == 4 and _use_onednn(self.dtype, inputs, kernel)):
+            return super().__call__(inputs)
+        (kernel,) = _varying_like(inputs, kernel)
+        return cpu_kernels.conv2d(
+            inputs,
+            kernel,
+            tuple(self.strides),
+            tuple(map(tuple, self.padding)),
+            self.feature_group_count,
+        )
+
+
 def conv(
     in_ch: int,
     out_ch: int,
@@ -38,14 +98,14 @@ def conv(
     groups: int = 1,
     dtype=None,
     rngs: nnx.Rngs,
-) -> nnx.Conv:
+) -> Conv:
     """Bias-free convolution with PyTorch-style symmetric padding (`padding=kernel // 2`).
 
     Explicit padding rather than "SAME": for stride 2 on an even size, "SAME" pads (0, 1) while
     PyTorch pads (1, 1), which shifts every downsampled feature map by one pixel.
     """
     pad = kernel // 2
-    return nnx.Conv(
+    return Conv(
         in_ch,
         out_ch,
         kernel_size=(kernel, kernel),
@@ -133,22 +193,19 @@ def _varying_axes(x) -> frozenset:
 
 
 class BatchNorm(nnx.BatchNorm):
-    """nnx.BatchNorm (same variables, same forward); under `closed_form_batch_norm_backward`
-    its training mode differentiates with the closed form."""
+    """nnx.BatchNorm (same variables, same forward); under `closed_form_batch_norm_backward` its
+    training mode differentiates with the closed form.
+
+    It stays on XLA's kernels under `onednn_kernels`: oneDNN's BatchNorm sums each channel in
+    plain float32, and the gradient sums that nearly cancel (the shifts' gradients) come out
+    about 150x less exact than XLA's pairwise reductions (docs/performance.md)."""
 
     def __call__(self, x, use_running_average=None, *, mask=None):
         if use_running_average is None:
             use_running_average = self.use_running_average
         if use_running_average or mask is not None or not _closed_form_backward.get():
             return super().__call__(x, use_running_average, mask=mask)
-        scale, bias = self.scale[...], self.bias[...]
-        # Inside shard_map (per-device BatchNorm) `x` varies over the mesh axes and the replicated
-        # parameters do not; a custom VJP cannot return the per-shard gradient of an invariant
-        # input, so the parameters are cast to varying first: the transpose of that cast sums
-        # their gradient over the shards, as autodiff does.
-        missing = tuple(sorted(_varying_axes(x) - _varying_axes(scale)))
-        if missing:
-            scale, bias = (jax.lax.pcast(v, missing, to="varying") for v in (scale, bias))
+        scale, bias = _varying_like(x, self.scale[...], self.bias[...])
         y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
         stop = jax.lax.stop_gradient
         self.mean[...] = stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean)

@@ -10,7 +10,12 @@
   steps on each half of the batch (what per-device statistics mean), and on 1 device against
   the global mode;
 - `closed_form`: one step with the closed-form BatchNorm backward, global on 8 devices and
-  per-device on 2, against the same autodiff references.
+  per-device on 2, against the same autodiff references;
+- `onednn`: one step with the oneDNN convolutions forced (`cpu_kernels="onednn"`, which "auto"
+  does not pick on several devices), global on 8 devices and per-device on 2, against the same
+  references on XLA's kernels.
+
+Everything else runs on XLA's kernels (`cpu_kernels="xla"`): this measures partitioning.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ffcl_jax import export, input_pipeline, parallel, train  # noqa: E402
+from ffcl_jax import cpu_kernels, export, input_pipeline, parallel, train  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 idx_dir, num_steps = sys.argv[1], int(sys.argv[2])
-config = tiny_config(idx_dir, batch_size=32, eval_batch_size=16, learning_rate=0.05)
+config = tiny_config(
+    idx_dir, batch_size=32, eval_batch_size=16, learning_rate=0.05, cpu_kernels="xla"
+)
 images, labels = input_pipeline.load_idx_split(idx_dir, "train")
 batches = [
     {"image": images[i * 32 : (i + 1) * 32], "label": labels[i * 32 : (i + 1) * 32]}
@@ -37,9 +44,16 @@ batches = [
 ]
 
 
-def run(num_devices: int, batch_norm: str, steps: list[dict], bn_backward: str = "autodiff"):
+def run(
+    num_devices: int,
+    batch_norm: str,
+    steps: list[dict],
+    bn_backward: str = "autodiff",
+    kernels: str = "xla",
+):
     config.batch_norm = batch_norm
     config.batch_norm_backward = bn_backward
+    config.cpu_kernels = kernels
     mesh = parallel.DataParallel(num_devices)
     settings = train.check_config(config, mesh.size)
     setup, state = train.build(config, settings, steps_per_epoch=100, data_parallel=mesh)
@@ -113,4 +127,13 @@ out["closed_form"] = {
         run(2, "per_device", first, "closed_form")[1], mean_of_halves
     ),
 }
+if cpu_kernels.available():
+    out["onednn"] = {
+        "global_8_vs_xla_1": max_diff(
+            run(8, "global", first, kernels="onednn")[1], run(1, "global", first)[1]
+        ),
+        "per_device_2_vs_halves": max_diff(
+            run(2, "per_device", first, kernels="onednn")[1], mean_of_halves
+        ),
+    }
 print("RESULT " + json.dumps(out))

@@ -1,0 +1,57 @@
+"""Optional oneDNN kernels for XLA:CPU via `jax.ffi`: convolutions, and training-mode BatchNorm.
+
+An accelerator of the CPU backend, not part of the method: every op here computes what
+`lax.conv_general_dilated` and `layers.batch_norm_train` compute (float32 only), so a model
+gives the same numbers to rounding with or without it. XLA:CPU's own convolutions are 2-4x
+slower than oneDNN's on this project's layers (docs/performance.md, "oneDNN kernels").
+
+`available()` says whether the library is built (compiling it into a cache on first use, see
+`build.py`) and registered; `unavailable_reason()` says why not. Only `models/layers.py` calls
+the ops, and only when the trainer asks for them (`config.cpu_kernels`); it uses the
+convolutions. The BatchNorm kernels are faster than XLA's too, but their plain float32 sums are
+far less exact where a channel's gradient nearly cancels, so the models keep XLA's BatchNorm
+(tests/test_cpu_kernels.py measures both).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import jax
+
+from ffcl_jax.cpu_kernels import build
+from ffcl_jax.cpu_kernels.ops import batch_norm_train, conv2d  # noqa: F401
+
+TARGETS = {
+    "ffcl_onednn_conv_forward": "FfclConvForward",
+    "ffcl_onednn_conv_backward_data": "FfclConvBackwardData",
+    "ffcl_onednn_conv_backward_weights": "FfclConvBackwardWeights",
+    "ffcl_onednn_batch_norm_forward": "FfclBatchNormForward",
+    "ffcl_onednn_batch_norm_backward": "FfclBatchNormBackward",
+}
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds (if needed), loads and registers the library once; the reason it failed, or None."""
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build.library_path()))
+    except build.BuildError as error:
+        return str(error)
+    except OSError as error:
+        return f"the oneDNN kernel library does not load: {error}"
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+        )
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels are built and registered, else one line saying why not."""
+    return _load()
+
+
+def available() -> bool:
+    return _load() is None
