@@ -231,6 +231,23 @@ def test_without_the_kernels_auto_says_why_and_onednn_is_an_error(fmnist_dir, mo
         train.check_config(config, 1)
 
 
+@pytest.mark.slow
+def test_the_library_builds_from_source_into_a_fresh_cache(tmp_path, monkeypatch):
+    """What setup.sh does on a clean machine (the shared cache may already hold a library)."""
+    import ctypes
+
+    if build.unsupported_platform() or build.onednn_root() is None:
+        pytest.skip("no oneDNN here: the package runs on XLA's kernels")
+    monkeypatch.setenv("FFCL_CPU_KERNELS_CACHE", str(tmp_path))
+    path = build.library_path()
+    assert path.is_file() and path.parent.parent == tmp_path
+    library = ctypes.CDLL(str(path))
+    for symbol in cpu_kernels.TARGETS.values():
+        assert getattr(library, symbol)
+    assert build.library_path() == path  # found, not rebuilt
+    assert [p.name for p in path.parent.iterdir() if p.name != ".lock"] == [build.LIBRARY_NAME]
+
+
 def test_a_failed_build_is_one_line_and_nothing_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("FFCL_CPU_KERNELS_CACHE", str(tmp_path / "cache"))
     if build.unsupported_platform() or build.onednn_root() is None:

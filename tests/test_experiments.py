@@ -84,6 +84,13 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     }
     # The JAX worker added the process-wide XLA:CPU flag before its backend started.
     assert result["jax"]["xla_flags"].endswith("xla_cpu_flatten_after_fusion")
+    # "auto" took the oneDNN convolutions where they are built; both frameworks' workers ran with
+    # malloc on huge pages (the benchmark restarted itself with the tunable, as the CLI does).
+    from ffcl_jax import cpu_kernels
+
+    assert result["jax"]["onednn_kernels"] is cpu_kernels.available()
+    for tunables in (result["glibc_tunables"], result["jax"]["glibc_tunables"]):
+        assert "glibc.malloc.hugetlb=1" in tunables
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n")
@@ -93,7 +100,8 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     rows = [line for line in text.splitlines() if line.startswith("| resnet8+resnet8")]
     assert len(rows) == 2  # step and epoch
     assert f"**{result['ratio']['step']:.2f}**" in rows[0]
-    assert "| float32, ynn reduce, flatten after fusion |" in rows[0]
+    kernels = ", oneDNN convolutions" if result["jax"]["onednn_kernels"] else ""
+    assert f"| float32, ynn reduce, flatten after fusion{kernels}, huge-page malloc |" in rows[0]
     m = result["machine"]
     assert f"| {m['cores']}-core {m['cpu']} ({m['isa']}) |" in rows[0]
 
@@ -246,6 +254,40 @@ def test_settings_comparison_times_each_setting_in_turns():
     assert "| loss.feat_form | min ms |" in out
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| attention", "| fused_map"]
+
+
+def test_profile_mode_lists_where_the_step_spends_its_time():
+    from ffcl_jax import cpu_kernels
+
+    out = run_script("bench_step.py", "--modes=profile", *TINY, "--config.batch_size=8", "--top=40")
+    by_kind, longest = out.split("Longest ops:")
+    rows = [line.split(" | ") for line in by_kind.splitlines() if line.startswith("| ")][1:]
+    assert rows and all(float(row[0].strip("| ")) >= 0 for row in rows)
+    kinds = [row[2].strip(" |`") for row in rows]
+    assert len(kinds) == len(set(kinds))  # one row per kind of op, instance numbers dropped
+    # The convolutions are oneDNN's custom calls where "auto" takes them, XLA's ops otherwise.
+    assert ("ffi_call" in kinds) is cpu_kernels.available()
+    assert "one call:" in longest and "ms wall" in longest
+
+
+def test_kernel_benchmark_times_every_layer_of_the_demo_pair(tmp_path):
+    from ffcl_jax import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip(f"oneDNN kernels: {cpu_kernels.unavailable_reason()}")
+    output = tmp_path / "kernels.json"
+    out = run_script("bench_kernels.py", "--batch=2", "--repeats=1", f"--output={output}")
+    record = json.loads(output.read_text())
+    assert set(record["results"]) == {"onednn", "xla", "torch"}
+    import bench_kernels
+
+    for framework, layers in record["results"].items():
+        assert set(layers) == {row[0] for row in bench_kernels.CONVS + bench_kernels.BATCH_NORMS}
+        for name, parts in layers.items():
+            for part in parts.values():
+                assert 0 <= part["min_ms"] <= part["median_ms"], (framework, name)
+    assert "| 16-channel convolutions (28x28) |" in out and "xla / onednn" in out
+    assert "glibc.malloc.hugetlb=1" in record["glibc_tunables"]
 
 
 def test_checkpoint_mode_times_a_save_and_a_restore_of_the_whole_cohort(tmp_path):

@@ -76,7 +76,8 @@ class Conv(nnx.Conv):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         undilated = {self.input_dilation, self.kernel_dilation} <= {None, 1, (1, 1)}
-        plain = self.bias is None and self.mask is None and undilated
+        explicit = all(isinstance(v, (tuple, list)) for v in (self.padding, self.strides))
+        plain = self.bias is None and self.mask is None and undilated and explicit
         if not (plain and inputs.ndim == 4 and _use_onednn(self.dtype, inputs, kernel)):
             return super().__call__(inputs)
         (kernel,) = _varying_like(inputs, kernel)
