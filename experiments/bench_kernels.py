@@ -251,7 +251,7 @@ def table(results: dict) -> str:
             ratio = "-"
             if "onednn" in results and "xla" in results:
                 medians = [results[f][name][part]["median_ms"] for f in ("xla", "onednn")]
-                ratio = f"{medians[0] / medians[1]:.2f}"
+                ratio = f"{medians[0] / medians[1]:.2f}" if medians[1] > 0 else "-"
             lines.append(
                 f"| {name} (x{count}) | {part} | "
                 + " | ".join(f"{c['min_ms']:.2f} / {c['median_ms']:.2f}" for c in cells)
@@ -274,7 +274,7 @@ def table(results: dict) -> str:
         totals = {f: _weighted(results[f], "median_ms", names) for f in frameworks}
         ratios = [
             f"{totals[other] / totals['onednn']:.2f}"
-            if "onednn" in totals and other in totals
+            if "onednn" in totals and other in totals and totals["onednn"] > 0
             else "-"
             for other in ("xla", "torch")
         ]

@@ -71,8 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     # what it has. See train.set_process_xla_flags.
     c.xla_cpu_flatten_after_fusion = True
     # Convolutions on the CPU: "onednn" (ffcl_jax.cpu_kernels, oneDNN through jax.ffi, float32
-    # layers; 2.8x faster than XLA:CPU's on the demo pair's layers), "xla" (XLA's own), or "auto"
-    # (onednn on a single CPU device when the kernels are built, else xla; GPU and TPU always
+    # layers, one device; 2.5x faster than XLA:CPU's on the demo pair's layers, an opt-in while
+    # some of their gradients are less exact than XLA's), "xla" (XLA's own), or "auto" (for now
     # xla). See xla_cpu.use_onednn_kernels and docs/performance.md.
     c.cpu_kernels = "auto"
 

@@ -176,10 +176,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def run() -> None:
     from ffcl_jax import process_env
 
-    # glibc reads its tunables at start-up only: restart this process with malloc on huge pages.
+    # glibc reads its tunables at start-up only: restart this process with malloc on huge pages,
+    # with the command line it was started with (`-m ffcl_jax.main`, or a script that calls run).
     env = process_env.with_hugepage_malloc(dict(os.environ))
     if env is not None:
-        os.execve(sys.executable, [sys.executable, "-m", "ffcl_jax.main", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -172,11 +172,30 @@ def _assert_model_agrees(name: str, train_mode: bool) -> None:
 FAST_MODELS = ("resnet8", "wrn_16_2")
 
 
+# Where oneDNN's gradients are far less exact than XLA's (4e-3 to 5e-2 of scale against at most
+# 2e-5), although both forward passes are equally exact: not understood yet, and the reason
+# "auto" keeps XLA's kernels. Strict: a fix makes these pass, and then this list must go.
+LESS_EXACT_GRADIENTS = {
+    ("resnet32", True),
+    ("resnet56", True),
+    ("wrn_40_2", True),
+    ("wrn_28_10", False),
+}
+
+
+def _zoo_case(name: str, train_mode: bool):
+    marks = [] if name in FAST_MODELS else [pytest.mark.slow]
+    if (name, train_mode) in LESS_EXACT_GRADIENTS:
+        reason = "oneDNN's gradients less exact than XLA's here (see xla_cpu.AUTO_TAKES_ONEDNN)"
+        marks.append(pytest.mark.xfail(strict=True, reason=reason))
+    return pytest.param(
+        name, train_mode, marks=marks, id=f"{name}-{'train' if train_mode else 'eval'}"
+    )
+
+
 @needs_kernels
-@pytest.mark.parametrize("train_mode", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(
-    "name",
-    [n if n in FAST_MODELS else pytest.param(n, marks=pytest.mark.slow) for n in sorted(MODELS)],
+    "name,train_mode", [_zoo_case(n, t) for n in sorted(MODELS) for t in (True, False)]
 )
 def test_every_zoo_model_agrees_with_xla(name, train_mode):
     _assert_model_agrees(name, train_mode)
@@ -195,28 +214,31 @@ def _custom_calls(config, num_devices: int = 1) -> int:
 
 
 @needs_kernels
-def test_auto_runs_the_kernels_on_one_cpu_device_and_xla_otherwise(fmnist_dir):
-    config = tiny_config(fmnist_dir)
-    assert config.cpu_kernels == "auto"
-    calls = _custom_calls(config)
+def test_the_kernels_run_where_config_asks_for_them(fmnist_dir):
+    config = tiny_config(fmnist_dir, cpu_kernels="onednn")
     # resnet8 + resnet8 and the fusion module: 2 x (stem + 3 blocks x 2 + 2 shortcuts) + 2
     # convolutions, each forward, backward-data and backward-weights, but for the two stems'
     # backward-data (nothing needs the images' gradient: JAX drops those calls). BatchNorm stays
     # on XLA's kernels (test_onednn_batch_norm_is_less_exact_where_sums_cancel).
     convolutions = 2 * 9 + 2
-    assert calls == 3 * convolutions - 2
+    assert _custom_calls(config) == 3 * convolutions - 2
     config.cpu_kernels = "xla"
     assert _custom_calls(config) == 0
-    config.cpu_kernels = "auto"
+    config.cpu_kernels = "auto"  # XLA's kernels until AUTO_TAKES_ONEDNN (see xla_cpu)
+    assert (_custom_calls(config) > 0) is xla_cpu.AUTO_TAKES_ONEDNN
     assert not xla_cpu.use_onednn_kernels(config, num_devices=8)
     config.compute_dtype = "bfloat16"
     assert not xla_cpu.use_onednn_kernels(config)
     config.cpu_kernels = "onednn"  # forced, but bfloat16 layers stay on XLA's kernels
     assert _custom_calls(config) == 0
+    config.compute_dtype, config.batch_norm = "float32", "per_device"
+    with pytest.raises(UserError, match="does not run under batch_norm='per_device'"):
+        xla_cpu.use_onednn_kernels(config, num_devices=2)
 
 
 def test_without_the_kernels_auto_says_why_and_onednn_is_an_error(fmnist_dir, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda: "no C++ compiler (g++)")
+    monkeypatch.setattr(xla_cpu, "AUTO_TAKES_ONEDNN", True)  # what "auto" will do
     config = tiny_config(fmnist_dir)
     assert not xla_cpu.use_onednn_kernels(config)
     note = xla_cpu.onednn_fallback_note(config)

@@ -86,9 +86,10 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     assert result["jax"]["xla_flags"].endswith("xla_cpu_flatten_after_fusion")
     # "auto" took the oneDNN convolutions where they are built; both frameworks' workers ran with
     # malloc on huge pages (the benchmark restarted itself with the tunable, as the CLI does).
-    from ffcl_jax import cpu_kernels
+    from ffcl_jax import cpu_kernels, xla_cpu
 
-    assert result["jax"]["onednn_kernels"] is cpu_kernels.available()
+    auto_onednn = xla_cpu.AUTO_TAKES_ONEDNN and cpu_kernels.available()
+    assert result["jax"]["onednn_kernels"] is auto_onednn
     for tunables in (result["glibc_tunables"], result["jax"]["glibc_tunables"]):
         assert "glibc.malloc.hugetlb=1" in tunables
 
@@ -256,17 +257,21 @@ def test_settings_comparison_times_each_setting_in_turns():
     assert [row.split(" | ")[0] for row in rows] == ["| attention", "| fused_map"]
 
 
-def test_profile_mode_lists_where_the_step_spends_its_time():
+@pytest.mark.parametrize("kernels", ["xla", "onednn"])
+def test_profile_mode_lists_where_the_step_spends_its_time(kernels):
     from ffcl_jax import cpu_kernels
 
-    out = run_script("bench_step.py", "--modes=profile", *TINY, "--config.batch_size=8", "--top=40")
+    if kernels == "onednn" and not cpu_kernels.available():
+        pytest.skip(f"oneDNN kernels: {cpu_kernels.unavailable_reason()}")
+    args = ["--modes=profile", *TINY, "--config.batch_size=8", "--top=40"]
+    out = run_script("bench_step.py", *args, f"--config.cpu_kernels={kernels}")
     by_kind, longest = out.split("Longest ops:")
     rows = [line.split(" | ") for line in by_kind.splitlines() if line.startswith("| ")][1:]
     assert rows and all(float(row[0].strip("| ")) >= 0 for row in rows)
     kinds = [row[2].strip(" |`") for row in rows]
     assert len(kinds) == len(set(kinds))  # one row per kind of op, instance numbers dropped
-    # The convolutions are oneDNN's custom calls where "auto" takes them, XLA's ops otherwise.
-    assert ("ffi_call" in kinds) is cpu_kernels.available()
+    # The convolutions are oneDNN's custom calls, or XLA's own ops.
+    assert ("ffi_call" in kinds) is (kernels == "onednn")
     assert "one call:" in longest and "ms wall" in longest
 
 
