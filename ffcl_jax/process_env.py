@@ -2,13 +2,13 @@
 
 XLA:CPU allocates each step's temporary buffers afresh, hundreds of MB for the demo pair, and
 glibc hands allocations that large back to the kernel when freed: the next step touches new
-pages and takes a page fault per 4 KiB (82,000 a step for the demo pair, a quarter of its time).
-With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages there
-(2 MiB each), which removes nearly all of them (700 a step) and makes the step 1.2-1.35x faster
-(docs/performance.md, "Page faults"). glibc reads the tunable only when a process starts, so the
-CLI restarts itself with it (`exec`, same PID and arguments) and the benchmarks start their
-workers with it; nothing in the library changes the environment. `FFCL_MALLOC_HUGEPAGES=0` keeps
-a process as it is.
+pages and takes a page fault per 4 KiB (82,000 a step for the demo pair). With glibc's
+`glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages there (2 MiB each),
+which removes nearly all of them (700 a step) and makes the demo step 1.15-1.35x faster
+(docs/performance.md, "Huge pages for malloc"). glibc reads the tunable only when a process
+starts, so the CLI restarts itself with it (`exec`, same PID and command line) and the
+benchmarks start their workers with it; nothing in the library changes the environment.
+`FFCL_MALLOC_HUGEPAGES=0` keeps a process as it is.
 """
 
 from __future__ import annotations
