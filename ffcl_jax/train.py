@@ -213,7 +213,7 @@ def make_train_step(
     statistics are averaged over devices, and the gradient of the replicated parameters is summed
     by `shard_map`'s transpose, which makes it the gradient of the global mean loss.
     `closed_form_bn`: BatchNorm layers differentiate with `layers.batch_norm_train`.
-    `onednn`: float32 convolutions and training-mode BatchNorm run as `ffcl_jax.cpu_kernels`.
+    `onednn`: float32 convolutions run as `ffcl_jax.cpu_kernels` (BatchNorm stays XLA's).
     """
 
     def forward(params, batch_stats, batch, epoch):
