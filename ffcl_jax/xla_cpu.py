@@ -103,26 +103,18 @@ def deepest_blocks_per_stage(config) -> int:
 CPU_KERNELS = ("auto", "onednn", "xla")
 
 
-# Whether "auto" takes the oneDNN convolutions where it can. Not yet: in 4 of the 28 zoo checks
-# (ResNet-32, ResNet-56 and WRN-40-2 in training mode, WRN-28-10 in inference mode; batch 8 at
-# 16x16, at initialisation) their parameter gradients are 4e-3 to 5e-2 of scale away from the
-# float64 result where XLA's are within 2e-5, although the forward passes are as exact as XLA's
-# (tests/test_cpu_kernels.py, docs/performance.md). Until that is understood they are opt-in.
-AUTO_TAKES_ONEDNN = False
-
-
 def use_onednn_kernels(config, num_devices: int = 1) -> bool:
     """`config.cpu_kernels`: whether the steps run float32 convolutions as the oneDNN kernels of
     `ffcl_jax.cpu_kernels`.
 
-    "onednn" insists (an error where they cannot run); "xla" never uses them; "auto" would take
-    them on the CPU backend with one device when they are built, but is XLA's kernels for now
-    (`AUTO_TAKES_ONEDNN`). On several devices XLA's partitioner gathers a custom call's sharded
-    operands onto every device (correct, not data-parallel), and under per-device BatchNorm
-    (`shard_map`) the kernels' gradients do not carry the mesh axes: an error.
+    "onednn" insists (an error where they cannot run); "xla" never uses them; "auto" takes them
+    for float32 on the CPU backend with one device when they are built. On several devices XLA's
+    partitioner gathers a custom call's sharded operands onto every device (correct, not
+    data-parallel), and under per-device BatchNorm (`shard_map`) the kernels' gradients do not
+    carry the mesh axes: an error.
     """
     choice = config.cpu_kernels
-    if choice == "xla" or (choice == "auto" and not AUTO_TAKES_ONEDNN):
+    if choice == "xla":
         return False
     if choice == "auto" and (num_devices > 1 or config.compute_dtype != "float32"):
         return False
@@ -149,7 +141,7 @@ def use_onednn_kernels(config, num_devices: int = 1) -> bool:
 def onednn_fallback_note(config, num_devices: int = 1) -> str | None:
     """One line for the CLI when "auto" wanted the oneDNN kernels on this CPU but cannot have
     them (not built here), else None."""
-    if config.cpu_kernels != "auto" or not AUTO_TAKES_ONEDNN:
+    if config.cpu_kernels != "auto":
         return None
     if jax.default_backend() != "cpu" or num_devices > 1:
         return None

@@ -361,7 +361,7 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"
     }
     assert results["closed_form_batch_norm"] is False
-    auto_onednn = xla_cpu.AUTO_TAKES_ONEDNN and cpu_kernels.available()
+    auto_onednn = cpu_kernels.available()
     assert results["onednn_kernels"] is auto_onednn  # what "auto" resolved to
     assert results["xla_flags"].endswith(xla_cpu.FLATTEN_AFTER_FUSION_FLAG)  # set by the CLI
     assert "glibc.malloc.hugetlb=1" in results["glibc_tunables"]  # the CLI restarted with it
