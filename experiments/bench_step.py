@@ -65,7 +65,7 @@ import sys
 import time
 
 import bench_results  # experiments/, beside this script
-import op_profile
+import step_probes
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -150,28 +150,6 @@ def train_split(config):
     return images, labels
 
 
-def step_on_random_batch(config, mesh):
-    """`(jitted train step, fresh replicated state, one random batch of the config's shape)`: what
-    step timings run (the state as if a long epoch had just begun, so the schedule is flat)."""
-    import jax
-    import numpy as np
-
-    from ffcl_jax import input_pipeline, train
-
-    settings = train.check_config(config, jax.device_count())
-    info = input_pipeline.dataset_info(config.dataset)
-    setup, state = train.build(config, settings, steps_per_epoch=1000)
-    rng = np.random.default_rng(0)
-    batch = mesh.global_batch(
-        {
-            "image": rng.integers(0, 256, (config.batch_size, *info.image_shape), np.uint8),
-            "label": rng.integers(0, info.num_classes, (config.batch_size,), np.int32),
-        }
-    )
-    step, _ = train.jit_steps(setup, config)
-    return step, jax.device_put(state, mesh.replicated), batch
-
-
 def jax_worker(config, modes) -> dict:
     import jax
 
@@ -210,7 +188,7 @@ def jax_worker(config, modes) -> dict:
         }
 
     if "step" in modes:
-        step, state, batch = step_on_random_batch(config, mesh)
+        step, state, batch = step_probes.step_on_random_batch(config, mesh)
         rss_before = peak_rss_mb()
         start = time.perf_counter()
         state, metrics = step(state, batch)
@@ -251,89 +229,6 @@ def jax_worker(config, modes) -> dict:
             "img_per_sec": round(data.steps_per_epoch * config.batch_size / seconds, 1),
         }
     return out
-
-
-def _config_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def compare_settings(config) -> str:
-    """`compare` mode (see the module docstring); returns the Markdown table it prints."""
-    import jax
-
-    from ffcl_jax import parallel, xla_cpu
-
-    if FLAGS.key.startswith("xla_cpu") and jax.default_backend() != "cpu":
-        raise SystemExit("these are XLA:CPU settings; run this on the CPU backend")
-    mesh = parallel.DataParallel()
-    runs = {}
-    for setting in FLAGS.settings:
-        varied = config.copy_and_resolve_references()
-        *parents, leaf = FLAGS.key.split(".")
-        target = varied
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = _config_value(setting)
-        step, state, batch = step_on_random_batch(varied, mesh)
-        for _ in range(FLAGS.warmup):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        runs[setting] = {"step": step, "state": state, "batch": batch, "times": []}
-        print(f"{setting}: {xla_cpu.compiler_options(varied)}", flush=True)
-    for _ in range(FLAGS.rounds):
-        for run in runs.values():
-            for _ in range(FLAGS.steps_per_round):
-                start = time.perf_counter()
-                run["state"], metrics = run["step"](run["state"], run["batch"])
-                jax.block_until_ready(metrics)
-                run["times"].append((time.perf_counter() - start) * 1e3)
-    cpu = bench_results.machine()
-    lines = [
-        f"{config.teacher} + {config.student}, batch {config.batch_size}, {FLAGS.rounds} x "
-        f"{FLAGS.steps_per_round} steps each, interleaved; XLA_FLAGS for all: "
-        f"{os.environ.get('XLA_FLAGS') or '(none)'}; {cpu['cpu']} ({cpu['isa']})",
-        f"| {FLAGS.key} | min ms | median ms | speed-up |",
-        "|---|---|---|---|",
-    ]
-    base = statistics.median(next(iter(runs.values()))["times"])
-    for setting, run in runs.items():
-        median = statistics.median(run["times"])
-        lines.append(
-            f"| {setting} | {min(run['times']):.0f} | {median:.0f} | {base / median:.2f}x |"
-        )
-    return "\n".join(lines)
-
-
-def profile_step(config) -> str:
-    """`profile` mode: the ops one train step spends its time in (op_profile.top_ops)."""
-    import jax
-
-    from ffcl_jax import parallel
-
-    mesh = parallel.DataParallel()
-    step, state, batch = step_on_random_batch(config, mesh)
-    latest = [state]  # the step donates its state: each call takes the one before's output
-
-    def one_step():
-        latest[0], metrics = step(latest[0], batch)
-        return metrics
-
-    rows, wall_ms = op_profile.top_ops(one_step)
-    jax.block_until_ready(latest)
-    cpu = bench_results.machine()
-    return "\n\n".join(
-        [
-            f"{config.teacher} + {config.student}, batch {config.batch_size}, cpu_kernels="
-            f"{config.cpu_kernels}; {cpu['cpu']} ({cpu['isa']})",
-            "By kind:\n" + op_profile.table(op_profile.by_kind(rows)[: FLAGS.top], wall_ms),
-            "Longest ops:\n" + op_profile.table(rows[: FLAGS.top], wall_ms),
-        ]
-    )
 
 
 def time_checkpoint(config) -> dict:
@@ -487,9 +382,18 @@ def main(argv):
 
         os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
         if "compare" in FLAGS.modes:
-            print(compare_settings(config))
+            print(
+                step_probes.compare_settings(
+                    config,
+                    FLAGS.key,
+                    FLAGS.settings,
+                    warmup=FLAGS.warmup,
+                    rounds=FLAGS.rounds,
+                    steps_per_round=FLAGS.steps_per_round,
+                )
+            )
         elif "profile" in FLAGS.modes:
-            print(profile_step(config))
+            print(step_probes.profile_step(config, FLAGS.top))
         else:
             print(json.dumps(time_checkpoint(config)))
         return

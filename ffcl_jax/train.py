@@ -141,6 +141,7 @@ class Setup:
     schedule: optax.Schedule
     train_step: Callable  # pure (state, batch) -> (state, metrics); jit with donate_argnums=0
     eval_step: Callable  # pure (params, batch_stats, batch) -> correct counts
+    onednn_kernels: bool  # float32 convolutions on ffcl_jax.cpu_kernels (config.cpu_kernels)
 
 
 def build(
@@ -178,6 +179,7 @@ def build(
             onednn=onednn,
         ),
         eval_step=make_eval_step(graphdef, info, onednn=onednn),
+        onednn_kernels=onednn,
     )
     return setup, state
 
@@ -490,7 +492,7 @@ def train_and_evaluate(
             results.update(final_test=final_test, command=command)
             results["xla_compiler_options"] = xla_cpu.compiler_options(config)
             results["closed_form_batch_norm"] = xla_cpu.closed_form_batch_norm(config)
-            results["onednn_kernels"] = xla_cpu.use_onednn_kernels(config, data_parallel.size)
+            results["onednn_kernels"] = setup.onednn_kernels
             if is_chief:
                 report.write_outputs(workdir, config, results, log)
             return results
