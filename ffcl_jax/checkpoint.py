@@ -91,6 +91,19 @@ ADDED_KEYS = {
     "validation_size": 0,
     "validation_seed": 0,
     "warmup_epochs": 0.0,
+    # The branch methods' loss settings (None: the preset's value, as for every loss key).
+    **{
+        f"loss.{key}": None
+        for key in (
+            "num_branches",
+            "branch_stages",
+            "gate",
+            "backprop_rescale",
+            "lam_ensemble_ce",
+            "lam_branch_kd",
+            "branch_target",
+        )
+    },
 }
 
 

@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Networks and method.
     c.teacher = "resnet110"
     c.student = "resnet32"
-    c.method = "ffcl"  # independent | kd | dml | ffl | ffcl
+    c.method = "ffcl"  # independent | kd | dml | ffl | ffcl | one | cl_ilr
     # kd only: a finished run's workdir (its latest checkpoint) or an exported .npz holding the
     # teacher, which is then frozen.
     c.teacher_checkpoint = config_dict.placeholder(str)
@@ -71,8 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     # what it has. See train.set_process_xla_flags.
     c.xla_cpu_flatten_after_fusion = True
     # Convolutions on the CPU: "onednn" (ffcl_jax.cpu_kernels, oneDNN through jax.ffi, float32
-    # layers, one device; 2.5x faster than XLA:CPU's on the demo pair's layers, an opt-in while
-    # some of their gradients are less exact than XLA's), "xla" (XLA's own), or "auto" (for now
+    # layers, one device; 2.5x faster than XLA:CPU's on the demo pair's layers), "xla" (XLA's
+    # own), or "auto" (onednn for float32 on one CPU device where the kernels are built, else
     # xla). See xla_cpu.use_onednn_kernels and docs/performance.md.
     c.cpu_kernels = "auto"
 
@@ -92,6 +92,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.reg_temperature = config_dict.placeholder(float)
     c.loss.label_smoothing = config_dict.placeholder(float)
     c.loss.kd_alpha = config_dict.placeholder(float)  # kd: (1 - a) CE(S) + a KL_tau(S <- T)
+    # Branch methods (one, cl_ilr): a multi-branch network of config.student (methods.py).
+    c.loss.num_branches = config_dict.placeholder(int)  # 0: the teacher/student pair
+    c.loss.branch_stages = config_dict.placeholder(int)  # the last stages each branch copies
+    c.loss.gate = config_dict.placeholder(str)  # one | none
+    c.loss.backprop_rescale = config_dict.placeholder(bool)
+    c.loss.lam_ensemble_ce = config_dict.placeholder(float)
+    c.loss.lam_branch_kd = config_dict.placeholder(float)
+    c.loss.branch_target = config_dict.placeholder(str)  # ensemble | others
 
     # Optimisation (FFL/ONE protocol).
     c.batch_size = 128  # global, over all devices and hosts
@@ -230,7 +238,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
             raise UserError(f"config.{key} must be > 0, got {config[key]}")
     if config.keep_checkpoints < 1:
         raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
-    valid_best = [m for m in report.MODEL_ORDER if m != "fused" or settings.use_fusion]
+    if settings.branch_method:
+        valid_best = ["student", "ensemble", *report.branch_names(settings.num_branches)]
+    else:
+        valid_best = [m for m in report.MODEL_ORDER if m != "fused" or settings.use_fusion]
     if config.best_metric and config.best_metric not in valid_best:
         raise UserError(
             f"config.best_metric={config.best_metric!r} is not a model this run evaluates; "

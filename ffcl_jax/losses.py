@@ -46,6 +46,24 @@ def ensemble_logits(teacher_logits: jax.Array, student_logits: jax.Array) -> jax
     return (_f32(teacher_logits) + _f32(student_logits)) / 2.0
 
 
+def branch_ensemble(branch_logits: Sequence[jax.Array], gate_weights=None) -> jax.Array:
+    """z_ens = sum_i g_i z_i over the branches, with ONE's per-example gate weights `g` (shape
+    batch x branches), or their plain mean without a gate. Not stopped: the gate learns from
+    CE(z_ens); where z_ens teaches, `kl_distill` stops it."""
+    stacked = jnp.stack([_f32(z) for z in branch_logits], axis=1)  # batch, branches, classes
+    if gate_weights is None:
+        return jnp.mean(stacked, axis=1)
+    return jnp.sum(_f32(gate_weights)[..., None] * stacked, axis=1)
+
+
+def mean_of_others(branch_logits: Sequence[jax.Array]) -> list[jax.Array]:
+    """For each branch i, (sum_{j != i} z_j) / (m - 1): CL-ILR's target, the other branches'
+    consensus, so that no branch is distilled toward itself."""
+    stacked = jnp.stack([_f32(z) for z in branch_logits])
+    total = jnp.sum(stacked, axis=0)
+    return [(total - z) / (len(branch_logits) - 1) for z in stacked]
+
+
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     """`x / max(||x||_2, 1e-12)` along `axis`, as `torch.nn.functional.normalize`.
 

@@ -1,4 +1,5 @@
-"""Method presets (independent, kd, dml, ffl, ffcl) and the cohort objective they configure.
+"""Method presets (independent, kd, dml, ffl, ffcl; the branch methods one, cl_ilr) and the
+cohort objective they configure.
 
 A preset is a set of default loss settings; every setting is also a config key under
 `config.loss`, where `None` means "the preset's value". So `--config.method=ffcl
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from ffcl_jax import losses
 from ffcl_jax.errors import UserError
 from ffcl_jax.models import NUM_STAGES
+from ffcl_jax.models.branches import GATES
 
 REGULARIZERS = ("virtual_teacher", "label_smoothing", "none")
 FEATURE_DIRECTIONS = ("teacher_to_student", "mutual")
@@ -26,6 +28,9 @@ FEATURE_DIRECTIONS = ("teacher_to_student", "mutual")
 # attention transfer between the networks, the last-stage fused map teaching both networks
 # through adapters, or a fusion module at every stage whose map teaches both at that stage.
 FEATURE_FORMS = ("attention", "fused_map", "stage_fusion")
+# What each branch of a branch method distils from: the ensemble of all branches (ONE), or the
+# mean of the other branches' logits (CL-ILR's peer consensus).
+BRANCH_TARGETS = ("ensemble", "others")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +56,28 @@ class LossSettings:
     label_smoothing: float
     kd_alpha: float  # kd only: (1 - a) CE(S) + a KL_tau(S <- T)
     train_teacher: bool  # False (kd): the teacher is loaded from a checkpoint and frozen
+    # Branch methods: one multi-branch network of config.student (models/branches.py).
+    num_branches: int  # 0: the teacher/student pair; >= 2: branches of the student network
+    branch_stages: int  # how many of the last stages each branch copies
+    gate: str  # "one": ONE's gate weighs the branches' ensemble; "none": their plain mean
+    backprop_rescale: bool  # CL-ILR: the trunk's gradient from the branches / num_branches
+    lam_ensemble_ce: float  # CE(z_ens, y): trains ONE's gate (and, through it, the branches)
+    lam_branch_kd: float  # sum_i KL_tau(z_i <- target_i), ramped up
+    branch_target: str  # one of BRANCH_TARGETS
+
+    @property
+    def branch_method(self) -> bool:
+        return self.num_branches > 0
 
     def active_terms(self) -> tuple[str, ...]:
         """Names of the loss terms this setting computes (the rest are not traced)."""
+        if self.branch_method:
+            terms = ["ce_branches"]
+            if self.lam_ensemble_ce:
+                terms.append("ce_ensemble")
+            if self.lam_branch_kd:
+                terms.append("kl_to_branches")
+            return tuple(terms)
         if not self.train_teacher:
             return ("ce_student", "kl_teacher_to_student")
         terms = ["ce_teacher", "ce_student"]
@@ -86,7 +110,16 @@ _COMMON = dict(
     label_smoothing=0.1,
     kd_alpha=0.9,
     train_teacher=True,
+    num_branches=0,
+    branch_stages=1,
+    gate="none",
+    backprop_rescale=False,
+    lam_ensemble_ce=0.0,
+    lam_branch_kd=0.0,
+    branch_target="ensemble",
 )
+# The branch methods train one multi-branch network: none of the pair's terms.
+_BRANCHES = dict(_COMMON, **_OFF, use_fusion=False, regularizer="none")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "independent": dict(
@@ -131,6 +164,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         tau=3.0,
         rampup_epochs=80.0,
         regularizer="virtual_teacher",
+    ),
+    # ONE (Lan et al. 2018), docs/method.md "Branch baselines": three branches of the last stage,
+    # a gate, CE on every branch and the gated ensemble, the ensemble distilled to every branch.
+    "one": dict(
+        _BRANCHES,
+        num_branches=3,
+        branch_stages=1,
+        gate="one",
+        lam_ensemble_ce=1.0,
+        lam_branch_kd=1.0,
+        branch_target="ensemble",
+        tau=3.0,
+        rampup_epochs=80.0,
+    ),
+    # CL-ILR (Song & Chai 2018): branches of the last stage on a shared trunk whose gradient is
+    # rescaled by 1/m, each branch distilled from the mean of the other branches.
+    "cl_ilr": dict(
+        _BRANCHES,
+        num_branches=4,
+        branch_stages=1,
+        backprop_rescale=True,
+        lam_branch_kd=1.0,
+        branch_target="others",
+        tau=3.0,
+        rampup_epochs=80.0,
     ),
 }
 
@@ -210,6 +268,36 @@ def _validate(s: LossSettings) -> None:
         )
     if not 0 <= s.label_smoothing < 1:
         raise UserError(f"loss.label_smoothing must be in [0, 1), got {s.label_smoothing}")
+    _validate_branches(s)
+
+
+def _validate_branches(s: LossSettings) -> None:
+    if s.lam_ensemble_ce < 0 or s.lam_branch_kd < 0:
+        raise UserError("loss.lam_ensemble_ce and loss.lam_branch_kd must be >= 0")
+    if s.gate not in GATES:
+        raise UserError(f"unknown loss.gate {s.gate!r}; valid: {', '.join(GATES)}")
+    if s.branch_target not in BRANCH_TARGETS:
+        raise UserError(
+            f"unknown loss.branch_target {s.branch_target!r}; valid: {', '.join(BRANCH_TARGETS)}"
+        )
+    if not s.branch_method:
+        if s.gate != "none" or s.backprop_rescale or s.lam_ensemble_ce or s.lam_branch_kd:
+            raise UserError(
+                f"loss.gate, backprop_rescale, lam_ensemble_ce and lam_branch_kd belong to the "
+                f"branch methods (one, cl_ilr); the {s.method} preset has no branches"
+            )
+        return
+    if s.num_branches < 2:
+        raise UserError(f"loss.num_branches must be >= 2 (or 0: no branches), got {s.num_branches}")
+    if not 1 <= s.branch_stages <= NUM_STAGES:
+        raise UserError(f"loss.branch_stages must be in 1..{NUM_STAGES}, got {s.branch_stages}")
+    if s.gate == "one" and s.branch_stages == NUM_STAGES:
+        raise UserError("loss.gate='one' reads the shared trunk: set loss.branch_stages < 3")
+    if s.use_fusion or s.lam_fuse or s.lam_ens or s.lam_mutual or s.lam_feat or s.lam_reg:
+        raise UserError(
+            f"the {s.method} preset trains one multi-branch network: it takes no fusion, "
+            "mutual, feature or regularizer terms (set loss.num_branches=0 for those)"
+        )
 
 
 def check_feature_stages(settings: LossSettings, num_teacher_stages: int, num_student_stages: int):
@@ -251,6 +339,8 @@ def cohort_objective(
 
     `outputs` is what `Cohort.__call__` returns. Terms with zero weight are skipped at trace time.
     """
+    if settings.branch_method:
+        return branch_objective(outputs, labels, settings, epoch)
     z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
     z_f = outputs.get("fused_logits")
     tau = settings.tau
@@ -319,3 +409,58 @@ def cohort_objective(
     total = supervised + ramp * distill + regularization
     terms["rampup_weight"] = ramp
     return total, terms
+
+
+def branch_objective(
+    outputs: Mapping[str, Any], labels: jax.Array, settings: LossSettings, epoch: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The branch methods' loss (docs/method.md, "Branch baselines"), over what
+    `BranchCohort.__call__` returns:
+
+        L = sum_i CE(z_i) + lam_ensemble_ce CE(z_ens)
+            + w(epoch) lam_branch_kd sum_i KL_tau(z_i <- t_i)
+
+    with t_i = z_ens (ONE: the gated ensemble) or the mean of the other branches (CL-ILR); the
+    targets receive no gradient from the KL terms.
+    """
+    branch_logits = outputs["branch_logits"]
+    ensemble = losses.branch_ensemble(branch_logits, outputs.get("gate_weights"))
+    terms = {"ce_branches": sum(losses.cross_entropy(z, labels) for z in branch_logits)}
+    total = terms["ce_branches"]
+    if settings.lam_ensemble_ce:
+        terms["ce_ensemble"] = losses.cross_entropy(ensemble, labels)
+        total = total + settings.lam_ensemble_ce * terms["ce_ensemble"]
+    ramp = losses.rampup_weight(epoch, settings.rampup_epochs)
+    if settings.lam_branch_kd:
+        if settings.branch_target == "others":
+            targets = losses.mean_of_others(branch_logits)
+        else:
+            targets = [ensemble] * len(branch_logits)
+        terms["kl_to_branches"] = sum(
+            losses.kl_distill(z, t, settings.tau)
+            for z, t in zip(branch_logits, targets, strict=True)
+        )
+        total = total + ramp * settings.lam_branch_kd * terms["kl_to_branches"]
+    terms["rampup_weight"] = ramp
+    return total, terms
+
+
+def evaluated_logits(outputs: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The models a run evaluates, by name (report.MODEL_ORDER), from the cohort's outputs: the
+    student; the teacher and the T+S ensemble; the fused classifier; a branch method's other
+    branches (`branch_1`, ...) and the branches' ensemble."""
+    logits = {"student": outputs["student_logits"]}
+    if "teacher_logits" in outputs:
+        logits["teacher"] = outputs["teacher_logits"]
+        logits["ensemble"] = losses.ensemble_logits(
+            outputs["teacher_logits"], outputs["student_logits"]
+        )
+    if "fused_logits" in outputs:
+        logits["fused"] = outputs["fused_logits"]
+    if "branch_logits" in outputs:
+        for index, z in enumerate(outputs["branch_logits"][1:], start=1):
+            logits[f"branch_{index}"] = z
+        logits["ensemble"] = losses.branch_ensemble(
+            outputs["branch_logits"], outputs.get("gate_weights")
+        )
+    return logits

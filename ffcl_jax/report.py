@@ -22,14 +22,23 @@ from ffcl_jax.errors import UserError
 MODEL_ORDER = ("student", "teacher", "fused", "ensemble")
 
 
+def branch_names(num_branches: int) -> list[str]:
+    """A branch method's branches besides the student's (branch 0): `branch_1`, ..."""
+    return [f"branch_{i}" for i in range(1, num_branches)]
+
+
+def models_in(row: dict) -> list[str]:
+    """The models `row` holds an accuracy of: MODEL_ORDER's, then the other branches."""
+    branches = sorted((k for k in row if k.startswith("branch_")), key=lambda k: int(k[7:]))
+    return [m for m in MODEL_ORDER if m in row] + branches
+
+
 def summarize(history: list[dict]) -> dict[str, dict]:
     """{model: {last, best, best_epoch}} from the eval rows (`epoch` plus one accuracy a model)."""
     summary = {}
     if not history:
         return summary
-    for model in MODEL_ORDER:
-        if model not in history[-1]:
-            continue
+    for model in models_in(history[-1]):
         best_row = max(history, key=lambda row: row[model])
         summary[model] = {
             "last": history[-1][model],
@@ -52,7 +61,7 @@ def format_table(
         rule += "------------------|"
     lines = [header, rule]
     last_width, best_width = len(split) + 16, len(split) + 24
-    for model in MODEL_ORDER:
+    for model in [*MODEL_ORDER, *(m for m in models_in(summary) if m not in MODEL_ORDER)]:
         if model not in summary:
             line = f"| {model:<8} | {'n/a':>{last_width}} | {'n/a':>{best_width}} |"
         else:
@@ -91,23 +100,22 @@ def plot_curves(metrics_path: str, png_path: str, title: str = "") -> None:
     split = evals[0].get("split", "test") if evals else "test"
     trains = [r for r in rows if r.get("kind") == "train"]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for model in MODEL_ORDER:
-        if evals and model in evals[0]:
+    for model in models_in(evals[0]) if evals else []:
+        ax_acc.plot(
+            [r["epoch"] for r in evals],
+            [100 * r[model] for r in evals],
+            marker="o",
+            label=model,
+        )
+        for row in final_tests:
             ax_acc.plot(
-                [r["epoch"] for r in evals],
-                [100 * r[model] for r in evals],
-                marker="o",
-                label=model,
+                [row["epoch"]],
+                [100 * row[model]],
+                marker="*",
+                markersize=12,
+                color=ax_acc.lines[-1].get_color(),
+                linestyle="none",
             )
-            for row in final_tests:
-                ax_acc.plot(
-                    [row["epoch"]],
-                    [100 * row[model]],
-                    marker="*",
-                    markersize=12,
-                    color=ax_acc.lines[-1].get_color(),
-                    linestyle="none",
-                )
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel(f"{split} top-1 (%)" + (" (stars: final test)" if final_tests else ""))
@@ -115,7 +123,7 @@ def plot_curves(metrics_path: str, png_path: str, title: str = "") -> None:
     ax_acc.legend()
     if trains:
         ax_loss.plot([r["step"] for r in trains], [r["loss"] for r in trains], label="total loss")
-        for term in ("ce_teacher", "ce_student", "ce_fused"):
+        for term in ("ce_teacher", "ce_student", "ce_fused", "ce_branches", "ce_ensemble"):
             if term in trains[0]:
                 ax_loss.plot(
                     [r["step"] for r in trains], [r[term] for r in trains], label=term, alpha=0.7
@@ -254,7 +262,7 @@ class RunLog:
     def eval(self, row: dict, seconds: float) -> None:
         if not self.enabled:
             return
-        accuracy = {k: row[k] for k in MODEL_ORDER if k in row}
+        accuracy = {k: row[k] for k in models_in(row)}
         split = row["split"]
         self.print(
             f"epoch {row['epoch']} {split} top-1: "
@@ -281,10 +289,18 @@ def banner(
     """The run's first line: method, networks, data, batch, devices and active loss terms."""
     num_params = parameter_counts(params)
     evaluated = " / ".join(f"{len(images)} {name}" for name, (images, _) in sorted(splits.items()))
+    if settings.branch_method:  # one network of config.student, branched
+        networks = (
+            f"student {config.student} ({num_params['student'] / 1e6:.2f}M) with "
+            f"{settings.num_branches - 1} more branches ({num_params['peers'] / 1e6:.2f}M)"
+        )
+    else:
+        networks = (
+            f"teacher {config.teacher} ({num_params['teacher'] / 1e6:.2f}M) | student "
+            f"{config.student} ({num_params['student'] / 1e6:.2f}M)"
+        )
     return (
-        f"FFCL | method {config.method} | teacher {config.teacher} "
-        f"({num_params['teacher'] / 1e6:.2f}M) | student {config.student} "
-        f"({num_params['student'] / 1e6:.2f}M) | {config.dataset} {num_train} train / "
+        f"FFCL | method {config.method} | {networks} | {config.dataset} {num_train} train / "
         f"{evaluated} | batch {config.batch_size}, {config.compute_dtype} compute | "
         f"{config.num_epochs} epochs x {steps_per_epoch} steps | {num_devices} "
         f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "

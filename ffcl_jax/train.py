@@ -35,6 +35,7 @@ from ffcl_jax.methods import (
     LossSettings,
     check_feature_stages,
     cohort_objective,
+    evaluated_logits,
     fused_feature_stages,
 )
 from ffcl_jax.models.layers import closed_form_batch_norm_backward, onednn_kernels
@@ -49,8 +50,9 @@ class TrainState(struct.PyTreeNode):
 
 
 def is_network_role(role: str) -> bool:
-    """Teacher and student take `weight_decay`; every other role is fusion-side."""
-    return role in ("teacher", "student")
+    """Teacher, student and a branch method's peers and gate take `weight_decay`; every other
+    role is fusion-side."""
+    return role in ("teacher", "student", "peers", "gate")
 
 
 def make_optimizer(
@@ -100,23 +102,37 @@ def make_optimizer(
 
 
 def create_cohort(config, settings: LossSettings, info: input_pipeline.DatasetInfo):
-    cohort = models.create_cohort(
-        config.teacher,
-        config.student,
-        info.num_classes,
-        in_channels=info.image_shape[-1],
-        use_fusion=settings.use_fusion,
-        fused_channels=config.fusion_channels,
-        fused_feature_stages=fused_feature_stages(settings, models.NUM_STAGES),
-        dtype=COMPUTE_DTYPES[config.compute_dtype],
-        seed=config.seed,
-    )
+    dtype = COMPUTE_DTYPES[config.compute_dtype]
+    if settings.branch_method:
+        cohort = models.create_branch_cohort(
+            config.student,
+            info.num_classes,
+            in_channels=info.image_shape[-1],
+            num_branches=settings.num_branches,
+            branch_stages=settings.branch_stages,
+            gate=settings.gate,
+            backprop_rescale=settings.backprop_rescale,
+            dtype=dtype,
+            seed=config.seed,
+        )
+    else:
+        cohort = models.create_cohort(
+            config.teacher,
+            config.student,
+            info.num_classes,
+            in_channels=info.image_shape[-1],
+            use_fusion=settings.use_fusion,
+            fused_channels=config.fusion_channels,
+            fused_feature_stages=fused_feature_stages(settings, models.NUM_STAGES),
+            dtype=dtype,
+            seed=config.seed,
+        )
+        check_feature_stages(
+            settings, len(cohort.teacher.stage_channels), len(cohort.student.stage_channels)
+        )
     if config.compute_dtype == "float64":  # flax creates float32 variables whatever the dtype
         variables = nnx.state(cohort, (nnx.Param, nnx.BatchStat))
         nnx.update(cohort, jax.tree.map(lambda v: v.astype(jnp.float64), variables))
-    check_feature_stages(
-        settings, len(cohort.teacher.stage_channels), len(cohort.student.stage_channels)
-    )
     return cohort
 
 
@@ -269,22 +285,14 @@ def make_train_step(
 def make_eval_step(
     graphdef: nnx.GraphDef, info: input_pipeline.DatasetInfo, *, onednn: bool = False
 ):
-    """`(params, batch_stats, batch) -> correct counts` of T, S, fused and the T+S ensemble."""
+    """`(params, batch_stats, batch) -> correct counts` of every model `evaluated_logits` names."""
 
     def eval_step(params, batch_stats, batch):
         cohort = nnx.merge(graphdef, params, batch_stats)
         with onednn_kernels(onednn):
             outputs = cohort(input_pipeline.normalize(batch["image"], info), train=False)
         labels, mask = batch["label"], batch["mask"]
-        logits = {
-            "teacher": outputs["teacher_logits"],
-            "student": outputs["student_logits"],
-            "ensemble": losses.ensemble_logits(
-                outputs["teacher_logits"], outputs["student_logits"]
-            ),
-        }
-        if "fused_logits" in outputs:
-            logits["fused"] = outputs["fused_logits"]
+        logits = evaluated_logits(outputs)
         counts = {k: jnp.sum(losses.top1_correct(z, labels) * mask) for k, z in logits.items()}
         counts["count"] = jnp.sum(mask)
         return counts
@@ -432,7 +440,7 @@ def train_and_evaluate(
                 nonlocal last_checkpoint
                 clock.add_wall_time()
                 progress.update(epoch=epoch_done, batch_in_epoch=batch_in_epoch)
-                metrics = eval_row and {k: eval_row[k] for k in report.MODEL_ORDER if k in eval_row}
+                metrics = eval_row and {k: eval_row[k] for k in report.models_in(eval_row)}
                 meta = {"config": json.loads(config.to_json_best_effort()), "progress": progress}
                 checkpoints.save(step, state, meta, metrics)
                 last_checkpoint = f"step {step}"

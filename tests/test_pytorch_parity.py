@@ -301,31 +301,73 @@ def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, feature)
         cohort, optimizer, schedule = _reference_cohort(
             config, state.params, state.batch_stats, steps_per_epoch
         )
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (96, 28, 28, 1)).astype(np.uint8)
-        labels = rng.integers(0, 10, 96).astype(np.int32)
-        info = input_pipeline.dataset_info(config.dataset)
-        step = jax.jit(setup.train_step)
-        for i in range(3):
-            batch = {"image": images[32 * i : 32 * (i + 1)], "label": labels[32 * i : 32 * (i + 1)]}
-            state, metrics = step(state, batch)
-            normalized = _to_nchw(np.asarray(input_pipeline.normalize(batch["image"], info)))
-            cohort.train()
-            optimizer.zero_grad()
-            total, _ = torch_losses.cohort_objective(
-                cohort(normalized),
-                torch.from_numpy(batch["label"]).long(),
-                dataclasses.asdict(settings),
-                i // steps_per_epoch,
-                10,
+        _assert_three_steps_agree(config, settings, setup, state, (cohort, optimizer, schedule))
+
+
+def _assert_three_steps_agree(config, settings, setup, state, reference, seed=0):
+    """Three float64 train steps of JAX and of the PyTorch `reference` (cohort, optimizer,
+    schedule; two steps an epoch) on the same random batches: the same loss to 1e-12, the same
+    loss terms, and every parameter and running mean to 1e-12 after each step."""
+    cohort, optimizer, schedule = reference
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (96, 28, 28, 1)).astype(np.uint8)
+    labels = rng.integers(0, 10, 96).astype(np.int32)
+    info = input_pipeline.dataset_info(config.dataset)
+    step = jax.jit(setup.train_step)
+    for i in range(3):
+        batch = {"image": images[32 * i : 32 * (i + 1)], "label": labels[32 * i : 32 * (i + 1)]}
+        state, metrics = step(state, batch)
+        normalized = _to_nchw(np.asarray(input_pipeline.normalize(batch["image"], info)))
+        cohort.train()
+        optimizer.zero_grad()
+        total, terms = torch_losses.cohort_objective(
+            cohort(normalized),
+            torch.from_numpy(batch["label"]).long(),
+            dataclasses.asdict(settings),
+            i // 2,
+            10,
+        )
+        assert set(terms) == {*settings.active_terms(), "rampup_weight"}
+        total.backward()
+        optimizer.step()
+        schedule.step()
+        assert float(metrics["loss"]) == pytest.approx(float(total.detach()), rel=1e-12)
+        _assert_same_parameters(
+            state.params, state.batch_stats, cohort, 1e-12, f"after step {i + 1}"
+        )
+
+
+@pytest.mark.parametrize("method", ["one", "cl_ilr"])
+def test_branch_methods_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, method):
+    """As the test above, for the branch methods: the shared trunk, every branch, ONE's gate
+    (with its BatchNorm) or CL-ILR's rescaled trunk gradient, each loss term with the ramp-up,
+    and the per-role weight decay of the branches and the gate."""
+    with jax.enable_x64(True):
+        config = _optimizer_config(fmnist_dir, compute_dtype="float64", method=method)
+        settings = train.check_config(config, 1)
+        steps_per_epoch = 2
+        setup, state = train.build(config, settings, steps_per_epoch)
+        cohort = torch_models.BranchCohort(
+            config.student,
+            10,
+            1,
+            settings.num_branches,
+            settings.branch_stages,
+            settings.gate,
+            settings.backprop_rescale,
+        )
+        for role in state.params:
+            getattr(cohort, role).load_state_dict(
+                convert.to_torch_state_dict(
+                    state.params[role], _role_stats(state.batch_stats, role)
+                ),
+                strict=True,
             )
-            total.backward()
-            optimizer.step()
-            schedule.step()
-            assert float(metrics["loss"]) == pytest.approx(float(total.detach()), rel=1e-12)
-            _assert_same_parameters(
-                state.params, state.batch_stats, cohort, 1e-12, f"after step {i + 1}"
-            )
+        cohort = cohort.double()
+        optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch)
+        _assert_three_steps_agree(
+            config, settings, setup, state, (cohort, optimizer, schedule), seed=1
+        )
 
 
 def test_reference_augmentation_moves_pixels_but_keeps_content():

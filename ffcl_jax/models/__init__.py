@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 
 from ffcl_jax.errors import UserError
+from ffcl_jax.models.branches import BranchCohort
 from ffcl_jax.models.fusion import FusedFeatureKnowledge, FusionModule
 from ffcl_jax.models.resnet import CifarResNet
 from ffcl_jax.models.wrn import WideResNet
@@ -144,3 +145,32 @@ def create_cohort(
             rngs=rngs,
         )
     return Cohort(teacher_net, student_net, fusion, fused_knowledge)
+
+
+def create_branch_cohort(
+    name: str,
+    num_classes: int,
+    *,
+    in_channels: int,
+    num_branches: int,
+    branch_stages: int,
+    gate: str,
+    backprop_rescale: bool,
+    dtype=None,
+    seed: int = 0,
+) -> BranchCohort:
+    """The branch methods' cohort: `num_branches` branches of zoo network `name`
+    (models/branches.py); branch 0 and the trunk are built first, as `create_model` builds the
+    network alone, so the student starts from the single network's initial weights."""
+    check_model_name(name)
+    return BranchCohort(
+        lambda rngs: create_model(
+            name, num_classes, in_channels=in_channels, dtype=dtype, rngs=rngs
+        ),
+        num_branches,
+        branch_stages,
+        gate,
+        backprop_rescale=backprop_rescale,
+        dtype=dtype,
+        rngs=nnx.Rngs(seed),
+    )

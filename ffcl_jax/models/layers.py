@@ -252,6 +252,33 @@ def build_stages(block, in_ch: int, widths, blocks_per_stage: int, *, dtype, rng
     return nnx.List(stages), in_ch
 
 
+class ZooNetwork(nnx.Module):
+    """A zoo network in parts: `stem`, its `stages` (each a list of blocks), `head`. Its
+    forward pass returns `(logits, stage maps)`; multi-branch networks (models/branches.py) run
+    the same parts separately, so a branch is the zoo network's own code."""
+
+    def stem(self, x: jax.Array, *, train: bool) -> jax.Array:
+        raise NotImplementedError
+
+    def head(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
+        """`(logits, last stage map)` from the last stage's output."""
+        raise NotImplementedError
+
+    def run_stage(self, index: int, x: jax.Array, *, train: bool) -> jax.Array:
+        for block in self.stages[index]:
+            x = block(x, train=train)
+        return x
+
+    def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, list[jax.Array]]:
+        x = self.stem(x, train=train)
+        features = []
+        for index in range(len(self.stages)):
+            x = self.run_stage(index, x, train=train)
+            features.append(x)
+        logits, features[-1] = self.head(x, train=train)
+        return logits, features
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """NHWC -> NC, averaged in at least float32 so that bf16 runs do not lose the mean."""
     return jnp.mean(at_least_float32(x), axis=(1, 2)).astype(x.dtype)

@@ -10,7 +10,14 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from ffcl_jax.models.layers import batch_norm, build_stages, conv, dense, global_avg_pool
+from ffcl_jax.models.layers import (
+    ZooNetwork,
+    batch_norm,
+    build_stages,
+    conv,
+    dense,
+    global_avg_pool,
+)
 
 
 class BasicBlock(nnx.Module):
@@ -35,8 +42,10 @@ class BasicBlock(nnx.Module):
         return nnx.relu(x + y)
 
 
-class CifarResNet(nnx.Module):
+class CifarResNet(ZooNetwork):
     """Returns `(logits, [stage_1, stage_2, stage_3])`, each stage map in NHWC."""
+
+    STEM_MODULES = ("stem_conv", "stem_bn")
 
     @staticmethod
     def blocks_per_stage(depth: int) -> int:
@@ -64,11 +73,10 @@ class CifarResNet(nnx.Module):
         )
         self.classifier = dense(in_ch, num_classes, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, list[jax.Array]]:
-        x = nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
-        features = []
-        for stage in self.stages:
-            for block in stage:
-                x = block(x, train=train)
-            features.append(x)
-        return self.classifier(global_avg_pool(x)), features
+    def stem(self, x: jax.Array, *, train: bool) -> jax.Array:
+        return nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+
+    def head(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
+        """`(logits, last stage map)` from the last stage's output."""
+        del train
+        return self.classifier(global_avg_pool(x)), x

@@ -12,7 +12,14 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from ffcl_jax.models.layers import batch_norm, build_stages, conv, dense, global_avg_pool
+from ffcl_jax.models.layers import (
+    ZooNetwork,
+    batch_norm,
+    build_stages,
+    conv,
+    dense,
+    global_avg_pool,
+)
 
 
 class WideBlock(nnx.Module):
@@ -35,8 +42,10 @@ class WideBlock(nnx.Module):
         return shortcut + y
 
 
-class WideResNet(nnx.Module):
+class WideResNet(ZooNetwork):
     """Returns `(logits, [stage_1, stage_2, relu(bn(stage_3))])`, each in NHWC."""
+
+    STEM_MODULES = ("stem_conv",)
 
     @staticmethod
     def blocks_per_stage(depth: int) -> int:
@@ -64,13 +73,11 @@ class WideResNet(nnx.Module):
         self.final_bn = batch_norm(in_ch, dtype=dtype, rngs=rngs)
         self.classifier = dense(in_ch, num_classes, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, list[jax.Array]]:
-        x = self.stem_conv(x)
-        features = []
-        for stage in self.stages:
-            for block in stage:
-                x = block(x, train=train)
-            features.append(x)
+    def stem(self, x: jax.Array, *, train: bool) -> jax.Array:
+        del train
+        return self.stem_conv(x)
+
+    def head(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
+        """`(logits, last stage map)`: the map after the final BatchNorm and ReLU."""
         x = nnx.relu(self.final_bn(x, use_running_average=not train))
-        features[-1] = x
-        return self.classifier(global_avg_pool(x)), features
+        return self.classifier(global_avg_pool(x)), x

@@ -86,6 +86,8 @@ def rampup_weight(epoch: int, rampup_epochs: float) -> float:
 def cohort_objective(outputs, labels, settings, epoch: int, num_classes: int):
     """(total, terms): the same decomposition as `ffcl_jax.methods.cohort_objective`."""
     s = settings
+    if s["num_branches"]:
+        return branch_objective(outputs, labels, s, epoch)
     z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
     z_f = outputs.get("fused_logits")
     tau = s["tau"]
@@ -150,5 +152,36 @@ def cohort_objective(outputs, labels, settings, epoch: int, num_classes: int):
         regularization = s["lam_reg"] * terms["reg"]
     ramp = rampup_weight(epoch, s["rampup_epochs"])
     total = supervised + ramp * distill + regularization
+    terms["rampup_weight"] = torch.tensor(ramp)
+    return total, terms
+
+
+def branch_ensemble(branch_logits, gate_weights=None):
+    stacked = torch.stack([_f32(z) for z in branch_logits], dim=1)
+    if gate_weights is None:
+        return stacked.mean(dim=1)
+    return (_f32(gate_weights).unsqueeze(-1) * stacked).sum(dim=1)
+
+
+def branch_objective(outputs, labels, s, epoch: int):
+    """`ffcl_jax.methods.branch_objective`: ONE and CL-ILR."""
+    z = outputs["branch_logits"]
+    ensemble = branch_ensemble(z, outputs.get("gate_weights"))
+    terms = {"ce_branches": sum(F.cross_entropy(_f32(zi), labels) for zi in z)}
+    total = terms["ce_branches"]
+    if s["lam_ensemble_ce"]:
+        terms["ce_ensemble"] = F.cross_entropy(ensemble, labels)
+        total = total + s["lam_ensemble_ce"] * terms["ce_ensemble"]
+    ramp = rampup_weight(epoch, s["rampup_epochs"])
+    if s["lam_branch_kd"]:
+        if s["branch_target"] == "others":
+            whole = sum(_f32(zi) for zi in z)
+            targets = [(whole - _f32(zi)) / (len(z) - 1) for zi in z]
+        else:
+            targets = [ensemble] * len(z)
+        terms["kl_to_branches"] = sum(
+            kl_distill(zi, t, s["tau"]) for zi, t in zip(z, targets, strict=True)
+        )
+        total = total + ramp * s["lam_branch_kd"] * terms["kl_to_branches"]
     terms["rampup_weight"] = torch.tensor(ramp)
     return total, terms

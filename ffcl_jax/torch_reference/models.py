@@ -39,6 +39,24 @@ def build_stages(block, in_ch: int, widths, blocks_per_stage: int):
     return stages, in_ch
 
 
+def run_stage(network, index: int, x):
+    for block in network.stages[index]:
+        x = block(x)
+    return x
+
+
+def _zoo_forward(self, x):
+    """`(logits, stage maps)` from the network's parts (`stem`, its stages, `head`), which the
+    branch cohort runs separately, as `ffcl_jax.models.layers.ZooNetwork` does."""
+    x = self.stem(x)
+    features = []
+    for index in range(len(self.stages)):
+        x = run_stage(self, index, x)
+        features.append(x)
+    logits, features[-1] = self.head(x)
+    return logits, features
+
+
 class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int):
         super().__init__()
@@ -78,14 +96,13 @@ class CifarResNet(nn.Module):
         self.stages, in_ch = build_stages(BasicBlock, stem_channels, widths, blocks_per_stage)
         self.classifier = nn.Linear(in_ch, num_classes)
 
-    def forward(self, x):
-        x = F.relu(self.stem_bn(self.stem_conv(x)))
-        features = []
-        for stage in self.stages:
-            for block in stage:
-                x = block(x)
-            features.append(x)
-        return self.classifier(x.mean(dim=(2, 3))), features
+    def stem(self, x):
+        return F.relu(self.stem_bn(self.stem_conv(x)))
+
+    def head(self, x):
+        return self.classifier(x.mean(dim=(2, 3))), x
+
+    forward = _zoo_forward
 
 
 class WideBlock(nn.Module):
@@ -118,16 +135,14 @@ class WideResNet(nn.Module):
         self.final_bn = batch_norm(in_ch)
         self.classifier = nn.Linear(in_ch, num_classes)
 
-    def forward(self, x):
-        x = self.stem_conv(x)
-        features = []
-        for stage in self.stages:
-            for block in stage:
-                x = block(x)
-            features.append(x)
+    def stem(self, x):
+        return self.stem_conv(x)
+
+    def head(self, x):
         x = F.relu(self.final_bn(x))
-        features[-1] = x
-        return self.classifier(x.mean(dim=(2, 3))), features
+        return self.classifier(x.mean(dim=(2, 3))), x
+
+    forward = _zoo_forward
 
 
 _X4 = dict(stem_channels=32, widths=(64, 128, 256))
@@ -277,3 +292,78 @@ def create_cohort(
             num_classes,
         )
     return Cohort(t, s, fusion, fused_knowledge)
+
+
+class Gate(nn.Module):
+    """ONE's gate: softmax(relu(BN(linear(pooled shared map))))."""
+
+    def __init__(self, channels: int, num_branches: int):
+        super().__init__()
+        self.linear = nn.Linear(channels, num_branches)
+        self.bn = nn.BatchNorm1d(num_branches, momentum=0.1, eps=1e-5)
+
+    def forward(self, shared_map):
+        return F.softmax(F.relu(self.bn(self.linear(shared_map.mean(dim=(2, 3))))), dim=-1)
+
+
+class _RescaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient times `factor` backward (CL-ILR's backprop rescaling)."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class BranchCohort(nn.Module):
+    """`ffcl_jax.models.branches.BranchCohort` in PyTorch: `student` (branch 0 with the shared
+    trunk), `peers` (the other branches' last stages and heads) and ONE's `gate`."""
+
+    def __init__(self, name, num_classes, in_channels, num_branches, branch_stages, gate, rescale):
+        super().__init__()
+        self.student = create_model(name, num_classes, in_channels)
+        self.first_branch_stage = len(self.student.stages) - branch_stages
+        self.peers = nn.ModuleList()
+        for _ in range(num_branches - 1):
+            peer = create_model(name, num_classes, in_channels)
+            for module in ("stem_conv", "stem_bn"):
+                if hasattr(peer, module):
+                    setattr(peer, module, None)
+            for index in range(self.first_branch_stage):
+                peer.stages[index] = nn.ModuleList()
+            self.peers.append(peer)
+        self.gate = None
+        if gate == "one":
+            channels = self.student.stage_channels[self.first_branch_stage - 1]
+            self.gate = Gate(channels, num_branches)
+        self.num_branches, self.rescale = num_branches, rescale
+
+    def forward(self, images):
+        x = self.student.stem(images)
+        shared = []
+        for index in range(self.first_branch_stage):
+            x = run_stage(self.student, index, x)
+            shared.append(x)
+        branch_input = _RescaleGradient.apply(x, 1.0 / self.num_branches) if self.rescale else x
+        branch_logits, branch_features = [], []
+        for branch in [self.student, *self.peers]:
+            y, features = branch_input, []
+            for index in range(self.first_branch_stage, len(branch.stages)):
+                y = run_stage(branch, index, y)
+                features.append(y)
+            logits, features[-1] = branch.head(y)
+            branch_logits.append(logits)
+            branch_features.append(shared + features)
+        out = dict(
+            student_logits=branch_logits[0],
+            student_features=branch_features[0],
+            branch_logits=branch_logits,
+            branch_features=branch_features,
+        )
+        if self.gate is not None:
+            out["gate_weights"] = self.gate(x)
+        return out

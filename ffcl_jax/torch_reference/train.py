@@ -97,23 +97,25 @@ def evaluate(
     cohort, images, labels, info, device, batch_size, compute_dtype="float32"
 ) -> dict[str, float]:
     cohort.eval()
-    correct = {"teacher": 0, "student": 0, "ensemble": 0, "fused": 0}
+    correct = {}
     with torch.no_grad(), autocast(device, compute_dtype):
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
             y = torch.from_numpy(np.array(labels[start : start + batch_size])).long().to(device)
             out = cohort(normalize(x.to(device), info))
-            logits = {
-                "teacher": out["teacher_logits"],
-                "student": out["student_logits"],
-                "ensemble": (out["teacher_logits"] + out["student_logits"]) / 2,
-            }
+            logits = {"student": out["student_logits"]}
+            if "teacher_logits" in out:
+                logits["teacher"] = out["teacher_logits"]
+                logits["ensemble"] = (out["teacher_logits"] + out["student_logits"]) / 2
             if "fused_logits" in out:
                 logits["fused"] = out["fused_logits"]
+            if "branch_logits" in out:
+                for index, z in enumerate(out["branch_logits"][1:], start=1):
+                    logits[f"branch_{index}"] = z
+                ensemble = losses.branch_ensemble(out["branch_logits"], out.get("gate_weights"))
+                logits["ensemble"] = ensemble
             for name, z in logits.items():
-                correct[name] += int((z.argmax(-1) == y).sum())
-    if cohort.fusion is None:
-        correct.pop("fused")
+                correct[name] = correct.get(name, 0) + int((z.argmax(-1) == y).sum())
     return {k: v / len(images) for k, v in correct.items()}
 
 
@@ -122,17 +124,28 @@ def build(config, steps_per_epoch: int, device: str):
     torch.manual_seed(config.seed)
     settings = resolve_loss_settings(config.method, dict(config.loss))
     if not settings.train_teacher:
-        raise ValueError("the reference trains independent, dml, ffl and ffcl, not kd")
+        raise ValueError("the reference trains every preset but kd")
     info = input_pipeline.dataset_info(config.dataset)
-    cohort = models.create_cohort(
-        config.teacher,
-        config.student,
-        info.num_classes,
-        in_channels=info.image_shape[-1],
-        use_fusion=settings.use_fusion,
-        fused=config.fusion_channels,
-        fused_feature_stages=fused_feature_stages(settings, 3),
-    ).to(device)
+    if settings.branch_method:
+        cohort = models.BranchCohort(
+            config.student,
+            info.num_classes,
+            info.image_shape[-1],
+            settings.num_branches,
+            settings.branch_stages,
+            settings.gate,
+            settings.backprop_rescale,
+        ).to(device)
+    else:
+        cohort = models.create_cohort(
+            config.teacher,
+            config.student,
+            info.num_classes,
+            in_channels=info.image_shape[-1],
+            use_fusion=settings.use_fusion,
+            fused=config.fusion_channels,
+            fused_feature_stages=fused_feature_stages(settings, 3),
+        ).to(device)
     optimizer, schedule = optim.make_optimizer(cohort, config, steps_per_epoch)
     return cohort, optimizer, schedule, dataclasses.asdict(settings), info
 

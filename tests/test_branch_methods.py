@@ -1,0 +1,142 @@
+"""The branch methods (ONE, CL-ILR): their loss terms against NumPy, which tensors the KL
+terms leave untrained, presets, and a whole run whose exported student is the plain network."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ffcl_jax import export, input_pipeline, losses, methods, train
+from ffcl_jax.errors import UserError
+from tests.conftest import tiny_config
+
+RNG = np.random.default_rng(0)
+LOGITS = [RNG.standard_normal((5, 4)) * 2 for _ in range(3)]
+GATE = RNG.dirichlet(np.ones(3), size=5)
+LABELS = np.array([0, 3, 1, 2, 3])
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _ce(z, y):
+    return float(np.mean(-np.log(_softmax(z)[np.arange(len(y)), y])))
+
+
+def _kl(student, target, tau):
+    q, p = _softmax(target / tau), _softmax(student / tau)
+    return float(tau**2 * np.mean(np.sum(q * (np.log(q) - np.log(p)), -1)))
+
+
+def test_branch_ensemble_and_mean_of_others_match_numpy():
+    gated = losses.branch_ensemble([jnp.asarray(z) for z in LOGITS], jnp.asarray(GATE))
+    np.testing.assert_allclose(gated, sum(GATE[:, [i]] * LOGITS[i] for i in range(3)), atol=1e-6)
+    mean = losses.branch_ensemble([jnp.asarray(z) for z in LOGITS])
+    np.testing.assert_allclose(mean, sum(LOGITS) / 3, atol=1e-6)
+    others = losses.mean_of_others([jnp.asarray(z) for z in LOGITS])
+    for i in range(3):
+        expected = sum(LOGITS[j] for j in range(3) if j != i) / 2
+        np.testing.assert_allclose(others[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def _objective(method, epoch, **overrides):
+    settings = methods.resolve_loss_settings(method, overrides)
+    outputs = {"branch_logits": [jnp.asarray(z, jnp.float32) for z in LOGITS]}
+    if settings.gate == "one":
+        outputs["gate_weights"] = jnp.asarray(GATE, jnp.float32)
+    total, terms = methods.cohort_objective(
+        outputs, jnp.asarray(LABELS), settings, jnp.asarray(epoch), 4
+    )
+    return settings, float(total), terms
+
+
+@pytest.mark.parametrize("method", ["one", "cl_ilr"])
+def test_objective_matches_numpy(method):
+    settings, total, terms = _objective(method, epoch=20)
+    tau, ramp = settings.tau, np.exp(-5 * (1 - 20 / settings.rampup_epochs) ** 2)
+    ce = sum(_ce(z, LABELS) for z in LOGITS)
+    if method == "one":
+        ensemble = sum(GATE[:, [i]] * LOGITS[i] for i in range(3))
+        targets = [ensemble] * 3
+        expected = ce + _ce(ensemble, LABELS)
+        assert set(terms) == {"ce_branches", "ce_ensemble", "kl_to_branches", "rampup_weight"}
+    else:
+        targets = [sum(LOGITS[j] for j in range(3) if j != i) / 2 for i in range(3)]
+        expected = ce
+        assert set(terms) == {"ce_branches", "kl_to_branches", "rampup_weight"}
+    kl = sum(_kl(z, t, tau) for z, t in zip(LOGITS, targets, strict=True))
+    np.testing.assert_allclose(float(terms["kl_to_branches"]), kl, rtol=1e-5)
+    np.testing.assert_allclose(total, expected + ramp * kl, rtol=1e-5)
+    assert settings.active_terms() == tuple(t for t in terms if t != "rampup_weight")
+
+
+def test_the_targets_take_no_gradient_from_the_kl_terms():
+    """ONE: the gated ensemble teaches the branches, so the KL term must not train the gate nor
+    pull a branch through the ensemble; CL-ILR: branch i's KL reaches no other branch."""
+
+    def kl_one(gate, branch_logits):
+        ensemble = losses.branch_ensemble(branch_logits, gate)
+        return sum(losses.kl_distill(z, ensemble, 3.0) for z in branch_logits)
+
+    branch_logits = [jnp.asarray(z, jnp.float32) for z in LOGITS]
+    gate_gradient, branch_gradients = jax.grad(kl_one, (0, 1))(jnp.asarray(GATE), branch_logits)
+    np.testing.assert_array_equal(gate_gradient, 0.0)
+    # Each branch's gradient is its own KL's only (what it would be with a constant target).
+    ensemble = np.asarray(losses.branch_ensemble(branch_logits, jnp.asarray(GATE)))
+    for z, got in zip(branch_logits, branch_gradients, strict=True):
+        want = jax.grad(lambda z: losses.kl_distill(z, jnp.asarray(ensemble), 3.0))(z)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+    def kl_of_first(branch_logits):
+        return losses.kl_distill(branch_logits[0], losses.mean_of_others(branch_logits)[0], 3.0)
+
+    gradients = jax.grad(kl_of_first)(branch_logits)
+    assert np.abs(np.asarray(gradients[0])).max() > 0
+    for g in gradients[1:]:
+        np.testing.assert_array_equal(g, 0.0)
+
+
+def test_branch_settings_are_checked():
+    with pytest.raises(UserError, match="loss.num_branches must be >= 2"):
+        methods.resolve_loss_settings("one", {"num_branches": 1})
+    with pytest.raises(UserError, match="unknown loss.gate 'attention'"):
+        methods.resolve_loss_settings("one", {"gate": "attention"})
+    with pytest.raises(UserError, match="gate='one' reads the shared trunk"):
+        methods.resolve_loss_settings("one", {"branch_stages": 3})
+    with pytest.raises(UserError, match="the one preset trains one multi-branch network"):
+        methods.resolve_loss_settings("one", {"lam_mutual": 1.0})
+    with pytest.raises(UserError, match="the dml preset has no branches"):
+        methods.resolve_loss_settings("dml", {"gate": "one"})
+    with pytest.raises(UserError, match="unknown loss.branch_target"):
+        methods.resolve_loss_settings("cl_ilr", {"branch_target": "self"})
+
+
+@pytest.mark.parametrize("method", ["one", "cl_ilr"])
+def test_a_branch_run_exports_its_student_as_the_plain_network(method, fmnist_dir, tmp_path):
+    config = tiny_config(fmnist_dir, method=method, train_examples=128)
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    last = results["history"][-1]
+    assert {"student", "ensemble", "branch_1", "branch_2"} <= set(last)
+    assert "teacher" not in last and "fused" not in last
+    assert results["loss_terms"] == list(methods.resolve_loss_settings(method).active_terms())
+    # The deployable student: branch 0 with the shared trunk, a plain resnet8 (load_exported
+    # fills a freshly built zoo network and refuses any missing or extra array).
+    path = export.export_run(str(tmp_path / "run"), str(tmp_path / "student.npz"))
+    model, predict, meta = export.load_exported(path)
+    images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
+    accuracy = float(np.mean(np.argmax(np.asarray(predict(images)), -1) == labels))
+    assert accuracy == pytest.approx(last["student"], abs=1e-9)
+    assert meta["roles"]["student"] == "resnet8"
+    assert results["num_params"]["student"] == sum(
+        x.size for x in jax.tree.leaves(export.flatten(model_params(model)))
+    )
+
+
+def model_params(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
