@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Networks and method.
     c.teacher = "resnet110"
     c.student = "resnet32"
-    c.method = "ffcl"  # independent | kd | dml | ffl | ffcl | one | cl_ilr
+    c.method = "ffcl"  # independent | kd | dml | ffl | ffcl | one | cl_ilr | okddip
     # kd only: a finished run's workdir (its latest checkpoint) or an exported .npz holding the
     # teacher, which is then frozen.
     c.teacher_checkpoint = config_dict.placeholder(str)
@@ -92,14 +92,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.reg_temperature = config_dict.placeholder(float)
     c.loss.label_smoothing = config_dict.placeholder(float)
     c.loss.kd_alpha = config_dict.placeholder(float)  # kd: (1 - a) CE(S) + a KL_tau(S <- T)
-    # Branch methods (one, cl_ilr): a multi-branch network of config.student (methods.py).
+    # Branch methods (one, cl_ilr, okddip): a multi-branch network of config.student.
     c.loss.num_branches = config_dict.placeholder(int)  # 0: the teacher/student pair
     c.loss.branch_stages = config_dict.placeholder(int)  # the last stages each branch copies
     c.loss.gate = config_dict.placeholder(str)  # one | none
     c.loss.backprop_rescale = config_dict.placeholder(bool)
     c.loss.lam_ensemble_ce = config_dict.placeholder(float)
     c.loss.lam_branch_kd = config_dict.placeholder(float)
-    c.loss.branch_target = config_dict.placeholder(str)  # ensemble | others
+    c.loss.branch_target = config_dict.placeholder(str)  # ensemble | others | attention
 
     # Optimisation (FFL/ONE protocol).
     c.batch_size = 128  # global, over all devices and hosts

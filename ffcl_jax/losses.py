@@ -33,12 +33,7 @@ def kl_distill(student_logits: jax.Array, target_logits: jax.Array, tau: float) 
     `q = softmax(stop_gradient(target) / tau)` is the teacher's distribution and receives no
     gradient; `p = softmax(student / tau)` is the one being trained.
     """
-    target_log_probs = jax.nn.log_softmax(_f32(jax.lax.stop_gradient(target_logits)) / tau)
-    student_log_probs = jax.nn.log_softmax(_f32(student_logits) / tau)
-    per_example = jnp.sum(
-        jnp.exp(target_log_probs) * (target_log_probs - student_log_probs), axis=-1
-    )
-    return (tau**2) * per_example.mean()
+    return kl_to_learned_target(student_logits, jax.lax.stop_gradient(target_logits), tau)
 
 
 def ensemble_logits(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
@@ -62,6 +57,25 @@ def mean_of_others(branch_logits: Sequence[jax.Array]) -> list[jax.Array]:
     stacked = jnp.stack([_f32(z) for z in branch_logits])
     total = jnp.sum(stacked, axis=0)
     return [(total - z) / (len(branch_logits) - 1) for z in stacked]
+
+
+def attention_targets(peer_logits: Sequence[jax.Array], attention: jax.Array) -> jax.Array:
+    """OKDDip's targets, peers x batch x classes: t_a = sum_b attention[:, a, b] sg(z_b). The
+    peers' logits are stopped (a target is not trained toward its student); the attention is
+    not, since these targets are the only thing it learns from (docs/method.md)."""
+    stacked = jnp.stack([_f32(jax.lax.stop_gradient(z)) for z in peer_logits], axis=1)
+    return jnp.moveaxis(jnp.einsum("bpq,bqc->bpc", _f32(attention), stacked), 1, 0)
+
+
+def kl_to_learned_target(student_logits: jax.Array, target_logits: jax.Array, tau: float):
+    """`kl_distill` whose target keeps its gradient: for a target built by a module that learns
+    only from this term (OKDDip's attention), with whatever must not learn already stopped."""
+    target_log_probs = jax.nn.log_softmax(_f32(target_logits) / tau)
+    student_log_probs = jax.nn.log_softmax(_f32(student_logits) / tau)
+    per_example = jnp.sum(
+        jnp.exp(target_log_probs) * (target_log_probs - student_log_probs), axis=-1
+    )
+    return (tau**2) * per_example.mean()
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:

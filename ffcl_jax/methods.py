@@ -1,4 +1,4 @@
-"""Method presets (independent, kd, dml, ffl, ffcl; the branch methods one, cl_ilr) and the
+"""Method presets (independent, kd, dml, ffl, ffcl; the branch methods one, cl_ilr, okddip) and the
 cohort objective they configure.
 
 A preset is a set of default loss settings; every setting is also a config key under
@@ -28,9 +28,11 @@ FEATURE_DIRECTIONS = ("teacher_to_student", "mutual")
 # attention transfer between the networks, the last-stage fused map teaching both networks
 # through adapters, or a fusion module at every stage whose map teaches both at that stage.
 FEATURE_FORMS = ("attention", "fused_map", "stage_fusion")
-# What each branch of a branch method distils from: the ensemble of all branches (ONE), or the
-# mean of the other branches' logits (CL-ILR's peer consensus).
-BRANCH_TARGETS = ("ensemble", "others")
+# What each branch of a branch method distils from: the ensemble of all branches (ONE), the
+# mean of the other branches' logits (CL-ILR's peer consensus), or OKDDip's two levels (each
+# peer from its attention-weighted mix of the peers, branch 0, the group leader, from the
+# peers' mean).
+BRANCH_TARGETS = ("ensemble", "others", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +192,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         tau=3.0,
         rampup_epochs=80.0,
     ),
+    # OKDDip (Chen et al. 2020): three peers and a group leader (branch 0, the student); each
+    # peer distils from its attention-weighted mix of the peers, the leader from their mean.
+    "okddip": dict(
+        _BRANCHES,
+        num_branches=4,
+        branch_stages=1,
+        lam_branch_kd=1.0,
+        branch_target="attention",
+        tau=3.0,
+        rampup_epochs=80.0,
+    ),
 }
 
 
@@ -291,6 +304,8 @@ def _validate_branches(s: LossSettings) -> None:
         raise UserError(f"loss.num_branches must be >= 2 (or 0: no branches), got {s.num_branches}")
     if not 1 <= s.branch_stages <= NUM_STAGES:
         raise UserError(f"loss.branch_stages must be in 1..{NUM_STAGES}, got {s.branch_stages}")
+    if s.branch_target == "attention" and s.num_branches < 3:
+        raise UserError("loss.branch_target='attention' needs loss.num_branches >= 3")
     if s.gate == "one" and s.branch_stages == NUM_STAGES:
         raise UserError("loss.gate='one' reads the shared trunk: set loss.branch_stages < 3")
     if s.use_fusion or s.lam_fuse or s.lam_ens or s.lam_mutual or s.lam_feat or s.lam_reg:
@@ -420,8 +435,9 @@ def branch_objective(
         L = sum_i CE(z_i) + lam_ensemble_ce CE(z_ens)
             + w(epoch) lam_branch_kd sum_i KL_tau(z_i <- t_i)
 
-    with t_i = z_ens (ONE: the gated ensemble) or the mean of the other branches (CL-ILR); the
-    targets receive no gradient from the KL terms.
+    with t_i = z_ens (ONE: the gated ensemble), the mean of the other branches (CL-ILR), or
+    OKDDip's (`_branch_distillation`); the branches' logits in a target receive no gradient
+    from the KL terms.
     """
     branch_logits = outputs["branch_logits"]
     ensemble = losses.branch_ensemble(branch_logits, outputs.get("gate_weights"))
@@ -432,14 +448,7 @@ def branch_objective(
         total = total + settings.lam_ensemble_ce * terms["ce_ensemble"]
     ramp = losses.rampup_weight(epoch, settings.rampup_epochs)
     if settings.lam_branch_kd:
-        if settings.branch_target == "others":
-            targets = losses.mean_of_others(branch_logits)
-        else:
-            targets = [ensemble] * len(branch_logits)
-        terms["kl_to_branches"] = sum(
-            losses.kl_distill(z, t, settings.tau)
-            for z, t in zip(branch_logits, targets, strict=True)
-        )
+        terms["kl_to_branches"] = _branch_distillation(outputs, ensemble, settings)
         total = total + ramp * settings.lam_branch_kd * terms["kl_to_branches"]
     terms["rampup_weight"] = ramp
     return total, terms
@@ -464,3 +473,21 @@ def evaluated_logits(outputs: Mapping[str, Any]) -> dict[str, jax.Array]:
             outputs["branch_logits"], outputs.get("gate_weights")
         )
     return logits
+
+
+def _branch_distillation(outputs, ensemble: jax.Array, settings: LossSettings) -> jax.Array:
+    """sum_i KL_tau(z_i <- t_i) for the settings' `branch_target`."""
+    branch_logits, tau = outputs["branch_logits"], settings.tau
+    if settings.branch_target == "attention":  # OKDDip: branch 0 leads the peers 1..m-1
+        leader, peers = branch_logits[0], branch_logits[1:]
+        targets = losses.attention_targets(peers, outputs["peer_attention"])
+        peer_terms = sum(
+            losses.kl_to_learned_target(z, t, tau) for z, t in zip(peers, targets, strict=True)
+        )
+        return peer_terms + losses.kl_distill(leader, losses.branch_ensemble(peers), tau)
+    if settings.branch_target == "others":
+        targets = losses.mean_of_others(branch_logits)
+    else:
+        targets = [ensemble] * len(branch_logits)
+    pairs = zip(branch_logits, targets, strict=True)
+    return sum(losses.kl_distill(z, t, tau) for z, t in pairs)

@@ -50,9 +50,9 @@ class TrainState(struct.PyTreeNode):
 
 
 def is_network_role(role: str) -> bool:
-    """Teacher, student and a branch method's peers and gate take `weight_decay`; every other
-    role is fusion-side."""
-    return role in ("teacher", "student", "peers", "gate")
+    """Teacher, student and a branch method's peers, gate and attention take `weight_decay`;
+    every other role is fusion-side."""
+    return role in ("teacher", "student", "peers", "gate", "attention")
 
 
 def make_optimizer(
@@ -112,6 +112,7 @@ def create_cohort(config, settings: LossSettings, info: input_pipeline.DatasetIn
             branch_stages=settings.branch_stages,
             gate=settings.gate,
             backprop_rescale=settings.backprop_rescale,
+            peer_attention=settings.branch_target == "attention",
             dtype=dtype,
             seed=config.seed,
         )

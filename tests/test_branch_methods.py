@@ -1,4 +1,4 @@
-"""The branch methods (ONE, CL-ILR): their loss terms against NumPy, which tensors the KL
+"""The branch methods (ONE, CL-ILR, OKDDip): their loss terms against NumPy, which tensors the KL
 terms leave untrained, presets, and a whole run whose exported student is the plain network."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ RNG = np.random.default_rng(0)
 LOGITS = [RNG.standard_normal((5, 4)) * 2 for _ in range(3)]
 GATE = RNG.dirichlet(np.ones(3), size=5)
 LABELS = np.array([0, 3, 1, 2, 3])
+PEER_LOGITS = [RNG.standard_normal((5, 4)) * 2 for _ in range(4)]  # leader, 3 peers
+ATTENTION = RNG.dirichlet(np.ones(3), size=(5, 3))  # batch, peer, peer (rows sum to 1)
 
 
 def _softmax(z):
@@ -45,9 +47,12 @@ def test_branch_ensemble_and_mean_of_others_match_numpy():
 
 def _objective(method, epoch, **overrides):
     settings = methods.resolve_loss_settings(method, overrides)
-    outputs = {"branch_logits": [jnp.asarray(z, jnp.float32) for z in LOGITS]}
+    logits = PEER_LOGITS if method == "okddip" else LOGITS
+    outputs = {"branch_logits": [jnp.asarray(z, jnp.float32) for z in logits]}
     if settings.gate == "one":
         outputs["gate_weights"] = jnp.asarray(GATE, jnp.float32)
+    if settings.branch_target == "attention":
+        outputs["peer_attention"] = jnp.asarray(ATTENTION, jnp.float32)
     total, terms = methods.cohort_objective(
         outputs, jnp.asarray(LABELS), settings, jnp.asarray(epoch), 4
     )
@@ -72,6 +77,35 @@ def test_objective_matches_numpy(method):
     np.testing.assert_allclose(float(terms["kl_to_branches"]), kl, rtol=1e-5)
     np.testing.assert_allclose(total, expected + ramp * kl, rtol=1e-5)
     assert settings.active_terms() == tuple(t for t in terms if t != "rampup_weight")
+
+
+def test_okddip_objective_matches_numpy():
+    settings, total, terms = _objective("okddip", epoch=100)  # past the ramp-up: w = 1
+    leader, peers = PEER_LOGITS[0], PEER_LOGITS[1:]
+    mixes = [np.einsum("bq,qbc->bc", ATTENTION[:, a], np.stack(peers)) for a in range(3)]
+    kl = sum(_kl(z, t, settings.tau) for z, t in zip(peers, mixes, strict=True))
+    kl += _kl(leader, sum(peers) / 3, settings.tau)
+    np.testing.assert_allclose(float(terms["kl_to_branches"]), kl, rtol=1e-5)
+    np.testing.assert_allclose(total, sum(_ce(z, LABELS) for z in PEER_LOGITS) + kl, rtol=1e-5)
+
+
+def test_okddip_attention_learns_from_its_targets_and_the_peers_do_not_through_them():
+    """The attention is trained by the peers' KL terms alone (as in the authors' code, or it
+    would stay at its initialisation); a peer's logits reach no other peer through a target."""
+    peers = [jnp.asarray(z, jnp.float32) for z in PEER_LOGITS[1:]]
+
+    def first_peer_kl(attention, peers):
+        target = losses.attention_targets(peers, attention)[0]
+        return losses.kl_to_learned_target(peers[0], target, 3.0)
+
+    attention_gradient, peer_gradients = jax.grad(first_peer_kl, (0, 1))(
+        jnp.asarray(ATTENTION, jnp.float32), peers
+    )
+    assert np.abs(np.asarray(attention_gradient[:, 0])).max() > 1e-4  # row 0 mixes peer 0's target
+    np.testing.assert_array_equal(attention_gradient[:, 1:], 0.0)
+    assert np.abs(np.asarray(peer_gradients[0])).max() > 0
+    for g in peer_gradients[1:]:
+        np.testing.assert_array_equal(g, 0.0)
 
 
 def test_the_targets_take_no_gradient_from_the_kl_terms():
@@ -111,11 +145,13 @@ def test_branch_settings_are_checked():
         methods.resolve_loss_settings("one", {"lam_mutual": 1.0})
     with pytest.raises(UserError, match="the dml preset has no branches"):
         methods.resolve_loss_settings("dml", {"gate": "one"})
+    with pytest.raises(UserError, match="'attention' needs loss.num_branches >= 3"):
+        methods.resolve_loss_settings("okddip", {"num_branches": 2})
     with pytest.raises(UserError, match="unknown loss.branch_target"):
         methods.resolve_loss_settings("cl_ilr", {"branch_target": "self"})
 
 
-@pytest.mark.parametrize("method", ["one", "cl_ilr"])
+@pytest.mark.parametrize("method", ["one", "cl_ilr", "okddip"])
 def test_a_branch_run_exports_its_student_as_the_plain_network(method, fmnist_dir, tmp_path):
     config = tiny_config(fmnist_dir, method=method, train_examples=128)
     results = train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -337,7 +337,7 @@ def _assert_three_steps_agree(config, settings, setup, state, reference, seed=0)
         )
 
 
-@pytest.mark.parametrize("method", ["one", "cl_ilr"])
+@pytest.mark.parametrize("method", ["one", "cl_ilr", "okddip"])
 def test_branch_methods_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, method):
     """As the test above, for the branch methods: the shared trunk, every branch, ONE's gate
     (with its BatchNorm) or CL-ILR's rescaled trunk gradient, each loss term with the ramp-up,
@@ -355,6 +355,7 @@ def test_branch_methods_three_train_steps_in_float64_match_pytorch_exactly(fmnis
             settings.branch_stages,
             settings.gate,
             settings.backprop_rescale,
+            peer_attention=settings.branch_target == "attention",
         )
         for role in state.params:
             getattr(cohort, role).load_state_dict(

@@ -156,6 +156,7 @@ def create_branch_cohort(
     branch_stages: int,
     gate: str,
     backprop_rescale: bool,
+    peer_attention: bool = False,
     dtype=None,
     seed: int = 0,
 ) -> BranchCohort:
@@ -171,6 +172,7 @@ def create_branch_cohort(
         branch_stages,
         gate,
         backprop_rescale=backprop_rescale,
+        peer_attention=peer_attention,
         dtype=dtype,
         rngs=nnx.Rngs(seed),
     )

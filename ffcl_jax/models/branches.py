@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ffcl_jax.models.layers import at_least_float32, batch_norm, dense, global_avg_pool
+from ffcl_jax.models.layers import (
+    at_least_float32,
+    batch_norm,
+    dense,
+    dense_kernel_init,
+    global_avg_pool,
+)
 
 GATES = ("none", "one")
 
@@ -53,6 +59,32 @@ class Gate(nnx.Module):
         return jax.nn.softmax(at_least_float32(nnx.relu(z)), axis=-1)
 
 
+class PeerAttention(nnx.Module):
+    """OKDDip's attention over the peers: shared bias-free query and key projections (to
+    channels // 8) of each peer's pooled last-stage map; per example, row a of the softmax of
+    q_a . k_b over all peers b (itself included) weighs the peers' logits into peer a's target."""
+
+    def __init__(self, channels: int, *, dtype=None, rngs: nnx.Rngs):
+        embedding = max(channels // 8, 1)
+
+        def projection():  # torch.nn.Linear's default initialisation, no bias
+            return nnx.Linear(
+                channels,
+                embedding,
+                use_bias=False,
+                kernel_init=dense_kernel_init,
+                dtype=dtype,
+                rngs=rngs,
+            )
+
+        self.query, self.key = projection(), projection()
+
+    def __call__(self, peer_maps: list[jax.Array]) -> jax.Array:
+        pooled = jnp.stack([global_avg_pool(m) for m in peer_maps], axis=1)  # batch, peers, C
+        energy = jnp.einsum("bpe,bqe->bpq", self.query(pooled), self.key(pooled))
+        return jax.nn.softmax(at_least_float32(energy), axis=-1)
+
+
 def drop_trunk(network: nnx.Module, first_branch_stage: int) -> nnx.Module:
     """A zoo network without what the branches share (its stem and the stages before
     `first_branch_stage`): a peer branch's upper stages and head."""
@@ -66,7 +98,8 @@ def drop_trunk(network: nnx.Module, first_branch_stage: int) -> nnx.Module:
 
 class BranchCohort(nnx.Module):
     """`student` (branch 0 with the shared trunk: a whole zoo network), `peers` (branches 1..m-1)
-    and, for ONE, the `gate`."""
+    and, for ONE, the `gate`; for OKDDip, the `attention` over the peers (branch 0 is then the
+    group leader)."""
 
     def __init__(
         self,
@@ -76,6 +109,7 @@ class BranchCohort(nnx.Module):
         gate: str,
         *,
         backprop_rescale: bool,
+        peer_attention: bool = False,
         dtype=None,
         rngs: nnx.Rngs,
     ):
@@ -99,6 +133,12 @@ class BranchCohort(nnx.Module):
             channels = self.student.stage_channels[self.first_branch_stage - 1]
             gate_module = Gate(channels, num_branches, dtype=dtype, rngs=rngs)
         self.gate = gate_module
+        attention = None
+        if peer_attention:
+            if num_branches < 3:
+                raise ValueError("OKDDip's attention needs at least two peers besides branch 0")
+            attention = PeerAttention(self.student.stage_channels[-1], dtype=dtype, rngs=rngs)
+        self.attention = attention
         self.num_branches = num_branches
         self.backprop_rescale = backprop_rescale
 
@@ -129,4 +169,6 @@ class BranchCohort(nnx.Module):
         )
         if self.gate is not None:
             out["gate_weights"] = self.gate(x, train=train)
+        if self.attention is not None:
+            out["peer_attention"] = self.attention([f[-1] for f in branch_features[1:]])
         return out

@@ -17,12 +17,17 @@ def _f32(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def kl_distill(student_logits, target_logits, tau: float):
-    """tau^2 * mean_batch sum_classes q (log q - log p), q from the detached target."""
-    target_log_probs = F.log_softmax(_f32(target_logits.detach()) / tau, dim=-1)
+def kl_to_learned_target(student_logits, target_logits, tau: float):
+    """tau^2 * mean_batch sum_classes q (log q - log p), the target keeping its gradient."""
+    target_log_probs = F.log_softmax(_f32(target_logits) / tau, dim=-1)
     student_log_probs = F.log_softmax(_f32(student_logits) / tau, dim=-1)
     per_example = (target_log_probs.exp() * (target_log_probs - student_log_probs)).sum(-1)
     return tau**2 * per_example.mean()
+
+
+def kl_distill(student_logits, target_logits, tau: float):
+    """`kl_to_learned_target` from the detached target."""
+    return kl_to_learned_target(student_logits, target_logits.detach(), tau)
 
 
 def attention_map(feature_map):
@@ -174,14 +179,20 @@ def branch_objective(outputs, labels, s, epoch: int):
         total = total + s["lam_ensemble_ce"] * terms["ce_ensemble"]
     ramp = rampup_weight(epoch, s["rampup_epochs"])
     if s["lam_branch_kd"]:
-        if s["branch_target"] == "others":
-            whole = sum(_f32(zi) for zi in z)
-            targets = [(whole - _f32(zi)) / (len(z) - 1) for zi in z]
+        tau = s["tau"]
+        if s["branch_target"] == "attention":  # OKDDip: branch 0 leads the peers
+            peers = torch.stack([_f32(zi).detach() for zi in z[1:]], dim=1)
+            mixes = outputs["peer_attention"] @ peers  # batch, peers, classes
+            kl = sum(kl_to_learned_target(zi, mixes[:, a], tau) for a, zi in enumerate(z[1:]))
+            kl = kl + kl_distill(z[0], branch_ensemble(z[1:]), tau)
         else:
-            targets = [ensemble] * len(z)
-        terms["kl_to_branches"] = sum(
-            kl_distill(zi, t, s["tau"]) for zi, t in zip(z, targets, strict=True)
-        )
+            if s["branch_target"] == "others":
+                whole = sum(_f32(zi) for zi in z)
+                targets = [(whole - _f32(zi)) / (len(z) - 1) for zi in z]
+            else:
+                targets = [ensemble] * len(z)
+            kl = sum(kl_distill(zi, t, tau) for zi, t in zip(z, targets, strict=True))
+        terms["kl_to_branches"] = kl
         total = total + ramp * s["lam_branch_kd"] * terms["kl_to_branches"]
     terms["rampup_weight"] = torch.tensor(ramp)
     return total, terms

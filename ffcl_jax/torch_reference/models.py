@@ -306,6 +306,19 @@ class Gate(nn.Module):
         return F.softmax(F.relu(self.bn(self.linear(shared_map.mean(dim=(2, 3))))), dim=-1)
 
 
+class PeerAttention(nn.Module):
+    """OKDDip's attention over the peers' pooled last-stage maps (shared bias-free query/key)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.query = nn.Linear(channels, max(channels // 8, 1), bias=False)
+        self.key = nn.Linear(channels, max(channels // 8, 1), bias=False)
+
+    def forward(self, peer_maps):
+        pooled = torch.stack([m.mean(dim=(2, 3)) for m in peer_maps], dim=1)
+        return F.softmax(self.query(pooled) @ self.key(pooled).transpose(1, 2), dim=-1)
+
+
 class _RescaleGradient(torch.autograd.Function):
     """Identity forward; the gradient times `factor` backward (CL-ILR's backprop rescaling)."""
 
@@ -323,7 +336,17 @@ class BranchCohort(nn.Module):
     """`ffcl_jax.models.branches.BranchCohort` in PyTorch: `student` (branch 0 with the shared
     trunk), `peers` (the other branches' last stages and heads) and ONE's `gate`."""
 
-    def __init__(self, name, num_classes, in_channels, num_branches, branch_stages, gate, rescale):
+    def __init__(
+        self,
+        name,
+        num_classes,
+        in_channels,
+        num_branches,
+        branch_stages,
+        gate,
+        rescale,
+        peer_attention=False,
+    ):
         super().__init__()
         self.student = create_model(name, num_classes, in_channels)
         self.first_branch_stage = len(self.student.stages) - branch_stages
@@ -340,6 +363,9 @@ class BranchCohort(nn.Module):
         if gate == "one":
             channels = self.student.stage_channels[self.first_branch_stage - 1]
             self.gate = Gate(channels, num_branches)
+        self.attention = None
+        if peer_attention:
+            self.attention = PeerAttention(self.student.stage_channels[-1])
         self.num_branches, self.rescale = num_branches, rescale
 
     def forward(self, images):
@@ -366,4 +392,6 @@ class BranchCohort(nn.Module):
         )
         if self.gate is not None:
             out["gate_weights"] = self.gate(x)
+        if self.attention is not None:
+            out["peer_attention"] = self.attention([f[-1] for f in branch_features[1:]])
         return out

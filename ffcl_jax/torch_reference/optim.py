@@ -14,7 +14,7 @@ def make_optimizer(cohort, config, steps_per_epoch: int, train_teacher: bool = T
         if name.startswith("teacher.") and not train_teacher:
             param.requires_grad_(False)
             continue
-        is_network = name.startswith(("teacher.", "student.", "peers.", "gate."))
+        is_network = name.startswith(("teacher.", "student.", "peers.", "gate.", "attention."))
         (networks if is_network else fusion).append(param)
     groups = [{"params": networks, "weight_decay": config.weight_decay}]
     if fusion:

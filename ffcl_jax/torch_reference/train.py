@@ -135,6 +135,7 @@ def build(config, steps_per_epoch: int, device: str):
             settings.branch_stages,
             settings.gate,
             settings.backprop_rescale,
+            peer_attention=settings.branch_target == "attention",
         ).to(device)
     else:
         cohort = models.create_cohort(
