@@ -181,7 +181,9 @@ def memory_report(stats, chip: Chip) -> dict[str, Any]:
     return memory
 
 
-def _abstract(tree, sharding: NamedSharding):
+def abstract_like(tree, sharding: NamedSharding):
+    """Shapes and dtypes of `tree`'s arrays, placed by `sharding`: what `jit(...).trace` takes for
+    devices that cannot hold data (compile-only ones)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
@@ -235,7 +237,7 @@ def compile_for(config, devices, topology: str = "") -> dict[str, Any]:
     train_step, eval_step = train.jit_steps(setup, config)
 
     parameter_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
-    state = _abstract(state, data_parallel.replicated)
+    state = abstract_like(state, data_parallel.replicated)
     shape, batch, data = info.image_shape, config.batch_size, data_parallel.data
     train_batch = {
         "image": jax.ShapeDtypeStruct((batch, *shape), jnp.uint8, sharding=data),
