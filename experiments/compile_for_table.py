@@ -45,11 +45,15 @@ def row(name: str, report: dict) -> str:
 
 
 def main() -> None:
-    print(HEADER)
-    for path in sorted(glob.glob(os.path.join(RESULTS, "compile_for_*.json"))):
+    reports = []
+    for path in glob.glob(os.path.join(RESULTS, "compile_for_*.json")):
         with open(path) as f:
             report = json.load(f)
-        name = os.path.basename(path)[len("compile_for_") : -len(".json")]
+        reports.append((os.path.basename(path)[len("compile_for_") : -len(".json")], report))
+    # One chip generation after another, smaller slices first, the preset before its variants.
+    reports.sort(key=lambda r: (r[1]["chip"]["name"], r[1]["chips"], len(r[0]), r[0]))
+    print(HEADER)
+    for name, report in reports:
         print(row(name, report))
 
 
