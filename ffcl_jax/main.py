@@ -16,6 +16,8 @@ import threading
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ffcl_jax.errors import parse_flags_or_exit
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/fashion_mnist.py", "Training configuration file.", lock_config=True
 )
@@ -152,27 +154,6 @@ def _exit_now(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, but a bad config file argument or `--config.*` override (unknown key,
-    wrong type) ends in one `error:` line and exit status 2 instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as exc:
-        text = str(exc).strip()
-        if "Traceback (most recent call last)" in text:  # a config file's own error, wrapped
-            text = text.splitlines()[-1]
-        if len(text) >= 2 and text[0] == text[-1] == "'":  # ConfigDict's repr-quoted messages
-            text = text[1:-1]
-        reason = " ".join(text.replace("\\'", "'").replace("\\n", " ").split())
-        if isinstance(exc, (AttributeError, KeyError)):
-            reason = f"unknown config key {reason}"
-        print(
-            f"error: bad command line or config ({reason}); see the config file for valid keys",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-
-
 def run() -> None:
     from ffcl_jax import process_env
 
@@ -181,7 +162,7 @@ def run() -> None:
     env = process_env.with_hugepage_malloc(dict(os.environ))
     if env is not None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags_or_exit)
 
 
 if __name__ == "__main__":

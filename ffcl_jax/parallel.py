@@ -21,18 +21,21 @@ class DataParallel:
     `data` splits a global batch over the devices, `replicated` holds the state on each.
 
     `num_devices=-1` takes every device of every process. The axis is `Auto` (GSPMD
-    propagation): the step is written for one device and XLA partitions it.
+    propagation): the step is written for one device and XLA partitions it. `devices`: the
+    devices to take them from, `jax.devices()` by default; `compile_for` passes the compile-only
+    devices of a TPU slice that is not here (`jax.experimental.topologies`). `platform` says
+    which backend the mesh's devices belong to.
     """
 
-    def __init__(self, num_devices: int = -1):
-        devices = jax.devices()
+    def __init__(self, num_devices: int = -1, devices: list[jax.Device] | None = None):
+        devices = list(jax.devices() if devices is None else devices)
         n = len(devices) if num_devices in (-1, None) else int(num_devices)
         if not 1 <= n <= len(devices):
             raise UserError(
                 f"config.mesh.data={num_devices} devices asked for, {len(devices)} available; "
                 "use -1 for all of them"
             )
-        if n != len(devices) and jax.process_count() > 1:
+        if n != len(devices) and len({d.process_index for d in devices}) > 1:
             raise UserError(
                 "a multi-process run shards over every device: leave config.mesh.data at -1"
             )
@@ -40,6 +43,7 @@ class DataParallel:
             (n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n]
         )
         self.size = n
+        self.platform = devices[0].platform
         self.data = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())
 

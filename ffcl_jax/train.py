@@ -159,6 +159,7 @@ class Setup:
     train_step: Callable  # pure (state, batch) -> (state, metrics); jit with donate_argnums=0
     eval_step: Callable  # pure (params, batch_stats, batch) -> correct counts
     onednn_kernels: bool  # float32 convolutions on ffcl_jax.cpu_kernels (config.cpu_kernels)
+    platform: str  # what the steps are built for: "cpu", "gpu" or "tpu" (the mesh's devices)
 
 
 def build(
@@ -167,13 +168,16 @@ def build(
     """Cohort, optimizer, initial state and the two step functions, from a checked config.
 
     `data_parallel` is needed only for `config.batch_norm="per_device"` (the step then maps over
-    its mesh).
+    its mesh); its devices' platform decides the backend-dependent choices (`xla_cpu`), so that a
+    mesh of a TPU slice's compile-only devices (`compile_for`) gets the TPU's step. Without it,
+    the steps are for one device of JAX's default backend.
     """
     info = input_pipeline.dataset_info(config.dataset)
     tx, schedule = make_optimizer(config, steps_per_epoch, settings.train_teacher)
     graphdef, state = create_train_state(create_cohort(config, settings, info), tx)
     num_devices = data_parallel.size if data_parallel is not None else 1
-    onednn = xla_cpu.use_onednn_kernels(config, num_devices)
+    platform = data_parallel.platform if data_parallel is not None else jax.default_backend()
+    onednn = xla_cpu.use_onednn_kernels(config, num_devices, platform)
     per_device_mesh = None
     if config.batch_norm == "per_device":
         if data_parallel is None:
@@ -192,18 +196,20 @@ def build(
             info,
             steps_per_epoch,
             per_device_mesh,
-            closed_form_bn=xla_cpu.closed_form_batch_norm(config),
+            closed_form_bn=xla_cpu.closed_form_batch_norm(config, platform),
             onednn=onednn,
         ),
         eval_step=make_eval_step(graphdef, info, onednn=onednn),
         onednn_kernels=onednn,
+        platform=platform,
     )
     return setup, state
 
 
 def jit_steps(setup: Setup, config) -> tuple[Callable, Callable]:
-    """The jitted train step (state donated) and eval step, with XLA:CPU's compiler options."""
-    options = xla_cpu.compiler_options(config)
+    """The jitted train step (state donated) and eval step, with XLA:CPU's compiler options
+    when they are built for the CPU."""
+    options = xla_cpu.compiler_options(config, setup.platform)
     return (
         jax.jit(setup.train_step, donate_argnums=0, compiler_options=options),
         jax.jit(setup.eval_step, compiler_options=options),

@@ -45,13 +45,17 @@ def _cpu_option_accepted(value: str) -> bool:
     return True
 
 
-def compiler_options(config) -> dict[str, str] | None:
-    """XLA options for the step functions: `config.xla_cpu_ynn_fusion` on the CPU backend."""
+def compiler_options(config, platform: str | None = None) -> dict[str, str] | None:
+    """XLA options for the step functions: `config.xla_cpu_ynn_fusion` on the CPU backend.
+
+    `platform`: what the steps are compiled for ("cpu", "gpu", "tpu"); None: JAX's default
+    backend (a step compiled here for a TPU slice must not carry XLA:CPU's options)."""
+    platform = platform or jax.default_backend()
     choice = config.xla_cpu_ynn_fusion
     if choice == "auto":
         deep = deepest_blocks_per_stage(config) >= DEEP_BLOCKS_PER_STAGE
         choice = "eltwise_reduce" if deep else "reduce"
-    if choice == "xla_default" or jax.default_backend() != "cpu":
+    if choice == "xla_default" or platform != "cpu":
         return None
     value = CPU_YNN_FUSION[choice]
     if not _cpu_option_accepted(value):
@@ -84,15 +88,15 @@ def process_xla_flags(config, current: str = "") -> str:
 BATCH_NORM_BACKWARDS = ("auto", "closed_form", "autodiff")
 
 
-def closed_form_batch_norm(config) -> bool:
+def closed_form_batch_norm(config, platform: str | None = None) -> bool:
     """`config.batch_norm_backward`: "auto" takes the closed form (layers.batch_norm_train) where
     it was measured to pay off, a deep network on the CPU backend (cifar100 pair's step 1.2x);
-    for shallow pairs it changes nothing measurable and autodiff keeps earlier runs' numerics."""
+    for shallow pairs it changes nothing measurable and autodiff keeps earlier runs' numerics.
+    `platform`: as in `compiler_options`."""
     choice = config.batch_norm_backward
     if choice == "auto":
-        return jax.default_backend() == "cpu" and deepest_blocks_per_stage(config) >= (
-            DEEP_BLOCKS_PER_STAGE
-        )
+        deep = deepest_blocks_per_stage(config) >= DEEP_BLOCKS_PER_STAGE
+        return (platform or jax.default_backend()) == "cpu" and deep
     return choice == "closed_form"
 
 
@@ -103,7 +107,7 @@ def deepest_blocks_per_stage(config) -> int:
 CPU_KERNELS = ("auto", "onednn", "xla")
 
 
-def use_onednn_kernels(config, num_devices: int = 1) -> bool:
+def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None) -> bool:
     """`config.cpu_kernels`: whether the steps run float32 convolutions as the oneDNN kernels of
     `ffcl_jax.cpu_kernels`.
 
@@ -111,18 +115,20 @@ def use_onednn_kernels(config, num_devices: int = 1) -> bool:
     for float32 on the CPU backend with one device when they are built. On several devices XLA's
     partitioner gathers a custom call's sharded operands onto every device (correct, not
     data-parallel), and under per-device BatchNorm (`shard_map`) the kernels' gradients do not
-    carry the mesh axes: an error.
+    carry the mesh axes: an error. `platform`: as in `compiler_options` (a step compiled here for
+    a TPU slice never takes them).
     """
+    platform = platform or jax.default_backend()
     choice = config.cpu_kernels
     if choice == "xla":
         return False
     if choice == "auto" and (num_devices > 1 or config.compute_dtype != "float32"):
         return False
-    if jax.default_backend() != "cpu":
+    if platform != "cpu":
         if choice == "onednn":
             raise UserError(
-                f"config.cpu_kernels='onednn' runs on the CPU only, this is "
-                f"{jax.default_backend()}: use 'auto' or 'xla'"
+                f"config.cpu_kernels='onednn' runs on the CPU only, this is {platform}: use "
+                "'auto' or 'xla'"
             )
         return False
     if num_devices > 1 and config.batch_norm == "per_device":

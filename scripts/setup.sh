@@ -2,7 +2,8 @@
 # Sets up a fresh Debian/Ubuntu machine for ffcl_jax: the Fashion-MNIST data set from Debian
 # (dataset-fashion-mnist), a virtual environment in .venv with the package, its test tools and
 # the PyTorch reference's torch (CPU wheel), oneDNN for the optional CPU kernels (built here with
-# g++; without them training runs on XLA's kernels), at the versions in constraints.txt.
+# g++; without them training runs on XLA's kernels), libtpu for compiling the step for TPU slices
+# (ffcl_jax.compile_for; the tests keep JAX on the CPU), at the versions in constraints.txt.
 # Safe to run again: it skips what is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ if ! .venv/bin/python -c "import ffcl_jax, pytest, ruff, torch" >/dev/null 2>&1 
    || [ setup.cfg -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
   echo "setup: installing ffcl_jax and its dependencies into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,torch,cpu]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,torch,cpu,tpu]"
   touch .venv/.installed
 fi
 # The oneDNN kernels compile once into ~/.cache/ffcl_jax (about 10 s); where they cannot (no g++,

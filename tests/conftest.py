@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# The tests run on the CPU. With libtpu installed (the tpu extra, for ffcl_jax.compile_for) JAX
+# would otherwise try to start a TPU backend first, and log its failure, in every process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,175 @@
+"""`ffcl_jax.compile_for`: the trainer's steps compiled for a TPU slice by libtpu, on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from ffcl_jax import compile_for, parallel, train, xla_cpu
+from ffcl_jax.errors import UserError
+from tests.conftest import REPO, tiny_config
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[tpu]'; scripts/setup.sh installs it)",
+)
+
+
+def _compile_for(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-m", "ffcl_jax.compile_for", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_the_roofline_bound_is_the_slower_of_compute_and_hbm_traffic():
+    chip = compile_for.Chip("x", 4e12, 16 * 2**30, 2e9, "nowhere")
+    flops, traffic = 3 * chip.bf16_flops_per_second, 0.5 * chip.hbm_bytes_per_second
+    bound = compile_for.roofline(flops, traffic, chip)
+    assert bound["compute_bound_seconds"] == pytest.approx(3.0)
+    assert bound["memory_bound_seconds"] == pytest.approx(0.5)
+    assert bound["step_bound_seconds"] == pytest.approx(3.0)
+    assert bound["limited_by"] == "compute"
+    bound = compile_for.roofline(flops / 30, traffic * 4, chip)
+    assert bound["step_bound_seconds"] == pytest.approx(2.0)
+    assert bound["limited_by"] == "HBM bandwidth"
+
+
+def test_every_chip_figure_names_its_source():
+    for kind, chip in compile_for.CHIPS.items():
+        assert chip.source.startswith("https://cloud.google.com/tpu/docs/"), kind
+        assert chip.name in chip.source
+        # Orders of magnitude any TPU since v4 has: catches a unit slip (GB for GiB is not one).
+        assert 1e14 < chip.bf16_flops_per_second < 1e16
+        assert 1e10 < chip.hbm_bytes < 1e12
+        assert 1e11 < chip.hbm_bytes_per_second < 1e13
+
+
+def test_collectives_are_counted_with_their_bytes():
+    hlo = """
+ENTRY %main {
+  %all-reduce.1 = (f32[16]{0:T(128)S(1)}, bf16[8,4]{1,0}) all-reduce(%a, %b), channel_id=2
+  %all-reduce-start.2 = f32[100]{0} all-reduce-start(%c), channel_id=3
+  %all-reduce-done.2 = f32[100]{0} all-reduce-done(%all-reduce-start.2)
+  ROOT %all-gather.3 = u8[4,2]{1,0} all-gather(%d), dimensions={0}
+  %fusion.4 = f32[2]{0} fusion(%all-reduce.1), calls=%all-reduce-like_fusion
+}
+"""
+    found = compile_for.collectives(hlo)
+    assert found == {
+        "all-reduce": {"count": 2, "bytes": 16 * 4 + 8 * 4 * 2 + 100 * 4},
+        "all-gather": {"count": 1, "bytes": 8},
+    }
+    assert compile_for.shape_bytes("pred[3]{0}") == 3
+    assert compile_for.shape_bytes("s32[]") == 4
+
+
+def test_the_platform_of_the_mesh_decides_the_backend_specific_choices(fmnist_dir):
+    """A step built over a TPU slice's devices gets no XLA:CPU options, no closed-form BatchNorm
+    backward and none of the oneDNN kernels, whatever JAX's default backend (here the CPU)."""
+    deep = tiny_config(fmnist_dir, teacher="resnet56", cpu_kernels="auto")
+    assert jax.default_backend() == "cpu"
+    assert xla_cpu.compiler_options(deep, "cpu") == xla_cpu.compiler_options(deep)
+    assert xla_cpu.compiler_options(deep, "tpu") is None
+    assert xla_cpu.closed_form_batch_norm(deep, "cpu")
+    assert not xla_cpu.closed_form_batch_norm(deep, "tpu")
+    assert not xla_cpu.use_onednn_kernels(deep, 1, "tpu")
+    deep.cpu_kernels = "onednn"
+    with pytest.raises(UserError, match="runs on the CPU only, this is tpu"):
+        xla_cpu.use_onednn_kernels(deep, 1, "tpu")
+
+    config = tiny_config(fmnist_dir, cpu_kernels="auto")
+    mesh = parallel.DataParallel(1, devices=jax.devices()[:1])
+    assert mesh.platform == "cpu" and mesh.size == 1
+    cpu_setup, _ = train.build(config, train.check_config(config, 1), 10, mesh)
+    assert cpu_setup.platform == "cpu"
+    assert cpu_setup.onednn_kernels == xla_cpu.use_onednn_kernels(config, 1, "cpu")
+    mesh.platform = "tpu"  # what a mesh over compile-only TPU devices says
+    tpu_setup, state = train.build(config, train.check_config(config, 1), 10, mesh)
+    assert tpu_setup.platform == "tpu" and not tpu_setup.onednn_kernels
+    train_step, _ = train.jit_steps(tpu_setup, config)
+    batch = {
+        "image": jax.ShapeDtypeStruct((config.batch_size, 28, 28, 1), "uint8"),
+        "label": jax.ShapeDtypeStruct((config.batch_size,), "int32"),
+    }
+    assert "ffcl_onednn_" not in train_step.trace(state, batch).lower().as_text()
+
+
+def test_a_device_list_makes_the_mesh():
+    devices = jax.devices()
+    mesh = parallel.DataParallel(devices=devices[:1])
+    assert list(mesh.mesh.devices.flat) == devices[:1]
+    with pytest.raises(UserError, match="2 devices asked for, 1 available"):
+        parallel.DataParallel(2, devices=devices[:1])
+
+
+def test_the_command_needs_a_topology():
+    proc = _compile_for("--config=configs/cifar100.py:smoke")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --config and --topology")
+
+
+@needs_libtpu
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--topology=v5e:3x3"], "error: unknown TPU topology 'v5e:3x3'"),
+        (["--topology=v9:2x2"], "error: unknown TPU topology 'v9:2x2'"),
+        (
+            ["--topology=v5e:2x2", "--config.batch_size=66"],
+            "error: config.batch_size=66 must be a positive multiple of the 4 devices",
+        ),
+        (["--topology=v5e:2x2", "--config.compute_dtype=float64"], "error: TPUs have no float64"),
+    ],
+)
+def test_bad_input_is_one_error_line(args, message):
+    proc = _compile_for("--config=configs/cifar100.py:smoke", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_the_smoke_step_compiles_for_a_v5e_slice(tmp_path):
+    """The real TPU compiler builds the smoke config's train and eval steps for a 2x2 v5e slice
+    (4 chips) on this CPU: the batch is split over the chips, the state replicated, BatchNorm's
+    global statistics and the gradient summed by all-reduces, and the report says so."""
+    output = tmp_path / "report.json"
+    proc = _compile_for(
+        "--config=configs/cifar100.py:smoke", "--topology=v5e:2x2", f"--output={output}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["host_backend"] == "cpu"  # nothing ran on a TPU
+    assert report["chips"] == 4 and report["chip"]["name"] == "v5e"
+    assert "not measurements" in report["times_are"] and "lower bound" in proc.stdout
+    for name, global_batch in (("train_step", 64), ("eval_step", report["eval_global_batch"])):
+        step = report[name]
+        assert step["per_chip_batch"]["image"] == [global_batch // 4, 32, 32, 3], name
+        assert step["state_replicated"], name
+        assert step["flops"] > 0 and step["bytes_accessed"] > 0, name
+        memory = step["memory_bytes"]
+        assert memory["arguments"] > 0 and memory["generated_code"] > 0, name
+        assert 0 < memory["fraction_of_hbm"] < 1, name
+        assert step["collectives"]["all-reduce"]["count"] >= 1, name
+        assert step["float64_ops"] == step["host_callbacks"] == step["cpu_kernel_calls"] == 0
+    train_step = report["train_step"]
+    # The gradient of every (float32) parameter is summed over the chips.
+    assert train_step["collectives"]["all-reduce"]["bytes"] >= report["parameter_bytes"] > 0
+    bound = train_step["roofline"]["step_bound_seconds"]
+    assert report["epoch_bound_seconds"]["train"] == pytest.approx(
+        report["steps_per_epoch"] * bound
+    )
