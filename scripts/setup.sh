@@ -2,8 +2,10 @@
 # Sets up a fresh Debian/Ubuntu machine for ffcl_jax: the Fashion-MNIST data set from Debian
 # (dataset-fashion-mnist), a virtual environment in .venv with the package, its test tools and
 # the PyTorch reference's torch (CPU wheel), oneDNN for the optional CPU kernels (built here with
-# g++; without them training runs on XLA's kernels), libtpu for compiling the step for TPU slices
-# (ffcl_jax.compile_for; the tests keep JAX on the CPU), at the versions in constraints.txt.
+# g++; without them training runs on XLA's kernels), at the versions in constraints.txt. With
+# FFCL_SETUP_TPU=1 (CI sets it) also libtpu, to compile the step for TPU slices
+# (ffcl_jax.compile_for): not by default, since an installed libtpu makes every JAX process
+# on a CPU machine try a TPU backend first and log its failure.
 # Safe to run again: it skips what is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +26,17 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import ffcl_jax, pytest, ruff, torch" >/dev/null 2>&1 \
+EXTRAS="test,torch,cpu"
+NEEDED="import ffcl_jax, pytest, ruff, torch"
+if [ "${FFCL_SETUP_TPU:-0}" = "1" ]; then
+  EXTRAS="$EXTRAS,tpu"
+  NEEDED="$NEEDED, libtpu"
+fi
+if ! .venv/bin/python -c "$NEEDED" >/dev/null 2>&1 \
    || [ setup.cfg -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
   echo "setup: installing ffcl_jax and its dependencies into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,torch,cpu,tpu]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
   touch .venv/.installed
 fi
 # The oneDNN kernels compile once into ~/.cache/ffcl_jax (about 10 s); where they cannot (no g++,
