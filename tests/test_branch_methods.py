@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ffcl_jax import export, input_pipeline, losses, methods, train
 from ffcl_jax.errors import UserError
@@ -168,11 +169,5 @@ def test_a_branch_run_exports_its_student_as_the_plain_network(method, fmnist_di
     assert accuracy == pytest.approx(last["student"], abs=1e-9)
     assert meta["roles"]["student"] == "resnet8"
     assert results["num_params"]["student"] == sum(
-        x.size for x in jax.tree.leaves(export.flatten(model_params(model)))
+        x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))
     )
-
-
-def model_params(model):
-    from flax import nnx
-
-    return nnx.state(model, nnx.Param)
