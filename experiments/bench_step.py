@@ -211,7 +211,7 @@ def jax_worker(config, modes) -> dict:
         }
     if "epoch" in modes:
         images, labels = train_split(config)
-        data = train.make_train_data(config, images, labels, mesh)
+        data = train.make_train_data(config, images, labels, mesh, settings.num_views)
         setup, state = fresh(data.steps_per_epoch)
         step, _ = train.jit_steps(setup, config)
         # Compile outside the timed epoch, on the epoch's first batch.
@@ -275,8 +275,10 @@ def torch_worker(config, modes) -> dict:
     import numpy as np
     import torch
 
+    from ffcl_jax.methods import resolve_loss_settings
     from ffcl_jax.torch_reference import train as reference
 
+    num_views = resolve_loss_settings(config.method, dict(config.loss)).num_views
     device = FLAGS.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     cuda = device.startswith("cuda")
@@ -299,17 +301,19 @@ def torch_worker(config, modes) -> dict:
     }
     if "step" in modes:
         cohort, optimizer, schedule, settings, info = reference.build(config, 1000, device)
+        temporal_mean = reference.temporal_mean_of(cohort, settings)
         cohort.train()
         rng = np.random.default_rng(0)
+        views = (num_views,) if num_views > 1 else ()
         x, y = reference.as_tensors(
-            rng.integers(0, 256, (config.batch_size, *info.image_shape), np.uint8),
+            rng.integers(0, 256, (config.batch_size, *views, *info.image_shape), np.uint8),
             rng.integers(0, info.num_classes, (config.batch_size,), np.int32),
         )
         x, y = x.to(device), y.to(device)
 
         def step():
             reference.train_step(
-                cohort, optimizer, schedule, x, y, settings, 0, info, device, dtype
+                cohort, optimizer, schedule, x, y, settings, 0, info, device, dtype, temporal_mean
             )
             sync()
 
@@ -338,12 +342,14 @@ def torch_worker(config, modes) -> dict:
         images, labels = train_split(config)
         steps = len(images) // config.batch_size
         cohort, optimizer, schedule, settings, info = reference.build(config, steps, device)
+        temporal_mean = reference.temporal_mean_of(cohort, settings)
         cohort.train()
         images_nchw, labels_all = reference.as_tensors(images, labels)
         start = time.perf_counter()
-        for x, y in reference.epoch_batches(images_nchw, labels_all, config, 0, steps):
+        batches = reference.epoch_batches(images_nchw, labels_all, config, 0, steps, num_views)
+        for x, y in batches:
             reference.train_step(
-                cohort, optimizer, schedule, x, y, settings, 0, info, device, dtype
+                cohort, optimizer, schedule, x, y, settings, 0, info, device, dtype, temporal_mean
             )
         sync()
         seconds = time.perf_counter() - start

@@ -23,9 +23,10 @@ def step_on_random_batch(config, mesh):
     info = input_pipeline.dataset_info(config.dataset)
     setup, state = train.build(config, settings, steps_per_epoch=1000)
     rng = np.random.default_rng(0)
+    views = (settings.num_views,) if settings.num_views > 1 else ()  # KDCL, PCL
     batch = mesh.global_batch(
         {
-            "image": rng.integers(0, 256, (config.batch_size, *info.image_shape), np.uint8),
+            "image": rng.integers(0, 256, (config.batch_size, *views, *info.image_shape), np.uint8),
             "label": rng.integers(0, info.num_classes, (config.batch_size,), np.int32),
         }
     )

@@ -91,7 +91,8 @@ ADDED_KEYS = {
     "validation_size": 0,
     "validation_seed": 0,
     "warmup_epochs": 0.0,
-    # The branch methods' loss settings (None: the preset's value, as for every loss key).
+    # The branch methods', KDCL's and PCL's loss settings (None: the preset's value, as for
+    # every loss key).
     **{
         f"loss.{key}": None
         for key in (
@@ -102,6 +103,11 @@ ADDED_KEYS = {
             "lam_ensemble_ce",
             "lam_branch_kd",
             "branch_target",
+            "separate_views",
+            "collaborative_target",
+            "peer_ensemble",
+            "temporal_mean_decay",
+            "lam_temporal_kd",
         )
     },
 }

@@ -239,8 +239,9 @@ def compile_for(config, devices, topology: str = "") -> dict[str, Any]:
     parameter_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
     state = abstract_like(state, data_parallel.replicated)
     shape, batch, data = info.image_shape, config.batch_size, data_parallel.data
+    views = (settings.num_views,) if settings.num_views > 1 else ()
     train_batch = {
-        "image": jax.ShapeDtypeStruct((batch, *shape), jnp.uint8, sharding=data),
+        "image": jax.ShapeDtypeStruct((batch, *views, *shape), jnp.uint8, sharding=data),
         "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data),
     }
     eval_batch = eval_batch_size(config, data_parallel.size)
@@ -251,7 +252,10 @@ def compile_for(config, devices, topology: str = "") -> dict[str, Any]:
     }
     train_report = compile_step(train_step, (state, train_batch), data_parallel, chip)
     eval_report = compile_step(
-        eval_step, (state.params, state.batch_stats, eval_batch_spec), data_parallel, chip
+        eval_step,
+        (state.params, state.batch_stats, eval_batch_spec, state.mean_model),
+        data_parallel,
+        chip,
     )
 
     test_examples = TEST_EXAMPLES[config.dataset]

@@ -91,8 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.reg_correct_prob = config_dict.placeholder(float)
     c.loss.reg_temperature = config_dict.placeholder(float)
     c.loss.label_smoothing = config_dict.placeholder(float)
-    c.loss.kd_alpha = config_dict.placeholder(float)  # kd: (1 - a) CE(S) + a KL_tau(S <- T)
-    # Branch methods (one, cl_ilr, okddip): a multi-branch network of config.student.
+    c.loss.kd_alpha = config_dict.placeholder(float)  # kd, kdcl: (1 - a) CE + a KL_tau
+    # KDCL and PCL: each network or branch on its own augmentation; KDCL's target for the pair.
+    c.loss.separate_views = config_dict.placeholder(bool)
+    c.loss.collaborative_target = config_dict.placeholder(str)  # none | mean | min_logit
+    # Branch methods (one, cl_ilr, okddip, pcl): a multi-branch network of config.student.
     c.loss.num_branches = config_dict.placeholder(int)  # 0: the teacher/student pair
     c.loss.branch_stages = config_dict.placeholder(int)  # the last stages each branch copies
     c.loss.gate = config_dict.placeholder(str)  # one | none
@@ -100,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.lam_ensemble_ce = config_dict.placeholder(float)
     c.loss.lam_branch_kd = config_dict.placeholder(float)
     c.loss.branch_target = config_dict.placeholder(str)  # ensemble | others | attention
+    c.loss.peer_ensemble = config_dict.placeholder(bool)  # PCL's classifier over the branches
+    c.loss.temporal_mean_decay = config_dict.placeholder(float)  # PCL's EMA (0: none)
+    c.loss.lam_temporal_kd = config_dict.placeholder(float)  # PCL: from the other temporal means
 
     # Optimisation (FFL/ONE protocol).
     c.batch_size = 128  # global, over all devices and hosts
@@ -240,6 +246,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
         raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
     if settings.branch_method:
         valid_best = ["student", "ensemble", *report.branch_names(settings.num_branches)]
+        if settings.temporal_mean_decay:
+            valid_best.append(report.ONLINE_STUDENT)
     else:
         valid_best = [m for m in report.MODEL_ORDER if m != "fused" or settings.use_fusion]
     if config.best_metric and config.best_metric not in valid_best:

@@ -38,6 +38,12 @@ def _torch_key(flax_name: str, is_batch_norm: bool) -> str:
     return f"{module.replace('/', '.')}.{leaf}" if module else leaf
 
 
+def _is_kernel(name: str) -> bool:
+    """A path's leaf is a kernel (a module's `kernel`, or a bare layer's, e.g. PCL's
+    peer-ensemble classifier, whose path is just `kernel`)."""
+    return name.split("/")[-1] == "kernel"
+
+
 def _kernel_to_torch(value: np.ndarray) -> np.ndarray:
     return np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
 
@@ -57,7 +63,7 @@ def to_torch_state_dict(params, batch_stats, *, as_numpy: bool = False) -> dict[
     out: dict[str, Any] = {}
     for name, value in {**flat_params, **flat_stats}.items():
         is_bn = name.rpartition("/")[0] in bn_modules
-        array = _kernel_to_torch(value) if name.endswith("/kernel") else value
+        array = _kernel_to_torch(value) if _is_kernel(name) else value
         out[_torch_key(name, is_bn)] = np.ascontiguousarray(array)
     for module in sorted(bn_modules):
         out[f"{module.replace('/', '.')}.num_batches_tracked"] = np.zeros((), np.int64)
@@ -88,7 +94,7 @@ def from_torch_state_dict(state_dict, like_params, like_batch_stats):
             if key not in arrays:
                 raise UserError(f"the state_dict has no {key!r} (for Flax {name})")
             value = arrays[key]
-            target[name] = _kernel_from_torch(value) if name.endswith("/kernel") else value
+            target[name] = _kernel_from_torch(value) if _is_kernel(name) else value
             used.add(key)
     extra = sorted(set(arrays) - used)
     if extra:
@@ -119,7 +125,7 @@ def torch_model_from_export(path: str, role: str = "student"):
     bn_modules = {name.rpartition("/")[0] for name in flat_stats}
     state_dict = {}
     for name, value in {**flat_params, **flat_stats}.items():
-        array = _kernel_to_torch(value) if name.endswith("/kernel") else value
+        array = _kernel_to_torch(value) if _is_kernel(name) else value
         state_dict[_torch_key(name, name.rpartition("/")[0] in bn_modules)] = array
     import torch
 

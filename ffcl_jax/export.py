@@ -131,6 +131,13 @@ def read_export(path: str) -> Exported:
     return Exported(meta, arrays)
 
 
+def deployed(state: Mapping, kind: str) -> Mapping:
+    """`kind` ("params" or "batch_stats") of the model a run deploys from a raw saved state: PCL's
+    temporal mean where the run kept one (`TrainState.mean_params`), else the trained weights."""
+    mean = state.get(f"mean_{kind}")
+    return mean if mean else state[kind]
+
+
 def export_run(
     workdir: str, output: str | None = None, roles=("student",), step: int | str | None = None
 ) -> str:
@@ -163,7 +170,7 @@ def export_run(
     arrays: dict[str, np.ndarray] = {}
     for role in roles:
         for kind in ("params", "batch_stats"):
-            for name, value in flatten(state[kind][role]).items():
+            for name, value in flatten(deployed(state, kind)[role]).items():
                 arrays[f"{role}/{kind}/{name}"] = value
     history = meta["progress"]["history"]
     export_meta = {
@@ -211,8 +218,8 @@ def load_network(path: str, role: str, config, like) -> tuple[Any, Any, str]:
         finally:
             checkpoints.close()
         saved_model, dataset = meta["config"][role], meta["config"]["dataset"]
-        flat_params = flatten(state["params"][role])
-        flat_stats = flatten(state["batch_stats"][role])
+        flat_params = flatten(deployed(state, "params")[role])
+        flat_stats = flatten(deployed(state, "batch_stats")[role])
         source = f"{checkpoints.directory} step {step} (epoch {meta['progress']['epoch']})"
     if saved_model != model or dataset != config.dataset:
         raise UserError(

@@ -326,6 +326,10 @@ def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
 class TrainData:
     """Epochs of augmented training batches; each process gets its own rows of every batch.
 
+    With `num_views > 1` every image is augmented that many times with independent draws (the
+    methods that give each network or branch its own view: KDCL, PCL), and a batch's images are
+    `batch x views x H x W x C`; view 0 is the image the single-view pipeline gives.
+
     Every process holds the whole (in-memory) training split and derives the same global order
     from `(seed, epoch)`; process `p` of `P` then keeps rows `[p * B/P, (p + 1) * B/P)` of each
     global batch of `B` and augments only those, with a seed made of the epoch and the example's
@@ -342,6 +346,8 @@ class TrainData:
         global_batch_size: int,
         process_index: int = 0,
         process_count: int = 1,
+        *,
+        num_views: int = 1,
     ):
         if global_batch_size % process_count:
             raise UserError(
@@ -355,6 +361,7 @@ class TrainData:
         self.local_batch_size = global_batch_size // process_count
         self.process_index = process_index
         self.steps_per_epoch = steps_per_epoch(len(images), global_batch_size)
+        self.num_views = num_views
         self._augment = _augment_fn(config, self.info)
 
     def epoch(self, epoch: int, *, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -375,7 +382,13 @@ class TrainData:
         def augment(index, example):
             image, label = example
             seed = tf.stack([tf.constant(epoch_seed, tf.int64), index])
-            return {"image": self._augment(seed, image), "label": label}
+            if self.num_views == 1:
+                return {"image": self._augment(seed, image), "label": label}
+            # View 0 is the single-view pipeline's image; view v > 0 folds v into its seed.
+            seeds = [seed] + [
+                tf.random.experimental.stateless_fold_in(seed, v) for v in range(1, self.num_views)
+            ]
+            return {"image": tf.stack([self._augment(s, image) for s in seeds]), "label": label}
 
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(self.local_batch_size, drop_remainder=True)
@@ -429,8 +442,13 @@ class DeviceTrainData:
         global_batch_size: int,
         data_sharding,
         replicated_sharding,
+        *,
+        num_views: int = 1,
     ):
+        """`num_views` as in `TrainData`: view 0 is the single-view batch, view v draws its
+        augmentation from the batch's key folded with v."""
         import jax
+        import jax.numpy as jnp
 
         check_augmentation(config)
         self.config = config
@@ -442,8 +460,13 @@ class DeviceTrainData:
         options = dict(kind=config.augment, pad=int(config.pad), pad_mode=config.pad_mode)
 
         def batch(images, labels, index, key):
+            chosen = images[index]
+            views = [augment_on_device(chosen, key, **options)] + [
+                augment_on_device(chosen, jax.random.fold_in(key, v), **options)
+                for v in range(1, num_views)
+            ]
             return {
-                "image": augment_on_device(images[index], key, **options),
+                "image": views[0] if num_views == 1 else jnp.stack(views, axis=1),
                 "label": labels[index],
             }
 

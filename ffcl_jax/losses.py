@@ -59,6 +59,27 @@ def mean_of_others(branch_logits: Sequence[jax.Array]) -> list[jax.Array]:
     return [(total - z) / (len(branch_logits) - 1) for z in stacked]
 
 
+def min_logit_ensemble(member_logits: Sequence[jax.Array], labels: jax.Array) -> jax.Array:
+    """KDCL's MinLogit target: each member's logits less its true-class logit (so every member
+    scores the true class 0), then the element-wise minimum over the members: for every wrong
+    class, the member that separates it from the true class the most."""
+    stacked = jnp.stack([_f32(z) for z in member_logits])  # members, batch, classes
+    true_class = jnp.take_along_axis(stacked, labels[None, :, None].astype(jnp.int32), axis=-1)
+    return jnp.min(stacked - true_class, axis=0)
+
+
+def peer_mean_distillation(
+    branch_logits: Sequence[jax.Array], mean_logits: Sequence[jax.Array], tau: float
+) -> jax.Array:
+    """PCL's temporal-mean term: sum_i mean_{j != i} KL_tau(z_i <- sg(z~_j)), each branch taught
+    by the temporal means (`mean_logits`) of the other branches, never its own."""
+    m = len(branch_logits)
+    return sum(
+        sum(kl_distill(z, mean_logits[j], tau) for j in range(m) if j != i) / (m - 1)
+        for i, z in enumerate(branch_logits)
+    )
+
+
 def attention_targets(peer_logits: Sequence[jax.Array], attention: jax.Array) -> jax.Array:
     """OKDDip's targets, peers x batch x classes: t_a = sum_b attention[:, a, b] sg(z_b). The
     peers' logits are stopped (a target is not trained toward its student); the attention is

@@ -1,5 +1,5 @@
-"""Method presets (independent, kd, dml, ffl, ffcl; the branch methods one, cl_ilr, okddip) and the
-cohort objective they configure.
+"""Method presets (independent, kd, dml, ffl, ffcl, kdcl; the branch methods one, cl_ilr, okddip,
+pcl) and the settings they resolve to; `ffcl_jax.objectives` computes the loss they configure.
 
 A preset is a set of default loss settings; every setting is also a config key under
 `config.loss`, where `None` means "the preset's value". So `--config.method=ffcl
@@ -13,9 +13,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
-
-import jax
-import jax.numpy as jnp
 
 from ffcl_jax import losses
 from ffcl_jax.errors import UserError
@@ -33,6 +30,8 @@ FEATURE_FORMS = ("attention", "fused_map", "stage_fusion")
 # peer from its attention-weighted mix of the peers, branch 0, the group leader, from the
 # peers' mean).
 BRANCH_TARGETS = ("ensemble", "others", "attention")
+# KDCL's target for the pair: none (not KDCL), the mean of the two networks' logits, or MinLogit.
+COLLABORATIVE_TARGETS = ("none", "mean", "min_logit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +65,24 @@ class LossSettings:
     lam_ensemble_ce: float  # CE(z_ens, y): trains ONE's gate (and, through it, the branches)
     lam_branch_kd: float  # sum_i KL_tau(z_i <- target_i), ramped up
     branch_target: str  # one of BRANCH_TARGETS
+    # KDCL and PCL.
+    separate_views: bool  # each network (pair) or branch trains on its own augmentation
+    collaborative_target: str  # KDCL: the pair's target (COLLABORATIVE_TARGETS); kd_alpha weighs
+    peer_ensemble: bool  # PCL: the branches' ensemble is a classifier over their pooled features
+    temporal_mean_decay: float  # PCL: > 0 keeps an EMA of the weights (its own BN statistics)
+    lam_temporal_kd: float  # PCL: sum_i mean_{j != i} KL_tau(z_i <- temporal mean's z_j), ramped
 
     @property
     def branch_method(self) -> bool:
         return self.num_branches > 0
+
+    @property
+    def num_views(self) -> int:
+        """Augmented views of every training image: one per network or branch with
+        `separate_views`, else one."""
+        if not self.separate_views:
+            return 1
+        return self.num_branches if self.branch_method else 2
 
     def active_terms(self) -> tuple[str, ...]:
         """Names of the loss terms this setting computes (the rest are not traced)."""
@@ -79,7 +92,11 @@ class LossSettings:
                 terms.append("ce_ensemble")
             if self.lam_branch_kd:
                 terms.append("kl_to_branches")
+            if self.lam_temporal_kd:
+                terms.append("kl_temporal_mean")
             return tuple(terms)
+        if self.collaborative_target != "none":
+            return ("ce_teacher", "ce_student", "kl_collaborative")
         if not self.train_teacher:
             return ("ce_student", "kl_teacher_to_student")
         terms = ["ce_teacher", "ce_student"]
@@ -119,6 +136,11 @@ _COMMON = dict(
     lam_ensemble_ce=0.0,
     lam_branch_kd=0.0,
     branch_target="ensemble",
+    separate_views=False,
+    collaborative_target="none",
+    peer_ensemble=False,
+    temporal_mean_decay=0.0,
+    lam_temporal_kd=0.0,
 )
 # The branch methods train one multi-branch network: none of the pair's terms.
 _BRANCHES = dict(_COMMON, **_OFF, use_fusion=False, regularizer="none")
@@ -167,6 +189,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         rampup_epochs=80.0,
         regularizer="virtual_teacher",
     ),
+    # KDCL (Guo et al. 2020), as its public re-implementation: teacher and student, each on its
+    # own augmentation of the batch, distil from the mean of their logits (stopped), 0.5 CE +
+    # 0.5 KL at tau 4, no ramp-up; loss.collaborative_target='min_logit' is the paper's MinLogit.
+    "kdcl": dict(
+        _COMMON,
+        **_OFF,
+        use_fusion=False,
+        tau=4.0,
+        rampup_epochs=0.0,
+        regularizer="none",
+        kd_alpha=0.5,
+        separate_views=True,
+        collaborative_target="mean",
+    ),
     # ONE (Lan et al. 2018), docs/method.md "Branch baselines": three branches of the last stage,
     # a gate, CE on every branch and the gated ensemble, the ensemble distilled to every branch.
     "one": dict(
@@ -200,6 +236,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         branch_stages=1,
         lam_branch_kd=1.0,
         branch_target="attention",
+        tau=3.0,
+        rampup_epochs=80.0,
+    ),
+    # PCL (Wu & Gong 2021): three branches, each on its own view (the trunk runs per view); a
+    # peer-ensemble classifier over the branches' pooled features teaches every branch and
+    # learns from its CE alone; every branch also distils from the other branches' temporal
+    # means (an EMA of the weights, decay min(1 - 1/(t+1), 0.999)), which PCL deploys.
+    "pcl": dict(
+        _BRANCHES,
+        num_branches=3,
+        branch_stages=1,
+        lam_ensemble_ce=1.0,
+        lam_branch_kd=1.0,
+        branch_target="ensemble",
+        separate_views=True,
+        peer_ensemble=True,
+        temporal_mean_decay=0.999,
+        lam_temporal_kd=1.0,
         tau=3.0,
         rampup_epochs=80.0,
     ),
@@ -272,6 +326,31 @@ def _validate(s: LossSettings) -> None:
         raise UserError(f"loss.reg_temperature must be > 0, got {s.reg_temperature}")
     if not 0 <= s.kd_alpha <= 1:
         raise UserError(f"loss.kd_alpha must be in [0, 1], got {s.kd_alpha}")
+    if s.collaborative_target not in COLLABORATIVE_TARGETS:
+        raise UserError(
+            f"unknown loss.collaborative_target {s.collaborative_target!r}; "
+            f"valid: {', '.join(COLLABORATIVE_TARGETS)}"
+        )
+    if s.collaborative_target != "none" and (
+        s.branch_method
+        or s.use_fusion
+        or s.lam_fuse
+        or s.lam_ens
+        or s.lam_mutual
+        or s.lam_feat
+        or s.lam_reg
+    ):
+        raise UserError(
+            "loss.collaborative_target (kdcl) trains the teacher/student pair on their ensemble "
+            "alone: it takes no branches, fusion, mutual, feature or regularizer terms (leave "
+            "those loss settings unset)"
+        )
+    if s.separate_views and s.use_fusion:
+        raise UserError(
+            "loss.separate_views gives each network its own view, but the fusion module fuses "
+            "the two networks' maps of one image: set loss.separate_views=False or "
+            "loss.use_fusion=False"
+        )
     if not s.train_teacher and (
         s.use_fusion or s.lam_fuse or s.lam_ens or s.lam_mutual or s.lam_feat or s.lam_reg
     ):
@@ -293,11 +372,26 @@ def _validate_branches(s: LossSettings) -> None:
         raise UserError(
             f"unknown loss.branch_target {s.branch_target!r}; valid: {', '.join(BRANCH_TARGETS)}"
         )
+    if s.lam_temporal_kd < 0:
+        raise UserError(f"loss.lam_temporal_kd must be >= 0, got {s.lam_temporal_kd}")
+    if not 0 <= s.temporal_mean_decay < 1:
+        raise UserError(
+            f"loss.temporal_mean_decay must be in [0, 1) (0: none), got {s.temporal_mean_decay}"
+        )
     if not s.branch_method:
-        if s.gate != "none" or s.backprop_rescale or s.lam_ensemble_ce or s.lam_branch_kd:
+        if (
+            s.gate != "none"
+            or s.backprop_rescale
+            or s.lam_ensemble_ce
+            or s.lam_branch_kd
+            or s.peer_ensemble
+            or s.temporal_mean_decay
+            or s.lam_temporal_kd
+        ):
             raise UserError(
-                f"loss.gate, backprop_rescale, lam_ensemble_ce and lam_branch_kd belong to the "
-                f"branch methods (one, cl_ilr); the {s.method} preset has no branches"
+                "loss.gate, backprop_rescale, lam_ensemble_ce, lam_branch_kd, peer_ensemble, "
+                "temporal_mean_decay and lam_temporal_kd belong to the branch methods (one, "
+                f"cl_ilr, okddip, pcl); the {s.method} preset has no branches"
             )
         return
     if s.num_branches < 2:
@@ -308,6 +402,16 @@ def _validate_branches(s: LossSettings) -> None:
         raise UserError("loss.branch_target='attention' needs loss.num_branches >= 3")
     if s.gate == "one" and s.branch_stages == NUM_STAGES:
         raise UserError("loss.gate='one' reads the shared trunk: set loss.branch_stages < 3")
+    if s.gate == "one" and (s.peer_ensemble or s.separate_views):
+        raise UserError(
+            "loss.gate='one' weighs the branches from one shared trunk: it takes neither "
+            "loss.peer_ensemble (another ensemble) nor loss.separate_views (a trunk per view)"
+        )
+    if s.lam_temporal_kd and not s.temporal_mean_decay:
+        raise UserError(
+            "loss.lam_temporal_kd distils from the temporal mean: set loss.temporal_mean_decay "
+            "> 0 (PCL: 0.999), or loss.lam_temporal_kd=0"
+        )
     if s.use_fusion or s.lam_fuse or s.lam_ens or s.lam_mutual or s.lam_feat or s.lam_reg:
         raise UserError(
             f"the {s.method} preset trains one multi-branch network: it takes no fusion, "
@@ -341,153 +445,3 @@ def fused_feature_stages(settings: LossSettings, num_stages: int) -> tuple[int, 
     if not settings.lam_feat or settings.feat_form == "attention":
         return None
     return taught_stages(settings, num_stages)
-
-
-def cohort_objective(
-    outputs: Mapping[str, Any],
-    labels: jax.Array,
-    settings: LossSettings,
-    epoch: jax.Array,
-    num_classes: int,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The total loss L of docs/method.md and each unweighted term, for logging.
-
-    `outputs` is what `Cohort.__call__` returns. Terms with zero weight are skipped at trace time.
-    """
-    if settings.branch_method:
-        return branch_objective(outputs, labels, settings, epoch)
-    z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
-    z_f = outputs.get("fused_logits")
-    tau = settings.tau
-    if not settings.train_teacher:  # kd: the frozen teacher only provides targets
-        terms = {
-            "ce_student": losses.cross_entropy(z_s, labels),
-            "kl_teacher_to_student": losses.kl_distill(z_s, z_t, tau),
-        }
-        alpha = settings.kd_alpha
-        total = (1 - alpha) * terms["ce_student"] + alpha * terms["kl_teacher_to_student"]
-        return total, terms
-    terms: dict[str, jax.Array] = {
-        "ce_teacher": losses.cross_entropy(z_t, labels),
-        "ce_student": losses.cross_entropy(z_s, labels),
-    }
-    if settings.use_fusion:
-        terms["ce_fused"] = losses.cross_entropy(z_f, labels)
-    if outputs.get("stage_fused_logits"):  # feat_form="stage_fusion": trains its fusion modules
-        terms["ce_stage_fused"] = sum(
-            losses.cross_entropy(z, labels) for z in outputs["stage_fused_logits"]
-        )
-    supervised = sum(terms.values())
-
-    ramp = losses.rampup_weight(epoch, settings.rampup_epochs)
-    distill = jnp.zeros((), jnp.float32)
-    if settings.lam_fuse:
-        terms["kl_fused_to_peers"] = losses.kl_distill(z_t, z_f, tau) + losses.kl_distill(
-            z_s, z_f, tau
-        )
-        distill += settings.lam_fuse * terms["kl_fused_to_peers"]
-    if settings.lam_ens:
-        terms["kl_ensemble_to_fused"] = losses.kl_distill(
-            z_f, losses.ensemble_logits(z_t, z_s), tau
-        )
-        distill += settings.lam_ens * terms["kl_ensemble_to_fused"]
-    if settings.lam_mutual:
-        terms["kl_mutual"] = losses.kl_distill(z_s, z_t, tau) + losses.kl_distill(z_t, z_s, tau)
-        distill += settings.lam_mutual * terms["kl_mutual"]
-    if settings.lam_feat:
-        if settings.feat_form == "attention":
-            student_features = outputs["student_features"]
-            num_stages = min(len(student_features), len(outputs["teacher_features"]))
-            terms["feat"] = losses.attention_transfer(
-                student_features,
-                outputs["teacher_features"],
-                taught_stages(settings, num_stages),
-                settings.feat_direction,
-                settings.attention_reduction,
-            )
-        else:
-            terms["feat"] = losses.fused_map_transfer(outputs["feature_targets"])
-        distill += settings.lam_feat * terms["feat"]
-
-    regularization = jnp.zeros((), jnp.float32)
-    if settings.lam_reg and settings.regularizer != "none":
-        if settings.regularizer == "virtual_teacher":
-            target = losses.virtual_teacher_target(
-                labels, num_classes, settings.reg_correct_prob, settings.reg_temperature
-            )
-        else:
-            target = losses.label_smoothing_target(labels, num_classes, settings.label_smoothing)
-        reg_logits = [z_t, z_s] + ([z_f] if settings.use_fusion else [])
-        terms["reg"] = sum(losses.fixed_target_kl(z, target) for z in reg_logits)
-        regularization = settings.lam_reg * terms["reg"]
-
-    total = supervised + ramp * distill + regularization
-    terms["rampup_weight"] = ramp
-    return total, terms
-
-
-def branch_objective(
-    outputs: Mapping[str, Any], labels: jax.Array, settings: LossSettings, epoch: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The branch methods' loss (docs/method.md, "Branch baselines"), over what
-    `BranchCohort.__call__` returns:
-
-        L = sum_i CE(z_i) + lam_ensemble_ce CE(z_ens)
-            + w(epoch) lam_branch_kd sum_i KL_tau(z_i <- t_i)
-
-    with t_i = z_ens (ONE: the gated ensemble), the mean of the other branches (CL-ILR), or
-    OKDDip's (`_branch_distillation`); the branches' logits in a target receive no gradient
-    from the KL terms.
-    """
-    branch_logits = outputs["branch_logits"]
-    ensemble = losses.branch_ensemble(branch_logits, outputs.get("gate_weights"))
-    terms = {"ce_branches": sum(losses.cross_entropy(z, labels) for z in branch_logits)}
-    total = terms["ce_branches"]
-    if settings.lam_ensemble_ce:
-        terms["ce_ensemble"] = losses.cross_entropy(ensemble, labels)
-        total = total + settings.lam_ensemble_ce * terms["ce_ensemble"]
-    ramp = losses.rampup_weight(epoch, settings.rampup_epochs)
-    if settings.lam_branch_kd:
-        terms["kl_to_branches"] = _branch_distillation(outputs, ensemble, settings)
-        total = total + ramp * settings.lam_branch_kd * terms["kl_to_branches"]
-    terms["rampup_weight"] = ramp
-    return total, terms
-
-
-def evaluated_logits(outputs: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """The models a run evaluates, by name (report.MODEL_ORDER), from the cohort's outputs: the
-    student; the teacher and the T+S ensemble; the fused classifier; a branch method's other
-    branches (`branch_1`, ...) and the branches' ensemble."""
-    logits = {"student": outputs["student_logits"]}
-    if "teacher_logits" in outputs:
-        logits["teacher"] = outputs["teacher_logits"]
-        logits["ensemble"] = losses.ensemble_logits(
-            outputs["teacher_logits"], outputs["student_logits"]
-        )
-    if "fused_logits" in outputs:
-        logits["fused"] = outputs["fused_logits"]
-    if "branch_logits" in outputs:
-        for index, z in enumerate(outputs["branch_logits"][1:], start=1):
-            logits[f"branch_{index}"] = z
-        logits["ensemble"] = losses.branch_ensemble(
-            outputs["branch_logits"], outputs.get("gate_weights")
-        )
-    return logits
-
-
-def _branch_distillation(outputs, ensemble: jax.Array, settings: LossSettings) -> jax.Array:
-    """sum_i KL_tau(z_i <- t_i) for the settings' `branch_target`."""
-    branch_logits, tau = outputs["branch_logits"], settings.tau
-    if settings.branch_target == "attention":  # OKDDip: branch 0 leads the peers 1..m-1
-        leader, peers = branch_logits[0], branch_logits[1:]
-        targets = losses.attention_targets(peers, outputs["peer_attention"])
-        peer_terms = sum(
-            losses.kl_to_learned_target(z, t, tau) for z, t in zip(peers, targets, strict=True)
-        )
-        return peer_terms + losses.kl_distill(leader, losses.branch_ensemble(peers), tau)
-    if settings.branch_target == "others":
-        targets = losses.mean_of_others(branch_logits)
-    else:
-        targets = [ensemble] * len(branch_logits)
-    pairs = zip(branch_logits, targets, strict=True)
-    return sum(losses.kl_distill(z, t, tau) for z, t in pairs)

@@ -20,6 +20,8 @@ from ffcl_jax import storage
 from ffcl_jax.errors import UserError
 
 MODEL_ORDER = ("student", "teacher", "fused", "ensemble")
+# PCL's online branch 0, where its deployed `student` is the temporal mean's (objectives.py).
+ONLINE_STUDENT = "online_student"
 
 
 def branch_names(num_branches: int) -> list[str]:
@@ -28,9 +30,11 @@ def branch_names(num_branches: int) -> list[str]:
 
 
 def models_in(row: dict) -> list[str]:
-    """The models `row` holds an accuracy of: MODEL_ORDER's, then the other branches."""
+    """The models `row` holds an accuracy of: MODEL_ORDER's, the other branches, then PCL's
+    online student."""
     branches = sorted((k for k in row if k.startswith("branch_")), key=lambda k: int(k[7:]))
-    return [m for m in MODEL_ORDER if m in row] + branches
+    online = [ONLINE_STUDENT] if ONLINE_STUDENT in row else []
+    return [m for m in MODEL_ORDER if m in row] + branches + online
 
 
 def summarize(history: list[dict]) -> dict[str, dict]:
@@ -54,22 +58,25 @@ def format_table(
 ) -> str:
     """Last and best epoch top-1 on `split`, and `final_test`'s top-1 (the test split evaluated
     after training) when given."""
-    header = f"| model    | last epoch {split} top-1 | best epoch {split} top-1 (epoch) |"
-    rule = f"|----------|{'-' * (len(split) + 18)}|{'-' * (len(split) + 26)}|"
+    models = [*MODEL_ORDER, *(m for m in models_in(summary) if m not in MODEL_ORDER)]
+    name_width = max(len(m) for m in models)
+    header = (
+        f"| {'model':<{name_width}} | last epoch {split} top-1 | best epoch {split} top-1 (epoch) |"
+    )
+    rule = f"|{'-' * (name_width + 2)}|{'-' * (len(split) + 18)}|{'-' * (len(split) + 26)}|"
     if final_test is not None:
         header += " final test top-1 |"
         rule += "------------------|"
     lines = [header, rule]
     last_width, best_width = len(split) + 16, len(split) + 24
-    for model in [*MODEL_ORDER, *(m for m in models_in(summary) if m not in MODEL_ORDER)]:
+    for model in models:
+        name = f"{model:<{name_width}}"
         if model not in summary:
-            line = f"| {model:<8} | {'n/a':>{last_width}} | {'n/a':>{best_width}} |"
+            line = f"| {name} | {'n/a':>{last_width}} | {'n/a':>{best_width}} |"
         else:
             s = summary[model]
             best = f"{100 * s['best']:.2f}% ({s['best_epoch']})"
-            line = (
-                f"| {model:<8} | {100 * s['last']:>{last_width - 1}.2f}% | {best:>{best_width}} |"
-            )
+            line = f"| {name} | {100 * s['last']:>{last_width - 1}.2f}% | {best:>{best_width}} |"
         if final_test is not None:
             value = final_test.get(model)
             line += f" {'n/a' if value is None else f'{100 * value:.2f}%':>16} |"
@@ -82,9 +89,22 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: str, png_path: str, title: str = "") -> None:
+def loss_curves(train_rows: list[dict], loss_terms=()) -> dict[str, tuple[list, list]]:
+    """`{label: (steps, values)}` of the loss panel: the total loss and every term in
+    `loss_terms` (a preset's `active_terms`) that the logged rows hold, unweighted."""
+    steps = [r["step"] for r in train_rows]
+    curves = {"total loss": (steps, [r["loss"] for r in train_rows])}
+    for term in loss_terms:
+        if train_rows and term in train_rows[0]:
+            curves[term] = (steps, [r[term] for r in train_rows])
+    return curves
+
+
+def plot_curves(metrics_path: str, png_path: str, title: str = "", loss_terms=()) -> None:
     """Top-1 per model against epoch (on the split the epochs were evaluated on; the final test
-    evaluation of a run with a validation split as stars), and the training loss against step."""
+    evaluation of a run with a validation split as stars), and the training loss and each of
+    `loss_terms` against step, on a log scale: the terms differ by orders of magnitude (a
+    KL term under its ramp-up, a regularizer near its floor), and each stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,17 +141,15 @@ def plot_curves(metrics_path: str, png_path: str, title: str = "") -> None:
     ax_acc.set_ylabel(f"{split} top-1 (%)" + (" (stars: final test)" if final_tests else ""))
     ax_acc.grid(alpha=0.3)
     ax_acc.legend()
+    for label, (steps, values) in loss_curves(trains, loss_terms).items():
+        width = 2.0 if label == "total loss" else 1.0
+        ax_loss.plot(steps, values, label=label, linewidth=width, alpha=0.85)
     if trains:
-        ax_loss.plot([r["step"] for r in trains], [r["loss"] for r in trains], label="total loss")
-        for term in ("ce_teacher", "ce_student", "ce_fused", "ce_branches", "ce_ensemble"):
-            if term in trains[0]:
-                ax_loss.plot(
-                    [r["step"] for r in trains], [r[term] for r in trains], label=term, alpha=0.7
-                )
+        ax_loss.set_yscale("log")
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("training loss")
+    ax_loss.set_ylabel("training loss and its terms (unweighted, log scale)")
     ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
+    ax_loss.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     with storage.path(png_path).open("wb") as f:  # local or gs://
@@ -396,6 +414,7 @@ def write_outputs(workdir, config, results: dict, log: RunLog) -> None:
         workdir / "metrics.jsonl",
         workdir / "curves.png",
         title=f"{config.method}: {config.teacher} + {config.student} on {config.dataset}",
+        loss_terms=results["loss_terms"],
     )
     log.print(format_table(results["summary"], results["eval_split"], results["final_test"]))
     speed = results["train_img_per_sec"]

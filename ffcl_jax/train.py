@@ -1,10 +1,10 @@
-"""Training and evaluation of the teacher/student/fusion cohort: the step and the loop.
+"""Training and evaluation of the cohort: what a run builds, and the loop.
 
 The cohort is split once (`nnx.split`) into a static graph definition and two pytrees,
 parameters and BatchNorm statistics; from then on everything is plain `jax.jit` over pytrees.
-One jitted, donated step runs the forward pass of both networks and the fusion module, every loss
-term, the gradients, the SGD update and the BatchNorm statistics update, and returns a small
-metrics dict. The host only synchronises at log steps and after evaluation.
+One jitted, donated step (`steps`) runs the forward pass of the whole cohort, every loss term,
+the gradients, the SGD update and the BatchNorm statistics update, and returns a small metrics
+dict. The host only synchronises at log steps and after evaluation.
 
 The rest of a run lives beside this module: the config and its checks (`config_base`), data
 parallelism (`parallel`), reporting (`report`), the workdir, resume and preemption (`workdir`),
@@ -24,35 +24,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx, struct
-from jax.sharding import PartitionSpec as P
+from flax import nnx
 
-from ffcl_jax import checkpoint, export, input_pipeline, losses, models, report, storage, xla_cpu
+from ffcl_jax import checkpoint, export, input_pipeline, models, report, storage, xla_cpu
 from ffcl_jax import workdir as workdir_lib
 from ffcl_jax.config_base import COMPUTE_DTYPES, check_config, eval_batch_size
 from ffcl_jax.errors import UserError
-from ffcl_jax.methods import (
-    LossSettings,
-    check_feature_stages,
-    cohort_objective,
-    evaluated_logits,
-    fused_feature_stages,
-)
-from ffcl_jax.models.layers import closed_form_batch_norm_backward, onednn_kernels
+from ffcl_jax.methods import LossSettings, check_feature_stages, fused_feature_stages
 from ffcl_jax.parallel import DataParallel
-
-
-class TrainState(struct.PyTreeNode):
-    step: jax.Array
-    params: nnx.State
-    batch_stats: nnx.State
-    opt_state: optax.OptState
+from ffcl_jax.steps import TrainState, create_train_state, make_eval_step, make_train_step
 
 
 def is_network_role(role: str) -> bool:
-    """Teacher, student and a branch method's peers, gate and attention take `weight_decay`;
-    every other role is fusion-side."""
-    return role in ("teacher", "student", "peers", "gate", "attention")
+    """Teacher, student and a branch method's peers, gate, attention and peer-ensemble
+    classifier take `weight_decay`; every other role is fusion-side."""
+    return role in models.NETWORK_ROLES
 
 
 def make_optimizer(
@@ -113,6 +99,7 @@ def create_cohort(config, settings: LossSettings, info: input_pipeline.DatasetIn
             gate=settings.gate,
             backprop_rescale=settings.backprop_rescale,
             peer_attention=settings.branch_target == "attention",
+            peer_ensemble=settings.peer_ensemble,
             dtype=dtype,
             seed=config.seed,
         )
@@ -135,17 +122,6 @@ def create_cohort(config, settings: LossSettings, info: input_pipeline.DatasetIn
         variables = nnx.state(cohort, (nnx.Param, nnx.BatchStat))
         nnx.update(cohort, jax.tree.map(lambda v: v.astype(jnp.float64), variables))
     return cohort
-
-
-def create_train_state(cohort: nnx.Module, tx) -> tuple[nnx.GraphDef, TrainState]:
-    graphdef, params, batch_stats = nnx.split(cohort, nnx.Param, nnx.BatchStat)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-    )
-    return graphdef, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +150,9 @@ def build(
     """
     info = input_pipeline.dataset_info(config.dataset)
     tx, schedule = make_optimizer(config, steps_per_epoch, settings.train_teacher)
-    graphdef, state = create_train_state(create_cohort(config, settings, info), tx)
+    graphdef, state = create_train_state(
+        create_cohort(config, settings, info), tx, temporal_mean=settings.temporal_mean_decay > 0
+    )
     num_devices = data_parallel.size if data_parallel is not None else 1
     platform = data_parallel.platform if data_parallel is not None else jax.default_backend()
     onednn = xla_cpu.use_onednn_kernels(config, num_devices, platform)
@@ -216,105 +194,27 @@ def jit_steps(setup: Setup, config) -> tuple[Callable, Callable]:
     )
 
 
-# --------------------------------------------------------------------------- steps
-
-
-def make_train_step(
-    graphdef: nnx.GraphDef,
-    tx,
-    schedule,
-    settings: LossSettings,
-    info: input_pipeline.DatasetInfo,
-    steps_per_epoch: int,
-    per_device_mesh: jax.sharding.Mesh | None = None,
-    *,
-    closed_form_bn: bool = False,
-    onednn: bool = False,
-):
-    """The whole cohort update as one pure function `(state, batch) -> (state, metrics)`.
-
-    With `per_device_mesh`, the forward pass runs under `shard_map` over its `data` axis, so each
-    device normalises its own rows (per-device BatchNorm); losses, metrics and the updated running
-    statistics are averaged over devices, and the gradient of the replicated parameters is summed
-    by `shard_map`'s transpose, which makes it the gradient of the global mean loss.
-    `closed_form_bn`: BatchNorm layers differentiate with `layers.batch_norm_train`.
-    `onednn`: float32 convolutions run as `ffcl_jax.cpu_kernels` (BatchNorm stays XLA's).
-    """
-
-    def forward(params, batch_stats, batch, epoch):
-        images = input_pipeline.normalize(batch["image"], info)
-        labels = batch["label"]
-        # copy=True: fresh Variables owned by this (grad) trace, so BatchNorm may update them.
-        cohort = nnx.merge(graphdef, params, batch_stats, copy=True)
-        with closed_form_batch_norm_backward(closed_form_bn), onednn_kernels(onednn):
-            outputs = cohort(images, train=True, train_teacher=settings.train_teacher)
-        total, terms = cohort_objective(outputs, labels, settings, epoch, info.num_classes)
-        for name in ("teacher", "student", "fused"):
-            if f"{name}_logits" in outputs:
-                terms[f"train_acc_{name}"] = losses.top1_correct(
-                    outputs[f"{name}_logits"], labels
-                ).mean()
-        return total, (terms, nnx.state(cohort, nnx.BatchStat))
-
-    if per_device_mesh is not None:
-        local_forward = forward
-
-        def forward(params, batch_stats, batch, epoch):
-            def on_device(params, batch_stats, batch, epoch):
-                total, aux = local_forward(params, batch_stats, batch, epoch)
-                return jax.lax.pmean((total, aux), "data")
-
-            return jax.shard_map(
-                on_device,
-                mesh=per_device_mesh,
-                in_specs=(P(), P(), P("data"), P()),
-                out_specs=P(),
-            )(params, batch_stats, batch, epoch)
-
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        # Epoch-wise quantities (ramp-up weight) derive from the step inside the graph, so the
-        # step never retraces and needs no host input.
-        epoch = state.step // steps_per_epoch
-        (total, (terms, new_batch_stats)), grads = jax.value_and_grad(forward, has_aux=True)(
-            state.params, state.batch_stats, batch, epoch
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": total, **terms, "learning_rate": schedule(state.step)}
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=new_batch_stats, opt_state=opt_state
-        )
-        return new_state, metrics
-
-    return train_step
-
-
-def make_eval_step(
-    graphdef: nnx.GraphDef, info: input_pipeline.DatasetInfo, *, onednn: bool = False
-):
-    """`(params, batch_stats, batch) -> correct counts` of every model `evaluated_logits` names."""
-
-    def eval_step(params, batch_stats, batch):
-        cohort = nnx.merge(graphdef, params, batch_stats)
-        with onednn_kernels(onednn):
-            outputs = cohort(input_pipeline.normalize(batch["image"], info), train=False)
-        labels, mask = batch["label"], batch["mask"]
-        logits = evaluated_logits(outputs)
-        counts = {k: jnp.sum(losses.top1_correct(z, labels) * mask) for k, z in logits.items()}
-        counts["count"] = jnp.sum(mask)
-        return counts
-
-    return eval_step
-
-
-def make_train_data(config, images, labels, data_parallel: DataParallel):
-    """The training batches: tf.data on the host, or (`config.data_on_device`) made by jit."""
+def make_train_data(config, images, labels, data_parallel: DataParallel, num_views: int = 1):
+    """The training batches: tf.data on the host, or (`config.data_on_device`) made by jit;
+    `num_views` augmentations of every image (`LossSettings.num_views`)."""
     if config.data_on_device:
         return input_pipeline.DeviceTrainData(
-            config, images, labels, config.batch_size, data_parallel.data, data_parallel.replicated
+            config,
+            images,
+            labels,
+            config.batch_size,
+            data_parallel.data,
+            data_parallel.replicated,
+            num_views=num_views,
         )
     return input_pipeline.TrainData(
-        config, images, labels, config.batch_size, jax.process_index(), jax.process_count()
+        config,
+        images,
+        labels,
+        config.batch_size,
+        jax.process_index(),
+        jax.process_count(),
+        num_views=num_views,
     )
 
 
@@ -328,7 +228,9 @@ def evaluate(
     num_batches = -(-max(len(s) for s in shards) // local_batch)
     totals = None
     for batch in input_pipeline.eval_batches(images[mine], labels[mine], local_batch, num_batches):
-        counts = eval_step(state.params, state.batch_stats, data_parallel.global_batch(batch))
+        counts = eval_step(
+            state.params, state.batch_stats, data_parallel.global_batch(batch), state.mean_model
+        )
         totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
     totals = jax.device_get(totals)
     count = float(totals.pop("count"))
@@ -398,7 +300,9 @@ def train_and_evaluate(
     is_chief = jax.process_index() == 0
     (train_images, train_labels), splits = input_pipeline.load_splits(config)
     eval_split = "validation" if "validation" in splits else "test"
-    train_data = make_train_data(config, train_images, train_labels, data_parallel)
+    train_data = make_train_data(
+        config, train_images, train_labels, data_parallel, settings.num_views
+    )
     spe, total_steps = train_data.steps_per_epoch, config.num_epochs * train_data.steps_per_epoch
     setup, state = build(config, settings, spe, data_parallel)
     checkpoints, resume_step, moved = workdir_lib.start_or_resume(workdir, config, fresh, is_chief)

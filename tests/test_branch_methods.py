@@ -1,5 +1,6 @@
-"""The branch methods (ONE, CL-ILR, OKDDip): their loss terms against NumPy, which tensors the KL
-terms leave untrained, presets, and a whole run whose exported student is the plain network."""
+"""The branch methods (ONE, CL-ILR, OKDDip; PCL's own terms are in test_kdcl_pcl.py): their loss
+terms against NumPy, which tensors the KL terms leave untrained, presets, and a whole run whose
+exported student is the plain network."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import export, input_pipeline, losses, methods, train
+from ffcl_jax import export, input_pipeline, losses, methods, objectives, train
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
 
@@ -54,7 +55,7 @@ def _objective(method, epoch, **overrides):
         outputs["gate_weights"] = jnp.asarray(GATE, jnp.float32)
     if settings.branch_target == "attention":
         outputs["peer_attention"] = jnp.asarray(ATTENTION, jnp.float32)
-    total, terms = methods.cohort_objective(
+    total, terms = objectives.cohort_objective(
         outputs, jnp.asarray(LABELS), settings, jnp.asarray(epoch), 4
     )
     return settings, float(total), terms
@@ -152,12 +153,15 @@ def test_branch_settings_are_checked():
         methods.resolve_loss_settings("cl_ilr", {"branch_target": "self"})
 
 
-@pytest.mark.parametrize("method", ["one", "cl_ilr", "okddip"])
+@pytest.mark.parametrize("method", ["one", "cl_ilr", "okddip", "pcl"])
 def test_a_branch_run_exports_its_student_as_the_plain_network(method, fmnist_dir, tmp_path):
+    """The student a run reports (for PCL, the temporal mean's branch 0) is what `export`
+    writes: a plain zoo network that predicts exactly the reported accuracy."""
     config = tiny_config(fmnist_dir, method=method, train_examples=128)
     results = train.train_and_evaluate(config, str(tmp_path / "run"))
     last = results["history"][-1]
     assert {"student", "ensemble", "branch_1", "branch_2"} <= set(last)
+    assert ("online_student" in last) == (method == "pcl")
     assert "teacher" not in last and "fused" not in last
     assert results["loss_terms"] == list(methods.resolve_loss_settings(method).active_terms())
     # The deployable student: branch 0 with the shared trunk, a plain resnet8 (load_exported

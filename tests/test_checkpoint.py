@@ -147,6 +147,29 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, fmnist_dir, t
     assert evals == [r for r in metric_rows(straight_run) if r["kind"] == "eval"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kdcl", "pcl"])
+def test_a_preempted_kdcl_or_pcl_run_resumes_bit_for_bit(method, fmnist_dir, tmp_path):
+    """Their per-member views (drawn from the example's position) and PCL's temporal mean (its
+    weights and BatchNorm statistics are in the checkpoint) continue exactly after a SIGTERM in
+    the middle of epoch 3."""
+    args = [*CLI_ARGS, f"--config.idx_dir={fmnist_dir}", f"--config.method={method}"]
+    straight = tmp_path / "straight"
+    proc = run(*args, f"--workdir={straight}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    preempted = tmp_path / "preempted"
+    proc = run(*args, f"--workdir={preempted}", entry=("-c", PREEMPT_IN_EPOCH_3))
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    proc = run(*args, f"--workdir={preempted}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from checkpoint step 10 (epoch 2, batch 2)" in proc.stdout
+    resumed, reference = final_state(preempted)[1], final_state(straight)[1]
+    assert any(k.startswith("mean_params") for k in reference) == (method == "pcl")
+    assert_same_state(resumed, reference)
+    evals = [r for r in metric_rows(preempted) if r["kind"] == "eval"]
+    assert evals == [r for r in metric_rows(straight) if r["kind"] == "eval"]
+
+
 def _tiny_run(fmnist_dir, workdir, **overrides):
     config = tiny_config(fmnist_dir, **{"train_examples": 128, **overrides})
     return config, train.train_and_evaluate(config, str(workdir))

@@ -10,13 +10,8 @@ import pytest
 
 from ffcl_jax import losses
 from ffcl_jax.errors import UserError
-from ffcl_jax.methods import (
-    PRESETS,
-    cohort_objective,
-    fused_feature_stages,
-    resolve_loss_settings,
-    taught_stages,
-)
+from ffcl_jax.methods import PRESETS, fused_feature_stages, resolve_loss_settings, taught_stages
+from ffcl_jax.objectives import cohort_objective
 
 K = 5
 

@@ -19,14 +19,14 @@ pytestmark = pytest.mark.slow
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
 
 
-def _python(*args, timeout=600) -> subprocess.Popen:
+def _python(*args, timeout=600, env=None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env={**ENV, **(env or {})},
     )
 
 
@@ -56,6 +56,15 @@ def test_eight_devices_train_like_one(device_results):
         assert runs[n]["max_diff"] <= 2 * device_results["control_max_diff"] + 1e-6
     # After one step rounding has not been amplified yet.
     assert device_results["one_step_max_diff_8"] <= 2e-5
+
+
+def test_kdcl_and_pcl_on_eight_devices_train_like_one(device_results):
+    """Their batches of views are split over the devices like any batch, and PCL's temporal
+    mean is updated alike: the same tolerance as the main pair above."""
+    for method, result in device_results["methods"].items():
+        np.testing.assert_allclose(result["losses_8"], result["losses_1"], rtol=1e-4)
+        assert result["max_diff"] <= 5e-3, method
+        assert result["temporal_mean"] == (method == "pcl")
 
 
 def test_evaluation_over_eight_devices_counts_every_example_once(device_results):
@@ -94,11 +103,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(fmnist_dir, tmp_path):
+@pytest.mark.parametrize("method", ["ffcl", "kdcl", "pcl"])
+def test_two_processes_train_like_one(method, fmnist_dir, tmp_path):
     """Two processes with two CPU devices each, joined by jax.distributed on localhost, run 3
     steps: both end with bit-identical parameters, equal to a one-process, 4-device run within
-    5e-5 (observed: about 6e-6), and only process 0 writes the shared files."""
-    port, steps = _free_port(), "3"
+    5e-5 (observed: about 6e-6), and only process 0 writes the shared files. KDCL's and PCL's
+    views, and PCL's temporal mean, are split and kept alike."""
+    port, steps, env = _free_port(), "3", {"FFCL_TEST_METHOD": method}
     workdir = tmp_path / "run"
     procs = [
         _python(
@@ -111,6 +122,7 @@ def test_two_processes_train_like_one(fmnist_dir, tmp_path):
             str(workdir),
             str(tmp_path / f"p{i}.npz"),
             steps,
+            env=env,
         )
         for i in range(2)
     ]
@@ -124,11 +136,13 @@ def test_two_processes_train_like_one(fmnist_dir, tmp_path):
         str(tmp_path / "single"),
         str(tmp_path / "s.npz"),
         steps,
+        env=env,
     )
     outputs = [_finish(p) for p in procs]
     _finish(single)
     p0, p1, s = (np.load(tmp_path / name) for name in ("p0.npz", "p1.npz", "s.npz"))
     assert len(p0.files) > 50 and p0.files == p1.files == s.files
+    assert any(k.startswith("mean_params/") for k in p0.files) == (method == "pcl")
     for key in p0.files:
         np.testing.assert_array_equal(p0[key], p1[key], err_msg=key)
         np.testing.assert_allclose(p0[key], s[key], atol=5e-5, rtol=0, err_msg=key)

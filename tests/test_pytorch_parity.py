@@ -23,10 +23,12 @@ import torch
 from flax import nnx
 
 from ffcl_jax import convert, export, input_pipeline, models, train
-from ffcl_jax.methods import cohort_objective, fused_feature_stages, resolve_loss_settings
+from ffcl_jax.methods import fused_feature_stages, resolve_loss_settings
+from ffcl_jax.objectives import cohort_objective
 from ffcl_jax.torch_reference import losses as torch_losses
 from ffcl_jax.torch_reference import models as torch_models
 from ffcl_jax.torch_reference import optim as torch_optim
+from ffcl_jax.torch_reference.train import TemporalMean
 from tests.conftest import tiny_config
 
 torch.set_num_threads(1)  # two pytest workers share two cores
@@ -49,7 +51,9 @@ def _calibrated_batch_stats(graphdef, params, batch_stats, images):
 
 
 def _to_nchw(x) -> torch.Tensor:
-    nchw = np.array(np.transpose(np.asarray(x), (0, 3, 1, 2)))  # a writable copy
+    """NHWC (or batch x views x H x W x C) -> NCHW (batch x views x C x H x W), float64."""
+    x = np.asarray(x)
+    nchw = np.array(np.moveaxis(x, -1, x.ndim - 3))  # a writable copy
     return torch.from_numpy(nchw).double()
 
 
@@ -273,8 +277,14 @@ def test_optimizers_fed_the_same_gradients_agree(fmnist_dir):
 
 @pytest.mark.parametrize(
     "feature",
-    [{}, {"loss.feat_form": "fused_map"}, {"loss.feat_form": "stage_fusion"}],
-    ids=["attention", "fused-map", "stage-fusion"],
+    [
+        {},
+        {"loss.feat_form": "fused_map"},
+        {"loss.feat_form": "stage_fusion"},
+        {"method": "kdcl"},
+        {"method": "kdcl", "loss.collaborative_target": "min_logit"},
+    ],
+    ids=["attention", "fused-map", "stage-fusion", "kdcl", "kdcl-min-logit"],
 )
 def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, feature):
     """The whole train step, JAX with `compute_dtype="float64"` against the reference in
@@ -304,13 +314,17 @@ def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, feature)
         _assert_three_steps_agree(config, settings, setup, state, (cohort, optimizer, schedule))
 
 
-def _assert_three_steps_agree(config, settings, setup, state, reference, seed=0):
+def _assert_three_steps_agree(
+    config, settings, setup, state, reference, seed=0, temporal_mean=None
+):
     """Three float64 train steps of JAX and of the PyTorch `reference` (cohort, optimizer,
-    schedule; two steps an epoch) on the same random batches: the same loss to 1e-12, the same
-    loss terms, and every parameter and running mean to 1e-12 after each step."""
+    schedule; two steps an epoch) on the same random batches (of views, where the method takes
+    them): the same loss to 1e-12, the same loss terms, and every parameter and running mean to
+    1e-12 after each step, PCL's `temporal_mean` (a `TemporalMean` of the reference) included."""
     cohort, optimizer, schedule = reference
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (96, 28, 28, 1)).astype(np.uint8)
+    views = () if settings.num_views == 1 else (settings.num_views,)
+    images = rng.integers(0, 256, (96, *views, 28, 28, 1)).astype(np.uint8)
     labels = rng.integers(0, 10, 96).astype(np.int32)
     info = input_pipeline.dataset_info(config.dataset)
     step = jax.jit(setup.train_step)
@@ -320,8 +334,11 @@ def _assert_three_steps_agree(config, settings, setup, state, reference, seed=0)
         normalized = _to_nchw(np.asarray(input_pipeline.normalize(batch["image"], info)))
         cohort.train()
         optimizer.zero_grad()
+        outputs = cohort(normalized)
+        if temporal_mean is not None:
+            outputs["mean_branch_logits"] = temporal_mean.branch_logits(normalized)
         total, terms = torch_losses.cohort_objective(
-            cohort(normalized),
+            outputs,
             torch.from_numpy(batch["label"]).long(),
             dataclasses.asdict(settings),
             i // 2,
@@ -335,13 +352,24 @@ def _assert_three_steps_agree(config, settings, setup, state, reference, seed=0)
         _assert_same_parameters(
             state.params, state.batch_stats, cohort, 1e-12, f"after step {i + 1}"
         )
+        if temporal_mean is not None:
+            temporal_mean.update(cohort)
+            _assert_same_parameters(
+                state.mean_params,
+                state.mean_batch_stats,
+                temporal_mean.model,
+                1e-12,
+                f"temporal mean after step {i + 1}",
+            )
 
 
-@pytest.mark.parametrize("method", ["one", "cl_ilr", "okddip"])
+@pytest.mark.parametrize("method", ["one", "cl_ilr", "okddip", "pcl"])
 def test_branch_methods_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, method):
     """As the test above, for the branch methods: the shared trunk, every branch, ONE's gate
     (with its BatchNorm) or CL-ILR's rescaled trunk gradient, each loss term with the ramp-up,
-    and the per-role weight decay of the branches and the gate."""
+    and the per-role weight decay of the branches and the gate; for PCL, the trunk run on each
+    branch's view, the peer-ensemble classifier and the temporal mean (its EMA of the weights
+    and its own BatchNorm statistics)."""
     with jax.enable_x64(True):
         config = _optimizer_config(fmnist_dir, compute_dtype="float64", method=method)
         settings = train.check_config(config, 1)
@@ -356,6 +384,7 @@ def test_branch_methods_three_train_steps_in_float64_match_pytorch_exactly(fmnis
             settings.gate,
             settings.backprop_rescale,
             peer_attention=settings.branch_target == "attention",
+            peer_ensemble=settings.peer_ensemble,
         )
         for role in state.params:
             getattr(cohort, role).load_state_dict(
@@ -366,8 +395,17 @@ def test_branch_methods_three_train_steps_in_float64_match_pytorch_exactly(fmnis
             )
         cohort = cohort.double()
         optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch)
+        temporal_mean = None
+        if settings.temporal_mean_decay:
+            temporal_mean = TemporalMean(cohort, settings.temporal_mean_decay)
         _assert_three_steps_agree(
-            config, settings, setup, state, (cohort, optimizer, schedule), seed=1
+            config,
+            settings,
+            setup,
+            state,
+            (cohort, optimizer, schedule),
+            seed=1,
+            temporal_mean=temporal_mean,
         )
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from ffcl_jax import cpu_kernels, input_pipeline, parallel, report, train, xla_cpu
 from ffcl_jax.errors import UserError
+from ffcl_jax.methods import resolve_loss_settings
 from tests.conftest import REPO, tiny_config
 
 
@@ -300,6 +301,22 @@ def test_non_finite_loss_names_the_first_bad_step_and_its_terms(tmp_path):
     assert "step 17" in message and "ce_student=2" in message and str(tmp_path) in message
     assert "last good checkpoint (step 8) is kept" in message
     assert report.summarize_interval([good, good], 16, str(tmp_path), None)["loss"] == 1.0
+
+
+def test_the_loss_panel_shows_every_weighted_term_and_nothing_else():
+    """Every active term of the preset gets its curve (the panel is log-scaled, so a term 1e4
+    times smaller than the regularizer still shows); the ramp-up weight and the learning rate,
+    which are logged beside the terms, are not losses."""
+    terms = resolve_loss_settings("ffcl").active_terms()
+    rows = [
+        {"step": s, "loss": 9.0, "rampup_weight": 0.5, "learning_rate": 0.1, "train_acc_student": 1}
+        | {t: 10.0**-i for i, t in enumerate(terms)}
+        for s in (10, 20)
+    ]
+    curves = report.loss_curves(rows, terms)
+    assert list(curves) == ["total loss", *terms]
+    assert curves["reg"] == ([10, 20], [10.0 ** -terms.index("reg")] * 2)
+    assert list(report.loss_curves(rows)) == ["total loss"]
 
 
 @pytest.mark.parametrize(

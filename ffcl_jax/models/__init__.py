@@ -15,10 +15,14 @@ from flax import nnx
 from ffcl_jax.errors import UserError
 from ffcl_jax.models.branches import BranchCohort
 from ffcl_jax.models.fusion import FusedFeatureKnowledge, FusionModule
+from ffcl_jax.models.layers import member_views
 from ffcl_jax.models.resnet import CifarResNet
 from ffcl_jax.models.wrn import WideResNet
 
 NUM_STAGES = 3  # every zoo model: three stages, each returned as a feature map
+# The cohort's roles that are networks (or a branch method's parts of one) and take
+# `config.weight_decay`; every other role (fusion side) takes `config.fusion_weight_decay`.
+NETWORK_ROLES = ("teacher", "student", "peers", "gate", "attention", "peer_ensemble")
 _X4 = dict(stem_channels=32, widths=(64, 128, 256))
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
@@ -78,9 +82,13 @@ class Cohort(nnx.Module):
 
     def __call__(self, images: jax.Array, *, train: bool, train_teacher: bool = True) -> dict:
         """`train_teacher=False` runs the teacher in inference mode (running BatchNorm
-        statistics, none updated) while the rest trains: a frozen teacher, as in KD."""
-        teacher_logits, teacher_features = self.teacher(images, train=train and train_teacher)
-        student_logits, student_features = self.student(images, train=train)
+        statistics, none updated) while the rest trains: a frozen teacher, as in KD. A batch of
+        two views (`member_views`) gives the teacher view 0 and the student view 1 (KDCL)."""
+        teacher_images, student_images = member_views(images, 2)
+        teacher_logits, teacher_features = self.teacher(
+            teacher_images, train=train and train_teacher
+        )
+        student_logits, student_features = self.student(student_images, train=train)
         out = dict(
             teacher_logits=teacher_logits,
             student_logits=student_logits,
@@ -157,6 +165,7 @@ def create_branch_cohort(
     gate: str,
     backprop_rescale: bool,
     peer_attention: bool = False,
+    peer_ensemble: bool = False,
     dtype=None,
     seed: int = 0,
 ) -> BranchCohort:
@@ -173,6 +182,7 @@ def create_branch_cohort(
         gate,
         backprop_rescale=backprop_rescale,
         peer_attention=peer_attention,
+        peer_ensemble=peer_ensemble,
         dtype=dtype,
         rngs=nnx.Rngs(seed),
     )

@@ -5,7 +5,9 @@ head (classifier) are copied into `num_branches` branches. Branch 0 together wit
 trunk is exactly the plain zoo network, kept whole as the cohort's `student`, so the deployable
 student of a branch method is a zoo network with the single network's parameter count, and
 `export` writes it as any other student. The other branches hold only their upper stages and
-head (`peers`). ONE's gate weighs the branches from the shared trunk's output.
+head (`peers`). ONE's gate weighs the branches from the shared trunk's output; PCL's
+peer-ensemble classifier reads the branches' pooled last maps. Given a batch of views (PCL), the
+trunk runs once per view and branch i continues from view i.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ffcl_jax.models.layers import (
     dense,
     dense_kernel_init,
     global_avg_pool,
+    member_views,
 )
 
 GATES = ("none", "one")
@@ -99,7 +102,8 @@ def drop_trunk(network: nnx.Module, first_branch_stage: int) -> nnx.Module:
 class BranchCohort(nnx.Module):
     """`student` (branch 0 with the shared trunk: a whole zoo network), `peers` (branches 1..m-1)
     and, for ONE, the `gate`; for OKDDip, the `attention` over the peers (branch 0 is then the
-    group leader)."""
+    group leader); for PCL, the `peer_ensemble` classifier (a linear layer over the branches'
+    concatenated pooled maps)."""
 
     def __init__(
         self,
@@ -110,6 +114,7 @@ class BranchCohort(nnx.Module):
         *,
         backprop_rescale: bool,
         peer_attention: bool = False,
+        peer_ensemble: bool = False,
         dtype=None,
         rngs: nnx.Rngs,
     ):
@@ -139,22 +144,27 @@ class BranchCohort(nnx.Module):
                 raise ValueError("OKDDip's attention needs at least two peers besides branch 0")
             attention = PeerAttention(self.student.stage_channels[-1], dtype=dtype, rngs=rngs)
         self.attention = attention
+        ensemble = None
+        if peer_ensemble:
+            channels = self.student.stage_channels[-1]
+            num_classes = self.student.classifier.out_features
+            ensemble = dense(num_branches * channels, num_classes, dtype=dtype, rngs=rngs)
+        self.peer_ensemble = ensemble
         self.num_branches = num_branches
         self.backprop_rescale = backprop_rescale
 
     def __call__(self, images: jax.Array, *, train: bool, train_teacher: bool = True) -> dict:
         del train_teacher  # no teacher: the branches teach each other
-        x = self.student.stem(images, train=train)
-        shared_features = []
-        for index in range(self.first_branch_stage):
-            x = self.student.run_stage(index, x, train=train)
-            shared_features.append(x)
-        branch_input = x
-        if self.backprop_rescale:
-            branch_input = scale_gradient(x, 1.0 / self.num_branches)
+        if images.ndim == 4:  # one batch for every branch: the trunk runs once
+            trunks = [self._trunk(images, train=train)] * self.num_branches
+        else:  # a view per branch (PCL): the trunk runs on each
+            views = member_views(images, self.num_branches)
+            trunks = [self._trunk(view, train=train) for view in views]
         branch_logits, branch_features = [], []
-        for branch in [self.student, *self.peers]:
-            y, features = branch_input, []
+        for branch, (x, shared_features) in zip([self.student, *self.peers], trunks, strict=True):
+            y, features = x, []
+            if self.backprop_rescale:
+                y = scale_gradient(x, 1.0 / self.num_branches)
             for index in range(self.first_branch_stage, len(branch.stages)):
                 y = branch.run_stage(index, y, train=train)
                 features.append(y)
@@ -171,4 +181,16 @@ class BranchCohort(nnx.Module):
             out["gate_weights"] = self.gate(x, train=train)
         if self.attention is not None:
             out["peer_attention"] = self.attention([f[-1] for f in branch_features[1:]])
+        if self.peer_ensemble is not None:
+            pooled = [global_avg_pool(f[-1]) for f in branch_features]
+            out["peer_ensemble_logits"] = self.peer_ensemble(jnp.concatenate(pooled, axis=-1))
         return out
+
+    def _trunk(self, images: jax.Array, *, train: bool):
+        """The shared stem and stages: their last output and their stage maps."""
+        x = self.student.stem(images, train=train)
+        shared_features = []
+        for index in range(self.first_branch_stage):
+            x = self.student.run_stage(index, x, train=train)
+            shared_features.append(x)
+        return x, shared_features

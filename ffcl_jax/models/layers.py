@@ -279,6 +279,17 @@ class ZooNetwork(nnx.Module):
         return logits, features
 
 
+def member_views(images: jax.Array, count: int) -> list[jax.Array]:
+    """The image batch each of `count` cohort members sees: one NHWC batch shared by all, or,
+    for a batch of views (`batch x views x H x W x C`, `input_pipeline`'s `num_views`), view i
+    for member i."""
+    if images.ndim == 4:
+        return [images] * count
+    if images.shape[1] != count:
+        raise ValueError(f"a batch of {images.shape[1]} views for {count} cohort members")
+    return [images[:, i] for i in range(count)]
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """NHWC -> NC, averaged in at least float32 so that bf16 runs do not lose the mean."""
     return jnp.mean(at_least_float32(x), axis=(1, 2)).astype(x.dtype)

@@ -89,10 +89,12 @@ def rampup_weight(epoch: int, rampup_epochs: float) -> float:
 
 
 def cohort_objective(outputs, labels, settings, epoch: int, num_classes: int):
-    """(total, terms): the same decomposition as `ffcl_jax.methods.cohort_objective`."""
+    """(total, terms): the same decomposition as `ffcl_jax.objectives.cohort_objective`."""
     s = settings
     if s["num_branches"]:
         return branch_objective(outputs, labels, s, epoch)
+    if s["collaborative_target"] != "none":
+        return collaborative_objective(outputs, labels, s, epoch)
     z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
     z_f = outputs.get("fused_logits")
     tau = s["tau"]
@@ -161,6 +163,34 @@ def cohort_objective(outputs, labels, settings, epoch: int, num_classes: int):
     return total, terms
 
 
+def min_logit_ensemble(member_logits, labels):
+    """KDCL's MinLogit: each member's logits less its true-class logit, then the minimum."""
+    stacked = torch.stack([_f32(z) for z in member_logits])
+    true_class = stacked.gather(-1, labels[None, :, None].expand(len(member_logits), -1, 1))
+    return (stacked - true_class).min(dim=0).values
+
+
+def collaborative_objective(outputs, labels, s, epoch: int):
+    """`ffcl_jax.objectives.collaborative_objective`: KDCL."""
+    z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
+    if s["collaborative_target"] == "min_logit":
+        target = min_logit_ensemble([z_t, z_s], labels)
+    else:
+        target = (_f32(z_t) + _f32(z_s)) / 2
+    tau, alpha = s["tau"], s["kd_alpha"]
+    terms = {
+        "ce_teacher": F.cross_entropy(_f32(z_t), labels),
+        "ce_student": F.cross_entropy(_f32(z_s), labels),
+        "kl_collaborative": kl_distill(z_t, target, tau) + kl_distill(z_s, target, tau),
+    }
+    ramp = rampup_weight(epoch, s["rampup_epochs"])
+    total = (1 - alpha) * (terms["ce_teacher"] + terms["ce_student"]) + alpha * ramp * terms[
+        "kl_collaborative"
+    ]
+    terms["rampup_weight"] = torch.tensor(ramp)
+    return total, terms
+
+
 def branch_ensemble(branch_logits, gate_weights=None):
     stacked = torch.stack([_f32(z) for z in branch_logits], dim=1)
     if gate_weights is None:
@@ -169,9 +199,11 @@ def branch_ensemble(branch_logits, gate_weights=None):
 
 
 def branch_objective(outputs, labels, s, epoch: int):
-    """`ffcl_jax.methods.branch_objective`: ONE and CL-ILR."""
+    """`ffcl_jax.objectives.branch_objective`: ONE, CL-ILR, OKDDip and PCL."""
     z = outputs["branch_logits"]
-    ensemble = branch_ensemble(z, outputs.get("gate_weights"))
+    ensemble = outputs.get("peer_ensemble_logits")
+    if ensemble is None:
+        ensemble = branch_ensemble(z, outputs.get("gate_weights"))
     terms = {"ce_branches": sum(F.cross_entropy(_f32(zi), labels) for zi in z)}
     total = terms["ce_branches"]
     if s["lam_ensemble_ce"]:
@@ -194,5 +226,12 @@ def branch_objective(outputs, labels, s, epoch: int):
             kl = sum(kl_distill(zi, t, tau) for zi, t in zip(z, targets, strict=True))
         terms["kl_to_branches"] = kl
         total = total + ramp * s["lam_branch_kd"] * terms["kl_to_branches"]
+    if s["lam_temporal_kd"]:  # PCL: each branch from the other branches' temporal means
+        means = outputs["mean_branch_logits"]
+        terms["kl_temporal_mean"] = sum(
+            sum(kl_distill(zi, means[j], s["tau"]) for j in range(len(z)) if j != i) / (len(z) - 1)
+            for i, zi in enumerate(z)
+        )
+        total = total + ramp * s["lam_temporal_kd"] * terms["kl_temporal_mean"]
     terms["rampup_weight"] = torch.tensor(ramp)
     return total, terms

@@ -241,6 +241,13 @@ class FusedFeatureKnowledge(nn.Module):
         return targets, stage_logits
 
 
+def member_views(images, count: int):
+    """`ffcl_jax.models.layers.member_views` for NCHW batches (views: batch x views x C x H x W)."""
+    if images.dim() == 4:
+        return [images] * count
+    return [images[:, i] for i in range(count)]
+
+
 class Cohort(nn.Module):
     """Teacher, student and (optionally) the fusion module and the fused feature knowledge; the
     same outputs as the JAX one."""
@@ -251,8 +258,9 @@ class Cohort(nn.Module):
         self.fused_knowledge = fused_knowledge
 
     def forward(self, images):
-        teacher_logits, teacher_features = self.teacher(images)
-        student_logits, student_features = self.student(images)
+        teacher_images, student_images = member_views(images, 2)
+        teacher_logits, teacher_features = self.teacher(teacher_images)
+        student_logits, student_features = self.student(student_images)
         out = dict(
             teacher_logits=teacher_logits,
             student_logits=student_logits,
@@ -346,6 +354,7 @@ class BranchCohort(nn.Module):
         gate,
         rescale,
         peer_attention=False,
+        peer_ensemble=False,
     ):
         super().__init__()
         self.student = create_model(name, num_classes, in_channels)
@@ -366,18 +375,29 @@ class BranchCohort(nn.Module):
         self.attention = None
         if peer_attention:
             self.attention = PeerAttention(self.student.stage_channels[-1])
+        self.peer_ensemble = None
+        if peer_ensemble:
+            channels = self.student.stage_channels[-1]
+            self.peer_ensemble = nn.Linear(num_branches * channels, num_classes)
         self.num_branches, self.rescale = num_branches, rescale
 
-    def forward(self, images):
+    def _trunk(self, images):
         x = self.student.stem(images)
         shared = []
         for index in range(self.first_branch_stage):
             x = run_stage(self.student, index, x)
             shared.append(x)
-        branch_input = _RescaleGradient.apply(x, 1.0 / self.num_branches) if self.rescale else x
+        return x, shared
+
+    def forward(self, images):
+        if images.dim() == 4:
+            trunks = [self._trunk(images)] * self.num_branches
+        else:
+            trunks = [self._trunk(view) for view in member_views(images, self.num_branches)]
         branch_logits, branch_features = [], []
-        for branch in [self.student, *self.peers]:
-            y, features = branch_input, []
+        for branch, (x, shared) in zip([self.student, *self.peers], trunks, strict=True):
+            y = _RescaleGradient.apply(x, 1.0 / self.num_branches) if self.rescale else x
+            features = []
             for index in range(self.first_branch_stage, len(branch.stages)):
                 y = run_stage(branch, index, y)
                 features.append(y)
@@ -394,4 +414,7 @@ class BranchCohort(nn.Module):
             out["gate_weights"] = self.gate(x)
         if self.attention is not None:
             out["peer_attention"] = self.attention([f[-1] for f in branch_features[1:]])
+        if self.peer_ensemble is not None:
+            pooled = [f[-1].mean(dim=(2, 3)) for f in branch_features]
+            out["peer_ensemble_logits"] = self.peer_ensemble(torch.cat(pooled, dim=1))
         return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ffcl_jax.models import NETWORK_ROLES
+
 
 def make_optimizer(cohort, config, steps_per_epoch: int, train_teacher: bool = True):
     """`torch.optim.SGD` with `weight_decay` on the networks and `fusion_weight_decay` on the
@@ -14,7 +16,7 @@ def make_optimizer(cohort, config, steps_per_epoch: int, train_teacher: bool = T
         if name.startswith("teacher.") and not train_teacher:
             param.requires_grad_(False)
             continue
-        is_network = name.startswith(("teacher.", "student.", "peers.", "gate.", "attention."))
+        is_network = name.split(".")[0] in NETWORK_ROLES
         (networks if is_network else fusion).append(param)
     groups = [{"params": networks, "weight_decay": config.weight_decay}]
     if fusion:

@@ -13,6 +13,7 @@ runs the networks under `torch.autocast` (bfloat16), with float32 weights and lo
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -52,18 +53,49 @@ def augment(images: torch.Tensor, config, generator: torch.Generator) -> torch.T
 
 
 def normalize(images: torch.Tensor, info) -> torch.Tensor:
-    mean = torch.tensor(info.mean, dtype=torch.float32)[None, :, None, None] * 255
-    std = torch.tensor(info.std, dtype=torch.float32)[None, :, None, None] * 255
+    """uint8 NCHW (or batch x views x C x H x W) -> float32 standardised per channel."""
+    shape = (-1, 1, 1)  # channels, then the two spatial axes
+    mean = torch.tensor(info.mean, dtype=torch.float32).view(shape) * 255
+    std = torch.tensor(info.std, dtype=torch.float32).view(shape) * 255
     return (images.float() - mean.to(images.device)) / std.to(images.device)
 
 
-def epoch_batches(images_nchw, labels, config, epoch: int, steps: int):
-    """The augmented uint8 batches of one epoch: a seeded permutation, then pad/crop/flip."""
+class TemporalMean:
+    """PCL's temporal mean of a cohort: an EMA of its parameters, mean <- d mean + (1 - d) p with
+    d = min(1 - 1/(step + 1), decay), after every optimizer step; its BatchNorm statistics are
+    its own, updated by its training-mode passes (`ffcl_jax.steps`)."""
+
+    def __init__(self, cohort: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(cohort)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.decay, self.step = decay, 0
+
+    @torch.no_grad()
+    def branch_logits(self, images):
+        self.model.train()
+        return self.model(images)["branch_logits"]
+
+    @torch.no_grad()
+    def update(self, cohort: torch.nn.Module) -> None:
+        d = min(1.0 - 1.0 / (self.step + 1), self.decay)
+        for mean, p in zip(self.model.parameters(), cohort.parameters(), strict=True):
+            mean.mul_(d).add_(p, alpha=1 - d)
+        self.step += 1
+
+
+def epoch_batches(images_nchw, labels, config, epoch: int, steps: int, num_views: int = 1):
+    """The augmented uint8 batches of one epoch: a seeded permutation, then pad/crop/flip;
+    `num_views > 1` draws that many augmentations of every image (batch x views x C x H x W)."""
     generator = torch.Generator().manual_seed(int(config.seed) * 1_000_003 + epoch)
     order = torch.randperm(len(images_nchw), generator=generator)
     for b in range(steps):
         index = order[b * config.batch_size : (b + 1) * config.batch_size]
-        yield augment(images_nchw[index], config, generator), labels[index]
+        if num_views == 1:
+            yield augment(images_nchw[index], config, generator), labels[index]
+        else:
+            views = [augment(images_nchw[index], config, generator) for _ in range(num_views)]
+            yield torch.stack(views, dim=1), labels[index]
 
 
 def autocast(device: str, compute_dtype: str = "float32"):
@@ -77,12 +109,32 @@ def autocast(device: str, compute_dtype: str = "float32"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def temporal_mean_of(cohort, settings_dict) -> TemporalMean | None:
+    """PCL's temporal mean of `cohort` where the settings keep one."""
+    decay = settings_dict["temporal_mean_decay"]
+    return TemporalMean(cohort, decay) if decay else None
+
+
 def train_step(
-    cohort, optimizer, schedule, x, y, settings_dict, epoch, info, device, compute_dtype="float32"
+    cohort,
+    optimizer,
+    schedule,
+    x,
+    y,
+    settings_dict,
+    epoch,
+    info,
+    device,
+    compute_dtype="float32",
+    temporal_mean: TemporalMean | None = None,
 ):
-    """One SGD step of the whole cohort on a uint8 NCHW batch; returns (total, terms)."""
+    """One SGD step of the whole cohort on a uint8 NCHW batch (and of PCL's temporal mean);
+    returns (total, terms)."""
     with autocast(device, compute_dtype):
-        out = cohort(normalize(x.to(device), info))
+        images = normalize(x.to(device), info)
+        out = cohort(images)
+        if temporal_mean is not None:
+            out["mean_branch_logits"] = temporal_mean.branch_logits(images)
         total, terms = losses.cohort_objective(
             out, y.to(device), settings_dict, epoch, info.num_classes
         )
@@ -90,31 +142,55 @@ def train_step(
     total.backward()
     optimizer.step()
     schedule.step()
+    if temporal_mean is not None:
+        temporal_mean.update(cohort)
     return total, terms
 
 
+def evaluated_logits(out, mean_out=None) -> dict:
+    """`ffcl_jax.objectives.evaluated_logits` for the reference's outputs."""
+    if mean_out is not None:  # PCL: the temporal mean is the student and the branches
+        logits = evaluated_logits(mean_out)
+        logits["ensemble"] = out["peer_ensemble_logits"]
+        logits["online_student"] = out["student_logits"]
+        return logits
+    logits = {"student": out["student_logits"]}
+    if "teacher_logits" in out:
+        logits["teacher"] = out["teacher_logits"]
+        logits["ensemble"] = (out["teacher_logits"] + out["student_logits"]) / 2
+    if "fused_logits" in out:
+        logits["fused"] = out["fused_logits"]
+    if "branch_logits" in out:
+        for index, z in enumerate(out["branch_logits"][1:], start=1):
+            logits[f"branch_{index}"] = z
+        logits["ensemble"] = out.get("peer_ensemble_logits")
+        if logits["ensemble"] is None:
+            logits["ensemble"] = losses.branch_ensemble(
+                out["branch_logits"], out.get("gate_weights")
+            )
+    return logits
+
+
 def evaluate(
-    cohort, images, labels, info, device, batch_size, compute_dtype="float32"
+    cohort,
+    images,
+    labels,
+    info,
+    device,
+    batch_size,
+    compute_dtype="float32",
+    temporal_mean: TemporalMean | None = None,
 ) -> dict[str, float]:
-    cohort.eval()
+    models = [cohort] + ([temporal_mean.model] if temporal_mean is not None else [])
+    for model in models:
+        model.eval()
     correct = {}
     with torch.no_grad(), autocast(device, compute_dtype):
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
             y = torch.from_numpy(np.array(labels[start : start + batch_size])).long().to(device)
-            out = cohort(normalize(x.to(device), info))
-            logits = {"student": out["student_logits"]}
-            if "teacher_logits" in out:
-                logits["teacher"] = out["teacher_logits"]
-                logits["ensemble"] = (out["teacher_logits"] + out["student_logits"]) / 2
-            if "fused_logits" in out:
-                logits["fused"] = out["fused_logits"]
-            if "branch_logits" in out:
-                for index, z in enumerate(out["branch_logits"][1:], start=1):
-                    logits[f"branch_{index}"] = z
-                ensemble = losses.branch_ensemble(out["branch_logits"], out.get("gate_weights"))
-                logits["ensemble"] = ensemble
-            for name, z in logits.items():
+            outputs = [model(normalize(x.to(device), info)) for model in models]
+            for name, z in evaluated_logits(*outputs).items():
                 correct[name] = correct.get(name, 0) + int((z.argmax(-1) == y).sum())
     return {k: v / len(images) for k, v in correct.items()}
 
@@ -136,6 +212,7 @@ def build(config, steps_per_epoch: int, device: str):
             settings.gate,
             settings.backprop_rescale,
             peer_attention=settings.branch_target == "attention",
+            peer_ensemble=settings.peer_ensemble,
         ).to(device)
     else:
         cohort = models.create_cohort(
@@ -152,30 +229,37 @@ def build(config, steps_per_epoch: int, device: str):
 
 
 def as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 NHWC numpy images and int labels as a uint8 NCHW tensor and an int64 tensor."""
-    images_nchw = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
+    """uint8 NHWC numpy images (or batch x views x H x W x C) and int labels as a uint8 NCHW
+    tensor (batch x views x C x H x W) and an int64 tensor."""
+    images_nchw = torch.from_numpy(np.moveaxis(np.asarray(images), -1, images.ndim - 3).copy())
     return images_nchw, torch.from_numpy(np.array(labels)).long()
 
 
-def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
+def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str = "") -> dict:
+    """Trains and evaluates as the JAX trainer does; `command` is recorded in `results.json`
+    as what made the run."""
     (train_images, train_labels), splits = input_pipeline.load_splits(config)
     eval_split = "validation" if "validation" in splits else "test"
     spe = len(train_images) // config.batch_size
     cohort, optimizer, schedule, settings_dict, info = build(config, spe, device)
+    temporal_mean = temporal_mean_of(cohort, settings_dict)
+    num_views = resolve_loss_settings(config.method, dict(config.loss)).num_views
     workdir = storage.path(workdir)  # local or gs://
     storage.prepare_workdir(workdir)
 
     def evaluate_split(name: str) -> dict[str, float]:
         images, labels = splits[name]
         batch = config.eval_batch_size
-        return evaluate(cohort, images, labels, info, device, batch, config.compute_dtype)
+        return evaluate(
+            cohort, images, labels, info, device, batch, config.compute_dtype, temporal_mean
+        )
 
     images_nchw, labels_all = as_tensors(train_images, train_labels)
     history, start, step = [], time.time(), 0
     with (workdir / "metrics.jsonl").open("w") as log:
         for epoch in range(config.num_epochs):
             cohort.train()
-            for x, y in epoch_batches(images_nchw, labels_all, config, epoch, spe):
+            for x, y in epoch_batches(images_nchw, labels_all, config, epoch, spe, num_views):
                 total, terms = train_step(
                     cohort,
                     optimizer,
@@ -187,6 +271,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
                     info,
                     device,
                     config.compute_dtype,
+                    temporal_mean,
                 )
                 step += 1
                 if step % config.log_every_steps == 0:
@@ -218,7 +303,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu") -> dict:
         "history": history,
         "summary": report.summarize(history),
         "final_test": final_test,
-        "command": " ".join(["python -m ffcl_jax.torch_reference.train", *sys.argv[1:]]),
+        "command": command,
     }
     storage.write_text(workdir / "results.json", json.dumps(results, indent=2))
     print(report.format_table(results["summary"], eval_split, final_test))
@@ -237,7 +322,8 @@ def main() -> None:
         if not workdir.value:
             raise app.UsageError("--workdir is required")
         torch.set_num_threads(os.cpu_count() or 1)
-        train_and_evaluate(config.value, workdir.value, device.value)
+        command = " ".join(["python -m ffcl_jax.torch_reference.train", *sys.argv[1:]])
+        train_and_evaluate(config.value, workdir.value, device.value, command)
 
     app.run(run)
 

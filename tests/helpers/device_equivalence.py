@@ -12,7 +12,9 @@
 - `closed_form`: one step with the closed-form BatchNorm backward, global on 8 devices and
   per-device on 2, against the same autodiff references;
 - `onednn`: one step with the oneDNN convolutions forced (`cpu_kernels="onednn"`), global on 8
-  devices, against the same reference on XLA's kernels.
+  devices, against the same reference on XLA's kernels;
+- `methods`: STEPS steps of KDCL and PCL (batches of views; PCL's temporal mean included) on 8
+  devices against 1.
 
 Everything else runs on XLA's kernels (`cpu_kernels="xla"`): this measures partitioning.
 """
@@ -64,8 +66,10 @@ def run(
             state, metrics = step(state, mesh.global_batch(batch))
             losses.append(float(metrics["loss"]))
     flat = {
-        **{f"params/{k}": v for k, v in export.flatten(state.params).items()},
-        **{f"batch_stats/{k}": v for k, v in export.flatten(state.batch_stats).items()},
+        f"{kind}/{k}": v
+        for kind in ("params", "batch_stats", "mean_params", "mean_batch_stats")
+        if getattr(state, kind) is not None
+        for k, v in export.flatten(getattr(state, kind)).items()
     }
     return losses, flat, state, setup, mesh
 
@@ -131,5 +135,22 @@ if cpu_kernels.available():
         "global_8_vs_xla_1": max_diff(
             run(8, "global", first, kernels="onednn")[1], run(1, "global", first)[1]
         ),
+    }
+out["methods"] = {}
+for method in ("kdcl", "pcl"):
+    config.method = method
+    num_views = train.check_config(config, 1).num_views
+    shifted = [  # views that differ: each shifted by its own number of pixels
+        {"image": np.stack([np.roll(b["image"], v, axis=2) for v in range(num_views)], axis=1)}
+        | {"label": b["label"]}
+        for b in batches
+    ]
+    one_losses, one, *_ = run(1, "global", shifted)
+    eight_losses, eight, *_ = run(8, "global", shifted)
+    out["methods"][method] = {
+        "losses_1": one_losses,
+        "losses_8": eight_losses,
+        "max_diff": max_diff(eight, one),
+        "temporal_mean": any(k.startswith("mean_params/") for k in one),
     }
 print("RESULT " + json.dumps(out))

@@ -4,10 +4,10 @@
         [VALIDATION]
 
 Forces DEVICES CPU devices, joins `jax.distributed` on localhost:PORT when NUM_PROCS > 1,
-trains the tiny test config for STEPS steps (one epoch of STEPS batches of 32; with VALIDATION,
-that many held-out images evaluated after it), and writes this
-process's own copy of the parameters and BatchNorm statistics at the final checkpoint to OUT
-(.npz), plus the run's results (OUT.json).
+trains the tiny test config (its method, or `FFCL_TEST_METHOD`'s) for STEPS steps (one epoch
+of STEPS batches of 32; with VALIDATION, that many held-out images evaluated after it), and
+writes this process's own copy of the parameters and BatchNorm statistics at the final
+checkpoint to OUT (.npz; PCL's temporal mean too), plus the run's results (OUT.json).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def save(self, step, state, meta, metrics=None):
     local_copies.update(
         {
             f"{kind}/{name}": np.asarray(value)
-            for kind in ("params", "batch_stats")
+            for kind in ("params", "batch_stats", "mean_params", "mean_batch_stats")
+            if getattr(state, kind) is not None
             for name, value in export.flatten(
                 jax.tree.map(lambda x: x.addressable_data(0), getattr(state, kind))
             ).items()
@@ -68,6 +69,7 @@ config = tiny_config(
     # A gs:// workdir on the test's GCS emulator: TensorFlow's events writer cannot reach it.
     tensorboard_dir=os.environ.get("FFCL_TEST_TENSORBOARD_DIR"),
 )
+config.method = os.environ.get("FFCL_TEST_METHOD", config.method)
 results = train.train_and_evaluate(config, workdir)
 np.savez(out, **local_copies)
 with open(out + ".json", "w") as f:

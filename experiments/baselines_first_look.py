@@ -1,0 +1,101 @@
+"""A first look at the online-distillation baselines on the study's protocol: one seed of each.
+
+    python experiments/baselines_first_look.py                 # the missing runs, then the report
+    python experiments/baselines_first_look.py --report_only   # rewrite the report only
+
+ONE, CL-ILR, OKDDip, KDCL and PCL at their published defaults (docs/method.md), on the method
+study's 3-epoch Fashion-MNIST protocol (`configs/fashion_mnist.py`) with its validation split
+(`--validation_size`, as the study's selection), one seed: to show that each trains and where it
+lands, not to compare them (that is the powered study's job). The protocol's ramp-up of 1 epoch
+stands for the branch methods' 80 of 300 epochs, as it did for FFL and FFCL; KDCL has none.
+
+Each run is a `python -m ffcl_jax.main` subprocess in its own workdir under `--root` (resumed if
+interrupted, skipped if finished), its results copied to `<output>_runs/` at once; the report is
+the block between the `baselines-first-look` markers of `--study_file`, with every command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import readme_block  # experiments/, beside this script
+import run_table
+
+ROOT = run_table.ROOT
+BASELINES = (
+    run_table.Run("one", "jax", ("method=one",), "ONE: 3 branches, gate"),
+    run_table.Run("cl_ilr", "jax", ("method=cl_ilr",), "CL-ILR: 4 branches, rescaled trunk"),
+    run_table.Run("okddip", "jax", ("method=okddip",), "OKDDip: leader + 3 peers, attention"),
+    run_table.Run(
+        "kdcl", "jax", ("method=kdcl", "loss.rampup_epochs=0.0"), "KDCL: the pair, 2 views"
+    ),
+    run_table.Run("pcl", "jax", ("method=pcl",), "PCL: 3 branches, 3 views, temporal mean"),
+)
+# What each row reports: the deployable student, and the ensemble the method trains with.
+COLUMNS = ("student", "ensemble")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/fashion_mnist.py")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--validation_size", type=int, default=5000)
+    parser.add_argument("--root", default=os.path.join(ROOT, "workdirs", "baselines_first_look"))
+    parser.add_argument(
+        "--output",
+        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist_baselines"),
+    )
+    parser.add_argument(
+        "--study_file",
+        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist.md"),
+    )
+    parser.add_argument("--report_only", action="store_true")
+    args = parser.parse_args(argv)
+    args.all_seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.extra = [f"validation_size={args.validation_size}"]
+    return args
+
+
+def report(args) -> list[str]:
+    """The report's lines (written into the study file): one row per finished run."""
+    lines = [
+        "| method | seed | validation student | validation ensemble | wall time |",
+        "|---|---|---|---|---|",
+    ]
+    commands = []
+    for seed in args.all_seeds:
+        for run in BASELINES:
+            results = run_table.finished(run, seed, args)
+            if results is None:
+                lines.append(f"| `{run.name}` | {seed} | pending | | |")
+                continue
+            run_table.keep_copy(run, seed, args)
+            last = results["history"][-1]  # the test split's accuracy is not reported here
+            assert last["split"] == "validation", "a first-look run evaluates on validation"
+            cells = [f"{100 * last[m]:.2f}%" for m in COLUMNS]
+            machine = run_table.started_at(run, seed, args).get("machine")
+            wall = run_table.wall_cell([results["wall_seconds"]], [machine])
+            lines.append(f"| `{run.name}` | {seed} | " + " | ".join(cells) + f" | {wall} |")
+            commands.append(f"- `{run_table.ran_command(run, seed, args)}`")
+    descriptions = [f"- `{r.name}`: {r.description}" for r in BASELINES]
+    return lines + ["", *descriptions, "", "Commands:", "", *commands]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    child = {"process": None}
+    with run_table.stopping_on_signals(child):
+        if not args.report_only:
+            for seed in args.all_seeds:
+                for run in BASELINES:
+                    if not run_table.finished(run, seed, args):
+                        run_table.execute(run, seed, args, child)
+                        readme_block.replace_block(
+                            "baselines-first-look", "\n".join(report(args)), args.study_file
+                        )
+    readme_block.replace_block("baselines-first-look", "\n".join(report(args)), args.study_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""KDCL and PCL: their loss terms against NumPy, which tensors their targets leave untrained, the
+views each network or branch trains on, PCL's temporal mean, and their settings' checks."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ffcl_jax import input_pipeline, losses, methods, models, objectives, train
+from ffcl_jax.errors import UserError
+from tests.conftest import tiny_config
+from tests.test_branch_methods import _ce, _kl
+
+RNG = np.random.default_rng(1)
+LABELS = np.array([0, 3, 1, 2, 3])
+PAIR_LOGITS = [RNG.standard_normal((5, 4)) * 2 for _ in range(2)]  # teacher, student
+BRANCH_LOGITS = [RNG.standard_normal((5, 4)) * 2 for _ in range(3)]
+MEAN_LOGITS = [RNG.standard_normal((5, 4)) * 2 for _ in range(3)]  # the temporal mean's
+PEER_ENSEMBLE = RNG.standard_normal((5, 4)) * 2
+
+
+def _as_jax(arrays):
+    return [jnp.asarray(z, jnp.float32) for z in arrays]
+
+
+def test_min_logit_ensemble_matches_numpy():
+    got = losses.min_logit_ensemble(_as_jax(PAIR_LOGITS), jnp.asarray(LABELS))
+    rows = np.arange(len(LABELS))
+    shifted = [z - z[rows, LABELS][:, None] for z in PAIR_LOGITS]
+    np.testing.assert_allclose(got, np.minimum(*shifted), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got)[rows, LABELS], 0.0)
+
+
+@pytest.mark.parametrize("rule", ["mean", "min_logit"])
+def test_kdcl_objective_matches_numpy(rule):
+    settings = methods.resolve_loss_settings("kdcl", {"collaborative_target": rule})
+    z_t, z_s = PAIR_LOGITS
+    outputs = {"teacher_logits": jnp.asarray(z_t), "student_logits": jnp.asarray(z_s)}
+    total, terms = objectives.cohort_objective(
+        outputs, jnp.asarray(LABELS), settings, jnp.asarray(0), 4
+    )
+    if rule == "mean":
+        target = (z_t + z_s) / 2
+    else:
+        rows = np.arange(len(LABELS))
+        target = np.minimum(z_t - z_t[rows, LABELS][:, None], z_s - z_s[rows, LABELS][:, None])
+    kl = _kl(z_t, target, 4.0) + _kl(z_s, target, 4.0)
+    np.testing.assert_allclose(float(terms["kl_collaborative"]), kl, rtol=1e-5)
+    ce = _ce(z_t, LABELS) + _ce(z_s, LABELS)
+    np.testing.assert_allclose(float(total), 0.5 * ce + 0.5 * kl, rtol=1e-5)  # no ramp-up
+    assert settings.active_terms() == tuple(t for t in terms if t != "rampup_weight")
+
+
+def test_kdcl_target_takes_no_gradient():
+    """Each network is pulled toward the pair's ensemble, never the ensemble toward it: the
+    teacher's KL term gives the student no gradient, under either rule."""
+    labels = jnp.asarray(LABELS)
+    targets = {
+        "mean": lambda z_t, z_s: losses.ensemble_logits(z_t, z_s),
+        "min_logit": lambda z_t, z_s: losses.min_logit_ensemble([z_t, z_s], labels),
+    }
+    for rule in targets:
+
+        def teacher_kl(z_t, z_s, rule=rule):
+            return losses.kl_distill(z_t, targets[rule](z_t, z_s), 4.0)
+
+        grad_t, grad_s = jax.grad(teacher_kl, (0, 1))(*_as_jax(PAIR_LOGITS))
+        assert np.abs(np.asarray(grad_t)).max() > 1e-4
+        np.testing.assert_array_equal(grad_s, 0.0)
+
+
+def test_peer_mean_distillation_matches_numpy_and_leaves_the_means_untrained():
+    got = losses.peer_mean_distillation(_as_jax(BRANCH_LOGITS), _as_jax(MEAN_LOGITS), 3.0)
+    want = sum(
+        sum(_kl(z, MEAN_LOGITS[j], 3.0) for j in range(3) if j != i) / 2
+        for i, z in enumerate(BRANCH_LOGITS)
+    )
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    # A branch never learns from its own temporal mean, and the means get no gradient.
+    grad_branches, grad_means = jax.grad(
+        lambda b, m: losses.peer_mean_distillation(b, m, 3.0), (0, 1)
+    )(_as_jax(BRANCH_LOGITS), _as_jax(MEAN_LOGITS))
+    for g in grad_means:
+        np.testing.assert_array_equal(g, 0.0)
+    own_only = jax.grad(
+        lambda z: sum(losses.kl_distill(z, jnp.asarray(MEAN_LOGITS[j]), 3.0) for j in (1, 2)) / 2
+    )(jnp.asarray(BRANCH_LOGITS[0], jnp.float32))
+    np.testing.assert_allclose(grad_branches[0], own_only, rtol=1e-5, atol=1e-7)
+
+
+def _pcl_outputs():
+    return {
+        "branch_logits": _as_jax(BRANCH_LOGITS),
+        "peer_ensemble_logits": jnp.asarray(PEER_ENSEMBLE, jnp.float32),
+        "mean_branch_logits": _as_jax(MEAN_LOGITS),
+        "student_logits": jnp.asarray(BRANCH_LOGITS[0], jnp.float32),
+    }
+
+
+def test_pcl_objective_matches_numpy():
+    settings = methods.resolve_loss_settings("pcl")
+    total, terms = objectives.cohort_objective(
+        _pcl_outputs(),
+        jnp.asarray(LABELS),
+        settings,
+        jnp.asarray(100),
+        4,  # past the ramp-up
+    )
+    ce = sum(_ce(z, LABELS) for z in BRANCH_LOGITS)
+    kl_ensemble = sum(_kl(z, PEER_ENSEMBLE, 3.0) for z in BRANCH_LOGITS)
+    kl_mean = sum(
+        sum(_kl(z, MEAN_LOGITS[j], 3.0) for j in range(3) if j != i) / 2
+        for i, z in enumerate(BRANCH_LOGITS)
+    )
+    np.testing.assert_allclose(float(terms["ce_ensemble"]), _ce(PEER_ENSEMBLE, LABELS), rtol=1e-5)
+    np.testing.assert_allclose(float(terms["kl_to_branches"]), kl_ensemble, rtol=1e-5)
+    np.testing.assert_allclose(float(terms["kl_temporal_mean"]), kl_mean, rtol=1e-5)
+    expected = ce + _ce(PEER_ENSEMBLE, LABELS) + kl_ensemble + kl_mean
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+    assert settings.active_terms() == tuple(t for t in terms if t != "rampup_weight")
+
+
+def test_the_peer_ensemble_learns_from_its_cross_entropy_alone():
+    """PCL's peer-ensemble classifier teaches the branches but is not pulled toward them."""
+    settings = methods.resolve_loss_settings("pcl")
+
+    def term(ensemble, name):
+        outputs = dict(_pcl_outputs(), peer_ensemble_logits=ensemble)
+        _, terms = objectives.cohort_objective(
+            outputs, jnp.asarray(LABELS), settings, jnp.asarray(100), 4
+        )
+        return terms[name]
+
+    ensemble = jnp.asarray(PEER_ENSEMBLE, jnp.float32)
+    np.testing.assert_array_equal(jax.grad(term)(ensemble, "kl_to_branches"), 0.0)
+    assert np.abs(np.asarray(jax.grad(term)(ensemble, "ce_ensemble"))).max() > 1e-4
+
+
+def _train_data(num_views, fmnist_dir, on_device=False):
+    config = tiny_config(
+        fmnist_dir, train_examples=64, batch_size=16, augment="pad_crop_flip", pad=2
+    )
+    images, labels = input_pipeline.load_split(config, "train")
+    if on_device:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return input_pipeline.DeviceTrainData(
+            config, images, labels, 16, sharding, sharding, num_views=num_views
+        )
+    return input_pipeline.TrainData(config, images, labels, 16, num_views=num_views)
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["tf_data", "on_device"])
+def test_views_are_independent_augmentations_and_view_0_is_the_single_view(fmnist_dir, on_device):
+    single = next(iter(_train_data(1, fmnist_dir, on_device).epoch(1)))
+    batch = next(iter(_train_data(3, fmnist_dir, on_device).epoch(1)))
+    images = np.asarray(batch["image"])
+    assert images.shape == (16, 3, *np.asarray(single["image"]).shape[1:])
+    np.testing.assert_array_equal(images[:, 0], single["image"])
+    np.testing.assert_array_equal(batch["label"], single["label"])
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not np.array_equal(images[:, a], images[:, b])
+
+
+def test_each_branch_and_each_network_sees_its_own_view():
+    """A batch of views routes view i to branch i (the trunk run on each view), and view 0 to
+    the teacher, view 1 to the student of a pair: the same logits as each given its view alone."""
+    views = jax.random.normal(jax.random.key(0), (4, 3, 12, 12, 1))
+    branches = models.create_branch_cohort(
+        "resnet8", 5, in_channels=1, num_branches=3, branch_stages=1, gate="none",
+        backprop_rescale=False, peer_ensemble=True,
+    )  # fmt: skip
+    together = branches(views, train=False)
+    for i in range(3):
+        alone = branches(views[:, i], train=False)["branch_logits"][i]
+        np.testing.assert_allclose(together["branch_logits"][i], alone, rtol=1e-5, atol=1e-6)
+    assert together["peer_ensemble_logits"].shape == (4, 5)
+    pair = models.create_cohort("resnet8", "resnet8", 5, in_channels=1, use_fusion=False)
+    together = pair(views[:, :2], train=False)
+    for i, name in enumerate(("teacher_logits", "student_logits")):
+        alone = pair(views[:, i], train=False)[name]
+        np.testing.assert_allclose(together[name], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_the_temporal_mean_follows_the_weights_with_the_warm_up_decay(fmnist_dir):
+    """mean <- d mean + (1 - d) params after each step, d = min(1 - 1/(step + 1), decay)."""
+    config = tiny_config(fmnist_dir, method="pcl")
+    settings = train.check_config(config, 1)
+    setup, state = train.build(config, settings, steps_per_epoch=4)
+    assert settings.num_views == 3
+    step = jax.jit(setup.train_step)
+    rng = np.random.default_rng(0)
+    weights = []
+    for _ in range(3):
+        batch = {
+            "image": rng.integers(0, 256, (8, 3, 28, 28, 1)).astype(np.uint8),
+            "label": rng.integers(0, 10, 8).astype(np.int32),
+        }
+        state, metrics = step(state, batch)
+        weights.append(state.params)
+        assert np.isfinite(float(metrics["kl_temporal_mean"]))
+    # d = 0, 1/2, 2/3 at steps 0, 1, 2: while d < decay, the plain mean of the weights so far.
+    expected = jax.tree.map(lambda p1, p2, p3: (p1 + p2 + p3) / 3, *weights)
+    chex.assert_trees_all_close(state.mean_params, expected, rtol=1e-5, atol=1e-6)
+    # The mean's BatchNorm statistics are its own (it runs with other weights from step 3 on).
+    online, mean = (nnx.to_flat_state(s) for s in (state.batch_stats, state.mean_batch_stats))
+    assert any(not np.allclose(a[1].value, b[1].value) for a, b in zip(online, mean, strict=True))
+
+
+@pytest.mark.parametrize(
+    "method, overrides, message",
+    [
+        ("kdcl", {"use_fusion": True}, "takes no branches, fusion"),
+        ("kdcl", {"collaborative_target": "max"}, "unknown loss.collaborative_target 'max'"),
+        ("ffl", {"separate_views": True}, "loss.separate_views gives each network its own view"),
+        ("one", {"separate_views": True}, "it takes neither loss.peer_ensemble"),
+        ("one", {"peer_ensemble": True}, "it takes neither loss.peer_ensemble"),
+        ("pcl", {"temporal_mean_decay": 0.0}, "set loss.temporal_mean_decay > 0"),
+        ("pcl", {"temporal_mean_decay": 1.0}, "loss.temporal_mean_decay must be in [0, 1)"),
+        ("pcl", {"lam_temporal_kd": -1.0}, "loss.lam_temporal_kd must be >= 0"),
+        ("dml", {"temporal_mean_decay": 0.99}, "the dml preset has no branches"),
+        ("pcl", {"num_branches": 1}, "loss.num_branches must be >= 2"),
+    ],
+)
+def test_impossible_kdcl_and_pcl_settings_fail_in_one_line(method, overrides, message):
+    with pytest.raises(UserError) as info:
+        methods.resolve_loss_settings(method, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
