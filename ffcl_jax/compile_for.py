@@ -187,8 +187,11 @@ def abstract_like(tree, sharding: NamedSharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def compile_step(jitted, args, data_parallel: DataParallel, chip: Chip) -> dict[str, Any]:
-    """Traces, lowers and compiles one jitted step for the mesh's platform; its report."""
+def compile_step(
+    jitted, args, data_parallel: DataParallel, chip: Chip, batch_position: int = -1
+) -> dict[str, Any]:
+    """Traces, lowers and compiles one jitted step for the mesh's platform; its report.
+    `args[batch_position]` is the batch; every other argument is state."""
     started = time.perf_counter()
     with jax.set_mesh(data_parallel.mesh):
         lowered = jitted.trace(*args).lower(lowering_platforms=(data_parallel.platform,))
@@ -198,11 +201,15 @@ def compile_step(jitted, args, data_parallel: DataParallel, chip: Chip) -> dict[
     cost = cost[0] if isinstance(cost, list) else cost
     flops, bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     (arg_shardings, _) = compiled.input_shardings
-    batch_sharding = arg_shardings[-1]
+    batch_position %= len(args)
+    batch_sharding = arg_shardings[batch_position]
     per_chip_batch = {
-        name: list(batch_sharding[name].shard_shape(spec.shape)) for name, spec in args[-1].items()
+        name: list(batch_sharding[name].shard_shape(spec.shape))
+        for name, spec in args[batch_position].items()
     }
-    state_shardings = jax.tree.leaves(arg_shardings[:-1])
+    state_shardings = jax.tree.leaves(
+        [s for i, s in enumerate(arg_shardings) if i != batch_position]
+    )
     stablehlo = lowered.as_text()
     return {
         "compile_seconds": seconds,
@@ -256,6 +263,7 @@ def compile_for(config, devices, topology: str = "") -> dict[str, Any]:
         (state.params, state.batch_stats, eval_batch_spec, state.mean_model),
         data_parallel,
         chip,
+        batch_position=2,
     )
 
     test_examples = TEST_EXAMPLES[config.dataset]

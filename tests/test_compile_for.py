@@ -173,3 +173,25 @@ def test_the_smoke_step_compiles_for_a_v5e_slice(tmp_path):
     assert report["epoch_bound_seconds"]["train"] == pytest.approx(
         report["steps_per_epoch"] * bound
     )
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_pcl_compiles_with_a_view_per_branch_and_its_temporal_mean(tmp_path):
+    """PCL's step takes a batch of three views and carries the temporal mean: the TPU compiler
+    builds it, splitting the views' batch over the chips, and the eval step reads the mean."""
+    output = tmp_path / "report.json"
+    proc = _compile_for(
+        "--config=configs/cifar100.py:smoke",
+        "--config.method=pcl",
+        "--topology=v5e:2x2",
+        f"--output={output}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["train_step"]["per_chip_batch"]["image"] == [16, 3, 32, 32, 3]
+    assert report["eval_step"]["per_chip_batch"]["image"][1:] == [32, 32, 3]
+    for name in ("train_step", "eval_step"):
+        assert report[name]["state_replicated"], name
+    # The temporal mean doubles the replicated weights the eval step reads.
+    assert report["eval_step"]["memory_bytes"]["arguments"] > 2 * report["parameter_bytes"]
