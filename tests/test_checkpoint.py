@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from ffcl_jax import checkpoint, export, train
 from ffcl_jax.errors import UserError
-from tests.conftest import REPO, tiny_config
+from tests.conftest import tiny_config
+from tests.helpers.cli import run_python
 
 EPOCHS, STEPS_PER_EPOCH = 4, 4
 # A tiny run through the real command line, with augmentation on, so the data pipeline's
@@ -48,21 +47,9 @@ PREEMPT_IN_EPOCH_3 = (
 )
 
 
-def run(
-    *args, entry: tuple[str, ...] = ("-m", "ffcl_jax.main"), env: dict | None = None
-) -> subprocess.CompletedProcess:
+def run(*args, entry: tuple[str, ...] = ("-m", "ffcl_jax.main"), env: dict | None = None):
     """The CLI (or `entry`) in a subprocess, with `env` added to this process's environment."""
-    env = dict(
-        os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **env or {}
-    )
-    return subprocess.run(
-        [sys.executable, *entry, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    return run_python(*entry, *args, env=env)
 
 
 def final_state(workdir) -> tuple[int, dict[str, np.ndarray]]:

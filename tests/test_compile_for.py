@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import pytest
 
 from ffcl_jax import compile_for, parallel, train, xla_cpu
 from ffcl_jax.errors import UserError
-from tests.conftest import REPO, tiny_config
+from tests.conftest import tiny_config
+from tests.helpers.cli import run_python
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -21,17 +19,8 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
-def _compile_for(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "ffcl_jax.compile_for", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
+def _compile_for(*args: str, timeout: int = 900):
+    return run_python("-m", "ffcl_jax.compile_for", *args, timeout=timeout)
 
 
 def test_the_roofline_bound_is_the_slower_of_compute_and_hbm_traffic():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 
@@ -17,7 +16,8 @@ from flax import nnx
 from ffcl_jax import cpu_kernels, input_pipeline, parallel, report, train, xla_cpu
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import resolve_loss_settings
-from tests.conftest import REPO, tiny_config
+from tests.conftest import tiny_config
+from tests.helpers.cli import run_python
 
 
 def build(config, steps_per_epoch=4):
@@ -338,15 +338,7 @@ def test_distributed_start_only_for_several_processes(env, expected):
 
 
 def run_cli(*args, **env_overrides):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", **env_overrides)
-    return subprocess.run(
-        [sys.executable, "-m", "ffcl_jax.main", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    return run_python("-m", "ffcl_jax.main", *args, env=env_overrides)
 
 
 def run_smoke_cli(fmnist_dir, workdir, *args, **env_overrides):

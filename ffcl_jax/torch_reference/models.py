@@ -80,6 +80,8 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """Returns `(logits, [stage_1, stage_2, stage_3])`."""
 
+    STEM_MODULES = ("stem_conv", "stem_bn")  # what a branch without the trunk drops
+
     def __init__(
         self,
         depth: int,
@@ -124,6 +126,8 @@ class WideBlock(nn.Module):
 
 class WideResNet(nn.Module):
     """Returns `(logits, [stage_1, stage_2, relu(bn(stage_3))])`."""
+
+    STEM_MODULES = ("stem_conv",)
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -362,9 +366,8 @@ class BranchCohort(nn.Module):
         self.peers = nn.ModuleList()
         for _ in range(num_branches - 1):
             peer = create_model(name, num_classes, in_channels)
-            for module in ("stem_conv", "stem_bn"):
-                if hasattr(peer, module):
-                    setattr(peer, module, None)
+            for module in peer.STEM_MODULES:
+                setattr(peer, module, None)
             for index in range(self.first_branch_stage):
                 peer.stages[index] = nn.ModuleList()
             self.peers.append(peer)
