@@ -52,6 +52,7 @@ RESUMABLE_KEYS = frozenset(
         "cpu_kernels",  # the same convolutions and BatchNorm, other kernels: other rounding
         "log_every_steps",
         "eval_every_epochs",
+        "final_test",
         "checkpoint_every_epochs",
         "keep_checkpoints",
         "data_dir",
@@ -91,6 +92,7 @@ ADDED_KEYS = {
     "validation_size": 0,
     "validation_seed": 0,
     "warmup_epochs": 0.0,
+    "final_test": True,  # runs with a validation split evaluated the test split before
     # The branch methods', KDCL's and PCL's loss settings (None: the preset's value, as for
     # every loss key).
     **{

@@ -32,11 +32,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_examples = config_dict.placeholder(int)  # use only the first N (smoke runs)
     c.test_examples = config_dict.placeholder(int)
     # Hold out this many training images (class-balanced, the same ones for every run: chosen
-    # with `validation_seed`, not `seed`) as a validation split: the run trains on the rest,
-    # evaluates on them after every epoch and evaluates the test split once, at the end.
-    # 0: no validation split (every epoch is evaluated on the test split).
+    # with `validation_seed`, not `seed`) as a validation split: the run trains on the rest and
+    # evaluates on them after every epoch. 0: no validation split (every epoch is evaluated on
+    # the test split).
     c.validation_size = 0
     c.validation_seed = 0
+    # With a validation split, also evaluate the test split once, after training. Off by
+    # default, so that a run choosing settings on validation never sees the test split; the
+    # final runs of a study set it.
+    c.final_test = False
     c.augment = "pad_crop_flip"  # "pad_crop_flip", "pad_crop" or "none"
     # Hold the training split on the devices and batch/augment it with jit (accelerators; needs
     # no tensorflow); False: tf.data on the host. The two give different, equally valid batches.

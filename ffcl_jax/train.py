@@ -286,7 +286,8 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False, command: str = ""
 ) -> dict[str, Any]:
     """Trains the cohort for `config.num_epochs`, evaluating every `eval_every_epochs` (on the
-    validation split when there is one, then the test split once at the end).
+    validation split when there is one, then, with `config.final_test`, the test split once at
+    the end).
 
     Writes to `workdir`: `config.json`, `metrics.jsonl` (train rows at log steps, one eval row
     per evaluation), TensorBoard events, `checkpoints/`, `results.json` and `curves.png`.
@@ -404,7 +405,7 @@ def train_and_evaluate(
                     stop_preempted(f"after epoch {epoch + 1}")
             checkpoints.wait()
             final_test = None
-            if eval_split != "test":  # the test split, once, after training
+            if eval_split != "test" and config.final_test:  # once, after training
                 final_test = evaluate_split("test", config.num_epochs)
             clock.add_wall_time()
             results = report.results(config, settings, state.params, progress, eval_split)

@@ -543,7 +543,8 @@ def test_study_driver_runs_the_grid_on_a_validation_split(fmnist_dir, tmp_path, 
     isa = bench_results.machine()["isa"]
     assert f"min ({isa}) |" in text
     results = json.loads((root / "jax_ffl-tau2_seed0" / "results.json").read_text())
-    assert results["eval_split"] == "validation" and results["final_test"]["split"] == "test"
+    # A selection run never evaluates the test split (config.final_test is off).
+    assert results["eval_split"] == "validation" and results["final_test"] is None
 
 
 def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path):

@@ -498,7 +498,7 @@ def test_reference_loop_holds_out_the_same_validation_split(fmnist_dir, tmp_path
     the JAX trainer (the shared `input_pipeline.load_splits`) and the test split once."""
     from ffcl_jax.torch_reference.train import train_and_evaluate
 
-    config = tiny_config(fmnist_dir, num_epochs=1, validation_size=40)
+    config = tiny_config(fmnist_dir, num_epochs=1, validation_size=40, final_test=True)
     results = train_and_evaluate(config, str(tmp_path))
     assert results["eval_split"] == "validation"
     assert [row["split"] for row in results["history"]] == ["validation"]

@@ -447,10 +447,10 @@ def test_progress_line_without_a_timed_step_shows_no_speed(tmp_path, capsys):
 
 
 def test_a_validation_split_is_evaluated_every_epoch_and_the_test_split_once(fmnist_dir, tmp_path):
-    """Epochs are evaluated on the held-out images (and the best checkpoint chosen there); the
-    test split is evaluated once, after training, and reported apart."""
+    """Epochs are evaluated on the held-out images (and the best checkpoint chosen there); with
+    `final_test` the test split is evaluated once, after training, and reported apart."""
     workdir = str(tmp_path / "run")
-    config = tiny_config(fmnist_dir, num_epochs=2, validation_size=40)
+    config = tiny_config(fmnist_dir, num_epochs=2, validation_size=40, final_test=True)
     results = train.train_and_evaluate(config, workdir)
     assert results["eval_split"] == "validation"
     assert [(r["epoch"], r["split"]) for r in results["history"]] == [
@@ -473,6 +473,19 @@ def test_a_validation_split_is_evaluated_every_epoch_and_the_test_split_once(fmn
     assert {"validation/acc_student", "test/acc_student"} <= tags
     # 256 training images less 40 held out: 216 // 32 = 6 steps an epoch.
     assert results["history"][-1]["step"] == 12
+
+
+def test_a_run_with_a_validation_split_leaves_the_test_split_alone_unless_asked(
+    fmnist_dir, tmp_path
+):
+    """Without `final_test` nothing of the test split is evaluated, logged or reported: a run
+    that chooses settings on validation cannot see it."""
+    workdir = tmp_path / "run"
+    config = tiny_config(fmnist_dir, num_epochs=1, validation_size=40)
+    results = train.train_and_evaluate(config, str(workdir))
+    assert results["final_test"] is None
+    assert {r["split"] for r in results["history"]} == {"validation"}
+    assert '"test"' not in (workdir / "metrics.jsonl").read_text()
 
 
 def test_fused_feature_forms_train_end_to_end(fmnist_dir):

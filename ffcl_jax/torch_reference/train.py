@@ -291,7 +291,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
                     flush=True,
                 )
         final_test = None
-        if eval_split != "test":
+        if eval_split != "test" and config.final_test:
             accuracy = evaluate_split("test")
             final_test = {"epoch": config.num_epochs, "step": step, "split": "test", **accuracy}
             log.write(json.dumps({"kind": "eval", **final_test}) + "\n")

@@ -66,6 +66,7 @@ config = tiny_config(
     num_epochs=1,
     train_examples=32 * steps + validation,
     validation_size=validation,
+    final_test=True,
     # A gs:// workdir on the test's GCS emulator: TensorFlow's events writer cannot reach it.
     tensorboard_dir=os.environ.get("FFCL_TEST_TENSORBOARD_DIR"),
 )
