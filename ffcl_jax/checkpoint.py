@@ -53,6 +53,7 @@ RESUMABLE_KEYS = frozenset(
         "log_every_steps",
         "eval_every_epochs",
         "final_test",
+        "reference_from_jax",  # read by the PyTorch reference only
         "checkpoint_every_epochs",
         "keep_checkpoints",
         "data_dir",
@@ -93,6 +94,7 @@ ADDED_KEYS = {
     "validation_seed": 0,
     "warmup_epochs": 0.0,
     "final_test": True,  # runs with a validation split evaluated the test split before
+    "reference_from_jax": False,
     # The branch methods', KDCL's and PCL's loss settings (None: the preset's value, as for
     # every loss key).
     **{

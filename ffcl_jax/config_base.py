@@ -41,6 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
     # default, so that a run choosing settings on validation never sees the test split; the
     # final runs of a study set it.
     c.final_test = False
+    # PyTorch reference only: start from the JAX trainer's initial weights for `seed` and train
+    # on its batches (the same order and augmentation draws), so that a JAX run and a reference
+    # run of one seed are paired. The JAX trainer ignores it.
+    c.reference_from_jax = False
     c.augment = "pad_crop_flip"  # "pad_crop_flip", "pad_crop" or "none"
     # Hold the training split on the devices and batch/augment it with jit (accelerators; needs
     # no tensorflow); False: tf.data on the host. The two give different, equally valid batches.

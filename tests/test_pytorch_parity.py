@@ -493,6 +493,35 @@ def test_reference_bfloat16_runs_the_networks_under_autocast_and_keeps_losses_fl
         reference.autocast("cpu", "float16")
 
 
+@pytest.mark.parametrize("from_jax", [True, False])
+def test_reference_from_jax_starts_from_the_jax_weights_and_trains_on_its_batches(
+    fmnist_dir, from_jax
+):
+    """`reference_from_jax`: the reference's initial weights and statistics are the JAX
+    trainer's for the seed (exactly), and its batches are the JAX trainer's (order and
+    augmentation); without it, both are its own."""
+    from ffcl_jax.torch_reference import train as reference
+
+    config = tiny_config(
+        fmnist_dir, seed=3, augment="pad_crop_flip", pad=2, reference_from_jax=from_jax
+    )
+    cohort = reference.build(config, 8, "cpu")[0]
+    _, state = train.build(config, train.check_config(config, 1), 8)
+    if from_jax:
+        _assert_same_parameters(state.params, state.batch_stats, cohort, 0.0, "initial")
+    else:
+        with pytest.raises(AssertionError):
+            _assert_same_parameters(state.params, state.batch_stats, cohort, 1e-3, "initial")
+    images, labels = input_pipeline.load_split(config, "train")
+    ours = next(iter(input_pipeline.TrainData(config, images, labels, 32).epoch(1)))
+    if from_jax:
+        x, y = next(reference.jax_batches(config, images, labels, 1))
+    else:
+        x, y = next(reference.epoch_batches(*reference.as_tensors(images, labels), config, 1, 1))
+    same = np.array_equal(x.numpy(), np.moveaxis(ours["image"], -1, 1))
+    assert same == from_jax and np.array_equal(y.numpy(), ours["label"]) == from_jax
+
+
 def test_reference_loop_holds_out_the_same_validation_split(fmnist_dir, tmp_path):
     """With `validation_size` the reference evaluates its epochs on the same held-out images as
     the JAX trainer (the shared `input_pipeline.load_splits`) and the test split once."""

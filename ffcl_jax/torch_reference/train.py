@@ -195,8 +195,33 @@ def evaluate(
     return {k: v / len(images) for k, v in correct.items()}
 
 
+def load_jax_initial_weights(cohort, config, settings) -> None:
+    """Overwrites `cohort`'s weights and BatchNorm statistics with the JAX trainer's initial
+    ones for `config.seed` (`ffcl_jax.train.create_cohort`, converted role by role)."""
+    from flax import nnx
+
+    from ffcl_jax import convert
+    from ffcl_jax import train as jax_train
+
+    info = input_pipeline.dataset_info(config.dataset)
+    jax_cohort = jax_train.create_cohort(config, settings, info)
+    params, stats = nnx.state(jax_cohort, nnx.Param), nnx.state(jax_cohort, nnx.BatchStat)
+    for role in params:
+        state_dict = convert.to_torch_state_dict(params[role], stats[role] if role in stats else {})
+        getattr(cohort, role).load_state_dict(state_dict, strict=True)
+
+
+def jax_batches(config, images, labels, epoch: int, num_views: int = 1):
+    """The JAX trainer's training batches of `epoch` (`input_pipeline.TrainData`: the same
+    order and augmentation draws for the same seed), as uint8 NCHW tensors."""
+    data = input_pipeline.TrainData(config, images, labels, config.batch_size, num_views=num_views)
+    for batch in data.epoch(epoch):
+        yield as_tensors(batch["image"], batch["label"])
+
+
 def build(config, steps_per_epoch: int, device: str):
-    """The cohort, its optimizer and schedule, and the loss settings (as a dict) of a config."""
+    """The cohort, its optimizer and schedule, and the loss settings (as a dict) of a config;
+    with `config.reference_from_jax`, the cohort starts from the JAX trainer's weights."""
     torch.manual_seed(config.seed)
     settings = resolve_loss_settings(config.method, dict(config.loss))
     if not settings.train_teacher:
@@ -224,6 +249,8 @@ def build(config, steps_per_epoch: int, device: str):
             fused=config.fusion_channels,
             fused_feature_stages=fused_feature_stages(settings, 3),
         ).to(device)
+    if config.get("reference_from_jax", False):
+        load_jax_initial_weights(cohort, config, settings)
     optimizer, schedule = optim.make_optimizer(cohort, config, steps_per_epoch)
     return cohort, optimizer, schedule, dataclasses.asdict(settings), info
 
@@ -259,7 +286,11 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
     with (workdir / "metrics.jsonl").open("w") as log:
         for epoch in range(config.num_epochs):
             cohort.train()
-            for x, y in epoch_batches(images_nchw, labels_all, config, epoch, spe, num_views):
+            if config.get("reference_from_jax", False):
+                batches = jax_batches(config, train_images, train_labels, epoch, num_views)
+            else:
+                batches = epoch_batches(images_nchw, labels_all, config, epoch, spe, num_views)
+            for x, y in batches:
                 total, terms = train_step(
                     cohort,
                     optimizer,
