@@ -65,3 +65,22 @@ def framework_difference(pytorch: list[float], jax_: list[float]) -> dict:
         interval = test.confidence_interval(0.95)
         out["ci95"] = [100 * interval.low, 100 * interval.high]
     return out
+
+
+def paired_t_power(sd: float, delta: float, n: int, alpha: float) -> float:
+    """Power of a two-sided paired t-test at level `alpha` to detect a true mean difference
+    `delta` between n pairs whose differences have standard deviation `sd` (noncentral t)."""
+    df, noncentrality = n - 1, delta / (sd / n**0.5)
+    critical = scipy.stats.t.ppf(1 - alpha / 2, df)
+    return float(
+        scipy.stats.nct.sf(critical, df, noncentrality)
+        + scipy.stats.nct.cdf(-critical, df, noncentrality)
+    )
+
+
+def seeds_for_power(sd: float, delta: float, alpha: float, power: float = 0.8) -> int:
+    """The fewest pairs (seeds) with `paired_t_power` >= `power`."""
+    n = 2
+    while paired_t_power(sd, delta, n, alpha) < power:
+        n += 1
+    return n

@@ -658,3 +658,65 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
     assert not any("ffcl-feature" in line or "PyTorch" in line for line in summary)
     # Each finished run's results are kept beside the report, to be committed.
     assert (tmp_path / "final_runs" / "jax_ffcl_seed1" / "results.json").exists()
+
+
+def test_holm_adjusts_like_the_step_down_rule():
+    import powered_study
+
+    adjusted = powered_study.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    # sorted: a 0.01 x4 = 0.04; c 0.03 x3 = 0.09; b 0.04 x2 = 0.08 -> max(0.09, 0.08); d 0.5 x1
+    assert adjusted == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+
+
+def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
+    """From finished runs only: FFCL's student minus each baseline's over the seeds both have,
+    the paired t-test's p Holm-adjusted over the baselines that have a difference, PyTorch
+    minus JAX paired by seed; the report block and the JSON hold them."""
+    import powered_study
+    import scipy.stats
+
+    root = tmp_path / "root"
+    students = {  # method -> per-seed last-epoch student top-1
+        ("jax", "ffcl"): [0.900, 0.905, 0.902, 0.907],
+        ("jax", "independent"): [0.890, 0.899, 0.893, 0.899],
+        ("jax", "pcl"): [0.901, 0.903, 0.904],  # one seed missing: 3 pairs
+        ("pytorch", "ffcl"): [0.904, 0.906, 0.901, 0.909],
+    }
+    for (framework, method), values in students.items():
+        for seed, value in zip((1000, 1001, 1002, 1003), values, strict=False):
+            folder = root / f"{framework}_{method}_seed{seed}"
+            folder.mkdir(parents=True)
+            summary = {"student": {"last": value, "best": value, "best_epoch": 3}}
+            (folder / "results.json").write_text(
+                json.dumps({"summary": summary, "history": [], "wall_seconds": 60.0})
+            )
+    study = tmp_path / "study.md"
+    study.write_text("<!-- powered:start -->\n<!-- powered:end -->\n")
+    args = powered_study.parse_args(
+        [
+            "--seeds=1000,1001,1002,1003",
+            f"--root={root}",
+            f"--output={tmp_path / 'out'}",
+            f"--study_file={study}",
+            "--report_only",
+        ]
+    )
+    result = powered_study.report(args)
+    primary = result["comparisons"]["primary"]
+    ffcl, independent = students["jax", "ffcl"], students["jax", "independent"]
+    diffs = [100 * (a - b) for a, b in zip(ffcl, independent, strict=True)]
+    assert primary["independent"]["differences"] == pytest.approx(diffs)
+    p_independent = scipy.stats.ttest_1samp(diffs, 0.0).pvalue
+    assert primary["independent"]["p"] == pytest.approx(p_independent)
+    assert primary["pcl"]["seeds"] == [1000, 1001, 1002]
+    assert primary["dml"]["n"] == 0 and "p_holm" not in primary["dml"]
+    expected = powered_study.holm({"independent": p_independent, "pcl": primary["pcl"]["p"]})
+    assert primary["independent"]["p_holm"] == pytest.approx(expected["independent"])
+    framework = result["comparisons"]["pytorch_minus_jax"]["ffcl"]
+    assert framework["mean"] == pytest.approx(100 * (0.905 - 0.9035))
+    text = study.read_text()
+    assert "| `independent` | +0.82 [" in text and "Holm p" in text
+    assert "Progress: 15 of 48 runs (4 seeds)" in text
+    assert json.loads((tmp_path / "out.json").read_text())["comparisons"] == json.loads(
+        json.dumps(result["comparisons"])
+    )

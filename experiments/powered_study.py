@@ -1,0 +1,228 @@
+"""The powered comparison: FFCL against every online baseline on 30 fresh seeds, and JAX against
+PyTorch from the same start (protocol: experiments/results/fashion_mnist_powered.md).
+
+    nice -n 19 python experiments/powered_study.py                # every missing run, then report
+    python experiments/powered_study.py --report_only             # rewrite the report only
+    python experiments/powered_study.py --seeds=1000,1001         # a subset of the seeds
+
+Each run is a subprocess (`python -m ffcl_jax.main ...`, or the PyTorch reference with
+`reference_from_jax=True`) in its own workdir under `--root`; a finished run is skipped, an
+interrupted JAX run resumes from its checkpoint; `kd` trains from the frozen teacher of the same
+seed's `independent` run. Seeds run in order, every method of a seed first. After each run the
+report is rewritten: `<output>.json` (every run's summary, per-seed values, the comparisons),
+each run's results copied to `<output>_runs/`, and the block between the `powered` markers of
+the protocol file. The comparisons are computed from the seeds every compared run finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import readme_block  # experiments/, beside this script
+import run_table
+import scipy.stats
+import study_stats
+
+ROOT = run_table.ROOT
+SEEDS = tuple(range(1000, 1030))
+_PAIR_METHODS = (
+    ("independent", (), "T and S trained separately"),
+    ("kd", (), "Hinton KD from the same seed's independent teacher"),
+    ("dml", (), "Deep Mutual Learning"),
+    ("ffl", ("loss.tau=2.0",), "FFL as selected by the first study (tau 2)"),
+    ("ffcl", ("loss.lam_feat=0.0", "loss.lam_reg=0.1"), "FFCL as selected by the first study"),
+)
+_ONLINE_METHODS = (
+    ("one", (), "ONE"),
+    ("cl_ilr", (), "CL-ILR"),
+    ("okddip", (), "OKDDip"),
+    ("kdcl", ("loss.rampup_epochs=0.0",), "KDCL (no ramp-up, as published)"),
+    ("pcl", (), "PCL"),
+)
+JAX_RUNS = tuple(
+    run_table.Run(
+        name,
+        "jax",
+        (f"method={name}", *overrides),
+        description,
+        needs="independent" if name == "kd" else None,
+    )
+    for name, overrides, description in _PAIR_METHODS + _ONLINE_METHODS
+)
+PYTORCH_RUNS = tuple(
+    run_table.Run(
+        run.name,
+        "pytorch",
+        (*run.overrides, "reference_from_jax=True"),
+        f"PyTorch reference from the JAX start: {run.description}",
+    )
+    for run in JAX_RUNS
+    if run.name in ("independent", "ffcl")
+)
+RUNS = JAX_RUNS + PYTORCH_RUNS
+MODELS = ("student", "teacher", "ensemble")
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values (family-wise error over all of `p_values`)."""
+    ordered = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for rank, name in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - rank) * p_values[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def per_seed(records: list[dict], method: str, framework: str, model: str) -> dict[int, float]:
+    """{seed: last-epoch test top-1 in points} of one method's runs."""
+    return {
+        r["seed"]: 100 * r["summary"][model]["last"]
+        for r in records
+        if r["method"] == method and r["framework"] == framework and model in r["summary"]
+    }
+
+
+def paired(mine: dict[int, float], theirs: dict[int, float]) -> dict:
+    """Mine minus theirs over the seeds both have: mean, 95% t-interval, two-sided p."""
+    seeds = sorted(set(mine) & set(theirs))
+    diffs = [mine[s] - theirs[s] for s in seeds]
+    out = {"seeds": seeds, "differences": diffs, "n": len(diffs)}
+    if len(diffs) >= 2:
+        test = scipy.stats.ttest_1samp(diffs, 0.0)
+        interval = test.confidence_interval(0.95)
+        out.update(mean=statistics.fmean(diffs), ci95=[interval.low, interval.high])
+        out["p"] = float(test.pvalue)
+    return out
+
+
+def comparisons(records: list[dict]) -> dict:
+    """The primary comparisons (FFCL's student minus each other JAX method's, Holm-adjusted)
+    and the framework comparison (PyTorch minus JAX, paired by seed)."""
+    ffcl = per_seed(records, "ffcl", "jax", "student")
+    primary = {
+        run.name: paired(ffcl, per_seed(records, run.name, "jax", "student"))
+        for run in JAX_RUNS
+        if run.name != "ffcl"
+    }
+    tested = {name: c["p"] for name, c in primary.items() if "p" in c}
+    for name, adjusted in holm(tested).items():
+        primary[name]["p_holm"] = adjusted
+    frameworks = {
+        run.name: paired(
+            per_seed(records, run.name, "pytorch", "student"),
+            per_seed(records, run.name, "jax", "student"),
+        )
+        for run in PYTORCH_RUNS
+    }
+    return {"primary": primary, "pytorch_minus_jax": frameworks}
+
+
+def collect(args) -> list[dict]:
+    records = []
+    for seed in args.all_seeds:
+        for run in RUNS:
+            results = run_table.finished(run, seed, args)
+            if results is None:
+                continue
+            run_table.keep_copy(run, seed, args)
+            records.append(
+                {
+                    "run": run_table.run_id(run, seed),
+                    "method": run.name,
+                    "framework": run.framework,
+                    "seed": seed,
+                    "command": run_table.ran_command(run, seed, args),
+                    "commit": run_table.started_at(run, seed, args).get("commit"),
+                    "machine": run_table.started_at(run, seed, args).get("machine"),
+                    "wall_seconds": results.get("wall_seconds"),
+                    "summary": results["summary"],
+                }
+            )
+    return records
+
+
+def _cell(c: dict) -> str:
+    if "mean" not in c:
+        return f"pending (n={c['n']})"
+    low, high = c["ci95"]
+    adjusted = f", Holm p = {c['p_holm']:.3g}" if "p_holm" in c else ""
+    return f"{c['mean']:+.2f} [{low:+.2f}, {high:+.2f}] (n={c['n']}, p = {c['p']:.3g}{adjusted})"
+
+
+def report(args) -> dict:
+    records = collect(args)
+    result = {"protocol": "experiments/results/fashion_mnist_powered.md", "runs": records}
+    result["comparisons"] = comparisons(records)
+    with open(f"{args.output}.json", "w") as f:
+        json.dump(result, f, indent=1)
+    done = {(r["method"], r["framework"]) for r in records}
+    lines = [
+        f"Progress: {len(records)} of {len(RUNS) * len(args.all_seeds)} runs "
+        f"({len(args.all_seeds)} seeds). Until every seed is in, this is a progress report.",
+        "",
+        "| method | framework | runs | student | teacher | ensemble | wall time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in RUNS:
+        mine = [r for r in records if r["method"] == run.name and r["framework"] == run.framework]
+        cells = []
+        for model in MODELS:
+            values = [r["summary"][model]["last"] for r in mine if model in r["summary"]]
+            cells.append(study_stats.mean_std(values) if values else "-")
+        wall = run_table.wall_cell(
+            [r["wall_seconds"] for r in mine if r["wall_seconds"]], [r["machine"] for r in mine]
+        )
+        row = [f"`{run.name}`", run.framework, str(len(mine)), *cells, wall]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "| FFCL's student minus | paired difference, points [95% CI] |", "|---|---|"]
+    for name, c in result["comparisons"]["primary"].items():
+        lines.append(f"| `{name}` | {_cell(c)} |")
+    lines += ["", "| PyTorch minus JAX, student, from the same start | points [95% CI] |"]
+    lines += ["|---|---|"]
+    for name, c in result["comparisons"]["pytorch_minus_jax"].items():
+        lines.append(f"| `{name}` | {_cell(c)} |")
+    commands = [f"- `{r['command']}`" for r in records]
+    lines += ["", "Commands of the finished runs:", "", *commands] if done else []
+    readme_block.replace_block("powered", "\n".join(lines), args.study_file)
+    return result
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/fashion_mnist.py")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--root", default=os.path.join(ROOT, "workdirs", "powered_study"))
+    parser.add_argument(
+        "--output", default=os.path.join(ROOT, "experiments", "results", "fashion_mnist_powered")
+    )
+    parser.add_argument(
+        "--study_file",
+        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist_powered.md"),
+    )
+    parser.add_argument("--extra", default="", help="extra config overrides for every run")
+    parser.add_argument("--report_only", action="store_true")
+    args = parser.parse_args(argv)
+    args.all_seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.extra = [o for o in args.extra.split(",") if o]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    child = {"process": None}
+    with run_table.stopping_on_signals(child):
+        if not args.report_only:
+            for seed in args.all_seeds:
+                for run in RUNS:
+                    if not run_table.finished(run, seed, args):
+                        run_table.ensure_teacher(run, seed, args, child)
+                        run_table.execute(run, seed, args, child)
+                        report(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
