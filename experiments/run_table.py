@@ -38,6 +38,7 @@ import readme_block
 import study_stats
 
 from ffcl_jax import storage  # --root may be local or gs://
+from ffcl_jax.methods import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("student", "teacher", "fused", "ensemble")
@@ -246,7 +247,7 @@ def collect(args) -> list[dict]:
     """Every finished run as one record (and copies of its results and metrics log)."""
     records = []
     for seed in args.all_seeds:
-        for run in RUNS:
+        for run in table_runs(args):
             results = finished(run, seed, args)
             if results is None:
                 continue
@@ -329,7 +330,7 @@ def claim_lines(records: list[dict]) -> list[str]:
 
 def aggregate(records: list[dict], args) -> list[dict]:
     rows = []
-    for run in RUNS:
+    for run in table_runs(args):
         mine = runs_of(records, run.name, run.framework)
         row = {
             "method": run.name,
@@ -511,12 +512,31 @@ def parse_args(argv=None):
     wanted = [w for w in args.runs.split(",") if w]
     known = {r.name for r in RUNS} | {f"{r.framework}:{r.name}" for r in RUNS}
     unknown = [w for w in wanted if w not in known]
+    presets = [preset_run(w) for w in unknown if preset_run(w) is not None]
+    unknown = [w for w in unknown if preset_run(w) is None]
     if unknown:
-        parser.error(f"unknown runs {unknown}; valid: {', '.join(sorted(known))}")
+        parser.error(
+            f"unknown runs {unknown}; valid: {', '.join(sorted(known))}, or any preset "
+            f"({', '.join(PRESETS)}) as name or framework:name"
+        )
     args.selected = [
         r for r in RUNS if not wanted or r.name in wanted or f"{r.framework}:{r.name}" in wanted
-    ]
+    ] + presets
     return args
+
+
+def table_runs(args) -> list[Run]:
+    """The table's rows: every run of `RUNS`, then the presets asked for by name (`--runs`)."""
+    return [*RUNS, *(r for r in getattr(args, "selected", ()) if r not in RUNS)]
+
+
+def preset_run(name: str) -> Run | None:
+    """A run of a preset at its defaults (`one`, `pytorch:pcl`, ...), for the presets the table
+    has no row of; None for a name that is not a preset."""
+    framework, _, method = name.rpartition(":")
+    if method not in PRESETS or framework not in ("", "jax", "pytorch"):
+        return None
+    return Run(method, framework or "jax", (f"method={method}",), f"the {method} preset")
 
 
 @contextlib.contextmanager

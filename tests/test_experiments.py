@@ -720,3 +720,13 @@ def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
     assert json.loads((tmp_path / "out.json").read_text())["comparisons"] == json.loads(
         json.dumps(result["comparisons"])
     )
+
+
+def test_the_table_driver_takes_any_preset_by_name():
+    args = run_table.parse_args(["--runs=pcl,pytorch:kdcl,independent"])
+    chosen = [(r.name, r.framework, r.overrides) for r in args.selected]
+    assert ("pcl", "jax", ("method=pcl",)) in chosen
+    assert ("kdcl", "pytorch", ("method=kdcl",)) in chosen
+    assert {r.name for r in run_table.table_runs(args)} >= {"pcl", "kdcl", "ffcl"}
+    with pytest.raises(SystemExit):
+        run_table.parse_args(["--runs=pcll"])
