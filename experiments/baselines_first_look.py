@@ -82,19 +82,18 @@ def report(args) -> list[str]:
     return lines + ["", *descriptions, "", "Commands:", "", *commands]
 
 
+def write_report(args) -> None:
+    readme_block.replace_block("baselines-first-look", "\n".join(report(args)), args.study_file)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     child = {"process": None}
     with run_table.stopping_on_signals(child):
         if not args.report_only:
-            for seed in args.all_seeds:
-                for run in BASELINES:
-                    if not run_table.finished(run, seed, args):
-                        run_table.execute(run, seed, args, child)
-                        readme_block.replace_block(
-                            "baselines-first-look", "\n".join(report(args)), args.study_file
-                        )
-    readme_block.replace_block("baselines-first-look", "\n".join(report(args)), args.study_file)
+            plan = [(run, seed) for seed in args.all_seeds for run in BASELINES]
+            run_table.run_missing(plan, args, child, lambda: write_report(args))
+    write_report(args)
 
 
 if __name__ == "__main__":

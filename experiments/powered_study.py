@@ -215,12 +215,8 @@ def main(argv=None) -> None:
     child = {"process": None}
     with run_table.stopping_on_signals(child):
         if not args.report_only:
-            for seed in args.all_seeds:
-                for run in RUNS:
-                    if not run_table.finished(run, seed, args):
-                        run_table.ensure_teacher(run, seed, args, child)
-                        run_table.execute(run, seed, args, child)
-                        report(args)
+            plan = [(run, seed) for seed in args.all_seeds for run in RUNS]
+            run_table.run_missing(plan, args, child, lambda: report(args))
     report(args)
 
 

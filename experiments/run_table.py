@@ -561,18 +561,31 @@ def stopping_on_signals(child: dict):
             signal.signal(signum, handler)
 
 
+def run_missing(plan, args, child: dict, after_each=None) -> None:
+    """Runs every (run, seed) of `plan` that has not finished, in order (a kd run's teacher
+    first), calling `after_each()` after each: where a driver writes its report at once."""
+    for run, seed in plan:
+        if finished(run, seed, args):
+            continue
+        ensure_teacher(run, seed, args, child)
+        execute(run, seed, args, child)
+        if after_each is not None:
+            after_each()
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     child = {"process": None}
     with stopping_on_signals(child):
         if not args.report_only:
             order = [(a, seed) for a in (False, True) for seed in args.all_seeds]
-            for ablations, seed in order:
-                for run in (r for r in args.selected if r.ablation == ablations):
-                    if finished(run, seed, args):
-                        continue
-                    ensure_teacher(run, seed, args, child)
-                    execute(run, seed, args, child)
+            plan = [
+                (run, seed)
+                for ablations, seed in order
+                for run in args.selected
+                if run.ablation == ablations
+            ]
+            run_missing(plan, args, child)
     report(args)
 
 
