@@ -415,38 +415,31 @@ ffi::Error Guarded(Fn fn) {
 
 }  // namespace
 
-#define FFCL_CONV_ATTRS                                                                  \
-  .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top")          \
-      .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right") \
+// A handler symbol that runs `impl` under `Guarded`.
+#define FFCL_HANDLER(symbol, impl, binding)                                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                        \
+      symbol, [](auto... args) { return Guarded([&] { return impl(args...); }); }, binding)
+
+// The three convolution passes take two float32 buffers and return one, with the geometry.
+#define FFCL_CONV_BINDING                                                                \
+  ffi::Ffi::Bind()                                                                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                     \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                     \
+      .Attr<int64_t>("stride_h")                                                        \
+      .Attr<int64_t>("stride_w")                                                        \
+      .Attr<int64_t>("pad_top")                                                         \
+      .Attr<int64_t>("pad_bottom")                                                      \
+      .Attr<int64_t>("pad_left")                                                        \
+      .Attr<int64_t>("pad_right")                                                       \
       .Attr<int64_t>("groups")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FfclConvForward,
-    [](auto... args) { return Guarded([&] { return ConvForwardImpl(args...); }); },
-    ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>() FFCL_CONV_ATTRS);
+FFCL_HANDLER(FfclConvForward, ConvForwardImpl, FFCL_CONV_BINDING);
+FFCL_HANDLER(FfclConvBackwardData, ConvBackwardDataImpl, FFCL_CONV_BINDING);
+FFCL_HANDLER(FfclConvBackwardWeights, ConvBackwardWeightsImpl, FFCL_CONV_BINDING);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FfclConvBackwardData,
-    [](auto... args) { return Guarded([&] { return ConvBackwardDataImpl(args...); }); },
-    ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>() FFCL_CONV_ATTRS);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FfclConvBackwardWeights,
-    [](auto... args) { return Guarded([&] { return ConvBackwardWeightsImpl(args...); }); },
-    ffi::Ffi::Bind()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Arg<ffi::Buffer<ffi::F32>>()
-        .Ret<ffi::Buffer<ffi::F32>>() FFCL_CONV_ATTRS);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FfclBatchNormForward,
-    [](auto... args) { return Guarded([&] { return BatchNormForwardImpl(args...); }); },
+FFCL_HANDLER(
+    FfclBatchNormForward, BatchNormForwardImpl,
     ffi::Ffi::Bind()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>()
@@ -456,9 +449,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::F32>>()
         .Attr<float>("epsilon"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FfclBatchNormBackward,
-    [](auto... args) { return Guarded([&] { return BatchNormBackwardImpl(args...); }); },
+FFCL_HANDLER(
+    FfclBatchNormBackward, BatchNormBackwardImpl,
     ffi::Ffi::Bind()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>()
