@@ -40,7 +40,7 @@ _ONLINE_METHODS = (
     ("cl_ilr", (), "CL-ILR"),
     ("okddip", (), "OKDDip"),
     ("kdcl", ("loss.rampup_epochs=0.0",), "KDCL (no ramp-up, as published)"),
-    ("pcl", (), "PCL"),
+    ("pcl", ("loss.temporal_mean_decay=0.92",), "PCL (temporal mean's window scaled)"),
 )
 JAX_RUNS = tuple(
     run_table.Run(
