@@ -275,10 +275,8 @@ def torch_worker(config, modes) -> dict:
     import numpy as np
     import torch
 
-    from ffcl_jax.methods import resolve_loss_settings
     from ffcl_jax.torch_reference import train as reference
 
-    num_views = resolve_loss_settings(config.method, dict(config.loss)).num_views
     device = FLAGS.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     cuda = device.startswith("cuda")
@@ -304,6 +302,7 @@ def torch_worker(config, modes) -> dict:
         temporal_mean = reference.temporal_mean_of(cohort, settings)
         cohort.train()
         rng = np.random.default_rng(0)
+        num_views = settings["num_views"]
         views = (num_views,) if num_views > 1 else ()
         x, y = reference.as_tensors(
             rng.integers(0, 256, (config.batch_size, *views, *info.image_shape), np.uint8),
@@ -346,7 +345,9 @@ def torch_worker(config, modes) -> dict:
         cohort.train()
         images_nchw, labels_all = reference.as_tensors(images, labels)
         start = time.perf_counter()
-        batches = reference.epoch_batches(images_nchw, labels_all, config, 0, steps, num_views)
+        batches = reference.epoch_batches(
+            images_nchw, labels_all, config, 0, steps, settings["num_views"]
+        )
         for x, y in batches:
             reference.train_step(
                 cohort, optimizer, schedule, x, y, settings, 0, info, device, dtype, temporal_mean

@@ -76,6 +76,18 @@ class LossSettings:
     def branch_method(self) -> bool:
         return self.num_branches > 0
 
+    def branch_options(self) -> dict[str, Any]:
+        """The branch cohort's structure, as keyword arguments of both frameworks'
+        `BranchCohort` builders."""
+        return {
+            "num_branches": self.num_branches,
+            "branch_stages": self.branch_stages,
+            "gate": self.gate,
+            "backprop_rescale": self.backprop_rescale,
+            "peer_attention": self.branch_target == "attention",
+            "peer_ensemble": self.peer_ensemble,
+        }
+
     @property
     def num_views(self) -> int:
         """Augmented views of every training image: one per network or branch with

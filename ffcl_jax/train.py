@@ -94,12 +94,7 @@ def create_cohort(config, settings: LossSettings, info: input_pipeline.DatasetIn
             config.student,
             info.num_classes,
             in_channels=info.image_shape[-1],
-            num_branches=settings.num_branches,
-            branch_stages=settings.branch_stages,
-            gate=settings.gate,
-            backprop_rescale=settings.backprop_rescale,
-            peer_attention=settings.branch_target == "attention",
-            peer_ensemble=settings.peer_ensemble,
+            **settings.branch_options(),
             dtype=dtype,
             seed=config.seed,
         )

@@ -379,12 +379,7 @@ def test_branch_methods_three_train_steps_in_float64_match_pytorch_exactly(fmnis
             config.student,
             10,
             1,
-            settings.num_branches,
-            settings.branch_stages,
-            settings.gate,
-            settings.backprop_rescale,
-            peer_attention=settings.branch_target == "attention",
-            peer_ensemble=settings.peer_ensemble,
+            **settings.branch_options(),
         )
         for role in state.params:
             getattr(cohort, role).load_state_dict(

@@ -353,10 +353,11 @@ class BranchCohort(nn.Module):
         name,
         num_classes,
         in_channels,
+        *,
         num_branches,
         branch_stages,
         gate,
-        rescale,
+        backprop_rescale,
         peer_attention=False,
         peer_ensemble=False,
     ):
@@ -382,7 +383,7 @@ class BranchCohort(nn.Module):
         if peer_ensemble:
             channels = self.student.stage_channels[-1]
             self.peer_ensemble = nn.Linear(num_branches * channels, num_classes)
-        self.num_branches, self.rescale = num_branches, rescale
+        self.num_branches, self.backprop_rescale = num_branches, backprop_rescale
 
     def _trunk(self, images):
         x = self.student.stem(images)
@@ -399,7 +400,7 @@ class BranchCohort(nn.Module):
             trunks = [self._trunk(view) for view in member_views(images, self.num_branches)]
         branch_logits, branch_features = [], []
         for branch, (x, shared) in zip([self.student, *self.peers], trunks, strict=True):
-            y = _RescaleGradient.apply(x, 1.0 / self.num_branches) if self.rescale else x
+            y = _RescaleGradient.apply(x, 1.0 / self.num_branches) if self.backprop_rescale else x
             features = []
             for index in range(self.first_branch_stage, len(branch.stages)):
                 y = run_stage(branch, index, y)

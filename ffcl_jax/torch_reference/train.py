@@ -220,8 +220,9 @@ def jax_batches(config, images, labels, epoch: int, num_views: int = 1):
 
 
 def build(config, steps_per_epoch: int, device: str):
-    """The cohort, its optimizer and schedule, and the loss settings (as a dict) of a config;
-    with `config.reference_from_jax`, the cohort starts from the JAX trainer's weights."""
+    """The cohort, its optimizer and schedule, the loss settings (`settings_mapping`) and the
+    dataset info of a config; with `config.reference_from_jax`, the cohort starts from the JAX
+    trainer's weights."""
     torch.manual_seed(config.seed)
     settings = resolve_loss_settings(config.method, dict(config.loss))
     if not settings.train_teacher:
@@ -232,12 +233,7 @@ def build(config, steps_per_epoch: int, device: str):
             config.student,
             info.num_classes,
             info.image_shape[-1],
-            settings.num_branches,
-            settings.branch_stages,
-            settings.gate,
-            settings.backprop_rescale,
-            peer_attention=settings.branch_target == "attention",
-            peer_ensemble=settings.peer_ensemble,
+            **settings.branch_options(),
         ).to(device)
     else:
         cohort = models.create_cohort(
@@ -252,7 +248,13 @@ def build(config, steps_per_epoch: int, device: str):
     if config.get("reference_from_jax", False):
         load_jax_initial_weights(cohort, config, settings)
     optimizer, schedule = optim.make_optimizer(cohort, config, steps_per_epoch)
-    return cohort, optimizer, schedule, dataclasses.asdict(settings), info
+    return cohort, optimizer, schedule, settings_mapping(settings), info
+
+
+def settings_mapping(settings) -> dict:
+    """`LossSettings` as the plain mapping the reference's losses read: its fields and the
+    derived `num_views`."""
+    return dataclasses.asdict(settings) | {"num_views": settings.num_views}
 
 
 def as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +272,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
     spe = len(train_images) // config.batch_size
     cohort, optimizer, schedule, settings_dict, info = build(config, spe, device)
     temporal_mean = temporal_mean_of(cohort, settings_dict)
-    num_views = resolve_loss_settings(config.method, dict(config.loss)).num_views
+    num_views = settings_dict["num_views"]
     workdir = storage.path(workdir)  # local or gs://
     storage.prepare_workdir(workdir)
 
