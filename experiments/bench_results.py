@@ -108,6 +108,8 @@ def write_readme(results: str = RESULTS, readme: str = README) -> None:
                 settings.append("closed-form BN backward")
             if j.get("onednn_kernels"):
                 settings.append("oneDNN convolutions")
+            if "batch_norm_relu" in j.get("cpu_kernel_ops", []):
+                settings.append("BatchNorm+ReLU kernel")
             if "glibc.malloc.hugetlb=1" in r.get("glibc_tunables", ""):
                 settings.append("huge-page malloc")
             if mode == "epoch":

@@ -153,7 +153,7 @@ def train_split(config):
 def jax_worker(config, modes) -> dict:
     import jax
 
-    from ffcl_jax import parallel, train, xla_cpu
+    from ffcl_jax import cpu_kernels, parallel, train, xla_cpu
 
     # Before the first device query starts the backend (XLA reads XLA_FLAGS once).
     os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
@@ -166,6 +166,9 @@ def jax_worker(config, modes) -> dict:
         "compiler_options": xla_cpu.compiler_options(config),
         "closed_form_batch_norm": xla_cpu.closed_form_batch_norm(config),
         "onednn_kernels": xla_cpu.use_onednn_kernels(config, jax.device_count()),
+        "cpu_kernel_ops": list(cpu_kernels.OPS)
+        if xla_cpu.use_onednn_kernels(config, jax.device_count())
+        else [],
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     mesh = parallel.DataParallel()

@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     # BatchNorm's training backward: "closed_form" (two per-channel sums; faster for deep
     # networks on XLA:CPU), "autodiff" (JAX differentiates the forward), or "auto" (closed_form
     # on the CPU backend when a network has >= 5 blocks a stage). See train.closed_form_batch_norm.
+    # Float32 layers on the CPU kernels (cpu_kernels below) use the kernel's own backward.
     c.batch_norm_backward = "auto"
     # XLA:CPU inlines called computations after its fusion pass, which lets its simplifier drop
     # some copies (demo pair's step 1.11x faster, cifar100 pair's 1.03x). XLA reads this only from
@@ -78,10 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
     # whose backend already runs, or whose XLA_FLAGS already set xla_backend_extra_options, keeps
     # what it has. See train.set_process_xla_flags.
     c.xla_cpu_flatten_after_fusion = True
-    # Convolutions on the CPU: "onednn" (ffcl_jax.cpu_kernels, oneDNN through jax.ffi, float32
-    # layers, one device; 2.5x faster than XLA:CPU's on the demo pair's layers), "xla" (XLA's
-    # own), or "auto" (onednn for float32 on one CPU device where the kernels are built, else
-    # xla). See xla_cpu.use_onednn_kernels and docs/performance.md.
+    # Convolutions and training-mode BatchNorm on the CPU: "onednn" (ffcl_jax.cpu_kernels:
+    # oneDNN's convolutions and a double-sum BatchNorm with its ReLU fused, through jax.ffi,
+    # float32 layers, one device; 2.5x faster than XLA:CPU's on the demo pair's convolutions),
+    # "xla" (XLA's own), or "auto" (onednn for float32 on one CPU device where the kernels are
+    # built, else xla). See xla_cpu.use_onednn_kernels and docs/performance.md.
     c.cpu_kernels = "auto"
 
     # Loss settings; None = the method preset's value.

@@ -71,7 +71,7 @@ def make_train_step(
     statistics are averaged over devices, and the gradient of the replicated parameters is summed
     by `shard_map`'s transpose, which makes it the gradient of the global mean loss.
     `closed_form_bn`: BatchNorm layers differentiate with `layers.batch_norm_train`.
-    `onednn`: float32 convolutions run as `ffcl_jax.cpu_kernels` (BatchNorm stays XLA's).
+    `onednn`: float32 convolutions and training-mode BatchNorm run as `ffcl_jax.cpu_kernels`.
     With PCL's temporal mean in the state, it runs on the same batch in training mode (its own
     BatchNorm statistics update; its logits are targets only) and its weights follow the
     updated ones: mean <- d mean + (1 - d) params, d = min(1 - 1/(step + 1), decay).

@@ -108,8 +108,8 @@ CPU_KERNELS = ("auto", "onednn", "xla")
 
 
 def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None) -> bool:
-    """`config.cpu_kernels`: whether the steps run float32 convolutions as the oneDNN kernels of
-    `ffcl_jax.cpu_kernels`.
+    """`config.cpu_kernels`: whether the steps run float32 convolutions and training-mode
+    BatchNorm as the kernels of `ffcl_jax.cpu_kernels`.
 
     "onednn" insists (an error where they cannot run); "xla" never uses them; "auto" takes them
     for float32 on the CPU backend with one device when they are built. On several devices XLA's

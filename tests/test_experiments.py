@@ -90,6 +90,7 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
 
     auto_onednn = cpu_kernels.available()
     assert result["jax"]["onednn_kernels"] is auto_onednn
+    assert result["jax"]["cpu_kernel_ops"] == (list(cpu_kernels.OPS) if auto_onednn else [])
     for tunables in (result["glibc_tunables"], result["jax"]["glibc_tunables"]):
         assert "glibc.malloc.hugetlb=1" in tunables
 
@@ -101,7 +102,7 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     rows = [line for line in text.splitlines() if line.startswith("| resnet8+resnet8")]
     assert len(rows) == 2  # step and epoch
     assert f"**{result['ratio']['step']:.2f}**" in rows[0]
-    kernels = ", oneDNN convolutions" if result["jax"]["onednn_kernels"] else ""
+    kernels = ", oneDNN convolutions, BatchNorm+ReLU kernel" if auto_onednn else ""
     assert f"| float32, ynn reduce, flatten after fusion{kernels}, huge-page malloc |" in rows[0]
     m = result["machine"]
     assert f"| {m['cores']}-core {m['cpu']} ({m['isa']}) |" in rows[0]

@@ -1,16 +1,18 @@
-"""Optional oneDNN kernels for XLA:CPU via `jax.ffi`: convolutions, and training-mode BatchNorm.
+"""Optional kernels for XLA:CPU via `jax.ffi`: oneDNN convolutions, and training-mode BatchNorm.
 
 An accelerator of the CPU backend, not part of the method: every op here computes what
-`lax.conv_general_dilated` and `layers.batch_norm_train` compute (float32 only), so a model
-gives the same numbers to rounding with or without it. XLA:CPU's own convolutions are 2-4x
-slower than oneDNN's on this project's layers (docs/performance.md, "oneDNN kernels").
+`lax.conv_general_dilated` and `layers.batch_norm_train` (followed by a ReLU where asked)
+compute, float32 only, so a model gives the same numbers to rounding with or without it.
+XLA:CPU's own convolutions are 2-4x slower than oneDNN's on this project's layers, and its
+BatchNorm takes several passes over memory (docs/performance.md, "oneDNN kernels").
+
+The BatchNorm is not oneDNN's: oneDNN sums each channel in plain float32, far less exact than
+XLA's pairwise reductions where a gradient nearly cancels over a channel. Ours sums in double
+(more exact than XLA's) in two memory-bound passes each way, with the ReLU that follows it fused.
 
 `available()` says whether the library is built (compiling it into a cache on first use, see
 `build.py`) and registered; `unavailable_reason()` says why not. Only `models/layers.py` calls
-the ops, and only when the trainer asks for them (`config.cpu_kernels`); it uses the
-convolutions. The BatchNorm kernels are faster than XLA's too, but their plain float32 sums are
-far less exact where a channel's gradient nearly cancels, so the models keep XLA's BatchNorm
-(tests/test_cpu_kernels.py measures both).
+the ops, and only when the trainer asks for them (`config.cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ import jax
 from ffcl_jax.cpu_kernels import build
 from ffcl_jax.cpu_kernels.ops import batch_norm_train, conv2d  # noqa: F401
 
+# What the kernels replace in a model, for the records that say which ran (bench results).
+OPS = ("convolutions", "batch_norm_relu")
+
 TARGETS = {
     "ffcl_onednn_conv_forward": "FfclConvForward",
     "ffcl_onednn_conv_backward_data": "FfclConvBackwardData",
     "ffcl_onednn_conv_backward_weights": "FfclConvBackwardWeights",
-    "ffcl_onednn_batch_norm_forward": "FfclBatchNormForward",
-    "ffcl_onednn_batch_norm_backward": "FfclBatchNormBackward",
+    "ffcl_batch_norm_forward": "FfclBatchNormForward",
+    "ffcl_batch_norm_backward": "FfclBatchNormBackward",
 }
 
 

@@ -62,8 +62,12 @@ def _compile_command(compiler: str, root: pathlib.Path, output: pathlib.Path) ->
 
     return [
         compiler,
-        "-O2",
+        "-O3",
         "-std=c++17",
+        "-fopenmp",  # the BatchNorm loops; the same GNU OpenMP runtime as oneDNN's gomp build
+        # The BatchNorm backward recomputes its fused ReLU's mask: it must round as the forward
+        # did, so no multiply-add contraction in one and not the other.
+        "-ffp-contract=off",
         "-shared",
         "-fPIC",
         "-w",  # XLA's FFI headers warn under g++ 12; nothing of ours is hidden by this

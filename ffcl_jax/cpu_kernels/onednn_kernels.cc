@@ -1,4 +1,4 @@
-// oneDNN convolutions and BatchNorm for XLA:CPU, called through the XLA FFI.
+// oneDNN convolutions, and a BatchNorm of our own, for XLA:CPU, called through the XLA FFI.
 //
 // Every handler takes and returns plain float32 buffers in the layouts JAX uses (activations
 // NHWC, convolution weights HWIO with the groups outermost in O, as flax.nnx.Conv stores them):
@@ -10,8 +10,13 @@
 // two of these handlers at once on its thread pool, and oneDNN's library-managed scratchpad is
 // shared between primitives.
 
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -290,114 +295,279 @@ ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32
 }
 
 // ---------------------------------------------------------------------------------------------
-// BatchNorm in training mode, over every axis but the last (channels) of an NHWC tensor.
+// BatchNorm in training mode (ReLU optionally fused), over every axis but the last (channels) of
+// an NHWC or NC tensor, seen as `rows x channels`.
+//
+// Not oneDNN's: its BatchNorm sums each channel in plain float32, and a shift's gradient (a sum
+// that nearly cancels) then comes out ~150x less exact than XLA's pairwise reductions. These sum
+// in double, per thread over a fixed share of the rows, combined in thread order: more exact
+// than XLA's, and the same result for the same thread count. The loops are memory-bound; each
+// is compiled for AVX-512, AVX2 and plain x86-64 and picked at load time.
 
-struct BatchNormGeometry {
-  int64_t n, h, w, c;
-  float epsilon;
+#define FFCL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
-  std::vector<int64_t> Key() const {
-    int64_t eps_bits = 0;
-    std::memcpy(&eps_bits, &epsilon, sizeof(epsilon));
-    return {n, h, w, c, eps_bits};
-  }
-  memory::desc Data() const {
-    return memory::desc({n, c, h, w}, memory::data_type::f32, Tag::nhwc);
-  }
-  memory::desc Channels() const { return memory::desc({c}, memory::data_type::f32, Tag::a); }
-  dnnl::normalization_flags Flags() const {
-    return dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
-  }
-  dnnl::batch_normalization_forward::primitive_desc Forward(
-      const dnnl::primitive_attr& attr) const {
-    return dnnl::batch_normalization_forward::primitive_desc(
-        Engine(), dnnl::prop_kind::forward_training, Data(), Data(), epsilon, Flags(), attr);
-  }
+// The row loops work on one block of at most kChannelBlock channels at a time, so that a
+// block's accumulators and per-channel constants stay in registers; a block of exactly
+// kChannelBlock channels (every layer of the zoo) is compiled with that width as a constant.
+constexpr int64_t kChannelBlock = 16;
+
+// Rows [begin, end) of channels [c0, c0 + width) of a `rows x c` array.
+struct Block {
+  int64_t begin, end, c, c0, width;
 };
 
-ffi::Error BatchNormGeometryOf(ffi::Buffer<ffi::F32>& x, float epsilon, BatchNormGeometry* g) {
-  auto d = x.dimensions();
-  if (d.size() == 4) {
-    *g = BatchNormGeometry{d[0], d[1], d[2], d[3], epsilon};
-  } else if (d.size() == 2) {
-    *g = BatchNormGeometry{d[0], 1, 1, d[1], epsilon};
-  } else {
-    return ffi::Error::InvalidArgument("onednn batch norm: expects an NHWC or NC tensor");
+// A row loop's body is a template over its width: kChannelBlock, a compile-time constant, or 0
+// (then it reads `b.width`). Each cloned entry point inlines both, compiled for its target.
+#define FFCL_ALWAYS_INLINE inline __attribute__((always_inline))
+#define FFCL_BY_WIDTH(body, b, ...) \
+  ((b).width == kChannelBlock ? body<kChannelBlock>(b, __VA_ARGS__) : body<0>(b, __VA_ARGS__))
+
+// The float32 value BatchNorm computes before its ReLU, exactly as both passes round it.
+FFCL_ALWAYS_INLINE float Normalized(float x, float mean, float a, float b) {
+  return (x - mean) * a + b;
+}
+
+// `value` where `keep`, else +0, without a branch (g++ leaves a loop with a select scalar).
+FFCL_ALWAYS_INLINE float KeptIf(float value, bool keep) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits &= -static_cast<uint32_t>(keep);
+  std::memcpy(&value, &bits, sizeof(bits));
+  return value;
+}
+
+template <int64_t W>
+FFCL_ALWAYS_INLINE void SumBody(const Block& b, const float* __restrict x, double* __restrict sum,
+                                double* __restrict square) {
+  const int64_t n = W ? W : b.width;
+  double s[kChannelBlock] = {}, q[kChannelBlock] = {};
+  for (int64_t r = b.begin; r < b.end; ++r) {
+    const float* row = x + r * b.c + b.c0;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      double v = row[k];
+      s[k] += v;
+      q[k] += v * v;
+    }
   }
+  for (int64_t k = 0; k < n; ++k) {
+    sum[k] += s[k];
+    square[k] += q[k];
+  }
+}
+
+// sum[k] += x and square[k] += x * x over the block's rows, in double.
+FFCL_VECTOR_CLONES
+void SumRows(const Block& b, const float* x, double* sum, double* square) {
+  FFCL_BY_WIDTH(SumBody, b, x, sum, square);
+}
+
+template <int64_t W>
+FFCL_ALWAYS_INLINE void NormalizeBody(const Block& b, const float* __restrict x,
+                                      float* __restrict y, const float* __restrict mean,
+                                      const float* __restrict a, const float* __restrict shift,
+                                      float floor) {
+  const int64_t n = W ? W : b.width;
+  for (int64_t r = b.begin; r < b.end; ++r) {
+    const float* in = x + r * b.c + b.c0;
+    float* out = y + r * b.c + b.c0;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      out[k] = std::max(Normalized(in[k], mean[k], a[k], shift[k]), floor);
+    }
+  }
+}
+
+// y = max(Normalized(x), floor): floor 0 fuses the ReLU, -inf leaves y as it is. `mean`, `a`
+// and `shift` start at the block's first channel.
+FFCL_VECTOR_CLONES
+void NormalizeRows(const Block& b, const float* x, float* y, const float* mean, const float* a,
+                   const float* shift, float floor) {
+  FFCL_BY_WIDTH(NormalizeBody, b, x, y, mean, a, shift, floor);
+}
+
+template <int64_t W>
+FFCL_ALWAYS_INLINE void GradientSumBody(const Block& b, const float* __restrict x,
+                                        const float* __restrict dy, const float* __restrict mean,
+                                        const float* __restrict a,
+                                        const float* __restrict shift, float floor,
+                                        double* __restrict sum_g, double* __restrict sum_gx) {
+  const int64_t n = W ? W : b.width;
+  double s[kChannelBlock] = {}, q[kChannelBlock] = {};
+  for (int64_t r = b.begin; r < b.end; ++r) {
+    const float* xin = x + r * b.c + b.c0;
+    const float* din = dy + r * b.c + b.c0;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      float g = KeptIf(din[k], Normalized(xin[k], mean[k], a[k], shift[k]) > floor);
+      s[k] += g;
+      q[k] += static_cast<double>(g) * (static_cast<double>(xin[k]) - mean[k]);
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    sum_g[k] += s[k];
+    sum_gx[k] += q[k];
+  }
+}
+
+// The backward pass's sums in double: g and g * (x - mean), where g is dy, zeroed where the
+// fused ReLU's input was not above `floor` (-inf: no ReLU).
+FFCL_VECTOR_CLONES
+void GradientSumRows(const Block& b, const float* x, const float* dy, const float* mean,
+                     const float* a, const float* shift, float floor, double* sum_g,
+                     double* sum_gx) {
+  FFCL_BY_WIDTH(GradientSumBody, b, x, dy, mean, a, shift, floor, sum_g, sum_gx);
+}
+
+template <int64_t W>
+FFCL_ALWAYS_INLINE void InputGradientBody(const Block& b, const float* __restrict x,
+                                          const float* __restrict dy, float* __restrict dx,
+                                          const float* __restrict mean,
+                                          const float* __restrict a,
+                                          const float* __restrict shift, float floor,
+                                          const float* __restrict da,
+                                          const float* __restrict db,
+                                          const float* __restrict dc) {
+  const int64_t n = W ? W : b.width;
+  for (int64_t r = b.begin; r < b.end; ++r) {
+    const float* xin = x + r * b.c + b.c0;
+    const float* din = dy + r * b.c + b.c0;
+    float* out = dx + r * b.c + b.c0;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      float g = KeptIf(din[k], Normalized(xin[k], mean[k], a[k], shift[k]) > floor);
+      out[k] = da[k] * g + db[k] * (xin[k] - mean[k]) + dc[k];
+    }
+  }
+}
+
+// dx = da * g + db * (x - mean) + dc, g as in GradientSumRows.
+FFCL_VECTOR_CLONES
+void InputGradientRows(const Block& b, const float* x, const float* dy, float* dx,
+                       const float* mean, const float* a, const float* shift, float floor,
+                       const float* da, const float* db, const float* dc) {
+  FFCL_BY_WIDTH(InputGradientBody, b, x, dy, dx, mean, a, shift, floor, da, db, dc);
+}
+
+struct RowsView {
+  int64_t rows, channels;
+};
+
+ffi::Error RowsOf(ffi::Buffer<ffi::F32>& x, RowsView* view) {
+  auto d = x.dimensions();
+  if (d.size() < 2 || d[d.size() - 1] < 1) {
+    return ffi::Error::InvalidArgument("batch norm: expects an NHWC or NC tensor");
+  }
+  view->channels = d[d.size() - 1];
+  view->rows = x.element_count() / view->channels;
   return ffi::Error::Success();
 }
 
-struct BatchNormForwardPlan {
-  dnnl::batch_normalization_forward::primitive_desc pd;
-  dnnl::batch_normalization_forward primitive;
-};
+// Runs `fn(block, thread)` on every channel block of each OpenMP thread's contiguous share of
+// the rows; returns the number of threads.
+template <typename Fn>
+int OverBlocks(const RowsView& v, Fn fn) {
+  int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), v.rows)));
+#pragma omp parallel num_threads(threads)
+  {
+    int t = omp_get_thread_num();
+    int n = omp_get_num_threads();
+    int64_t begin = v.rows * t / n, end = v.rows * (t + 1) / n;
+    for (int64_t c0 = 0; c0 < v.channels; c0 += kChannelBlock) {
+      fn(Block{begin, end, v.channels, c0, std::min(kChannelBlock, v.channels - c0)}, t);
+    }
+  }
+  return threads;
+}
 
-struct BatchNormBackwardPlan {
-  dnnl::batch_normalization_backward::primitive_desc pd;
-  dnnl::batch_normalization_backward primitive;
-};
+// Two per-channel double sums over all rows: `fn(block, first, second)` adds a block's sums
+// (pointers at the block's first channel); each thread has its own, added in thread order.
+template <typename Fn>
+void ChannelSums(const RowsView& v, Fn fn, std::vector<double>* first,
+                 std::vector<double>* second) {
+  const int64_t c = v.channels;
+  std::vector<double> partial(static_cast<size_t>(std::max(1, omp_get_max_threads())) * 2 * c);
+  int used = OverBlocks(v, [&](const Block& b, int t) {
+    double* mine = partial.data() + static_cast<size_t>(t) * 2 * c;
+    fn(b, mine + b.c0, mine + c + b.c0);
+  });
+  first->assign(c, 0.0);
+  second->assign(c, 0.0);
+  for (int t = 0; t < used; ++t) {
+    const double* mine = partial.data() + static_cast<size_t>(t) * 2 * c;
+    for (int64_t k = 0; k < c; ++k) {
+      (*first)[k] += mine[k];
+      (*second)[k] += mine[c + k];
+    }
+  }
+}
 
 ffi::Error BatchNormForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                                 ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
                                 ffi::ResultBuffer<ffi::F32> mean,
-                                ffi::ResultBuffer<ffi::F32> variance, float epsilon) {
-  BatchNormGeometry g;
-  if (auto e = BatchNormGeometryOf(x, epsilon, &g); e.failure()) return e;
-  static PlanCache<BatchNormForwardPlan> cache;
-  BatchNormForwardPlan& plan = cache.Get(g.Key(), [&] {
-    BatchNormForwardPlan p;
-    p.pd = g.Forward(UserScratchpad());
-    p.primitive = dnnl::batch_normalization_forward(p.pd);
-    return p;
-  });
+                                ffi::ResultBuffer<ffi::F32> variance, float epsilon, bool relu) {
+  RowsView v;
+  if (auto e = RowsOf(x, &v); e.failure()) return e;
+  const float floor = relu ? 0.0f : -INFINITY;  // the fused ReLU, or none
+  const float *xs = x.typed_data(), *gamma = scale.typed_data(), *beta = shift.typed_data();
+  float *ys = y->typed_data(), *m = mean->typed_data(), *var = variance->typed_data();
   std::lock_guard<std::mutex> serial(ExecutionLock());
-  dnnl::stream stream(Engine());
-  memory scratch(plan.pd.scratchpad_desc(), Engine(),
-                 Grow(Buffers().scratchpad, plan.pd.scratchpad_desc().get_size()));
-  plan.primitive.execute(
-      stream, {{DNNL_ARG_SRC, memory(g.Data(), Engine(), x.typed_data())},
-               {DNNL_ARG_SCALE, memory(g.Channels(), Engine(), scale.typed_data())},
-               {DNNL_ARG_SHIFT, memory(g.Channels(), Engine(), shift.typed_data())},
-               {DNNL_ARG_DST, memory(g.Data(), Engine(), y->typed_data())},
-               {DNNL_ARG_MEAN, memory(g.Channels(), Engine(), mean->typed_data())},
-               {DNNL_ARG_VARIANCE, memory(g.Channels(), Engine(), variance->typed_data())},
-               {DNNL_ARG_SCRATCHPAD, scratch}});
-  stream.wait();
+  std::vector<double> sum, square;
+  ChannelSums(
+      v, [&](const Block& b, double* s, double* q) { SumRows(b, xs, s, q); }, &sum, &square);
+  std::vector<float> a(v.channels);
+  for (int64_t k = 0; k < v.channels; ++k) {
+    double mk = sum[k] / v.rows;
+    m[k] = static_cast<float>(mk);
+    var[k] = static_cast<float>(std::max(square[k] / v.rows - mk * mk, 0.0));
+    a[k] = static_cast<float>(gamma[k] / std::sqrt(static_cast<double>(var[k]) + epsilon));
+  }
+  OverBlocks(v, [&](const Block& b, int) {
+    NormalizeRows(b, xs, ys, m + b.c0, a.data() + b.c0, beta + b.c0, floor);
+  });
   return ffi::Error::Success();
 }
 
 ffi::Error BatchNormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                  ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> variance,
-                                 ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> dx,
+                                 ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                                 ffi::ResultBuffer<ffi::F32> dx,
                                  ffi::ResultBuffer<ffi::F32> dscale,
-                                 ffi::ResultBuffer<ffi::F32> dshift, float epsilon) {
-  BatchNormGeometry g;
-  if (auto e = BatchNormGeometryOf(x, epsilon, &g); e.failure()) return e;
-  static PlanCache<BatchNormBackwardPlan> cache;
-  BatchNormBackwardPlan& plan = cache.Get(g.Key(), [&] {
-    BatchNormBackwardPlan p;
-    auto hint = g.Forward(dnnl::primitive_attr());
-    p.pd = dnnl::batch_normalization_backward::primitive_desc(
-        Engine(), dnnl::prop_kind::backward, g.Data(), g.Data(), g.Data(), epsilon, g.Flags(),
-        hint, UserScratchpad());
-    p.primitive = dnnl::batch_normalization_backward(p.pd);
-    return p;
-  });
+                                 ffi::ResultBuffer<ffi::F32> dshift, float epsilon, bool relu) {
+  RowsView v;
+  if (auto e = RowsOf(x, &v); e.failure()) return e;
+  const float floor = relu ? 0.0f : -INFINITY;  // the fused ReLU, or none
+  const int64_t c = v.channels;
+  const float *xs = x.typed_data(), *dys = dy.typed_data(), *m = mean.typed_data();
+  const float *gamma = scale.typed_data(), *beta = shift.typed_data();
+  std::vector<double> rstd(c);
+  std::vector<float> a(c);
+  for (int64_t k = 0; k < c; ++k) {
+    rstd[k] = 1.0 / std::sqrt(static_cast<double>(variance.typed_data()[k]) + epsilon);
+    a[k] = static_cast<float>(gamma[k] * rstd[k]);  // as the forward pass rounded it
+  }
   std::lock_guard<std::mutex> serial(ExecutionLock());
-  dnnl::stream stream(Engine());
-  memory scratch(plan.pd.scratchpad_desc(), Engine(),
-                 Grow(Buffers().scratchpad, plan.pd.scratchpad_desc().get_size()));
-  plan.primitive.execute(
-      stream, {{DNNL_ARG_SRC, memory(g.Data(), Engine(), x.typed_data())},
-               {DNNL_ARG_DIFF_DST, memory(g.Data(), Engine(), dy.typed_data())},
-               {DNNL_ARG_MEAN, memory(g.Channels(), Engine(), mean.typed_data())},
-               {DNNL_ARG_VARIANCE, memory(g.Channels(), Engine(), variance.typed_data())},
-               {DNNL_ARG_SCALE, memory(g.Channels(), Engine(), scale.typed_data())},
-               {DNNL_ARG_DIFF_SRC, memory(g.Data(), Engine(), dx->typed_data())},
-               {DNNL_ARG_DIFF_SCALE, memory(g.Channels(), Engine(), dscale->typed_data())},
-               {DNNL_ARG_DIFF_SHIFT, memory(g.Channels(), Engine(), dshift->typed_data())},
-               {DNNL_ARG_SCRATCHPAD, scratch}});
-  stream.wait();
+  std::vector<double> sum_g, sum_gx;
+  ChannelSums(
+      v,
+      [&](const Block& b, double* s, double* q) {
+        GradientSumRows(b, xs, dys, m + b.c0, a.data() + b.c0, beta + b.c0, floor, s, q);
+      },
+      &sum_g, &sum_gx);
+  std::vector<float> da(c), db(c), dc(c);
+  for (int64_t k = 0; k < c; ++k) {
+    double gr = gamma[k] * rstd[k];
+    dscale->typed_data()[k] = static_cast<float>(sum_gx[k] * rstd[k]);
+    dshift->typed_data()[k] = static_cast<float>(sum_g[k]);
+    da[k] = static_cast<float>(gr);
+    db[k] = static_cast<float>(-gr * rstd[k] * rstd[k] * sum_gx[k] / v.rows);
+    dc[k] = static_cast<float>(-gr * sum_g[k] / v.rows);
+  }
+  float* dxs = dx->typed_data();
+  OverBlocks(v, [&](const Block& b, int) {
+    InputGradientRows(b, xs, dys, dxs, m + b.c0, a.data() + b.c0, beta + b.c0, floor,
+                      da.data() + b.c0, db.data() + b.c0, dc.data() + b.c0);
+  });
   return ffi::Error::Success();
 }
 
@@ -447,7 +617,8 @@ FFCL_HANDLER(
         .Ret<ffi::Buffer<ffi::F32>>()
         .Ret<ffi::Buffer<ffi::F32>>()
         .Ret<ffi::Buffer<ffi::F32>>()
-        .Attr<float>("epsilon"));
+        .Attr<float>("epsilon")
+        .Attr<bool>("relu"));
 
 FFCL_HANDLER(
     FfclBatchNormBackward, BatchNormBackwardImpl,
@@ -457,7 +628,9 @@ FFCL_HANDLER(
         .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>()
         .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
         .Ret<ffi::Buffer<ffi::F32>>()
         .Ret<ffi::Buffer<ffi::F32>>()
         .Ret<ffi::Buffer<ffi::F32>>()
-        .Attr<float>("epsilon"));
+        .Attr<float>("epsilon")
+        .Attr<bool>("relu"));

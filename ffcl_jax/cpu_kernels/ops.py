@@ -71,32 +71,33 @@ def _conv2d_bwd(strides, padding, groups, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def _batch_norm_forward(x, scale, bias, epsilon):
+def _batch_norm_forward(x, scale, bias, epsilon, relu):
     channels = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
     y, mean, var = jax.ffi.ffi_call(
-        "ffcl_onednn_batch_norm_forward",
+        "ffcl_batch_norm_forward",
         (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels),
         vmap_method="sequential",
-    )(x, scale, bias, epsilon=np.float32(epsilon))
-    return (y, mean, var), (x, mean, var, scale)
+    )(x, scale, bias, epsilon=np.float32(epsilon), relu=bool(relu))
+    return (y, mean, var), (x, mean, var, scale, bias)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x, scale, bias, epsilon):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x, scale, bias, epsilon, relu=False):
     """`(y, batch mean, biased batch variance)` over all axes but the last of a float32 NHWC (or
-    NC) tensor, as `layers.batch_norm_train` returns them; the statistics' cotangents are
-    ignored (the caller stops their gradient, as the running-average update does)."""
-    return _batch_norm_forward(x, scale, bias, epsilon)[0]
+    NC) tensor, as `layers.batch_norm_train` returns them, with `y` through a ReLU under `relu`.
+    The statistics' cotangents are ignored (the caller stops their gradient, as the
+    running-average update does). Its sums are in double: more exact than XLA's."""
+    return _batch_norm_forward(x, scale, bias, epsilon, relu)[0]
 
 
-def _batch_norm_backward(epsilon, residuals, cotangents):
-    x, mean, var, scale = residuals
+def _batch_norm_backward(epsilon, relu, residuals, cotangents):
+    x, mean, var, scale, bias = residuals
     channels = jax.ShapeDtypeStruct(scale.shape, scale.dtype)
     return jax.ffi.ffi_call(
-        "ffcl_onednn_batch_norm_backward",
+        "ffcl_batch_norm_backward",
         (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels),
         vmap_method="sequential",
-    )(x, cotangents[0], mean, var, scale, epsilon=np.float32(epsilon))
+    )(x, cotangents[0], mean, var, scale, bias, epsilon=np.float32(epsilon), relu=bool(relu))
 
 
 batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)

@@ -72,8 +72,8 @@ class FusionModule(nnx.Module):
             [avg_pool_to(teacher_map, size), avg_pool_to(student_map, size)], axis=-1
         )
         frozen = not train
-        x = nnx.relu(self.depthwise_bn(self.depthwise(x), use_running_average=frozen))
-        return nnx.relu(self.pointwise_bn(self.pointwise(x), use_running_average=frozen))
+        x = self.depthwise_bn(self.depthwise(x), use_running_average=frozen, relu=True)
+        return self.pointwise_bn(self.pointwise(x), use_running_average=frozen, relu=True)
 
 
 class FusedFeatureKnowledge(nnx.Module):

@@ -30,16 +30,17 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-# While the trainer traces a step under `onednn_kernels()`, float32 convolutions run as oneDNN
-# kernels (`ffcl_jax.cpu_kernels`, an optional accelerator of XLA:CPU) instead of XLA's;
-# everything else, and every other dtype, stays XLA's.
+# While the trainer traces a step under `onednn_kernels()`, float32 convolutions and training-mode
+# BatchNorm layers run as the kernels of `ffcl_jax.cpu_kernels` (an optional accelerator of
+# XLA:CPU) instead of XLA's; everything else, and every other dtype, stays XLA's.
 _onednn_kernels = contextvars.ContextVar("onednn_kernels", default=False)
 
 
 @contextlib.contextmanager
 def onednn_kernels(enabled: bool = True):
-    """While tracing under it, `Conv` uses the oneDNN kernels for float32 layers (building them
-    on first use; an error if they cannot be had)."""
+    """While tracing under it, `Conv` and `BatchNorm` (training mode) use the kernels of
+    `ffcl_jax.cpu_kernels` for float32 layers (building them on first use; an error if they
+    cannot be had)."""
     token = _onednn_kernels.set(enabled)
     try:
         yield
@@ -194,20 +195,25 @@ def _varying_axes(x) -> frozenset:
 
 
 class BatchNorm(nnx.BatchNorm):
-    """nnx.BatchNorm (same variables, same forward); under `closed_form_batch_norm_backward` its
-    training mode differentiates with the closed form.
+    """nnx.BatchNorm (same variables, same forward), with `relu=True` applying a ReLU to its
+    output. Under `closed_form_batch_norm_backward` its training mode differentiates with the
+    closed form; under `onednn_kernels` a float32 training-mode layer runs as
+    `cpu_kernels.batch_norm_train` instead (double sums, the ReLU fused)."""
 
-    It stays on XLA's kernels under `onednn_kernels`: oneDNN's BatchNorm sums each channel in
-    plain float32, and the gradient sums that nearly cancel (the shifts' gradients) come out
-    about 150x less exact than XLA's pairwise reductions (docs/performance.md)."""
-
-    def __call__(self, x, use_running_average=None, *, mask=None):
+    def __call__(self, x, use_running_average=None, *, mask=None, relu: bool = False):
         if use_running_average is None:
             use_running_average = self.use_running_average
-        if use_running_average or mask is not None or not _closed_form_backward.get():
-            return super().__call__(x, use_running_average, mask=mask)
+        training = not use_running_average and mask is None
+        kernel = training and x.ndim in (2, 4) and _use_onednn(self.dtype, x, self.scale[...])
+        if not kernel and not (training and _closed_form_backward.get()):
+            y = super().__call__(x, use_running_average, mask=mask)
+            return nnx.relu(y) if relu else y
         scale, bias = _varying_like(x, self.scale[...], self.bias[...])
-        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        if kernel:
+            y, mean, var = cpu_kernels.batch_norm_train(x, scale, bias, self.epsilon, relu)
+        else:
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+            y = nnx.relu(y) if relu else y
         stop = jax.lax.stop_gradient
         self.mean[...] = stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
         self.var[...] = stop(self.momentum * self.var[...] + (1 - self.momentum) * var)

@@ -35,7 +35,7 @@ class BasicBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         frozen = not train
-        y = nnx.relu(self.bn1(self.conv1(x), use_running_average=frozen))
+        y = self.bn1(self.conv1(x), use_running_average=frozen, relu=True)
         y = self.bn2(self.conv2(y), use_running_average=frozen)
         if self.shortcut_conv is not None:
             x = self.shortcut_bn(self.shortcut_conv(x), use_running_average=frozen)
@@ -74,7 +74,7 @@ class CifarResNet(ZooNetwork):
         self.classifier = dense(in_ch, num_classes, dtype=dtype, rngs=rngs)
 
     def stem(self, x: jax.Array, *, train: bool) -> jax.Array:
-        return nnx.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+        return self.stem_bn(self.stem_conv(x), use_running_average=not train, relu=True)
 
     def head(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
         """`(logits, last stage map)` from the last stage's output."""

@@ -35,9 +35,9 @@ class WideBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         frozen = not train
-        pre = nnx.relu(self.bn1(x, use_running_average=frozen))
+        pre = self.bn1(x, use_running_average=frozen, relu=True)
         y = self.conv1(pre)
-        y = self.conv2(nnx.relu(self.bn2(y, use_running_average=frozen)))
+        y = self.conv2(self.bn2(y, use_running_average=frozen, relu=True))
         shortcut = x if self.equal_in_out else self.shortcut_conv(pre)
         return shortcut + y
 
@@ -79,5 +79,5 @@ class WideResNet(ZooNetwork):
 
     def head(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
         """`(logits, last stage map)`: the map after the final BatchNorm and ReLU."""
-        x = nnx.relu(self.final_bn(x, use_running_average=not train))
+        x = self.final_bn(x, use_running_average=not train, relu=True)
         return self.classifier(global_avg_pool(x)), x
