@@ -44,6 +44,9 @@ Two modes time JAX alone and print their result (nothing is written):
 
 Each framework runs in its own subprocess, one after the other (never both at once): their
 thread pools would fight over the cores, and each process's peak memory is then its own.
+A shared machine drifts by 10-40% over minutes, so `--turns=N` alternates the two workers N
+times (JAX, PyTorch, JAX, ...): the ratio is the median of the turns' ratios, each turn's is
+kept under `turns`, and the sides shown are those of the turn with the median ratio.
 Peak memory is the process's peak resident set growth over the set-up on a CPU, the allocator's
 peak on a GPU; XLA's own buffer plan (`memory_analysis`) is reported beside it.
 
@@ -94,6 +97,7 @@ def define_flags() -> None:
         "the pixels).",
     )
     flags.DEFINE_list("frameworks", ["jax", "pytorch"], "Which sides to run.")
+    flags.DEFINE_integer("turns", 1, "Step/epoch: alternate the framework workers this often.")
     flags.DEFINE_string("output", None, "JSON path (default: experiments/results/bench_...)")
     flags.DEFINE_bool("readme", False, "Only rewrite the README table from the results.")
     flags.DEFINE_string("worker", None, "Internal: run one framework and print JSON.")
@@ -366,6 +370,26 @@ def torch_worker(config, modes) -> dict:
     return out
 
 
+def pair_ratios(sides: dict, modes: list[str]) -> dict[str, float]:
+    """JAX/PyTorch throughput per mode, where both sides ran."""
+    if not {"jax", "pytorch"} <= set(sides):
+        return {}
+    keys = {"step": "img_per_sec_median", "epoch": "img_per_sec"}
+    return {
+        mode: round(sides["jax"][mode][keys[mode]] / sides["pytorch"][mode][keys[mode]], 3)
+        for mode in modes
+    }
+
+
+def _median_turn(ratios: list[dict[str, float]]) -> int:
+    """The turn whose first mode's ratio is the median (the lower one for an even count)."""
+    if not ratios[0]:
+        return 0
+    mode = next(iter(ratios[0]))
+    order = sorted(range(len(ratios)), key=lambda i: ratios[i][mode])
+    return order[(len(order) - 1) // 2]
+
+
 def run_worker(framework: str) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", *sys.argv[1:]]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
@@ -407,7 +431,13 @@ def main(argv):
         else:
             print(json.dumps(time_checkpoint(config)))
         return
-    sides = {framework: run_worker(framework) for framework in FLAGS.frameworks}
+    turns = [
+        {framework: run_worker(framework) for framework in FLAGS.frameworks}
+        for _ in range(FLAGS.turns)
+    ]
+    ratios = [pair_ratios(sides, modes) for sides in turns]
+    median_turn = _median_turn(ratios)
+    sides = turns[median_turn]
     result = {
         "pair": f"{config.teacher}+{config.student}",
         "method": config.method,
@@ -422,18 +452,12 @@ def main(argv):
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         **sides,
     }
-    if "jax" in sides and "pytorch" in sides:
-        result["ratio"] = {}
-        if "step" in modes:
-            result["ratio"]["step"] = round(
-                sides["jax"]["step"]["img_per_sec_median"]
-                / sides["pytorch"]["step"]["img_per_sec_median"],
-                3,
-            )
-        if "epoch" in modes:
-            result["ratio"]["epoch"] = round(
-                sides["jax"]["epoch"]["img_per_sec"] / sides["pytorch"]["epoch"]["img_per_sec"], 3
-            )
+    if ratios[0]:
+        result["ratio"] = {
+            mode: round(statistics.median(r[mode] for r in ratios), 3) for mode in ratios[0]
+        }
+    if FLAGS.turns > 1:
+        result["turns"] = [{**sides, "ratio": r} for sides, r in zip(turns, ratios, strict=True)]
     print(json.dumps(result, indent=1))
     device = sides.get("jax", sides.get("pytorch"))["device"]
     path = FLAGS.output or os.path.join(

@@ -63,17 +63,23 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
         "--repeats=2",
         "--warmup=1",
         "--epoch_examples=96",
+        "--turns=2",
         f"--output={output}",
     ]
-    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, timeout=900)
     result = json.loads(output.read_text())
+    assert len(result["turns"]) == 2  # JAX, PyTorch, JAX, PyTorch
+    for mode in ("step", "epoch"):
+        turn_ratios = [turn["ratio"][mode] for turn in result["turns"]]
+        assert result["ratio"][mode] == pytest.approx(sum(turn_ratios) / 2, abs=1e-3)
     for side in ("jax", "pytorch"):
         step, epoch = result[side]["step"], result[side]["epoch"]
         assert step["repeats"] == 2 and step["step_ms_min"] <= step["step_ms_median"]
         assert step["img_per_sec_median"] == pytest.approx(32 / step["step_ms_median"] * 1000, 0.01)
         assert epoch["steps"] == 3 and epoch["examples"] == 96 and epoch["seconds"] > 0
     jax_side, torch_side = result["jax"]["step"], result["pytorch"]["step"]
-    assert result["ratio"]["step"] == pytest.approx(
+    # The sides shown are the turn with the median step ratio: of two, the lower one.
+    assert min(turn["ratio"]["step"] for turn in result["turns"]) == pytest.approx(
         jax_side["img_per_sec_median"] / torch_side["img_per_sec_median"], 0.01
     )
     assert jax_side["first_step_seconds_incl_compile"] > 0 and jax_side["xla_temp_mb"] > 0
@@ -174,6 +180,24 @@ def test_gpu_script_runs_the_benchmark_without_tensorflow_and_returns_the_result
         ["bash", "experiments/gpu_bench.sh", "float16"], cwd=ROOT, capture_output=True, text=True
     )
     assert wrong.returncode == 2 and "float32 or bfloat16" in wrong.stderr
+
+
+def test_turns_take_the_median_ratio_and_show_that_turn():
+    """`--turns`: each turn's JAX/PyTorch ratio; the turn shown is the one with the median ratio
+    (the lower of the middle two for an even count)."""
+    import bench_step
+
+    def sides(jax_rate, torch_rate):
+        return {
+            "jax": {"step": {"img_per_sec_median": jax_rate}, "epoch": {"img_per_sec": 1.0}},
+            "pytorch": {"step": {"img_per_sec_median": torch_rate}, "epoch": {"img_per_sec": 2.0}},
+        }
+
+    assert bench_step.pair_ratios(sides(3.0, 2.0), ["step", "epoch"]) == {"step": 1.5, "epoch": 0.5}
+    assert bench_step.pair_ratios({"jax": {}}, ["step"]) == {}
+    assert bench_step._median_turn([{"step": 0.5}, {"step": 3.0}, {"step": 2.0}]) == 2
+    assert bench_step._median_turn([{"step": 2.0}, {"step": 1.0}]) == 1
+    assert bench_step._median_turn([{}]) == 0
 
 
 def test_benchmark_result_names_keep_settings_apart(monkeypatch):

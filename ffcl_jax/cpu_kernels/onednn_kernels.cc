@@ -467,7 +467,7 @@ ffi::Error RowsOf(ffi::Buffer<ffi::F32>& x, RowsView* view) {
 // the rows; returns the number of threads.
 template <typename Fn>
 int OverBlocks(const RowsView& v, Fn fn) {
-  int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), v.rows)));
+  int threads = static_cast<int>(std::clamp<int64_t>(v.rows, 1, omp_get_max_threads()));
 #pragma omp parallel num_threads(threads)
   {
     int t = omp_get_thread_num();
