@@ -162,6 +162,7 @@ def jax_worker(config, modes) -> dict:
     # Before the first device query starts the backend (XLA reads XLA_FLAGS once).
     os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
     settings = train.check_config(config, jax.device_count())
+    onednn = xla_cpu.use_onednn_kernels(config, jax.device_count())
     out = {
         "framework": "jax",
         "version": f"jax {jax.__version__}",
@@ -169,10 +170,8 @@ def jax_worker(config, modes) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "compiler_options": xla_cpu.compiler_options(config),
         "closed_form_batch_norm": xla_cpu.closed_form_batch_norm(config),
-        "onednn_kernels": xla_cpu.use_onednn_kernels(config, jax.device_count()),
-        "cpu_kernel_ops": list(cpu_kernels.OPS)
-        if xla_cpu.use_onednn_kernels(config, jax.device_count())
-        else [],
+        "onednn_kernels": onednn,
+        "cpu_kernel_ops": list(cpu_kernels.OPS) if onednn else [],
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
     mesh = parallel.DataParallel()

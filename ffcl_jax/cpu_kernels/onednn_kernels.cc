@@ -16,10 +16,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -502,6 +502,15 @@ void ChannelSums(const RowsView& v, Fn fn, std::vector<double>* first,
   }
 }
 
+// 1 / sqrt(var + epsilon), in double, from the float32 variance both passes see.
+double RsqrtOf(float variance, float epsilon) {
+  return 1.0 / std::sqrt(static_cast<double>(variance) + epsilon);
+}
+
+// The per-channel factor `a` of `Normalized`. The backward pass recomputes the fused ReLU's mask
+// from it, so both passes must get it from this one expression, bit for bit.
+float NormalizingScale(float gamma, double rstd) { return static_cast<float>(gamma * rstd); }
+
 ffi::Error BatchNormForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                                 ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
                                 ffi::ResultBuffer<ffi::F32> mean,
@@ -520,7 +529,7 @@ ffi::Error BatchNormForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> s
     double mk = sum[k] / v.rows;
     m[k] = static_cast<float>(mk);
     var[k] = static_cast<float>(std::max(square[k] / v.rows - mk * mk, 0.0));
-    a[k] = static_cast<float>(gamma[k] / std::sqrt(static_cast<double>(var[k]) + epsilon));
+    a[k] = NormalizingScale(gamma[k], RsqrtOf(var[k], epsilon));
   }
   OverBlocks(v, [&](const Block& b, int) {
     NormalizeRows(b, xs, ys, m + b.c0, a.data() + b.c0, beta + b.c0, floor);
@@ -543,8 +552,8 @@ ffi::Error BatchNormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
   std::vector<double> rstd(c);
   std::vector<float> a(c);
   for (int64_t k = 0; k < c; ++k) {
-    rstd[k] = 1.0 / std::sqrt(static_cast<double>(variance.typed_data()[k]) + epsilon);
-    a[k] = static_cast<float>(gamma[k] * rstd[k]);  // as the forward pass rounded it
+    rstd[k] = RsqrtOf(variance.typed_data()[k], epsilon);
+    a[k] = NormalizingScale(gamma[k], rstd[k]);  // as the forward pass rounded it
   }
   std::lock_guard<std::mutex> serial(ExecutionLock());
   std::vector<double> sum_g, sum_gx;
