@@ -120,6 +120,20 @@ def comparisons(records: list[dict]) -> dict:
     return {"primary": primary, "pytorch_minus_jax": frameworks}
 
 
+def one_machine_seeds(records: list[dict]) -> tuple[str | None, list[int]]:
+    """The protocol's sensitivity analysis keeps the seeds whose runs all ran on one machine
+    kind (this project's kind changes between sessions, and XLA:CPU's rounding with it): the
+    most common such kind and its seeds."""
+    kinds: dict[int, set] = {}
+    for r in records:
+        kinds.setdefault(r["seed"], set()).add(r["machine"])
+    single = sorted(next(iter(k)) for k in kinds.values() if len(k) == 1 and None not in k)
+    if not single:
+        return None, []
+    kind = max(single, key=single.count)
+    return kind, sorted(seed for seed, k in kinds.items() if k == {kind})
+
+
 def collect(args) -> list[dict]:
     records = []
     for seed in args.all_seeds:
@@ -152,10 +166,39 @@ def _cell(c: dict) -> str:
     return f"{c['mean']:+.2f} [{low:+.2f}, {high:+.2f}] (n={c['n']}, p = {c['p']:.3g}{adjusted})"
 
 
+def _one_machine_lines(one_machine: dict, seeds: int, finished_seeds: int) -> list[str]:
+    kind, kept = one_machine["machine"], one_machine["seeds"]
+    if kind is None:
+        return ["Sensitivity to the machine kind: no seed has all its runs on one machine yet."]
+    if len(kept) == finished_seeds:
+        return [
+            f"Sensitivity to the machine kind: every seed's runs ran on one kind, {kind}; "
+            "the analysis above is the one-kind analysis."
+        ]
+    lines = [
+        f"Sensitivity to the machine kind: the {len(kept)} of {seeds} seeds whose runs all ran "
+        f"on one kind, {kind} (seeds {', '.join(map(str, kept))}):",
+        "",
+        "| FFCL's student minus, one machine kind | paired difference, points [95% CI] |",
+        "|---|---|",
+    ]
+    for name, c in one_machine["comparisons"]["primary"].items():
+        lines.append(f"| `{name}` | {_cell(c)} |")
+    for name, c in one_machine["comparisons"]["pytorch_minus_jax"].items():
+        lines.append(f"| PyTorch minus JAX, `{name}` | {_cell(c)} |")
+    return lines
+
+
 def report(args) -> dict:
     records = collect(args)
     result = {"protocol": "experiments/results/fashion_mnist_powered.md", "runs": records}
     result["comparisons"] = comparisons(records)
+    kind, seeds = one_machine_seeds(records)
+    result["one_machine"] = {
+        "machine": kind,
+        "seeds": seeds,
+        "comparisons": comparisons([r for r in records if r["seed"] in seeds]),
+    }
     with open(f"{args.output}.json", "w") as f:
         json.dump(result, f, indent=1)
     done = {(r["method"], r["framework"]) for r in records}
@@ -163,7 +206,7 @@ def report(args) -> dict:
         f"Progress: {len(records)} of {len(RUNS) * len(args.all_seeds)} runs "
         f"({len(args.all_seeds)} seeds). Until every seed is in, this is a progress report.",
         "",
-        "| method | framework | runs | student | teacher | ensemble | wall time |",
+        "| method | framework | runs | student | teacher | ensemble | wall time, median |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in RUNS:
@@ -173,7 +216,9 @@ def report(args) -> dict:
             values = [r["summary"][model]["last"] for r in mine if model in r["summary"]]
             cells.append(study_stats.mean_std(values) if values else "-")
         wall = run_table.wall_cell(
-            [r["wall_seconds"] for r in mine if r["wall_seconds"]], [r["machine"] for r in mine]
+            [r["wall_seconds"] for r in mine if r["wall_seconds"]],
+            [r["machine"] for r in mine],
+            average=statistics.median,  # a run that shared the machine would pull a mean up
         )
         row = [f"`{run.name}`", run.framework, str(len(mine)), *cells, wall]
         lines.append("| " + " | ".join(row) + " |")
@@ -184,6 +229,8 @@ def report(args) -> dict:
     lines += ["|---|---|"]
     for name, c in result["comparisons"]["pytorch_minus_jax"].items():
         lines.append(f"| `{name}` | {_cell(c)} |")
+    finished_seeds = len({r["seed"] for r in records})
+    lines += ["", *_one_machine_lines(result["one_machine"], len(args.all_seeds), finished_seeds)]
     commands = [f"- `{r['command']}`" for r in records]
     lines += ["", "Commands of the finished runs:", "", *commands] if done else []
     readme_block.replace_block("powered", "\n".join(lines), args.study_file)

@@ -747,6 +747,53 @@ def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
     )
 
 
+def test_powered_study_sensitivity_keeps_the_seeds_that_ran_on_one_machine_kind(tmp_path):
+    """The protocol's sensitivity analysis: only seeds whose every run ran on the most common
+    machine kind, with the same comparisons; the report says so, and wall time is a median."""
+    import powered_study
+
+    root = tmp_path / "root"
+    amd, intel = "2-core AMD EPYC (AVX-512)", "2-core Intel Xeon (AVX-512)"
+    machines = {1000: (amd, amd), 1001: (amd, intel), 1002: (amd, amd), 1003: (intel, intel)}
+    students = {1000: (0.900, 0.890), 1001: (0.905, 0.899), 1002: (0.902, 0.894), 1003: (0.9, 0.8)}
+    walls = {1000: 60.0, 1001: 600.0, 1002: 120.0, 1003: 90.0}
+    for seed, (ffcl_machine, independent_machine) in machines.items():
+        for method, machine, value in zip(
+            ("ffcl", "independent"),
+            (ffcl_machine, independent_machine),
+            students[seed],
+            strict=True,
+        ):
+            folder = root / f"jax_{method}_seed{seed}"
+            folder.mkdir(parents=True)
+            summary = {"student": {"last": value, "best": value, "best_epoch": 3}}
+            results = {"summary": summary, "history": [], "wall_seconds": walls[seed]}
+            (folder / "results.json").write_text(json.dumps(results))
+            (folder / "table_run.json").write_text(json.dumps({"machine": machine}))
+    study = tmp_path / "study.md"
+    study.write_text("<!-- powered:start -->\n<!-- powered:end -->\n")
+    args = powered_study.parse_args(
+        [
+            "--seeds=1000,1001,1002,1003",
+            f"--root={root}",
+            f"--output={tmp_path / 'out'}",
+            f"--study_file={study}",
+            "--report_only",
+        ]
+    )
+    result = powered_study.report(args)
+    assert result["comparisons"]["primary"]["independent"]["n"] == 4
+    one_machine = result["one_machine"]
+    assert one_machine["machine"] == amd and one_machine["seeds"] == [1000, 1002]
+    kept = one_machine["comparisons"]["primary"]["independent"]
+    assert kept["differences"] == pytest.approx([1.0, 0.8])
+    text = study.read_text()
+    assert f"the 2 of 4 seeds whose runs all ran on one kind, {amd} (seeds 1000, 1002)" in text
+    assert "| `independent` | +0.90 [" in text
+    # the median of 60, 600, 120 and 90 seconds, not their mean (3.6 min)
+    assert "| `ffcl` | jax | 4 |" in text and "| 1.8 min (AVX-512) |" in text
+
+
 def test_the_table_driver_takes_any_preset_by_name():
     args = run_table.parse_args(["--runs=pcl,pytorch:kdcl,independent"])
     chosen = [(r.name, r.framework, r.overrides) for r in args.selected]
