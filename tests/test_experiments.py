@@ -693,6 +693,24 @@ def test_holm_adjusts_like_the_step_down_rule():
     assert adjusted == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
 
 
+def _powered_report(tmp_path, root):
+    """The powered study's report of the runs under `root` (seeds 1000-1003): its file, result."""
+    import powered_study
+
+    study = tmp_path / "study.md"
+    study.write_text("<!-- powered:start -->\n<!-- powered:end -->\n")
+    args = powered_study.parse_args(
+        [
+            "--seeds=1000,1001,1002,1003",
+            f"--root={root}",
+            f"--output={tmp_path / 'out'}",
+            f"--study_file={study}",
+            "--report_only",
+        ]
+    )
+    return study, powered_study.report(args)
+
+
 def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
     """From finished runs only: FFCL's student minus each baseline's over the seeds both have,
     the paired t-test's p Holm-adjusted over the baselines that have a difference, PyTorch
@@ -715,18 +733,7 @@ def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
             (folder / "results.json").write_text(
                 json.dumps({"summary": summary, "history": [], "wall_seconds": 60.0})
             )
-    study = tmp_path / "study.md"
-    study.write_text("<!-- powered:start -->\n<!-- powered:end -->\n")
-    args = powered_study.parse_args(
-        [
-            "--seeds=1000,1001,1002,1003",
-            f"--root={root}",
-            f"--output={tmp_path / 'out'}",
-            f"--study_file={study}",
-            "--report_only",
-        ]
-    )
-    result = powered_study.report(args)
+    study, result = _powered_report(tmp_path, root)
     primary = result["comparisons"]["primary"]
     ffcl, independent = students["jax", "ffcl"], students["jax", "independent"]
     diffs = [100 * (a - b) for a, b in zip(ffcl, independent, strict=True)]
@@ -750,8 +757,6 @@ def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
 def test_powered_study_sensitivity_keeps_the_seeds_that_ran_on_one_machine_kind(tmp_path):
     """The protocol's sensitivity analysis: only seeds whose every run ran on the most common
     machine kind, with the same comparisons; the report says so, and wall time is a median."""
-    import powered_study
-
     root = tmp_path / "root"
     amd, intel = "2-core AMD EPYC (AVX-512)", "2-core Intel Xeon (AVX-512)"
     machines = {1000: (amd, amd), 1001: (amd, intel), 1002: (amd, amd), 1003: (intel, intel)}
@@ -770,18 +775,7 @@ def test_powered_study_sensitivity_keeps_the_seeds_that_ran_on_one_machine_kind(
             results = {"summary": summary, "history": [], "wall_seconds": walls[seed]}
             (folder / "results.json").write_text(json.dumps(results))
             (folder / "table_run.json").write_text(json.dumps({"machine": machine}))
-    study = tmp_path / "study.md"
-    study.write_text("<!-- powered:start -->\n<!-- powered:end -->\n")
-    args = powered_study.parse_args(
-        [
-            "--seeds=1000,1001,1002,1003",
-            f"--root={root}",
-            f"--output={tmp_path / 'out'}",
-            f"--study_file={study}",
-            "--report_only",
-        ]
-    )
-    result = powered_study.report(args)
+    study, result = _powered_report(tmp_path, root)
     assert result["comparisons"]["primary"]["independent"]["n"] == 4
     one_machine = result["one_machine"]
     assert one_machine["machine"] == amd and one_machine["seeds"] == [1000, 1002]
