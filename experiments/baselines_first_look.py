@@ -20,17 +20,17 @@ import argparse
 import os
 
 import readme_block  # experiments/, beside this script
-import run_table
+import study_runs
 
-ROOT = run_table.ROOT
+ROOT = study_runs.ROOT
 BASELINES = (
-    run_table.Run("one", "jax", ("method=one",), "ONE: 3 branches, gate"),
-    run_table.Run("cl_ilr", "jax", ("method=cl_ilr",), "CL-ILR: 4 branches, rescaled trunk"),
-    run_table.Run("okddip", "jax", ("method=okddip",), "OKDDip: leader + 3 peers, attention"),
-    run_table.Run(
+    study_runs.Run("one", "jax", ("method=one",), "ONE: 3 branches, gate"),
+    study_runs.Run("cl_ilr", "jax", ("method=cl_ilr",), "CL-ILR: 4 branches, rescaled trunk"),
+    study_runs.Run("okddip", "jax", ("method=okddip",), "OKDDip: leader + 3 peers, attention"),
+    study_runs.Run(
         "kdcl", "jax", ("method=kdcl", "loss.rampup_epochs=0.0"), "KDCL: the pair, 2 views"
     ),
-    run_table.Run("pcl", "jax", ("method=pcl",), "PCL: 3 branches, 3 views, temporal mean"),
+    study_runs.Run("pcl", "jax", ("method=pcl",), "PCL: 3 branches, 3 views, temporal mean"),
 )
 # What each row reports: the deployable student, and the ensemble the method trains with.
 COLUMNS = ("student", "ensemble")
@@ -66,18 +66,18 @@ def report(args) -> list[str]:
     commands = []
     for seed in args.all_seeds:
         for run in BASELINES:
-            results = run_table.finished(run, seed, args)
+            results = study_runs.finished(run, seed, args)
             if results is None:
                 lines.append(f"| `{run.name}` | {seed} | pending | | |")
                 continue
-            run_table.keep_copy(run, seed, args)
+            study_runs.keep_copy(run, seed, args)
             last = results["history"][-1]  # the test split's accuracy is not reported here
             assert last["split"] == "validation", "a first-look run evaluates on validation"
             cells = [f"{100 * last[m]:.2f}%" for m in COLUMNS]
-            machine = run_table.started_at(run, seed, args).get("machine")
-            wall = run_table.wall_cell([results["wall_seconds"]], [machine])
+            machine = study_runs.started_at(run, seed, args).get("machine")
+            wall = study_runs.wall_cell([results["wall_seconds"]], [machine])
             lines.append(f"| `{run.name}` | {seed} | " + " | ".join(cells) + f" | {wall} |")
-            commands.append(f"- `{run_table.ran_command(run, seed, args)}`")
+            commands.append(f"- `{study_runs.ran_command(run, seed, args)}`")
     descriptions = [f"- `{r.name}`: {r.description}" for r in BASELINES]
     return lines + ["", *descriptions, "", "Commands:", "", *commands]
 
@@ -89,10 +89,10 @@ def write_report(args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     child = {"process": None}
-    with run_table.stopping_on_signals(child):
+    with study_runs.stopping_on_signals(child):
         if not args.report_only:
             plan = [(run, seed) for seed in args.all_seeds for run in BASELINES]
-            run_table.run_missing(plan, args, child, lambda: write_report(args))
+            study_runs.run_missing(plan, args, child, lambda: write_report(args))
     write_report(args)
 
 

@@ -38,16 +38,17 @@ import statistics
 
 import readme_block  # experiments/, beside this script
 import run_table
+import study_runs
 import study_stats
 
-ROOT = run_table.ROOT
+ROOT = study_runs.ROOT
 VALIDATION_SIZE = 5000
 MODELS = run_table.MODELS
 
 
-def _grid_run(method: str, name: str, overrides: dict, description: str) -> run_table.Run:
+def _grid_run(method: str, name: str, overrides: dict, description: str) -> study_runs.Run:
     pairs = (f"method={method}",) + tuple(f"loss.{k}={v}" for k, v in overrides.items())
-    return run_table.Run(f"{method}-{name}", "jax", pairs, description)
+    return study_runs.Run(f"{method}-{name}", "jax", pairs, description)
 
 
 # FFCL: feature form x regularizer strength. Each feature form has its reference weight: ours
@@ -143,17 +144,17 @@ def collect(args) -> list[dict]:
     records = []
     for seed in args.all_seeds:
         for run in GRID:
-            results = run_table.finished(run, seed, args)
+            results = study_runs.finished(run, seed, args)
             if results is None:
                 continue
-            run_table.keep_copy(run, seed, args)
+            study_runs.keep_copy(run, seed, args)
             records.append(
                 {
                     "run": run.name,
                     "seed": seed,
-                    "command": run_table.ran_command(run, seed, args),
+                    "command": study_runs.ran_command(run, seed, args),
                     "wall_seconds": results.get("wall_seconds"),
-                    "machine": run_table.started_at(run, seed, args).get("machine"),
+                    "machine": study_runs.started_at(run, seed, args).get("machine"),
                     "results": results,
                 }
             )
@@ -184,7 +185,7 @@ def report(args) -> dict:
             each = ", ".join(f"{100 * v:.2f}" for v in values)
             cells.append(f"{100 * statistics.fmean(values):.2f} ({each})")
         walls = [r["wall_seconds"] for r in mine if r["wall_seconds"]]
-        cells.append(run_table.wall_cell(walls, [r["machine"] for r in mine]))
+        cells.append(study_runs.wall_cell(walls, [r["machine"] for r in mine]))
         if any(s["run"] == run.name for s in selected.values()):
             cells[0] = f"**{cells[0]}**"
         lines.append("| " + " | ".join(cells) + " |")
@@ -225,10 +226,10 @@ def _merged(overrides: tuple[str, ...], *more: str) -> tuple[str, ...]:
     return tuple(f"{k}={v}" for k, v in merged.items())
 
 
-def final_runs(selected: dict[str, dict]) -> list[tuple[run_table.Run, tuple[int, ...]]]:
+def final_runs(selected: dict[str, dict]) -> list[tuple[study_runs.Run, tuple[int, ...]]]:
     """The final comparison's rows and their seeds, from the selected configurations."""
     ffl, ffcl = tuple(selected["ffl"]["overrides"]), tuple(selected["ffcl"]["overrides"])
-    Run = run_table.Run
+    Run = study_runs.Run
     rows = [
         (Run("independent", "jax", ("method=independent",), "T and S trained apart"), FINAL_SEEDS),
         (
@@ -265,18 +266,18 @@ def final_report(
     records = []
     for run, seeds in rows:
         for seed in seeds:
-            results = run_table.finished(run, seed, final_args)
+            results = study_runs.finished(run, seed, final_args)
             if results is not None:
-                run_table.keep_copy(run, seed, final_args)
+                study_runs.keep_copy(run, seed, final_args)
                 records.append(
                     {
-                        "run": run_table.run_id(run, seed),
+                        "run": study_runs.run_id(run, seed),
                         "method": run.name,
                         "framework": run.framework,
                         "seed": seed,
-                        "command": run_table.ran_command(run, seed, final_args),
+                        "command": study_runs.ran_command(run, seed, final_args),
                         "wall_seconds": results.get("wall_seconds"),
-                        "machine": run_table.started_at(run, seed, final_args).get("machine"),
+                        "machine": study_runs.started_at(run, seed, final_args).get("machine"),
                         "summary": results["summary"],
                         "history": results["history"],
                     }
@@ -305,7 +306,7 @@ def final_report(
             values = [r["summary"][model]["last"] for r in mine if model in r["summary"]]
             cells.append(study_stats.mean_std(values) if values or not mine else "n/a")
         walls = [r["wall_seconds"] for r in mine if r["wall_seconds"]]
-        cells.append(run_table.wall_cell(walls, [r["machine"] for r in mine]))
+        cells.append(study_runs.wall_cell(walls, [r["machine"] for r in mine]))
         lines.append("| " + " | ".join(cells) + " |")
     comparisons = {}
     for baseline in ("independent", "kd", "dml", "ffl"):
@@ -425,7 +426,7 @@ def progress_line(phase: str, plan: list, args) -> str:
     """How far a phase is: `plan` is its (run, seed) pairs, `args` where their results live."""
     walls = [
         (results or {}).get("wall_seconds")
-        for results in (run_table.finished(run, seed, args) for run, seed in plan)
+        for results in (study_runs.finished(run, seed, args) for run, seed in plan)
     ]
     done = [w for w in walls if w is not None]
     line = f"== {phase}: {len(done)} of {len(plan)} runs finished"
@@ -463,10 +464,10 @@ def run_final(args, child: dict | None, rows, selection: dict) -> None:
     order += [(r, s) for r, seeds in rows if r.framework == "pytorch" for s in seeds]
     try:
         for run, seed in order:
-            if child is not None and not run_table.finished(run, seed, final_args):
+            if child is not None and not study_runs.finished(run, seed, final_args):
                 print(progress_line("final comparison", order, final_args), flush=True)
-                run_table.ensure_teacher(run, seed, final_args, child)
-                run_table.execute(run, seed, final_args, child)
+                study_runs.ensure_teacher(run, seed, final_args, child)
+                study_runs.execute(run, seed, final_args, child)
                 final_report(rows, final_args, args.study_file, selection, args.readme)
     finally:
         final_report(rows, final_args, args.study_file, selection, args.readme)
@@ -475,13 +476,13 @@ def run_final(args, child: dict | None, rows, selection: dict) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     child = {"process": None}
-    with run_table.stopping_on_signals(child):
+    with study_runs.stopping_on_signals(child):
         if not args.report_only and args.phase in ("select", "all"):
             plan = [(run, seed) for seed in args.all_seeds for run in args.selected]
             for run, seed in plan:
-                if not run_table.finished(run, seed, args):
+                if not study_runs.finished(run, seed, args):
                     print(progress_line("selection", plan, args), flush=True)
-                    run_table.execute(run, seed, args, child)
+                    study_runs.execute(run, seed, args, child)
                     report(args)  # each finished run's summary at once
         if args.phase in ("final", "all"):
             selected, seeds = final_selection(args)

@@ -22,11 +22,11 @@ import os
 import statistics
 
 import readme_block  # experiments/, beside this script
-import run_table
 import scipy.stats
+import study_runs
 import study_stats
 
-ROOT = run_table.ROOT
+ROOT = study_runs.ROOT
 SEEDS = tuple(range(1000, 1030))
 _PAIR_METHODS = (
     ("independent", (), "T and S trained separately"),
@@ -43,7 +43,7 @@ _ONLINE_METHODS = (
     ("pcl", ("loss.temporal_mean_decay=0.92",), "PCL (temporal mean's window scaled)"),
 )
 JAX_RUNS = tuple(
-    run_table.Run(
+    study_runs.Run(
         name,
         "jax",
         (f"method={name}", *overrides),
@@ -53,7 +53,7 @@ JAX_RUNS = tuple(
     for name, overrides, description in _PAIR_METHODS + _ONLINE_METHODS
 )
 PYTORCH_RUNS = tuple(
-    run_table.Run(
+    study_runs.Run(
         run.name,
         "pytorch",
         (*run.overrides, "reference_from_jax=True"),
@@ -138,19 +138,19 @@ def collect(args) -> list[dict]:
     records = []
     for seed in args.all_seeds:
         for run in RUNS:
-            results = run_table.finished(run, seed, args)
+            results = study_runs.finished(run, seed, args)
             if results is None:
                 continue
-            run_table.keep_copy(run, seed, args)
+            study_runs.keep_copy(run, seed, args)
             records.append(
                 {
-                    "run": run_table.run_id(run, seed),
+                    "run": study_runs.run_id(run, seed),
                     "method": run.name,
                     "framework": run.framework,
                     "seed": seed,
-                    "command": run_table.ran_command(run, seed, args),
-                    "commit": run_table.started_at(run, seed, args).get("commit"),
-                    "machine": run_table.started_at(run, seed, args).get("machine"),
+                    "command": study_runs.ran_command(run, seed, args),
+                    "commit": study_runs.started_at(run, seed, args).get("commit"),
+                    "machine": study_runs.started_at(run, seed, args).get("machine"),
                     "wall_seconds": results.get("wall_seconds"),
                     "summary": results["summary"],
                 }
@@ -215,7 +215,7 @@ def report(args) -> dict:
         for model in MODELS:
             values = [r["summary"][model]["last"] for r in mine if model in r["summary"]]
             cells.append(study_stats.mean_std(values) if values else "-")
-        wall = run_table.wall_cell(
+        wall = study_runs.wall_cell(
             [r["wall_seconds"] for r in mine if r["wall_seconds"]],
             [r["machine"] for r in mine],
             average=statistics.median,  # a run that shared the machine would pull a mean up
@@ -260,10 +260,10 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     child = {"process": None}
-    with run_table.stopping_on_signals(child):
+    with study_runs.stopping_on_signals(child):
         if not args.report_only:
             plan = [(run, seed) for seed in args.all_seeds for run in RUNS]
-            run_table.run_missing(plan, args, child, lambda: report(args))
+            study_runs.run_missing(plan, args, child, lambda: report(args))
     report(args)
 
 

@@ -5,11 +5,10 @@
     python experiments/run_table.py --report_only       # only rewrite the table from finished runs
     python experiments/run_table.py --report_only --readme   # ... and docs' copy of it
 
-Each run is one subprocess (`python -m ffcl_jax.main ...` or the PyTorch reference), in its own
-workdir under `--root`. A run whose workdir holds `results.json` is finished and skipped; an
-interrupted JAX run resumes from its checkpoint when started again (a PyTorch reference run
-starts over). SIGTERM (or Ctrl-C) stops the current run the way a preemption does (it saves a
-checkpoint) and still writes the table of what finished.
+Each run is one subprocess in its own workdir under `--root`, run by `study_runs.py`: a
+finished run is skipped, an interrupted JAX run resumes from its checkpoint, and SIGTERM (or
+Ctrl-C) stops the current run the way a preemption does and still writes the table of what
+finished.
 
 Writes `<output>.json` (every run: command, wall time, per-epoch and summary accuracies),
 `<output>.md` (mean +- std over seeds, pending runs marked) and `<output>_student.png` (student
@@ -23,39 +22,20 @@ by seed, so that an interrupted grid has whole seeds of the most important rows.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
-import time
 
-import bench_results  # experiments/, beside this script
-import readme_block
+import readme_block  # experiments/, beside this script
+import study_runs
 import study_stats
+from study_runs import ROOT, Run
 
-from ffcl_jax import storage  # --root may be local or gs://
 from ffcl_jax.methods import PRESETS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("student", "teacher", "fused", "ensemble")
 # Where --readme writes the summary table (this driver's table is the 2026-11-25 one).
 TABLE_DOC = os.path.join(ROOT, "docs", "fashion_mnist_2026-11-25.md")
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One row of the table: a method (or an ffcl ablation) in one framework."""
-
-    name: str
-    framework: str  # "jax" or "pytorch"
-    overrides: tuple[str, ...]
-    description: str
-    needs: str | None = None  # kd: the run whose teacher it distils (same seed)
-    ablation: bool = False  # ablations run after every seed of the method comparison
 
 
 RUNS = (
@@ -94,154 +74,8 @@ RUNS = (
 )
 
 
-def run_id(run: Run, seed: int) -> str:
-    return f"{run.framework}_{run.name}_seed{seed}"
-
-
 def find_run(name: str, framework: str) -> Run:
     return next(r for r in RUNS if r.name == name and r.framework == framework)
-
-
-def command(run: Run, seed: int, args) -> list[str]:
-    module = "ffcl_jax.main" if run.framework == "jax" else "ffcl_jax.torch_reference.train"
-    argv = [
-        sys.executable,
-        "-m",
-        module,
-        f"--config={args.config}",
-        f"--workdir={run_workdir(run, seed, args)}",
-        f"--config.seed={seed}",
-    ]
-    argv += [f"--config.{o}" for o in run.overrides]
-    if run.needs:
-        argv.append(f"--config.teacher_checkpoint={teacher_workdir(run, seed, args)}")
-    return argv + [f"--config.{o}" for o in args.extra]
-
-
-def run_workdir(run: Run, seed: int, args):
-    """The run's workdir under `--root` (an `epath.Path`: local or gs://)."""
-    return storage.path(args.root) / run_id(run, seed)
-
-
-def teacher_workdir(run: Run, seed: int, args) -> str:
-    """kd: the workdir of the run (same seed) whose teacher it distils: that run's own under
-    `--root` or, where its checkpoints are not on this machine (a new machine has only the
-    committed summary), the copy `ensure_teacher` trains under `<root>_teachers`."""
-    teacher = find_run(run.needs, run.framework)
-    own = run_workdir(teacher, seed, args)
-    if (own / "checkpoints").is_dir():
-        return os.fspath(own)
-    return os.fspath(run_workdir(teacher, seed, teacher_copy_args(args)))
-
-
-def teacher_copy_args(args):
-    return argparse.Namespace(**{**vars(args), "root": f"{args.root}_teachers"})
-
-
-def ensure_teacher(run: Run, seed: int, args, child: dict) -> None:
-    """kd: trains its teacher run again, same command and seed, under `<root>_teachers` when
-    neither that run's workdir nor an earlier copy has a finished checkpoint; the committed
-    summary of the teacher run is left as it was (the kd run's command names the copy)."""
-    if not run.needs or (storage.path(teacher_workdir(run, seed, args)) / "results.json").exists():
-        return
-    teacher = find_run(run.needs, run.framework)
-    copy_args = teacher_copy_args(args)
-    print(
-        f"== {run_id(run, seed)} needs the teacher of {run_id(teacher, seed)}, whose checkpoints "
-        f"are not on this machine: training that run again under {copy_args.root}",
-        flush=True,
-    )
-    execute(teacher, seed, copy_args, child)
-
-
-def shown_command(run: Run, seed: int, args) -> str:
-    """The command as a user types it in the repository root (paths under it made relative)."""
-    words = ["python", *command(run, seed, args)[1:]]
-    return " ".join(w.replace(ROOT + os.sep, "") for w in words)
-
-
-def read_run_file(run: Run, seed: int, args, name: str) -> dict | None:
-    """A JSON file of the run: from its workdir, or else from the committed copy (fresh clone)."""
-    for folder in (args.root, f"{args.output}_runs"):
-        path = storage.path(folder) / run_id(run, seed) / name
-        if path.exists():
-            return json.loads(path.read_text())
-    return None
-
-
-def machine_line() -> str:
-    """The machine a run's wall time belongs to (this project's CPUs differ 2x by ISA)."""
-    m = bench_results.machine()
-    return f"{m['cores']}-core {m['cpu']} ({m['isa']})"
-
-
-def wall_cell(walls: list[float], machines: list[str | None], average=statistics.fmean) -> str:
-    """The average (mean by default) wall time per run and, where the runs recorded it, the
-    ISA(s) they ran on."""
-    if not walls:
-        return "pending"
-    isas = sorted({m.rsplit("(", 1)[-1].rstrip(")") for m in machines if m})
-    return f"{average(walls) / 60:.1f} min" + (f" ({', '.join(isas)})" if isas else "")
-
-
-def started_at(run: Run, seed: int, args) -> dict:
-    """What the driver wrote when it (last) started the run: command, commit, time."""
-    return read_run_file(run, seed, args, "table_run.json") or {}
-
-
-def ran_command(run: Run, seed: int, args) -> str:
-    """The command the run was started with, as recorded: recomputing it would name what this
-    machine has now (a kd teacher's copy under `<root>_teachers`), not what the run used."""
-    return started_at(run, seed, args).get("command") or shown_command(run, seed, args)
-
-
-def finished(run: Run, seed: int, args) -> dict | None:
-    """The run's results, if it finished."""
-    return read_run_file(run, seed, args, "results.json")
-
-
-class Stop(Exception):
-    """SIGTERM or Ctrl-C reached the table driver."""
-
-
-def execute(run: Run, seed: int, args, child: dict) -> None:
-    argv = command(run, seed, args)
-    workdir = run_workdir(run, seed, args)
-    if run.framework == "pytorch" and workdir.exists():
-        workdir.rmtree()  # the reference has no checkpoints: an unfinished run restarts
-    storage.prepare_workdir(workdir)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    record = {
-        "command": shown_command(run, seed, args),
-        "commit": commit,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": machine_line(),
-    }
-    storage.write_text(workdir / "table_run.json", json.dumps(record))
-    print(f"== {run_id(run, seed)}: {shown_command(run, seed, args)}", flush=True)
-    started = time.time()
-    child["process"] = subprocess.Popen(argv, cwd=ROOT)
-    code = child["process"].wait()
-    child["process"] = None
-    if code in (143, -signal.SIGTERM, -signal.SIGINT, 130):
-        raise Stop()
-    if code != 0:
-        raise SystemExit(f"{run_id(run, seed)} failed with exit code {code}; see its output above")
-    print(f"== {run_id(run, seed)} done in {time.time() - started:.0f} s", flush=True)
-
-
-def keep_copy(run: Run, seed: int, args) -> None:
-    """Copies a finished run's results, metrics log and start record from its workdir to
-    `<output>_runs/<run>/`, the copy that is committed (a workdir may not outlive the machine)."""
-    rid = run_id(run, seed)
-    copy_dir = f"{args.output}_runs/{rid}"
-    os.makedirs(copy_dir, exist_ok=True)
-    for name in ("results.json", "metrics.jsonl", "table_run.json"):
-        src = storage.path(args.root) / rid / name
-        if src.exists():  # absent when the committed copy is all there is
-            (storage.path(copy_dir) / name).write_bytes(src.read_bytes())
 
 
 def collect(args) -> list[dict]:
@@ -249,19 +83,19 @@ def collect(args) -> list[dict]:
     records = []
     for seed in args.all_seeds:
         for run in table_runs(args):
-            results = finished(run, seed, args)
+            results = study_runs.finished(run, seed, args)
             if results is None:
                 continue
-            rid = run_id(run, seed)
-            keep_copy(run, seed, args)
+            rid = study_runs.run_id(run, seed)
+            study_runs.keep_copy(run, seed, args)
             records.append(
                 {
                     "run": rid,
                     "method": run.name,
                     "framework": run.framework,
                     "seed": seed,
-                    "command": ran_command(run, seed, args),
-                    "commit": started_at(run, seed, args).get("commit"),
+                    "command": study_runs.ran_command(run, seed, args),
+                    "commit": study_runs.started_at(run, seed, args).get("commit"),
                     "wall_seconds": results.get("wall_seconds"),
                     "train_img_per_sec": results.get("train_img_per_sec"),
                     "history": results["history"],
@@ -540,44 +374,10 @@ def preset_run(name: str) -> Run | None:
     return Run(method, framework or "jax", (f"method={method}",), f"the {method} preset")
 
 
-@contextlib.contextmanager
-def stopping_on_signals(child: dict):
-    """While running runs: SIGTERM or Ctrl-C stops the current run the way a preemption does
-    (it checkpoints and exits with 143; rerunning resumes it) and ends the loop quietly, so the
-    report of what finished is still written."""
-
-    def on_signal(signum, frame):
-        if child["process"] is not None:
-            child["process"].send_signal(signal.SIGTERM)
-        else:
-            raise Stop()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    except Stop:
-        print("== stopped; the interrupted JAX run resumes when the driver is run again")
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def run_missing(plan, args, child: dict, after_each=None) -> None:
-    """Runs every (run, seed) of `plan` that has not finished, in order (a kd run's teacher
-    first), calling `after_each()` after each: where a driver writes its report at once."""
-    for run, seed in plan:
-        if finished(run, seed, args):
-            continue
-        ensure_teacher(run, seed, args, child)
-        execute(run, seed, args, child)
-        if after_each is not None:
-            after_each()
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     child = {"process": None}
-    with stopping_on_signals(child):
+    with study_runs.stopping_on_signals(child):
         if not args.report_only:
             order = [(a, seed) for a in (False, True) for seed in args.all_seeds]
             plan = [
@@ -586,7 +386,7 @@ def main(argv=None) -> None:
                 for run in args.selected
                 if run.ablation == ablations
             ]
-            run_missing(plan, args, child)
+            study_runs.run_missing(plan, args, child)
     report(args)
 
 

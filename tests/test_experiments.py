@@ -20,6 +20,7 @@ pytest.importorskip("torch")
 
 import bench_results  # noqa: E402
 import run_table  # noqa: E402
+import study_runs  # noqa: E402
 import study_stats  # noqa: E402
 
 TINY = [
@@ -564,7 +565,7 @@ def test_study_driver_runs_the_grid_on_a_validation_split(fmnist_dir, tmp_path, 
     text = study.read_text()
     assert "| **ffl-tau2** |" in text and "| ffl-default |" in text and "pending" in text
     started = json.loads((root / "jax_ffl-tau2_seed0" / "table_run.json").read_text())
-    assert started["machine"] == run_table.machine_line() and "-core " in started["machine"]
+    assert started["machine"] == study_runs.machine_line() and "-core " in started["machine"]
     isa = bench_results.machine()["isa"]
     assert f"min ({isa}) |" in text
     results = json.loads((root / "jax_ffl-tau2_seed0" / "results.json").read_text())
@@ -634,7 +635,7 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
     for (name, framework), value in finished.items():
         run = by_name[(name, framework)][0]
         for seed in (0,) if (name, framework) == ("ffcl", "pytorch") else (0, 1):
-            folder = tmp_path / "runs" / run_table.run_id(run, seed)
+            folder = tmp_path / "runs" / study_runs.run_id(run, seed)
             folder.mkdir(parents=True)
             last = value + 0.001 * seed
             summary = {"student": {"last": last, "best": last}}

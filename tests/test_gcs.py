@@ -320,21 +320,22 @@ def test_tensorboard_events_go_through_tensorflows_file_system_layer(tmp_path):
 
 
 def test_the_method_table_driver_reads_and_copies_runs_under_a_gs_root(gcs, tmp_path):
-    """`experiments/run_table.py --root=gs://...` (and the method study, which uses it): finished
+    """`experiments/run_table.py --root=gs://...` (and every driver, through `study_runs`): finished
     runs are found there and their files copied to the local results folder for committing."""
     sys.path.insert(0, os.path.join(REPO, "experiments"))
     import run_table
+    import study_runs
 
     root = f"gs://{BUCKET}/table"
     args = run_table.parse_args([f"--root={root}", f"--output={tmp_path / 'table'}", "--seeds=0"])
     run = run_table.find_run("independent", "jax")
-    workdir = run_table.run_workdir(run, 0, args)
-    assert os.fspath(workdir) == f"{root}/{run_table.run_id(run, 0)}"
-    assert run_table.finished(run, 0, args) is None
+    workdir = study_runs.run_workdir(run, 0, args)
+    assert os.fspath(workdir) == f"{root}/{study_runs.run_id(run, 0)}"
+    assert study_runs.finished(run, 0, args) is None
     (workdir / "results.json").write_text(json.dumps({"summary": {"student": {"last": 0.5}}}))
     (workdir / "metrics.jsonl").write_text('{"kind": "eval"}\n')
-    assert run_table.finished(run, 0, args)["summary"]["student"]["last"] == 0.5
-    run_table.keep_copy(run, 0, args)
-    copy = tmp_path / "table_runs" / run_table.run_id(run, 0)
+    assert study_runs.finished(run, 0, args)["summary"]["student"]["last"] == 0.5
+    study_runs.keep_copy(run, 0, args)
+    copy = tmp_path / "table_runs" / study_runs.run_id(run, 0)
     assert (copy / "metrics.jsonl").read_text() == '{"kind": "eval"}\n'
     assert json.loads((copy / "results.json").read_text())["summary"]["student"]["last"] == 0.5
