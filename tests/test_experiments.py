@@ -712,10 +712,37 @@ def _powered_report(tmp_path, root):
     return study, powered_study.report(args)
 
 
+def _write_powered_run(root, run_id, value, wall=60.0, machine=None):
+    folder = root / run_id
+    folder.mkdir(parents=True)
+    summary = {"student": {"last": value, "best": value, "best_epoch": 3}}
+    results = {"summary": summary, "history": [], "wall_seconds": wall}
+    (folder / "results.json").write_text(json.dumps(results))
+    if machine is not None:
+        (folder / "table_run.json").write_text(json.dumps({"machine": machine}))
+
+
+def _write_every_powered_run(root, students, **per_seed):
+    """Every run of the study for seeds 1000-1003: the values of `students` where given, else
+    one shared spread; `per_seed` maps a keyword of `_write_powered_run` to {seed: value}."""
+    import powered_study
+
+    default = (0.891, 0.897, 0.894, 0.896)
+    for run in powered_study.RUNS:
+        values = students.get((run.framework, run.name), default)
+        for index, seed in enumerate((1000, 1001, 1002, 1003)):
+            extra = {key: chosen[seed] for key, chosen in per_seed.items()}
+            if callable(extra.get("machine")):
+                extra["machine"] = extra["machine"](run)
+            _write_powered_run(
+                root, f"{run.framework}_{run.name}_seed{seed}", values[index], **extra
+            )
+
+
 def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
-    """From finished runs only: FFCL's student minus each baseline's over the seeds both have,
-    the paired t-test's p Holm-adjusted over the baselines that have a difference, PyTorch
-    minus JAX paired by seed; the report block and the JSON hold them."""
+    """Once every run is in: FFCL's student minus each baseline's, paired by seed, the paired
+    t-test's p Holm-adjusted over the nine baselines, PyTorch minus JAX paired by seed; the
+    report block and the JSON hold them."""
     import powered_study
     import scipy.stats
 
@@ -723,36 +750,57 @@ def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
     students = {  # method -> per-seed last-epoch student top-1
         ("jax", "ffcl"): [0.900, 0.905, 0.902, 0.907],
         ("jax", "independent"): [0.890, 0.899, 0.893, 0.899],
-        ("jax", "pcl"): [0.901, 0.903, 0.904],  # one seed missing: 3 pairs
         ("pytorch", "ffcl"): [0.904, 0.906, 0.901, 0.909],
     }
-    for (framework, method), values in students.items():
-        for seed, value in zip((1000, 1001, 1002, 1003), values, strict=False):
-            folder = root / f"{framework}_{method}_seed{seed}"
-            folder.mkdir(parents=True)
-            summary = {"student": {"last": value, "best": value, "best_epoch": 3}}
-            (folder / "results.json").write_text(
-                json.dumps({"summary": summary, "history": [], "wall_seconds": 60.0})
-            )
+    _write_every_powered_run(root, students)
     study, result = _powered_report(tmp_path, root)
+    assert result["complete"]
     primary = result["comparisons"]["primary"]
+    assert len(primary) == 9 and all(c["n"] == 4 for c in primary.values())
     ffcl, independent = students["jax", "ffcl"], students["jax", "independent"]
     diffs = [100 * (a - b) for a, b in zip(ffcl, independent, strict=True)]
     assert primary["independent"]["differences"] == pytest.approx(diffs)
     p_independent = scipy.stats.ttest_1samp(diffs, 0.0).pvalue
     assert primary["independent"]["p"] == pytest.approx(p_independent)
-    assert primary["pcl"]["seeds"] == [1000, 1001, 1002]
-    assert primary["dml"]["n"] == 0 and "p_holm" not in primary["dml"]
-    expected = powered_study.holm({"independent": p_independent, "pcl": primary["pcl"]["p"]})
-    assert primary["independent"]["p_holm"] == pytest.approx(expected["independent"])
+    expected = powered_study.holm({name: c["p"] for name, c in primary.items()})
+    assert expected["independent"] > p_independent
+    for name, c in primary.items():
+        assert c["p_holm"] == pytest.approx(expected[name])
     framework = result["comparisons"]["pytorch_minus_jax"]["ffcl"]
     assert framework["mean"] == pytest.approx(100 * (0.905 - 0.9035))
     text = study.read_text()
     assert "| `independent` | +0.82 [" in text and "Holm p" in text
-    assert "Progress: 15 of 48 runs (4 seeds)" in text
+    assert "All 48 runs (4 seeds) are in" in text
     assert json.loads((tmp_path / "out.json").read_text())["comparisons"] == json.loads(
         json.dumps(result["comparisons"])
     )
+
+
+def test_powered_study_progress_reports_carry_no_test(tmp_path):
+    """The protocol tests once, on every seed: until then the report (and its JSON) holds the
+    mean differences over the seeds both runs have, and no interval, p or Holm p."""
+    root = tmp_path / "root"
+    students = {
+        ("jax", "ffcl"): [0.900, 0.905, 0.902, 0.907],
+        ("jax", "independent"): [0.890, 0.899, 0.893, 0.899],
+        ("jax", "pcl"): [0.901, 0.903, 0.904],  # one seed missing: 3 pairs
+    }
+    for (framework, method), values in students.items():
+        for seed, value in zip((1000, 1001, 1002, 1003), values, strict=False):
+            _write_powered_run(root, f"{framework}_{method}_seed{seed}", value)
+    study, result = _powered_report(tmp_path, root)
+    assert not result["complete"]
+    primary = result["comparisons"]["primary"]
+    assert primary["independent"]["mean"] == pytest.approx(0.825)
+    assert primary["pcl"]["seeds"] == [1000, 1001, 1002] and primary["dml"]["n"] == 0
+    written = json.loads((tmp_path / "out.json").read_text())
+    for section in (written["comparisons"], written["one_machine"]["comparisons"]):
+        for comparison in (*section["primary"].values(), *section["pytorch_minus_jax"].values()):
+            assert not {"p", "p_holm", "ci95"} & set(comparison)
+    text = study.read_text()
+    assert "| `independent` | +0.82 (n=4; interim mean, no interval or test) |" in text
+    assert "Holm p" not in text and "p = " not in text
+    assert "Progress: 11 of 48 runs (4 seeds)" in text
 
 
 def test_powered_study_sensitivity_keeps_the_seeds_that_ran_on_one_machine_kind(tmp_path):
@@ -760,28 +808,24 @@ def test_powered_study_sensitivity_keeps_the_seeds_that_ran_on_one_machine_kind(
     machine kind, with the same comparisons; the report says so, and wall time is a median."""
     root = tmp_path / "root"
     amd, intel = "2-core AMD EPYC (AVX-512)", "2-core Intel Xeon (AVX-512)"
-    machines = {1000: (amd, amd), 1001: (amd, intel), 1002: (amd, amd), 1003: (intel, intel)}
-    students = {1000: (0.900, 0.890), 1001: (0.905, 0.899), 1002: (0.902, 0.894), 1003: (0.9, 0.8)}
+    machines = {  # seed 1001: one run on another kind
+        1000: lambda run: amd,
+        1001: lambda run: intel if run.name == "independent" and run.framework == "jax" else amd,
+        1002: lambda run: amd,
+        1003: lambda run: intel,
+    }
+    students = {
+        ("jax", "ffcl"): (0.900, 0.905, 0.902, 0.9),
+        ("jax", "independent"): (0.890, 0.899, 0.894, 0.8),
+    }
     walls = {1000: 60.0, 1001: 600.0, 1002: 120.0, 1003: 90.0}
-    for seed, (ffcl_machine, independent_machine) in machines.items():
-        for method, machine, value in zip(
-            ("ffcl", "independent"),
-            (ffcl_machine, independent_machine),
-            students[seed],
-            strict=True,
-        ):
-            folder = root / f"jax_{method}_seed{seed}"
-            folder.mkdir(parents=True)
-            summary = {"student": {"last": value, "best": value, "best_epoch": 3}}
-            results = {"summary": summary, "history": [], "wall_seconds": walls[seed]}
-            (folder / "results.json").write_text(json.dumps(results))
-            (folder / "table_run.json").write_text(json.dumps({"machine": machine}))
+    _write_every_powered_run(root, students, machine=machines, wall=walls)
     study, result = _powered_report(tmp_path, root)
     assert result["comparisons"]["primary"]["independent"]["n"] == 4
     one_machine = result["one_machine"]
     assert one_machine["machine"] == amd and one_machine["seeds"] == [1000, 1002]
     kept = one_machine["comparisons"]["primary"]["independent"]
-    assert kept["differences"] == pytest.approx([1.0, 0.8])
+    assert kept["differences"] == pytest.approx([1.0, 0.8]) and "p_holm" in kept
     text = study.read_text()
     assert f"the 2 of 4 seeds whose runs all ran on one kind, {amd} (seeds 1000, 1002)" in text
     assert "| `independent` | +0.90 [" in text
