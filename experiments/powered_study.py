@@ -217,8 +217,9 @@ def report(args) -> dict:
         f"({len(args.all_seeds)} seeds). Until every seed is in, this is a progress report: "
         "mean differences only, no interval and no test (the protocol tests once, on every seed)."
     )
+    hours = sum(r["wall_seconds"] or 0.0 for r in records) / 3600
     lines = [
-        progress,
+        f"{progress} Wall time of the finished runs: {hours:.1f} h.",
         "",
         "| method | framework | runs | student | teacher | ensemble | wall time, median |",
         "|---|---|---|---|---|---|---|",

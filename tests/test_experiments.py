@@ -801,6 +801,7 @@ def test_powered_study_progress_reports_carry_no_test(tmp_path):
     assert "| `independent` | +0.82 (n=4; interim mean, no interval or test) |" in text
     assert "Holm p" not in text and "p = " not in text
     assert "Progress: 11 of 48 runs (4 seeds)" in text
+    assert "Wall time of the finished runs: 0.2 h." in text  # 11 runs of 60 s
 
 
 def test_powered_study_sensitivity_keeps_the_seeds_that_ran_on_one_machine_kind(tmp_path):
