@@ -146,6 +146,7 @@ def collect(args) -> list[dict]:
             if results is None:
                 continue
             study_runs.keep_copy(run, seed, args)
+            started = study_runs.started_at(run, seed, args)
             records.append(
                 {
                     "run": study_runs.run_id(run, seed),
@@ -153,8 +154,8 @@ def collect(args) -> list[dict]:
                     "framework": run.framework,
                     "seed": seed,
                     "command": study_runs.ran_command(run, seed, args),
-                    "commit": study_runs.started_at(run, seed, args).get("commit"),
-                    "machine": study_runs.started_at(run, seed, args).get("machine"),
+                    "commit": started.get("commit"),
+                    "machine": started.get("machine"),
                     "wall_seconds": results.get("wall_seconds"),
                     "summary": results["summary"],
                 }

@@ -74,10 +74,6 @@ RUNS = (
 )
 
 
-def find_run(name: str, framework: str) -> Run:
-    return next(r for r in RUNS if r.name == name and r.framework == framework)
-
-
 def collect(args) -> list[dict]:
     """Every finished run as one record (and copies of its results and metrics log)."""
     records = []

@@ -722,20 +722,21 @@ def _write_powered_run(root, run_id, value, wall=60.0, machine=None):
         (folder / "table_run.json").write_text(json.dumps({"machine": machine}))
 
 
-def _write_every_powered_run(root, students, **per_seed):
+def _write_every_powered_run(root, students, walls=None, machine=None):
     """Every run of the study for seeds 1000-1003: the values of `students` where given, else
-    one shared spread; `per_seed` maps a keyword of `_write_powered_run` to {seed: value}."""
+    one shared spread; `walls` {seed: seconds} (else 60), `machine(run, seed)` (else none)."""
     import powered_study
 
     default = (0.891, 0.897, 0.894, 0.896)
     for run in powered_study.RUNS:
         values = students.get((run.framework, run.name), default)
         for index, seed in enumerate((1000, 1001, 1002, 1003)):
-            extra = {key: chosen[seed] for key, chosen in per_seed.items()}
-            if callable(extra.get("machine")):
-                extra["machine"] = extra["machine"](run)
             _write_powered_run(
-                root, f"{run.framework}_{run.name}_seed{seed}", values[index], **extra
+                root,
+                f"{run.framework}_{run.name}_seed{seed}",
+                values[index],
+                wall=(walls or {}).get(seed, 60.0),
+                machine=machine(run, seed) if machine else None,
             )
 
 
@@ -809,18 +810,18 @@ def test_powered_study_sensitivity_keeps_the_seeds_that_ran_on_one_machine_kind(
     machine kind, with the same comparisons; the report says so, and wall time is a median."""
     root = tmp_path / "root"
     amd, intel = "2-core AMD EPYC (AVX-512)", "2-core Intel Xeon (AVX-512)"
-    machines = {  # seed 1001: one run on another kind
-        1000: lambda run: amd,
-        1001: lambda run: intel if run.name == "independent" and run.framework == "jax" else amd,
-        1002: lambda run: amd,
-        1003: lambda run: intel,
-    }
+
+    def machine(run, seed):  # seed 1001: one run on another kind
+        if seed == 1003 or (seed == 1001 and (run.framework, run.name) == ("jax", "independent")):
+            return intel
+        return amd
+
     students = {
         ("jax", "ffcl"): (0.900, 0.905, 0.902, 0.9),
         ("jax", "independent"): (0.890, 0.899, 0.894, 0.8),
     }
     walls = {1000: 60.0, 1001: 600.0, 1002: 120.0, 1003: 90.0}
-    _write_every_powered_run(root, students, machine=machines, wall=walls)
+    _write_every_powered_run(root, students, walls=walls, machine=machine)
     study, result = _powered_report(tmp_path, root)
     assert result["comparisons"]["primary"]["independent"]["n"] == 4
     one_machine = result["one_machine"]

@@ -328,7 +328,7 @@ def test_the_method_table_driver_reads_and_copies_runs_under_a_gs_root(gcs, tmp_
 
     root = f"gs://{BUCKET}/table"
     args = run_table.parse_args([f"--root={root}", f"--output={tmp_path / 'table'}", "--seeds=0"])
-    run = run_table.find_run("independent", "jax")
+    run = next(r for r in run_table.RUNS if (r.name, r.framework) == ("independent", "jax"))
     workdir = study_runs.run_workdir(run, 0, args)
     assert os.fspath(workdir) == f"{root}/{study_runs.run_id(run, 0)}"
     assert study_runs.finished(run, 0, args) is None
