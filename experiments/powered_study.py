@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 
 import readme_block  # experiments/, beside this script
@@ -196,6 +197,39 @@ def _one_machine_lines(one_machine: dict, seeds: int, finished_seeds: int) -> li
     return lines
 
 
+def _seed_ranges(seeds: list[int]) -> str:
+    """[1000, 1001, 1002, 1005] -> '1000-1002, 1005'."""
+    spans: list[list[int]] = []
+    for seed in sorted(seeds):
+        if spans and seed == spans[-1][1] + 1:
+            spans[-1][1] = seed
+        else:
+            spans.append([seed, seed])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _command_lines(records: list[dict]) -> list[str]:
+    """Each run's recorded command with `{seed}` for its seed, once per distinct command, with
+    the seeds that ran it: 360 commands would bury the table, and a run whose command differs in
+    anything but the seed still gets a line of its own."""
+    seeds_of: dict[str, list[int]] = {}
+    for r in records:
+        pattern = re.sub(rf"(seed=?){r['seed']}\b", r"\1{seed}", r["command"])
+        seeds_of.setdefault(pattern, []).append(r["seed"])
+    return [f"- seeds {_seed_ranges(seeds)}: `{c}`" for c, seeds in seeds_of.items()]
+
+
+def _code_line(records: list[dict]) -> str:
+    """Which commit's code the finished runs ran (each run's `table_run.json`)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["commit"] or "unrecorded"] = counts.get(r["commit"] or "unrecorded", 0) + 1
+    if len(counts) == 1:
+        return f"Code: every finished run ran commit `{next(iter(counts))}`."
+    runs = ", ".join(f"`{c}` ({n} run{'s' * (n > 1)})" for c, n in counts.items())
+    return f"Code: the finished runs ran more than one commit: {runs}."
+
+
 def report(args) -> dict:
     records = collect(args)
     result = {"protocol": "experiments/results/fashion_mnist_powered.md", "runs": records}
@@ -210,7 +244,6 @@ def report(args) -> dict:
     }
     with open(f"{args.output}.json", "w") as f:
         json.dump(result, f, indent=1)
-    done = {(r["method"], r["framework"]) for r in records}
     progress = (
         f"All {len(records)} runs ({len(args.all_seeds)} seeds) are in: the protocol's analysis."
         if complete
@@ -247,8 +280,9 @@ def report(args) -> dict:
         lines.append(f"| `{name}` | {_cell(c)} |")
     finished_seeds = len({r["seed"] for r in records})
     lines += ["", *_one_machine_lines(result["one_machine"], len(args.all_seeds), finished_seeds)]
-    commands = [f"- `{r['command']}`" for r in records]
-    lines += ["", "Commands of the finished runs:", "", *commands] if done else []
+    if records:
+        lines += ["", _code_line(records), "", "Commands of the finished runs:"]
+        lines += ["", *_command_lines(records)]
     readme_block.replace_block("powered", "\n".join(lines), args.study_file)
     return result
 

@@ -835,6 +835,29 @@ def test_powered_study_sensitivity_keeps_the_seeds_that_ran_on_one_machine_kind(
     assert "| `ffcl` | jax | 4 |" in text and "| 1.8 min (AVX-512) |" in text
 
 
+def test_powered_study_lists_each_command_once_with_its_seeds(tmp_path):
+    """The report names each run's command once, `{seed}` for the seed, with the seeds that ran
+    it; a run that ran anything else, or other code, is named apart."""
+    root = tmp_path / "root"
+    _write_every_powered_run(root, {})
+    odd = {
+        "command": "python -m ffcl_jax.main --config.seed=1002 --config.method=dml --x=1",
+        "commit": "abc1234",
+    }
+    (root / "jax_dml_seed1002" / "table_run.json").write_text(json.dumps(odd))
+    study, _ = _powered_report(tmp_path, root)
+    text = study.read_text()
+    dml = f"--workdir={root}/jax_dml_seed{{seed}} --config.seed={{seed}} --config.method=dml`"
+    start = "python -m ffcl_jax.main --config=configs/fashion_mnist.py"
+    assert f"- seeds 1000-1001, 1003: `{start} {dml}" in text
+    assert (
+        "- seeds 1002: `python -m ffcl_jax.main --config.seed={seed} --config.method=dml --x=1`"
+        in text
+    )
+    assert "- seeds 1000-1003: `python -m ffcl_jax.main" in text  # every other method
+    assert "more than one commit: `unrecorded` (47 runs), `abc1234` (1 run)" in text
+
+
 def test_the_table_driver_takes_any_preset_by_name():
     args = run_table.parse_args(["--runs=pcl,pytorch:kdcl,independent"])
     chosen = [(r.name, r.framework, r.overrides) for r in args.selected]
