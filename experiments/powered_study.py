@@ -17,6 +17,7 @@ the protocol file. The comparisons are computed from the seeds every compared ru
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -221,9 +222,7 @@ def _command_lines(records: list[dict]) -> list[str]:
 
 def _code_line(records: list[dict]) -> str:
     """Which commit's code the finished runs ran (each run's `table_run.json`)."""
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r["commit"] or "unrecorded"] = counts.get(r["commit"] or "unrecorded", 0) + 1
+    counts = collections.Counter(r["commit"] or "unrecorded" for r in records)
     if len(counts) == 1:
         return f"Code: every finished run ran commit `{next(iter(counts))}`."
     runs = ", ".join(f"`{c}` ({n} run{'s' * (n > 1)})" for c, n in counts.items())
