@@ -89,7 +89,8 @@ def per_seed(records: list[dict], method: str, framework: str, model: str) -> di
 
 def paired(mine: dict[int, float], theirs: dict[int, float], test: bool) -> dict:
     """Mine minus theirs over the seeds both have: the mean and, with `test`, the 95%
-    t-interval and two-sided p."""
+    t-interval, two-sided p, the differences' standard deviation (the power calculation's
+    input) and how many seeds mine is ahead in."""
     seeds = sorted(set(mine) & set(theirs))
     diffs = [mine[s] - theirs[s] for s in seeds]
     out = {"seeds": seeds, "differences": diffs, "n": len(diffs)}
@@ -99,7 +100,16 @@ def paired(mine: dict[int, float], theirs: dict[int, float], test: bool) -> dict
         result = scipy.stats.ttest_1samp(diffs, 0.0)
         interval = result.confidence_interval(0.95)
         out.update(ci95=[interval.low, interval.high], p=float(result.pvalue))
+        out.update(sd=statistics.stdev(diffs), ahead=sum(d > 0 for d in diffs))
     return out
+
+
+def reading(c: dict) -> str:
+    """The protocol's rule: FFCL beats a baseline where the Holm-adjusted p < 0.05 and the
+    difference is positive, loses where it is negative, ties otherwise."""
+    if c["p_holm"] >= 0.05:
+        return "ties"
+    return "beats" if c["mean"] > 0 else "loses"
 
 
 def comparisons(records: list[dict], test: bool) -> dict:
@@ -115,6 +125,7 @@ def comparisons(records: list[dict], test: bool) -> dict:
     tested = {name: c["p"] for name, c in primary.items() if "p" in c}
     for name, adjusted in holm(tested).items():
         primary[name]["p_holm"] = adjusted
+        primary[name]["reading"] = reading(primary[name])
     frameworks = {
         run.name: paired(
             per_seed(records, run.name, "pytorch", "student"),
@@ -175,6 +186,31 @@ def _cell(c: dict) -> str:
     return f"{c['mean']:+.2f} [{low:+.2f}, {high:+.2f}] (n={c['n']}, p = {c['p']:.3g}{adjusted})"
 
 
+def _primary_lines(primary: dict, first_column: str) -> list[str]:
+    """The primary comparisons' table; once tested, with each difference's spread, the seeds
+    FFCL is ahead in and the protocol's reading."""
+    tested = all("p_holm" in c for c in primary.values())
+    extra = " sd of the differences | seeds FFCL ahead | reading |" if tested else ""
+    lines = [f"| {first_column} | paired difference, points [95% CI] |{extra}"]
+    lines.append("|---|---|" + "---|" * 3 * tested)
+    for name, c in primary.items():
+        row = f"| `{name}` | {_cell(c)} |"
+        if tested:
+            row += f" {c['sd']:.2f} | {c['ahead']} of {c['n']} | **{c['reading']}** |"
+        lines.append(row)
+    return lines
+
+
+def _framework_lines(frameworks: dict, first_column: str) -> list[str]:
+    """PyTorch minus JAX per method; once tested, with the differences' spread."""
+    tested = all("sd" in c for c in frameworks.values())
+    lines = [f"| {first_column} | points [95% CI] |" + " sd of the differences |" * tested]
+    lines.append("|---|---|" + "---|" * tested)
+    for name, c in frameworks.items():
+        lines.append(f"| `{name}` | {_cell(c)} |" + (f" {c['sd']:.2f} |" if tested else ""))
+    return lines
+
+
 def _one_machine_lines(one_machine: dict, seeds: int, finished_seeds: int) -> list[str]:
     kind, kept = one_machine["machine"], one_machine["seeds"]
     if kind is None:
@@ -188,13 +224,12 @@ def _one_machine_lines(one_machine: dict, seeds: int, finished_seeds: int) -> li
         f"Sensitivity to the machine kind: the {len(kept)} of {seeds} seeds whose runs all ran "
         f"on one kind, {kind} (seeds {', '.join(map(str, kept))}):",
         "",
-        "| FFCL's student minus, one machine kind | paired difference, points [95% CI] |",
-        "|---|---|",
+        *_primary_lines(one_machine["comparisons"]["primary"], "FFCL's student minus, one kind"),
+        "",
+        *_framework_lines(
+            one_machine["comparisons"]["pytorch_minus_jax"], "PyTorch minus JAX, one kind"
+        ),
     ]
-    for name, c in one_machine["comparisons"]["primary"].items():
-        lines.append(f"| `{name}` | {_cell(c)} |")
-    for name, c in one_machine["comparisons"]["pytorch_minus_jax"].items():
-        lines.append(f"| PyTorch minus JAX, `{name}` | {_cell(c)} |")
     return lines
 
 
@@ -270,13 +305,14 @@ def report(args) -> dict:
         )
         row = [f"`{run.name}`", run.framework, str(len(mine)), *cells, wall]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "| FFCL's student minus | paired difference, points [95% CI] |", "|---|---|"]
-    for name, c in result["comparisons"]["primary"].items():
-        lines.append(f"| `{name}` | {_cell(c)} |")
-    lines += ["", "| PyTorch minus JAX, student, from the same start | points [95% CI] |"]
-    lines += ["|---|---|"]
-    for name, c in result["comparisons"]["pytorch_minus_jax"].items():
-        lines.append(f"| `{name}` | {_cell(c)} |")
+    compared = result["comparisons"]
+    lines += ["", *_primary_lines(compared["primary"], "FFCL's student minus")]
+    lines += [
+        "",
+        *_framework_lines(
+            compared["pytorch_minus_jax"], "PyTorch minus JAX, student, from the same start"
+        ),
+    ]
     finished_seeds = len({r["seed"] for r in records})
     lines += ["", *_one_machine_lines(result["one_machine"], len(args.all_seeds), finished_seeds)]
     if records:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -751,6 +752,8 @@ def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
     students = {  # method -> per-seed last-epoch student top-1
         ("jax", "ffcl"): [0.900, 0.905, 0.902, 0.907],
         ("jax", "independent"): [0.890, 0.899, 0.893, 0.899],
+        ("jax", "kd"): [0.899, 0.906, 0.900, 0.909],  # FFCL -0.1..+0.2: ties
+        ("jax", "pcl"): [0.910, 0.916, 0.911, 0.919],  # FFCL about 1 point behind: loses
         ("pytorch", "ffcl"): [0.904, 0.906, 0.901, 0.909],
     }
     _write_every_powered_run(root, students)
@@ -767,10 +770,15 @@ def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
     assert expected["independent"] > p_independent
     for name, c in primary.items():
         assert c["p_holm"] == pytest.approx(expected[name])
+    assert primary["independent"]["sd"] == pytest.approx(statistics.stdev(diffs))
+    assert primary["independent"]["ahead"] == 4 and primary["pcl"]["ahead"] == 0
+    readings = {name: c["reading"] for name, c in primary.items()}
+    assert (readings["independent"], readings["kd"], readings["pcl"]) == ("beats", "ties", "loses")
     framework = result["comparisons"]["pytorch_minus_jax"]["ffcl"]
     assert framework["mean"] == pytest.approx(100 * (0.905 - 0.9035))
     text = study.read_text()
     assert "| `independent` | +0.82 [" in text and "Holm p" in text
+    assert "| 0.17 | 4 of 4 | **beats** |" in text and "| 0 of 4 | **loses** |" in text
     assert "All 48 runs (4 seeds) are in" in text
     assert json.loads((tmp_path / "out.json").read_text())["comparisons"] == json.loads(
         json.dumps(result["comparisons"])
@@ -800,7 +808,7 @@ def test_powered_study_progress_reports_carry_no_test(tmp_path):
             assert not {"p", "p_holm", "ci95"} & set(comparison)
     text = study.read_text()
     assert "| `independent` | +0.82 (n=4; interim mean, no interval or test) |" in text
-    assert "Holm p" not in text and "p = " not in text
+    assert "Holm p" not in text and "p = " not in text and "**beats**" not in text
     assert "Progress: 11 of 48 runs (4 seeds)" in text
     assert "Wall time of the finished runs: 0.2 h." in text  # 11 runs of 60 s
 
