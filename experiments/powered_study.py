@@ -186,29 +186,34 @@ def _cell(c: dict) -> str:
     return f"{c['mean']:+.2f} [{low:+.2f}, {high:+.2f}] (n={c['n']}, p = {c['p']:.3g}{adjusted})"
 
 
-def _primary_lines(primary: dict, first_column: str) -> list[str]:
-    """The primary comparisons' table; once tested, with each difference's spread, the seeds
-    FFCL is ahead in and the protocol's reading."""
-    tested = all("p_holm" in c for c in primary.values())
-    extra = " sd of the differences | seeds FFCL ahead | reading |" if tested else ""
-    lines = [f"| {first_column} | paired difference, points [95% CI] |{extra}"]
-    lines.append("|---|---|" + "---|" * 3 * tested)
-    for name, c in primary.items():
-        row = f"| `{name}` | {_cell(c)} |"
-        if tested:
-            row += f" {c['sd']:.2f} | {c['ahead']} of {c['n']} | **{c['reading']}** |"
-        lines.append(row)
+_SPREAD = ("sd of the differences", lambda c: f"{c['sd']:.2f}")
+_PRIMARY_EXTRA = (
+    _SPREAD,
+    ("seeds FFCL ahead", lambda c: f"{c['ahead']} of {c['n']}"),
+    ("reading", lambda c: f"**{c['reading']}**"),
+)
+
+
+def _comparison_lines(compared: dict, first_column: str, second_column: str, extra) -> list[str]:
+    """A table of comparisons, one row each; the `extra` (header, cell) columns only once every
+    comparison is tested (progress reports carry no test)."""
+    if not all("sd" in c for c in compared.values()):
+        extra = ()
+    headers = [first_column, second_column, *(header for header, _ in extra)]
+    lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+    for name, c in compared.items():
+        lines.append("| " + " | ".join([f"`{name}`", _cell(c), *(f(c) for _, f in extra)]) + " |")
     return lines
+
+
+def _primary_lines(primary: dict, first_column: str) -> list[str]:
+    return _comparison_lines(
+        primary, first_column, "paired difference, points [95% CI]", _PRIMARY_EXTRA
+    )
 
 
 def _framework_lines(frameworks: dict, first_column: str) -> list[str]:
-    """PyTorch minus JAX per method; once tested, with the differences' spread."""
-    tested = all("sd" in c for c in frameworks.values())
-    lines = [f"| {first_column} | points [95% CI] |" + " sd of the differences |" * tested]
-    lines.append("|---|---|" + "---|" * tested)
-    for name, c in frameworks.items():
-        lines.append(f"| `{name}` | {_cell(c)} |" + (f" {c['sd']:.2f} |" if tested else ""))
-    return lines
+    return _comparison_lines(frameworks, first_column, "points [95% CI]", (_SPREAD,))
 
 
 def _one_machine_lines(one_machine: dict, seeds: int, finished_seeds: int) -> list[str]:
