@@ -1,0 +1,91 @@
+"""Runs written by an earlier version (tests/data/legacy_v1, see its README) still restore,
+export the same student, load for inference and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from configs.fashion_mnist import get_config
+from ffcl_jax import checkpoint, export, input_pipeline, train
+from tests.conftest import REPO
+
+LEGACY = os.path.join(REPO, "tests", "data", "legacy_v1")
+FMNIST = "/usr/share/datasets/fashion-mnist"
+needs_data = pytest.mark.skipif(
+    not os.path.exists(os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz")),
+    reason="needs Debian's dataset-fashion-mnist (bash scripts/setup.sh installs it)",
+)
+
+
+def legacy_config(method: str, **overrides):
+    """The config the fixture's run was made with (its README's command)."""
+    config = get_config("smoke")
+    config.method = method
+    config.teacher = "resnet8"
+    config.train_examples = 64
+    config.test_examples = 50
+    config.num_epochs = 1
+    config.keep_checkpoints = 1
+    config.best_metric = ""
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@pytest.fixture(params=["ffcl", "pcl"])
+def legacy_run(request, tmp_path):
+    workdir = tmp_path / request.param
+    shutil.copytree(os.path.join(LEGACY, request.param), workdir)
+    return request.param, workdir
+
+
+def test_legacy_checkpoint_restores_into_todays_state(legacy_run):
+    method, workdir = legacy_run
+    config = legacy_config(method)
+    settings = train.check_config(config, 1)
+    _, state = train.build(config, settings, steps_per_epoch=1)
+    checkpoints, step = checkpoint.open_finished_run(str(workdir), config)
+    try:
+        meta = checkpoints.read_meta(step)
+        checkpoints.check_config(step, meta, config)
+        restored = checkpoints.restore_state(step, state)
+    finally:
+        checkpoints.close()
+    assert int(restored.step) == step == 1
+    exported = export.read_export(str(workdir / "export.npz"))
+    flat_params, flat_stats = exported.network("student")
+    raw = {"params": restored.params, "batch_stats": restored.batch_stats}
+    if restored.mean_params is not None:
+        raw.update(mean_params=restored.mean_params, mean_batch_stats=restored.mean_batch_stats)
+    for kind, flat in (("params", flat_params), ("batch_stats", flat_stats)):
+        ours = export.flatten(export.deployed(raw, kind)["student"])
+        assert sorted(ours) == sorted(flat)
+        for key, value in flat.items():
+            np.testing.assert_array_equal(ours[key], value, err_msg=key)
+
+
+@needs_data
+def test_legacy_export_predicts_its_recorded_accuracy(legacy_run):
+    method, workdir = legacy_run
+    with open(workdir / "results.json") as f:
+        recorded = json.load(f)["history"][-1]["student"]
+    _, predict, meta = export.load_exported(str(workdir / "export.npz"))
+    images, labels = input_pipeline.load_idx_split(FMNIST, "test")
+    images, labels = images[:50], labels[:50]
+    accuracy = float(np.mean(np.argmax(np.asarray(predict(images)), -1) == labels))
+    assert meta["config"]["method"] == method
+    assert accuracy == pytest.approx(recorded, abs=1e-9)
+
+
+@needs_data
+@pytest.mark.slow
+def test_legacy_run_resumes(legacy_run):
+    method, workdir = legacy_run
+    results = train.train_and_evaluate(legacy_config(method, num_epochs=2), str(workdir))
+    assert results["resumed_at_steps"] == [1]
+    assert [row["epoch"] for row in results["history"]] == [1, 2]
