@@ -31,7 +31,7 @@ import study_runs
 import study_stats
 from study_runs import ROOT, Run
 
-from ffcl_jax.methods import PRESETS
+from ffcl_jax.methods import REGISTRY
 
 MODELS = ("student", "teacher", "fused", "ensemble")
 # Where --readme writes the summary table (this driver's table is the 2026-11-25 one).
@@ -348,7 +348,7 @@ def parse_args(argv=None):
     if unknown:
         parser.error(
             f"unknown runs {unknown}; valid: {', '.join(sorted(known))}, or any preset "
-            f"({', '.join(PRESETS)}) as name or framework:name"
+            f"({', '.join(REGISTRY)}) as name or framework:name"
         )
     args.selected = [
         r for r in RUNS if not wanted or r.name in wanted or f"{r.framework}:{r.name}" in wanted
@@ -365,7 +365,7 @@ def preset_run(name: str) -> Run | None:
     """A run of a preset at its defaults (`one`, `pytorch:pcl`, ...), for the presets the table
     has no row of; None for a name that is not a preset."""
     framework, _, method = name.rpartition(":")
-    if method not in PRESETS or framework not in ("", "jax", "pytorch"):
+    if method not in REGISTRY or framework not in ("", "jax", "pytorch"):
         return None
     return Run(method, framework or "jax", (f"method={method}",), f"the {method} preset")
 

@@ -1,9 +1,9 @@
 """Run checkpoints: orbax `CheckpointManager` in WORKDIR/checkpoints, resume checks, workdirs.
 
 A checkpoint step holds two items:
-- `state`: the whole `TrainState` (teacher, student and fusion parameters, BatchNorm statistics,
-  the optimizer state of every role, the step), saved with `StandardSave` (tensorstore/OCDBT
-  arrays, no pickle anywhere);
+- `state`: the whole `TrainState` (every member's parameters and BatchNorm statistics, the
+  optimizer state, the step, and the method's own state beside them, such as PCL's
+  `mean_params`), saved with `StandardSave` (tensorstore/OCDBT arrays, no pickle anywhere);
 - `meta`: JSON with the format version, the run's config, the epoch and the batch within it
   (everything the input pipeline needs to continue: its order and augmentation derive from
   `(seed, epoch, position)`), the evaluation history, the best metric so far and timing totals.
@@ -199,6 +199,31 @@ def truncate_metrics_log(path, last_step: int) -> None:
         storage.write_text(path, "".join(kept))
 
 
+# --------------------------------------------------------------------------- layout
+
+# The train state's fields saved under their own names; the method's state (`method_state`, a
+# dict) is saved beside them, one top-level entry per key, so the layout on disk is the same
+# for every method and for checkpoints written before methods kept state of their own.
+STATE_FIELDS = ("step", "params", "batch_stats", "opt_state")
+# Checkpoints written before the method registry hold these (empty where the method kept no
+# temporal mean): a restore accepts them empty.
+EARLIER_EMPTY_ENTRIES = ("mean_params", "mean_batch_stats")
+
+
+def saved_tree(state) -> dict[str, Any]:
+    """The `TrainState` as the dict a checkpoint holds."""
+    tree = {name: getattr(state, name) for name in STATE_FIELDS}
+    return {**tree, **(state.method_state or {})}
+
+
+def state_from_saved(saved: dict[str, Any], like):
+    """The `TrainState` of a restored `saved_tree`, with `like`'s structure."""
+    method_state = None
+    if like.method_state is not None:
+        method_state = {key: saved[key] for key in like.method_state}
+    return like.replace(**{name: saved[name] for name in STATE_FIELDS}, method_state=method_state)
+
+
 # --------------------------------------------------------------------------- manager
 
 
@@ -236,7 +261,7 @@ class RunCheckpoints:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.StandardSave(saved_tree(state)),
                 meta=ocp.args.JsonSave(dict(meta, format_version=FORMAT_VERSION)),
             ),
             metrics=metrics,
@@ -275,11 +300,15 @@ class RunCheckpoints:
 
     def restore_state(self, step: int, like):
         """The saved `TrainState`, laid out (shapes, dtypes, shardings) like `like`."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved_tree(like))
+        earlier = {**abstract, **{k: None for k in EARLIER_EMPTY_ENTRIES if k not in abstract}}
         try:
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )
+            try:
+                restored = self._restore_state(step, abstract)
+            except Exception as exc:
+                if set(earlier) == set(abstract) or not _mismatch(exc):
+                    raise
+                restored = self._restore_state(step, earlier)  # an earlier version's layout
         except Exception as exc:
             mismatch = _mismatch(exc)
             if mismatch:
@@ -294,7 +323,12 @@ class RunCheckpoints:
                 f"{self.directory} to resume from an earlier one, or pass --fresh "
                 "(nothing was deleted)"
             ) from exc
-        return restored["state"]
+        return state_from_saved(restored["state"], like)
+
+    def _restore_state(self, step: int, abstract):
+        return self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
 
     def restore_raw_state(self, step: int) -> dict:
         """The saved state as nested dicts of arrays, without a target (for reading parts)."""

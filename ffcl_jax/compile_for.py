@@ -234,19 +234,19 @@ def compile_for(config, devices, topology: str = "") -> dict[str, Any]:
         raise UserError("TPUs have no float64: use compute_dtype float32 or bfloat16")
     chip = chip_of(devices)
     data_parallel = DataParallel(config.mesh.data, devices=devices)
-    settings = check_config(config, data_parallel.size)
+    method = check_config(config, data_parallel.size)
     info = input_pipeline.dataset_info(config.dataset)
     train_examples = TRAIN_EXAMPLES[config.dataset] - config.validation_size
     if config.train_examples:
         train_examples = min(train_examples, config.train_examples)
     steps_per_epoch = input_pipeline.steps_per_epoch(train_examples, config.batch_size)
-    setup, state = train.build(config, settings, steps_per_epoch, data_parallel)
+    setup, state = train.build(config, method, steps_per_epoch, data_parallel)
     train_step, eval_step = train.jit_steps(setup, config)
 
     parameter_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
     state = abstract_like(state, data_parallel.replicated)
     shape, batch, data = info.image_shape, config.batch_size, data_parallel.data
-    views = (settings.num_views,) if settings.num_views > 1 else ()
+    views = (method.num_views,) if method.num_views > 1 else ()
     train_batch = {
         "image": jax.ShapeDtypeStruct((batch, *views, *shape), jnp.uint8, sharding=data),
         "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data),
@@ -260,7 +260,7 @@ def compile_for(config, devices, topology: str = "") -> dict[str, Any]:
     train_report = compile_step(train_step, (state, train_batch), data_parallel, chip)
     eval_report = compile_step(
         eval_step,
-        (state.params, state.batch_stats, eval_batch_spec, state.mean_model),
+        (state.params, state.batch_stats, eval_batch_spec, state.method_state),
         data_parallel,
         chip,
         batch_position=2,

@@ -1,7 +1,8 @@
 """Defaults shared by every config in `configs/`: the FFL/ONE CIFAR protocol (docs/method.md).
 
 Loss settings default to `None` (typed placeholders, so `--config.loss.lam_feat=0` parses):
-`None` means "take the value of the preset named by `config.method`" (see `ffcl_jax.methods`).
+`None` means "the value of the method named by `config.method`" (see `ffcl_jax.methods`); the
+run's header line and `results.json` show the values it resolved to.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from ffcl_jax import input_pipeline, models, report, xla_cpu
+from ffcl_jax import input_pipeline, methods, models, xla_cpu
 from ffcl_jax.errors import UserError
-from ffcl_jax.methods import LossSettings, resolve_loss_settings
 
 # float64 is for exact comparisons (a float64 reference, such as the PyTorch one in the parity
 # tests), not for speed: it needs 64-bit JAX (`jax_enable_x64`), which the CLI turns on for it.
@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Networks and method.
     c.teacher = "resnet110"
     c.student = "resnet32"
-    c.method = "ffcl"  # independent | kd | dml | ffl | ffcl | one | cl_ilr | okddip
+    c.method = "ffcl"  # a name of ffcl_jax.methods.REGISTRY (independent, kd, dml, ffl, ...)
     # kd only: a finished run's workdir (its latest checkpoint) or an exported .npz holding the
     # teacher, which is then frozen.
     c.teacher_checkpoint = config_dict.placeholder(str)
@@ -86,36 +86,11 @@ def base_config() -> ml_collections.ConfigDict:
     # built, else xla). See xla_cpu.use_onednn_kernels and docs/performance.md.
     c.cpu_kernels = "auto"
 
-    # Loss settings; None = the method preset's value.
+    # The methods' settings (ffcl_jax/methods/: each method's dataclass says what they mean and
+    # holds its defaults), every one settable from the command line; None = the method's value.
     c.loss = ml_collections.ConfigDict()
-    c.loss.use_fusion = config_dict.placeholder(bool)
-    for name in ("lam_fuse", "lam_ens", "lam_mutual", "lam_feat", "lam_reg"):
-        c.loss[name] = config_dict.placeholder(float)
-    c.loss.tau = config_dict.placeholder(float)
-    c.loss.rampup_epochs = config_dict.placeholder(float)
-    c.loss.feat_stages = config_dict.placeholder(tuple)  # stage indices; None: all stages
-    c.loss.feat_form = config_dict.placeholder(str)  # attention | fused_map | stage_fusion
-    c.loss.feat_direction = config_dict.placeholder(str)  # attention: teacher_to_student | mutual
-    c.loss.attention_reduction = config_dict.placeholder(str)  # attention: sum | mean (positions)
-    c.loss.regularizer = config_dict.placeholder(str)  # virtual_teacher | label_smoothing | none
-    c.loss.reg_correct_prob = config_dict.placeholder(float)
-    c.loss.reg_temperature = config_dict.placeholder(float)
-    c.loss.label_smoothing = config_dict.placeholder(float)
-    c.loss.kd_alpha = config_dict.placeholder(float)  # kd, kdcl: (1 - a) CE + a KL_tau
-    # KDCL and PCL: each network or branch on its own augmentation; KDCL's target for the pair.
-    c.loss.separate_views = config_dict.placeholder(bool)
-    c.loss.collaborative_target = config_dict.placeholder(str)  # none | mean | min_logit
-    # Branch methods (one, cl_ilr, okddip, pcl): a multi-branch network of config.student.
-    c.loss.num_branches = config_dict.placeholder(int)  # 0: the teacher/student pair
-    c.loss.branch_stages = config_dict.placeholder(int)  # the last stages each branch copies
-    c.loss.gate = config_dict.placeholder(str)  # one | none
-    c.loss.backprop_rescale = config_dict.placeholder(bool)
-    c.loss.lam_ensemble_ce = config_dict.placeholder(float)
-    c.loss.lam_branch_kd = config_dict.placeholder(float)
-    c.loss.branch_target = config_dict.placeholder(str)  # ensemble | others | attention
-    c.loss.peer_ensemble = config_dict.placeholder(bool)  # PCL's classifier over the branches
-    c.loss.temporal_mean_decay = config_dict.placeholder(float)  # PCL's EMA (0: none)
-    c.loss.lam_temporal_kd = config_dict.placeholder(float)  # PCL: from the other temporal means
+    for name, kind in methods.setting_types().items():
+        c.loss[name] = config_dict.placeholder(kind)
 
     # Optimisation (FFL/ONE protocol).
     c.batch_size = 128  # global, over all devices and hosts
@@ -213,12 +188,13 @@ def eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
     return -(-config.eval_batch_size // num_devices) * num_devices
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSettings:
-    """Validates what can be checked before any data is read; returns the loss settings."""
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods.Method:
+    """Validates what can be checked before any data is read; returns the method, its settings
+    resolved from `config.loss`."""
     input_pipeline.dataset_info(config.dataset)
     models.check_model_name(config.teacher)
     models.check_model_name(config.student)
-    settings = resolve_loss_settings(config.method, dict(config.loss))
+    method = methods.create(config.method, dict(config.loss))
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise UserError(
             f"unknown compute_dtype {config.compute_dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}"
@@ -254,12 +230,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
             raise UserError(f"config.{key} must be > 0, got {config[key]}")
     if config.keep_checkpoints < 1:
         raise UserError(f"config.keep_checkpoints must be >= 1, got {config.keep_checkpoints}")
-    if settings.branch_method:
-        valid_best = ["student", "ensemble", *report.branch_names(settings.num_branches)]
-        if settings.temporal_mean_decay:
-            valid_best.append(report.ONLINE_STUDENT)
-    else:
-        valid_best = [m for m in report.MODEL_ORDER if m != "fused" or settings.use_fusion]
+    valid_best = method.evaluated_names()
     if config.best_metric and config.best_metric not in valid_best:
         raise UserError(
             f"config.best_metric={config.best_metric!r} is not a model this run evaluates; "
@@ -276,15 +247,5 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> LossSet
         raise UserError(
             f"unknown config.batch_norm {config.batch_norm!r}; valid: {', '.join(BATCH_NORM_MODES)}"
         )
-    if not settings.train_teacher and not config.teacher_checkpoint:
-        raise UserError(
-            f"method {config.method!r} distils from a trained teacher: set "
-            "--config.teacher_checkpoint to the workdir of a finished run with the same teacher "
-            "(for example an 'independent' run) or to an exported .npz"
-        )
-    if settings.train_teacher and config.teacher_checkpoint:
-        raise UserError(
-            f"config.teacher_checkpoint is only read by method 'kd', not {config.method!r}; "
-            "unset it"
-        )
-    return settings
+    method.check_config(config)
+    return method

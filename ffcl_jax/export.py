@@ -2,9 +2,10 @@
 
     python -m ffcl_jax.export --workdir=DIR [--output=FILE.npz] [--teacher] [--step=N]
 
-writes the student (and with `--teacher` the teacher) of a run's checkpoint, parameters and
-BatchNorm statistics, to one `.npz` file with the run's config and the data set's normalisation;
-`load_exported(FILE)` rebuilds the network for inference with no other file.
+writes the network the run's method deploys (its student; `--members` names others, `--teacher`
+adds the teacher) from a run's checkpoint, parameters and BatchNorm statistics, to one `.npz`
+file with the run's config and the data set's normalisation; `load_exported(FILE)` rebuilds the
+network for inference with no other file. Every member written is a plain zoo network.
 
 Safety: an export is a numpy zip read with `allow_pickle=False`, its metadata is JSON, and
 checkpoints are orbax (tensorstore/OCDBT) arrays plus JSON: loading either never runs code from
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from ffcl_jax import storage
@@ -30,7 +32,6 @@ from ffcl_jax.errors import UserError
 EXPORT_FORMAT = "ffcl_jax.export"
 EXPORT_VERSION = 1
 _META_KEY = "__meta__"
-ROLES = ("student", "teacher")
 
 
 # --------------------------------------------------------------------------- pytrees <-> flat
@@ -87,16 +88,16 @@ class Exported:
     meta: dict[str, Any]
     arrays: dict[str, np.ndarray]
 
-    def network(self, role: str) -> tuple[dict, dict]:
-        """Flat parameter and BatchNorm statistic arrays of `role`."""
-        if role not in self.meta["roles"]:
+    def network(self, member: str) -> tuple[dict, dict]:
+        """Flat parameter and BatchNorm statistic arrays of `member` (the file's "roles")."""
+        if member not in self.meta["roles"]:
             raise UserError(
-                f"the export holds {', '.join(self.meta['roles'])}, not the {role}"
-                + ("; export it with --teacher" if role == "teacher" else "")
+                f"the export holds {', '.join(self.meta['roles'])}, not the {member}; export "
+                f"it with --members={member}"
             )
         parts = {}
         for kind in ("params", "batch_stats"):
-            prefix = f"{role}/{kind}/"
+            prefix = f"{member}/{kind}/"
             parts[kind] = {
                 k[len(prefix) :]: v for k, v in self.arrays.items() if k.startswith(prefix)
             }
@@ -131,18 +132,19 @@ def read_export(path: str) -> Exported:
     return Exported(meta, arrays)
 
 
-def deployed(state: Mapping, kind: str) -> Mapping:
-    """`kind` ("params" or "batch_stats") of the model a run deploys from a raw saved state: PCL's
-    temporal mean where the run kept one (`TrainState.mean_params`), else the trained weights."""
-    mean = state.get(f"mean_{kind}")
-    return mean if mean else state[kind]
+def run_method(config: Mapping):
+    """The method of a run, from its saved config (a dict)."""
+    from ffcl_jax import methods
+
+    return methods.create(config["method"], config.get("loss"))
 
 
 def export_run(
-    workdir: str, output: str | None = None, roles=("student",), step: int | str | None = None
+    workdir: str, output: str | None = None, members=None, step: int | str | None = None
 ) -> str:
-    """Writes `roles` of the run in `workdir` to `output`, from checkpoint `step`: a number,
-    "latest" (default) or "best" (the kept checkpoint with the best `config.best_metric`)."""
+    """Writes `members` of the run in `workdir` (default: the member its method deploys) to
+    `output`, from checkpoint `step`: a number, "latest" (default) or "best" (the kept checkpoint
+    with the best `config.best_metric`)."""
     from ffcl_jax import checkpoint, input_pipeline
     from ffcl_jax.config_base import base_config
 
@@ -166,17 +168,27 @@ def export_run(
     finally:
         checkpoints.close()
     config = meta["config"]
+    method = run_method(config)
+    networks = method.networks(ml_collections.ConfigDict(config))
+    # None stands for the deployed network (the `--teacher` shorthand adds to it).
+    members = tuple(dict.fromkeys(m or method.deployed for m in members or (None,)))
+    unknown = [m for m in members if m not in networks]
+    if unknown:
+        raise UserError(
+            f"the {config['method']} run has no network {unknown[0]!r} to export; its "
+            f"networks: {', '.join(networks)}"
+        )
     info = input_pipeline.dataset_info(config["dataset"])
     arrays: dict[str, np.ndarray] = {}
-    for role in roles:
+    for member in members:
         for kind in ("params", "batch_stats"):
-            for name, value in flatten(deployed(state, kind)[role]).items():
-                arrays[f"{role}/{kind}/{name}"] = value
+            for name, value in flatten(method.deployed_weights(state, kind)[member]).items():
+                arrays[f"{member}/{kind}/{name}"] = value
     history = meta["progress"]["history"]
     export_meta = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
-        "roles": {role: config[role] for role in roles},
+        "roles": {member: networks[member] for member in members},
         "num_classes": info.num_classes,
         "image_shape": list(info.image_shape),
         "dataset": config["dataset"],
@@ -198,17 +210,18 @@ def export_run(
 # --------------------------------------------------------------------------- loading
 
 
-def load_network(path: str, role: str, config, like) -> tuple[Any, Any, str]:
-    """`role`'s parameters and BatchNorm statistics from a run's workdir (latest checkpoint) or
-    an export, as flat dicts checked against the trees `like = (params, batch_stats)`; checks
-    that the model and data set match `config`. Returns them and a description of the source."""
+def load_network(path: str, member: str, config, like) -> tuple[Any, Any, str]:
+    """`member`'s parameters and BatchNorm statistics from a run's workdir (latest checkpoint)
+    or an export, as flat dicts checked against the trees `like = (params, batch_stats)`; checks
+    that the model (`config[member]`) and data set match `config`. Returns them and a
+    description of the source."""
     from ffcl_jax import checkpoint
 
-    model = config[role]
+    model = config[member]
     if storage.path(path).is_file():
         exported = read_export(path)
-        flat_params, flat_stats = exported.network(role)  # raises, naming what the file holds
-        saved_model, dataset = exported.meta["roles"][role], exported.meta["dataset"]
+        flat_params, flat_stats = exported.network(member)  # raises, naming what it holds
+        saved_model, dataset = exported.meta["roles"][member], exported.meta["dataset"]
         source = f"export {path} (step {exported.meta['step']})"
     else:
         checkpoints, step = checkpoint.open_finished_run(path, config)
@@ -217,46 +230,47 @@ def load_network(path: str, role: str, config, like) -> tuple[Any, Any, str]:
             state = checkpoints.restore_raw_state(step)
         finally:
             checkpoints.close()
-        saved_model, dataset = meta["config"][role], meta["config"]["dataset"]
-        flat_params = flatten(deployed(state, "params")[role])
-        flat_stats = flatten(deployed(state, "batch_stats")[role])
+        saved_model, dataset = meta["config"][member], meta["config"]["dataset"]
+        method = run_method(meta["config"])
+        flat_params = flatten(method.deployed_weights(state, "params")[member])
+        flat_stats = flatten(method.deployed_weights(state, "batch_stats")[member])
         source = f"{checkpoints.directory} step {step} (epoch {meta['progress']['epoch']})"
     if saved_model != model or dataset != config.dataset:
         raise UserError(
-            f"{path} holds a {role} {saved_model!r} trained on {dataset!r}, but this config "
-            f"asks for {model!r} on {config.dataset!r}: set config.{role}={saved_model!r} or "
+            f"{path} holds a {member} {saved_model!r} trained on {dataset!r}, but this config "
+            f"asks for {model!r} on {config.dataset!r}: set config.{member}={saved_model!r} or "
             "point to a matching run"
         )
-    fill_like(like[0], flat_params, f"{role} in {path}")
-    fill_like(like[1], flat_stats, f"{role} in {path}")
+    fill_like(like[0], flat_params, f"{member} in {path}")
+    fill_like(like[1], flat_stats, f"{member} in {path}")
     return flat_params, flat_stats, source
 
 
-def with_frozen_teacher(state, config):
-    """`(state, source)`: the train state with its teacher replaced by the one in
-    `config.teacher_checkpoint` (a run's workdir or an exported .npz), for the kd preset."""
+def with_loaded_member(state, config, member: str):
+    """`(state, source)`: the train state with `member` replaced by the one in
+    `config.teacher_checkpoint` (a run's workdir or an exported .npz)."""
     params, batch_stats, source = load_network(
         config.teacher_checkpoint,
-        "teacher",
+        member,
         config,
-        like=(state.params["teacher"], state.batch_stats["teacher"]),
+        like=(state.params[member], state.batch_stats[member]),
     )
 
-    def replace_teacher(tree, teacher_arrays):
+    def replace_member(tree, member_arrays):
         flat = flatten(tree)
-        flat.update({f"teacher/{name}": value for name, value in teacher_arrays.items()})
-        return fill_like(tree, flat, "the cohort with the loaded teacher")
+        flat.update({f"{member}/{name}": value for name, value in member_arrays.items()})
+        return fill_like(tree, flat, f"the cohort with the loaded {member}")
 
     return (
         state.replace(
-            params=replace_teacher(state.params, params),
-            batch_stats=replace_teacher(state.batch_stats, batch_stats),
+            params=replace_member(state.params, params),
+            batch_stats=replace_member(state.batch_stats, batch_stats),
         ),
         source,
     )
 
 
-def load_exported(path: str, role: str = "student"):
+def load_exported(path: str, member: str = "student"):
     """`(model, predict, meta)`: the exported network as an nnx module in inference mode, and
     `predict(images) -> logits` taking uint8 NHWC images as the data set stores them."""
     import jax.numpy as jnp
@@ -266,9 +280,9 @@ def load_exported(path: str, role: str = "student"):
 
     exported = read_export(path)
     meta = exported.meta
-    flat_params, flat_stats = exported.network(role)
+    flat_params, flat_stats = exported.network(member)
     model = models.create_model(
-        meta["roles"][role],
+        meta["roles"][member],
         meta["num_classes"],
         in_channels=meta["image_shape"][-1],
         rngs=nnx.Rngs(0),
@@ -276,8 +290,8 @@ def load_exported(path: str, role: str = "student"):
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     nnx.update(
         model,
-        fill_like(params, flat_params, f"{role} in {path}"),
-        fill_like(batch_stats, flat_stats, f"{role} in {path}"),
+        fill_like(params, flat_params, f"{member} in {path}"),
+        fill_like(batch_stats, flat_stats, f"{member} in {path}"),
     )
     norm = meta["normalization"]
     mean = jnp.asarray(norm["mean"], jnp.float32) * norm["scale"]
@@ -304,24 +318,30 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m ffcl_jax.export",
-        description="Write a run's trained student (and teacher) to a standalone .npz file.",
+        description="Write a run's trained networks to a standalone .npz file.",
     )
     parser.add_argument("--workdir", required=True, help="the run's workdir")
     parser.add_argument("--output", help="file to write (default WORKDIR/export_stepN.npz)")
-    parser.add_argument("--teacher", action="store_true", help="include the teacher too")
+    parser.add_argument(
+        "--members", default="", help="comma-separated networks (default: the one deployed)"
+    )
+    parser.add_argument("--teacher", action="store_true", help="add the teacher network")
     parser.add_argument(
         "--step", default="latest", help="checkpoint step: a number, latest (default) or best"
     )
     args = parser.parse_args(argv)
-    roles = ROLES if args.teacher else ("student",)
+    members = [m for m in args.members.split(",") if m]
+    if args.teacher:
+        members = [*(members or [None]), "teacher"]
     if args.step not in ("latest", "best") and not args.step.isdigit():
         parser.error(f"--step must be a number, latest or best, not {args.step!r}")
     try:
-        output = export_run(args.workdir, args.output, roles, args.step)
+        output = export_run(args.workdir, args.output, members or None, args.step)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {', '.join(roles)} to {output}")
+    written = read_export(output).meta["roles"]
+    print(f"wrote {', '.join(written)} to {output}")
     return 0
 
 

@@ -19,22 +19,20 @@ import numpy as np
 from ffcl_jax import storage
 from ffcl_jax.errors import UserError
 
-MODEL_ORDER = ("student", "teacher", "fused", "ensemble")
-# PCL's online branch 0, where its deployed `student` is the temporal mean's (objectives.py).
-ONLINE_STUDENT = "online_student"
-
-
-def branch_names(num_branches: int) -> list[str]:
-    """A branch method's branches besides the student's (branch 0): `branch_1`, ..."""
-    return [f"branch_{i}" for i in range(1, num_branches)]
+# What an eval row (and its metrics.jsonl line) holds besides one accuracy per evaluated model.
+EVAL_ROW_KEYS = ("kind", "epoch", "step", "split")
 
 
 def models_in(row: dict) -> list[str]:
-    """The models `row` holds an accuracy of: MODEL_ORDER's, the other branches, then PCL's
-    online student."""
-    branches = sorted((k for k in row if k.startswith("branch_")), key=lambda k: int(k[7:]))
-    online = [ONLINE_STUDENT] if ONLINE_STUDENT in row else []
-    return [m for m in MODEL_ORDER if m in row] + branches + online
+    """The models `row` (an eval row or a summary) holds an accuracy of, in its order (the
+    method's `evaluated_names`)."""
+    return [k for k in row if k not in EVAL_ROW_KEYS]
+
+
+def in_order(accuracy: dict[str, float], names: list[str]) -> dict[str, float]:
+    """`accuracy` with the models in `names`' order (the method's), any others after them."""
+    order = dict.fromkeys([*names, *sorted(accuracy)])
+    return {name: accuracy[name] for name in order if name in accuracy}
 
 
 def summarize(history: list[dict]) -> dict[str, dict]:
@@ -58,7 +56,7 @@ def format_table(
 ) -> str:
     """Last and best epoch top-1 on `split`, and `final_test`'s top-1 (the test split evaluated
     after training) when given."""
-    models = [*MODEL_ORDER, *(m for m in models_in(summary) if m not in MODEL_ORDER)]
+    models = models_in(summary)
     name_width = max(len(m) for m in models)
     header = (
         f"| {'model':<{name_width}} | last epoch {split} top-1 | best epoch {split} top-1 (epoch) |"
@@ -91,7 +89,8 @@ def read_jsonl(path) -> list[dict]:
 
 def loss_curves(train_rows: list[dict], loss_terms=()) -> dict[str, tuple[list, list]]:
     """`{label: (steps, values)}` of the loss panel: the total loss and every term in
-    `loss_terms` (a preset's `active_terms`) that the logged rows hold, unweighted."""
+    `loss_terms` (the terms the method's objective computes) that the logged rows hold,
+    unweighted."""
     steps = [r["step"] for r in train_rows]
     curves = {"total loss": (steps, [r["loss"] for r in train_rows])}
     for term in loss_terms:
@@ -257,9 +256,9 @@ class RunLog:
         if not self.enabled:
             return
         accuracies = " ".join(
-            f"{name[0].upper()} {summary[f'train_acc_{name}']:.3f}"
-            for name in ("teacher", "student", "fused")
-            if f"train_acc_{name}" in summary
+            f"{key[len('train_acc_')].upper()} {value:.3f}"
+            for key, value in summary.items()
+            if key.startswith("train_acc_")
         )
         self.print(
             f"epoch {epoch}/{self.num_epochs} step {step}/{self.total_steps} | "
@@ -297,33 +296,29 @@ class RunLog:
 
 
 def parameter_counts(params) -> dict[str, int]:
-    """Parameters per role (teacher, student, fusion, ...)."""
-    return {role: int(sum(x.size for x in jax.tree.leaves(params[role]))) for role in params}
+    """Parameters per member of the cohort."""
+    return {member: int(sum(x.size for x in jax.tree.leaves(params[member]))) for member in params}
 
 
 def banner(
-    config, settings, params, num_train: int, splits: dict, steps_per_epoch: int, num_devices: int
+    config, setup, params, num_train: int, splits: dict, steps_per_epoch: int, num_devices: int
 ) -> str:
-    """The run's first line: method, networks, data, batch, devices and active loss terms."""
-    num_params = parameter_counts(params)
+    """The run's first line: method, networks, data, batch, devices and the loss terms."""
+    networks = setup.method.describe(config, parameter_counts(params))
     evaluated = " / ".join(f"{len(images)} {name}" for name, (images, _) in sorted(splits.items()))
-    if settings.branch_method:  # one network of config.student, branched
-        networks = (
-            f"student {config.student} ({num_params['student'] / 1e6:.2f}M) with "
-            f"{settings.num_branches - 1} more branches ({num_params['peers'] / 1e6:.2f}M)"
-        )
-    else:
-        networks = (
-            f"teacher {config.teacher} ({num_params['teacher'] / 1e6:.2f}M) | student "
-            f"{config.student} ({num_params['student'] / 1e6:.2f}M)"
-        )
     return (
         f"FFCL | method {config.method} | {networks} | {config.dataset} {num_train} train / "
         f"{evaluated} | batch {config.batch_size}, {config.compute_dtype} compute | "
         f"{config.num_epochs} epochs x {steps_per_epoch} steps | {num_devices} "
         f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
-        f"batch norm {config.batch_norm} | terms: {', '.join(settings.active_terms())}"
+        f"batch norm {config.batch_norm} | terms: {', '.join(setup.loss_terms)}"
     )
+
+
+def settings_line(method) -> str:
+    """The run's second line: every setting of the method as it resolved (defaults included)."""
+    values = ", ".join(f"{k}={v}" for k, v in method.settings_dict().items())
+    return f"{method.name} settings (--config.loss.<name>=...): {values}"
 
 
 class StepClock:
@@ -385,14 +380,16 @@ def update_best(progress: dict, row: dict | None, metric: str) -> bool:
     return True
 
 
-def results(config, settings, params, progress: dict, eval_split: str) -> dict[str, Any]:
+def results(config, setup, params, progress: dict, eval_split: str) -> dict[str, Any]:
     """`results.json`'s content (less what only the trainer knows: final test, command)."""
     measured = progress["measured_steps"]
     speed = measured * config.batch_size / max(progress["train_seconds"], 1e-9)
     return {
         "config": json.loads(config.to_json_best_effort()),
+        "method_settings": setup.method.settings_dict(),
+        "networks": setup.method.networks(config),
         "num_params": parameter_counts(params),
-        "loss_terms": list(settings.active_terms()),
+        "loss_terms": list(setup.loss_terms),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge-page malloc: the CLI
         "wall_seconds": progress["wall_seconds"],
@@ -413,7 +410,7 @@ def write_outputs(workdir, config, results: dict, log: RunLog) -> None:
     plot_curves(
         workdir / "metrics.jsonl",
         workdir / "curves.png",
-        title=f"{config.method}: {config.teacher} + {config.student} on {config.dataset}",
+        title=f"{config.method}: {' + '.join(results['networks'].values())} on {config.dataset}",
         loss_terms=results["loss_terms"],
     )
     log.print(format_table(results["summary"], results["eval_split"], results["final_test"]))

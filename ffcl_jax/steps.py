@@ -1,11 +1,12 @@
 """The pure step functions of a run: the train state, the one jitted train step of the whole
-cohort (forward, every loss term, gradients, SGD, BatchNorm statistics, PCL's temporal mean)
-and the eval step. `ffcl_jax.train` builds and drives them.
+cohort (forward, every loss term, gradients, the optimizer, BatchNorm statistics, the method's
+own state) and the eval step. They know the method only through `ffcl_jax.methods.Method`;
+`ffcl_jax.train` builds and drives them.
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +15,8 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from ffcl_jax import input_pipeline, losses
-from ffcl_jax.methods import LossSettings
+from ffcl_jax.methods import Method
 from ffcl_jax.models.layers import closed_form_batch_norm_backward, onednn_kernels
-from ffcl_jax.objectives import cohort_objective, evaluated_logits
 
 
 class TrainState(struct.PyTreeNode):
@@ -24,39 +24,59 @@ class TrainState(struct.PyTreeNode):
     params: nnx.State
     batch_stats: nnx.State
     opt_state: optax.OptState
-    # PCL's temporal mean: an EMA of `params` and its own BatchNorm statistics (None: no EMA).
-    mean_params: nnx.State | None = None
-    mean_batch_stats: nnx.State | None = None
-
-    @property
-    def mean_model(self) -> tuple[nnx.State, nnx.State] | None:
-        if self.mean_params is None:
-            return None
-        return self.mean_params, self.mean_batch_stats
+    # What the method keeps besides the parameters (`Method.init_state`; None: nothing), such
+    # as PCL's temporal mean. Checkpoints save its entries beside `params`.
+    method_state: dict[str, Any] | None = None
 
 
-def create_train_state(
-    cohort: nnx.Module, tx, temporal_mean: bool = False
-) -> tuple[nnx.GraphDef, TrainState]:
-    """`temporal_mean` (PCL): the EMA starts as a copy of the initial weights and statistics."""
+def create_train_state(cohort: nnx.Module, tx, method: Method) -> tuple[nnx.GraphDef, TrainState]:
     graphdef, params, batch_stats = nnx.split(cohort, nnx.Param, nnx.BatchStat)
-    copy = functools.partial(jax.tree.map, jnp.copy)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
         opt_state=tx.init(params),
-        mean_params=copy(params) if temporal_mean else None,
-        mean_batch_stats=copy(batch_stats) if temporal_mean else None,
+        method_state=method.init_state(params, batch_stats),
     )
     return graphdef, state
+
+
+def make_forward(
+    graphdef: nnx.GraphDef,
+    method: Method,
+    info: input_pipeline.DatasetInfo,
+    *,
+    closed_form_bn: bool = False,
+    onednn: bool = False,
+):
+    """`(params, batch_stats, batch, epoch, method_state) -> (total, (terms, batch_stats, aux))`:
+    the cohort in training mode, the method's objective and training accuracies."""
+
+    def forward(params, batch_stats, batch, epoch, method_state):
+        images = input_pipeline.normalize(batch["image"], info)
+        labels = batch["label"]
+        # copy=True: fresh Variables owned by this (grad) trace, so BatchNorm may update them.
+        cohort = nnx.merge(graphdef, params, batch_stats, copy=True)
+
+        def model_of(other_params, other_stats):
+            return nnx.merge(graphdef, other_params, other_stats, copy=True)
+
+        with closed_form_batch_norm_backward(closed_form_bn), onednn_kernels(onednn):
+            outputs = method.forward(cohort, images, train=True)
+            extra, aux = method.state_outputs(method_state, images, model_of, train=True)
+        total, terms = method.loss({**outputs, **extra}, labels, epoch, info.num_classes)
+        for name, logits in method.train_accuracy_logits(outputs).items():
+            terms[f"train_acc_{name}"] = losses.top1_correct(logits, labels).mean()
+        return total, (terms, nnx.state(cohort, nnx.BatchStat), aux)
+
+    return forward
 
 
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx,
     schedule,
-    settings: LossSettings,
+    method: Method,
     info: input_pipeline.DatasetInfo,
     steps_per_epoch: int,
     per_device_mesh: jax.sharding.Mesh | None = None,
@@ -72,38 +92,15 @@ def make_train_step(
     by `shard_map`'s transpose, which makes it the gradient of the global mean loss.
     `closed_form_bn`: BatchNorm layers differentiate with `layers.batch_norm_train`.
     `onednn`: float32 convolutions and training-mode BatchNorm run as `ffcl_jax.cpu_kernels`.
-    With PCL's temporal mean in the state, it runs on the same batch in training mode (its own
-    BatchNorm statistics update; its logits are targets only) and its weights follow the
-    updated ones: mean <- d mean + (1 - d) params, d = min(1 - 1/(step + 1), decay).
     """
-
-    def forward(params, batch_stats, batch, epoch, mean_model):
-        images = input_pipeline.normalize(batch["image"], info)
-        labels = batch["label"]
-        # copy=True: fresh Variables owned by this (grad) trace, so BatchNorm may update them.
-        cohort = nnx.merge(graphdef, params, batch_stats, copy=True)
-        new_mean_stats = None
-        with closed_form_batch_norm_backward(closed_form_bn), onednn_kernels(onednn):
-            outputs = cohort(images, train=True, train_teacher=settings.train_teacher)
-            if mean_model is not None:
-                mean_cohort = nnx.merge(graphdef, *mean_model, copy=True)
-                mean_logits = mean_cohort(images, train=True)["branch_logits"]
-                outputs["mean_branch_logits"] = [jax.lax.stop_gradient(z) for z in mean_logits]
-                new_mean_stats = nnx.state(mean_cohort, nnx.BatchStat)
-        total, terms = cohort_objective(outputs, labels, settings, epoch, info.num_classes)
-        for name in ("teacher", "student", "fused"):
-            if f"{name}_logits" in outputs:
-                terms[f"train_acc_{name}"] = losses.top1_correct(
-                    outputs[f"{name}_logits"], labels
-                ).mean()
-        return total, (terms, nnx.state(cohort, nnx.BatchStat), new_mean_stats)
+    forward = make_forward(graphdef, method, info, closed_form_bn=closed_form_bn, onednn=onednn)
 
     if per_device_mesh is not None:
         local_forward = forward
 
-        def forward(params, batch_stats, batch, epoch, mean_model):
-            def on_device(params, batch_stats, batch, epoch, mean_model):
-                total, aux = local_forward(params, batch_stats, batch, epoch, mean_model)
+        def forward(params, batch_stats, batch, epoch, method_state):
+            def on_device(params, batch_stats, batch, epoch, method_state):
+                total, aux = local_forward(params, batch_stats, batch, epoch, method_state)
                 return jax.lax.pmean((total, aux), "data")
 
             return jax.shard_map(
@@ -111,51 +108,66 @@ def make_train_step(
                 mesh=per_device_mesh,
                 in_specs=(P(), P(), P("data"), P(), P()),
                 out_specs=P(),
-            )(params, batch_stats, batch, epoch, mean_model)
+            )(params, batch_stats, batch, epoch, method_state)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         # Epoch-wise quantities (ramp-up weight) derive from the step inside the graph, so the
         # step never retraces and needs no host input.
         epoch = state.step // steps_per_epoch
-        (total, (terms, new_batch_stats, new_mean_stats)), grads = jax.value_and_grad(
-            forward, has_aux=True
-        )(state.params, state.batch_stats, batch, epoch, state.mean_model)
+        (total, (terms, new_batch_stats, aux)), grads = jax.value_and_grad(forward, has_aux=True)(
+            state.params, state.batch_stats, batch, epoch, state.method_state
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": total, **terms, "learning_rate": schedule(state.step)}
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=new_batch_stats, opt_state=opt_state
-        )
-        if state.mean_params is not None:
-            decay = jnp.minimum(1.0 - 1.0 / (state.step + 1), settings.temporal_mean_decay)
-            new_state = new_state.replace(
-                mean_params=jax.tree.map(
-                    lambda mean, p: (decay * mean + (1 - decay) * p).astype(p.dtype),
-                    state.mean_params,
-                    params,
-                ),
-                mean_batch_stats=new_mean_stats,
-            )
-        return new_state, metrics
+        return state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=new_batch_stats,
+            opt_state=opt_state,
+            method_state=method.update_state(state.method_state, params, state.step, aux),
+        ), metrics
 
     return train_step
 
 
-def make_eval_step(
-    graphdef: nnx.GraphDef, info: input_pipeline.DatasetInfo, *, onednn: bool = False
-):
-    """`(params, batch_stats, batch, mean_model=None) -> correct counts` of every model
-    `evaluated_logits` names; `mean_model` is `TrainState.mean_model` (PCL's temporal mean)."""
+def loss_term_names(forward, state: TrainState, info: input_pipeline.DatasetInfo, num_views: int):
+    """The names of the terms the objective computes (what a run logs), read off the objective
+    itself by tracing it on abstract inputs (nothing runs)."""
+    views = (num_views,) if num_views > 1 else ()
+    batch = {
+        "image": jax.ShapeDtypeStruct((2, *views, *info.image_shape), jnp.uint8),
+        "label": jax.ShapeDtypeStruct((2,), jnp.int32),
+    }
+    epoch = jax.ShapeDtypeStruct((), jnp.int32)
+    names = []
 
-    def eval_step(params, batch_stats, batch, mean_model=None):
+    def terms_of(*args):
+        _, (terms, _, _) = forward(*args)
+        names.extend(terms)  # at trace time, in the objective's own order (outputs are sorted)
+        return terms
+
+    jax.eval_shape(terms_of, state.params, state.batch_stats, batch, epoch, state.method_state)
+    return tuple(k for k in names if k != "rampup_weight" and not k.startswith("train_acc_"))
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, method: Method, info: input_pipeline.DatasetInfo, *, onednn=False
+):
+    """`(params, batch_stats, batch, method_state=None) -> correct counts` of every model the
+    method evaluates."""
+
+    def eval_step(params, batch_stats, batch, method_state=None):
         images = input_pipeline.normalize(batch["image"], info)
+
+        def model_of(other_params, other_stats):
+            return nnx.merge(graphdef, other_params, other_stats)
+
         with onednn_kernels(onednn):
-            outputs = nnx.merge(graphdef, params, batch_stats)(images, train=False)
-            mean_outputs = None
-            if mean_model is not None:
-                mean_outputs = nnx.merge(graphdef, *mean_model)(images, train=False)
+            outputs = method.forward(model_of(params, batch_stats), images, train=False)
+            state_outputs = method.eval_state_outputs(method_state, images, model_of)
         labels, mask = batch["label"], batch["mask"]
-        logits = evaluated_logits(outputs, mean_outputs)
+        logits = method.evaluated(outputs, state_outputs)
         counts = {k: jnp.sum(losses.top1_correct(z, labels) * mask) for k, z in logits.items()}
         counts["count"] = jnp.sum(mask)
         return counts

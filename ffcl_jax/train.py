@@ -26,32 +26,31 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ffcl_jax import checkpoint, export, input_pipeline, models, report, storage, xla_cpu
+from ffcl_jax import checkpoint, input_pipeline, methods, report, storage, xla_cpu
 from ffcl_jax import workdir as workdir_lib
 from ffcl_jax.config_base import COMPUTE_DTYPES, check_config, eval_batch_size
 from ffcl_jax.errors import UserError
-from ffcl_jax.methods import LossSettings, check_feature_stages, fused_feature_stages
+from ffcl_jax.methods import Method
 from ffcl_jax.parallel import DataParallel
-from ffcl_jax.steps import TrainState, create_train_state, make_eval_step, make_train_step
+from ffcl_jax.steps import (
+    TrainState,
+    create_train_state,
+    loss_term_names,
+    make_eval_step,
+    make_forward,
+    make_train_step,
+)
 
 
-def is_network_role(role: str) -> bool:
-    """Teacher, student and a branch method's peers, gate, attention and peer-ensemble
-    classifier take `weight_decay`; every other role is fusion-side."""
-    return role in models.NETWORK_ROLES
-
-
-def make_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, train_teacher: bool = True
-):
-    """SGD (Nesterov) with per-role weight decay and an epoch-based multistep schedule, after
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, method: Method):
+    """SGD (Nesterov) with per-member weight decay and an epoch-based multistep schedule, after
     `config.warmup_epochs` of linear warm-up (none by default).
 
     Weight decay is added to the gradient before momentum, as `torch.optim.SGD(weight_decay=...)`
-    does, and applies to every parameter of a role (BatchNorm included), as in the FFL and
-    RepDistiller references: `weight_decay` for teacher and student, `fusion_weight_decay` for
-    the fusion side (the fusion module, and the fused feature knowledge's stage fusion modules and
-    adapters). With `train_teacher=False` (kd) the teacher is frozen.
+    does, and applies to every parameter of a member (BatchNorm included), as in the FFL and
+    RepDistiller references: `fusion_weight_decay` for the method's fusion-side members (FFCL's
+    fusion module and fused feature knowledge), `weight_decay` for every other member. The
+    method's frozen members get no update.
     """
     schedule = optax.piecewise_constant_schedule(
         config.learning_rate,
@@ -64,55 +63,37 @@ def make_optimizer(
         def schedule(step):
             return decays(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
 
-    def role_mask(predicate: Callable[[str], bool]):
+    def member_mask(predicate: Callable[[str], bool]):
         return lambda params: jax.tree_util.tree_map_with_path(
             lambda path, _: predicate(path[0].key), params
         )
 
+    def fusion_side(member: str) -> bool:
+        return member in method.fusion_side_members
+
     tx = optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=role_mask(is_network_role)),
         optax.add_decayed_weights(
-            config.fusion_weight_decay, mask=role_mask(lambda r: not is_network_role(r))
+            config.weight_decay, mask=member_mask(lambda m: not fusion_side(m))
         ),
+        optax.add_decayed_weights(config.fusion_weight_decay, mask=member_mask(fusion_side)),
         optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
     )
-    if not train_teacher:
-        # A frozen teacher gets zero updates (no weight decay either) and no optimizer state.
+    if method.frozen_members:
+        # A frozen member gets zero updates (no weight decay either) and no optimizer state.
         tx = optax.multi_transform(
             {"train": tx, "frozen": optax.set_to_zero()},
-            lambda params: jax.tree_util.tree_map_with_path(
-                lambda path, _: "frozen" if path[0].key == "teacher" else "train", params
-            ),
+            member_mask(lambda m: "frozen" if m in method.frozen_members else "train"),
         )
     return tx, schedule
 
 
-def create_cohort(config, settings: LossSettings, info: input_pipeline.DatasetInfo):
+def create_cohort(config, method: Method, info: input_pipeline.DatasetInfo) -> methods.Cohort:
+    """The method's members, created from `config.seed` in the method's order."""
     dtype = COMPUTE_DTYPES[config.compute_dtype]
-    if settings.branch_method:
-        cohort = models.create_branch_cohort(
-            config.student,
-            info.num_classes,
-            in_channels=info.image_shape[-1],
-            **settings.branch_options(),
-            dtype=dtype,
-            seed=config.seed,
-        )
-    else:
-        cohort = models.create_cohort(
-            config.teacher,
-            config.student,
-            info.num_classes,
-            in_channels=info.image_shape[-1],
-            use_fusion=settings.use_fusion,
-            fused_channels=config.fusion_channels,
-            fused_feature_stages=fused_feature_stages(settings, models.NUM_STAGES),
-            dtype=dtype,
-            seed=config.seed,
-        )
-        check_feature_stages(
-            settings, len(cohort.teacher.stage_channels), len(cohort.student.stage_channels)
-        )
+    members = method.build_members(
+        config, info.num_classes, info.image_shape[-1], dtype, nnx.Rngs(config.seed)
+    )
+    cohort = methods.Cohort(members)
     if config.compute_dtype == "float64":  # flax creates float32 variables whatever the dtype
         variables = nnx.state(cohort, (nnx.Param, nnx.BatchStat))
         nnx.update(cohort, jax.tree.map(lambda v: v.astype(jnp.float64), variables))
@@ -123,18 +104,19 @@ def create_cohort(config, settings: LossSettings, info: input_pipeline.DatasetIn
 class Setup:
     """What a run derives from its config before the first step (all static under `jit`)."""
 
-    settings: LossSettings
+    method: Method
     info: input_pipeline.DatasetInfo
     graphdef: nnx.GraphDef
     schedule: optax.Schedule
     train_step: Callable  # pure (state, batch) -> (state, metrics); jit with donate_argnums=0
-    eval_step: Callable  # pure (params, batch_stats, batch) -> correct counts
+    eval_step: Callable  # pure (params, batch_stats, batch, method_state) -> correct counts
+    loss_terms: tuple[str, ...]  # the terms the method's objective computes, in its order
     onednn_kernels: bool  # float32 convolutions on ffcl_jax.cpu_kernels (config.cpu_kernels)
     platform: str  # what the steps are built for: "cpu", "gpu" or "tpu" (the mesh's devices)
 
 
 def build(
-    config, settings: LossSettings, steps_per_epoch: int, data_parallel: DataParallel | None = None
+    config, method: Method, steps_per_epoch: int, data_parallel: DataParallel | None = None
 ) -> tuple[Setup, TrainState]:
     """Cohort, optimizer, initial state and the two step functions, from a checked config.
 
@@ -144,10 +126,8 @@ def build(
     the steps are for one device of JAX's default backend.
     """
     info = input_pipeline.dataset_info(config.dataset)
-    tx, schedule = make_optimizer(config, steps_per_epoch, settings.train_teacher)
-    graphdef, state = create_train_state(
-        create_cohort(config, settings, info), tx, temporal_mean=settings.temporal_mean_decay > 0
-    )
+    tx, schedule = make_optimizer(config, steps_per_epoch, method)
+    graphdef, state = create_train_state(create_cohort(config, method, info), tx, method)
     num_devices = data_parallel.size if data_parallel is not None else 1
     platform = data_parallel.platform if data_parallel is not None else jax.default_backend()
     onednn = xla_cpu.use_onednn_kernels(config, num_devices, platform)
@@ -156,8 +136,9 @@ def build(
         if data_parallel is None:
             raise ValueError("batch_norm='per_device' needs the data-parallel mesh")
         per_device_mesh = data_parallel.mesh
+    closed_form_bn = xla_cpu.closed_form_batch_norm(config, platform)
     setup = Setup(
-        settings=settings,
+        method=method,
         info=info,
         graphdef=graphdef,
         schedule=schedule,
@@ -165,14 +146,17 @@ def build(
             graphdef,
             tx,
             schedule,
-            settings,
+            method,
             info,
             steps_per_epoch,
             per_device_mesh,
-            closed_form_bn=xla_cpu.closed_form_batch_norm(config, platform),
+            closed_form_bn=closed_form_bn,
             onednn=onednn,
         ),
-        eval_step=make_eval_step(graphdef, info, onednn=onednn),
+        eval_step=make_eval_step(graphdef, method, info, onednn=onednn),
+        loss_terms=loss_term_names(
+            make_forward(graphdef, method, info), state, info, method.num_views
+        ),
         onednn_kernels=onednn,
         platform=platform,
     )
@@ -191,7 +175,7 @@ def jit_steps(setup: Setup, config) -> tuple[Callable, Callable]:
 
 def make_train_data(config, images, labels, data_parallel: DataParallel, num_views: int = 1):
     """The training batches: tf.data on the host, or (`config.data_on_device`) made by jit;
-    `num_views` augmentations of every image (`LossSettings.num_views`)."""
+    `num_views` augmentations of every image (`Method.num_views`)."""
     if config.data_on_device:
         return input_pipeline.DeviceTrainData(
             config,
@@ -224,7 +208,7 @@ def evaluate(
     totals = None
     for batch in input_pipeline.eval_batches(images[mine], labels[mine], local_batch, num_batches):
         counts = eval_step(
-            state.params, state.batch_stats, data_parallel.global_batch(batch), state.mean_model
+            state.params, state.batch_stats, data_parallel.global_batch(batch), state.method_state
         )
         totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
     totals = jax.device_get(totals)
@@ -252,12 +236,11 @@ def new_progress() -> dict[str, Any]:
     }
 
 
-def restore_or_initialize(config, settings, state, data_parallel, checkpoints, resume_step, notes):
-    """`(state, progress)`: from checkpoint `resume_step`, or fresh (with kd's frozen teacher)."""
+def restore_or_initialize(config, method, state, data_parallel, checkpoints, resume_step, notes):
+    """`(state, progress)`: from checkpoint `resume_step`, or the method's fresh start."""
     if resume_step is None:
-        if not settings.train_teacher:
-            state, source = export.with_frozen_teacher(state, config)
-            notes.append(f"frozen teacher loaded from {source}")
+        state, note = method.initial_state(state, config)
+        notes += [note] if note else []
         return jax.device_put(state, data_parallel.replicated), new_progress()
     meta = checkpoints.read_meta(resume_step)
     checkpoints.check_config(resume_step, meta, config)
@@ -292,15 +275,15 @@ def train_and_evaluate(
     """
     workdir = storage.path(workdir)
     data_parallel = DataParallel(config.mesh.data)
-    settings = check_config(config, data_parallel.size)
+    method = check_config(config, data_parallel.size)
     is_chief = jax.process_index() == 0
     (train_images, train_labels), splits = input_pipeline.load_splits(config)
     eval_split = "validation" if "validation" in splits else "test"
     train_data = make_train_data(
-        config, train_images, train_labels, data_parallel, settings.num_views
+        config, train_images, train_labels, data_parallel, method.num_views
     )
     spe, total_steps = train_data.steps_per_epoch, config.num_epochs * train_data.steps_per_epoch
-    setup, state = build(config, settings, spe, data_parallel)
+    setup, state = build(config, method, spe, data_parallel)
     checkpoints, resume_step, moved = workdir_lib.start_or_resume(workdir, config, fresh, is_chief)
     watch = workdir_lib.PreemptionWatch(checkpoints)
     notes = [f"moved the earlier run to {moved}"] if moved else []
@@ -310,7 +293,7 @@ def train_and_evaluate(
     try:
         with jax.set_mesh(data_parallel.mesh):
             state, progress = restore_or_initialize(
-                config, settings, state, data_parallel, checkpoints, resume_step, notes
+                config, method, state, data_parallel, checkpoints, resume_step, notes
             )
             train_step, eval_step = jit_steps(setup, config)
             if is_chief:
@@ -323,7 +306,7 @@ def train_and_evaluate(
             log.print(
                 report.banner(
                     config,
-                    settings,
+                    setup,
                     state.params,
                     len(train_images),
                     splits,
@@ -331,6 +314,7 @@ def train_and_evaluate(
                     data_parallel.size,
                 )
             )
+            log.print(report.settings_line(method))
             for note in notes:
                 log.print(note)
             step = int(jax.device_get(state.step))
@@ -356,6 +340,7 @@ def train_and_evaluate(
                 """Top-1 of every model on `split`, as a logged eval row."""
                 started = time.time()
                 accuracy = evaluate(eval_step, state, data_parallel, *splits[split], config)
+                accuracy = report.in_order(accuracy, method.evaluated_names())
                 row = {"epoch": epoch_done, "step": step, "split": split, **accuracy}
                 log.eval(row, time.time() - started)
                 return row
@@ -403,7 +388,7 @@ def train_and_evaluate(
             if eval_split != "test" and config.final_test:  # once, after training
                 final_test = evaluate_split("test", config.num_epochs)
             clock.add_wall_time()
-            results = report.results(config, settings, state.params, progress, eval_split)
+            results = report.results(config, setup, state.params, progress, eval_split)
             results.update(final_test=final_test, command=command)
             results["xla_compiler_options"] = xla_cpu.compiler_options(config)
             results["closed_form_batch_norm"] = xla_cpu.closed_form_batch_norm(config)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import export, input_pipeline, losses, methods, objectives, train
+from ffcl_jax import export, input_pipeline, losses, methods, train
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
 
@@ -47,17 +47,16 @@ def test_branch_ensemble_and_mean_of_others_match_numpy():
         np.testing.assert_allclose(others[i], expected, rtol=1e-5, atol=1e-6)
 
 
-def _objective(method, epoch, **overrides):
-    settings = methods.resolve_loss_settings(method, overrides)
-    logits = PEER_LOGITS if method == "okddip" else LOGITS
+def _objective(name, epoch, **overrides):
+    method = methods.create(name, overrides)
+    settings = method.settings
+    logits = PEER_LOGITS if name == "okddip" else LOGITS
     outputs = {"branch_logits": [jnp.asarray(z, jnp.float32) for z in logits]}
     if settings.gate == "one":
         outputs["gate_weights"] = jnp.asarray(GATE, jnp.float32)
     if settings.branch_target == "attention":
         outputs["peer_attention"] = jnp.asarray(ATTENTION, jnp.float32)
-    total, terms = objectives.cohort_objective(
-        outputs, jnp.asarray(LABELS), settings, jnp.asarray(epoch), 4
-    )
+    total, terms = method.loss(outputs, jnp.asarray(LABELS), jnp.asarray(epoch), 4)
     return settings, float(total), terms
 
 
@@ -70,15 +69,15 @@ def test_objective_matches_numpy(method):
         ensemble = sum(GATE[:, [i]] * LOGITS[i] for i in range(3))
         targets = [ensemble] * 3
         expected = ce + _ce(ensemble, LABELS)
-        assert set(terms) == {"ce_branches", "ce_ensemble", "kl_to_branches", "rampup_weight"}
+        assert tuple(terms) == ("ce_branches", "ce_ensemble", "kl_to_branches", "rampup_weight")
     else:
         targets = [sum(LOGITS[j] for j in range(3) if j != i) / 2 for i in range(3)]
         expected = ce
-        assert set(terms) == {"ce_branches", "kl_to_branches", "rampup_weight"}
+        assert tuple(terms) == ("ce_branches", "kl_to_branches", "rampup_weight")
     kl = sum(_kl(z, t, tau) for z, t in zip(LOGITS, targets, strict=True))
     np.testing.assert_allclose(float(terms["kl_to_branches"]), kl, rtol=1e-5)
     np.testing.assert_allclose(total, expected + ramp * kl, rtol=1e-5)
-    assert settings.active_terms() == tuple(t for t in terms if t != "rampup_weight")
+    np.testing.assert_allclose(float(terms["rampup_weight"]), ramp, rtol=1e-5)
 
 
 def test_okddip_objective_matches_numpy():
@@ -89,6 +88,7 @@ def test_okddip_objective_matches_numpy():
     kl += _kl(leader, sum(peers) / 3, settings.tau)
     np.testing.assert_allclose(float(terms["kl_to_branches"]), kl, rtol=1e-5)
     np.testing.assert_allclose(total, sum(_ce(z, LABELS) for z in PEER_LOGITS) + kl, rtol=1e-5)
+    assert tuple(terms) == ("ce_branches", "kl_to_branches", "rampup_weight")
 
 
 def test_okddip_attention_learns_from_its_targets_and_the_peers_do_not_through_them():
@@ -136,24 +136,64 @@ def test_the_targets_take_no_gradient_from_the_kl_terms():
         np.testing.assert_array_equal(g, 0.0)
 
 
-def test_branch_settings_are_checked():
-    with pytest.raises(UserError, match="loss.num_branches must be >= 2"):
-        methods.resolve_loss_settings("one", {"num_branches": 1})
-    with pytest.raises(UserError, match="unknown loss.gate 'attention'"):
-        methods.resolve_loss_settings("one", {"gate": "attention"})
-    with pytest.raises(UserError, match="gate='one' reads the shared trunk"):
-        methods.resolve_loss_settings("one", {"branch_stages": 3})
-    with pytest.raises(UserError, match="the one preset trains one multi-branch network"):
-        methods.resolve_loss_settings("one", {"lam_mutual": 1.0})
-    with pytest.raises(UserError, match="the dml preset has no branches"):
-        methods.resolve_loss_settings("dml", {"gate": "one"})
-    with pytest.raises(UserError, match="'attention' needs loss.num_branches >= 3"):
-        methods.resolve_loss_settings("okddip", {"num_branches": 2})
-    with pytest.raises(UserError, match="unknown loss.branch_target"):
-        methods.resolve_loss_settings("cl_ilr", {"branch_target": "self"})
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("one", {"num_branches": 1}, "loss.num_branches must be >= 2, got 1"),
+        ("one", {"gate": "attention"}, "unknown loss.gate 'attention'"),
+        ("one", {"branch_stages": 3}, "loss.gate='one' reads the shared trunk"),
+        ("one", {"branch_stages": 0}, "loss.branch_stages must be in 1..3, got 0"),
+        ("one", {"lam_branch_kd": -1.0}, "loss.lam_ensemble_ce and loss.lam_branch_kd must be"),
+        ("one", {"tau": 0.0}, "loss.tau must be > 0"),
+        ("one", {"lam_mutual": 1.0}, "method 'one' has no setting loss.lam_mutual"),
+        ("dml", {"gate": "one"}, "method 'dml' has no setting loss.gate"),
+        ("okddip", {"num_branches": 2}, "'attention' needs loss.num_branches >= 3"),
+        ("cl_ilr", {"branch_target": "self"}, "unknown loss.branch_target 'self'"),
+    ],
+)
+def test_branch_settings_are_checked(name, overrides, message):
+    with pytest.raises(UserError) as info:
+        methods.create(name, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("method", ["one", "cl_ilr", "okddip", "pcl"])
+def test_branch_presets():
+    one, cl_ilr, okddip = (methods.create(n).settings for n in ("one", "cl_ilr", "okddip"))
+    assert (one.num_branches, one.gate, one.lam_ensemble_ce, one.branch_target) == (
+        3,
+        "one",
+        1.0,
+        "ensemble",
+    )
+    assert (cl_ilr.num_branches, cl_ilr.backprop_rescale, cl_ilr.branch_target) == (
+        4,
+        True,
+        "others",
+    )
+    assert (cl_ilr.gate, cl_ilr.lam_ensemble_ce) == ("none", 0.0)
+    assert (okddip.num_branches, okddip.branch_target, okddip.gate) == (4, "attention", "none")
+    for s in (one, cl_ilr, okddip):
+        assert (s.tau, s.rampup_epochs, s.branch_stages, s.lam_branch_kd) == (3.0, 80.0, 1, 1.0)
+        assert not (s.separate_views or s.peer_ensemble)
+    assert methods.create("okddip").evaluated_names() == [
+        "student",
+        "ensemble",
+        "branch_1",
+        "branch_2",
+        "branch_3",
+    ]
+
+
+LOGGED_TERMS = {
+    "one": ("ce_branches", "ce_ensemble", "kl_to_branches"),
+    "cl_ilr": ("ce_branches", "kl_to_branches"),
+    "okddip": ("ce_branches", "kl_to_branches"),
+    "pcl": ("ce_branches", "ce_ensemble", "kl_to_branches", "kl_temporal_mean"),
+}
+
+
+@pytest.mark.parametrize("method", list(LOGGED_TERMS))
 def test_a_branch_run_exports_its_student_as_the_plain_network(method, fmnist_dir, tmp_path):
     """The student a run reports (for PCL, the temporal mean's branch 0) is what `export`
     writes: a plain zoo network that predicts exactly the reported accuracy."""
@@ -163,7 +203,7 @@ def test_a_branch_run_exports_its_student_as_the_plain_network(method, fmnist_di
     assert {"student", "ensemble", "branch_1", "branch_2"} <= set(last)
     assert ("online_student" in last) == (method == "pcl")
     assert "teacher" not in last and "fused" not in last
-    assert results["loss_terms"] == list(methods.resolve_loss_settings(method).active_terms())
+    assert results["loss_terms"] == list(LOGGED_TERMS[method])
     # The deployable student: branch 0 with the shared trunk, a plain resnet8 (load_exported
     # fills a freshly built zoo network and refuses any missing or extra array).
     path = export.export_run(str(tmp_path / "run"), str(tmp_path / "student.npz"))

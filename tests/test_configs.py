@@ -20,8 +20,8 @@ CONFIGS = ("configs.cifar100", "configs.cifar10", "configs.fashion_mnist")
 @pytest.mark.parametrize("arg", [None, "smoke", "gpu", "tpu"])
 def test_configs_are_valid(name, arg):
     config = importlib.import_module(name).get_config(arg)
-    settings = train.check_config(config, 1)
-    assert settings.method == "ffcl"
+    method = train.check_config(config, 1)
+    assert method.name == "ffcl"
     assert importlib.import_module(name).__doc__.count("python -m ffcl_jax.main") >= 1
 
 
@@ -48,8 +48,8 @@ def test_cifar_configs_follow_the_ffl_one_protocol(name, dataset):
     assert tuple(c.lr_decay_epochs) == (150, 225) and c.lr_decay_factor == 0.1
     assert (c.weight_decay, c.fusion_weight_decay) == (1e-4, 1e-5)
     assert (c.augment, c.pad, c.pad_mode) == ("pad_crop_flip", 4, "reflect")
-    settings = train.check_config(c, 1)
-    assert (settings.tau, settings.rampup_epochs) == (3.0, 80.0)
+    method = train.check_config(c, 1)
+    assert (method.settings.tau, method.settings.rampup_epochs) == (3.0, 80.0)
 
 
 def test_smoke_is_small():
@@ -96,11 +96,12 @@ def test_warmup_ramps_the_rate_linearly_then_leaves_the_decays_alone():
 
     config = importlib.import_module("configs.cifar100").get_config("tpu")
     config.lr_decay_epochs = (10,)
-    _, schedule = train.make_optimizer(config, steps_per_epoch=4)
+    method = train.check_config(config, 1)
+    _, schedule = train.make_optimizer(config, 4, method)
     rates = np.array([float(schedule(step)) for step in (0, 9, 19, 20, 39, 40)])
     np.testing.assert_allclose(rates, [0.04, 0.4, 0.8, 0.8, 0.8, 0.08], rtol=1e-6)
     config.warmup_epochs = 0.0  # the protocol's schedule: piecewise constant from step 0
-    _, schedule = train.make_optimizer(config, steps_per_epoch=4)
+    _, schedule = train.make_optimizer(config, 4, method)
     assert float(schedule(0)) == pytest.approx(0.8)
 
 
@@ -119,8 +120,8 @@ def test_accelerator_variants_compile_on_8_devices():
         "mesh = parallel.DataParallel(-1)\n"
         "for arg in ('gpu', 'tpu'):\n"
         "    config = get_config(arg)\n"
-        "    settings = check_config(config, mesh.size)\n"
-        "    setup, state = train.build(config, settings, 390, mesh)\n"
+        "    method = check_config(config, mesh.size)\n"
+        "    setup, state = train.build(config, method, 390, mesh)\n"
         "    state = jax.device_put(state, mesh.replicated)\n"
         "    images = np.zeros((config.batch_size * 2, 32, 32, 3), np.uint8)\n"
         "    labels = np.zeros((config.batch_size * 2,), np.int32)\n"

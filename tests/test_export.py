@@ -25,7 +25,7 @@ def independent_run(fmnist_dir, tmp_path_factory):
 
 def test_exported_networks_predict_as_in_the_run(independent_run, fmnist_dir, tmp_path):
     workdir, results = independent_run
-    path = export.export_run(str(workdir), str(tmp_path / "nets.npz"), roles=("student", "teacher"))
+    path = export.export_run(str(workdir), str(tmp_path / "nets.npz"), ("student", "teacher"))
     images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
     for role in ("student", "teacher"):
         model, predict, meta = export.load_exported(path, role)
@@ -49,7 +49,7 @@ def test_export_cli_and_missing_roles(independent_run, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"wrote student to {output}" in proc.stdout
-    with pytest.raises(UserError, match="holds student, not the teacher; export it with --teacher"):
+    with pytest.raises(UserError, match="holds student, not the teacher; export it with --members"):
         export.load_exported(str(output), "teacher")
     with pytest.raises(UserError, match="no checkpoint step 3"):
         export.export_run(str(workdir), str(tmp_path / "x.npz"), step=3)

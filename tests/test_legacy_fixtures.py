@@ -47,8 +47,8 @@ def legacy_run(request, tmp_path):
 def test_legacy_checkpoint_restores_into_todays_state(legacy_run):
     method, workdir = legacy_run
     config = legacy_config(method)
-    settings = train.check_config(config, 1)
-    _, state = train.build(config, settings, steps_per_epoch=1)
+    run_method = train.check_config(config, 1)
+    _, state = train.build(config, run_method, steps_per_epoch=1)
     checkpoints, step = checkpoint.open_finished_run(str(workdir), config)
     try:
         meta = checkpoints.read_meta(step)
@@ -57,13 +57,12 @@ def test_legacy_checkpoint_restores_into_todays_state(legacy_run):
     finally:
         checkpoints.close()
     assert int(restored.step) == step == 1
+    assert (restored.method_state is not None) == (method == "pcl")
     exported = export.read_export(str(workdir / "export.npz"))
     flat_params, flat_stats = exported.network("student")
-    raw = {"params": restored.params, "batch_stats": restored.batch_stats}
-    if restored.mean_params is not None:
-        raw.update(mean_params=restored.mean_params, mean_batch_stats=restored.mean_batch_stats)
+    saved = checkpoint.saved_tree(restored)
     for kind, flat in (("params", flat_params), ("batch_stats", flat_stats)):
-        ours = export.flatten(export.deployed(raw, kind)["student"])
+        ours = export.flatten(run_method.deployed_weights(saved, kind)["student"])
         assert sorted(ours) == sorted(flat)
         for key, value in flat.items():
             np.testing.assert_array_equal(ours[key], value, err_msg=key)

@@ -1,19 +1,40 @@
-"""Presets turn on the right terms; the objective combines them as the spec says; bad settings
-fail with clear errors; no gradient reaches a distillation target through the full objective."""
+"""The method registry and the teacher/student pair's objective (independent, dml, ffl, ffcl):
+presets turn on the right terms; the objective combines them as the spec says; bad settings,
+and settings a method does not have, fail with clear errors; no gradient reaches a
+distillation target through the full objective."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffcl_jax import losses
+from ffcl_jax import config_base, losses, methods, train
 from ffcl_jax.errors import UserError
-from ffcl_jax.methods import PRESETS, fused_feature_stages, resolve_loss_settings, taught_stages
-from ffcl_jax.objectives import cohort_objective
+from ffcl_jax.methods.branches import BranchSettings
+from ffcl_jax.methods.kd import KDSettings
+from ffcl_jax.methods.kdcl import KDCLSettings
+from ffcl_jax.methods.pair import PairSettings, fused_feature_stages, taught_stages
+from ffcl_jax.methods.pcl import PCLSettings
+from tests.conftest import tiny_config
 
 K = 5
+
+SETTINGS_OF = {
+    "independent": PairSettings,
+    "kd": KDSettings,
+    "dml": PairSettings,
+    "ffl": PairSettings,
+    "ffcl": PairSettings,
+    "kdcl": KDCLSettings,
+    "one": BranchSettings,
+    "cl_ilr": BranchSettings,
+    "okddip": BranchSettings,
+    "pcl": PCLSettings,
+}
 
 
 def fake_outputs(seed=0, batch=4):
@@ -33,18 +54,34 @@ def fake_outputs(seed=0, batch=4):
 LABELS = jnp.array([0, 1, 4, 2])
 
 
+def objective_terms(method, epoch=0):
+    """The names of the terms `method`'s objective computes on `fake_outputs`, in its order."""
+    outputs = fake_outputs()
+    if not method.settings.use_fusion:
+        outputs.pop("fused_logits")
+    _, terms = method.loss(outputs, LABELS, jnp.asarray(epoch), K)
+    return tuple(t for t in terms if t != "rampup_weight")
+
+
+def logged_terms(name, overrides=None):
+    """The terms a run logs (`Setup.loss_terms`): read off the objective of a real cohort."""
+    method = methods.create(name, overrides)
+    setup, _ = train.build(tiny_config("unused", method=name), method, steps_per_epoch=1)
+    return setup.loss_terms
+
+
 @pytest.mark.parametrize(
-    "method, expected",
+    "name, expected",
     [
-        ("independent", {"ce_teacher", "ce_student"}),
-        ("dml", {"ce_teacher", "ce_student", "kl_mutual"}),
+        ("independent", ("ce_teacher", "ce_student")),
+        ("dml", ("ce_teacher", "ce_student", "kl_mutual")),
         (
             "ffl",
-            {"ce_teacher", "ce_student", "ce_fused", "kl_fused_to_peers", "kl_ensemble_to_fused"},
+            ("ce_teacher", "ce_student", "ce_fused", "kl_fused_to_peers", "kl_ensemble_to_fused"),
         ),
         (
             "ffcl",
-            {
+            (
                 "ce_teacher",
                 "ce_student",
                 "ce_fused",
@@ -53,27 +90,30 @@ LABELS = jnp.array([0, 1, 4, 2])
                 "kl_mutual",
                 "feat",
                 "reg",
-            },
+            ),
         ),
     ],
 )
-def test_preset_terms(method, expected):
-    settings = resolve_loss_settings(method)
-    assert set(settings.active_terms()) == expected
-    outputs = fake_outputs()
-    if not settings.use_fusion:
-        outputs.pop("fused_logits")
-    _, terms = cohort_objective(outputs, LABELS, settings, jnp.asarray(0), K)
-    assert set(terms) - {"rampup_weight"} == expected
+def test_preset_terms(name, expected):
+    method = methods.create(name)
+    assert objective_terms(method) == expected
+    # What a run logs: the same terms in the same order, traced through the real cohort.
+    assert logged_terms(name) == expected
 
 
 def test_preset_hyperparameters():
-    assert resolve_loss_settings("dml").tau == 1.0
-    assert resolve_loss_settings("dml").rampup_epochs == 0.0
-    ffcl = resolve_loss_settings("ffcl")
+    dml = methods.create("dml").settings
+    assert isinstance(dml, PairSettings)
+    assert (dml.tau, dml.rampup_epochs, dml.use_fusion) == (1.0, 0.0, False)
+    ffcl = methods.create("ffcl").settings
     assert (ffcl.tau, ffcl.rampup_epochs, ffcl.regularizer) == (3.0, 80.0, "virtual_teacher")
     assert (ffcl.reg_correct_prob, ffcl.reg_temperature) == (0.99, 20.0)
     assert ffcl.lam_fuse == ffcl.lam_ens == ffcl.lam_mutual == ffcl.lam_feat == ffcl.lam_reg == 1
+    assert ffcl == PairSettings()  # FFCL's settings are the pair's defaults
+    ffl = methods.create("ffl").settings
+    assert (ffl.lam_mutual, ffl.lam_feat, ffl.lam_reg, ffl.regularizer) == (0, 0, 0, "none")
+    kd = methods.create("kd").settings
+    assert (kd.tau, kd.kd_alpha, kd.rampup_epochs) == (4.0, 0.9, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -88,25 +128,35 @@ def test_preset_hyperparameters():
     ],
 )
 def test_ablations_drop_one_term(override, dropped):
-    full = set(resolve_loss_settings("ffcl").active_terms())
-    ablated = set(resolve_loss_settings("ffcl", override).active_terms())
+    full = set(objective_terms(methods.create("ffcl")))
+    ablated = set(objective_terms(methods.create("ffcl", override)))
     assert full - ablated == {dropped}
+    assert ablated < full
 
 
 def test_none_overrides_keep_the_preset():
-    assert resolve_loss_settings("ffcl", {"tau": None, "lam_feat": None}) == resolve_loss_settings(
-        "ffcl"
-    )
+    ffcl = methods.create("ffcl", {"tau": None, "lam_feat": None})
+    assert ffcl.settings == methods.create("ffcl").settings
+    # None means "unset": a key the method does not have is ignored when it is None.
+    kd = methods.create("kd", {"lam_feat": None, "num_branches": None, "tau": None})
+    assert kd.settings == KDSettings()
+
+
+def test_a_config_with_no_loss_overrides_resolves_every_method_to_its_preset():
+    loss = dict(config_base.base_config().loss)
+    assert all(value is None for value in loss.values())
+    for name in methods.REGISTRY:
+        assert methods.create(name, loss).settings == methods.create(name).settings
 
 
 @pytest.mark.parametrize("epoch", [0, 40, 100])
 def test_total_is_the_weighted_sum_of_the_spec(epoch):
-    settings = resolve_loss_settings(
+    method = methods.create(
         "ffcl",
         {"lam_fuse": 0.5, "lam_ens": 2.0, "lam_mutual": 0.3, "lam_feat": 4.0, "lam_reg": 0.7},
     )
     outputs = fake_outputs()
-    total, terms = cohort_objective(outputs, LABELS, settings, jnp.asarray(epoch), K)
+    total, terms = method.loss(outputs, LABELS, jnp.asarray(epoch), K)
     w = float(losses.rampup_weight(jnp.asarray(epoch), 80.0))
     np.testing.assert_allclose(terms["rampup_weight"], w, rtol=1e-6)
     z_t, z_s, z_f = (outputs[f"{m}_logits"] for m in ("teacher", "student", "fused"))
@@ -144,11 +194,9 @@ def test_total_is_the_weighted_sum_of_the_spec(epoch):
     np.testing.assert_allclose(total, expected, rtol=1e-6)
 
 
-def _term_grads(settings, term):
+def _term_grads(method, term):
     outputs = fake_outputs()
-    return jax.grad(lambda o: cohort_objective(o, LABELS, settings, jnp.asarray(100), K)[1][term])(
-        outputs
-    )
+    return jax.grad(lambda o: method.loss(o, LABELS, jnp.asarray(100), K)[1][term])(outputs)
 
 
 def _max_abs(tree):
@@ -156,7 +204,7 @@ def _max_abs(tree):
 
 
 def test_no_gradient_into_any_distillation_target():
-    ffcl = resolve_loss_settings("ffcl")
+    ffcl = methods.create("ffcl")
     g = _term_grads(ffcl, "kl_fused_to_peers")  # fused teaches both: fused is the target
     assert _max_abs(g["fused_logits"]) == 0.0
     assert _max_abs(g["teacher_logits"]) > 0 and _max_abs(g["student_logits"]) > 0
@@ -179,19 +227,22 @@ def test_no_gradient_into_any_distillation_target():
 
 
 @pytest.mark.parametrize(
-    "method, overrides, message",
+    "name, overrides, message",
     [
         ("fml", {}, "unknown method 'fml'; valid methods: independent, kd, dml, ffl, ffcl"),
-        ("kd", {"lam_mutual": 1.0}, "the kd preset trains only the student"),
+        ("kd", {"lam_mutual": 1.0}, "method 'kd' has no setting loss.lam_mutual"),
         ("kd", {"kd_alpha": 1.5}, "loss.kd_alpha must be in [0, 1]"),
-        ("kd", {"train_teacher": True}, "unknown loss setting 'train_teacher'"),
-        ("ffcl", {"lam_fusion": 1.0}, "unknown loss setting 'lam_fusion'"),
+        ("kd", {"train_teacher": True}, "method 'kd' has no setting loss.train_teacher"),
+        ("ffcl", {"lam_fusion": 1.0}, "method 'ffcl' has no setting loss.lam_fusion"),
         ("ffcl", {"lam_feat": -1.0}, "loss.lam_feat must be >= 0"),
         ("ffcl", {"tau": 0.0}, "loss.tau must be > 0"),
+        ("ffcl", {"rampup_epochs": -1.0}, "loss.rampup_epochs must be >= 0"),
         ("dml", {"lam_fuse": 1.0}, "need the fusion module"),
         ("ffcl", {"regularizer": "dropout"}, "unknown loss.regularizer 'dropout'"),
         ("ffcl", {"feat_direction": "student_to_teacher"}, "unknown loss.feat_direction"),
         ("ffcl", {"reg_correct_prob": 1.5}, "loss.reg_correct_prob must be in (0, 1)"),
+        ("ffcl", {"reg_temperature": 0.0}, "loss.reg_temperature must be > 0"),
+        ("ffcl", {"label_smoothing": 1.0}, "loss.label_smoothing must be in [0, 1)"),
         ("ffcl", {"feat_form": "fitnet"}, "unknown loss.feat_form 'fitnet'"),
         ("ffcl", {"attention_reduction": "max"}, "unknown loss.attention_reduction 'max'"),
         (
@@ -202,36 +253,99 @@ def test_no_gradient_into_any_distillation_target():
         ("ffcl", {"feat_form": "fused_map", "feat_stages": (1,)}, "teaches the last stage only"),
     ],
 )
-def test_bad_settings_fail_clearly(method, overrides, message):
+def test_bad_settings_fail_clearly(name, overrides, message):
     with pytest.raises(UserError) as info:
-        resolve_loss_settings(method, overrides)
+        methods.create(name, overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
 
-def test_every_preset_resolves():
-    for method in PRESETS:
-        assert resolve_loss_settings(method).method == method
+def test_a_setting_kd_does_not_have_names_kd_and_its_settings():
+    with pytest.raises(UserError) as info:
+        methods.create("kd", {"lam_feat": 1.0})
+    assert str(info.value) == (
+        "method 'kd' has no setting loss.lam_feat; its settings: kd_alpha, rampup_epochs, tau "
+        "(leave the others unset)"
+    )
+
+
+@pytest.mark.parametrize(
+    "name, key, value",
+    [
+        ("one", "use_fusion", True),  # a pair's setting on a branch method
+        ("dml", "gate", "one"),  # a branch method's setting on a pair
+        ("kdcl", "use_fusion", True),
+        ("ffl", "separate_views", True),  # only KDCL and the branch methods have views
+        ("independent", "kd_alpha", 0.5),
+        ("one", "temporal_mean_decay", 0.99),  # PCL's own settings
+        ("cl_ilr", "lam_temporal_kd", 1.0),
+        ("pcl", "lam_mutual", 1.0),
+        ("kd", "collaborative_target", "mean"),
+    ],
+)
+def test_a_setting_the_method_does_not_have_names_the_method_and_its_settings(name, key, value):
+    with pytest.raises(UserError) as info:
+        methods.create(name, {key: value})
+    message = str(info.value)
+    prefix = f"method {name!r} has no setting loss.{key}; its settings: "
+    assert message.startswith(prefix) and "\n" not in message
+    listed = message[len(prefix) :].removesuffix(" (leave the others unset)").split(", ")
+    assert listed == sorted(f.name for f in dataclasses.fields(SETTINGS_OF[name]))
+    assert key not in listed
+
+
+def test_a_config_setting_the_method_does_not_have_fails_the_config_check():
+    config = tiny_config("unused", method="one", **{"loss.use_fusion": True})
+    with pytest.raises(UserError, match="method 'one' has no setting loss.use_fusion"):
+        train.check_config(config, 1)
+
+
+def test_every_registered_method_resolves_with_its_defaults():
+    assert list(methods.REGISTRY) == list(SETTINGS_OF)
+    views = {"kdcl": 2, "pcl": 3}
+    for name, cls in methods.REGISTRY.items():
+        method = methods.create(name)
+        assert type(method) is cls and method.name == name
+        assert type(method.settings) is SETTINGS_OF[name]
+        assert method.settings_dict() == dataclasses.asdict(method.settings)
+        assert method.num_views == views.get(name, 1)
+        assert method.deployed == "student"
+        assert method.evaluated_names()[0] == "student"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            method.settings.tau = 2.0
+        # Every setting it lists can be given back to it (what a checkpoint's config holds).
+        assert methods.create(name, method.settings_dict()).settings == method.settings
+    assert methods.create("kd").frozen_members == ("teacher",)
+    assert methods.create("ffcl").fusion_side_members == ("fusion", "fused_knowledge")
+
+
+def test_the_config_loss_keys_are_the_settings_of_the_methods():
+    """Every `config.loss` key is some method's setting and every setting can be set."""
+    keys = set(config_base.base_config().loss)
+    fields = {f.name for cls in SETTINGS_OF.values() for f in dataclasses.fields(cls)}
+    assert keys == fields
 
 
 def test_feature_forms_choose_their_stages_and_terms():
-    attention = resolve_loss_settings("ffcl", {"feat_stages": (2, 0)})
+    attention = methods.create("ffcl", {"feat_stages": (2, 0)}).settings
     assert taught_stages(attention, 3) == (2, 0)
     assert fused_feature_stages(attention, 3) is None  # attention needs no extra modules
-    fused_map = resolve_loss_settings("ffcl", {"feat_form": "fused_map"})
+    fused_map = methods.create("ffcl", {"feat_form": "fused_map"}).settings
+    assert taught_stages(fused_map, 3) == (2,)
     assert fused_feature_stages(fused_map, 3) == (2,)
-    assert "ce_stage_fused" not in fused_map.active_terms()
-    every = resolve_loss_settings("ffcl", {"feat_form": "stage_fusion"})
+    every = methods.create("ffcl", {"feat_form": "stage_fusion"}).settings
     assert fused_feature_stages(every, 3) == (0, 1, 2)
-    assert "ce_stage_fused" in every.active_terms()
-    last_only = resolve_loss_settings("ffcl", {"feat_form": "stage_fusion", "feat_stages": (2,)})
-    assert "ce_stage_fused" not in last_only.active_terms()
-    off = resolve_loss_settings("ffcl", {"feat_form": "stage_fusion", "lam_feat": 0.0})
-    assert fused_feature_stages(off, 3) is None and "feat" not in off.active_terms()
+    assert "ce_stage_fused" in logged_terms("ffcl", {"feat_form": "stage_fusion"})
+    # The last stage's fused map is the fusion module's own: no stage fusion module to train.
+    last_only = {"feat_form": "stage_fusion", "feat_stages": (2,)}
+    assert "ce_stage_fused" not in logged_terms("ffcl", last_only)
+    assert "feat" in logged_terms("ffcl", last_only)
+    off = methods.create("ffcl", {"feat_form": "stage_fusion", "lam_feat": 0.0})
+    assert fused_feature_stages(off.settings, 3) is None and "feat" not in objective_terms(off)
 
 
 def test_fused_feature_objective_is_the_sum_of_the_stage_distances():
-    settings = resolve_loss_settings("ffcl", {"feat_form": "stage_fusion", "rampup_epochs": 0.0})
+    method = methods.create("ffcl", {"feat_form": "stage_fusion", "rampup_epochs": 0.0})
     outputs = fake_outputs()
     rng = np.random.default_rng(1)
     outputs["feature_targets"] = [
@@ -242,7 +356,7 @@ def test_fused_feature_objective_is_the_sum_of_the_stage_distances():
         for _ in range(3)
     ]
     outputs["stage_fused_logits"] = [outputs["fused_logits"] * 0.5, outputs["fused_logits"]]
-    total, terms = cohort_objective(outputs, LABELS, settings, 0, K)
+    total, terms = method.loss(outputs, LABELS, 0, K)
     expected = sum(
         losses.fused_map_distance(m[net], m["fused"])
         for m in outputs["feature_targets"]
@@ -254,7 +368,18 @@ def test_fused_feature_objective_is_the_sum_of_the_stage_distances():
         sum(losses.cross_entropy(z, LABELS) for z in outputs["stage_fused_logits"]),
         rtol=1e-6,
     )
-    assert set(terms) - {"rampup_weight"} == set(settings.active_terms())
+    assert tuple(terms) == (
+        "ce_teacher",
+        "ce_student",
+        "ce_fused",
+        "ce_stage_fused",
+        "kl_fused_to_peers",
+        "kl_ensemble_to_fused",
+        "kl_mutual",
+        "feat",
+        "reg",
+        "rampup_weight",
+    )
     without = dict(terms)
     feat_free = float(total) - float(terms["feat"]) - float(terms["ce_stage_fused"])
     assert feat_free == pytest.approx(

@@ -5,18 +5,30 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from ffcl_jax import methods
 from ffcl_jax.errors import UserError
-from ffcl_jax.models import MODELS, create_cohort, create_model, layers
+from ffcl_jax.models import MODELS, create_model, layers
 from ffcl_jax.models.fusion import FusionModule
 from ffcl_jax.models.layers import avg_pool_to
 
 
 def n_params(model):
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def pair_cohort(name, teacher, student, in_channels, *, seed=0, fusion_channels=None, **loss):
+    """Method `name` (with `loss` settings) and its teacher/student cohort for 10 classes."""
+    method = methods.create(name, loss)
+    config = ml_collections.ConfigDict(
+        {"teacher": teacher, "student": student, "fusion_channels": fusion_channels}
+    )
+    members = method.build_members(config, 10, in_channels, None, nnx.Rngs(seed))
+    return method, methods.Cohort(members)
 
 
 # Parameter counts with 100 classes, as RepDistiller / the CRD paper tables list them (millions).
@@ -103,13 +115,19 @@ def test_resnet_shortcuts_where_shape_changes():
 
 
 def test_fusion_heterogeneous_pair_shapes_and_gradients():
-    cohort = create_cohort("wrn_16_2", "resnet8x4", 10, in_channels=3, use_fusion=True)
+    method, cohort = pair_cohort("ffl", "wrn_16_2", "resnet8x4", 3)
+    assert cohort.fused_knowledge is None  # no feature term: no feature modules
     fusion = cohort.fusion
     assert fusion.depthwise.kernel.shape == (3, 3, 1, 128 + 256)  # groups = C_T + C_S
     assert fusion.pointwise.kernel.shape == (1, 1, 384, 256)  # C_fused defaults to C_S
     assert fusion.classifier.kernel.shape == (256, 10)
-    out = cohort(jnp.ones((2, 16, 16, 3)), train=True)
+    out = method.forward(cohort, jnp.ones((2, 16, 16, 3)), train=True)
     assert out["fused_logits"].shape == (2, 10)
+    assert method.evaluated_names() == ["student", "teacher", "fused", "ensemble"]
+    assert set(method.evaluated(out)) == set(method.evaluated_names())
+    _, wide = pair_cohort("ffl", "wrn_16_2", "resnet8x4", 3, fusion_channels=64)
+    assert wide.fusion.pointwise.kernel.shape == (1, 1, 384, 64)  # config.fusion_channels
+    assert wide.fusion.classifier.kernel.shape == (64, 10)
 
     # Different spatial sizes: the larger map is average-pooled to the smaller.
     fusion = FusionModule(6, 4, 3, fused_channels=5, rngs=nnx.Rngs(0))
@@ -132,9 +150,12 @@ def test_fusion_pools_exactly_like_a_manual_average():
 
 
 def test_cohort_without_fusion_has_no_fused_output():
-    cohort = create_cohort("resnet8", "resnet8", 10, in_channels=1, use_fusion=False)
-    assert cohort.fusion is None
-    assert "fused_logits" not in cohort(jnp.ones((1, 8, 8, 1)), train=False)
+    method, cohort = pair_cohort("dml", "resnet8", "resnet8", 1)
+    assert cohort.fusion is None and cohort.fused_knowledge is None
+    out = method.forward(cohort, jnp.ones((1, 8, 8, 1)), train=False)
+    assert "fused_logits" not in out
+    assert list(method.evaluated(out)) == method.evaluated_names()
+    assert method.evaluated_names() == ["student", "teacher", "ensemble"]
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
@@ -195,16 +216,10 @@ def test_closed_form_batch_norm_matches_flax_forward_and_autodiff(dtype):
 def test_fused_feature_knowledge_modules_shapes_and_unchanged_initialisation(stages, fusions):
     """Adapters map each network's stage to the fused map's channels and resolution; the
     feature modules are created last, so the other parameters start exactly as without them."""
-    plain = create_cohort("wrn_16_2", "resnet8", 10, in_channels=1, use_fusion=True, seed=1)
-    cohort = create_cohort(
-        "wrn_16_2",
-        "resnet8",
-        10,
-        in_channels=1,
-        use_fusion=True,
-        fused_feature_stages=stages,
-        seed=1,
-    )
+    feat_form = {(2,): "fused_map", (0, 1, 2): "stage_fusion"}[stages]
+    _, plain = pair_cohort("ffcl", "wrn_16_2", "resnet8", 1, seed=1, lam_feat=0.0)
+    method, cohort = pair_cohort("ffcl", "wrn_16_2", "resnet8", 1, seed=1, feat_form=feat_form)
+    assert plain.fused_knowledge is None
     for role in ("teacher", "student", "fusion"):
         a, b = (
             nnx.state(getattr(plain, role), nnx.Param),
@@ -213,7 +228,7 @@ def test_fused_feature_knowledge_modules_shapes_and_unchanged_initialisation(sta
         jax.tree.map(np.testing.assert_array_equal, a, b)
     knowledge = cohort.fused_knowledge
     assert len(knowledge.stage_fusions) == fusions
-    out = cohort(jnp.ones((2, 16, 16, 1)), train=True)
+    out = method.forward(cohort, jnp.ones((2, 16, 16, 1)), train=True)
     assert len(out["feature_targets"]) == len(stages)
     assert len(out["stage_fused_logits"]) == fusions
     student_channels = (16, 32, 64)
@@ -222,8 +237,14 @@ def test_fused_feature_knowledge_modules_shapes_and_unchanged_initialisation(sta
         expected = (2, size, size, student_channels[stage])  # C_fused = C_S
         assert {k: v.shape for k, v in maps.items()} == dict.fromkeys(maps, expected)
     assert all(z.shape == (2, 10) for z in out["stage_fused_logits"])
-    assert "feature_targets" not in cohort(jnp.ones((2, 16, 16, 1)), train=False)
-    with pytest.raises(ValueError, match="needs the fusion module"):
-        create_cohort(
-            "resnet8", "resnet8", 10, in_channels=1, use_fusion=False, fused_feature_stages=(2,)
+    assert "feature_targets" not in method.forward(cohort, jnp.ones((2, 16, 16, 1)), train=False)
+    # The fused maps come from the fusion module: without it there is nothing to build.
+    with pytest.raises(UserError, match="takes its targets from the fusion module"):
+        methods.create(
+            "ffcl", {"feat_form": feat_form, "use_fusion": False, "lam_fuse": 0, "lam_ens": 0}
         )
+
+
+def test_feature_stages_must_exist_in_both_networks():
+    with pytest.raises(UserError, match=r"loss.feat_stages has stage 3, but .* stages 0\.\.2"):
+        pair_cohort("ffcl", "resnet8", "wrn_16_2", 1, feat_stages=(0, 3))

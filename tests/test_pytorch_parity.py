@@ -1,6 +1,8 @@
 """Parity with the PyTorch reference (`ffcl_jax/torch_reference`) through weight conversion:
-every zoo model's logits, a heterogeneous FFCL pair's loss terms and gradients, and three
-optimizer steps. A mismatch names the first stage (or parameter) that differs.
+every zoo model's logits, a heterogeneous FFCL pair's loss terms and gradients, three optimizer
+steps, and three whole train steps of every registered method against its PyTorch mirror
+(`torch_reference.methods.MIRRORS`; a method registered without one fails). A mismatch names
+the first stage (or parameter) that differs.
 
 The JAX side runs in float32, and for three whole train steps in float64; the reference runs the
 same converted weights in float64, so the tolerances bound JAX's error against the exact maths.
@@ -11,7 +13,6 @@ float32 gradients on zero-mean inputs were as close as JAX's, a few 1e-6 of thei
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
@@ -22,13 +23,11 @@ import pytest
 import torch
 from flax import nnx
 
-from ffcl_jax import convert, export, input_pipeline, models, train
-from ffcl_jax.methods import fused_feature_stages, resolve_loss_settings
-from ffcl_jax.objectives import cohort_objective
-from ffcl_jax.torch_reference import losses as torch_losses
+from ffcl_jax import convert, export, input_pipeline, methods, models, train
+from ffcl_jax.torch_reference import methods as torch_methods
 from ffcl_jax.torch_reference import models as torch_models
 from ffcl_jax.torch_reference import optim as torch_optim
-from ffcl_jax.torch_reference.train import TemporalMean
+from ffcl_jax.torch_reference.train import temporal_mean_of
 from tests.conftest import tiny_config
 
 torch.set_num_threads(1)  # two pytest workers share two cores
@@ -118,35 +117,38 @@ def test_zoo_model_logits_match_pytorch(name):
 PAIR = ("wrn_16_2", "resnet8")  # different families and widths: 128 + 64 fused channels
 
 
-def _role_stats(batch_stats, role):
-    """A role's BatchNorm statistics; adapters alone (feat_form="fused_map") have none."""
-    return batch_stats[role] if role in batch_stats else {}
+def _member_stats(batch_stats, member):
+    """A member's BatchNorm statistics; a member without BatchNorm (the fused map's adapters,
+    OKDDip's attention, PCL's peer-ensemble classifier) has none."""
+    return batch_stats[member] if member in batch_stats else {}
 
 
-def _reference_pair(params, batch_stats, fused_feature_stages=None):
-    """The PyTorch FFCL pair with the cohort's converted weights, in float64."""
-    reference = torch_models.create_cohort(
-        *PAIR, 10, in_channels=1, use_fusion=True, fused_feature_stages=fused_feature_stages
-    )
-    for role in params:
-        getattr(reference, role).load_state_dict(
-            convert.to_torch_state_dict(params[role], _role_stats(batch_stats, role)), strict=True
+def _reference_cohort(config, method, params, batch_stats):
+    """The method's PyTorch mirror (`MIRRORS[name].build`) with the JAX cohort's weights and
+    statistics loaded member by member, in float64. The mirror must have exactly the JAX
+    cohort's members: one without weights on the JAX side fails here, as does a missing one."""
+    info = input_pipeline.dataset_info(config.dataset)
+    reference = torch_methods.MIRRORS[config.method].build(config, method, info)
+    members = {name.split(".")[0] for name in reference.state_dict()}
+    assert members == set(params), f"reference members {members}, JAX members {set(params)}"
+    for member in params:
+        getattr(reference, member).load_state_dict(
+            convert.to_torch_state_dict(params[member], _member_stats(batch_stats, member)),
+            strict=True,
         )
     return reference.double()
 
 
-def _pair(settings):
-    stages = fused_feature_stages(settings, models.NUM_STAGES)
-    cohort = models.create_cohort(
-        *PAIR,
-        10,
-        in_channels=1,
-        use_fusion=settings.use_fusion,
-        fused_feature_stages=stages,
-        seed=3,
-    )
+def _pair(overrides):
+    """The FFCL pair of `overrides` (its own defaults otherwise: a ramp-up of 80 epochs) as the
+    JAX trainer creates it for seed 3, split, and its reference."""
+    method = methods.create("ffcl", overrides)
+    config = tiny_config(".", method="ffcl", teacher=PAIR[0], student=PAIR[1], seed=3)
+    info = input_pipeline.dataset_info(config.dataset)
+    cohort = train.create_cohort(config, method, info)
     graphdef, params, batch_stats = nnx.split(cohort, nnx.Param, nnx.BatchStat)
-    return graphdef, params, batch_stats, _reference_pair(params, batch_stats, stages)
+    reference = _reference_cohort(config, method, params, batch_stats)
+    return method, graphdef, params, batch_stats, reference
 
 
 # Every feature form and attention option: the terms, and so their gradients, must agree.
@@ -160,8 +162,7 @@ FEATURE_SETTINGS = {
 
 @pytest.mark.parametrize("overrides", FEATURE_SETTINGS.values(), ids=FEATURE_SETTINGS.keys())
 def test_ffcl_pair_loss_terms_and_gradients_match_pytorch(overrides):
-    settings = resolve_loss_settings("ffcl", overrides)
-    graphdef, params, batch_stats, reference = _pair(settings)
+    method, graphdef, params, batch_stats, reference = _pair(overrides)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 28, 28, 1)).astype(np.float32)
     labels = rng.integers(0, 10, 8).astype(np.int32)
@@ -169,17 +170,15 @@ def test_ffcl_pair_loss_terms_and_gradients_match_pytorch(overrides):
 
     def loss_fn(p):
         cohort = nnx.merge(graphdef, p, batch_stats, copy=True)
-        total, terms = cohort_objective(
-            cohort(jnp.asarray(x), train=True), jnp.asarray(labels), settings, epoch, 10
-        )
-        return total, terms
+        outputs = method.forward(cohort, jnp.asarray(x), train=True)
+        return method.loss(outputs, jnp.asarray(labels), epoch, 10)
 
     (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     reference.train()
-    torch_total, torch_terms = torch_losses.cohort_objective(
+    torch_total, torch_terms = torch_methods.MIRRORS["ffcl"].objective(
         reference(_to_nchw(x)),
         torch.from_numpy(labels).long(),
-        dataclasses.asdict(settings),
+        torch_methods.settings_mapping(method),
         epoch,
         10,
     )
@@ -191,23 +190,23 @@ def test_ffcl_pair_loss_terms_and_gradients_match_pytorch(overrides):
         )
     np.testing.assert_allclose(float(total), float(torch_total.detach()), rtol=1e-5)
     # Gradients: within 1e-5 of each tensor's largest entry (observed: about 1e-6).
-    for role in params:
+    for member in params:
         jax_grads = convert.to_torch_state_dict(
-            grads[role], _role_stats(batch_stats, role), as_numpy=True
+            grads[member], _member_stats(batch_stats, member), as_numpy=True
         )
-        for name, param in getattr(reference, role).named_parameters():
+        for name, param in getattr(reference, member).named_parameters():
             exact = param.grad.numpy()
             np.testing.assert_allclose(
                 jax_grads[name],
                 exact,
                 atol=1e-5 * np.max(np.abs(exact)),
                 rtol=0,
-                err_msg=f"{role}.{name}",
+                err_msg=f"{member}.{name}",
             )
 
 
 def _optimizer_config(fmnist_dir, **overrides):
-    """Nesterov SGD with per-role weight decay; the schedule drops x0.1 after step 2 (two steps
+    """Nesterov SGD with per-member weight decay; the schedule drops x0.1 after step 2 (two steps
     an epoch, decay after epoch 1); the ramp-up w(epoch) is neither 0 nor 1."""
     config = tiny_config(
         fmnist_dir,
@@ -221,22 +220,25 @@ def _optimizer_config(fmnist_dir, **overrides):
     return config
 
 
-def _reference_cohort(config, params, batch_stats, steps_per_epoch):
-    settings = resolve_loss_settings(config.method, dict(config.loss))
-    cohort = _reference_pair(params, batch_stats, fused_feature_stages(settings, models.NUM_STAGES))
-    optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch)
-    return cohort, optimizer, schedule
+def _checked_method(config):
+    """`train.check_config`'s method. A method with frozen members (kd) reads them from
+    `config.teacher_checkpoint`, which only `Method.initial_state` loads (not `train.build`):
+    the parity tests start them from the cohort's initial weights, so a placeholder passes the
+    check."""
+    if methods.REGISTRY[config.method].frozen_members:
+        config.teacher_checkpoint = "unused: the parity tests keep the initial weights"
+    return train.check_config(config, 1)
 
 
 def _assert_same_parameters(params, batch_stats, cohort, atol: float, what: str):
     """Every parameter and BatchNorm running mean, in the order of the reference's modules
     (stem first): a failure names the first that differs. (Running variances differ by design:
     Flax averages the biased batch variance, PyTorch the unbiased one.)"""
-    for role in params:
+    for member in params:
         ours = convert.to_torch_state_dict(
-            params[role], _role_stats(batch_stats, role), as_numpy=True
+            params[member], _member_stats(batch_stats, member), as_numpy=True
         )
-        for name, value in getattr(cohort, role).state_dict().items():
+        for name, value in getattr(cohort, member).state_dict().items():
             if name.endswith(("running_var", "num_batches_tracked")):
                 continue
             np.testing.assert_allclose(
@@ -244,55 +246,79 @@ def _assert_same_parameters(params, batch_stats, cohort, atol: float, what: str)
                 value.detach().numpy(),
                 atol=atol,
                 rtol=0,
-                err_msg=f"{what}: {role}.{name} is the first that differs",
+                err_msg=f"{what}: {member}.{name} is the first that differs",
             )
 
 
-def test_optimizers_fed_the_same_gradients_agree(fmnist_dir):
-    """Nesterov SGD, per-role weight decay and the multistep schedule alone: the same random
-    gradients into both optimizers for three steps give the same parameters to 1e-6."""
-    config = _optimizer_config(fmnist_dir)
+@pytest.mark.parametrize("method_name", ["ffcl", "one"])
+def test_optimizers_fed_the_same_gradients_agree(fmnist_dir, method_name):
+    """Nesterov SGD, per-member weight decay (FFCL's fusion side takes `fusion_weight_decay`)
+    and the multistep schedule alone: the same random gradients into both optimizers for three
+    steps give the same parameters to 1e-6."""
+    config = _optimizer_config(fmnist_dir, method=method_name)
     steps_per_epoch = 2
-    setup, state = train.build(config, train.check_config(config, 1), steps_per_epoch)
-    tx, _ = train.make_optimizer(config, steps_per_epoch)
-    cohort, optimizer, schedule = _reference_cohort(
-        config, state.params, state.batch_stats, steps_per_epoch
-    )
+    method = _checked_method(config)
+    _, state = train.build(config, method, steps_per_epoch)
+    tx, _ = train.make_optimizer(config, steps_per_epoch, method)
+    cohort = _reference_cohort(config, method, state.params, state.batch_stats)
+    optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
     params, opt_state = state.params, tx.init(state.params)
     rng = np.random.default_rng(0)
     for step in range(3):
         grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        for role in params:
+        for member in params:
             torch_grads = convert.to_torch_state_dict(
-                grads[role], _role_stats(state.batch_stats, role)
+                grads[member], _member_stats(state.batch_stats, member)
             )
-            for name, param in getattr(cohort, role).named_parameters():
+            for name, param in getattr(cohort, member).named_parameters():
                 param.grad = torch_grads[name].double()
         optimizer.step()
         schedule.step()
         _assert_same_parameters(params, state.batch_stats, cohort, 1e-6, f"step {step + 1}")
 
 
-@pytest.mark.parametrize(
-    "feature",
-    [
-        {},
-        {"loss.feat_form": "fused_map"},
-        {"loss.feat_form": "stage_fusion"},
-        {"method": "kdcl"},
-        {"method": "kdcl", "loss.collaborative_target": "min_logit"},
-    ],
-    ids=["attention", "fused-map", "stage-fusion", "kdcl", "kdcl-min-logit"],
-)
-def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, feature):
-    """The whole train step, JAX with `compute_dtype="float64"` against the reference in
-    float64: normalised images, both networks and the fusion module in training mode, every
-    loss term with the ramp-up, the backward pass, BatchNorm's running means, Nesterov SGD with
-    per-role weight decay and the schedule's x0.1 after step 2. The same maths gives the same
-    parameters up to float64 rounding (observed: 1e-15 after three steps); any difference of
-    method, even one of float32's size, fails here.
+def test_frozen_members_get_no_update_and_no_optimizer_group(fmnist_dir):
+    """kd's frozen teacher: the same gradients as every other member, but neither optimizer
+    moves it (no weight decay either), and the reference gives it no parameter group."""
+    config = _optimizer_config(fmnist_dir, method="kd")
+    steps_per_epoch = 2
+    method = _checked_method(config)
+    assert method.frozen_members == ("teacher",)
+    _, state = train.build(config, method, steps_per_epoch)
+    tx, _ = train.make_optimizer(config, steps_per_epoch, method)
+    cohort = _reference_cohort(config, method, state.params, state.batch_stats)
+    optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
+    grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not any(id(p) in grouped or p.requires_grad for p in cohort.teacher.parameters())
+    assert {id(p) for p in cohort.student.parameters()} <= grouped
+    grads = jax.tree.map(lambda p: np.ones(p.shape, np.float32), state.params)
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates["teacher"]))
+    assert all(np.any(np.asarray(u)) for u in jax.tree.leaves(updates["student"]))
+
+
+# The float64 parity of three train steps: every registered method (its preset), and the
+# settings that build other members or another objective.
+PARITY_CASES = {name: {"method": name} for name in sorted(methods.REGISTRY)} | {
+    "ffcl-fused-map": {"method": "ffcl", "loss.feat_form": "fused_map"},
+    "ffcl-stage-fusion": {"method": "ffcl", "loss.feat_form": "stage_fusion"},
+    "kdcl-min-logit": {"method": "kdcl", "loss.collaborative_target": "min_logit"},
+}
+
+
+@pytest.mark.parametrize("overrides", PARITY_CASES.values(), ids=PARITY_CASES.keys())
+def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, overrides):
+    """The whole train step of a method, JAX with `compute_dtype="float64"` against its PyTorch
+    mirror (`torch_reference.methods.MIRRORS`) in float64: normalised images (a view per member
+    where the method takes views), every member in training mode (a frozen member in inference
+    mode, with no update), every loss term with the ramp-up, the backward pass (CL-ILR's
+    rescaled trunk gradient included), BatchNorm's running means, Nesterov SGD with per-member
+    weight decay and the schedule's x0.1 after step 2, and PCL's temporal mean (its EMA of the
+    weights and its own BatchNorm statistics). The same maths gives the same parameters up to
+    float64 rounding (observed: 1e-15 after three steps); any difference of method, even one of
+    float32's size, fails here. A registered method without a mirror fails here too.
 
     Why not float32: on these toy images (random, non-zero mean, at initialisation) the float32
     gradients of both frameworks are ill-conditioned. Each drifts from the float64 result by
@@ -302,28 +328,30 @@ def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, feature)
     the gradient test above, on well-conditioned inputs.
     """
     with jax.enable_x64(True):
-        config = _optimizer_config(fmnist_dir, compute_dtype="float64", **feature)
-        settings = train.check_config(config, 1)
+        config = _optimizer_config(fmnist_dir, compute_dtype="float64", **overrides)
+        method = _checked_method(config)
         steps_per_epoch = 2
-        setup, state = train.build(config, settings, steps_per_epoch)
+        setup, state = train.build(config, method, steps_per_epoch)
         floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
         assert {x.dtype for x in floats} == {jnp.dtype(jnp.float64)}
-        cohort, optimizer, schedule = _reference_cohort(
-            config, state.params, state.batch_stats, steps_per_epoch
-        )
-        _assert_three_steps_agree(config, settings, setup, state, (cohort, optimizer, schedule))
+        mirror = torch_methods.mirror(config.method)
+        cohort = _reference_cohort(config, method, state.params, state.batch_stats)
+        optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
+        _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, schedule, mirror)
 
 
-def _assert_three_steps_agree(
-    config, settings, setup, state, reference, seed=0, temporal_mean=None
-):
-    """Three float64 train steps of JAX and of the PyTorch `reference` (cohort, optimizer,
-    schedule; two steps an epoch) on the same random batches (of views, where the method takes
-    them): the same loss to 1e-12, the same loss terms, and every parameter and running mean to
-    1e-12 after each step, PCL's `temporal_mean` (a `TemporalMean` of the reference) included."""
-    cohort, optimizer, schedule = reference
-    rng = np.random.default_rng(seed)
-    views = () if settings.num_views == 1 else (settings.num_views,)
+def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, schedule, mirror):
+    """Three float64 train steps of JAX and of the PyTorch `cohort` (with its optimizer and
+    schedule; two steps an epoch) on the same random batches: the same loss to 1e-12, the same
+    loss terms (names: `setup.loss_terms`, and `rampup_weight` where the objective has one), and
+    every parameter and running mean to 1e-12 after each step, the method's temporal mean
+    included; frozen members keep their initial weights and statistics on both sides."""
+    settings = torch_methods.settings_mapping(method)
+    temporal_mean = temporal_mean_of(cohort, settings)
+    assert (temporal_mean is None) == (state.method_state is None)
+    initial = state
+    rng = np.random.default_rng(0)
+    views = () if method.num_views == 1 else (method.num_views,)
     images = rng.integers(0, 256, (96, *views, 28, 28, 1)).astype(np.uint8)
     labels = rng.integers(0, 10, 96).astype(np.int32)
     info = input_pipeline.dataset_info(config.dataset)
@@ -333,18 +361,29 @@ def _assert_three_steps_agree(
         state, metrics = step(state, batch)
         normalized = _to_nchw(np.asarray(input_pipeline.normalize(batch["image"], info)))
         cohort.train()
+        for member in method.frozen_members:  # loaded, not trained: inference mode
+            getattr(cohort, member).eval()
         optimizer.zero_grad()
         outputs = cohort(normalized)
         if temporal_mean is not None:
             outputs["mean_branch_logits"] = temporal_mean.branch_logits(normalized)
-        total, terms = torch_losses.cohort_objective(
-            outputs,
-            torch.from_numpy(batch["label"]).long(),
-            dataclasses.asdict(settings),
-            i // 2,
-            10,
+        total, terms = mirror.objective(
+            outputs, torch.from_numpy(batch["label"]).long(), settings, i // 2, 10
         )
-        assert set(terms) == {*settings.active_terms(), "rampup_weight"}
+        # As sets: `setup.loss_terms` comes out of `jax.eval_shape`, which sorts a dict's keys.
+        assert set(terms) - {"rampup_weight"} == set(setup.loss_terms)
+        jax_terms = {
+            k: v
+            for k, v in metrics.items()
+            if k not in ("loss", "learning_rate") and not k.startswith("train_acc_")
+        }
+        assert set(terms) == set(jax_terms)
+        for key, value in terms.items():
+            # The reference logs w(epoch) as a float32 tensor (its total uses the float64 value).
+            rel = 1e-7 if key == "rampup_weight" else 1e-12
+            assert float(jax_terms[key]) == pytest.approx(
+                float(value.detach()), rel=rel, abs=1e-15
+            ), f"step {i + 1}: {key}"
         total.backward()
         optimizer.step()
         schedule.step()
@@ -352,56 +391,39 @@ def _assert_three_steps_agree(
         _assert_same_parameters(
             state.params, state.batch_stats, cohort, 1e-12, f"after step {i + 1}"
         )
+        for member in method.frozen_members:
+            for before, after in (
+                (initial.params[member], state.params[member]),
+                (
+                    _member_stats(initial.batch_stats, member),
+                    _member_stats(state.batch_stats, member),
+                ),
+            ):
+                for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+                    np.testing.assert_array_equal(a, b, err_msg=f"frozen {member} moved")
         if temporal_mean is not None:
             temporal_mean.update(cohort)
             _assert_same_parameters(
-                state.mean_params,
-                state.mean_batch_stats,
+                state.method_state["mean_params"],
+                state.method_state["mean_batch_stats"],
                 temporal_mean.model,
                 1e-12,
                 f"temporal mean after step {i + 1}",
             )
 
 
-@pytest.mark.parametrize("method", ["one", "cl_ilr", "okddip", "pcl"])
-def test_branch_methods_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, method):
-    """As the test above, for the branch methods: the shared trunk, every branch, ONE's gate
-    (with its BatchNorm) or CL-ILR's rescaled trunk gradient, each loss term with the ramp-up,
-    and the per-role weight decay of the branches and the gate; for PCL, the trunk run on each
-    branch's view, the peer-ensemble classifier and the temporal mean (its EMA of the weights
-    and its own BatchNorm statistics)."""
-    with jax.enable_x64(True):
-        config = _optimizer_config(fmnist_dir, compute_dtype="float64", method=method)
-        settings = train.check_config(config, 1)
-        steps_per_epoch = 2
-        setup, state = train.build(config, settings, steps_per_epoch)
-        cohort = torch_models.BranchCohort(
-            config.student,
-            10,
-            1,
-            **settings.branch_options(),
-        )
-        for role in state.params:
-            getattr(cohort, role).load_state_dict(
-                convert.to_torch_state_dict(
-                    state.params[role], _role_stats(state.batch_stats, role)
-                ),
-                strict=True,
-            )
-        cohort = cohort.double()
-        optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch)
-        temporal_mean = None
-        if settings.temporal_mean_decay:
-            temporal_mean = TemporalMean(cohort, settings.temporal_mean_decay)
-        _assert_three_steps_agree(
-            config,
-            settings,
-            setup,
-            state,
-            (cohort, optimizer, schedule),
-            seed=1,
-            temporal_mean=temporal_mean,
-        )
+def test_every_registered_method_has_a_pytorch_mirror():
+    assert torch_methods.unmirrored() == []
+    assert set(torch_methods.MIRRORS) == set(methods.REGISTRY)  # no mirror of a removed method
+
+
+def test_a_registered_method_without_a_mirror_fails_the_parity_tests(monkeypatch):
+    """A method registered without a mirror: `unmirrored` names it, and `mirror` (what the
+    parity test above and the reference loop call) raises."""
+    monkeypatch.setitem(methods.REGISTRY, "unmirrored_dummy", methods.REGISTRY["ffcl"])
+    assert torch_methods.unmirrored() == ["unmirrored_dummy"]
+    with pytest.raises(NotImplementedError, match="unmirrored_dummy"):
+        torch_methods.mirror("unmirrored_dummy")
 
 
 def test_reference_augmentation_moves_pixels_but_keeps_content():

@@ -15,14 +15,13 @@ from flax import nnx
 
 from ffcl_jax import cpu_kernels, input_pipeline, parallel, report, train, xla_cpu
 from ffcl_jax.errors import UserError
-from ffcl_jax.methods import resolve_loss_settings
 from tests.conftest import tiny_config
 from tests.helpers.cli import run_python
 
 
 def build(config, steps_per_epoch=4):
-    settings = train.check_config(config, jax.device_count())
-    return train.build(config, settings, steps_per_epoch)
+    method = train.check_config(config, jax.device_count())
+    return train.build(config, method, steps_per_epoch)
 
 
 def fixed_batch(fmnist_dir, n=32):
@@ -32,17 +31,17 @@ def fixed_batch(fmnist_dir, n=32):
 
 def test_schedule_is_epoch_based_multistep(fmnist_dir):
     config = tiny_config(fmnist_dir, learning_rate=0.1, lr_decay_epochs=(3, 5))
-    _, schedule = train.make_optimizer(config, steps_per_epoch=10)
+    _, schedule = train.make_optimizer(config, 10, train.check_config(config, 1))
     lrs = [float(schedule(s)) for s in (0, 29, 30, 49, 50, 99)]
     np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
 
 
-def test_weight_decay_per_role_and_nesterov(fmnist_dir):
+def test_weight_decay_per_member_and_nesterov(fmnist_dir):
     config = tiny_config(
         fmnist_dir, learning_rate=0.1, weight_decay=1e-4, fusion_weight_decay=1e-5, momentum=0.9
     )
     _, state = build(config)
-    tx, _ = train.make_optimizer(config, 4)
+    tx, _ = train.make_optimizer(config, 4, train.check_config(config, 1))
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     updates, _ = tx.update(zero_grads, tx.init(state.params), state.params)
     # First Nesterov step on gradient g = wd * p (torch.optim.SGD semantics): -lr (1 + mu) g.
@@ -73,7 +72,17 @@ def test_a_few_steps_lower_the_loss_and_update_batch_norm(fmnist_dir):
         lambda a, b: not np.allclose(a, b), stats_before, jax.tree.map(np.array, state.batch_stats)
     )
     assert all(jax.tree.leaves(changed))
-    expected_keys = set(setup.settings.active_terms()) | {
+    assert setup.loss_terms == (
+        "ce_teacher",
+        "ce_student",
+        "ce_fused",
+        "kl_fused_to_peers",
+        "kl_ensemble_to_fused",
+        "kl_mutual",
+        "feat",
+        "reg",
+    )
+    expected_keys = set(setup.loss_terms) | {
         "loss",
         "rampup_weight",
         "learning_rate",
@@ -174,7 +183,8 @@ def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
     eval_step = jax.jit(setup.eval_step)
     got = train.evaluate(eval_step, state, mesh, images, labels, config)
     cohort = nnx.merge(setup.graphdef, state.params, state.batch_stats)
-    out = cohort(input_pipeline.normalize(jnp.asarray(images), setup.info), train=False)
+    images_in = input_pipeline.normalize(jnp.asarray(images), setup.info)
+    out = setup.method.forward(cohort, images_in, train=False)
     for name, logits in (
         ("teacher", out["teacher_logits"]),
         ("student", out["student_logits"]),
@@ -285,9 +295,9 @@ def test_bad_configs_fail_clearly(fmnist_dir, overrides, num_devices, message):
 
 def test_feature_stage_out_of_range_fails_clearly(fmnist_dir):
     config = tiny_config(fmnist_dir, **{"loss.feat_stages": (0, 5)})
-    settings = train.check_config(config, 1)
+    method = train.check_config(config, 1)
     with pytest.raises(UserError, match="loss.feat_stages has stage 5"):
-        train.create_cohort(config, settings, input_pipeline.dataset_info(config.dataset))
+        train.create_cohort(config, method, input_pipeline.dataset_info(config.dataset))
 
 
 def test_batch_larger_than_the_data_set_fails_clearly():
@@ -307,10 +317,10 @@ def test_non_finite_loss_names_the_first_bad_step_and_its_terms(tmp_path):
 
 
 def test_the_loss_panel_shows_every_weighted_term_and_nothing_else():
-    """Every active term of the preset gets its curve (the panel is log-scaled, so a term 1e4
+    """Every term of the objective gets its curve (the panel is log-scaled, so a term 1e4
     times smaller than the regularizer still shows); the ramp-up weight and the learning rate,
     which are logged beside the terms, are not losses."""
-    terms = resolve_loss_settings("ffcl").active_terms()
+    terms = ("ce_teacher", "ce_student", "kl_mutual", "reg")
     rows = [
         {"step": s, "loss": 9.0, "rampup_weight": 0.5, "learning_rate": 0.1, "train_acc_student": 1}
         | {t: 10.0**-i for i, t in enumerate(terms)}
@@ -364,7 +374,13 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "method dml" in proc.stdout and "img/s" in proc.stdout and "ETA" in proc.stdout
     assert "batch 64, float32 compute |" in proc.stdout  # the banner names the precision
-    assert "| fused    |                  n/a |" in proc.stdout  # DML trains no fusion module
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == [  # DML has no fusion module
+        "student",
+        "teacher",
+        "ensemble",
+    ]
+    assert "dml settings (--config.loss.<name>=...): use_fusion=False," in proc.stdout
     results = json.loads((workdir / "results.json").read_text())
     assert results["config"]["method"] == "dml"
     assert results["loss_terms"] == ["ce_teacher", "ce_student", "kl_mutual"]

@@ -1,7 +1,8 @@
 """Every FFCL loss term and the cohort objective in PyTorch, from docs/method.md ("Loss").
 
-`settings` is a plain mapping with the keys of `ffcl_jax.methods.LossSettings` (a preset's
-values), so both implementations read the same configuration.
+Each objective mirrors one method's `loss` (`ffcl_jax/torch_reference/methods.py` says which);
+`settings` is the method's settings as a plain mapping, so both implementations read the same
+configuration.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _f32(x):
-    """At least float32: half-precision logits are upcast, float64 (parity tests) is kept."""
+def at_least_float32(x):
+    """Half-precision logits upcast to float32; float32 and float64 (parity tests) kept."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+_f32 = at_least_float32
 
 
 def kl_to_learned_target(student_logits, target_logits, tau: float):
@@ -88,23 +92,23 @@ def rampup_weight(epoch: int, rampup_epochs: float) -> float:
     return math.exp(-5.0 * (1.0 - min(epoch, rampup_epochs) / rampup_epochs) ** 2)
 
 
-def cohort_objective(outputs, labels, settings, epoch: int, num_classes: int):
-    """(total, terms): the same decomposition as `ffcl_jax.objectives.cohort_objective`."""
+def kd_objective(outputs, labels, s, epoch: int, num_classes: int):
+    """(total, terms): `ffcl_jax.methods.kd.KD.loss`."""
+    z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
+    terms = {
+        "ce_student": F.cross_entropy(_f32(z_s), labels),
+        "kl_teacher_to_student": kl_distill(z_s, z_t, s["tau"]),
+    }
+    alpha = s["kd_alpha"]
+    return (1 - alpha) * terms["ce_student"] + alpha * terms["kl_teacher_to_student"], terms
+
+
+def pair_objective(outputs, labels, settings, epoch: int, num_classes: int):
+    """(total, terms): `ffcl_jax.methods.pair.PairMethod.loss`."""
     s = settings
-    if s["num_branches"]:
-        return branch_objective(outputs, labels, s, epoch)
-    if s["collaborative_target"] != "none":
-        return collaborative_objective(outputs, labels, s, epoch)
     z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
     z_f = outputs.get("fused_logits")
     tau = s["tau"]
-    if not s["train_teacher"]:
-        terms = {
-            "ce_student": F.cross_entropy(_f32(z_s), labels),
-            "kl_teacher_to_student": kl_distill(z_s, z_t, tau),
-        }
-        alpha = s["kd_alpha"]
-        return (1 - alpha) * terms["ce_student"] + alpha * terms["kl_teacher_to_student"], terms
     terms = {
         "ce_teacher": F.cross_entropy(_f32(z_t), labels),
         "ce_student": F.cross_entropy(_f32(z_s), labels),
@@ -159,7 +163,7 @@ def cohort_objective(outputs, labels, settings, epoch: int, num_classes: int):
         regularization = s["lam_reg"] * terms["reg"]
     ramp = rampup_weight(epoch, s["rampup_epochs"])
     total = supervised + ramp * distill + regularization
-    terms["rampup_weight"] = torch.tensor(ramp)
+    terms["rampup_weight"] = torch.tensor(ramp, dtype=torch.float64)
     return total, terms
 
 
@@ -170,8 +174,8 @@ def min_logit_ensemble(member_logits, labels):
     return (stacked - true_class).min(dim=0).values
 
 
-def collaborative_objective(outputs, labels, s, epoch: int):
-    """`ffcl_jax.objectives.collaborative_objective`: KDCL."""
+def collaborative_objective(outputs, labels, s, epoch: int, num_classes: int = 0):
+    """(total, terms): `ffcl_jax.methods.kdcl.KDCL.loss`."""
     z_t, z_s = outputs["teacher_logits"], outputs["student_logits"]
     if s["collaborative_target"] == "min_logit":
         target = min_logit_ensemble([z_t, z_s], labels)
@@ -187,7 +191,7 @@ def collaborative_objective(outputs, labels, s, epoch: int):
     total = (1 - alpha) * (terms["ce_teacher"] + terms["ce_student"]) + alpha * ramp * terms[
         "kl_collaborative"
     ]
-    terms["rampup_weight"] = torch.tensor(ramp)
+    terms["rampup_weight"] = torch.tensor(ramp, dtype=torch.float64)
     return total, terms
 
 
@@ -198,8 +202,9 @@ def branch_ensemble(branch_logits, gate_weights=None):
     return (_f32(gate_weights).unsqueeze(-1) * stacked).sum(dim=1)
 
 
-def branch_objective(outputs, labels, s, epoch: int):
-    """`ffcl_jax.objectives.branch_objective`: ONE, CL-ILR, OKDDip and PCL."""
+def branch_objective(outputs, labels, s, epoch: int, num_classes: int = 0):
+    """(total, terms): `ffcl_jax.methods.branches.BranchMethod.loss` (ONE, CL-ILR, OKDDip) and
+    PCL's."""
     z = outputs["branch_logits"]
     ensemble = outputs.get("peer_ensemble_logits")
     if ensemble is None:
@@ -226,12 +231,12 @@ def branch_objective(outputs, labels, s, epoch: int):
             kl = sum(kl_distill(zi, t, tau) for zi, t in zip(z, targets, strict=True))
         terms["kl_to_branches"] = kl
         total = total + ramp * s["lam_branch_kd"] * terms["kl_to_branches"]
-    if s["lam_temporal_kd"]:  # PCL: each branch from the other branches' temporal means
+    if s.get("lam_temporal_kd"):  # PCL: each branch from the other branches' temporal means
         means = outputs["mean_branch_logits"]
         terms["kl_temporal_mean"] = sum(
             sum(kl_distill(zi, means[j], s["tau"]) for j in range(len(z)) if j != i) / (len(z) - 1)
             for i, zi in enumerate(z)
         )
         total = total + ramp * s["lam_temporal_kd"] * terms["kl_temporal_mean"]
-    terms["rampup_weight"] = torch.tensor(ramp)
+    terms["rampup_weight"] = torch.tensor(ramp, dtype=torch.float64)
     return total, terms

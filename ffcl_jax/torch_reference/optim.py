@@ -1,23 +1,21 @@
-"""SGD (Nesterov) with per-role weight decay and an epoch-based multistep schedule, in PyTorch."""
+"""SGD (Nesterov) with per-member weight decay and an epoch-based multistep schedule, in PyTorch."""
 
 from __future__ import annotations
 
 import torch
 
-from ffcl_jax.models import NETWORK_ROLES
 
-
-def make_optimizer(cohort, config, steps_per_epoch: int, train_teacher: bool = True):
-    """`torch.optim.SGD` with `weight_decay` on the networks and `fusion_weight_decay` on the
-    fusion side (the fusion module and the fused feature knowledge), and a `MultiStepLR`
-    stepped once per training step (milestones in steps)."""
+def make_optimizer(cohort, config, steps_per_epoch: int, method):
+    """`torch.optim.SGD` with `fusion_weight_decay` on the method's fusion-side members and
+    `weight_decay` on the others (none on its frozen members), and a `MultiStepLR` stepped once
+    per training step (milestones in steps), as `ffcl_jax.train.make_optimizer`."""
     networks, fusion = [], []
     for name, param in cohort.named_parameters():
-        if name.startswith("teacher.") and not train_teacher:
+        member = name.split(".")[0]
+        if member in method.frozen_members:
             param.requires_grad_(False)
             continue
-        is_network = name.split(".")[0] in NETWORK_ROLES
-        (networks if is_network else fusion).append(param)
+        (fusion if member in method.fusion_side_members else networks).append(param)
     groups = [{"params": networks, "weight_decay": config.weight_decay}]
     if fusion:
         groups.append({"params": fusion, "weight_decay": config.fusion_weight_decay})

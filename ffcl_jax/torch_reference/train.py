@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import os
 import sys
@@ -26,9 +25,9 @@ import torch.nn.functional as F
 from absl import app, flags
 from ml_collections import config_flags
 
-from ffcl_jax import input_pipeline, report, storage
-from ffcl_jax.methods import fused_feature_stages, resolve_loss_settings
-from ffcl_jax.torch_reference import losses, models, optim
+from ffcl_jax import input_pipeline, methods, report, storage
+from ffcl_jax.torch_reference import losses, optim
+from ffcl_jax.torch_reference.methods import mirror, settings_mapping
 
 
 def augment(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
@@ -111,7 +110,7 @@ def autocast(device: str, compute_dtype: str = "float32"):
 
 def temporal_mean_of(cohort, settings_dict) -> TemporalMean | None:
     """PCL's temporal mean of `cohort` where the settings keep one."""
-    decay = settings_dict["temporal_mean_decay"]
+    decay = settings_dict.get("temporal_mean_decay")
     return TemporalMean(cohort, decay) if decay else None
 
 
@@ -135,7 +134,7 @@ def train_step(
         out = cohort(images)
         if temporal_mean is not None:
             out["mean_branch_logits"] = temporal_mean.branch_logits(images)
-        total, terms = losses.cohort_objective(
+        total, terms = mirror(settings_dict["method"]).objective(
             out, y.to(device), settings_dict, epoch, info.num_classes
         )
     optimizer.zero_grad(set_to_none=True)
@@ -148,7 +147,7 @@ def train_step(
 
 
 def evaluated_logits(out, mean_out=None) -> dict:
-    """`ffcl_jax.objectives.evaluated_logits` for the reference's outputs."""
+    """The models each method evaluates (`Method.evaluated`), from the reference's outputs."""
     if mean_out is not None:  # PCL: the temporal mean is the student and the branches
         logits = evaluated_logits(mean_out)
         logits["ensemble"] = out["peer_ensemble_logits"]
@@ -195,20 +194,21 @@ def evaluate(
     return {k: v / len(images) for k, v in correct.items()}
 
 
-def load_jax_initial_weights(cohort, config, settings) -> None:
+def load_jax_initial_weights(cohort, config, method) -> None:
     """Overwrites `cohort`'s weights and BatchNorm statistics with the JAX trainer's initial
-    ones for `config.seed` (`ffcl_jax.train.create_cohort`, converted role by role)."""
+    ones for `config.seed` (`ffcl_jax.train.create_cohort`, converted member by member)."""
     from flax import nnx
 
     from ffcl_jax import convert
     from ffcl_jax import train as jax_train
 
     info = input_pipeline.dataset_info(config.dataset)
-    jax_cohort = jax_train.create_cohort(config, settings, info)
+    jax_cohort = jax_train.create_cohort(config, method, info)
     params, stats = nnx.state(jax_cohort, nnx.Param), nnx.state(jax_cohort, nnx.BatchStat)
-    for role in params:
-        state_dict = convert.to_torch_state_dict(params[role], stats[role] if role in stats else {})
-        getattr(cohort, role).load_state_dict(state_dict, strict=True)
+    for member in params:
+        member_stats = stats[member] if member in stats else {}
+        state_dict = convert.to_torch_state_dict(params[member], member_stats)
+        getattr(cohort, member).load_state_dict(state_dict, strict=True)
 
 
 def jax_batches(config, images, labels, epoch: int, num_views: int = 1):
@@ -224,37 +224,15 @@ def build(config, steps_per_epoch: int, device: str):
     dataset info of a config; with `config.reference_from_jax`, the cohort starts from the JAX
     trainer's weights."""
     torch.manual_seed(config.seed)
-    settings = resolve_loss_settings(config.method, dict(config.loss))
-    if not settings.train_teacher:
-        raise ValueError("the reference trains every preset but kd")
+    method = methods.create(config.method, dict(config.loss))
+    if method.frozen_members:
+        raise ValueError("the reference trains every method but those with a loaded member (kd)")
     info = input_pipeline.dataset_info(config.dataset)
-    if settings.branch_method:
-        cohort = models.BranchCohort(
-            config.student,
-            info.num_classes,
-            info.image_shape[-1],
-            **settings.branch_options(),
-        ).to(device)
-    else:
-        cohort = models.create_cohort(
-            config.teacher,
-            config.student,
-            info.num_classes,
-            in_channels=info.image_shape[-1],
-            use_fusion=settings.use_fusion,
-            fused=config.fusion_channels,
-            fused_feature_stages=fused_feature_stages(settings, 3),
-        ).to(device)
+    cohort = mirror(config.method).build(config, method, info).to(device)
     if config.get("reference_from_jax", False):
-        load_jax_initial_weights(cohort, config, settings)
-    optimizer, schedule = optim.make_optimizer(cohort, config, steps_per_epoch)
-    return cohort, optimizer, schedule, settings_mapping(settings), info
-
-
-def settings_mapping(settings) -> dict:
-    """`LossSettings` as the plain mapping the reference's losses read: its fields and the
-    derived `num_views`."""
-    return dataclasses.asdict(settings) | {"num_views": settings.num_views}
+        load_jax_initial_weights(cohort, config, method)
+    optimizer, schedule = optim.make_optimizer(cohort, config, steps_per_epoch, method)
+    return cohort, optimizer, schedule, settings_mapping(method), info
 
 
 def as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

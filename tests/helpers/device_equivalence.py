@@ -31,7 +31,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ffcl_jax import cpu_kernels, export, input_pipeline, parallel, train  # noqa: E402
+from ffcl_jax import checkpoint, cpu_kernels, export, input_pipeline, parallel, train  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 idx_dir, num_steps = sys.argv[1], int(sys.argv[2])
@@ -56,8 +56,8 @@ def run(
     config.batch_norm_backward = bn_backward
     config.cpu_kernels = kernels
     mesh = parallel.DataParallel(num_devices)
-    settings = train.check_config(config, mesh.size)
-    setup, state = train.build(config, settings, steps_per_epoch=100, data_parallel=mesh)
+    method = train.check_config(config, mesh.size)
+    setup, state = train.build(config, method, steps_per_epoch=100, data_parallel=mesh)
     state = jax.device_put(state, mesh.replicated)
     step = jax.jit(setup.train_step, donate_argnums=0)
     losses = []
@@ -67,9 +67,9 @@ def run(
             losses.append(float(metrics["loss"]))
     flat = {
         f"{kind}/{k}": v
-        for kind in ("params", "batch_stats", "mean_params", "mean_batch_stats")
-        if getattr(state, kind) is not None
-        for k, v in export.flatten(getattr(state, kind)).items()
+        for kind, tree in checkpoint.saved_tree(state).items()
+        if kind in ("params", "batch_stats", "mean_params", "mean_batch_stats")
+        for k, v in export.flatten(tree).items()
     }
     return losses, flat, state, setup, mesh
 

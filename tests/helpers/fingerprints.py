@@ -83,15 +83,14 @@ def compute(name: str) -> dict:
     """The fingerprint of case `name` with the code as it is now."""
     from flax import nnx
 
-    from ffcl_jax import export, input_pipeline, train
-    from ffcl_jax.objectives import evaluated_logits
+    from ffcl_jax import checkpoint, export, input_pipeline, train
 
     with jax.enable_x64(True):
         config = fingerprint_config(**CASES[name])
-        settings = train.check_config(config, 1)
-        setup, state = train.build(config, settings, STEPS_PER_EPOCH)
+        method = train.check_config(config, 1)
+        setup, state = train.build(config, method, STEPS_PER_EPOCH)
         rng = np.random.default_rng(0)
-        views = () if settings.num_views == 1 else (settings.num_views,)
+        views = () if method.num_views == 1 else (method.num_views,)
         images = rng.integers(0, 256, (STEPS * BATCH, *views, 28, 28, 1)).astype(np.uint8)
         labels = rng.integers(0, 10, STEPS * BATCH).astype(np.int32)
         step = jax.jit(setup.train_step)
@@ -104,30 +103,31 @@ def compute(name: str) -> dict:
         eval_images = input_pipeline.normalize(
             jnp.asarray(rng.integers(0, 256, (BATCH, 28, 28, 1)).astype(np.uint8)), setup.info
         )
-        outputs = nnx.merge(setup.graphdef, state.params, state.batch_stats)(
-            eval_images, train=False
-        )
-        mean_outputs = None
-        if state.mean_model is not None:
-            mean_outputs = nnx.merge(setup.graphdef, *state.mean_model)(eval_images, train=False)
-        evaluated = {k: _checksum(z) for k, z in evaluated_logits(outputs, mean_outputs).items()}
 
-        raw = {"params": state.params, "batch_stats": state.batch_stats}
-        if state.mean_params is not None:
-            raw.update(mean_params=state.mean_params, mean_batch_stats=state.mean_batch_stats)
+        def model_of(params, batch_stats):
+            return nnx.merge(setup.graphdef, params, batch_stats)
+
+        cohort = model_of(state.params, state.batch_stats)
+        outputs = method.forward(cohort, eval_images, train=False)
+        state_outputs = method.eval_state_outputs(state.method_state, eval_images, model_of)
+        evaluated = {k: _checksum(z) for k, z in method.evaluated(outputs, state_outputs).items()}
+
+        saved = checkpoint.saved_tree(state)
+        deployed = method.deployed
         export_arrays = {}
         for kind in ("params", "batch_stats"):
-            for key, value in export.flatten(export.deployed(raw, kind)["student"]).items():
-                export_arrays[f"student/{kind}/{key}"] = value
+            weights = method.deployed_weights(saved, kind)[deployed]
+            for key, value in export.flatten(weights).items():
+                export_arrays[f"{deployed}/{kind}/{key}"] = value
         export_params = sum(
-            v.size for k, v in export_arrays.items() if k.startswith("student/params/")
+            v.size for k, v in export_arrays.items() if k.startswith(f"{deployed}/params/")
         )
         return {
             "terms": {k: [m[k] for m in metrics_by_step] for k in sorted(metrics_by_step[0])},
             "evaluated": dict(sorted(evaluated.items())),
             "export_keys": sorted(export_arrays),
             "export_parameters": int(export_params),
-            "checkpoint_tree": _key_paths(state),
+            "checkpoint_tree": _key_paths(saved),
         }
 
 

@@ -47,10 +47,10 @@ def save(self, step, state, meta, metrics=None):
     local_copies.update(
         {
             f"{kind}/{name}": np.asarray(value)
-            for kind in ("params", "batch_stats", "mean_params", "mean_batch_stats")
-            if getattr(state, kind) is not None
+            for kind, tree in checkpoint.saved_tree(state).items()
+            if kind in ("params", "batch_stats", "mean_params", "mean_batch_stats")
             for name, value in export.flatten(
-                jax.tree.map(lambda x: x.addressable_data(0), getattr(state, kind))
+                jax.tree.map(lambda x: x.addressable_data(0), tree)
             ).items()
         }
     )

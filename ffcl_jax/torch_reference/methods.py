@@ -1,0 +1,106 @@
+"""Each method of `ffcl_jax.methods` in PyTorch: the cohort it trains and its objective.
+
+The mirror of a method builds the same members (converted weights load member by member) and
+computes the same named terms; `tests/test_pytorch_parity.py` runs three float64 train steps of
+every registered method against its mirror, so a method without one fails there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from ffcl_jax.methods import REGISTRY, Method
+from ffcl_jax.methods.pair import fused_feature_stages
+from ffcl_jax.models import NUM_STAGES
+from ffcl_jax.torch_reference import losses, models
+
+
+@dataclasses.dataclass(frozen=True)
+class Mirror:
+    # (config, method, info) -> the cohort as an nn.Module whose forward returns the JAX
+    # method's outputs
+    build: Callable
+    # (outputs, labels, settings mapping, epoch, num_classes) -> (total, terms)
+    objective: Callable
+
+
+def _pair(config, method: Method, info):
+    s = method.settings
+    return models.create_cohort(
+        config.teacher,
+        config.student,
+        info.num_classes,
+        in_channels=info.image_shape[-1],
+        use_fusion=s.use_fusion,
+        fused=config.fusion_channels,
+        fused_feature_stages=fused_feature_stages(s, NUM_STAGES),
+    )
+
+
+def two_networks(config, method: Method, info):
+    """Teacher and student alone (no fusion module): KD, KDCL."""
+    return models.create_cohort(
+        config.teacher,
+        config.student,
+        info.num_classes,
+        in_channels=info.image_shape[-1],
+        use_fusion=False,
+    )
+
+
+def branch_options(settings) -> dict:
+    """A branch method's settings as the reference `BranchCohort`'s keyword arguments."""
+    return dict(
+        num_branches=settings.num_branches,
+        branch_stages=settings.branch_stages,
+        gate=settings.gate,
+        backprop_rescale=settings.backprop_rescale,
+        peer_attention=settings.branch_target == "attention",
+        peer_ensemble=settings.peer_ensemble,
+    )
+
+
+def _branches(config, method: Method, info):
+    return models.BranchCohort(
+        config.student,
+        info.num_classes,
+        info.image_shape[-1],
+        **branch_options(method.settings),
+    )
+
+
+_PAIR = Mirror(_pair, losses.pair_objective)
+_BRANCHES = Mirror(_branches, losses.branch_objective)
+MIRRORS: dict[str, Mirror] = {
+    "independent": _PAIR,
+    "dml": _PAIR,
+    "ffl": _PAIR,
+    "ffcl": _PAIR,
+    "kd": Mirror(two_networks, losses.kd_objective),
+    "kdcl": Mirror(two_networks, losses.collaborative_objective),
+    "one": _BRANCHES,
+    "cl_ilr": _BRANCHES,
+    "okddip": _BRANCHES,
+    "pcl": _BRANCHES,
+}
+
+
+def mirror(name: str) -> Mirror:
+    if name not in MIRRORS:
+        raise NotImplementedError(
+            f"method {name!r} has no PyTorch mirror: add one to ffcl_jax/torch_reference/"
+            "methods.py (MIRRORS)"
+        )
+    return MIRRORS[name]
+
+
+def settings_mapping(method: Method) -> dict:
+    """The method's settings as the plain mapping the reference's objectives read, with its
+    name and `num_views`."""
+    return method.settings_dict() | {"method": method.name, "num_views": method.num_views}
+
+
+def unmirrored() -> list[str]:
+    """Registered methods without a mirror (the parity tests fail on any)."""
+    return [name for name in REGISTRY if name not in MIRRORS]
