@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from unittest import mock
 
 import jax
@@ -421,6 +422,245 @@ def test_three_train_steps_are_as_exact_as_xla(fmnist_dir):
         return max(relative_to_scale(runs[name][1][k], v) for k, v in runs["float64"][1].items())
 
     assert error("onednn") <= 2 * error("xla") + 1e-6, (error("onednn"), error("xla"))
+
+
+# Every FFI target called directly (bypassing ops.py's checks) with buffers that do not fit
+# together: a good call (x (2, 8, 8, 4), w (3, 3, 4, 6), y (2, 8, 8, 6), stride 1, padding 1),
+# then each mismatch the kernels must catch before they read a dimension or touch memory.
+CONV_OK = {"x": (2, 8, 8, 4), "w": (3, 3, 4, 6), "y": (2, 8, 8, 6)}
+CONV_ATTRS = dict(stride_h=1, stride_w=1, pad_top=1, pad_bottom=1, pad_left=1, pad_right=1)
+# For each target: the names of its two inputs and its result, as its buffers of CONV_OK.
+CONV_TARGETS = {
+    "ffcl_onednn_conv_forward": ("x", "w", "y"),
+    "ffcl_onednn_conv_backward_data": ("y", "w", "x"),  # dy, w -> dx
+    "ffcl_onednn_conv_backward_weights": ("x", "y", "w"),  # x, dy -> dw
+}
+# (which of x, w, y changes, to what, attributes changed, a phrase of the kernel's message); for
+# each target, its own names of x, w and y are in the message.
+CONV_MISMATCHES = {
+    "x_rank": ({"x": (2, 8, 8)}, {}, "rank-4"),
+    "w_rank": ({"w": (3, 3, 4)}, {}, "rank-4"),
+    "y_rank": ({"y": (2, 8, 8)}, {}, "rank-4"),
+    "y_rank_1": ({"y": (2,)}, {}, "rank-4"),
+    # (XLA runs no custom call whose result is empty: an input is.)
+    "empty_input": ({"input": 0}, {}, "at least 1"),
+    "x_channels": ({"x": (2, 8, 8, 5)}, {}, "input channels times groups"),
+    "w_inputs": ({"w": (3, 3, 3, 6)}, {}, "input channels times groups"),
+    "y_batch": ({"y": (3, 8, 8, 6)}, {}, "batch"),
+    "x_batch": ({"x": (1, 8, 8, 4)}, {}, "batch"),
+    "y_channels": ({"y": (2, 8, 8, 5)}, {}, "output channels"),
+    "w_outputs": ({"w": (3, 3, 4, 7)}, {}, "output channels"),
+    "y_height": ({"y": (2, 7, 8, 6)}, {}, "height and width must be 8x8"),
+    "y_width": ({"y": (2, 8, 9, 6)}, {}, "height and width must be 8x8"),
+    "x_height": ({"x": (2, 9, 8, 4)}, {}, "height and width must be 9x8"),
+    "kernel_height": ({"w": (5, 3, 4, 6)}, {}, "height and width must be 6x8"),
+    "strided": ({}, {"stride_h": 2}, "height and width must be 4x8"),
+    "kernel_too_large": ({"w": (11, 3, 4, 6)}, {}, "larger than the padded"),
+    "groups_0": ({}, {"groups": 0}, "groups must be in [1, 2^31]"),
+    "groups_negative": ({}, {"groups": -2}, "groups must be in [1, 2^31]"),
+    "groups_not_dividing_x": ({"w": (3, 3, 2, 6)}, {"groups": 3}, "input channels times groups"),
+    "groups_not_dividing_w": ({"w": (3, 3, 1, 6)}, {"groups": 4}, "multiple of groups"),
+    "stride_0": ({}, {"stride_w": 0}, "strides must be in [1, 2^31]"),
+    "padding_negative": ({}, {"pad_left": -1}, "padding must be in [0, 2^31]"),
+    "padding_huge": ({}, {"pad_top": 2**62}, "padding must be in [0, 2^31]"),
+}
+
+
+def _f32(shape):
+    return jnp.ones(shape, jnp.float32)
+
+
+def _out(shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _call_target(target, results, *args, **attrs):
+    """The target on `args`, run to completion: its result, or the runtime's exception."""
+    return jax.block_until_ready(jax.ffi.ffi_call(target, results)(*args, **attrs))
+
+
+def _conv_call(target, shapes, attrs):
+    first, second, result = CONV_TARGETS[target]
+    attrs = {k: np.int64(v) for k, v in {**CONV_ATTRS, "groups": 1, **attrs}.items()}
+    args = (_f32(shapes[first]), _f32(shapes[second]))
+    return _call_target(target, _out(shapes[result]), *args, **attrs)
+
+
+def _conv_names(target) -> dict[str, str]:
+    """The target's names for x, w and y (its message's)."""
+    return {
+        "ffcl_onednn_conv_forward": {"x": "x", "w": "w", "y": "y"},
+        "ffcl_onednn_conv_backward_data": {"x": "dx", "w": "w", "y": "dy"},
+        "ffcl_onednn_conv_backward_weights": {"x": "x", "w": "dw", "y": "dy"},
+    }[target]
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+@needs_kernels
+@pytest.mark.parametrize("target", sorted(CONV_TARGETS))
+def test_each_convolution_target_runs_on_buffers_that_fit(target):
+    """The control for the mismatches below: CONV_OK is a convolution every target computes."""
+    out = _conv_call(target, CONV_OK, {})
+    assert out.shape == CONV_OK[CONV_TARGETS[target][2]]
+    assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.max(jnp.abs(out))) > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", sorted(CONV_MISMATCHES))
+@pytest.mark.parametrize("target", sorted(CONV_TARGETS))
+def test_each_convolution_target_rejects_buffers_that_do_not_fit(target, case):
+    """An InvalidArgument error naming the target and every buffer's shape: never a crash, a
+    read past a buffer's end, or a result."""
+    changed, attrs, phrase = CONV_MISMATCHES[case]
+    if "input" in changed:  # the target's first input, with an empty batch
+        first = CONV_TARGETS[target][0]
+        changed = {first: (0, *CONV_OK[first][1:])}
+    shapes = {**CONV_OK, **changed}
+    with pytest.raises(Exception, match="INVALID_ARGUMENT") as raised:
+        _conv_call(target, shapes, attrs)
+    message = str(raised.value)
+    assert target in message and phrase in message, message
+    for buffer, name in _conv_names(target).items():
+        assert f"{name} {_shape_text(shapes[buffer])}" in message, message
+
+
+BN_SHAPE, BN_CHANNELS = (2, 3, 3, 4), (4,)
+# Per target: its inputs' and results' names and shapes, when they fit.
+BN_TARGETS = {
+    "ffcl_batch_norm_forward": (
+        {"x": BN_SHAPE, "scale": BN_CHANNELS, "shift": BN_CHANNELS},
+        {"y": BN_SHAPE, "mean": BN_CHANNELS, "variance": BN_CHANNELS},
+    ),
+    "ffcl_batch_norm_backward": (
+        {
+            "x": BN_SHAPE,
+            "dy": BN_SHAPE,
+            "mean": BN_CHANNELS,
+            "variance": BN_CHANNELS,
+            "scale": BN_CHANNELS,
+            "shift": BN_CHANNELS,
+        },
+        {"dx": BN_SHAPE, "dscale": BN_CHANNELS, "dshift": BN_CHANNELS},
+    ),
+}
+
+
+def _bn_call(target, changed):
+    inputs, results = BN_TARGETS[target]
+    args = [_f32(changed.get(name, shape)) for name, shape in inputs.items()]
+    outs = tuple(_out(changed.get(name, shape)) for name, shape in results.items())
+    return _call_target(target, outs, *args, epsilon=np.float32(1e-5), relu=False)
+
+
+def _bn_mismatches():
+    """(target, buffer, its wrong shape, a phrase of the message): every per-channel buffer
+    too short (1 element: the case that once read past scale's end) and too long, every
+    tensor of the wrong shape, and an x of the wrong rank or empty."""
+    cases = []
+    for target, (inputs, results) in BN_TARGETS.items():
+        for name, shape in {**inputs, **results}.items():
+            if shape == BN_CHANNELS:
+                cases += [(target, name, (1,), "channels"), (target, name, (5,), "channels")]
+                cases.append((target, name, (4, 1), "channels"))
+            elif name != "x":
+                cases += [(target, name, (2, 3, 3, 5), "shape must be x's")]
+                cases.append((target, name, (2, 9, 4), "shape must be x's"))
+        cases += [(target, "x", (4,), "NHWC or NC"), (target, "x", (0, 4), "at least 1")]
+    return [pytest.param(*c, id=f"{c[0]}-{c[1]}-{'x'.join(map(str, c[2]))}") for c in cases]
+
+
+@needs_kernels
+@pytest.mark.parametrize("target", sorted(BN_TARGETS))
+def test_each_batch_norm_target_runs_on_buffers_that_fit(target):
+    outs = _bn_call(target, {})
+    assert [o.shape for o in outs] == list(BN_TARGETS[target][1].values())
+
+
+@needs_kernels
+@pytest.mark.parametrize("target,buffer,shape,phrase", _bn_mismatches())
+def test_each_batch_norm_target_rejects_buffers_that_do_not_fit(target, buffer, shape, phrase):
+    with pytest.raises(Exception, match="INVALID_ARGUMENT") as raised:
+        _bn_call(target, {buffer: shape})
+    message = str(raised.value)
+    assert target in message and phrase in message, message
+    assert f"{buffer} {_shape_text(shape)}" in message, message
+
+
+def _traced_conv(x_shape, w_shape, strides=(1, 1), padding=((1, 1), (1, 1)), groups=1, **dtype):
+    """ops.conv2d traced only (no kernel runs, none need be built): its output's shape."""
+    x = jax.ShapeDtypeStruct(x_shape, dtype.get("x", jnp.float32))
+    w = jax.ShapeDtypeStruct(w_shape, dtype.get("w", jnp.float32))
+    return jax.eval_shape(lambda x, w: ops.conv2d(x, w, strides, padding, groups), x, w).shape
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape,kwargs,phrase",
+    [
+        ((2, 8, 8), (3, 3, 4, 6), {}, "expects an NHWC x and HWIO w"),
+        ((2, 8, 8, 4), (3, 4, 6), {}, "expects an NHWC x and HWIO w"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"x": jnp.float16}, "x must be float32"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"w": jnp.int32}, "w must be float32"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"strides": (0, 1)}, "strides must be positive"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"strides": (1, -1)}, "strides must be positive"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"strides": (1.5, 1)}, "strides must be positive"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"strides": 1}, "strides must be (h, w)"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"padding": "SAME"}, "padding ((top, bottom)"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"padding": ((1, -1), (1, 1))}, "padding must be ints"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"groups": 0}, "groups must be a positive int"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"groups": True}, "groups must be a positive int"),
+        ((2, 8, 8, 4), (3, 3, 2, 6), {"groups": 3}, "groups must divide"),
+        ((2, 8, 8, 6), (3, 3, 2, 4), {"groups": 3}, "groups must divide"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"groups": 2}, "input channels times groups"),
+        ((2, 8, 8, 5), (3, 3, 4, 6), {}, "input channels times groups"),
+        ((0, 8, 8, 4), (3, 3, 4, 6), {}, "at least 1"),
+        ((2, 2, 2, 4), (5, 5, 4, 6), {"padding": ((1, 1), (1, 1))}, "kernel is larger"),
+    ],
+)
+def test_conv2d_checks_its_arguments_when_traced(x_shape, w_shape, kwargs, phrase):
+    with pytest.raises(ValueError, match=re.escape(phrase)) as raised:
+        _traced_conv(x_shape, w_shape, **kwargs)
+    assert f"x {x_shape}" in str(raised.value) and f"w {w_shape}" in str(raised.value)
+
+
+def test_conv2d_traces_what_the_checks_let_through():
+    assert _traced_conv((2, 8, 8, 4), (3, 3, 4, 6)) == (2, 8, 8, 6)
+    assert _traced_conv((2, 9, 7, 6), (3, 3, 2, 6), (2, 2), ((1, 1), (1, 1)), 3) == (2, 5, 4, 6)
+    unpadded = _traced_conv((1, 5, 5, 2), (1, 1, 2, 3), (np.int64(1), 1), ((0, 0), (0, 0)))
+    assert unpadded == (1, 5, 5, 3)
+
+
+def _traced_batch_norm(x_shape, scale_shape, bias_shape, dtype=jnp.float32):
+    x = jax.ShapeDtypeStruct(x_shape, dtype)
+    scale, bias = (jax.ShapeDtypeStruct(s, jnp.float32) for s in (scale_shape, bias_shape))
+    return jax.eval_shape(lambda *a: ops.batch_norm_train(*a, 1e-5, True), x, scale, bias)
+
+
+@pytest.mark.parametrize(
+    "x_shape,scale_shape,bias_shape,dtype,phrase",
+    [
+        ((2, 3, 3, 4), (1,), (4,), jnp.float32, "scale must have shape (4,)"),
+        ((2, 3, 3, 4), (4,), (1,), jnp.float32, "bias must have shape (4,)"),
+        ((2, 3, 3, 4), (4, 1), (4,), jnp.float32, "scale must have shape (4,)"),
+        ((2, 3, 3, 4), (4,), (5,), jnp.float32, "bias must have shape (4,)"),
+        ((4,), (4,), (4,), jnp.float32, "expects an NHWC or NC x"),
+        ((0, 4), (4,), (4,), jnp.float32, "at least 1"),
+        ((2, 4), (4,), (4,), jnp.bfloat16, "x must be float32"),
+    ],
+)
+def test_batch_norm_train_checks_its_arguments_when_traced(
+    x_shape, scale_shape, bias_shape, dtype, phrase
+):
+    with pytest.raises(ValueError, match=re.escape(phrase)) as raised:
+        _traced_batch_norm(x_shape, scale_shape, bias_shape, dtype)
+    assert f"x {x_shape}" in str(raised.value) and f"scale {scale_shape}" in str(raised.value)
+
+
+def test_batch_norm_train_traces_what_the_checks_let_through():
+    y, mean, var = _traced_batch_norm((2, 3, 3, 4), (4,), (4,))
+    assert (y.shape, mean.shape, var.shape) == ((2, 3, 3, 4), (4,), (4,))
 
 
 def test_the_cli_restarts_itself_with_hugepage_malloc_once():

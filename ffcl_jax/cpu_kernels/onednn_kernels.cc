@@ -9,6 +9,11 @@
 // the primitive-descriptor search on every call). The scratchpad is the caller's: XLA may run
 // two of these handlers at once on its thread pool, and oneDNN's library-managed scratchpad is
 // shared between primitives.
+//
+// XLA checks each buffer's element type against the binding and nothing else: every handler
+// checks every buffer's rank and dimensions against the others, and its attributes, before it
+// reads a dimension or touches memory, and returns InvalidArgument naming the target and the
+// shapes.
 
 #include <omp.h>
 
@@ -16,11 +21,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -31,6 +38,21 @@ using dnnl::memory;
 using Tag = dnnl::memory::format_tag;
 
 namespace {
+
+using Dims = ffi::Span<const int64_t>;
+
+std::string ShapeOf(Dims d) {
+  std::string text = "[";
+  for (size_t i = 0; i < d.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += std::to_string(d[i]);
+  }
+  return text + "]";
+}
+
+bool AllPositive(Dims d) {
+  return std::all_of(d.begin(), d.end(), [](int64_t v) { return v >= 1; });
+}
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -120,19 +142,68 @@ struct ConvGeometry {
   }
 };
 
-ffi::Error ConvGeometryOf(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w, int64_t oh,
-                          int64_t ow, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                          int64_t pr, int64_t groups, ConvGeometry* g) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 4 || wd.size() != 4) {
-    return ffi::Error::InvalidArgument("onednn conv: expects NHWC input and HWIO weights");
+// A convolution's attributes, as every pass takes them.
+struct ConvAttrs {
+  int64_t sh, sw, pt, pb, pl, pr, groups;
+};
+
+// Attributes larger than this are no convolution's, and would overflow the arithmetic below.
+constexpr int64_t kMaxAttr = int64_t{1} << 31;
+
+// The geometry of the convolution `y = conv(x, w)` that a pass computes, after checking that
+// its three buffers are one convolution's: `x` NHWC, `w` HWIO, `y` NHWC, every dimension at
+// least 1, x's channels = w's inputs x groups, w's outputs a multiple of groups, y's batch and
+// channels x's and w's, y's height and width what the strides and padding give. `names` are
+// the pass's names for x, w and y (the backward passes compute one of them from the others).
+ffi::Error CheckedGeometry(const char* target, const char* const names[3], Dims xd, Dims wd,
+                           Dims yd, const ConvAttrs& a, ConvGeometry* g) {
+  auto fail = [&](const std::string& problem) {
+    return ffi::Error::InvalidArgument(
+        std::string(target) + ": " + problem + " (" + names[0] + " " + ShapeOf(xd) + ", " +
+        names[1] + " " + ShapeOf(wd) + ", " + names[2] + " " + ShapeOf(yd) + ", strides " +
+        std::to_string(a.sh) + "x" + std::to_string(a.sw) + ", padding (" +
+        std::to_string(a.pt) + ", " + std::to_string(a.pb) + ")x(" + std::to_string(a.pl) + ", " +
+        std::to_string(a.pr) + "), groups " + std::to_string(a.groups) + ")");
+  };
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4) {
+    return fail(std::string("expects rank-4 buffers: ") + names[0] + " NHWC, " + names[1] +
+                " HWIO, " + names[2] + " NHWC");
   }
-  if (groups < 1 || xd[3] != wd[2] * groups || wd[3] % groups != 0) {
-    return ffi::Error::InvalidArgument("onednn conv: channel counts do not match the groups");
+  if (!AllPositive(xd) || !AllPositive(wd) || !AllPositive(yd)) {
+    return fail("every dimension must be at least 1");
   }
-  *g = ConvGeometry{xd[0], xd[1], xd[2], xd[3], oh, ow, wd[3], wd[0], wd[1],
-                    sh,    sw,    pt,    pb,    pl, pr, groups};
+  if (a.groups < 1 || a.groups > kMaxAttr) return fail("groups must be in [1, 2^31]");
+  if (a.sh < 1 || a.sw < 1 || a.sh > kMaxAttr || a.sw > kMaxAttr) {
+    return fail("strides must be in [1, 2^31]");
+  }
+  for (int64_t pad : {a.pt, a.pb, a.pl, a.pr}) {
+    if (pad < 0 || pad > kMaxAttr) return fail("padding must be in [0, 2^31]");
+  }
+  if (xd[3] % a.groups != 0 || xd[3] / a.groups != wd[2]) {
+    return fail(std::string(names[0]) + "'s channels must be " + names[1] +
+                "'s input channels times groups");
+  }
+  if (wd[3] % a.groups != 0) {
+    return fail(std::string(names[1]) + "'s output channels must be a multiple of groups");
+  }
+  if (yd[0] != xd[0]) {
+    return fail(std::string(names[2]) + "'s batch must be " + names[0] + "'s");
+  }
+  if (yd[3] != wd[3]) {
+    return fail(std::string(names[2]) + "'s channels must be " + names[1] +
+                "'s output channels");
+  }
+  const int64_t padded_h = xd[1] + a.pt + a.pb, padded_w = xd[2] + a.pl + a.pr;
+  if (padded_h < wd[0] || padded_w < wd[1]) {
+    return fail(std::string("the kernel is larger than the padded ") + names[0]);
+  }
+  const int64_t oh = (padded_h - wd[0]) / a.sh + 1, ow = (padded_w - wd[1]) / a.sw + 1;
+  if (yd[1] != oh || yd[2] != ow) {
+    return fail(std::string(names[2]) + "'s height and width must be " + std::to_string(oh) +
+                "x" + std::to_string(ow) + ", as the strides and padding give");
+  }
+  *g = ConvGeometry{xd[0], xd[1], xd[2], xd[3], oh,   ow,   wd[3], wd[0],
+                    wd[1], a.sh,  a.sw,  a.pt,  a.pb, a.pl, a.pr,  a.groups};
   return ffi::Error::Success();
 }
 
@@ -185,9 +256,10 @@ void SetWeightsReorder(Plan& plan, const memory::desc& primitive_weights, bool t
 ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                            int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
-  auto yd = y->dimensions();
+  static const char* const kNames[3] = {"x", "w", "y"};
   ConvGeometry g;
-  if (auto e = ConvGeometryOf(x, w, yd[1], yd[2], sh, sw, pt, pb, pl, pr, groups, &g);
+  if (auto e = CheckedGeometry("ffcl_onednn_conv_forward", kNames, x.dimensions(), w.dimensions(),
+                               y->dimensions(), {sh, sw, pt, pb, pl, pr, groups}, &g);
       e.failure()) {
     return e;
   }
@@ -217,14 +289,14 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                                 ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
                                 int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
-  auto dyd = dy.dimensions();
-  auto dxd = dx->dimensions();
-  auto wd = w.dimensions();
-  if (dyd.size() != 4 || dxd.size() != 4 || wd.size() != 4 || dxd[3] != wd[2] * groups) {
-    return ffi::Error::InvalidArgument("onednn conv backward data: shapes do not match");
+  static const char* const kNames[3] = {"dx", "w", "dy"};
+  ConvGeometry g;
+  if (auto e = CheckedGeometry("ffcl_onednn_conv_backward_data", kNames, dx->dimensions(),
+                               w.dimensions(), dy.dimensions(), {sh, sw, pt, pb, pl, pr, groups},
+                               &g);
+      e.failure()) {
+    return e;
   }
-  ConvGeometry g{dxd[0], dxd[1], dxd[2], dxd[3], dyd[1], dyd[2], dyd[3], wd[0], wd[1],
-                 sh,     sw,     pt,     pb,     pl,     pr,     groups};
   static PlanCache<ConvBackwardDataPlan> cache;
   ConvBackwardDataPlan& plan = cache.Get(g.Key(), [&] {
     ConvBackwardDataPlan p;
@@ -256,10 +328,11 @@ ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32
                                    ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
                                    int64_t pt, int64_t pb, int64_t pl, int64_t pr,
                                    int64_t groups) {
-  auto dyd = dy.dimensions();
+  static const char* const kNames[3] = {"x", "dw", "dy"};
   ConvGeometry g;
-  ffi::Buffer<ffi::F32> dw_view = *dw;
-  if (auto e = ConvGeometryOf(x, dw_view, dyd[1], dyd[2], sh, sw, pt, pb, pl, pr, groups, &g);
+  if (auto e = CheckedGeometry("ffcl_onednn_conv_backward_weights", kNames, x.dimensions(),
+                               dw->dimensions(), dy.dimensions(), {sh, sw, pt, pb, pl, pr, groups},
+                               &g);
       e.failure()) {
     return e;
   }
@@ -453,13 +526,35 @@ struct RowsView {
   int64_t rows, channels;
 };
 
-ffi::Error RowsOf(ffi::Buffer<ffi::F32>& x, RowsView* view) {
-  auto d = x.dimensions();
-  if (d.size() < 2 || d[d.size() - 1] < 1) {
-    return ffi::Error::InvalidArgument("batch norm: expects an NHWC or NC tensor");
+using Named = std::pair<const char*, Dims>;
+
+// `x` (NHWC or NC) as rows x channels, after checking that every buffer in `like_x` has x's
+// shape and every one in `per_channel` holds exactly one value per channel.
+ffi::Error CheckedRows(const char* target, Dims xd, std::initializer_list<Named> like_x,
+                       std::initializer_list<Named> per_channel, RowsView* view) {
+  auto fail = [&](const std::string& problem) {
+    std::string shapes = "x " + ShapeOf(xd);
+    for (const auto& list : {like_x, per_channel}) {
+      for (const Named& b : list) shapes += std::string(", ") + b.first + " " + ShapeOf(b.second);
+    }
+    return ffi::Error::InvalidArgument(std::string(target) + ": " + problem + " (" + shapes +
+                                       ")");
+  };
+  if (xd.size() < 2) return fail("expects an NHWC or NC x");
+  if (!AllPositive(xd)) return fail("every dimension of x must be at least 1");
+  for (const Named& b : like_x) {
+    if (!(b.second == xd)) return fail(std::string(b.first) + "'s shape must be x's");
   }
-  view->channels = d[d.size() - 1];
-  view->rows = x.element_count() / view->channels;
+  const int64_t channels = xd[xd.size() - 1];
+  for (const Named& b : per_channel) {
+    if (b.second.size() != 1 || b.second[0] != channels) {
+      return fail(std::string(b.first) + " must hold x's " + std::to_string(channels) +
+                  " channels");
+    }
+  }
+  view->channels = channels;
+  view->rows = 1;
+  for (size_t i = 0; i + 1 < xd.size(); ++i) view->rows *= xd[i];
   return ffi::Error::Success();
 }
 
@@ -516,7 +611,15 @@ ffi::Error BatchNormForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> s
                                 ffi::ResultBuffer<ffi::F32> mean,
                                 ffi::ResultBuffer<ffi::F32> variance, float epsilon, bool relu) {
   RowsView v;
-  if (auto e = RowsOf(x, &v); e.failure()) return e;
+  if (auto e = CheckedRows("ffcl_batch_norm_forward", x.dimensions(), {{"y", y->dimensions()}},
+                           {{"scale", scale.dimensions()},
+                            {"shift", shift.dimensions()},
+                            {"mean", mean->dimensions()},
+                            {"variance", variance->dimensions()}},
+                           &v);
+      e.failure()) {
+    return e;
+  }
   const float floor = relu ? 0.0f : -INFINITY;  // the fused ReLU, or none
   const float *xs = x.typed_data(), *gamma = scale.typed_data(), *beta = shift.typed_data();
   float *ys = y->typed_data(), *m = mean->typed_data(), *var = variance->typed_data();
@@ -544,7 +647,18 @@ ffi::Error BatchNormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
                                  ffi::ResultBuffer<ffi::F32> dscale,
                                  ffi::ResultBuffer<ffi::F32> dshift, float epsilon, bool relu) {
   RowsView v;
-  if (auto e = RowsOf(x, &v); e.failure()) return e;
+  if (auto e = CheckedRows("ffcl_batch_norm_backward", x.dimensions(),
+                           {{"dy", dy.dimensions()}, {"dx", dx->dimensions()}},
+                           {{"mean", mean.dimensions()},
+                            {"variance", variance.dimensions()},
+                            {"scale", scale.dimensions()},
+                            {"shift", shift.dimensions()},
+                            {"dscale", dscale->dimensions()},
+                            {"dshift", dshift->dimensions()}},
+                           &v);
+      e.failure()) {
+    return e;
+  }
   const float floor = relu ? 0.0f : -INFINITY;  // the fused ReLU, or none
   const int64_t c = v.channels;
   const float *xs = x.typed_data(), *dys = dy.typed_data(), *m = mean.typed_data();
