@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import shutil
+import warnings
 from unittest import mock
 
 import jax
@@ -361,7 +363,9 @@ def test_the_library_builds_from_source_into_a_fresh_cache(tmp_path, monkeypatch
     if build.unsupported_platform() or build.onednn_root() is None:
         pytest.skip("no oneDNN here: the package runs on XLA's kernels")
     monkeypatch.setenv("FFCL_CPU_KERNELS_CACHE", str(tmp_path))
-    path = build.library_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", build.BuildWarning)  # -Wall -Wextra: none in our source
+        path = build.library_path()
     assert path.is_file() and path.parent.parent == tmp_path
     library = ctypes.CDLL(str(path))
     for symbol in cpu_kernels.TARGETS.values():
@@ -384,6 +388,180 @@ def test_a_failed_build_is_one_line_and_nothing_is_cached(tmp_path, monkeypatch)
     monkeypatch.setattr(build.sys, "prefix", str(tmp_path / "nowhere"))
     with pytest.raises(build.BuildError, match="oneDNN not found.*pip install"):
         build.library_path()
+
+
+# A stand-in for g++: logs its arguments to $FAKE_CXX_LOG and writes the file after -o; warns
+# with $FAKE_CXX_WARN, and hangs (with a child, as g++ runs cc1plus) under $FAKE_CXX_HANG.
+FAKE_CXX = """#!/bin/sh
+if [ "$1" = "--version" ]; then echo "fake-c++ 1.0"; exit 0; fi
+echo "$@" >> "$FAKE_CXX_LOG"
+if [ -n "$FAKE_CXX_HANG" ]; then sleep 120 & wait; fi
+if [ -n "$FAKE_CXX_WARN" ]; then echo "$FAKE_CXX_WARN" >&2; fi
+out=""
+while [ $# -gt 0 ]; do if [ "$1" = "-o" ]; then out="$2"; fi; shift; done
+printf fake > "$out"
+"""
+# As ccache runs the compiler it is given.
+WRAPPER = '#!/bin/sh\nexec "$@"\n'
+
+
+def _script(path, text):
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def fake_build(tmp_path, monkeypatch):
+    """library_path() on a fake oneDNN installation with a fake compiler (CXX), into a fresh
+    cache: everything but the compile itself, on any machine. Returns the compiler's log."""
+    root = tmp_path / "onednn"
+    (root / "include/oneapi/dnnl").mkdir(parents=True)
+    (root / "include/oneapi/dnnl/dnnl.hpp").write_text("")
+    (root / "include/oneapi/dnnl/dnnl_version.h").write_text("#define DNNL_VERSION_MAJOR 3\n")
+    (root / "lib").mkdir()
+    (root / "lib/libdnnl.so.3").write_text("")
+    log = tmp_path / "cxx.log"
+    log.write_text("")
+    monkeypatch.setattr(build, "unsupported_platform", lambda: None)
+    monkeypatch.setenv("DNNL_ROOT", str(root))
+    monkeypatch.setenv("FFCL_CPU_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(_script(tmp_path / "fake-c++", FAKE_CXX)))
+    monkeypatch.setenv("FAKE_CXX_LOG", str(log))
+    for name in ("FAKE_CXX_HANG", "FAKE_CXX_WARN"):
+        monkeypatch.delenv(name, raising=False)
+    return log
+
+
+def _compiles(log) -> list[list[str]]:
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+def test_the_build_passes_cxx_as_a_shell_splits_it(fake_build, tmp_path, monkeypatch):
+    wrapper = _script(tmp_path / "wrap", WRAPPER)
+    monkeypatch.setenv("CXX", f"{wrapper} {tmp_path / 'fake-c++'}")
+    path = build.library_path()
+    assert path.read_text() == "fake"
+    (command,) = _compiles(fake_build)
+    # The project's own warnings on; third-party headers as system headers, which warn not.
+    assert "-Wall" in command and "-w" not in command
+    include = str(jax.ffi.include_dir())
+    assert command[command.index(include) - 1] == "-isystem" and f"-I{include}" not in command
+    monkeypatch.setenv("CXX", f"{tmp_path / 'no-such-wrapper'} g++")
+    with pytest.raises(build.BuildError, match="names no program"):
+        build.library_path()
+    monkeypatch.setenv("CXX", "'g++")
+    with pytest.raises(build.BuildError, match="does not parse"):
+        build.library_path()
+
+
+def test_an_edited_flag_or_compiler_builds_a_new_library(fake_build, tmp_path, monkeypatch):
+    first = build.library_path()
+    assert build.library_path() == first and len(_compiles(fake_build)) == 1  # cached
+    flags = build.kernel_flags
+    monkeypatch.setattr(
+        build, "kernel_flags", lambda root: (flags(root)[0] + ["-DEDITED"], flags(root)[1])
+    )
+    edited = build.library_path()
+    assert edited != first and len(_compiles(fake_build)) == 2
+    assert "-DEDITED" in _compiles(fake_build)[-1]
+    wrapper = _script(tmp_path / "wrap", WRAPPER)
+    monkeypatch.setenv("CXX", f"{wrapper} {tmp_path / 'fake-c++'}")
+    assert build.library_path() not in (first, edited) and len(_compiles(fake_build)) == 3
+
+
+def test_a_build_that_hangs_is_stopped_and_its_lock_released(fake_build, tmp_path, monkeypatch):
+    import fcntl
+    import time
+
+    monkeypatch.setenv("FAKE_CXX_HANG", "1")
+    monkeypatch.setattr(build, "BUILD_TIMEOUT_S", 1.0)
+    start = time.monotonic()
+    with pytest.raises(build.BuildError) as raised:
+        build.library_path()
+    # Within seconds: the compiler's child (its cc1plus) was stopped too, or its open stderr
+    # would have kept the build waiting for the whole sleep.
+    assert time.monotonic() - start < 30
+    assert str(raised.value) == "compiling the oneDNN kernels took longer than 1 s and was stopped"
+    assert not list((tmp_path / "cache").rglob(build.LIBRARY_NAME))
+    (lock,) = (tmp_path / "cache").rglob(".lock")
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held
+    monkeypatch.delenv("FAKE_CXX_HANG")
+    assert build.library_path().is_file()  # the next build goes ahead
+
+
+def test_compiler_warnings_about_the_source_are_reported(fake_build, monkeypatch):
+    monkeypatch.setenv("FAKE_CXX_WARN", "onednn_kernels.cc:9:5: warning: unused variable 'k'")
+    with pytest.warns(build.BuildWarning, match="unused variable 'k'"):
+        build.library_path()
+
+
+def test_a_failed_build_says_the_first_error_line():
+    fatal = (
+        "/tmp/test_errors0/k.cc:1:10: fatal error: nothere.h: No such file or directory\n"
+        "    1 | #include <nothere.h>\n"
+        "      |          ^~~~~~~~~~~\n"
+        "compilation terminated.\n"
+    )
+    assert build.first_error_line(fatal).endswith(
+        "fatal error: nothere.h: No such file or directory"
+    )
+    link = (
+        "/usr/bin/ld: /tmp/ccX.o: in function `f()':\n"
+        "k.cc:(.text+0x5): undefined reference to `missing()'\n"
+        "collect2: error: ld returned 1 exit status\n"
+    )
+    assert build.first_error_line(link) == "k.cc:(.text+0x5): undefined reference to `missing()'"
+    # A path that merely contains the word is no error line.
+    in_function = "/tmp/test_errors0/k.cc: In function 'int f()':\nk.cc:2:3: Error: bad\n"
+    assert build.first_error_line(in_function) == "k.cc:2:3: Error: bad"
+    assert build.first_error_line("one\ntwo\n\n") == "two"
+    assert build.first_error_line("") == "(no output)"
+
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
+
+
+def _compile_tiny(tmp_path, source: str, flags=(), compiler=None):
+    path = tmp_path / "tiny.cc"
+    path.write_text(source)
+    output = tmp_path / "libtiny.so"
+    reported = build.compile_library(
+        compiler or [shutil.which("g++")], path, output, ["-shared", "-fPIC", "-Wall", *flags]
+    )
+    return output, reported
+
+
+@needs_gxx
+def test_a_syntax_error_is_reported_by_its_error_line(tmp_path):
+    with pytest.raises(build.BuildError) as raised:
+        _compile_tiny(tmp_path, 'extern "C" int f() {\n  return 1\n}\n')
+    message = str(raised.value)
+    assert message.startswith("compiling tiny.cc failed: ") and "\n" not in message
+    assert "tiny.cc:2:" in message and "error: expected ';' before '}'" in message, message
+
+
+@needs_gxx
+def test_a_link_error_is_reported_by_the_linkers_line(tmp_path):
+    source = 'int missing_function();\nextern "C" int f() { return missing_function(); }\n'
+    with pytest.raises(build.BuildError) as raised:
+        _compile_tiny(tmp_path, source, ["-Wl,--no-undefined"])
+    message = str(raised.value)
+    assert "undefined reference to `missing_function()'" in message, message
+    assert "collect2" not in message and "\n" not in message
+
+
+@needs_gxx
+def test_the_compile_helper_runs_a_wrapped_compiler_and_returns_its_warnings(tmp_path):
+    import ctypes
+
+    wrapper = _script(tmp_path / "wrap", WRAPPER)
+    good = 'extern "C" int f(int x) { return 2 * x; }\n'
+    library, reported = _compile_tiny(tmp_path, good, compiler=[str(wrapper), "g++"])
+    assert reported == "" and ctypes.CDLL(str(library)).f(21) == 42
+    unused = 'extern "C" int f(int x) { int unused_here; return x; }\n'
+    assert "unused_here" in _compile_tiny(tmp_path, unused)[1]
 
 
 @needs_kernels
