@@ -841,12 +841,129 @@ def test_batch_norm_train_traces_what_the_checks_let_through():
     assert (y.shape, mean.shape, var.shape) == ((2, 3, 3, 4), (4,), (4,))
 
 
-def test_the_cli_restarts_itself_with_hugepage_malloc_once():
+@pytest.fixture
+def hugepages(monkeypatch, tmp_path):
+    """Sets what process_env reads of the machine, `(glibc, transparent huge pages)`, e.g.
+    `("glibc 2.35", "always [madvise] never")`: None for another C library, or a kernel
+    without transparent huge pages. Returns process_env."""
     from ffcl_jax import process_env
 
+    def set_machine(glibc, thp):
+        def confstr(name):
+            assert name == "CS_GNU_LIBC_VERSION"
+            if glibc is None:
+                raise ValueError("unrecognized configuration name")
+            return glibc
+
+        monkeypatch.setattr(process_env.os, "confstr", confstr)
+        monkeypatch.setattr(process_env.sys, "platform", "linux")
+        path = tmp_path / "transparent_hugepage_enabled"
+        path.unlink(missing_ok=True)
+        if thp is not None:
+            path.write_text(thp + "\n")
+        monkeypatch.setattr(process_env, "THP_ENABLED", path)
+        return process_env
+
+    return set_machine
+
+
+@pytest.mark.parametrize(
+    "glibc,thp,applies",
+    [
+        ("glibc 2.35", "always [madvise] never", True),
+        ("glibc 2.39", "[always] madvise never", True),
+        ("glibc 2.34", "always [madvise] never", False),  # glibc ignores the tunable
+        ("glibc 2.28", "[always] madvise never", False),
+        ("glibc 2.36", "always madvise [never]", False),  # the kernel refuses huge pages
+        ("glibc 2.36", None, False),  # a kernel without transparent huge pages
+        (None, "[always] madvise never", False),  # another C library (musl)
+        ("glibc 3.0", "always [madvise] never", True),
+    ],
+)
+def test_hugepage_malloc_applies_only_where_it_takes_effect(hugepages, glibc, thp, applies):
+    process_env = hugepages(glibc, thp)
+    assert process_env.hugepage_malloc_takes_effect() is applies
+    env = process_env.with_hugepage_malloc({"PATH": "/bin"})
+    assert env == (
+        {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if applies else None
+    )
+    # A record (results.json, the benchmarks') claims the tunable only where it applied.
+    recorded = process_env.tunables_in_effect("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    expected = "glibc.malloc.arena_max=2" + (":glibc.malloc.hugetlb=1" if applies else "")
+    assert recorded == expected
+    assert process_env.tunables_in_effect("glibc.malloc.hugetlb=1") == (
+        "glibc.malloc.hugetlb=1" if applies else ""
+    )
+
+
+def test_the_machine_is_read_as_glibc_and_the_kernel_report_it(hugepages):
+    process_env = hugepages("glibc 2.36", "always [madvise] never")
+    assert process_env.glibc_version() == (2, 36)
+    assert process_env.transparent_hugepages() == "madvise"
+    process_env = hugepages("glibc 2.17-pre1", None)
+    assert process_env.glibc_version() == (2, 17) and process_env.transparent_hugepages() is None
+    assert hugepages(None, "[never]").glibc_version() is None
+
+
+def test_the_cli_restarts_itself_with_hugepage_malloc_once(hugepages):
+    process_env = hugepages("glibc 2.36", "always [madvise] never")
     env = process_env.with_hugepage_malloc({"PATH": "/bin"})
     assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     assert process_env.with_hugepage_malloc(env) is None  # the restarted process goes on
     theirs = process_env.with_hugepage_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert theirs["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     assert process_env.with_hugepage_malloc({"FFCL_MALLOC_HUGEPAGES": "0"}) is None
+
+
+class _Exec(Exception):
+    """Raised in place of os.execve: the process would have been replaced here."""
+
+
+def _main_with_an_exec_pending(monkeypatch):
+    """ffcl_jax.main where a restart is due (the tunable applies and is not set), with os.execve
+    raising _Exec and absl's app.run recording that training would start."""
+    from ffcl_jax import main, process_env
+
+    monkeypatch.setattr(
+        process_env, "with_hugepage_malloc", lambda env: {**env, "GLIBC_TUNABLES": "x"}
+    )
+    started = []
+    monkeypatch.setattr(main.app, "run", lambda fn, **kwargs: started.append(fn))
+
+    def execve(path, argv, env):
+        raise _Exec(path, argv, env)
+
+    monkeypatch.setattr(main.os, "execve", execve)
+    return main, started
+
+
+def test_main_run_from_python_never_replaces_the_process(monkeypatch):
+    """A script, a notebook or a test that calls `main.run()` must go on as itself."""
+    main, started = _main_with_an_exec_pending(monkeypatch)
+    main.run()  # _Exec, were it to restart
+    assert started == [main.main]
+
+
+def test_main_cli_flushes_stdio_then_restarts(monkeypatch):
+    import io
+
+    main, started = _main_with_an_exec_pending(monkeypatch)
+    written = {}
+    for name in ("stdout", "stderr"):
+        written[name] = io.BytesIO()
+        stream = io.TextIOWrapper(written[name], write_through=False)
+        stream.write(f"{name} line not yet flushed\n")
+        monkeypatch.setattr(main.sys, name, stream)
+    with pytest.raises(_Exec) as raised:
+        main.cli()
+    path, argv, env = raised.value.args
+    assert path == main.sys.executable and argv == [path, *main.sys.orig_argv[1:]]
+    assert env["GLIBC_TUNABLES"] == "x" and started == []
+    for name, buffer in written.items():
+        assert buffer.getvalue() == f"{name} line not yet flushed\n".encode()
+    # Once restarted (or where the tunable does not apply), the CLI trains in this process.
+    from ffcl_jax import process_env
+
+    monkeypatch.setattr(process_env, "with_hugepage_malloc", lambda env: None)
+    main.cli()
+    assert started == [main.main]
