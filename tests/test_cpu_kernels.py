@@ -77,6 +77,30 @@ def test_convolution_and_its_gradients_match_lax(shape):
     np.testing.assert_array_equal(jitted, actual)
 
 
+@needs_kernels
+def test_the_primitive_cache_keeps_at_most_its_limit():
+    """Least recently used out first; a shape whose primitive was dropped is built again."""
+    import ctypes
+
+    library = ctypes.CDLL(str(build.library_path()))  # the loaded library, not another copy
+    for hook in (library.FfclCachedPlans, library.FfclSetMaxPlans):
+        hook.restype, hook.argtypes = ctypes.c_int64, [ctypes.c_int64]
+    previous = library.FfclSetMaxPlans(2)
+    try:
+        assert library.FfclCachedPlans(0) <= 2
+        rng = np.random.default_rng(3)
+        w = jnp.asarray(rng.standard_normal((3, 3, 2, 3)), jnp.float32)
+        args = ((1, 1), ((1, 1), (1, 1)), 1)
+        for size in (5, 6, 7, 5, 7):
+            x = jnp.asarray(rng.standard_normal((1, size, size, 2)), jnp.float32)
+            got = cpu_kernels.conv2d(x, w, *args)
+            assert relative_to_scale(got, lax_conv(x, w, *args)) <= 1e-5
+            assert library.FfclCachedPlans(0) <= 2
+        assert library.FfclCachedPlans(0) == 2
+    finally:
+        assert library.FfclSetMaxPlans(previous) == 2
+
+
 def _xla_batch_norm(x, scale, bias, epsilon, relu=False):
     """`layers.batch_norm_train`, its output through a ReLU under `relu`: what the kernel fuses."""
     y, mean, var = layers.batch_norm_train(x, scale, bias, epsilon)
