@@ -311,7 +311,7 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     # The CLI's process setting (XLA_FLAGS); the compiler options are set per jit above.
     from configs import fashion_mnist
-    from ffcl_jax import xla_cpu
+    from ffcl_jax import process_env, xla_cpu
 
     config = fashion_mnist.get_config()
     env["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, env.get("XLA_FLAGS", ""))
@@ -343,7 +343,7 @@ def main() -> None:
         "repeats": args.repeats,
         "threads": args.threads or "default",
         "xla_flags": env["XLA_FLAGS"],
-        "glibc_tunables": env.get("GLIBC_TUNABLES", ""),
+        "glibc_tunables": process_env.tunables_in_effect(env.get("GLIBC_TUNABLES", "")),
         "command": command.strip(),
         "results": results,
     }

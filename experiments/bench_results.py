@@ -67,7 +67,10 @@ def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
     if synthetic:
         flags_tag += "_synthetic"
     kind = "gpu" if "cpu" not in device.lower() else "cpu"
-    if kind == "cpu" and "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+    from ffcl_jax.process_env import tunables_in_effect
+
+    tunables = tunables_in_effect(os.environ.get("GLIBC_TUNABLES", ""))
+    if kind == "cpu" and "glibc.malloc.hugetlb=1" in tunables:
         flags_tag += "_hugepages"
     if kind == "cpu" and isa:
         kind += "_" + isa.lower().replace("-", "")

@@ -157,7 +157,7 @@ def train_split(config):
 def jax_worker(config, modes) -> dict:
     import jax
 
-    from ffcl_jax import cpu_kernels, parallel, train, xla_cpu
+    from ffcl_jax import cpu_kernels, parallel, process_env, train, xla_cpu
 
     # Before the first device query starts the backend (XLA reads XLA_FLAGS once).
     os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
@@ -172,7 +172,7 @@ def jax_worker(config, modes) -> dict:
         "closed_form_batch_norm": xla_cpu.closed_form_batch_norm(config),
         "onednn_kernels": onednn,
         "cpu_kernel_ops": list(cpu_kernels.OPS) if onednn else [],
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "glibc_tunables": process_env.tunables_in_effect(os.environ.get("GLIBC_TUNABLES", "")),
     }
     mesh = parallel.DataParallel()
 
@@ -437,6 +437,8 @@ def main(argv):
     ratios = [pair_ratios(sides, modes) for sides in turns]
     median_turn = _median_turn(ratios)
     sides = turns[median_turn]
+    from ffcl_jax.process_env import tunables_in_effect
+
     result = {
         "pair": f"{config.teacher}+{config.student}",
         "method": config.method,
@@ -448,7 +450,7 @@ def main(argv):
         "date": datetime.date.today().isoformat(),
         "command": "python experiments/bench_step.py " + " ".join(sys.argv[1:]),
         "machine": bench_results.machine(),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "glibc_tunables": tunables_in_effect(os.environ.get("GLIBC_TUNABLES", "")),
         **sides,
     }
     if ratios[0]:

@@ -154,16 +154,34 @@ def _exit_now(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def run() -> None:
+def restart_with_hugepage_malloc() -> None:
+    """Replaces this process with the same command line under glibc's huge-page malloc tunable
+    (`process_env`), where it takes effect and is not yet set; else returns. For the command
+    line only: a script, a notebook's kernel or a test that calls `run()` must never be
+    replaced by a re-run of its own command line."""
     from ffcl_jax import process_env
 
-    # glibc reads its tunables at start-up only: restart this process with malloc on huge pages,
-    # with the command line it was started with (`-m ffcl_jax.main`, or a script that calls run).
     env = process_env.with_hugepage_malloc(dict(os.environ))
-    if env is not None:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    if env is None:
+        return
+    # exec runs no exit handlers: what is still in Python's stdio buffers would be lost.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def run() -> None:
+    """Trains as `sys.argv` says, in this process: what the command line runs, and what Python
+    code (a script, a test) may call; it never restarts the process."""
     app.run(main, flags_parser=parse_flags_or_exit)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m ffcl_jax.main`: restarted once with huge-page malloc (glibc reads its tunables
+    at start-up only), then `run()`."""
+    restart_with_hugepage_malloc()
     run()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian/Ubuntu machine for ffcl_jax: the Fashion-MNIST data set from Debian
-# (dataset-fashion-mnist), a virtual environment in .venv with the package, its test tools and
-# the PyTorch reference's torch (CPU wheel), oneDNN for the optional CPU kernels (built here with
-# g++; without them training runs on XLA's kernels), at the versions in constraints.txt. With
+# (dataset-fashion-mnist), g++ from Debian where there is no C++ compiler, a virtual environment
+# in .venv with the package, its test tools and the PyTorch reference's torch (CPU wheel), oneDNN
+# for the optional CPU kernels (built here with g++; without them training runs on XLA's
+# kernels), at the versions in constraints.txt. With
 # FFCL_SETUP_TPU=1 (CI sets it) also libtpu, to compile the step for TPU slices
 # (ffcl_jax.compile_for): not by default, since an installed libtpu makes every JAX process
 # on a CPU machine try a TPU backend first and log its failure.
@@ -10,15 +11,33 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Installs Debian packages, refreshing the package lists only when the first try fails.
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "setup: installing $* (Debian package)"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null 2>&1 || {
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+  }
+}
+
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 if [ ! -f "$FMNIST" ]; then
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-  echo "setup: installing dataset-fashion-mnist (Debian package)"
-  $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || {
-    $SUDO apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
-  }
+  apt_install dataset-fashion-mnist
+fi
+
+# The oneDNN kernels are built for x86-64 Linux with $CXX (its first word the program, as
+# ffcl_jax.cpu_kernels.build reads it), else g++ or c++: without one, training quietly runs on
+# XLA's slower kernels.
+if [ "$(uname -m)" = "x86_64" ]; then
+  read -r -a CXX_WORDS <<< "${CXX:-}"
+  if [ "${#CXX_WORDS[@]}" -gt 0 ]; then
+    command -v "${CXX_WORDS[0]}" >/dev/null \
+      || echo "setup: CXX=$CXX names no program; the oneDNN kernels will not build"
+  elif ! command -v g++ >/dev/null && ! command -v c++ >/dev/null; then
+    apt_install g++
+  fi
 fi
 
 PYTHON="${PYTHON:-python3}"

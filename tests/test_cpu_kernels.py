@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
+import shutil
+import warnings
 from unittest import mock
 
 import jax
@@ -72,6 +75,30 @@ def test_convolution_and_its_gradients_match_lax(shape):
     # jit changes nothing: the kernels are custom calls in the compiled program.
     jitted = jax.jit(lambda x, w: cpu_kernels.conv2d(x, w, *args))(x, kernel)
     np.testing.assert_array_equal(jitted, actual)
+
+
+@needs_kernels
+def test_the_primitive_cache_keeps_at_most_its_limit():
+    """Least recently used out first; a shape whose primitive was dropped is built again."""
+    import ctypes
+
+    library = ctypes.CDLL(str(build.library_path()))  # the loaded library, not another copy
+    for hook in (library.FfclCachedPlans, library.FfclSetMaxPlans):
+        hook.restype, hook.argtypes = ctypes.c_int64, [ctypes.c_int64]
+    previous = library.FfclSetMaxPlans(2)
+    try:
+        assert library.FfclCachedPlans(0) <= 2
+        rng = np.random.default_rng(3)
+        w = jnp.asarray(rng.standard_normal((3, 3, 2, 3)), jnp.float32)
+        args = ((1, 1), ((1, 1), (1, 1)), 1)
+        for size in (5, 6, 7, 5, 7):
+            x = jnp.asarray(rng.standard_normal((1, size, size, 2)), jnp.float32)
+            got = cpu_kernels.conv2d(x, w, *args)
+            assert relative_to_scale(got, lax_conv(x, w, *args)) <= 1e-5
+            assert library.FfclCachedPlans(0) <= 2
+        assert library.FfclCachedPlans(0) == 2
+    finally:
+        assert library.FfclSetMaxPlans(previous) == 2
 
 
 def _xla_batch_norm(x, scale, bias, epsilon, relu=False):
@@ -360,7 +387,9 @@ def test_the_library_builds_from_source_into_a_fresh_cache(tmp_path, monkeypatch
     if build.unsupported_platform() or build.onednn_root() is None:
         pytest.skip("no oneDNN here: the package runs on XLA's kernels")
     monkeypatch.setenv("FFCL_CPU_KERNELS_CACHE", str(tmp_path))
-    path = build.library_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", build.BuildWarning)  # -Wall -Wextra: none in our source
+        path = build.library_path()
     assert path.is_file() and path.parent.parent == tmp_path
     library = ctypes.CDLL(str(path))
     for symbol in cpu_kernels.TARGETS.values():
@@ -383,6 +412,180 @@ def test_a_failed_build_is_one_line_and_nothing_is_cached(tmp_path, monkeypatch)
     monkeypatch.setattr(build.sys, "prefix", str(tmp_path / "nowhere"))
     with pytest.raises(build.BuildError, match="oneDNN not found.*pip install"):
         build.library_path()
+
+
+# A stand-in for g++: logs its arguments to $FAKE_CXX_LOG and writes the file after -o; warns
+# with $FAKE_CXX_WARN, and hangs (with a child, as g++ runs cc1plus) under $FAKE_CXX_HANG.
+FAKE_CXX = """#!/bin/sh
+if [ "$1" = "--version" ]; then echo "fake-c++ 1.0"; exit 0; fi
+echo "$@" >> "$FAKE_CXX_LOG"
+if [ -n "$FAKE_CXX_HANG" ]; then sleep 120 & wait; fi
+if [ -n "$FAKE_CXX_WARN" ]; then echo "$FAKE_CXX_WARN" >&2; fi
+out=""
+while [ $# -gt 0 ]; do if [ "$1" = "-o" ]; then out="$2"; fi; shift; done
+printf fake > "$out"
+"""
+# As ccache runs the compiler it is given.
+WRAPPER = '#!/bin/sh\nexec "$@"\n'
+
+
+def _script(path, text):
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def fake_build(tmp_path, monkeypatch):
+    """library_path() on a fake oneDNN installation with a fake compiler (CXX), into a fresh
+    cache: everything but the compile itself, on any machine. Returns the compiler's log."""
+    root = tmp_path / "onednn"
+    (root / "include/oneapi/dnnl").mkdir(parents=True)
+    (root / "include/oneapi/dnnl/dnnl.hpp").write_text("")
+    (root / "include/oneapi/dnnl/dnnl_version.h").write_text("#define DNNL_VERSION_MAJOR 3\n")
+    (root / "lib").mkdir()
+    (root / "lib/libdnnl.so.3").write_text("")
+    log = tmp_path / "cxx.log"
+    log.write_text("")
+    monkeypatch.setattr(build, "unsupported_platform", lambda: None)
+    monkeypatch.setenv("DNNL_ROOT", str(root))
+    monkeypatch.setenv("FFCL_CPU_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(_script(tmp_path / "fake-c++", FAKE_CXX)))
+    monkeypatch.setenv("FAKE_CXX_LOG", str(log))
+    for name in ("FAKE_CXX_HANG", "FAKE_CXX_WARN"):
+        monkeypatch.delenv(name, raising=False)
+    return log
+
+
+def _compiles(log) -> list[list[str]]:
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+def test_the_build_passes_cxx_as_a_shell_splits_it(fake_build, tmp_path, monkeypatch):
+    wrapper = _script(tmp_path / "wrap", WRAPPER)
+    monkeypatch.setenv("CXX", f"{wrapper} {tmp_path / 'fake-c++'}")
+    path = build.library_path()
+    assert path.read_text() == "fake"
+    (command,) = _compiles(fake_build)
+    # The project's own warnings on; third-party headers as system headers, which warn not.
+    assert "-Wall" in command and "-w" not in command
+    include = str(jax.ffi.include_dir())
+    assert command[command.index(include) - 1] == "-isystem" and f"-I{include}" not in command
+    monkeypatch.setenv("CXX", f"{tmp_path / 'no-such-wrapper'} g++")
+    with pytest.raises(build.BuildError, match="names no program"):
+        build.library_path()
+    monkeypatch.setenv("CXX", "'g++")
+    with pytest.raises(build.BuildError, match="does not parse"):
+        build.library_path()
+
+
+def test_an_edited_flag_or_compiler_builds_a_new_library(fake_build, tmp_path, monkeypatch):
+    first = build.library_path()
+    assert build.library_path() == first and len(_compiles(fake_build)) == 1  # cached
+    flags = build.kernel_flags
+    monkeypatch.setattr(
+        build, "kernel_flags", lambda root: (flags(root)[0] + ["-DEDITED"], flags(root)[1])
+    )
+    edited = build.library_path()
+    assert edited != first and len(_compiles(fake_build)) == 2
+    assert "-DEDITED" in _compiles(fake_build)[-1]
+    wrapper = _script(tmp_path / "wrap", WRAPPER)
+    monkeypatch.setenv("CXX", f"{wrapper} {tmp_path / 'fake-c++'}")
+    assert build.library_path() not in (first, edited) and len(_compiles(fake_build)) == 3
+
+
+def test_a_build_that_hangs_is_stopped_and_its_lock_released(fake_build, tmp_path, monkeypatch):
+    import fcntl
+    import time
+
+    monkeypatch.setenv("FAKE_CXX_HANG", "1")
+    monkeypatch.setattr(build, "BUILD_TIMEOUT_S", 1.0)
+    start = time.monotonic()
+    with pytest.raises(build.BuildError) as raised:
+        build.library_path()
+    # Within seconds: the compiler's child (its cc1plus) was stopped too, or its open stderr
+    # would have kept the build waiting for the whole sleep.
+    assert time.monotonic() - start < 30
+    assert str(raised.value) == "compiling the oneDNN kernels took longer than 1 s and was stopped"
+    assert not list((tmp_path / "cache").rglob(build.LIBRARY_NAME))
+    (lock,) = (tmp_path / "cache").rglob(".lock")
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held
+    monkeypatch.delenv("FAKE_CXX_HANG")
+    assert build.library_path().is_file()  # the next build goes ahead
+
+
+def test_compiler_warnings_about_the_source_are_reported(fake_build, monkeypatch):
+    monkeypatch.setenv("FAKE_CXX_WARN", "onednn_kernels.cc:9:5: warning: unused variable 'k'")
+    with pytest.warns(build.BuildWarning, match="unused variable 'k'"):
+        build.library_path()
+
+
+def test_a_failed_build_says_the_first_error_line():
+    fatal = (
+        "/tmp/test_errors0/k.cc:1:10: fatal error: nothere.h: No such file or directory\n"
+        "    1 | #include <nothere.h>\n"
+        "      |          ^~~~~~~~~~~\n"
+        "compilation terminated.\n"
+    )
+    assert build.first_error_line(fatal).endswith(
+        "fatal error: nothere.h: No such file or directory"
+    )
+    link = (
+        "/usr/bin/ld: /tmp/ccX.o: in function `f()':\n"
+        "k.cc:(.text+0x5): undefined reference to `missing()'\n"
+        "collect2: error: ld returned 1 exit status\n"
+    )
+    assert build.first_error_line(link) == "k.cc:(.text+0x5): undefined reference to `missing()'"
+    # A path that merely contains the word is no error line.
+    in_function = "/tmp/test_errors0/k.cc: In function 'int f()':\nk.cc:2:3: Error: bad\n"
+    assert build.first_error_line(in_function) == "k.cc:2:3: Error: bad"
+    assert build.first_error_line("one\ntwo\n\n") == "two"
+    assert build.first_error_line("") == "(no output)"
+
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
+
+
+def _compile_tiny(tmp_path, source: str, flags=(), compiler=None):
+    path = tmp_path / "tiny.cc"
+    path.write_text(source)
+    output = tmp_path / "libtiny.so"
+    reported = build.compile_library(
+        compiler or [shutil.which("g++")], path, output, ["-shared", "-fPIC", "-Wall", *flags]
+    )
+    return output, reported
+
+
+@needs_gxx
+def test_a_syntax_error_is_reported_by_its_error_line(tmp_path):
+    with pytest.raises(build.BuildError) as raised:
+        _compile_tiny(tmp_path, 'extern "C" int f() {\n  return 1\n}\n')
+    message = str(raised.value)
+    assert message.startswith("compiling tiny.cc failed: ") and "\n" not in message
+    assert "tiny.cc:2:" in message and "error: expected ';' before '}'" in message, message
+
+
+@needs_gxx
+def test_a_link_error_is_reported_by_the_linkers_line(tmp_path):
+    source = 'int missing_function();\nextern "C" int f() { return missing_function(); }\n'
+    with pytest.raises(build.BuildError) as raised:
+        _compile_tiny(tmp_path, source, ["-Wl,--no-undefined"])
+    message = str(raised.value)
+    assert "undefined reference to `missing_function()'" in message, message
+    assert "collect2" not in message and "\n" not in message
+
+
+@needs_gxx
+def test_the_compile_helper_runs_a_wrapped_compiler_and_returns_its_warnings(tmp_path):
+    import ctypes
+
+    wrapper = _script(tmp_path / "wrap", WRAPPER)
+    good = 'extern "C" int f(int x) { return 2 * x; }\n'
+    library, reported = _compile_tiny(tmp_path, good, compiler=[str(wrapper), "g++"])
+    assert reported == "" and ctypes.CDLL(str(library)).f(21) == 42
+    unused = 'extern "C" int f(int x) { int unused_here; return x; }\n'
+    assert "unused_here" in _compile_tiny(tmp_path, unused)[1]
 
 
 @needs_kernels
@@ -423,12 +626,368 @@ def test_three_train_steps_are_as_exact_as_xla(fmnist_dir):
     assert error("onednn") <= 2 * error("xla") + 1e-6, (error("onednn"), error("xla"))
 
 
-def test_the_cli_restarts_itself_with_hugepage_malloc_once():
+# Every FFI target called directly (bypassing ops.py's checks) with buffers that do not fit
+# together: a good call (x (2, 8, 8, 4), w (3, 3, 4, 6), y (2, 8, 8, 6), stride 1, padding 1),
+# then each mismatch the kernels must catch before they read a dimension or touch memory.
+CONV_OK = {"x": (2, 8, 8, 4), "w": (3, 3, 4, 6), "y": (2, 8, 8, 6)}
+CONV_ATTRS = dict(stride_h=1, stride_w=1, pad_top=1, pad_bottom=1, pad_left=1, pad_right=1)
+# For each target: the names of its two inputs and its result, as its buffers of CONV_OK.
+CONV_TARGETS = {
+    "ffcl_onednn_conv_forward": ("x", "w", "y"),
+    "ffcl_onednn_conv_backward_data": ("y", "w", "x"),  # dy, w -> dx
+    "ffcl_onednn_conv_backward_weights": ("x", "y", "w"),  # x, dy -> dw
+}
+# (which of x, w, y changes, to what, attributes changed, a phrase of the kernel's message); for
+# each target, its own names of x, w and y are in the message.
+CONV_MISMATCHES = {
+    "x_rank": ({"x": (2, 8, 8)}, {}, "rank-4"),
+    "w_rank": ({"w": (3, 3, 4)}, {}, "rank-4"),
+    "y_rank": ({"y": (2, 8, 8)}, {}, "rank-4"),
+    "y_rank_1": ({"y": (2,)}, {}, "rank-4"),
+    # (XLA runs no custom call whose result is empty: an input is.)
+    "empty_input": ({"input": 0}, {}, "at least 1"),
+    "x_channels": ({"x": (2, 8, 8, 5)}, {}, "input channels times groups"),
+    "w_inputs": ({"w": (3, 3, 3, 6)}, {}, "input channels times groups"),
+    "y_batch": ({"y": (3, 8, 8, 6)}, {}, "batch"),
+    "x_batch": ({"x": (1, 8, 8, 4)}, {}, "batch"),
+    "y_channels": ({"y": (2, 8, 8, 5)}, {}, "output channels"),
+    "w_outputs": ({"w": (3, 3, 4, 7)}, {}, "output channels"),
+    "y_height": ({"y": (2, 7, 8, 6)}, {}, "height and width must be 8x8"),
+    "y_width": ({"y": (2, 8, 9, 6)}, {}, "height and width must be 8x8"),
+    "x_height": ({"x": (2, 9, 8, 4)}, {}, "height and width must be 9x8"),
+    "kernel_height": ({"w": (5, 3, 4, 6)}, {}, "height and width must be 6x8"),
+    "strided": ({}, {"stride_h": 2}, "height and width must be 4x8"),
+    "kernel_too_large": ({"w": (11, 3, 4, 6)}, {}, "larger than the padded"),
+    "groups_0": ({}, {"groups": 0}, "groups must be in [1, 2^31]"),
+    "groups_negative": ({}, {"groups": -2}, "groups must be in [1, 2^31]"),
+    "groups_not_dividing_x": ({"w": (3, 3, 2, 6)}, {"groups": 3}, "input channels times groups"),
+    "groups_not_dividing_w": ({"w": (3, 3, 1, 6)}, {"groups": 4}, "multiple of groups"),
+    "stride_0": ({}, {"stride_w": 0}, "strides must be in [1, 2^31]"),
+    "padding_negative": ({}, {"pad_left": -1}, "padding must be in [0, 2^31]"),
+    "padding_huge": ({}, {"pad_top": 2**62}, "padding must be in [0, 2^31]"),
+}
+
+
+def _f32(shape):
+    return jnp.ones(shape, jnp.float32)
+
+
+def _out(shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _call_target(target, results, *args, **attrs):
+    """The target on `args`, run to completion: its result, or the runtime's exception."""
+    return jax.block_until_ready(jax.ffi.ffi_call(target, results)(*args, **attrs))
+
+
+def _conv_call(target, shapes, attrs):
+    first, second, result = CONV_TARGETS[target]
+    attrs = {k: np.int64(v) for k, v in {**CONV_ATTRS, "groups": 1, **attrs}.items()}
+    args = (_f32(shapes[first]), _f32(shapes[second]))
+    return _call_target(target, _out(shapes[result]), *args, **attrs)
+
+
+def _conv_names(target) -> dict[str, str]:
+    """The target's names for x, w and y (its message's)."""
+    return {
+        "ffcl_onednn_conv_forward": {"x": "x", "w": "w", "y": "y"},
+        "ffcl_onednn_conv_backward_data": {"x": "dx", "w": "w", "y": "dy"},
+        "ffcl_onednn_conv_backward_weights": {"x": "x", "w": "dw", "y": "dy"},
+    }[target]
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+@needs_kernels
+@pytest.mark.parametrize("target", sorted(CONV_TARGETS))
+def test_each_convolution_target_runs_on_buffers_that_fit(target):
+    """The control for the mismatches below: CONV_OK is a convolution every target computes."""
+    out = _conv_call(target, CONV_OK, {})
+    assert out.shape == CONV_OK[CONV_TARGETS[target][2]]
+    assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.max(jnp.abs(out))) > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", sorted(CONV_MISMATCHES))
+@pytest.mark.parametrize("target", sorted(CONV_TARGETS))
+def test_each_convolution_target_rejects_buffers_that_do_not_fit(target, case):
+    """An InvalidArgument error naming the target and every buffer's shape: never a crash, a
+    read past a buffer's end, or a result."""
+    changed, attrs, phrase = CONV_MISMATCHES[case]
+    if "input" in changed:  # the target's first input, with an empty batch
+        first = CONV_TARGETS[target][0]
+        changed = {first: (0, *CONV_OK[first][1:])}
+    shapes = {**CONV_OK, **changed}
+    with pytest.raises(Exception, match="INVALID_ARGUMENT") as raised:
+        _conv_call(target, shapes, attrs)
+    message = str(raised.value)
+    assert target in message and phrase in message, message
+    for buffer, name in _conv_names(target).items():
+        assert f"{name} {_shape_text(shapes[buffer])}" in message, message
+
+
+BN_SHAPE, BN_CHANNELS = (2, 3, 3, 4), (4,)
+# Per target: its inputs' and results' names and shapes, when they fit.
+BN_TARGETS = {
+    "ffcl_batch_norm_forward": (
+        {"x": BN_SHAPE, "scale": BN_CHANNELS, "shift": BN_CHANNELS},
+        {"y": BN_SHAPE, "mean": BN_CHANNELS, "variance": BN_CHANNELS},
+    ),
+    "ffcl_batch_norm_backward": (
+        {
+            "x": BN_SHAPE,
+            "dy": BN_SHAPE,
+            "mean": BN_CHANNELS,
+            "variance": BN_CHANNELS,
+            "scale": BN_CHANNELS,
+            "shift": BN_CHANNELS,
+        },
+        {"dx": BN_SHAPE, "dscale": BN_CHANNELS, "dshift": BN_CHANNELS},
+    ),
+}
+
+
+def _bn_call(target, changed):
+    inputs, results = BN_TARGETS[target]
+    args = [_f32(changed.get(name, shape)) for name, shape in inputs.items()]
+    outs = tuple(_out(changed.get(name, shape)) for name, shape in results.items())
+    return _call_target(target, outs, *args, epsilon=np.float32(1e-5), relu=False)
+
+
+def _bn_mismatches():
+    """(target, buffer, its wrong shape, a phrase of the message): every per-channel buffer
+    too short (1 element: the case that once read past scale's end) and too long, every
+    tensor of the wrong shape, and an x of the wrong rank or empty."""
+    cases = []
+    for target, (inputs, results) in BN_TARGETS.items():
+        for name, shape in {**inputs, **results}.items():
+            if shape == BN_CHANNELS:
+                cases += [(target, name, (1,), "channels"), (target, name, (5,), "channels")]
+                cases.append((target, name, (4, 1), "channels"))
+            elif name != "x":
+                cases += [(target, name, (2, 3, 3, 5), "shape must be x's")]
+                cases.append((target, name, (2, 9, 4), "shape must be x's"))
+        cases += [(target, "x", (4,), "NHWC or NC"), (target, "x", (0, 4), "at least 1")]
+    return [pytest.param(*c, id=f"{c[0]}-{c[1]}-{'x'.join(map(str, c[2]))}") for c in cases]
+
+
+@needs_kernels
+@pytest.mark.parametrize("target", sorted(BN_TARGETS))
+def test_each_batch_norm_target_runs_on_buffers_that_fit(target):
+    outs = _bn_call(target, {})
+    assert [o.shape for o in outs] == list(BN_TARGETS[target][1].values())
+
+
+@needs_kernels
+@pytest.mark.parametrize("target,buffer,shape,phrase", _bn_mismatches())
+def test_each_batch_norm_target_rejects_buffers_that_do_not_fit(target, buffer, shape, phrase):
+    with pytest.raises(Exception, match="INVALID_ARGUMENT") as raised:
+        _bn_call(target, {buffer: shape})
+    message = str(raised.value)
+    assert target in message and phrase in message, message
+    assert f"{buffer} {_shape_text(shape)}" in message, message
+
+
+def _traced_conv(x_shape, w_shape, strides=(1, 1), padding=((1, 1), (1, 1)), groups=1, **dtype):
+    """ops.conv2d traced only (no kernel runs, none need be built): its output's shape."""
+    x = jax.ShapeDtypeStruct(x_shape, dtype.get("x", jnp.float32))
+    w = jax.ShapeDtypeStruct(w_shape, dtype.get("w", jnp.float32))
+    return jax.eval_shape(lambda x, w: ops.conv2d(x, w, strides, padding, groups), x, w).shape
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape,kwargs,phrase",
+    [
+        ((2, 8, 8), (3, 3, 4, 6), {}, "expects an NHWC x and HWIO w"),
+        ((2, 8, 8, 4), (3, 4, 6), {}, "expects an NHWC x and HWIO w"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"x": jnp.float16}, "x must be float32"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"w": jnp.int32}, "w must be float32"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"strides": (0, 1)}, "strides must be positive"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"strides": (1, -1)}, "strides must be positive"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"strides": (1.5, 1)}, "strides must be positive"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"strides": 1}, "strides must be (h, w)"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"padding": "SAME"}, "padding ((top, bottom)"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"padding": ((1, -1), (1, 1))}, "padding must be ints"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"groups": 0}, "groups must be a positive int"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"groups": True}, "groups must be a positive int"),
+        ((2, 8, 8, 4), (3, 3, 2, 6), {"groups": 3}, "groups must divide"),
+        ((2, 8, 8, 6), (3, 3, 2, 4), {"groups": 3}, "groups must divide"),
+        ((2, 8, 8, 4), (3, 3, 4, 6), {"groups": 2}, "input channels times groups"),
+        ((2, 8, 8, 5), (3, 3, 4, 6), {}, "input channels times groups"),
+        ((0, 8, 8, 4), (3, 3, 4, 6), {}, "at least 1"),
+        ((2, 2, 2, 4), (5, 5, 4, 6), {"padding": ((1, 1), (1, 1))}, "kernel is larger"),
+    ],
+)
+def test_conv2d_checks_its_arguments_when_traced(x_shape, w_shape, kwargs, phrase):
+    with pytest.raises(ValueError, match=re.escape(phrase)) as raised:
+        _traced_conv(x_shape, w_shape, **kwargs)
+    assert f"x {x_shape}" in str(raised.value) and f"w {w_shape}" in str(raised.value)
+
+
+def test_conv2d_traces_what_the_checks_let_through():
+    assert _traced_conv((2, 8, 8, 4), (3, 3, 4, 6)) == (2, 8, 8, 6)
+    assert _traced_conv((2, 9, 7, 6), (3, 3, 2, 6), (2, 2), ((1, 1), (1, 1)), 3) == (2, 5, 4, 6)
+    unpadded = _traced_conv((1, 5, 5, 2), (1, 1, 2, 3), (np.int64(1), 1), ((0, 0), (0, 0)))
+    assert unpadded == (1, 5, 5, 3)
+
+
+def _traced_batch_norm(x_shape, scale_shape, bias_shape, dtype=jnp.float32):
+    x = jax.ShapeDtypeStruct(x_shape, dtype)
+    scale, bias = (jax.ShapeDtypeStruct(s, jnp.float32) for s in (scale_shape, bias_shape))
+    return jax.eval_shape(lambda *a: ops.batch_norm_train(*a, 1e-5, True), x, scale, bias)
+
+
+@pytest.mark.parametrize(
+    "x_shape,scale_shape,bias_shape,dtype,phrase",
+    [
+        ((2, 3, 3, 4), (1,), (4,), jnp.float32, "scale must have shape (4,)"),
+        ((2, 3, 3, 4), (4,), (1,), jnp.float32, "bias must have shape (4,)"),
+        ((2, 3, 3, 4), (4, 1), (4,), jnp.float32, "scale must have shape (4,)"),
+        ((2, 3, 3, 4), (4,), (5,), jnp.float32, "bias must have shape (4,)"),
+        ((4,), (4,), (4,), jnp.float32, "expects an NHWC or NC x"),
+        ((0, 4), (4,), (4,), jnp.float32, "at least 1"),
+        ((2, 4), (4,), (4,), jnp.bfloat16, "x must be float32"),
+    ],
+)
+def test_batch_norm_train_checks_its_arguments_when_traced(
+    x_shape, scale_shape, bias_shape, dtype, phrase
+):
+    with pytest.raises(ValueError, match=re.escape(phrase)) as raised:
+        _traced_batch_norm(x_shape, scale_shape, bias_shape, dtype)
+    assert f"x {x_shape}" in str(raised.value) and f"scale {scale_shape}" in str(raised.value)
+
+
+def test_batch_norm_train_traces_what_the_checks_let_through():
+    y, mean, var = _traced_batch_norm((2, 3, 3, 4), (4,), (4,))
+    assert (y.shape, mean.shape, var.shape) == ((2, 3, 3, 4), (4,), (4,))
+
+
+@pytest.fixture
+def hugepages(monkeypatch, tmp_path):
+    """Sets what process_env reads of the machine, `(glibc, transparent huge pages)`, e.g.
+    `("glibc 2.35", "always [madvise] never")`: None for another C library, or a kernel
+    without transparent huge pages. Returns process_env."""
     from ffcl_jax import process_env
 
+    def set_machine(glibc, thp):
+        def confstr(name):
+            assert name == "CS_GNU_LIBC_VERSION"
+            if glibc is None:
+                raise ValueError("unrecognized configuration name")
+            return glibc
+
+        monkeypatch.setattr(process_env.os, "confstr", confstr)
+        monkeypatch.setattr(process_env.sys, "platform", "linux")
+        path = tmp_path / "transparent_hugepage_enabled"
+        path.unlink(missing_ok=True)
+        if thp is not None:
+            path.write_text(thp + "\n")
+        monkeypatch.setattr(process_env, "THP_ENABLED", path)
+        return process_env
+
+    return set_machine
+
+
+@pytest.mark.parametrize(
+    "glibc,thp,applies",
+    [
+        ("glibc 2.35", "always [madvise] never", True),
+        ("glibc 2.39", "[always] madvise never", True),
+        ("glibc 2.34", "always [madvise] never", False),  # glibc ignores the tunable
+        ("glibc 2.28", "[always] madvise never", False),
+        ("glibc 2.36", "always madvise [never]", False),  # the kernel refuses huge pages
+        ("glibc 2.36", None, False),  # a kernel without transparent huge pages
+        (None, "[always] madvise never", False),  # another C library (musl)
+        ("glibc 3.0", "always [madvise] never", True),
+    ],
+)
+def test_hugepage_malloc_applies_only_where_it_takes_effect(hugepages, glibc, thp, applies):
+    process_env = hugepages(glibc, thp)
+    assert process_env.hugepage_malloc_takes_effect() is applies
+    env = process_env.with_hugepage_malloc({"PATH": "/bin"})
+    assert env == (
+        {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if applies else None
+    )
+    # A record (results.json, the benchmarks') claims the tunable only where it applied.
+    recorded = process_env.tunables_in_effect("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    expected = "glibc.malloc.arena_max=2" + (":glibc.malloc.hugetlb=1" if applies else "")
+    assert recorded == expected
+    assert process_env.tunables_in_effect("glibc.malloc.hugetlb=1") == (
+        "glibc.malloc.hugetlb=1" if applies else ""
+    )
+
+
+def test_the_machine_is_read_as_glibc_and_the_kernel_report_it(hugepages):
+    process_env = hugepages("glibc 2.36", "always [madvise] never")
+    assert process_env.glibc_version() == (2, 36)
+    assert process_env.transparent_hugepages() == "madvise"
+    process_env = hugepages("glibc 2.17-pre1", None)
+    assert process_env.glibc_version() == (2, 17) and process_env.transparent_hugepages() is None
+    assert hugepages(None, "[never]").glibc_version() is None
+
+
+def test_the_cli_restarts_itself_with_hugepage_malloc_once(hugepages):
+    process_env = hugepages("glibc 2.36", "always [madvise] never")
     env = process_env.with_hugepage_malloc({"PATH": "/bin"})
     assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     assert process_env.with_hugepage_malloc(env) is None  # the restarted process goes on
     theirs = process_env.with_hugepage_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert theirs["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     assert process_env.with_hugepage_malloc({"FFCL_MALLOC_HUGEPAGES": "0"}) is None
+
+
+class _Exec(Exception):
+    """Raised in place of os.execve: the process would have been replaced here."""
+
+
+def _main_with_an_exec_pending(monkeypatch):
+    """ffcl_jax.main where a restart is due (the tunable applies and is not set), with os.execve
+    raising _Exec and absl's app.run recording that training would start."""
+    from ffcl_jax import main, process_env
+
+    monkeypatch.setattr(
+        process_env, "with_hugepage_malloc", lambda env: {**env, "GLIBC_TUNABLES": "x"}
+    )
+    started = []
+    monkeypatch.setattr(main.app, "run", lambda fn, **kwargs: started.append(fn))
+
+    def execve(path, argv, env):
+        raise _Exec(path, argv, env)
+
+    monkeypatch.setattr(main.os, "execve", execve)
+    return main, started
+
+
+def test_main_run_from_python_never_replaces_the_process(monkeypatch):
+    """A script, a notebook or a test that calls `main.run()` must go on as itself."""
+    main, started = _main_with_an_exec_pending(monkeypatch)
+    main.run()  # _Exec, were it to restart
+    assert started == [main.main]
+
+
+def test_main_cli_flushes_stdio_then_restarts(monkeypatch):
+    import io
+
+    main, started = _main_with_an_exec_pending(monkeypatch)
+    written = {}
+    for name in ("stdout", "stderr"):
+        written[name] = io.BytesIO()
+        stream = io.TextIOWrapper(written[name], write_through=False)
+        stream.write(f"{name} line not yet flushed\n")
+        monkeypatch.setattr(main.sys, name, stream)
+    with pytest.raises(_Exec) as raised:
+        main.cli()
+    path, argv, env = raised.value.args
+    assert path == main.sys.executable and argv == [path, *main.sys.orig_argv[1:]]
+    assert env["GLIBC_TUNABLES"] == "x" and started == []
+    for name, buffer in written.items():
+        assert buffer.getvalue() == f"{name} line not yet flushed\n".encode()
+    # Once restarted (or where the tunable does not apply), the CLI trains in this process.
+    from ffcl_jax import process_env
+
+    monkeypatch.setattr(process_env, "with_hugepage_malloc", lambda env: None)
+    main.cli()
+    assert started == [main.main]

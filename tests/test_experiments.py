@@ -99,8 +99,11 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     auto_onednn = cpu_kernels.available()
     assert result["jax"]["onednn_kernels"] is auto_onednn
     assert result["jax"]["cpu_kernel_ops"] == (list(cpu_kernels.OPS) if auto_onednn else [])
+    from ffcl_jax import process_env
+
+    hugepages = process_env.hugepage_malloc_takes_effect()  # recorded only where it applies
     for tunables in (result["glibc_tunables"], result["jax"]["glibc_tunables"]):
-        assert "glibc.malloc.hugetlb=1" in tunables
+        assert ("glibc.malloc.hugetlb=1" in tunables) is hugepages
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n")
@@ -229,12 +232,20 @@ def test_benchmark_result_names_keep_settings_apart(monkeypatch):
     assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_cpu_avx2_bn_autodiff_bfloat16_ondevice"
     )
-    # The CPU kernels and malloc's huge pages (the processes' environment) are settings too.
+    # The CPU kernels and malloc's huge pages (the processes' environment) are settings too,
+    # the huge pages only where the tunable takes effect.
+    from ffcl_jax import process_env
+
     config = get_config()
     config.cpu_kernels = "xla"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    monkeypatch.setattr(process_env, "hugepage_malloc_takes_effect", lambda: True)
     assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_cpu_avx2_kernels_xla_hugepages"
+    )
+    monkeypatch.setattr(process_env, "hugepage_malloc_takes_effect", lambda: False)
+    assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
+        "bench_resnet110_resnet32_b128_cpu_avx2_kernels_xla"
     )
     assert bench_results.result_name(config, "NVIDIA H100 80GB HBM3", False) == (
         "bench_resnet110_resnet32_b128_gpu_kernels_xla"
@@ -319,7 +330,10 @@ def test_kernel_benchmark_times_every_layer_of_the_demo_pair(tmp_path):
             for part in parts.values():
                 assert 0 <= part["min_ms"] <= part["median_ms"], (framework, name)
     assert "| 16-channel convolutions (28x28) |" in out and "xla / onednn" in out
-    assert "glibc.malloc.hugetlb=1" in record["glibc_tunables"]
+    from ffcl_jax import process_env
+
+    hugepages = process_env.hugepage_malloc_takes_effect()  # recorded only where it applies
+    assert ("glibc.malloc.hugetlb=1" in record["glibc_tunables"]) is hugepages
 
 
 def test_checkpoint_mode_times_a_save_and_a_restore_of_the_whole_cohort(tmp_path):

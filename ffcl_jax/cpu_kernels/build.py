@@ -2,9 +2,10 @@
 
 The library goes into a cache (`$FFCL_CPU_KERNELS_CACHE`, else `$XDG_CACHE_HOME/ffcl_jax` or
 `~/.cache/ffcl_jax`) under a name hashed from everything that goes into it, so a changed
-source, another jaxlib or another oneDNN builds a new one and stale ones are never loaded.
-Builds are atomic (compile to a temporary name, then rename) and serialised by a file lock, so
-parallel test workers and hosts sharing a home directory build it once.
+source, flag or compiler, another jaxlib or another oneDNN builds a new one and stale ones are
+never loaded. Builds are atomic (compile to a temporary name, then rename), serialised by a file
+lock, so parallel test workers and hosts sharing a home directory build it once, and stopped
+after BUILD_TIMEOUT_S. The compiler is `$CXX` (split as a shell would), else g++.
 
 oneDNN comes from the `onednn-cpu-gomp` + `onednn-devel-cpu-gomp` wheels (the `cpu` extra),
 which install `lib/libdnnl.so.3` and `include/oneapi/dnnl/` under the environment's prefix;
@@ -18,20 +19,33 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import pathlib
 import platform
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 
 SOURCE = pathlib.Path(__file__).with_name("onednn_kernels.cc")
 LIBRARY_NAME = "libffcl_onednn.so"
 
 
+# The longest a build may hold the cache's lock: it takes 10-30 s.
+BUILD_TIMEOUT_S = 300.0
+
+
 class BuildError(RuntimeError):
     """The kernels cannot be built here; the message says why in one line."""
+
+
+class BuildWarning(UserWarning):
+    """The kernels built, and the compiler warned about their source."""
 
 
 def onednn_root() -> pathlib.Path | None:
@@ -53,15 +67,27 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "ffcl_jax" / "cpu_kernels"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+def compiler_command() -> list[str] | None:
+    """The compiler to run, as words: `$CXX` split as a shell would (`CXX="ccache g++"`), else
+    g++ or c++ from PATH; None when there is none. Raises BuildError when CXX names no program."""
+    cxx = os.environ.get("CXX", "").strip()
+    if cxx:
+        try:
+            words = shlex.split(cxx)
+        except ValueError as error:
+            raise BuildError(f"CXX={cxx!r} does not parse as a command: {error}") from None
+        if not words or shutil.which(words[0]) is None:
+            raise BuildError(f"CXX={cxx!r} names no program on PATH")
+        return words
+    found = shutil.which("g++") or shutil.which("c++")
+    return [found] if found else None
 
 
-def _compile_command(compiler: str, root: pathlib.Path, output: pathlib.Path) -> list[str]:
+def kernel_flags(root: pathlib.Path) -> tuple[list[str], list[str]]:
+    """The compile flags and the link flags of the kernel library, oneDNN at `root`."""
     import jax
 
-    return [
-        compiler,
+    compile_flags = [
         "-O3",
         "-std=c++17",
         "-fopenmp",  # the BatchNorm loops; the same GNU OpenMP runtime as oneDNN's gomp build
@@ -70,24 +96,91 @@ def _compile_command(compiler: str, root: pathlib.Path, output: pathlib.Path) ->
         "-ffp-contract=off",
         "-shared",
         "-fPIC",
-        "-w",  # XLA's FFI headers warn under g++ 12; nothing of ours is hidden by this
-        f"-I{jax.ffi.include_dir()}",
-        f"-I{root / 'include'}",
-        str(SOURCE),
-        "-o",
-        str(output),
-        f"-L{root / 'lib'}",
-        "-l:libdnnl.so.3",
-        f"-Wl,-rpath,{root / 'lib'}",
+        "-Wall",
+        "-Wextra",
+        # Third-party headers as system headers: XLA's FFI headers warn under g++ 12 -Wall, and
+        # only our own code's warnings are ours to fix.
+        "-isystem",
+        str(jax.ffi.include_dir()),
+        "-isystem",
+        str(root / "include"),
     ]
+    link_flags = [f"-L{root / 'lib'}", "-l:libdnnl.so.3", f"-Wl,-rpath,{root / 'lib'}"]
+    return compile_flags, link_flags
 
 
-def _fingerprint(compiler: str, root: pathlib.Path) -> str:
+# g++'s diagnostics (`error:`, `fatal error:`), and GNU ld's failures, whose lines name no
+# "error" and come before collect2's `error: ld returned 1 exit status`.
+_ERROR_LINE = re.compile(r"\berror\b|undefined reference|cannot find", re.IGNORECASE)
+
+
+def first_error_line(stderr: str) -> str:
+    """The compiler's one line that says what went wrong: the first error, else the last line
+    (g++ ends with `compilation terminated.` or a caret line; the linker with collect2's)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if _ERROR_LINE.search(line):
+            return line
+    return lines[-1] if lines else "(no output)"
+
+
+def compile_library(
+    compiler: list[str],
+    source: pathlib.Path,
+    output: pathlib.Path,
+    compile_flags: list[str],
+    link_flags: list[str] | None = None,
+    *,
+    what: str | None = None,
+    timeout: float | None = None,
+) -> str:
+    """Compiles and links `source` into the shared library `output`; returns the compiler's
+    warnings (its stderr; empty when there are none). Raises BuildError, its message
+    `compiling WHAT failed: ` and the compiler's first error line, or a line saying it ran
+    longer than `timeout` seconds (BUILD_TIMEOUT_S by default)."""
+    what = what or source.name
+    timeout = BUILD_TIMEOUT_S if timeout is None else timeout
+    command = [*compiler, *compile_flags, str(source), "-o", str(output), *(link_flags or [])]
+    try:
+        # Its own process group: on a timeout the driver's cc1plus and ld are stopped with it.
+        # The C locale: diagnostics in English and ASCII, so that an error line says "error".
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, "LC_ALL": "C"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    except OSError as error:
+        raise BuildError(f"compiling {what} failed: cannot run {compiler[0]}: {error}") from None
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise BuildError(
+            f"compiling {what} took longer than {timeout:g} s and was stopped"
+        ) from None
+    if process.returncode != 0:
+        raise BuildError(f"compiling {what} failed: {first_error_line(stderr)}")
+    return stderr
+
+
+def _fingerprint(
+    compiler: list[str], root: pathlib.Path, compile_flags: list[str], link_flags: list[str]
+) -> str:
+    """A hash of everything the library is built from: source, jaxlib, oneDNN, the compiler
+    (its command and version) and every flag."""
     import jaxlib
 
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=False
-    ).stdout.split("\n")[0]
+    try:
+        version = subprocess.run(
+            [*compiler, "--version"], capture_output=True, text=True, check=False, timeout=60
+        ).stdout.split("\n")[0]
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
     digest = hashlib.sha256()
     for part in (
         SOURCE.read_bytes(),
@@ -95,6 +188,7 @@ def _fingerprint(compiler: str, root: pathlib.Path) -> str:
         str(root.resolve()).encode(),
         (root / "include/oneapi/dnnl/dnnl_version.h").read_bytes(),
         version.encode(),
+        json.dumps([compiler, compile_flags, link_flags]).encode(),
     ):
         digest.update(part)
         digest.update(b"\0")
@@ -132,10 +226,11 @@ def library_path() -> pathlib.Path:
             "oneDNN not found: install it with `pip install -e .[cpu]` (the onednn-cpu-gomp "
             "wheels) or set DNNL_ROOT"
         )
-    compiler = _compiler()
+    compiler = compiler_command()
     if compiler is None:
         raise BuildError("no C++ compiler (g++) to build the oneDNN kernels: install g++")
-    target_dir = cache_dir() / _fingerprint(compiler, root)
+    compile_flags, link_flags = kernel_flags(root)
+    target_dir = cache_dir() / _fingerprint(compiler, root, compile_flags, link_flags)
     target = target_dir / LIBRARY_NAME
     if target.is_file():
         return target
@@ -148,13 +243,16 @@ def library_path() -> pathlib.Path:
             return target
         with tempfile.TemporaryDirectory(dir=target_dir) as scratch:
             partial = pathlib.Path(scratch) / LIBRARY_NAME
-            result = subprocess.run(
-                _compile_command(compiler, root, partial), capture_output=True, text=True
+            warnings_text = compile_library(
+                compiler, SOURCE, partial, compile_flags, link_flags, what="the oneDNN kernels"
             )
-            if result.returncode != 0:
-                last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-                raise BuildError(f"compiling the oneDNN kernels failed: {last}")
             os.replace(partial, target)
+    if warnings_text.strip():
+        warnings.warn(
+            f"the oneDNN kernels compiled with warnings:\n{warnings_text.strip()[-4000:]}",
+            BuildWarning,
+            stacklevel=2,
+        )
     return target
 
 

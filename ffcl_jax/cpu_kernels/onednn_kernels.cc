@@ -5,22 +5,34 @@
 // no layout leaves this file. Inside, each primitive gets the weight layout oneDNN prefers
 // (weights are small, reordered per call) and works on NHWC activations directly.
 //
-// Primitives are built once per shape and kept (oneDNN's own primitive cache would still pay for
-// the primitive-descriptor search on every call). The scratchpad is the caller's: XLA may run
-// two of these handlers at once on its thread pool, and oneDNN's library-managed scratchpad is
-// shared between primitives.
+// Primitives are built once per shape and thread count and kept, the most recently used
+// max_plans of each pass (oneDNN's own primitive cache would still pay for the
+// primitive-descriptor search on every call). The scratchpad is the caller's: XLA may run two of
+// these handlers at once on its thread pool, and oneDNN's library-managed scratchpad is shared
+// between primitives.
+//
+// XLA checks each buffer's element type against the binding and nothing else: every handler
+// checks every buffer's rank and dimensions against the others, and its attributes, before it
+// reads a dimension or touches memory, and returns InvalidArgument naming the target and the
+// shapes.
 
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <list>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -32,21 +44,57 @@ using Tag = dnnl::memory::format_tag;
 
 namespace {
 
+using Dims = ffi::Span<const int64_t>;
+
+std::string ShapeOf(Dims d) {
+  std::string text = "[";
+  for (size_t i = 0; i < d.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += std::to_string(d[i]);
+  }
+  return text + "]";
+}
+
+bool AllPositive(Dims d) {
+  return std::all_of(d.begin(), d.end(), [](int64_t v) { return v >= 1; });
+}
+
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
 }
 
-// Thread-local buffers, grown on demand: the scratchpad and reordered weights of one call.
-struct ThreadBuffers {
-  std::vector<uint8_t> scratchpad;
-  std::vector<uint8_t> weights;
+// A thread's scratch memory, grown on demand, 64-byte aligned: oneDNN's kernels read and write
+// the scratchpad and reordered weights in whole cache lines and AVX-512 vectors, and malloc (so
+// std::vector) aligns to 16 bytes only.
+class AlignedBuffer {
+ public:
+  static constexpr size_t kAlignment = 64;
+
+  void* Reserve(size_t bytes) {
+    if (bytes > size_) {
+      size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
+      void* fresh = std::aligned_alloc(kAlignment, rounded);
+      if (fresh == nullptr) throw std::bad_alloc();
+      data_.reset(fresh);
+      size_ = rounded;
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<void, Free> data_;
+  size_t size_ = 0;
 };
 
-void* Grow(std::vector<uint8_t>& buffer, size_t bytes) {
-  if (buffer.size() < bytes) buffer.resize(bytes);
-  return buffer.data();
-}
+// The scratchpad and reordered weights of one call.
+struct ThreadBuffers {
+  AlignedBuffer scratchpad;
+  AlignedBuffer weights;
+};
 
 ThreadBuffers& Buffers() {
   thread_local ThreadBuffers buffers;
@@ -67,21 +115,54 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
+// The most primitives each pass keeps: a program whose shapes keep changing (another batch size
+// on every call) must not grow the process without bound. A train step of two networks needs
+// a few dozen.
+std::atomic<size_t> max_plans{256};
+
+// Primitives by key, the least recently used dropped first. The key holds OpenMP's thread count:
+// a oneDNN primitive splits its work for the thread count it was created with and must run with
+// that count. Plans are shared, so one dropped while another thread runs it lives until it ends.
 template <typename Plan>
 class PlanCache {
  public:
   template <typename Make>
-  Plan& Get(const std::vector<int64_t>& key, Make make) {
+  std::shared_ptr<Plan> Get(std::vector<int64_t> key, Make make) {
+    key.push_back(omp_get_max_threads());
     std::string bytes(reinterpret_cast<const char*>(key.data()), key.size() * sizeof(int64_t));
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = plans_.find(bytes);
-    if (it == plans_.end()) it = plans_.emplace(bytes, std::make_unique<Plan>(make())).first;
-    return *it->second;
+    auto found = index_.find(bytes);
+    if (found != index_.end()) {
+      order_.splice(order_.begin(), order_, found->second);
+      return found->second->second;
+    }
+    auto plan = std::make_shared<Plan>(make());
+    order_.emplace_front(bytes, plan);
+    index_.emplace(std::move(bytes), order_.begin());
+    Trim();
+    return plan;
+  }
+
+  size_t Size() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Trim();
+    return order_.size();
   }
 
  private:
+  using Entry = std::pair<std::string, std::shared_ptr<Plan>>;
+
+  void Trim() {
+    const size_t limit = std::max<size_t>(1, max_plans.load());
+    while (order_.size() > limit) {
+      index_.erase(order_.back().first);
+      order_.pop_back();
+    }
+  }
+
   std::mutex mutex_;
-  std::unordered_map<std::string, std::unique_ptr<Plan>> plans_;
+  std::list<Entry> order_;
+  std::unordered_map<std::string, typename std::list<Entry>::iterator> index_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -120,19 +201,68 @@ struct ConvGeometry {
   }
 };
 
-ffi::Error ConvGeometryOf(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w, int64_t oh,
-                          int64_t ow, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                          int64_t pr, int64_t groups, ConvGeometry* g) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 4 || wd.size() != 4) {
-    return ffi::Error::InvalidArgument("onednn conv: expects NHWC input and HWIO weights");
+// A convolution's attributes, as every pass takes them.
+struct ConvAttrs {
+  int64_t sh, sw, pt, pb, pl, pr, groups;
+};
+
+// Attributes larger than this are no convolution's, and would overflow the arithmetic below.
+constexpr int64_t kMaxAttr = int64_t{1} << 31;
+
+// The geometry of the convolution `y = conv(x, w)` that a pass computes, after checking that
+// its three buffers are one convolution's: `x` NHWC, `w` HWIO, `y` NHWC, every dimension at
+// least 1, x's channels = w's inputs x groups, w's outputs a multiple of groups, y's batch and
+// channels x's and w's, y's height and width what the strides and padding give. `names` are
+// the pass's names for x, w and y (the backward passes compute one of them from the others).
+ffi::Error CheckedGeometry(const char* target, const char* const names[3], Dims xd, Dims wd,
+                           Dims yd, const ConvAttrs& a, ConvGeometry* g) {
+  auto fail = [&](const std::string& problem) {
+    return ffi::Error::InvalidArgument(
+        std::string(target) + ": " + problem + " (" + names[0] + " " + ShapeOf(xd) + ", " +
+        names[1] + " " + ShapeOf(wd) + ", " + names[2] + " " + ShapeOf(yd) + ", strides " +
+        std::to_string(a.sh) + "x" + std::to_string(a.sw) + ", padding (" +
+        std::to_string(a.pt) + ", " + std::to_string(a.pb) + ")x(" + std::to_string(a.pl) + ", " +
+        std::to_string(a.pr) + "), groups " + std::to_string(a.groups) + ")");
+  };
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4) {
+    return fail(std::string("expects rank-4 buffers: ") + names[0] + " NHWC, " + names[1] +
+                " HWIO, " + names[2] + " NHWC");
   }
-  if (groups < 1 || xd[3] != wd[2] * groups || wd[3] % groups != 0) {
-    return ffi::Error::InvalidArgument("onednn conv: channel counts do not match the groups");
+  if (!AllPositive(xd) || !AllPositive(wd) || !AllPositive(yd)) {
+    return fail("every dimension must be at least 1");
   }
-  *g = ConvGeometry{xd[0], xd[1], xd[2], xd[3], oh, ow, wd[3], wd[0], wd[1],
-                    sh,    sw,    pt,    pb,    pl, pr, groups};
+  if (a.groups < 1 || a.groups > kMaxAttr) return fail("groups must be in [1, 2^31]");
+  if (a.sh < 1 || a.sw < 1 || a.sh > kMaxAttr || a.sw > kMaxAttr) {
+    return fail("strides must be in [1, 2^31]");
+  }
+  for (int64_t pad : {a.pt, a.pb, a.pl, a.pr}) {
+    if (pad < 0 || pad > kMaxAttr) return fail("padding must be in [0, 2^31]");
+  }
+  if (xd[3] % a.groups != 0 || xd[3] / a.groups != wd[2]) {
+    return fail(std::string(names[0]) + "'s channels must be " + names[1] +
+                "'s input channels times groups");
+  }
+  if (wd[3] % a.groups != 0) {
+    return fail(std::string(names[1]) + "'s output channels must be a multiple of groups");
+  }
+  if (yd[0] != xd[0]) {
+    return fail(std::string(names[2]) + "'s batch must be " + names[0] + "'s");
+  }
+  if (yd[3] != wd[3]) {
+    return fail(std::string(names[2]) + "'s channels must be " + names[1] +
+                "'s output channels");
+  }
+  const int64_t padded_h = xd[1] + a.pt + a.pb, padded_w = xd[2] + a.pl + a.pr;
+  if (padded_h < wd[0] || padded_w < wd[1]) {
+    return fail(std::string("the kernel is larger than the padded ") + names[0]);
+  }
+  const int64_t oh = (padded_h - wd[0]) / a.sh + 1, ow = (padded_w - wd[1]) / a.sw + 1;
+  if (yd[1] != oh || yd[2] != ow) {
+    return fail(std::string(names[2]) + "'s height and width must be " + std::to_string(oh) +
+                "x" + std::to_string(ow) + ", as the strides and padding give");
+  }
+  *g = ConvGeometry{xd[0], xd[1], xd[2], xd[3], oh,   ow,   wd[3], wd[0],
+                    wd[1], a.sh,  a.sw,  a.pt,  a.pb, a.pl, a.pr,  a.groups};
   return ffi::Error::Success();
 }
 
@@ -160,13 +290,28 @@ struct ConvBackwardWeightsPlan {
   memory::desc user_weights;
 };
 
+PlanCache<ConvForwardPlan>& ForwardPlans() {
+  static PlanCache<ConvForwardPlan> cache;
+  return cache;
+}
+
+PlanCache<ConvBackwardDataPlan>& BackwardDataPlans() {
+  static PlanCache<ConvBackwardDataPlan> cache;
+  return cache;
+}
+
+PlanCache<ConvBackwardWeightsPlan>& BackwardWeightsPlans() {
+  static PlanCache<ConvBackwardWeightsPlan> cache;
+  return cache;
+}
+
 // The weights the primitive reads: the user's, or a reordered copy in this thread's buffer.
 memory WeightsFor(const memory::desc& wanted, const memory::desc& user, bool reorder,
                   const dnnl::reorder& reorder_primitive, float* user_data,
                   dnnl::stream& stream) {
   memory user_memory(user, Engine(), user_data);
   if (!reorder) return user_memory;
-  memory reordered(wanted, Engine(), Grow(Buffers().weights, wanted.get_size()));
+  memory reordered(wanted, Engine(), Buffers().weights.Reserve(wanted.get_size()));
   reorder_primitive.execute(stream, user_memory, reordered);
   return reordered;
 }
@@ -185,14 +330,14 @@ void SetWeightsReorder(Plan& plan, const memory::desc& primitive_weights, bool t
 ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                            int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
-  auto yd = y->dimensions();
+  static const char* const kNames[3] = {"x", "w", "y"};
   ConvGeometry g;
-  if (auto e = ConvGeometryOf(x, w, yd[1], yd[2], sh, sw, pt, pb, pl, pr, groups, &g);
+  if (auto e = CheckedGeometry("ffcl_onednn_conv_forward", kNames, x.dimensions(), w.dimensions(),
+                               y->dimensions(), {sh, sw, pt, pb, pl, pr, groups}, &g);
       e.failure()) {
     return e;
   }
-  static PlanCache<ConvForwardPlan> cache;
-  ConvForwardPlan& plan = cache.Get(g.Key(), [&] {
+  std::shared_ptr<ConvForwardPlan> shared = ForwardPlans().Get(g.Key(), [&] {
     ConvForwardPlan p;
     p.pd = g.Forward(UserScratchpad());
     p.primitive = dnnl::convolution_forward(p.pd);
@@ -200,12 +345,13 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     SetWeightsReorder(p, p.pd.weights_desc(), /*to_user=*/false);
     return p;
   });
+  ConvForwardPlan& plan = *shared;
   std::lock_guard<std::mutex> serial(ExecutionLock());
   dnnl::stream stream(Engine());
   memory weights = WeightsFor(plan.pd.weights_desc(), plan.user_weights, plan.reorder_weights,
                               plan.weights_reorder, w.typed_data(), stream);
   memory scratch(plan.pd.scratchpad_desc(), Engine(),
-                 Grow(Buffers().scratchpad, plan.pd.scratchpad_desc().get_size()));
+                 Buffers().scratchpad.Reserve(plan.pd.scratchpad_desc().get_size()));
   plan.primitive.execute(stream, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), x.typed_data())},
                                   {DNNL_ARG_WEIGHTS, weights},
                                   {DNNL_ARG_DST, memory(g.Dst(), Engine(), y->typed_data())},
@@ -217,16 +363,15 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                                 ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
                                 int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
-  auto dyd = dy.dimensions();
-  auto dxd = dx->dimensions();
-  auto wd = w.dimensions();
-  if (dyd.size() != 4 || dxd.size() != 4 || wd.size() != 4 || dxd[3] != wd[2] * groups) {
-    return ffi::Error::InvalidArgument("onednn conv backward data: shapes do not match");
+  static const char* const kNames[3] = {"dx", "w", "dy"};
+  ConvGeometry g;
+  if (auto e = CheckedGeometry("ffcl_onednn_conv_backward_data", kNames, dx->dimensions(),
+                               w.dimensions(), dy.dimensions(), {sh, sw, pt, pb, pl, pr, groups},
+                               &g);
+      e.failure()) {
+    return e;
   }
-  ConvGeometry g{dxd[0], dxd[1], dxd[2], dxd[3], dyd[1], dyd[2], dyd[3], wd[0], wd[1],
-                 sh,     sw,     pt,     pb,     pl,     pr,     groups};
-  static PlanCache<ConvBackwardDataPlan> cache;
-  ConvBackwardDataPlan& plan = cache.Get(g.Key(), [&] {
+  std::shared_ptr<ConvBackwardDataPlan> shared = BackwardDataPlans().Get(g.Key(), [&] {
     ConvBackwardDataPlan p;
     auto hint = g.Forward(dnnl::primitive_attr());
     p.pd = dnnl::convolution_backward_data::primitive_desc(
@@ -237,12 +382,13 @@ ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> 
     SetWeightsReorder(p, p.pd.weights_desc(), /*to_user=*/false);
     return p;
   });
+  ConvBackwardDataPlan& plan = *shared;
   std::lock_guard<std::mutex> serial(ExecutionLock());
   dnnl::stream stream(Engine());
   memory weights = WeightsFor(plan.pd.weights_desc(), plan.user_weights, plan.reorder_weights,
                               plan.weights_reorder, w.typed_data(), stream);
   memory scratch(plan.pd.scratchpad_desc(), Engine(),
-                 Grow(Buffers().scratchpad, plan.pd.scratchpad_desc().get_size()));
+                 Buffers().scratchpad.Reserve(plan.pd.scratchpad_desc().get_size()));
   plan.primitive.execute(stream,
                          {{DNNL_ARG_DIFF_DST, memory(g.Dst(), Engine(), dy.typed_data())},
                           {DNNL_ARG_WEIGHTS, weights},
@@ -256,15 +402,15 @@ ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32
                                    ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
                                    int64_t pt, int64_t pb, int64_t pl, int64_t pr,
                                    int64_t groups) {
-  auto dyd = dy.dimensions();
+  static const char* const kNames[3] = {"x", "dw", "dy"};
   ConvGeometry g;
-  ffi::Buffer<ffi::F32> dw_view = *dw;
-  if (auto e = ConvGeometryOf(x, dw_view, dyd[1], dyd[2], sh, sw, pt, pb, pl, pr, groups, &g);
+  if (auto e = CheckedGeometry("ffcl_onednn_conv_backward_weights", kNames, x.dimensions(),
+                               dw->dimensions(), dy.dimensions(), {sh, sw, pt, pb, pl, pr, groups},
+                               &g);
       e.failure()) {
     return e;
   }
-  static PlanCache<ConvBackwardWeightsPlan> cache;
-  ConvBackwardWeightsPlan& plan = cache.Get(g.Key(), [&] {
+  std::shared_ptr<ConvBackwardWeightsPlan> shared = BackwardWeightsPlans().Get(g.Key(), [&] {
     ConvBackwardWeightsPlan p;
     auto hint = g.Forward(dnnl::primitive_attr());
     p.pd = dnnl::convolution_backward_weights::primitive_desc(
@@ -275,16 +421,17 @@ ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32
     SetWeightsReorder(p, p.pd.diff_weights_desc(), /*to_user=*/true);
     return p;
   });
+  ConvBackwardWeightsPlan& plan = *shared;
   std::lock_guard<std::mutex> serial(ExecutionLock());
   dnnl::stream stream(Engine());
   memory user_dw(plan.user_weights, Engine(), dw->typed_data());
   memory primitive_dw =
       plan.reorder_weights
           ? memory(plan.pd.diff_weights_desc(), Engine(),
-                   Grow(Buffers().weights, plan.pd.diff_weights_desc().get_size()))
+                   Buffers().weights.Reserve(plan.pd.diff_weights_desc().get_size()))
           : user_dw;
   memory scratch(plan.pd.scratchpad_desc(), Engine(),
-                 Grow(Buffers().scratchpad, plan.pd.scratchpad_desc().get_size()));
+                 Buffers().scratchpad.Reserve(plan.pd.scratchpad_desc().get_size()));
   plan.primitive.execute(stream, {{DNNL_ARG_SRC, memory(g.Src(), Engine(), x.typed_data())},
                                   {DNNL_ARG_DIFF_DST, memory(g.Dst(), Engine(), dy.typed_data())},
                                   {DNNL_ARG_DIFF_WEIGHTS, primitive_dw},
@@ -300,7 +447,7 @@ ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32
 //
 // Not oneDNN's: its BatchNorm sums each channel in plain float32, and a shift's gradient (a sum
 // that nearly cancels) then comes out ~150x less exact than XLA's pairwise reductions. These sum
-// in double, per thread over a fixed share of the rows, combined in thread order: more exact
+// in double, over fixed shares of the rows (one per thread), combined in share order: more exact
 // than XLA's, and the same result for the same thread count. The loops are memory-bound; each
 // is compiled for AVX-512, AVX2 and plain x86-64 and picked at load time.
 
@@ -453,48 +600,77 @@ struct RowsView {
   int64_t rows, channels;
 };
 
-ffi::Error RowsOf(ffi::Buffer<ffi::F32>& x, RowsView* view) {
-  auto d = x.dimensions();
-  if (d.size() < 2 || d[d.size() - 1] < 1) {
-    return ffi::Error::InvalidArgument("batch norm: expects an NHWC or NC tensor");
+using Named = std::pair<const char*, Dims>;
+
+// `x` (NHWC or NC) as rows x channels, after checking that every buffer in `like_x` has x's
+// shape and every one in `per_channel` holds exactly one value per channel.
+ffi::Error CheckedRows(const char* target, Dims xd, std::initializer_list<Named> like_x,
+                       std::initializer_list<Named> per_channel, RowsView* view) {
+  auto fail = [&](const std::string& problem) {
+    std::string shapes = "x " + ShapeOf(xd);
+    for (const auto& list : {like_x, per_channel}) {
+      for (const Named& b : list) shapes += std::string(", ") + b.first + " " + ShapeOf(b.second);
+    }
+    return ffi::Error::InvalidArgument(std::string(target) + ": " + problem + " (" + shapes +
+                                       ")");
+  };
+  if (xd.size() < 2) return fail("expects an NHWC or NC x");
+  if (!AllPositive(xd)) return fail("every dimension of x must be at least 1");
+  for (const Named& b : like_x) {
+    if (!(b.second == xd)) return fail(std::string(b.first) + "'s shape must be x's");
   }
-  view->channels = d[d.size() - 1];
-  view->rows = x.element_count() / view->channels;
+  const int64_t channels = xd[xd.size() - 1];
+  for (const Named& b : per_channel) {
+    if (b.second.size() != 1 || b.second[0] != channels) {
+      return fail(std::string(b.first) + " must hold x's " + std::to_string(channels) +
+                  " channels");
+    }
+  }
+  view->channels = channels;
+  view->rows = 1;
+  for (size_t i = 0; i + 1 < xd.size(); ++i) view->rows *= xd[i];
   return ffi::Error::Success();
 }
 
-// Runs `fn(block, thread)` on every channel block of each OpenMP thread's contiguous share of
-// the rows; returns the number of threads.
+// The rows are split into Shares(v) contiguous shares, fixed before the parallel region: the
+// team OpenMP hands out may be smaller than asked (OMP_DYNAMIC, nested regions), so each
+// member takes shares t, t + n, ... of the n it actually got. Sums are kept per share and added
+// in share order, so they depend on the share count (OpenMP's thread count) alone, never on the
+// team's size.
+int64_t Shares(const RowsView& v) {
+  return std::clamp<int64_t>(v.rows, 1, std::max(1, omp_get_max_threads()));
+}
+
+// Runs `fn(block, share)` on every channel block of each of `shares` shares of the rows.
 template <typename Fn>
-int OverBlocks(const RowsView& v, Fn fn) {
-  int threads = static_cast<int>(std::clamp<int64_t>(v.rows, 1, omp_get_max_threads()));
-#pragma omp parallel num_threads(threads)
+void OverBlocks(const RowsView& v, int64_t shares, Fn fn) {
+#pragma omp parallel num_threads(static_cast<int>(shares))
   {
-    int t = omp_get_thread_num();
-    int n = omp_get_num_threads();
-    int64_t begin = v.rows * t / n, end = v.rows * (t + 1) / n;
-    for (int64_t c0 = 0; c0 < v.channels; c0 += kChannelBlock) {
-      fn(Block{begin, end, v.channels, c0, std::min(kChannelBlock, v.channels - c0)}, t);
+    const int64_t team = omp_get_num_threads();
+    for (int64_t s = omp_get_thread_num(); s < shares; s += team) {
+      const int64_t begin = v.rows * s / shares, end = v.rows * (s + 1) / shares;
+      for (int64_t c0 = 0; c0 < v.channels; c0 += kChannelBlock) {
+        fn(Block{begin, end, v.channels, c0, std::min(kChannelBlock, v.channels - c0)}, s);
+      }
     }
   }
-  return threads;
 }
 
 // Two per-channel double sums over all rows: `fn(block, first, second)` adds a block's sums
-// (pointers at the block's first channel); each thread has its own, added in thread order.
+// (pointers at the block's first channel) into its share's, which are added in share order.
 template <typename Fn>
 void ChannelSums(const RowsView& v, Fn fn, std::vector<double>* first,
                  std::vector<double>* second) {
-  const int64_t c = v.channels;
-  std::vector<double> partial(static_cast<size_t>(std::max(1, omp_get_max_threads())) * 2 * c);
-  int used = OverBlocks(v, [&](const Block& b, int t) {
-    double* mine = partial.data() + static_cast<size_t>(t) * 2 * c;
+  const int64_t c = v.channels, shares = Shares(v);
+  std::vector<double> partial(static_cast<size_t>(shares) * 2 * c);
+  OverBlocks(v, shares, [&](const Block& b, int64_t s) {
+    double* mine = partial.data() + static_cast<size_t>(s) * 2 * c;
     fn(b, mine + b.c0, mine + c + b.c0);
   });
   first->assign(c, 0.0);
   second->assign(c, 0.0);
-  for (int t = 0; t < used; ++t) {
-    const double* mine = partial.data() + static_cast<size_t>(t) * 2 * c;
+  for (int64_t s = 0; s < shares; ++s) {
+    const double* mine = partial.data() + static_cast<size_t>(s) * 2 * c;
     for (int64_t k = 0; k < c; ++k) {
       (*first)[k] += mine[k];
       (*second)[k] += mine[c + k];
@@ -516,7 +692,15 @@ ffi::Error BatchNormForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> s
                                 ffi::ResultBuffer<ffi::F32> mean,
                                 ffi::ResultBuffer<ffi::F32> variance, float epsilon, bool relu) {
   RowsView v;
-  if (auto e = RowsOf(x, &v); e.failure()) return e;
+  if (auto e = CheckedRows("ffcl_batch_norm_forward", x.dimensions(), {{"y", y->dimensions()}},
+                           {{"scale", scale.dimensions()},
+                            {"shift", shift.dimensions()},
+                            {"mean", mean->dimensions()},
+                            {"variance", variance->dimensions()}},
+                           &v);
+      e.failure()) {
+    return e;
+  }
   const float floor = relu ? 0.0f : -INFINITY;  // the fused ReLU, or none
   const float *xs = x.typed_data(), *gamma = scale.typed_data(), *beta = shift.typed_data();
   float *ys = y->typed_data(), *m = mean->typed_data(), *var = variance->typed_data();
@@ -531,7 +715,7 @@ ffi::Error BatchNormForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> s
     var[k] = static_cast<float>(std::max(square[k] / v.rows - mk * mk, 0.0));
     a[k] = NormalizingScale(gamma[k], RsqrtOf(var[k], epsilon));
   }
-  OverBlocks(v, [&](const Block& b, int) {
+  OverBlocks(v, Shares(v), [&](const Block& b, int64_t) {
     NormalizeRows(b, xs, ys, m + b.c0, a.data() + b.c0, beta + b.c0, floor);
   });
   return ffi::Error::Success();
@@ -544,7 +728,18 @@ ffi::Error BatchNormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
                                  ffi::ResultBuffer<ffi::F32> dscale,
                                  ffi::ResultBuffer<ffi::F32> dshift, float epsilon, bool relu) {
   RowsView v;
-  if (auto e = RowsOf(x, &v); e.failure()) return e;
+  if (auto e = CheckedRows("ffcl_batch_norm_backward", x.dimensions(),
+                           {{"dy", dy.dimensions()}, {"dx", dx->dimensions()}},
+                           {{"mean", mean.dimensions()},
+                            {"variance", variance.dimensions()},
+                            {"scale", scale.dimensions()},
+                            {"shift", shift.dimensions()},
+                            {"dscale", dscale->dimensions()},
+                            {"dshift", dshift->dimensions()}},
+                           &v);
+      e.failure()) {
+    return e;
+  }
   const float floor = relu ? 0.0f : -INFINITY;  // the fused ReLU, or none
   const int64_t c = v.channels;
   const float *xs = x.typed_data(), *dys = dy.typed_data(), *m = mean.typed_data();
@@ -573,7 +768,7 @@ ffi::Error BatchNormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
     dc[k] = static_cast<float>(-gr * sum_g[k] / v.rows);
   }
   float* dxs = dx->typed_data();
-  OverBlocks(v, [&](const Block& b, int) {
+  OverBlocks(v, Shares(v), [&](const Block& b, int64_t) {
     InputGradientRows(b, xs, dys, dxs, m + b.c0, a.data() + b.c0, beta + b.c0, floor,
                       da.data() + b.c0, db.data() + b.c0, dc.data() + b.c0);
   });
@@ -593,6 +788,26 @@ ffi::Error Guarded(Fn fn) {
 }
 
 }  // namespace
+
+// For tests, through ctypes: the plans a convolution pass holds (0 forward, 1 backward data,
+// 2 backward weights), and the most each pass keeps (set, returning the previous limit).
+extern "C" int64_t FfclCachedPlans(int64_t pass) {
+  switch (pass) {
+    case 0:
+      return static_cast<int64_t>(ForwardPlans().Size());
+    case 1:
+      return static_cast<int64_t>(BackwardDataPlans().Size());
+    case 2:
+      return static_cast<int64_t>(BackwardWeightsPlans().Size());
+    default:
+      return -1;
+  }
+}
+
+extern "C" int64_t FfclSetMaxPlans(int64_t limit) {
+  const size_t kept = static_cast<size_t>(std::max<int64_t>(1, limit));
+  return static_cast<int64_t>(max_plans.exchange(kept));
+}
 
 // A handler symbol that runs `impl` under `Guarded`.
 #define FFCL_HANDLER(symbol, impl, binding)                                              \

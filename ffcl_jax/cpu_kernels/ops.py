@@ -3,6 +3,10 @@
 Each takes what its XLA counterpart takes (NHWC activations, HWIO weights, float32) and must be
 called only after `ffcl_jax.cpu_kernels.available()` returned True (which registers the
 targets). Their gradients are oneDNN's backward kernels; second derivatives are not defined.
+
+Both check their arguments when traced and raise ValueError with the shapes: the kernels check
+their buffers again (and fail the call, not the process), but an error here names the caller's
+line.
 """
 
 from __future__ import annotations
@@ -27,6 +31,68 @@ def _conv_attrs(strides, padding, groups) -> dict:
     )
 
 
+def _describe(**arrays) -> str:
+    return ", ".join(f"{name} {tuple(a.shape)} {a.dtype}" for name, a in arrays.items())
+
+
+def _check_float32(where: str, **arrays) -> None:
+    for name, a in arrays.items():
+        if a.dtype != jnp.float32:
+            raise ValueError(f"{where}: {name} must be float32 ({_describe(**arrays)})")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_conv_args(x, w, strides, padding, groups) -> None:
+    """Raises ValueError unless `conv2d` can compute this convolution: NHWC float32 `x`, HWIO
+    float32 `w`, positive strides, non-negative padding, `groups` dividing both channel counts
+    with `x`'s channels = `w`'s inputs x groups, and a kernel no larger than the padded input."""
+    shapes = f"{_describe(x=x, w=w)}, strides {strides}, padding {padding}, groups {groups}"
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"conv2d: expects an NHWC x and HWIO w ({shapes})")
+    _check_float32("conv2d", x=x, w=w)
+    try:
+        (pt, pb), (pl, pr) = padding
+        strides_h, strides_w = strides
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"conv2d: strides must be (h, w) and padding ((top, bottom), (left, right)) ({shapes})"
+        ) from None
+    if not all(_is_int(s) and s >= 1 for s in (strides_h, strides_w)):
+        raise ValueError(f"conv2d: strides must be positive ints ({shapes})")
+    if not all(_is_int(p) and p >= 0 for p in (pt, pb, pl, pr)):
+        raise ValueError(f"conv2d: padding must be ints >= 0 ({shapes})")
+    if not _is_int(groups) or groups < 1:
+        raise ValueError(f"conv2d: groups must be a positive int ({shapes})")
+    if min(x.shape) < 1 or min(w.shape) < 1:
+        raise ValueError(f"conv2d: every dimension must be at least 1 ({shapes})")
+    if x.shape[3] % groups or w.shape[3] % groups:
+        raise ValueError(f"conv2d: groups must divide x's and w's channels ({shapes})")
+    if x.shape[3] != w.shape[2] * groups:
+        raise ValueError(f"conv2d: x's channels must be w's input channels times groups ({shapes})")
+    if x.shape[1] + pt + pb < w.shape[0] or x.shape[2] + pl + pr < w.shape[1]:
+        raise ValueError(f"conv2d: the kernel is larger than the padded input ({shapes})")
+
+
+def check_batch_norm_args(x, scale, bias) -> None:
+    """Raises ValueError unless `batch_norm_train` can normalise `x`: float32 NHWC or NC, every
+    dimension at least 1, `scale` and `bias` float32 of shape (channels,)."""
+    shapes = _describe(x=x, scale=scale, bias=bias)
+    if x.ndim < 2:
+        raise ValueError(f"batch_norm_train: expects an NHWC or NC x ({shapes})")
+    _check_float32("batch_norm_train", x=x, scale=scale, bias=bias)
+    if min(x.shape) < 1:
+        raise ValueError(f"batch_norm_train: every dimension of x must be at least 1 ({shapes})")
+    for name, a in (("scale", scale), ("bias", bias)):
+        if a.shape != x.shape[-1:]:
+            raise ValueError(
+                f"batch_norm_train: {name} must have shape ({x.shape[-1]},), one value per "
+                f"channel of x ({shapes})"
+            )
+
+
 def conv_output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int]:
     n, h, w, _ = x_shape
     kh, kw, _, out_ch = w_shape
@@ -35,6 +101,7 @@ def conv_output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int
 
 
 def _forward(x, w, strides, padding, groups):
+    check_conv_args(x, w, strides, padding, groups)
     out = jax.ShapeDtypeStruct(conv_output_shape(x.shape, w.shape, strides, padding), x.dtype)
     call = jax.ffi.ffi_call("ffcl_onednn_conv_forward", out, vmap_method="sequential")
     return call(x, w, **_conv_attrs(strides, padding, groups))
@@ -72,6 +139,7 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def _batch_norm_forward(x, scale, bias, epsilon, relu):
+    check_batch_norm_args(x, scale, bias)
     channels = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
     y, mean, var = jax.ffi.ffi_call(
         "ffcl_batch_norm_forward",
