@@ -80,11 +80,15 @@ def peer_mean_distillation(
     )
 
 
-def attention_targets(peer_logits: Sequence[jax.Array], attention: jax.Array) -> jax.Array:
+def attention_targets(
+    peer_logits: Sequence[jax.Array], attention: jax.Array, stop_gradient: bool = True
+) -> jax.Array:
     """OKDDip's targets, peers x batch x classes: t_a = sum_b attention[:, a, b] sg(z_b). The
-    peers' logits are stopped (a target is not trained toward its student); the attention is
-    not, since these targets are the only thing it learns from (docs/method.md)."""
-    stacked = jnp.stack([_f32(jax.lax.stop_gradient(z)) for z in peer_logits], axis=1)
+    peers' logits are stopped (a target is not trained toward its student; `stop_gradient=False`
+    keeps their gradient, as the authors' code does); the attention is not, since these targets
+    are the only thing it learns from (docs/method.md)."""
+    stop = jax.lax.stop_gradient if stop_gradient else (lambda z: z)
+    stacked = jnp.stack([_f32(stop(z)) for z in peer_logits], axis=1)
     return jnp.moveaxis(jnp.einsum("bpq,bqc->bpc", _f32(attention), stacked), 1, 0)
 
 

@@ -215,3 +215,68 @@ def test_a_branch_run_exports_its_student_as_the_plain_network(method, fmnist_di
     assert results["num_params"]["student"] == sum(
         x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))
     )
+
+
+def _kl_gradients(student, target, tau):
+    """By hand, for L = tau^2 mean_batch KL(softmax(target/tau) || softmax(student/tau)):
+    (dL/dstudent, dL/dtarget). dKL/ds = p - q for the student's scaled logits s; for the
+    target's, softmax's Jacobian applied to log q - log p + 1 gives q (log q - log p - KL)."""
+    q, p = _softmax(target / tau), _softmax(student / tau)
+    kl = np.sum(q * (np.log(q) - np.log(p)), -1, keepdims=True)
+    scale = tau / len(student)  # tau^2 / tau per logit, the batch mean
+    return scale * (p - q), scale * q * (np.log(q) - np.log(p) - kl)
+
+
+def _branch_kd_gradients(name, stop_target_gradient):
+    method = methods.create(name, {"stop_target_gradient": stop_target_gradient})
+    logits = PEER_LOGITS if name == "okddip" else LOGITS
+
+    def kl_to_branches(branch_logits):
+        outputs = {"branch_logits": branch_logits, "peer_attention": jnp.asarray(ATTENTION)}
+        return method.loss(outputs, jnp.asarray(LABELS), jnp.asarray(100), 4)[1]["kl_to_branches"]
+
+    with jax.enable_x64(True):
+        grads = jax.grad(kl_to_branches)([jnp.asarray(z, jnp.float64) for z in logits])
+    return [np.asarray(g) for g in grads]
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_cl_ilr_target_gradient_matches_the_hand_derivation(stop):
+    """CL-ILR's targets t_i = mean_{j != i} z_j: stopped (ours), or, as the authors' code,
+    trained too: then branch k's gradient gains d/dt_i of every other branch's term / (m - 1)."""
+    m, tau = 3, methods.create("cl_ilr").settings.tau
+    targets = [sum(LOGITS[j] for j in range(m) if j != i) / (m - 1) for i in range(m)]
+    expected = []
+    for k in range(m):
+        grad = _kl_gradients(LOGITS[k], targets[k], tau)[0]
+        if not stop:
+            grad = grad + sum(
+                _kl_gradients(LOGITS[i], targets[i], tau)[1] / (m - 1) for i in range(m) if i != k
+            )
+        expected.append(grad)
+    for got, want in zip(_branch_kd_gradients("cl_ilr", stop), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_okddip_authors_gradient_reaches_the_peers_through_the_leader_and_mix_targets():
+    """With `stop_target_gradient=False` (the authors' code), the leader's target (the peers'
+    mean) trains the peers by the hand derivation, and each peer's attention-weighted target
+    trains the peers it mixes; with the default, the leader's term trains the leader alone."""
+    tau, peers = methods.create("okddip").settings.tau, PEER_LOGITS[1:]
+    mean = sum(peers) / 3
+    leader_grad, from_leader = _kl_gradients(PEER_LOGITS[0], mean, tau)
+    stopped = _branch_kd_gradients("okddip", True)
+    authors = _branch_kd_gradients("okddip", False)
+    np.testing.assert_allclose(stopped[0], leader_grad, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(authors[0], leader_grad, rtol=1e-10, atol=1e-12)
+    mixes = np.einsum("bpq,qbc->pbc", ATTENTION, np.stack(peers))
+    for a in range(3):
+        own = _kl_gradients(peers[a], mixes[a], tau)[0]
+        np.testing.assert_allclose(stopped[1 + a], own, rtol=1e-10, atol=1e-12)
+        # Peer a's logits in every mix b (weight attention[:, b, a]) and in the leader's mean.
+        as_target = sum(
+            ATTENTION[:, b, a][:, None] * _kl_gradients(peers[b], mixes[b], tau)[1]
+            for b in range(3)
+        )
+        want = own + as_target + from_leader / 3
+        np.testing.assert_allclose(authors[1 + a], want, rtol=1e-10, atol=1e-12)

@@ -305,6 +305,8 @@ PARITY_CASES = {name: {"method": name} for name in sorted(methods.REGISTRY)} | {
     "ffcl-fused-map": {"method": "ffcl", "loss.feat_form": "fused_map"},
     "ffcl-stage-fusion": {"method": "ffcl", "loss.feat_form": "stage_fusion"},
     "kdcl-min-logit": {"method": "kdcl", "loss.collaborative_target": "min_logit"},
+    "cl_ilr-authors-gradient": {"method": "cl_ilr", "loss.stop_target_gradient": False},
+    "okddip-authors-gradient": {"method": "okddip", "loss.stop_target_gradient": False},
 }
 
 

@@ -44,6 +44,9 @@ class BranchSettings:
     branch_target: str = "ensemble"  # one of BRANCH_TARGETS
     tau: float = 3.0
     rampup_epochs: float = 80.0
+    # False: every KL term's target keeps its gradient, as CL-ILR's and OKDDip's public code
+    # (no detach anywhere); True: targets teach only (docs/method.md, "Branch baselines").
+    stop_target_gradient: bool = True
     separate_views: bool = False  # each branch trains on its own augmentation (PCL)
     peer_ensemble: bool = False  # PCL: the ensemble is a classifier over the pooled branches
 
@@ -182,20 +185,24 @@ class BranchMethod(Method):
 
     def _branch_distillation(self, outputs, ensemble: jax.Array) -> jax.Array:
         """sum_i KL_tau(z_i <- t_i) for the settings' `branch_target`."""
-        branch_logits, tau = outputs["branch_logits"], self.settings.tau
-        if self.settings.branch_target == "attention":  # OKDDip: branch 0 leads the peers
+        s = self.settings
+        branch_logits, tau = outputs["branch_logits"], s.tau
+        kl = losses.kl_distill if s.stop_target_gradient else losses.kl_to_learned_target
+        if s.branch_target == "attention":  # OKDDip: branch 0 leads the peers
             leader, peers = branch_logits[0], branch_logits[1:]
-            targets = losses.attention_targets(peers, outputs["peer_attention"])
+            targets = losses.attention_targets(
+                peers, outputs["peer_attention"], s.stop_target_gradient
+            )
             peer_terms = sum(
                 losses.kl_to_learned_target(z, t, tau) for z, t in zip(peers, targets, strict=True)
             )
-            return peer_terms + losses.kl_distill(leader, losses.branch_ensemble(peers), tau)
-        if self.settings.branch_target == "others":
+            return peer_terms + kl(leader, losses.branch_ensemble(peers), tau)
+        if s.branch_target == "others":
             targets = losses.mean_of_others(branch_logits)
         else:
             targets = [ensemble] * len(branch_logits)
         pairs = zip(branch_logits, targets, strict=True)
-        return sum(losses.kl_distill(z, t, tau) for z, t in pairs)
+        return sum(kl(z, t, tau) for z, t in pairs)
 
     def evaluated(self, outputs, state_outputs=None):
         """The student (branch 0), the other branches (`branch_1`, ...) and the ensemble."""

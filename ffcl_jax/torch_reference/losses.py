@@ -217,18 +217,20 @@ def branch_objective(outputs, labels, s, epoch: int, num_classes: int = 0):
     ramp = rampup_weight(epoch, s["rampup_epochs"])
     if s["lam_branch_kd"]:
         tau = s["tau"]
+        stop = s.get("stop_target_gradient", True)
+        to_target = kl_distill if stop else kl_to_learned_target
         if s["branch_target"] == "attention":  # OKDDip: branch 0 leads the peers
-            peers = torch.stack([_f32(zi).detach() for zi in z[1:]], dim=1)
+            peers = torch.stack([_f32(zi).detach() if stop else _f32(zi) for zi in z[1:]], 1)
             mixes = outputs["peer_attention"] @ peers  # batch, peers, classes
             kl = sum(kl_to_learned_target(zi, mixes[:, a], tau) for a, zi in enumerate(z[1:]))
-            kl = kl + kl_distill(z[0], branch_ensemble(z[1:]), tau)
+            kl = kl + to_target(z[0], branch_ensemble(z[1:]), tau)
         else:
             if s["branch_target"] == "others":
                 whole = sum(_f32(zi) for zi in z)
                 targets = [(whole - _f32(zi)) / (len(z) - 1) for zi in z]
             else:
                 targets = [ensemble] * len(z)
-            kl = sum(kl_distill(zi, t, tau) for zi, t in zip(z, targets, strict=True))
+            kl = sum(to_target(zi, t, tau) for zi, t in zip(z, targets, strict=True))
         terms["kl_to_branches"] = kl
         total = total + ramp * s["lam_branch_kd"] * terms["kl_to_branches"]
     if s.get("lam_temporal_kd"):  # PCL: each branch from the other branches' temporal means
