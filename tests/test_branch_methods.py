@@ -280,3 +280,17 @@ def test_okddip_authors_gradient_reaches_the_peers_through_the_leader_and_mix_ta
         )
         want = own + as_target + from_leader / 3
         np.testing.assert_allclose(authors[1 + a], want, rtol=1e-10, atol=1e-12)
+
+
+def test_okddip_reports_the_peers_mean_as_its_ensemble():
+    """As OKDDip's code reports it: the three peers' mean, without the leader; the other branch
+    methods report the ensemble their objective uses."""
+    outputs = {
+        "student_logits": jnp.asarray(PEER_LOGITS[0]),
+        "branch_logits": [jnp.asarray(z) for z in PEER_LOGITS],
+    }
+    evaluated = methods.create("okddip").evaluated(outputs)
+    np.testing.assert_allclose(evaluated["ensemble"], sum(PEER_LOGITS[1:]) / 3, atol=1e-6)
+    outputs["branch_logits"] = [jnp.asarray(z) for z in LOGITS]
+    evaluated = methods.create("cl_ilr", {"num_branches": 3}).evaluated(outputs)
+    np.testing.assert_allclose(evaluated["ensemble"], sum(LOGITS) / 3, atol=1e-6)

@@ -205,11 +205,15 @@ class BranchMethod(Method):
         return sum(kl(z, t, tau) for z, t in pairs)
 
     def evaluated(self, outputs, state_outputs=None):
-        """The student (branch 0), the other branches (`branch_1`, ...) and the ensemble."""
+        """The student (branch 0), the other branches (`branch_1`, ...) and the ensemble (for
+        OKDDip the peers' mean without the leader, as the authors' code reports it)."""
         logits = {"student": outputs["student_logits"]}
         for index, z in enumerate(outputs["branch_logits"][1:], start=1):
             logits[f"branch_{index}"] = z
-        logits["ensemble"] = ensemble_logits(outputs)
+        if self.settings.branch_target == "attention":
+            logits["ensemble"] = losses.branch_ensemble(outputs["branch_logits"][1:])
+        else:
+            logits["ensemble"] = ensemble_logits(outputs)
         return logits
 
     def evaluated_names(self):

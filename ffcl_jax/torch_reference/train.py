@@ -163,7 +163,9 @@ def evaluated_logits(out, mean_out=None) -> dict:
         for index, z in enumerate(out["branch_logits"][1:], start=1):
             logits[f"branch_{index}"] = z
         logits["ensemble"] = out.get("peer_ensemble_logits")
-        if logits["ensemble"] is None:
+        if "peer_attention" in out:  # OKDDip: the peers' mean, without the leader
+            logits["ensemble"] = losses.branch_ensemble(out["branch_logits"][1:])
+        elif logits["ensemble"] is None:
             logits["ensemble"] = losses.branch_ensemble(
                 out["branch_logits"], out.get("gate_weights")
             )
