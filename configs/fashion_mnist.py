@@ -5,7 +5,8 @@ files in /usr/share/datasets/fashion-mnist; `--config.data_source=tfds` reads TF
 `fashion_mnist` instead). 60k train / 10k test images of 28x28x1, 10 classes.
 
 Protocol: the FFL/ONE optimiser (SGD Nesterov 0.9, lr 0.1, batch 128, wd 1e-4, fusion 1e-5)
-compressed to 3 epochs: lr x0.1 at epoch 2, ramp-up R = 1 epoch (w = exp(-5) in epoch 1, then 1).
+compressed to 3 epochs: lr x0.1 at epoch 2, ramp-up R = 1 epoch for the methods that have one
+(w = exp(-5) in epoch 1, then 1: a step; DML, KDCL and KD keep none).
 Augmentation: zero-pad 2 + random 28x28 crop + horizontal flip. Zero padding rather than reflect
 because the images lie on a black background, and flips because garments are near-symmetric
 (the usual Fashion-MNIST choice); normalised with the training set's mean 0.2860 / std 0.3530.
@@ -43,7 +44,7 @@ def get_config(arg: str | None = None):
     c.student = "resnet8"
     c.num_epochs = 3
     c.lr_decay_epochs = (2,)
-    c.loss.rampup_epochs = 1.0
+    c.protocol_rampup_epochs = 1.0
     c.log_every_steps = 50
     if arg == "demo":
         c.train_examples = 20_000

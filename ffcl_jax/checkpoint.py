@@ -95,6 +95,8 @@ ADDED_KEYS = {
     "warmup_epochs": 0.0,
     "final_test": True,  # runs with a validation split evaluated the test split before
     "reference_from_jax": False,
+    # Runs before it set loss.rampup_epochs for every method instead.
+    "protocol_rampup_epochs": None,
     # The branch methods', KDCL's and PCL's loss settings (None: the preset's value, as for
     # every loss key).
     **{

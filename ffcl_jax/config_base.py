@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
     # built, else xla). See xla_cpu.use_onednn_kernels and docs/performance.md.
     c.cpu_kernels = "auto"
 
+    # A protocol's ramp-up for the methods that have one (a compressed schedule scales it), None:
+    # each method's own; methods without a ramp-up (independent, kd, dml, kdcl) keep none, and
+    # loss.rampup_epochs overrides it for the method a run trains.
+    c.protocol_rampup_epochs = config_dict.placeholder(float)
     # The methods' settings (ffcl_jax/methods/: each method's dataclass says what they mean and
     # holds its defaults), every one settable from the command line; None = the method's value.
     c.loss = ml_collections.ConfigDict()
@@ -177,7 +181,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval_batch_size = 250
     c.num_epochs = 2
     c.lr_decay_epochs = (1,)
-    c.loss.rampup_epochs = 1.0
+    c.protocol_rampup_epochs = 1.0
     c.log_every_steps = 4
     return c
 
@@ -194,7 +198,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods
     input_pipeline.dataset_info(config.dataset)
     models.check_model_name(config.teacher)
     models.check_model_name(config.student)
-    method = methods.create(config.method, dict(config.loss))
+    method = methods.create(config.method, dict(config.loss), config.protocol_rampup_epochs)
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise UserError(
             f"unknown compute_dtype {config.compute_dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}"

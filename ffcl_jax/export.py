@@ -136,7 +136,9 @@ def run_method(config: Mapping):
     """The method of a run, from its saved config (a dict)."""
     from ffcl_jax import methods
 
-    return methods.create(config["method"], config.get("loss"))
+    return methods.create(
+        config["method"], config.get("loss"), config.get("protocol_rampup_epochs")
+    )
 
 
 def export_run(

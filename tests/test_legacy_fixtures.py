@@ -32,6 +32,9 @@ def legacy_config(method: str, **overrides):
     config.num_epochs = 1
     config.keep_checkpoints = 1
     config.best_metric = ""
+    # The version that wrote them set the smoke ramp-up as a loss setting of every method.
+    config.protocol_rampup_epochs = None
+    config.loss.rampup_epochs = 1.0
     for key, value in overrides.items():
         config[key] = value
     return config

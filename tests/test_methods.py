@@ -390,3 +390,24 @@ def test_fused_feature_objective_is_the_sum_of_the_stage_distances():
         ),
         rel=1e-5,
     )
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("ffcl", 1.0), ("ffl", 1.0), ("one", 1.0), ("pcl", 1.0)]
+    + [("dml", 0.0), ("independent", 0.0), ("kdcl", 0.0), ("kd", 0.0)],
+)
+def test_a_protocols_ramp_up_scales_only_the_ramps_that_exist(name, expected):
+    assert methods.create(name, {}, protocol_rampup_epochs=1.0).settings.rampup_epochs == expected
+    # loss.rampup_epochs still decides for the method a run trains.
+    overridden = methods.create(name, {"rampup_epochs": 2.0}, protocol_rampup_epochs=1.0)
+    assert overridden.settings.rampup_epochs == 2.0
+
+
+def test_the_fashion_mnist_protocol_gives_dml_and_kdcl_no_ramp_up():
+    from configs.fashion_mnist import get_config
+
+    for name, expected in (("ffcl", 1.0), ("dml", 0.0), ("kdcl", 0.0), ("okddip", 1.0)):
+        config = get_config()
+        config.method = name
+        assert train.check_config(config, 1).settings.rampup_epochs == expected, name

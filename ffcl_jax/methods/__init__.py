@@ -36,10 +36,15 @@ __all__ = ["REGISTRY", "Cohort", "Method", "create", "setting_types"]
 _TYPES = {"float": float, "int": int, "bool": bool, "str": str}
 
 
-def create(name: str, overrides: Mapping[str, Any] | None = None) -> Method:
+def create(
+    name: str,
+    overrides: Mapping[str, Any] | None = None,
+    protocol_rampup_epochs: float | None = None,
+) -> Method:
+    """The method `name`, its settings resolved (`Method.create`)."""
     if name not in REGISTRY:
         raise UserError(f"unknown method {name!r}; valid methods: {', '.join(REGISTRY)}")
-    return REGISTRY[name].create(name, overrides)
+    return REGISTRY[name].create(name, overrides, protocol_rampup_epochs)
 
 
 def setting_types() -> dict[str, type]:

@@ -67,11 +67,23 @@ class Method:
     # ----------------------------------------------------------------- settings
 
     @classmethod
-    def create(cls, name: str, overrides: Mapping[str, Any] | None = None) -> Method:
+    def create(
+        cls,
+        name: str,
+        overrides: Mapping[str, Any] | None = None,
+        protocol_rampup_epochs: float | None = None,
+    ) -> Method:
         """The method `name` with its preset and every non-None entry of `overrides` (usually
-        `config.loss`) on top; a key this method does not have is an error naming its keys."""
-        fields = {f.name for f in dataclasses.fields(cls.Settings)}
+        `config.loss`) on top; a key this method does not have is an error naming its keys.
+
+        `protocol_rampup_epochs` (`config.protocol_rampup_epochs`, a protocol's compressed
+        schedule) replaces the ramp-up of a method that has one; a method without a ramp-up
+        keeps none, and `loss.rampup_epochs` overrides both."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Settings)}
         values = dict(cls.PRESETS.get(name, {}))
+        if protocol_rampup_epochs is not None and "rampup_epochs" in fields:
+            if values.get("rampup_epochs", fields["rampup_epochs"].default) > 0:
+                values["rampup_epochs"] = float(protocol_rampup_epochs)
         for key, value in (overrides or {}).items():
             if value is None:
                 continue

@@ -226,7 +226,7 @@ def build(config, steps_per_epoch: int, device: str):
     dataset info of a config; with `config.reference_from_jax`, the cohort starts from the JAX
     trainer's weights."""
     torch.manual_seed(config.seed)
-    method = methods.create(config.method, dict(config.loss))
+    method = methods.create(config.method, dict(config.loss), config.get("protocol_rampup_epochs"))
     if method.frozen_members:
         raise ValueError("the reference trains every method but those with a loaded member (kd)")
     info = input_pipeline.dataset_info(config.dataset)
