@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from ffcl_jax import input_pipeline, losses
 from ffcl_jax.methods import Method
-from ffcl_jax.models.layers import closed_form_batch_norm_backward, onednn_kernels
+from ffcl_jax.models.layers import XLA_OPS, LayerKernels, layer_kernels
 
 
 class TrainState(struct.PyTreeNode):
@@ -45,9 +45,7 @@ def make_forward(
     graphdef: nnx.GraphDef,
     method: Method,
     info: input_pipeline.DatasetInfo,
-    *,
-    closed_form_bn: bool = False,
-    onednn: bool = False,
+    kernels: LayerKernels = XLA_OPS,
 ):
     """`(params, batch_stats, batch, epoch, method_state) -> (total, (terms, batch_stats, aux))`:
     the cohort in training mode, the method's objective and training accuracies."""
@@ -61,7 +59,7 @@ def make_forward(
         def model_of(other_params, other_stats):
             return nnx.merge(graphdef, other_params, other_stats, copy=True)
 
-        with closed_form_batch_norm_backward(closed_form_bn), onednn_kernels(onednn):
+        with layer_kernels(kernels):
             outputs = method.forward(cohort, images, train=True)
             extra, aux = method.state_outputs(method_state, images, model_of, train=True)
         total, terms = method.loss({**outputs, **extra}, labels, epoch, info.num_classes)
@@ -80,9 +78,7 @@ def make_train_step(
     info: input_pipeline.DatasetInfo,
     steps_per_epoch: int,
     per_device_mesh: jax.sharding.Mesh | None = None,
-    *,
-    closed_form_bn: bool = False,
-    onednn: bool = False,
+    kernels: LayerKernels = XLA_OPS,
 ):
     """The whole cohort update as one pure function `(state, batch) -> (state, metrics)`.
 
@@ -90,10 +86,9 @@ def make_train_step(
     device normalises its own rows (per-device BatchNorm); losses, metrics and the updated running
     statistics are averaged over devices, and the gradient of the replicated parameters is summed
     by `shard_map`'s transpose, which makes it the gradient of the global mean loss.
-    `closed_form_bn`: BatchNorm layers differentiate with `layers.batch_norm_train`.
-    `onednn`: float32 convolutions and training-mode BatchNorm run as `ffcl_jax.cpu_kernels`.
+    `kernels`: what the layers compute with (XLA's ops by default; `xla_cpu.layer_kernels`).
     """
-    forward = make_forward(graphdef, method, info, closed_form_bn=closed_form_bn, onednn=onednn)
+    forward = make_forward(graphdef, method, info, kernels)
 
     if per_device_mesh is not None:
         local_forward = forward
@@ -152,7 +147,10 @@ def loss_term_names(forward, state: TrainState, info: input_pipeline.DatasetInfo
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, method: Method, info: input_pipeline.DatasetInfo, *, onednn=False
+    graphdef: nnx.GraphDef,
+    method: Method,
+    info: input_pipeline.DatasetInfo,
+    kernels: LayerKernels = XLA_OPS,
 ):
     """`(params, batch_stats, batch, method_state=None) -> correct counts` of every model the
     method evaluates."""
@@ -163,7 +161,7 @@ def make_eval_step(
         def model_of(other_params, other_stats):
             return nnx.merge(graphdef, other_params, other_stats)
 
-        with onednn_kernels(onednn):
+        with layer_kernels(kernels):
             outputs = method.forward(model_of(params, batch_stats), images, train=False)
             state_outputs = method.eval_state_outputs(method_state, images, model_of)
         labels, mask = batch["label"], batch["mask"]

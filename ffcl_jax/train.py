@@ -130,13 +130,12 @@ def build(
     graphdef, state = create_train_state(create_cohort(config, method, info), tx, method)
     num_devices = data_parallel.size if data_parallel is not None else 1
     platform = data_parallel.platform if data_parallel is not None else jax.default_backend()
-    onednn = xla_cpu.use_onednn_kernels(config, num_devices, platform)
+    kernels = xla_cpu.layer_kernels(config, num_devices, platform)
     per_device_mesh = None
     if config.batch_norm == "per_device":
         if data_parallel is None:
             raise ValueError("batch_norm='per_device' needs the data-parallel mesh")
         per_device_mesh = data_parallel.mesh
-    closed_form_bn = xla_cpu.closed_form_batch_norm(config, platform)
     setup = Setup(
         method=method,
         info=info,
@@ -150,14 +149,13 @@ def build(
             info,
             steps_per_epoch,
             per_device_mesh,
-            closed_form_bn=closed_form_bn,
-            onednn=onednn,
+            kernels,
         ),
-        eval_step=make_eval_step(graphdef, method, info, onednn=onednn),
+        eval_step=make_eval_step(graphdef, method, info, kernels),
         loss_terms=loss_term_names(
             make_forward(graphdef, method, info), state, info, method.num_views
         ),
-        onednn_kernels=onednn,
+        onednn_kernels=kernels.conv2d is not None,
         platform=platform,
     )
     return setup, state

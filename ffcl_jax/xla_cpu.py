@@ -7,12 +7,14 @@ are in docs/performance.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 
 from ffcl_jax import models
 from ffcl_jax.errors import UserError
+from ffcl_jax.models.layers import LayerKernels
 
 # XLA:CPU's loop fusion pass copies the forward residual + ReLU chain of a ResNet stage into
 # every backward consumer that needs a ReLU mask, so each block's backward recomputes every
@@ -142,6 +144,19 @@ def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None
     if reason and choice == "onednn":
         raise UserError(f"config.cpu_kernels='onednn': {reason}; or use 'auto' or 'xla'")
     return reason is None
+
+
+def layer_kernels(config, num_devices: int = 1, platform: str | None = None) -> LayerKernels:
+    """What the layers compute with for `config` on `platform` (the seam the trainer hands to
+    the models): the closed-form BatchNorm backward and the oneDNN kernels where chosen."""
+    kernels = LayerKernels(closed_form_batch_norm=closed_form_batch_norm(config, platform))
+    if not use_onednn_kernels(config, num_devices, platform):
+        return kernels
+    from ffcl_jax import cpu_kernels
+
+    return dataclasses.replace(
+        kernels, conv2d=cpu_kernels.conv2d, batch_norm_train=cpu_kernels.batch_norm_train
+    )
 
 
 def onednn_fallback_note(config, num_devices: int = 1) -> str | None:

@@ -8,7 +8,6 @@ import itertools
 import re
 import shutil
 import warnings
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -233,20 +232,20 @@ def _model_pass(name: str, convolution: str, train_mode: bool, dtype=jnp.float32
         "xla": _xla_batch_norm,
     }[convolution]
 
+    kernels = layers.XLA_OPS
+    if convolution != "xla" or noise is not None:
+        kernels = layers.LayerKernels(conv2d=conv2d, batch_norm_train=batch_norm)
+
     def loss(params):
         m = nnx.merge(graphdef, params, stats, copy=True)
-        with layers.onednn_kernels(convolution != "xla" or noise is not None):
+        with layers.layer_kernels(kernels):
             logits, features = m(x, train=train_mode)
         weights = jnp.arange(10, dtype=dtype)
         return jnp.sum(logits * weights), (logits, features, nnx.state(m, nnx.BatchStat))
 
-    with (
-        mock.patch.object(layers.cpu_kernels, "conv2d", conv2d),
-        mock.patch.object(layers.cpu_kernels, "batch_norm_train", batch_norm),
-    ):
-        (_, (logits, features, new_stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-            params
-        )
+    (_, (logits, features, new_stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        params
+    )
     return logits, features, jax.tree.leaves(grads), jax.tree.leaves(new_stats)
 
 

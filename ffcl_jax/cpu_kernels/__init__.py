@@ -11,8 +11,9 @@ XLA's pairwise reductions where a gradient nearly cancels over a channel. Ours s
 (more exact than XLA's) in two memory-bound passes each way, with the ReLU that follows it fused.
 
 `available()` says whether the library is built (compiling it into a cache on first use, see
-`build.py`) and registered; `unavailable_reason()` says why not. Only `models/layers.py` calls
-the ops, and only when the trainer asks for them (`config.cpu_kernels`).
+`build.py`) and registered; `unavailable_reason()` says why not. The trainer hands the ops to
+the layers (`xla_cpu.layer_kernels`, through `models.layers.LayerKernels`) when
+`config.cpu_kernels` asks for them; the models never import them.
 """
 
 from __future__ import annotations

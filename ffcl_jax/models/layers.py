@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ffcl_jax import cpu_kernels
 from ffcl_jax.errors import UserError
 
 # torch.nn.init.kaiming_normal_(mode="fan_out"): He-normal on fan_out ("normal" is untruncated).
@@ -30,34 +31,43 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-# While the trainer traces a step under `onednn_kernels()`, float32 convolutions and training-mode
-# BatchNorm layers run as the kernels of `ffcl_jax.cpu_kernels` (an optional accelerator of
-# XLA:CPU) instead of XLA's; everything else, and every other dtype, stays XLA's.
-_onednn_kernels = contextvars.ContextVar("onednn_kernels", default=False)
+@dataclasses.dataclass(frozen=True)
+class LayerKernels:
+    """How the layers compute, where a backend has something faster than XLA's own: the seam
+    through which the trainer hands an accelerator (`ffcl_jax.xla_cpu.layer_kernels`: oneDNN on
+    XLA:CPU) to the models, which know none. The defaults are XLA's ops.
+
+    `conv2d(x, w, strides, padding, groups)` replaces float32, bias-free, undilated NHWC
+    convolutions; `batch_norm_train(x, scale, bias, epsilon, relu) -> (y, mean, var)` replaces
+    float32 training-mode BatchNorm (its ReLU fused); `closed_form_batch_norm`: training-mode
+    BatchNorm differentiates with the closed form (`batch_norm_train` below)."""
+
+    conv2d: Callable | None = None
+    batch_norm_train: Callable | None = None
+    closed_form_batch_norm: bool = False
+
+
+XLA_OPS = LayerKernels()  # the layers as written: every op XLA's
+_kernels = contextvars.ContextVar("layer_kernels", default=XLA_OPS)  # noqa: B039 - frozen
 
 
 @contextlib.contextmanager
-def onednn_kernels(enabled: bool = True):
-    """While tracing under it, `Conv` and `BatchNorm` (training mode) use the kernels of
-    `ffcl_jax.cpu_kernels` for float32 layers (building them on first use; an error if they
-    cannot be had)."""
-    token = _onednn_kernels.set(enabled)
+def layer_kernels(kernels: LayerKernels):
+    """While a step is traced under it, the layers compute with `kernels`."""
+    token = _kernels.set(kernels)
     try:
         yield
     finally:
-        _onednn_kernels.reset(token)
+        _kernels.reset(token)
 
 
-def _use_onednn(module_dtype, *arrays) -> bool:
-    """Under `onednn_kernels`, for a layer that computes in float32 on float32 arrays."""
-    if not _onednn_kernels.get() or module_dtype not in (None, jnp.float32):
-        return False
+def _float32_kernel(kernel: Callable | None, module_dtype, *arrays) -> Callable | None:
+    """`kernel` for a layer that computes in float32 on float32 arrays, else None."""
+    if kernel is None or module_dtype not in (None, jnp.float32):
+        return None
     if any(a.dtype != jnp.float32 for a in arrays):
-        return False
-    reason = cpu_kernels.unavailable_reason()
-    if reason:
-        raise UserError(f"config.cpu_kernels: {reason}; or set --config.cpu_kernels=xla")
-    return True
+        return None
+    return kernel
 
 
 def _varying_like(x, *params):
@@ -71,18 +81,19 @@ def _varying_like(x, *params):
 
 
 class Conv(nnx.Conv):
-    """nnx.Conv (same variables, same result); under `onednn_kernels` a float32, bias-free,
-    undilated convolution runs as oneDNN's forward and backward kernels."""
+    """nnx.Conv (same variables, same result); a float32, bias-free, undilated convolution runs
+    as `LayerKernels.conv2d` where the trainer set one."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         undilated = {self.input_dilation, self.kernel_dilation} <= {None, 1, (1, 1)}
         explicit = all(isinstance(v, (tuple, list)) for v in (self.padding, self.strides))
         plain = self.bias is None and self.mask is None and undilated and explicit
-        if not (plain and inputs.ndim == 4 and _use_onednn(self.dtype, inputs, kernel)):
+        conv2d = _float32_kernel(_kernels.get().conv2d, self.dtype, inputs, kernel)
+        if not (plain and inputs.ndim == 4 and conv2d):
             return super().__call__(inputs)
         (kernel,) = _varying_like(inputs, kernel)
-        return cpu_kernels.conv2d(
+        return conv2d(
             inputs,
             kernel,
             tuple(self.strides),
@@ -124,18 +135,14 @@ def conv(
 # In training mode, BatchNorm's backward pass as autodiff writes it goes through the variance
 # formula term by term: on XLA:CPU that is many separate broadcasts and reductions per layer. The
 # closed form (two per-channel sums of the incoming gradient) is the same maths and makes a deep
-# pair's step faster on the CPU; the trainer turns it on while tracing the train step.
-_closed_form_backward = contextvars.ContextVar("closed_form_bn_backward", default=False)
+# pair's step faster on the CPU (`LayerKernels.closed_form_batch_norm`).
 
 
 @contextlib.contextmanager
 def closed_form_batch_norm_backward(enabled: bool = True):
     """While tracing under it, `BatchNorm` in training mode uses `batch_norm_train`."""
-    token = _closed_form_backward.set(enabled)
-    try:
+    with layer_kernels(dataclasses.replace(_kernels.get(), closed_form_batch_norm=enabled)):
         yield
-    finally:
-        _closed_form_backward.reset(token)
 
 
 def at_least_float32(x: jax.Array) -> jax.Array:
@@ -196,21 +203,24 @@ def _varying_axes(x) -> frozenset:
 
 class BatchNorm(nnx.BatchNorm):
     """nnx.BatchNorm (same variables, same forward), with `relu=True` applying a ReLU to its
-    output. Under `closed_form_batch_norm_backward` its training mode differentiates with the
-    closed form; under `onednn_kernels` a float32 training-mode layer runs as
-    `cpu_kernels.batch_norm_train` instead (double sums, the ReLU fused)."""
+    output. With `LayerKernels.closed_form_batch_norm` its training mode differentiates with the
+    closed form; with `LayerKernels.batch_norm_train` a float32 training-mode layer runs as that
+    kernel instead (the ReLU fused)."""
 
     def __call__(self, x, use_running_average=None, *, mask=None, relu: bool = False):
         if use_running_average is None:
             use_running_average = self.use_running_average
         training = not use_running_average and mask is None
-        kernel = training and x.ndim in (2, 4) and _use_onednn(self.dtype, x, self.scale[...])
-        if not kernel and not (training and _closed_form_backward.get()):
+        kernels = _kernels.get()
+        kernel = None
+        if training and x.ndim in (2, 4):
+            kernel = _float32_kernel(kernels.batch_norm_train, self.dtype, x, self.scale[...])
+        if not kernel and not (training and kernels.closed_form_batch_norm):
             y = super().__call__(x, use_running_average, mask=mask)
             return nnx.relu(y) if relu else y
         scale, bias = _varying_like(x, self.scale[...], self.bias[...])
         if kernel:
-            y, mean, var = cpu_kernels.batch_norm_train(x, scale, bias, self.epsilon, relu)
+            y, mean, var = kernel(x, scale, bias, self.epsilon, relu)
         else:
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
             y = nnx.relu(y) if relu else y
