@@ -73,11 +73,16 @@ def tiny_config(idx_dir: str, **overrides):
     config.log_every_steps = 2
     # The toy classes are bands 2 pixels apart: crop jitter would blur them into each other.
     config.augment = "none"
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+    """`config` with `{"loss.tau": 2.0, ...}` set, as `--config.loss.tau=2.0` would."""
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
+        for parent in parents:
+            target = target[parent]
         target[leaf] = value
     return config
 

@@ -72,16 +72,7 @@ def test_a_few_steps_lower_the_loss_and_update_batch_norm(fmnist_dir):
         lambda a, b: not np.allclose(a, b), stats_before, jax.tree.map(np.array, state.batch_stats)
     )
     assert all(jax.tree.leaves(changed))
-    assert setup.loss_terms == (
-        "ce_teacher",
-        "ce_student",
-        "ce_fused",
-        "kl_fused_to_peers",
-        "kl_ensemble_to_fused",
-        "kl_mutual",
-        "feat",
-        "reg",
-    )
+    assert "kl_mutual" in setup.loss_terms  # every term: tests/test_methods.py
     expected_keys = set(setup.loss_terms) | {
         "loss",
         "rampup_weight",

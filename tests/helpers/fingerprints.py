@@ -41,6 +41,7 @@ def fingerprint_config(**overrides):
     """A heterogeneous pair (ResNet-14 teacher, ResNet-8 student) on Fashion-MNIST's shapes, in
     float64 on XLA's kernels, with a one-epoch ramp-up and a decay after the first epoch."""
     from configs.fashion_mnist import get_config
+    from tests.conftest import apply_overrides
 
     config = get_config()
     config.teacher = "resnet14"
@@ -51,13 +52,7 @@ def fingerprint_config(**overrides):
     config.lr_decay_epochs = (1,)
     config.loss.rampup_epochs = 1.0
     config.seed = 7
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return apply_overrides(config, overrides)
 
 
 def _checksum(z) -> list[float]:
