@@ -153,21 +153,72 @@ class Stop(Exception):
     """SIGTERM or Ctrl-C reached the driver."""
 
 
+def _own_outputs(args) -> tuple[str, ...]:
+    """The repository paths (relative to ROOT) a driver writes itself: `<output>*` and the
+    study file. A run's commit does not count them as uncommitted changes: the driver writes
+    them while the study runs."""
+    paths = [getattr(args, "output", None), getattr(args, "study_file", None)]
+    return tuple(os.path.relpath(p, ROOT) for p in paths if p)
+
+
+def _git(*words: str) -> str:
+    return subprocess.run(["git", *words], cwd=ROOT, capture_output=True, text=True).stdout
+
+
+def uncommitted(args=None) -> list[str]:
+    """The paths `git status --porcelain` lists (tracked changes and untracked files) outside
+    the driver's own outputs: code a run may use that HEAD does not hold."""
+    own = _own_outputs(args) if args is not None else ()
+    changed = [
+        line[3:].split(" -> ")[-1].strip('"')
+        for line in _git("status", "--porcelain", "--untracked-files=all").splitlines()
+        if line.strip()
+    ]
+    return [path for path in changed if not path.startswith(own)]
+
+
+def recorded_commit(args=None) -> str:
+    """The code a run starts from: `git rev-parse --short HEAD`, plus "-dirty" where the tree
+    has `uncommitted` paths (HEAD alone cannot see them)."""
+    commit = _git("rev-parse", "--short", "HEAD").strip()
+    return commit + "-dirty" if uncommitted(args) else commit
+
+
+def start_record(run: Run, seed: int, args, workdir) -> dict:
+    """What `table_run.json` records when the driver starts the run: its command, and for each
+    start (`segments`, oldest first: a JAX run started again in its workdir resumes from its
+    checkpoint) the time, commit (with a dirty tree's paths) and machine. The top-level
+    `started`, `commit` and `machine` are the first segment's. A record written before segments
+    existed (it kept only the latest start) becomes the first segment."""
+    segment = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "commit": recorded_commit(args),
+        "machine": machine_line(),
+    }
+    if segment["commit"].endswith("-dirty"):  # which paths, so a reader can judge (first 20)
+        segment["uncommitted"] = uncommitted(args)[:20]
+    path = workdir / "table_run.json"
+    if run.framework == "jax" and path.exists():
+        earlier = json.loads(path.read_text())
+        segments = earlier.get("segments") or [
+            {key: earlier.get(key) for key in ("started", "commit", "machine")}
+        ]
+        return {**earlier, "segments": [*segments, segment]}
+    return {"command": shown_command(run, seed, args), **segment, "segments": [segment]}
+
+
+def segments_of(record: dict) -> list[dict]:
+    """Every start of a run its `table_run.json` records (one where it predates segments)."""
+    return record.get("segments") or [record]
+
+
 def execute(run: Run, seed: int, args, child: dict) -> None:
     argv = command(run, seed, args)
     workdir = run_workdir(run, seed, args)
     if run.framework == "pytorch" and workdir.exists():
         workdir.rmtree()  # the reference has no checkpoints: an unfinished run restarts
     storage.prepare_workdir(workdir)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    record = {
-        "command": shown_command(run, seed, args),
-        "commit": commit,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": machine_line(),
-    }
+    record = start_record(run, seed, args, workdir)
     storage.write_text(workdir / "table_run.json", json.dumps(record))
     print(f"== {run_id(run, seed)}: {shown_command(run, seed, args)}", flush=True)
     started = time.time()

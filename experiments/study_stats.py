@@ -17,19 +17,36 @@ def mean_std(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def paired(mine: dict[int, float], theirs: dict[int, float], test: bool = True, scale=1.0) -> dict:
+    """`scale * (mine - theirs)` over the seeds both have (`{seed: value}`), in seed order: the
+    seeds, the differences and their mean and, with `test` and >= 2 pairs, the 95% t-interval,
+    the two-sided paired t-test's p, the differences' standard deviation and how many are
+    positive (`ahead`)."""
+    seeds = sorted(set(mine) & set(theirs))
+    diffs = [scale * (mine[s] - theirs[s]) for s in seeds]
+    out = {"seeds": seeds, "differences": diffs, "n": len(diffs)}
+    if diffs:
+        out["mean"] = statistics.fmean(diffs)
+    if test and len(diffs) >= 2:
+        result = scipy.stats.ttest_1samp(diffs, 0.0)
+        interval = result.confidence_interval(0.95)
+        out.update(ci95=[interval.low, interval.high], p=float(result.pvalue))
+        out.update(sd=statistics.stdev(diffs), ahead=sum(d > 0 for d in diffs))
+    return out
+
+
 def paired_difference(mine: list[dict], reference: list[dict], model: str = "student") -> dict:
-    """Last-epoch top-1 of `mine` minus `reference`, paired by seed (the same seed gives both runs
-    the same initialisation draws and batch order), with a 95% Student-t interval."""
-    by_seed = {r["seed"]: r["summary"][model]["last"] for r in reference if model in r["summary"]}
-    diffs = [
-        100 * (r["summary"][model]["last"] - by_seed[r["seed"]])
-        for r in mine
-        if model in r["summary"] and r["seed"] in by_seed
-    ]
-    out = {"n": len(diffs), "mean": statistics.fmean(diffs) if diffs else None}
-    if len(diffs) >= 2:
-        interval = scipy.stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
-        out["ci95"] = [interval.low, interval.high]
+    """Last-epoch top-1 of `mine` minus `reference` in points, paired by seed (the same seed
+    gives both runs the same initialisation draws and batch order), with a 95% Student-t
+    interval: `paired` on the runs' records, its mean and interval."""
+
+    def last(records: list[dict]) -> dict[int, float]:
+        return {r["seed"]: r["summary"][model]["last"] for r in records if model in r["summary"]}
+
+    diff = paired(last(mine), last(reference), scale=100)
+    out = {"n": diff["n"], "mean": diff.get("mean")}
+    if "ci95" in diff:
+        out["ci95"] = diff["ci95"]
     return out
 
 

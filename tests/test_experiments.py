@@ -880,6 +880,189 @@ def test_powered_study_lists_each_command_once_with_its_seeds(tmp_path):
     assert "more than one commit: `unrecorded` (47 runs), `abc1234` (1 run)" in text
 
 
+def _powered_records(students: dict, seeds, resumed=()) -> list[dict]:
+    """JAX records as `powered_study.collect` makes them: `students` {method: per-seed points}
+    (else FFCL's minus about one point), the runs in `resumed` resumed at step 46."""
+    import powered_study
+
+    ffcl = students["ffcl"]
+    records = []
+    for run in powered_study.JAX_RUNS:
+        values = students.get(run.name, [v - 1.0 + 0.01 * (i % 3) for i, v in enumerate(ffcl)])
+        for seed, value in zip(seeds, values, strict=True):
+            rid = f"jax_{run.name}_seed{seed}"
+            records.append(
+                {
+                    "run": rid,
+                    "method": run.name,
+                    "framework": "jax",
+                    "seed": seed,
+                    "summary": {"student": {"last": value / 100}},
+                    "resumed_at_steps": [46] if rid in resumed else [],
+                }
+            )
+    return records
+
+
+def test_powered_study_sensitivity_analyses_find_the_seeds_a_reading_rests_on():
+    """Wilcoxon with Holm, leave-one-seed-out and the outlier rules, on 20 seeds: DML's tie
+    rests on one seed (1019, -5 points: Wilcoxon and the seed's removal read "beats"), PCL's on
+    one odd PCL run (seed 1005, resumed: its removal reads "loses")."""
+    import powered_study
+    import scipy.stats
+
+    seeds = list(range(1000, 1020))
+    ffcl = [89.0 + 0.1 * (i % 7) for i in range(20)]
+    dml = [0.3 + 0.02 * i for i in range(19)] + [-5.0]  # FFCL minus DML
+    pcl = [-0.3 + 0.1 * ((i * 7) % 5 - 2) for i in range(20)]
+    pcl[5] = 4.7  # PCL's run of seed 1005 is 5 points low
+    students = {
+        "ffcl": ffcl,
+        "dml": [f - d for f, d in zip(ffcl, dml, strict=True)],
+        "pcl": [f - d for f, d in zip(ffcl, pcl, strict=True)],
+    }
+    records = _powered_records(students, seeds, resumed={"jax_pcl_seed1005"})
+    primary = powered_study.comparisons(records, test=True)["primary"]
+    readings = {name: c["reading"] for name, c in primary.items()}
+    assert readings == {**dict.fromkeys(primary, "beats"), "dml": "ties", "pcl": "ties"}
+
+    wilcoxon = powered_study.wilcoxon_readings(primary)
+    expected = scipy.stats.wilcoxon([round(d, 6) for d in dml]).pvalue
+    assert wilcoxon["dml"]["p"] == pytest.approx(expected) and wilcoxon["dml"]["exact"]
+    holm = powered_study.holm({name: w["p"] for name, w in wilcoxon.items()})
+    assert {name: w["p_holm"] for name, w in wilcoxon.items()} == pytest.approx(holm)
+    assert wilcoxon["dml"]["reading"] == "beats" and wilcoxon["independent"]["reading"] == "beats"
+
+    left_out = powered_study.leave_one_seed_out(records, primary)
+    changes = {
+        name: [(c["seed"], c["reading"]) for c in v["changes"]] for name, v in left_out.items()
+    }
+    assert changes == {
+        **dict.fromkeys(primary, []),
+        "dml": [(1019, "beats")],
+        "pcl": [(1005, "loses")],
+    }
+    assert left_out["dml"]["seeds"] == 20
+
+    assert powered_study.resumed_runs(records) == {"jax_pcl_seed1005": [46]}
+    by_difference = powered_study.without_outliers(records, primary, "difference")
+    flagged = {name: [o["seed"] for o in c["outliers"]] for name, c in by_difference.items()}
+    assert flagged == {**dict.fromkeys(primary, []), "dml": [1019], "pcl": [1005]}
+    assert by_difference["dml"]["n"] == 19 and by_difference["dml"]["reading"] == "beats"
+    assert by_difference["dml"]["mean"] == pytest.approx(statistics.fmean(dml[:19]))
+    assert by_difference["pcl"]["outliers"][0]["resumed"] == ["jax_pcl_seed1005"]
+    assert by_difference["pcl"]["reading"] == "loses"
+    assert by_difference["kd"]["n"] == 20 and by_difference["kd"]["reading"] == "beats"
+    by_run = powered_study.without_outliers(records, primary, "run")
+    (outlier,) = by_run["pcl"]["outliers"]
+    assert outlier["seed"] == 1005 and set(outlier["z"]) == {"pcl"} and outlier["z"]["pcl"] < -3
+    assert outlier["difference"] == pytest.approx(4.7)
+    assert [o["seed"] for o in by_run["independent"]["outliers"]] == []
+
+
+def test_powered_study_report_holds_the_sensitivity_analyses_once_complete(tmp_path):
+    """The complete report's block and JSON hold the sensitivity analyses, DML against the
+    branch methods and the ramp-up weight each method logged; a progress report holds none."""
+    import powered_study
+
+    root = tmp_path / "root"
+    students = {
+        ("jax", "ffcl"): [0.900, 0.905, 0.902, 0.907],
+        ("jax", "dml"): [0.890, 0.899, 0.893, 0.899],
+        ("jax", "one"): [0.880, 0.889, 0.884, 0.887],
+    }
+    _write_every_powered_run(root, students)
+    rows = [
+        {"kind": "train", "epoch": 1, "rampup_weight": 0.006737947},
+        {"kind": "eval", "epoch": 1},
+        {"kind": "train", "epoch": 2, "rampup_weight": 1.0},
+    ]
+    lines = "\n".join(json.dumps(row) for row in rows) + "\n"
+    (root / "jax_dml_seed1000" / "metrics.jsonl").write_text(lines)
+    results = json.loads((root / "jax_one_seed1000" / "results.json").read_text())
+    results["num_params"] = {"peers": 116756, "student": 77754}
+    (root / "jax_one_seed1000" / "results.json").write_text(json.dumps(results))
+    study, result = _powered_report(tmp_path, root)
+    sensitivity = result["sensitivity"]
+    assert set(sensitivity["wilcoxon"]) == set(result["comparisons"]["primary"])
+    dml_minus = sensitivity["dml_minus_branch_methods"]
+    assert list(dml_minus) == list(powered_study.BRANCH_METHODS)
+    assert dml_minus["one"]["mean"] == pytest.approx(100 * (0.89525 - 0.885))
+    assert sensitivity["logged_rampup_weight"] == {"dml": {1: [0.006738], 2: [1.0]}}
+    text = study.read_text()
+    assert "Wilcoxon signed-rank" in text and "seeds whose removal changes it" in text
+    assert "rule: |z| > 3 of the comparison's paired difference" in text
+    assert "| `dml` | 0.00674 | 1 |" in text
+    assert sensitivity["parameters"] == {"one": {"peers": 116756, "student": 77754}}
+    assert "| `one` | peers 116,756, student 77,754 |" in text
+    assert "Runs resumed from a checkpoint (`resumed_at_steps`, step): 0." in text
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["sensitivity"]["leave_one_seed_out"]["kd"]["seeds"] == 4
+
+    (root / "jax_pcl_seed1003" / "results.json").unlink()
+    (tmp_path / "out_runs" / "jax_pcl_seed1003" / "results.json").unlink()
+    study, result = _powered_report(tmp_path, root)
+    assert "sensitivity" not in result and "Wilcoxon" not in study.read_text()
+
+
+def test_powered_study_records_a_dirty_tree_and_every_segment_of_a_resumed_run(
+    tmp_path, monkeypatch
+):
+    """The commit a run records says "-dirty" where the tree has uncommitted changes other
+    than the driver's own outputs; a JAX run started again keeps each start (`segments`), and
+    the report names every commit its segments ran."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*words):
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *words],
+            cwd=repo,
+            check=True,
+            capture_output=True,
+        )
+
+    git("init", "-q")
+    (repo / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "first")
+    monkeypatch.setattr(study_runs, "ROOT", str(repo))
+    args = type("Args", (), {"output": str(repo / "results" / "study"), "study_file": None})()
+    assert not study_runs.recorded_commit(args).endswith("-dirty")
+    (repo / "results").mkdir()
+    (repo / "results" / "study.json").write_text("{}")  # the driver's own output
+    (repo / "results" / "study_runs").mkdir()
+    (repo / "results" / "study_runs" / "run.json").write_text("{}")
+    assert not study_runs.recorded_commit(args).endswith("-dirty")
+    (repo / "code.py").write_text("x = 2\n")
+    assert study_runs.recorded_commit(args).endswith("-dirty")
+    assert study_runs.uncommitted(args) == ["code.py"]
+    assert len(study_runs.uncommitted()) == 3  # without args, the outputs count too
+
+    commits = iter(["abc1234", "def5678-dirty"])
+    monkeypatch.setattr(study_runs, "recorded_commit", lambda args=None: next(commits))
+    monkeypatch.setattr(study_runs, "machine_line", lambda: "2-core AMD EPYC (AVX-512)")
+    run = study_runs.Run("dml", "jax", ("method=dml",), "DML")
+    run_args = type("Args", (), {"root": str(tmp_path / "root"), "config": "c.py", "extra": []})()
+    workdir = study_runs.run_workdir(run, 1000, run_args)
+    workdir.mkdir(parents=True)
+    first = study_runs.start_record(run, 1000, run_args, workdir)
+    (workdir / "table_run.json").write_text(json.dumps(first))
+    second = study_runs.start_record(run, 1000, run_args, workdir)
+    assert [s["commit"] for s in second["segments"]] == ["abc1234", "def5678-dirty"]
+    assert second["commit"] == "abc1234" and second["started"] == first["started"]
+    assert second["command"] == first["command"]
+    assert study_runs.segments_of({"commit": "old"}) == [{"commit": "old"}]
+
+    root = tmp_path / "powered_root"
+    _write_every_powered_run(root, {})
+    (root / "jax_dml_seed1002" / "table_run.json").write_text(json.dumps(second))
+    study, result = _powered_report(tmp_path, root)
+    (dml,) = [r for r in result["runs"] if r["run"] == "jax_dml_seed1002"]
+    assert dml["commit"] == "abc1234 + def5678-dirty"
+    assert "`abc1234 + def5678-dirty` (1 run)" in study.read_text()
+
+
 def test_the_table_driver_takes_any_preset_by_name():
     args = run_table.parse_args(["--runs=pcl,pytorch:kdcl,independent"])
     chosen = [(r.name, r.framework, r.overrides) for r in args.selected]
