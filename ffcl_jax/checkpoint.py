@@ -128,6 +128,8 @@ def config_differences(
     resumable = set(RESUMABLE_KEYS)
     if now.get("batch_norm") == "per_device":
         resumable.discard("mesh.data")  # the device count is then part of the normalisation
+    if before.get("loss.rampup_epochs") is not None and now.get("loss.rampup_epochs") is not None:
+        resumable.add("protocol_rampup_epochs")  # an explicit loss.rampup_epochs overrides it
     return [
         f"{key}={before.get(key)!r} {where} but {now.get(key)!r} now"
         for key in sorted(set(before) | set(now))

@@ -239,6 +239,13 @@ def test_keys_added_later_resume_at_their_old_behaviour(fmnist_dir):
     assert checkpoint.config_differences(saved, config) == [
         "data_on_device=False in the checkpoint but True now"
     ]
+    # Such runs set loss.rampup_epochs for every method: without it, the protocol's ramp-up
+    # (which only methods with one take) is a difference.
+    config.data_on_device, config.loss.rampup_epochs = False, None
+    assert checkpoint.config_differences(saved, config) == [
+        "loss.rampup_epochs=1.0 in the checkpoint but None now",
+        "protocol_rampup_epochs=None in the checkpoint but 1.0 now",
+    ]
 
 
 # A failed restore leaves orbax's background callbacks to report the same failure again.
@@ -276,6 +283,7 @@ def test_damaged_or_foreign_checkpoints_fail_clearly_and_are_kept(
             "--config.lr_decay_epochs=(1,)",
             "--config.log_every_steps=2",
             "--config.augment=none",
+            "--config.loss.rampup_epochs=1.0",
             f"--workdir={workdir}",
         )
         assert proc.returncode == 2

@@ -163,7 +163,7 @@ def pair_objective(outputs, labels, settings, epoch: int, num_classes: int):
         regularization = s["lam_reg"] * terms["reg"]
     ramp = rampup_weight(epoch, s["rampup_epochs"])
     total = supervised + ramp * distill + regularization
-    terms["rampup_weight"] = torch.tensor(ramp, dtype=torch.float64)
+    terms["rampup_weight"] = torch.tensor(ramp, dtype=total.dtype)
     return total, terms
 
 
@@ -191,7 +191,7 @@ def collaborative_objective(outputs, labels, s, epoch: int, num_classes: int = 0
     total = (1 - alpha) * (terms["ce_teacher"] + terms["ce_student"]) + alpha * ramp * terms[
         "kl_collaborative"
     ]
-    terms["rampup_weight"] = torch.tensor(ramp, dtype=torch.float64)
+    terms["rampup_weight"] = torch.tensor(ramp, dtype=total.dtype)
     return total, terms
 
 
@@ -240,5 +240,5 @@ def branch_objective(outputs, labels, s, epoch: int, num_classes: int = 0):
             for i, zi in enumerate(z)
         )
         total = total + ramp * s["lam_temporal_kd"] * terms["kl_temporal_mean"]
-    terms["rampup_weight"] = torch.tensor(ramp, dtype=torch.float64)
+    terms["rampup_weight"] = torch.tensor(ramp, dtype=total.dtype)
     return total, terms
