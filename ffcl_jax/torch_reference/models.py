@@ -345,8 +345,9 @@ class _RescaleGradient(torch.autograd.Function):
 
 
 class BranchCohort(nn.Module):
-    """`ffcl_jax.models.branches.BranchCohort` in PyTorch: `student` (branch 0 with the shared
-    trunk), `peers` (the other branches' last stages and heads) and ONE's `gate`."""
+    """The branch methods' members and forward pass (`ffcl_jax.methods.branches`) in PyTorch:
+    `student` (branch 0 with the shared trunk), `peers` (the other branches' last stages and
+    heads) and ONE's `gate`."""
 
     def __init__(
         self,
