@@ -12,7 +12,7 @@ import dataclasses
 
 from ffcl_jax import losses
 from ffcl_jax.errors import UserError
-from ffcl_jax.methods.pair import TeacherStudent, check_tau_and_rampup, pair_forward
+from ffcl_jax.methods.pair import TeacherStudent, check_kd_alpha, check_tau_and_rampup, pair_forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +30,7 @@ class KD(TeacherStudent):
 
     def validate(self) -> None:
         check_tau_and_rampup(self.settings)
-        if not 0 <= self.settings.kd_alpha <= 1:
-            raise UserError(f"loss.kd_alpha must be in [0, 1], got {self.settings.kd_alpha}")
+        check_kd_alpha(self.settings)
 
     def check_config(self, config) -> None:
         if not config.teacher_checkpoint:

@@ -12,8 +12,13 @@ from __future__ import annotations
 import dataclasses
 
 from ffcl_jax import losses
-from ffcl_jax.errors import UserError
-from ffcl_jax.methods.pair import TeacherStudent, check_choice, check_tau_and_rampup, pair_forward
+from ffcl_jax.methods.pair import (
+    TeacherStudent,
+    check_choice,
+    check_kd_alpha,
+    check_tau_and_rampup,
+    pair_forward,
+)
 
 COLLABORATIVE_TARGETS = ("mean", "min_logit")
 
@@ -34,8 +39,7 @@ class KDCL(TeacherStudent):
     def validate(self) -> None:
         s = self.settings
         check_tau_and_rampup(s)
-        if not 0 <= s.kd_alpha <= 1:
-            raise UserError(f"loss.kd_alpha must be in [0, 1], got {s.kd_alpha}")
+        check_kd_alpha(s)
         check_choice("collaborative_target", s.collaborative_target, COLLABORATIVE_TARGETS)
 
     @property

@@ -311,6 +311,12 @@ def check_tau_and_rampup(s) -> None:
         raise UserError(f"loss.rampup_epochs must be >= 0 (0 = no ramp-up), got {s.rampup_epochs}")
 
 
+def check_kd_alpha(s) -> None:
+    """`kd_alpha` weighs CE against the distillation term: (1 - a) CE + a KL."""
+    if not 0 <= s.kd_alpha <= 1:
+        raise UserError(f"loss.kd_alpha must be in [0, 1], got {s.kd_alpha}")
+
+
 def check_choice(key: str, value: str, valid) -> None:
     if value not in valid:
         raise UserError(f"unknown loss.{key} {value!r}; valid: {', '.join(valid)}")
