@@ -347,7 +347,8 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
     schedule; two steps an epoch) on the same random batches: the same loss to 1e-12, the same
     loss terms (names: `setup.loss_terms`, and `rampup_weight` where the objective has one), and
     every parameter and running mean to 1e-12 after each step, the method's temporal mean
-    included; frozen members keep their initial weights and statistics on both sides."""
+    included; frozen members keep their initial weights and statistics on both sides; a member
+    the method pauses for a step is paused on both sides. Returns each step's update flags."""
     settings = torch_methods.settings_mapping(method)
     temporal_mean = temporal_mean_of(cohort, settings)
     assert (temporal_mean is None) == (state.method_state is None)
@@ -358,6 +359,7 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
     labels = rng.integers(0, 10, 96).astype(np.int32)
     info = input_pipeline.dataset_info(config.dataset)
     step = jax.jit(setup.train_step)
+    flags_per_step = []  # the members' update flags of each step, where the method has any
     for i in range(3):
         batch = {"image": images[32 * i : 32 * (i + 1)], "label": labels[32 * i : 32 * (i + 1)]}
         state, metrics = step(state, batch)
@@ -377,7 +379,7 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
         jax_terms = {
             k: v
             for k, v in metrics.items()
-            if k not in ("loss", "learning_rate") and not k.startswith("train_acc_")
+            if k not in ("loss", "learning_rate") and not k.startswith(("train_acc_", "updates_"))
         }
         assert set(terms) == set(jax_terms)
         for key, value in terms.items():
@@ -387,6 +389,14 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
                 float(value.detach()), rel=rel, abs=1e-15
             ), f"step {i + 1}: {key}"
         total.backward()
+        # A member the method pauses this step (SwitOKD's teacher): the same flags both sides.
+        flags = torch_methods.pause_members(cohort, settings, terms)
+        assert {k: float(v) for k, v in flags.items()} == {
+            k.removeprefix("updates_"): float(v)
+            for k, v in metrics.items()
+            if k.startswith("updates_")
+        }, f"step {i + 1}: member updates"
+        flags_per_step.append(flags)
         optimizer.step()
         schedule.step()
         assert float(metrics["loss"]) == pytest.approx(float(total.detach()), rel=1e-12)
@@ -412,6 +422,7 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
                 1e-12,
                 f"temporal mean after step {i + 1}",
             )
+    return flags_per_step
 
 
 def test_every_registered_method_has_a_pytorch_mirror():

@@ -23,6 +23,9 @@ class Mirror:
     build: Callable
     # (outputs, labels, settings mapping, epoch, num_classes) -> (total, terms)
     objective: Callable
+    # (terms, settings mapping) -> {member: whether it takes this step's update}, as the
+    # method's `member_updates`; None: every member updates every step
+    member_updates: Callable | None = None
 
 
 def _pair(config, method: Method, info):
@@ -93,6 +96,19 @@ def mirror(name: str) -> Mirror:
             "methods.py (MIRRORS)"
         )
     return MIRRORS[name]
+
+
+def pause_members(cohort, settings: dict, terms) -> dict[str, bool]:
+    """After the backward pass: the gradients of the members the method pauses this step set
+    to None, which `torch.optim.SGD` skips entirely (no weight decay, momentum unchanged), as
+    when the authors' code does not step a network's optimizer. Returns the flags."""
+    updates = MIRRORS[settings["method"]].member_updates
+    flags = updates(terms, settings) if updates is not None else {}
+    for member, takes_update in flags.items():
+        if not takes_update:
+            for param in getattr(cohort, member).parameters():
+                param.grad = None
+    return flags
 
 
 def settings_mapping(method: Method) -> dict:

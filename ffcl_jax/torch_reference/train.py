@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from ffcl_jax import input_pipeline, methods, report, storage
 from ffcl_jax.torch_reference import losses, optim
-from ffcl_jax.torch_reference.methods import mirror, settings_mapping
+from ffcl_jax.torch_reference.methods import mirror, pause_members, settings_mapping
 
 
 def augment(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
@@ -139,6 +139,7 @@ def train_step(
         )
     optimizer.zero_grad(set_to_none=True)
     total.backward()
+    pause_members(cohort, settings_dict, terms)
     optimizer.step()
     schedule.step()
     if temporal_mean is not None:
