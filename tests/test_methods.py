@@ -19,6 +19,7 @@ from ffcl_jax.methods.kd import KDSettings
 from ffcl_jax.methods.kdcl import KDCLSettings
 from ffcl_jax.methods.pair import PairSettings, fused_feature_stages, taught_stages
 from ffcl_jax.methods.pcl import PCLSettings
+from ffcl_jax.methods.switokd import SwitOKDSettings
 from tests.conftest import tiny_config
 
 K = 5
@@ -34,6 +35,7 @@ SETTINGS_OF = {
     "cl_ilr": BranchSettings,
     "okddip": BranchSettings,
     "pcl": PCLSettings,
+    "switokd": SwitOKDSettings,
 }
 
 

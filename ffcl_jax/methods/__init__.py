@@ -18,6 +18,7 @@ from ffcl_jax.methods.kd import KD
 from ffcl_jax.methods.kdcl import KDCL
 from ffcl_jax.methods.pair import PairMethod
 from ffcl_jax.methods.pcl import PCL
+from ffcl_jax.methods.switokd import SwitOKD
 
 REGISTRY: dict[str, type[Method]] = {
     "independent": PairMethod,
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[Method]] = {
     "cl_ilr": BranchMethod,
     "okddip": BranchMethod,
     "pcl": PCL,
+    "switokd": SwitOKD,
 }
 
 __all__ = ["REGISTRY", "Cohort", "Method", "create", "setting_types"]
