@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ffcl_jax.methods import REGISTRY, Method
 from ffcl_jax.methods.pair import fused_feature_stages
 from ffcl_jax.models import NUM_STAGES
-from ffcl_jax.torch_reference import losses, models
+from ffcl_jax.torch_reference import losses, models, switokd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,7 @@ MIRRORS: dict[str, Mirror] = {
     "cl_ilr": _BRANCHES,
     "okddip": _BRANCHES,
     "pcl": _BRANCHES,
+    "switokd": Mirror(two_networks, switokd.objective, switokd.member_updates),
 }
 
 
