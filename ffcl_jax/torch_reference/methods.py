@@ -86,7 +86,7 @@ MIRRORS: dict[str, Mirror] = {
     "cl_ilr": _BRANCHES,
     "okddip": _BRANCHES,
     "pcl": _BRANCHES,
-    "switokd": Mirror(two_networks, switokd.objective, switokd.member_updates),
+    "switokd": Mirror(two_networks, switokd.objective, member_updates=switokd.member_updates),
 }
 
 

@@ -31,6 +31,8 @@ CASES: dict[str, dict] = {
     "cl_ilr": {"method": "cl_ilr"},
     "okddip": {"method": "okddip"},
     "pcl": {"method": "pcl"},
+    # Sharp switch distributions, so that the teacher is paused within the three steps.
+    "switokd": {"method": "switokd", "loss.switch_tau": 0.2},
 }
 STEPS = 3
 STEPS_PER_EPOCH = 2  # the ramp-up and the learning-rate decay both move within the three steps
