@@ -59,6 +59,7 @@ RESUMABLE_KEYS = frozenset(
         "data_dir",
         "idx_dir",
         "tensorboard_dir",
+        "compilation_cache_dir",
         "download",
         "eval_batch_size",
         "mesh.data",  # with global BatchNorm the device count does not change the maths

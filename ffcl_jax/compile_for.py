@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from ffcl_jax import input_pipeline, storage, train
+from ffcl_jax import compilation_cache, input_pipeline, storage, train
 from ffcl_jax.config_base import check_config, eval_batch_size
 from ffcl_jax.errors import UserError, parse_flags_or_exit
 from ffcl_jax.parallel import DataParallel
@@ -193,7 +193,7 @@ def compile_step(
     """Traces, lowers and compiles one jitted step for the mesh's platform; its report.
     `args[batch_position]` is the batch; every other argument is state."""
     started = time.perf_counter()
-    with jax.set_mesh(data_parallel.mesh):
+    with jax.set_mesh(data_parallel.mesh), compilation_cache.Counter() as cache:
         lowered = jitted.trace(*args).lower(lowering_platforms=(data_parallel.platform,))
         compiled = lowered.compile()
     seconds = time.perf_counter() - started
@@ -213,6 +213,8 @@ def compile_step(
     stablehlo = lowered.as_text()
     return {
         "compile_seconds": seconds,
+        # A hit loads the program an earlier process compiled: compile_seconds is then the load.
+        "compilation_cache": cache.summary(),
         "per_chip_batch": per_chip_batch,
         "state_replicated": all(s.is_fully_replicated for s in state_shardings),
         "memory_bytes": memory_report(compiled.memory_analysis(), chip),
@@ -334,8 +336,10 @@ def format_report(report: dict[str, Any]) -> str:
         ops = ", ".join(
             f"{op} x{c['count']} ({_mib(c['bytes'])})" for op, c in step["collectives"].items()
         )
+        cache = step.get("compilation_cache") or {}
+        how = "loaded from the compilation cache" if cache.get("hits") else "compiled"
         lines += [
-            f"{name}: compiled in {step['compile_seconds']:.1f} s; per-chip batch "
+            f"{name}: {how} in {step['compile_seconds']:.1f} s; per-chip batch "
             f"{step['per_chip_batch']['image']}; state replicated: {step['state_replicated']}",
             f"  memory per chip {_mib(memory['total'])} = {memory['fraction_of_hbm']:.1%} of HBM "
             f"(arguments {_mib(memory['arguments'])}, outputs {_mib(memory['outputs'])}, "
@@ -411,6 +415,9 @@ def run() -> None:
     def main_with_flags(argv):
         if config.value is None or not topology.value:
             _fail(f"--config and --topology are required (a topology: {TOPOLOGY_EXAMPLES})")
+        # Process setup, before anything compiles: a second compile of a slice loads the first.
+        cache_dir = compilation_cache.directory(config.value, compilation_cache.user_cache_base())
+        compilation_cache.configure(cache_dir)
         main(argv, config.value, topology.value, output.value)
 
     app.run(main_with_flags, flags_parser=parse_flags_or_exit)

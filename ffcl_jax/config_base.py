@@ -130,6 +130,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Bookkeeping. TensorBoard events go to WORKDIR/tensorboard unless this names another place
     # (a local folder or gs://, e.g. one bucket for the events of many runs).
     c.tensorboard_dir = config_dict.placeholder(str)
+    # JAX's persistent compilation cache (ffcl_jax.compilation_cache), which the command lines
+    # turn on so that a resumed or restarted run loads its compiled steps instead of compiling
+    # them again: None keeps them in WORKDIR/compilation_cache (or JAX_COMPILATION_CACHE_DIR when
+    # set), a folder or gs:// URI there, "none" nowhere.
+    c.compilation_cache_dir = config_dict.placeholder(str)
     c.seed = 0
     c.log_every_steps = 100
     c.eval_every_epochs = 1

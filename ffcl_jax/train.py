@@ -26,7 +26,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ffcl_jax import checkpoint, input_pipeline, methods, report, storage, xla_cpu
+from ffcl_jax import (
+    checkpoint,
+    compilation_cache,
+    input_pipeline,
+    methods,
+    report,
+    storage,
+    xla_cpu,
+)
 from ffcl_jax import workdir as workdir_lib
 from ffcl_jax.config_base import COMPUTE_DTYPES, check_config, eval_batch_size
 from ffcl_jax.errors import UserError
@@ -287,6 +295,8 @@ def train_and_evaluate(
     notes = [f"moved the earlier run to {moved}"] if moved else []
     fallback = xla_cpu.onednn_fallback_note(config, data_parallel.size)
     notes += [fallback] if fallback else []
+    notes.append(compilation_cache.describe())
+    compiled = compilation_cache.Counter()  # what this run loads from JAX's cache, or writes
     log = None
     try:
         with jax.set_mesh(data_parallel.mesh):
@@ -391,10 +401,12 @@ def train_and_evaluate(
             results["xla_compiler_options"] = xla_cpu.compiler_options(config)
             results["closed_form_batch_norm"] = xla_cpu.closed_form_batch_norm(config)
             results["onednn_kernels"] = setup.onednn_kernels
+            results["compilation_cache"] = compiled.summary()
             if is_chief:
                 report.write_outputs(workdir, config, results, log)
             return results
     finally:
+        compiled.close()
         if log is not None:
             log.close()
         watch.close()
