@@ -9,10 +9,14 @@ directory may be local or `gs://` (JAX reads and writes non-local caches through
 which the project installs).
 
 Turning it on sets JAX's process-wide `jax_compilation_cache_dir`, which only the owner of the
-process may do: the command lines (`python -m ffcl_jax.main`, `python -m ffcl_jax.compile_for`)
-call `configure` before anything compiles. Python code that calls `train.train_and_evaluate`
-keeps its own JAX settings; it may call `configure(directory(config, workdir))` first to get
-what the command line does. The trainer only reports what the process has (`Counter`).
+process may do: the command line (`python -m ffcl_jax.main`) calls `configure` before anything
+compiles. Python code that calls `train.train_and_evaluate` keeps its own JAX settings; it may
+call `configure(directory(config, workdir))` first to get what the command line does. The
+trainer only reports what the process has (`Counter`). `compile_for` does not turn it on: with
+jax 0.10.2 and libtpu 0.0.42.1 JAX writes the programs a compile-only TPU client compiles but
+cannot load them ("PjRtCompiler must be constructed with a Client to call
+DeserializeLoadedExecutable"), so a second compile of a slice costs what the first did
+(docs/performance.md).
 
 JAX writes only programs that took at least `jax_persistent_cache_min_compile_time_secs` (1 s) to
 compile: the steps, not the hundreds of small eager operations of model creation, which would
@@ -21,8 +25,6 @@ the processes that read it (JAX's warning): keep it where only you write, as a w
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 
@@ -50,13 +52,6 @@ def directory(config, base=None) -> str | None:
     if value.strip().lower() in OFF:
         return None
     return str(storage.path(value))
-
-
-def user_cache_base() -> str:
-    """The user's cache folder for this project ($XDG_CACHE_HOME or ~/.cache, then ffcl_jax):
-    where `compile_for`, which has no workdir, keeps compiled programs by default."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "ffcl_jax")
 
 
 def configure(path: str | None) -> None:

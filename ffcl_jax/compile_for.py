@@ -213,7 +213,8 @@ def compile_step(
     stablehlo = lowered.as_text()
     return {
         "compile_seconds": seconds,
-        # A hit loads the program an earlier process compiled: compile_seconds is then the load.
+        # No hits here: JAX's persistent cache writes programs compiled for a compile-only
+        # TPU client but cannot load them (docs/performance.md); counted in case it learns to.
         "compilation_cache": cache.summary(),
         "per_chip_batch": per_chip_batch,
         "state_replicated": all(s.is_fully_replicated for s in state_shardings),
@@ -415,9 +416,6 @@ def run() -> None:
     def main_with_flags(argv):
         if config.value is None or not topology.value:
             _fail(f"--config and --topology are required (a topology: {TOPOLOGY_EXAMPLES})")
-        # Process setup, before anything compiles: a second compile of a slice loads the first.
-        cache_dir = compilation_cache.directory(config.value, compilation_cache.user_cache_base())
-        compilation_cache.configure(cache_dir)
         main(argv, config.value, topology.value, output.value)
 
     app.run(main_with_flags, flags_parser=parse_flags_or_exit)
