@@ -39,7 +39,7 @@ from ffcl_jax import workdir as workdir_lib
 from ffcl_jax.config_base import COMPUTE_DTYPES, check_config, eval_batch_size
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import Method
-from ffcl_jax.parallel import DataParallel
+from ffcl_jax.parallel import DataParallel, small_batch_warning
 from ffcl_jax.steps import (
     TrainState,
     create_train_state,
@@ -296,6 +296,8 @@ def train_and_evaluate(
     fallback = xla_cpu.onednn_fallback_note(config, data_parallel.size)
     notes += [fallback] if fallback else []
     notes.append(compilation_cache.describe())
+    few_images = small_batch_warning(config.batch_size, data_parallel.size, data_parallel.platform)
+    notes += [few_images] if few_images else []
     compiled = compilation_cache.Counter()  # what this run loads from JAX's cache, or writes
     log = None
     try:
