@@ -127,7 +127,7 @@ def config_differences(
     excepted."""
     before, now = {**ADDED_KEYS, **flat_config(saved)}, flat_config(config)
     resumable = set(RESUMABLE_KEYS)
-    if now.get("batch_norm") == "per_device":
+    if now.get("batch_norm") != "global":  # per_device or groups:N
         resumable.discard("mesh.data")  # the device count is then part of the normalisation
     if before.get("loss.rampup_epochs") is not None and now.get("loss.rampup_epochs") is not None:
         resumable.add("protocol_rampup_epochs")  # an explicit loss.rampup_epochs overrides it

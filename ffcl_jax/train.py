@@ -36,7 +36,12 @@ from ffcl_jax import (
     xla_cpu,
 )
 from ffcl_jax import workdir as workdir_lib
-from ffcl_jax.config_base import COMPUTE_DTYPES, check_config, eval_batch_size
+from ffcl_jax.config_base import (
+    COMPUTE_DTYPES,
+    batch_norm_groups,
+    check_config,
+    eval_batch_size,
+)
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import Method
 from ffcl_jax.parallel import DataParallel, small_batch_warning
@@ -140,9 +145,9 @@ def build(
     platform = data_parallel.platform if data_parallel is not None else jax.default_backend()
     kernels = xla_cpu.layer_kernels(config, num_devices, platform)
     per_device_mesh = None
-    if config.batch_norm == "per_device":
+    if config.batch_norm != "global":  # per_device, or groups:N of devices
         if data_parallel is None:
-            raise ValueError("batch_norm='per_device' needs the data-parallel mesh")
+            raise ValueError(f"batch_norm={config.batch_norm!r} needs the data-parallel mesh")
         per_device_mesh = data_parallel.mesh
     setup = Setup(
         method=method,
@@ -158,6 +163,7 @@ def build(
             steps_per_epoch,
             per_device_mesh,
             kernels,
+            batch_norm_groups(config.batch_norm, num_devices),
         ),
         eval_step=make_eval_step(graphdef, method, info, kernels),
         loss_terms=loss_term_names(
