@@ -66,18 +66,19 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA:CPU only, what YNNPACK fusions take: "eltwise_reduce" (elementwise ops, which keeps a
     # deep ResNet's backward pass linear in depth, and reductions), "reduce" (BatchNorm's
     # reductions only), "eltwise", "dot", "xla_default", or "auto" (eltwise_reduce when a network
-    # has >= 5 blocks a stage, else reduce). See train.compiler_options.
+    # has >= 5 blocks a stage, else reduce). See xla_cpu.compiler_options.
     c.xla_cpu_ynn_fusion = "auto"
     # BatchNorm's training backward: "closed_form" (two per-channel sums; faster for deep
     # networks on XLA:CPU), "autodiff" (JAX differentiates the forward), or "auto" (closed_form
-    # on the CPU backend when a network has >= 5 blocks a stage). See train.closed_form_batch_norm.
+    # on the CPU backend when a network has >= 5 blocks a stage).
+    # See xla_cpu.closed_form_batch_norm.
     # Float32 layers on the CPU kernels (cpu_kernels below) use the kernel's own backward.
     c.batch_norm_backward = "auto"
     # XLA:CPU inlines called computations after its fusion pass, which lets its simplifier drop
     # some copies (demo pair's step 1.11x faster, cifar100 pair's 1.03x). XLA reads this only from
     # XLA_FLAGS when JAX starts its backend: the CLI and the benchmarks set it first; a process
     # whose backend already runs, or whose XLA_FLAGS already set xla_backend_extra_options, keeps
-    # what it has. See train.set_process_xla_flags.
+    # what it has. See xla_cpu.process_xla_flags.
     c.xla_cpu_flatten_after_fusion = True
     # Convolutions and training-mode BatchNorm on the CPU: "onednn" (ffcl_jax.cpu_kernels:
     # oneDNN's convolutions and a double-sum BatchNorm with its ReLU fused, through jax.ffi,
