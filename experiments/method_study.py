@@ -25,8 +25,8 @@ Each run is one `python -m ffcl_jax.main` subprocess in its own workdir under `-
 whose results exist (there, or as the committed copy under `<output>_runs/`) is skipped, and an
 interrupted one resumes from its checkpoint. Seeds run in order (every configuration's seed 0
 first), so an interrupted grid has whole seeds. The report (`<output>.json`, and the selection
-section of `experiments/results/fashion_mnist.md` between its `selection` markers) lists every
-configuration, its validation accuracies per seed, and the selection.
+section of `experiments/results/archive/fashion_mnist_method_study.md` between its `selection`
+markers) lists every configuration, its validation accuracies per seed, and the selection.
 """
 
 from __future__ import annotations
@@ -381,11 +381,13 @@ def parse_args(argv=None):
     parser.add_argument("--root", default=os.path.join(ROOT, "workdirs", "method_study"))
     parser.add_argument(
         "--output",
-        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist_selection"),
+        default=os.path.join(ROOT, "experiments", "results", "archive", "fashion_mnist_selection"),
     )
     parser.add_argument(
         "--study_file",
-        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist.md"),
+        default=os.path.join(
+            ROOT, "experiments", "results", "archive", "fashion_mnist_method_study.md"
+        ),
     )
     parser.add_argument("--validation_size", type=int, default=VALIDATION_SIZE)
     parser.add_argument(
@@ -402,7 +404,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--final_output",
-        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist_final"),
+        default=os.path.join(ROOT, "experiments", "results", "archive", "fashion_mnist_final"),
     )
     parser.add_argument(
         "--readme",

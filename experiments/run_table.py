@@ -35,7 +35,9 @@ from ffcl_jax.methods import REGISTRY
 
 MODELS = ("student", "teacher", "fused", "ensemble")
 # Where --readme writes the summary table (this driver's table is the 2026-11-25 one).
-TABLE_DOC = os.path.join(ROOT, "docs", "fashion_mnist_2026-11-25.md")
+TABLE_DOC = os.path.join(
+    ROOT, "experiments", "results", "archive", "fashion_mnist_2026-11-25_reading.md"
+)
 
 
 RUNS = (

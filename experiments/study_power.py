@@ -2,7 +2,7 @@
 
     python experiments/study_power.py
 
-Reads the first study's final runs (`experiments/results/fashion_mnist_final.json`: 5 seeds,
+Reads the first study's final runs (`experiments/results/archive/fashion_mnist_final.json`: 5 seeds,
 the JAX runs), takes the standard deviation over seeds of FFCL's student minus each baseline's
 (paired by seed), and prints the seeds a two-sided paired t-test needs to see a 0.3-point
 difference with 80% power at Holm's strictest level (0.05 / the number of primary
@@ -38,7 +38,8 @@ def paired_spreads(path: str, baselines: tuple[str, ...]) -> dict[str, float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--first_study", default=os.path.join(ROOT, "experiments/results/fashion_mnist_final.json")
+        "--first_study",
+        default=os.path.join(ROOT, "experiments/results/archive/fashion_mnist_final.json"),
     )
     parser.add_argument("--delta", type=float, default=0.3, help="difference to see, points")
     parser.add_argument("--comparisons", type=int, default=9, help="primary comparisons (Holm)")
