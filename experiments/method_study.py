@@ -37,13 +37,12 @@ import os
 import statistics
 
 import readme_block  # experiments/, beside this script
-import run_table
 import study_runs
 import study_stats
 
 ROOT = study_runs.ROOT
 VALIDATION_SIZE = 5000
-MODELS = run_table.MODELS
+MODELS = ("student", "teacher", "fused", "ensemble")
 
 
 def _grid_run(method: str, name: str, overrides: dict, description: str) -> study_runs.Run:
@@ -284,7 +283,7 @@ def final_report(
                 )
 
     def of(name, framework="jax"):
-        return run_table.runs_of(records, name, framework)
+        return study_runs.runs_of(records, name, framework)
 
     def students(name, framework="jax"):
         return [r["summary"]["student"]["last"] for r in of(name, framework)]
@@ -334,7 +333,7 @@ def final_report(
         lines.append(study_stats.difference_row(f"{name}: pytorch - jax (unpaired, Welch)", diff))
     curves = os.path.basename(final_args.output) + "_student.png"
     if records:
-        run_table.plot_students(
+        study_runs.plot_students(
             records, final_args.output + "_student.png", tuple(run for run, _ in rows)
         )
         lines += ["", f"Student test top-1 per epoch, mean over seeds: `{curves}`."]
