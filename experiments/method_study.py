@@ -55,7 +55,7 @@ def _grid_run(method: str, name: str, overrides: dict, description: str) -> stud
 # positions (every stage weighted equally), 1 for the fused-map distance (bounded in [0, 4]).
 # lam_reg 1 is today's default; 0.1 is a tenth (Tf-KD weighs its KL by 10/K = 1 against 0.9 CE
 # at K = 10, so both lie within the range its authors used). `stage_fusion` is not in the grid:
-# its step costs 1.78x attention's on the demo pair (docs/performance.md), over the 1.3x the
+# its step costs 1.78x attention's on the demo pair (docs/performance_log.md), over the 1.3x the
 # study allowed.
 FEATURE_FORMS = {
     "att": ({"feat_form": "attention"}, "attention transfer, summed over positions, lam_feat 1"),
