@@ -10,59 +10,27 @@ from __future__ import annotations
 import glob
 import json
 import os
-import platform
 
 import readme_block  # experiments/, beside this module
+
+from ffcl_jax.machine import cpu_isa, machine  # noqa: F401  (the benchmarks' machine record)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 README = os.path.join(ROOT, "docs", "performance.md")  # holds the bench table
 
 
-def cpu_isa(cpu_flags: set[str], arch: str) -> str:
-    """The widest vector extension among the CPU's flags ("AVX-512", "AVX2"; else the
-    architecture). It belongs in the machine description: this project's 2-core machines have
-    come as AVX-512 and as AVX2 EPYCs of the same model name, whose step times differ 2x and
-    whose fastest XLA:CPU setting differs too (README, Speed)."""
-    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
-        if flag in cpu_flags:
-            return name
-    return arch
-
-
-def machine() -> dict:
-    cpu, cpu_flags = platform.processor() or "cpu", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name":
-                    cpu = value.strip()
-                elif key in ("flags", "Features"):  # x86, arm
-                    cpu_flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "isa": cpu_isa(cpu_flags, platform.machine()),
-        "cores": os.cpu_count(),
-        "system": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
-    }
-
-
 def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
     """One file per pair, batch, device (a CPU by its ISA) and setting."""
     flags_tag = "_xlaflags" if os.environ.get("XLA_FLAGS") else ""
-    if config.get("xla_cpu_ynn_fusion", "auto") != "auto":
-        flags_tag += f"_ynn_{config.xla_cpu_ynn_fusion}"
-    if not config.get("xla_cpu_flatten_after_fusion", True):
+    if config.cpu.ynn_fusion != "auto":
+        flags_tag += f"_ynn_{config.cpu.ynn_fusion}"
+    if not config.cpu.flatten_after_fusion:
         flags_tag += "_noflatten"
-    if config.get("cpu_kernels", "auto") != "auto":
-        flags_tag += f"_kernels_{config.cpu_kernels}"
-    if config.get("batch_norm_backward", "auto") != "auto":
-        flags_tag += f"_bn_{config.batch_norm_backward}"
+    if config.cpu.kernels != "auto":
+        flags_tag += f"_kernels_{config.cpu.kernels}"
+    if config.cpu.batch_norm_backward != "auto":
+        flags_tag += f"_bn_{config.cpu.batch_norm_backward}"
     if config.compute_dtype != "float32":
         flags_tag += f"_{config.compute_dtype}"
     if config.data_on_device:

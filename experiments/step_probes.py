@@ -123,8 +123,8 @@ def profile_step(config, top: int) -> str:
     cpu = bench_results.machine()
     return "\n\n".join(
         [
-            f"{config.teacher} + {config.student}, batch {config.batch_size}, cpu_kernels="
-            f"{config.cpu_kernels}; {cpu['cpu']} ({cpu['isa']})",
+            f"{config.teacher} + {config.student}, batch {config.batch_size}, cpu.kernels="
+            f"{config.cpu.kernels}; {cpu['cpu']} ({cpu['isa']})",
             "By kind:\n" + table(by_kind(rows)[:top], wall_ms),
             "Longest ops:\n" + table(rows[:top], wall_ms),
         ]

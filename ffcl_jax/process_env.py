@@ -10,8 +10,9 @@ starts, so the command line (`python -m ffcl_jax.main`, never `main.run()` calle
 restarts itself with it (`exec`, same PID and command line) and the benchmarks start their
 workers with it; nothing in the library changes the environment. Only where it takes effect:
 glibc 2.35 or later (older ones ignore the tunable) with transparent huge pages not `never`
-(malloc asks for them with madvise, which `never` refuses). `FFCL_MALLOC_HUGEPAGES=0` keeps a
-process as it is.
+(malloc asks for them with madvise, which `never` refuses). `--config.cpu.hugepage_malloc=false`
+keeps the command line's process as it is, `FFCL_MALLOC_HUGEPAGES=0` any process (the
+benchmarks' workers too).
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ def test_benchmark_result_names_keep_settings_apart(monkeypatch):
     assert bench_results.result_name(config, "NVIDIA H100 80GB HBM3", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_gpu_bfloat16_ondevice"  # the host's ISA is not the GPU's
     )
-    config.update(batch_norm_backward="autodiff")
+    config.cpu.batch_norm_backward = "autodiff"
     assert bench_results.result_name(config, "1 x cpu", synthetic=False) == (
         "bench_resnet110_resnet32_b128_cpu_bn_autodiff_bfloat16_ondevice"
     )
@@ -237,7 +237,7 @@ def test_benchmark_result_names_keep_settings_apart(monkeypatch):
     from ffcl_jax import process_env
 
     config = get_config()
-    config.cpu_kernels = "xla"
+    config.cpu.kernels = "xla"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     monkeypatch.setattr(process_env, "hugepage_malloc_takes_effect", lambda: True)
     assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
@@ -302,7 +302,7 @@ def test_profile_mode_lists_where_the_step_spends_its_time(kernels):
     if kernels == "onednn" and not cpu_kernels.available():
         pytest.skip(f"oneDNN kernels: {cpu_kernels.unavailable_reason()}")
     args = ["--modes=profile", *TINY, "--config.batch_size=8", "--top=40"]
-    out = run_script("bench_step.py", *args, f"--config.cpu_kernels={kernels}")
+    out = run_script("bench_step.py", *args, f"--config.cpu.kernels={kernels}")
     by_kind, longest = out.split("Longest ops:")
     rows = [line.split(" | ") for line in by_kind.splitlines() if line.startswith("| ")][1:]
     assert rows and all(float(row[0].strip("| ")) >= 0 for row in rows)

@@ -14,7 +14,7 @@ XLA's pairwise reductions where a gradient nearly cancels over a channel. Ours s
 `available()` says whether the library is built (compiling it into a cache on first use, see
 `build.py`) and registered; `unavailable_reason()` says why not. The trainer hands the ops to
 the layers (`xla_cpu.layer_kernels`, through `models.layers.LayerKernels`) when
-`config.cpu_kernels` asks for them; the models never import them.
+`config.cpu.kernels` asks for them; the models never import them.
 """
 
 from __future__ import annotations
