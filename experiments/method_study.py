@@ -17,9 +17,9 @@ method's selection over the seeds every grid configuration finished, the full tr
 test top-1 at the last epoch: independent, KD, DML, FFL and FFCL (selected) for 5 seeds, the
 selected FFCL with each of its terms off for 3, and the PyTorch reference's independent and
 selected FFCL for 5 (`final_runs`); its table goes between the `final` markers of the study file
-and `<final_output>.json`, its student curves to `<final_output>_student.png`, and its summary
-(the five methods and FFCL's paired differences) between the README's `fashion-mnist-study`
-markers (`--readme`).
+and `<final_output>.json`, its student curves to `<final_output>_student.png`, and with
+`--readme=FILE` its summary (the five methods and FFCL's paired differences) between FILE's
+`fashion-mnist-study` markers (the README showed it until the study was archived).
 
 Each run is one `python -m ffcl_jax.main` subprocess in its own workdir under `--root`; a run
 whose results exist (there, or as the committed copy under `<output>_runs/`) is skipped, and an
@@ -407,8 +407,8 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--readme",
-        default=readme_block.README,
-        help="the file whose fashion-mnist-study block gets the final table's summary",
+        default=None,
+        help="a file whose fashion-mnist-study block gets the final table's summary",
     )
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)
