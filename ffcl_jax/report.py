@@ -340,6 +340,19 @@ def weights_sha256(cohort) -> str:
     return digest.hexdigest()
 
 
+def batch_sha256(images, labels) -> str:
+    """A digest of a training batch: uint8 NHWC images (views before H, W, C) and labels. The
+    JAX trainer and a PyTorch reference run on its batches (`reference_from_jax`) record the
+    same one for their first batch."""
+    import hashlib
+
+    images = np.ascontiguousarray(np.asarray(images, np.uint8))
+    digest = hashlib.sha256(repr(images.shape).encode())
+    digest.update(images.tobytes())
+    digest.update(np.ascontiguousarray(np.asarray(labels, np.int64)).tobytes())
+    return digest.hexdigest()
+
+
 def settings_line(method) -> str:
     """The run's second line: every setting of the method as it resolved (defaults included)."""
     values = ", ".join(f"{k}={v}" for k, v in method.settings_dict().items())

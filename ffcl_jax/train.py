@@ -235,6 +235,7 @@ def new_progress() -> dict[str, Any]:
         "wall_seconds": 0.0,
         "first_step_seconds": None,
         "resumed_at_steps": [],
+        "first_batch_sha256": None,  # report.batch_sha256 of this process's first batch
     }
 
 
@@ -363,6 +364,10 @@ def train_and_evaluate(
                 batch_in_epoch = skip if epoch == start_epoch else 0
                 clock.start_interval(step)
                 for local_batch in train_data.epoch(epoch, skip_batches=batch_in_epoch):
+                    if step == 0:
+                        progress["first_batch_sha256"] = report.batch_sha256(
+                            local_batch["image"], local_batch["label"]
+                        )
                     state, metrics = train_step(state, data_parallel.global_batch(local_batch))
                     step, batch_in_epoch = step + 1, batch_in_epoch + 1
                     pending.append(metrics)
@@ -399,6 +404,7 @@ def train_and_evaluate(
             results["onednn_kernels"] = setup.onednn_kernels
             results["machine"] = machine.machine()
             results["initial_weights_sha256"] = setup.initial_weights_sha256
+            results["first_batch_sha256"] = progress.get("first_batch_sha256")
             if is_chief:
                 report.write_outputs(workdir, config, results, log)
             return results

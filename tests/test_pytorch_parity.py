@@ -23,7 +23,7 @@ import pytest
 import torch
 from flax import nnx
 
-from ffcl_jax import convert, export, input_pipeline, methods, models, train
+from ffcl_jax import convert, export, input_pipeline, methods, models, report, train
 from ffcl_jax.torch_reference import methods as torch_methods
 from ffcl_jax.torch_reference import models as torch_models
 from ffcl_jax.torch_reference import optim as torch_optim
@@ -471,6 +471,9 @@ def test_reference_loop_trains_and_reports_like_the_jax_trainer(fmnist_dir, tmp_
     results = train_and_evaluate(config, str(tmp_path))
     assert [row["epoch"] for row in results["history"]] == [1, 2]
     assert set(results["summary"]) == {"student", "teacher", "fused", "ensemble"}
+    # Its own initialisation (no JAX weights to pair with); the batch it started on.
+    assert results["initial_weights_sha256"] is None
+    assert len(results["first_batch_sha256"]) == 64
     # Above chance (10%) on the toy classes after 16 steps, and the supervised loss falls.
     assert max(results["history"][-1][k] for k in ("teacher", "student")) > 0.2
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -568,6 +571,9 @@ def test_reference_from_jax_starts_from_the_jax_weights_and_trains_on_its_batche
         x, y = next(reference.epoch_batches(*reference.as_tensors(images, labels), config, 1, 1))
     same = np.array_equal(x.numpy(), np.moveaxis(ours["image"], -1, 1))
     assert same == from_jax and np.array_equal(y.numpy(), ours["label"]) == from_jax
+    # The digests the two loops record of their first batch (NHWC whatever the framework).
+    theirs = report.batch_sha256(np.moveaxis(x.numpy(), -3, -1), y.numpy())
+    assert (theirs == report.batch_sha256(ours["image"], ours["label"])) == from_jax
 
 
 def test_reference_loop_holds_out_the_same_validation_split(fmnist_dir, tmp_path):

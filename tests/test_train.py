@@ -398,6 +398,8 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     assert results["machine"]["isa"] == isa and results["machine"]["cores"] == os.cpu_count()
     kernels = "oneDNN" if auto_onednn else "XLA"
     assert f"cpu device(s) ({isa}, {kernels} kernels) in 1 process(es)" in proc.stdout
+    # What a paired PyTorch reference run (reference_from_jax) records the same of.
+    assert len(results["initial_weights_sha256"]) == len(results["first_batch_sha256"]) == 64
     # config.json holds the method's settings as they resolved, not None.
     written = json.loads((workdir / "config.json").read_text())
     assert written["loss"]["tau"] == results["method_settings"]["tau"] is not None

@@ -252,7 +252,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
         )
 
     images_nchw, labels_all = as_tensors(train_images, train_labels)
-    history, start, step = [], time.time(), 0
+    history, start, step, first_batch = [], time.time(), 0, None
     with (workdir / "metrics.jsonl").open("w") as log:
         for epoch in range(config.num_epochs):
             cohort.train()
@@ -261,6 +261,8 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
             else:
                 batches = epoch_batches(images_nchw, labels_all, config, epoch, spe, num_views)
             for x, y in batches:
+                if step == 0:
+                    first_batch = report.batch_sha256(np.moveaxis(x.numpy(), -3, -1), y.numpy())
                 total, terms = train_step(
                     cohort,
                     optimizer,
@@ -308,6 +310,7 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
         # The JAX run of this seed records the same digest when this run started from its
         # weights (`reference_from_jax`); None: PyTorch's own initialisation.
         "initial_weights_sha256": settings_dict["initial_weights_sha256"],
+        "first_batch_sha256": first_batch,  # the JAX run's, when on its batches
     }
     storage.write_text(workdir / "results.json", json.dumps(results, indent=2))
     print(report.format_table(results["summary"], eval_split, final_test))
