@@ -62,7 +62,7 @@ def compare_settings(
 
     from ffcl_jax import parallel, xla_cpu
 
-    if key.startswith("xla_cpu") and jax.default_backend() != "cpu":
+    if key.startswith("cpu.") and jax.default_backend() != "cpu":
         raise SystemExit("these are XLA:CPU settings; run this on the CPU backend")
     mesh = parallel.DataParallel()
     runs = {}
