@@ -2,7 +2,7 @@
 
     python experiments/bench_step.py --config=configs/fashion_mnist.py            # demo pair
     python experiments/bench_step.py --config=configs/cifar100.py --modes=step     # default pair
-    python experiments/bench_step.py --readme      # rewrite docs/performance.md's table
+    python experiments/bench_step.py --readme      # rewrite docs/performance.md's tables
     python experiments/bench_step.py --modes=compare --settings=xla_default,reduce   # JAX alone
     python experiments/bench_step.py --modes=checkpoint --config=configs/cifar100.py --repeats=3
 
@@ -99,7 +99,9 @@ def define_flags() -> None:
     flags.DEFINE_list("frameworks", ["jax", "pytorch"], "Which sides to run.")
     flags.DEFINE_integer("turns", 1, "Step/epoch: alternate the framework workers this often.")
     flags.DEFINE_string("output", None, "JSON path (default: experiments/results/bench_...)")
-    flags.DEFINE_bool("readme", False, "Only rewrite the README table from the results.")
+    flags.DEFINE_bool(
+        "readme", False, "Only rewrite docs/performance.md's tables from the results."
+    )
     flags.DEFINE_string("worker", None, "Internal: run one framework and print JSON.")
     flags.DEFINE_string("torch_device", None, "PyTorch device (default: cuda if present).")
     flags.DEFINE_string("key", "cpu.ynn_fusion", "compare: the config key (dotted if nested).")
@@ -409,6 +411,7 @@ def main(argv):
         return
     if FLAGS.readme:
         bench_results.write_readme()
+        bench_results.write_compile_for_table()
         return
     if {"compare", "checkpoint", "profile"} & set(FLAGS.modes):  # JAX alone, in this process
         from ffcl_jax import xla_cpu

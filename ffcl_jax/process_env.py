@@ -5,7 +5,7 @@ glibc hands allocations that large back to the kernel when freed: the next step 
 pages and takes a page fault per 4 KiB (82,000 a step for the demo pair). With glibc's
 `glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages there (2 MiB each),
 which removes nearly all of them (700 a step) and makes the demo step 1.15-1.35x faster
-(docs/performance.md, "Huge pages for malloc"). glibc reads the tunable only when a process
+(docs/performance_log.md, "Huge pages for malloc"). glibc reads the tunable only when a process
 starts, so the command line (`python -m ffcl_jax.main`, never `main.run()` called from Python)
 restarts itself with it (`exec`, same PID and command line) and the benchmarks start their
 workers with it; nothing in the library changes the environment. Only where it takes effect:

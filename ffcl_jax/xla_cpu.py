@@ -2,7 +2,7 @@
 
 Everything here is about speed on the CPU backend (on GPU and TPU, `compiler_options` is None and
 the closed-form BatchNorm backward is off unless asked for); the measurements behind each choice
-are in docs/performance.md.
+are in docs/performance_log.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ffcl_jax.models.layers import LayerKernels
 # convolutions to YNNPACK, whose kernels are 2x slower there than XLA's own (Eigen); keeping only
 # the reductions (BatchNorm's statistics) in YNNPACK makes the demo pair's step 1.15x faster and,
 # with the elementwise ops, the cifar100 pair's 1.05x (bench_step.py --modes=compare).
-# Measurements: docs/performance.md. Only XLA:CPU reads these options; each replaces
+# Measurements: docs/performance_log.md. Only XLA:CPU reads these options; each replaces
 # XLA's default list of YNNPACK fusion types.
 CPU_YNN_FUSION = {
     "eltwise_reduce": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",

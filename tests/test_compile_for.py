@@ -15,7 +15,7 @@ from tests.helpers.cli import run_python
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install -e '.[tpu]'; scripts/setup.sh installs it)",
+    reason="libtpu is not installed: pip install -e '.[tpu]' (FFCL_SETUP_TPU=1 scripts/setup.sh)",
 )
 
 

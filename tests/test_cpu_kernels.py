@@ -150,7 +150,7 @@ def test_batch_norm_kernel_passes_a_nan_on():
 def test_batch_norm_kernel_is_exact_where_sums_cancel():
     """Where the incoming gradient nearly cancels over a channel (a shift's gradient at a
     BatchNorm followed by another), plain float32 sums lose most digits: oneDNN's BatchNorm was
-    1.4e-3 of scale from float64 here, against XLA's 9e-6 (docs/performance.md). The kernel sums
+    1.4e-3 of scale from float64 here, against XLA's 9e-6 (docs/performance_log.md). The kernel sums
     in double, so it must be at least as exact as XLA's pairwise reductions."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 28, 28, 16)) * 2 + 0.5
