@@ -60,6 +60,7 @@ RESUMABLE_KEYS = frozenset(
         "data_dir",
         "idx_dir",
         "tensorboard_dir",
+        "compilation_cache_dir",
         "download",
         "eval_batch_size",
         "mesh.data",  # with global BatchNorm the device count does not change the maths
@@ -166,7 +167,7 @@ def config_differences(
     before = {**ADDED_KEYS, **current_key_names(flat_config(saved))}
     now = flat_config(config)
     resumable = set(RESUMABLE_KEYS)
-    if now.get("batch_norm") == "per_device":
+    if now.get("batch_norm") != "global":  # per_device or groups:N
         resumable.discard("mesh.data")  # the device count is then part of the normalisation
     before_resolved, now_resolved = with_method_settings(before), with_method_settings(now)
     if before_resolved is not None and now_resolved is not None:

@@ -18,7 +18,28 @@ from ffcl_jax.errors import UserError
 # float64 is for exact comparisons (a float64 reference, such as the PyTorch one in the parity
 # tests), not for speed: it needs 64-bit JAX (`jax_enable_x64`), which the CLI turns on for it.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-BATCH_NORM_MODES = ("global", "per_device")
+BATCH_NORM_MODES = ("global", "per_device", "groups:N")
+
+
+def batch_norm_groups(mode: str, num_devices: int) -> list[list[int]] | None:
+    """The device groups whose rows share BatchNorm statistics under `batch_norm="groups:N"`:
+    N consecutive devices of the mesh each; None for the other modes. Raises `UserError` for
+    a mode that is none of `BATCH_NORM_MODES`, or an N that does not divide the devices."""
+    if mode in ("global", "per_device"):
+        return None
+    size = mode.removeprefix("groups:")
+    if not mode.startswith("groups:") or not size.isdigit() or int(size) < 1:
+        raise UserError(
+            f"unknown config.batch_norm {mode!r}; valid: global, per_device, or groups:N "
+            "(statistics over groups of N devices, for example groups:4)"
+        )
+    size = int(size)
+    if num_devices % size:
+        raise UserError(
+            f"config.batch_norm={mode!r}: groups of {size} devices do not divide the "
+            f"{num_devices} devices; use a divisor of {num_devices}"
+        )
+    return [list(range(start, start + size)) for start in range(0, num_devices, size)]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -121,8 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Devices. The batch is split over the `data` axis of a `jax.make_mesh` mesh; -1 = every
     # device of every process. BatchNorm statistics: "global" (SyncBN: statistics over the whole
-    # global batch, what jit over a sharded batch computes) or "per_device" (each device's rows
-    # normalised with their own statistics, as PyTorch DDP without SyncBatchNorm).
+    # global batch, what jit over a sharded batch computes), "per_device" (each device's rows
+    # normalised with their own statistics, as PyTorch DDP without SyncBatchNorm) or "groups:N"
+    # (statistics over the rows of each group of N consecutive devices; docs/method.md).
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.batch_norm = "global"
@@ -138,6 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Bookkeeping. TensorBoard events go to WORKDIR/tensorboard unless this names another place
     # (a local folder or gs://, e.g. one bucket for the events of many runs).
     c.tensorboard_dir = config_dict.placeholder(str)
+    # JAX's persistent compilation cache (ffcl_jax.compilation_cache), which the command lines
+    # turn on so that a resumed or restarted run loads its compiled steps instead of compiling
+    # them again: None keeps them in WORKDIR/compilation_cache (or JAX_COMPILATION_CACHE_DIR when
+    # set), a folder or gs:// URI there, "none" nowhere.
+    c.compilation_cache_dir = config_dict.placeholder(str)
     c.seed = 0
     c.log_every_steps = 100
     c.eval_every_epochs = 1
@@ -257,9 +284,6 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods
             raise UserError(
                 f"unknown config.cpu.{key} {config.cpu[key]!r}; valid: {', '.join(valid)}"
             )
-    if config.batch_norm not in BATCH_NORM_MODES:
-        raise UserError(
-            f"unknown config.batch_norm {config.batch_norm!r}; valid: {', '.join(BATCH_NORM_MODES)}"
-        )
+    batch_norm_groups(config.batch_norm, num_devices)
     method.check_config(config)
     return method

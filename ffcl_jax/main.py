@@ -87,7 +87,7 @@ def main(argv) -> None:
         sys.exit(2)
     restart_if_asked(_CONFIG.value)
     logging.set_verbosity(logging.WARNING)
-    from ffcl_jax import xla_cpu
+    from ffcl_jax import compilation_cache, xla_cpu
     from ffcl_jax.errors import UserError
     from ffcl_jax.input_pipeline import import_tensorflow
     from ffcl_jax.train import train_and_evaluate
@@ -103,6 +103,8 @@ def main(argv) -> None:
         jax.config.update("jax_enable_x64", True)
     import_tensorflow()
     _initialize_distributed()
+    # Before anything compiles: a resumed or restarted run loads the steps it compiled before.
+    compilation_cache.configure(compilation_cache.directory(_CONFIG.value, _WORKDIR.value))
     try:
         train_and_evaluate(
             _CONFIG.value,

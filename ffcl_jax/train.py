@@ -26,12 +26,26 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ffcl_jax import checkpoint, input_pipeline, machine, methods, report, storage, xla_cpu
+from ffcl_jax import (
+    checkpoint,
+    compilation_cache,
+    input_pipeline,
+    machine,
+    methods,
+    report,
+    storage,
+    xla_cpu,
+)
 from ffcl_jax import workdir as workdir_lib
-from ffcl_jax.config_base import COMPUTE_DTYPES, check_config, eval_batch_size
+from ffcl_jax.config_base import (
+    COMPUTE_DTYPES,
+    batch_norm_groups,
+    check_config,
+    eval_batch_size,
+)
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import Method
-from ffcl_jax.parallel import DataParallel
+from ffcl_jax.parallel import DataParallel, small_batch_warning
 from ffcl_jax.steps import (
     TrainState,
     create_train_state,
@@ -135,9 +149,9 @@ def build(
     platform = data_parallel.platform if data_parallel is not None else jax.default_backend()
     kernels = xla_cpu.layer_kernels(config, num_devices, platform)
     per_device_mesh = None
-    if config.batch_norm == "per_device":
+    if config.batch_norm != "global":  # per_device, or groups:N of devices
         if data_parallel is None:
-            raise ValueError("batch_norm='per_device' needs the data-parallel mesh")
+            raise ValueError(f"batch_norm={config.batch_norm!r} needs the data-parallel mesh")
         per_device_mesh = data_parallel.mesh
     setup = Setup(
         method=method,
@@ -153,6 +167,7 @@ def build(
             steps_per_epoch,
             per_device_mesh,
             kernels,
+            batch_norm_groups(config.batch_norm, num_devices),
         ),
         eval_step=make_eval_step(graphdef, method, info, kernels),
         loss_terms=loss_term_names(
@@ -292,6 +307,10 @@ def train_and_evaluate(
     notes = [f"moved the earlier run to {moved}"] if moved else []
     fallback = xla_cpu.onednn_fallback_note(config, data_parallel.size)
     notes += [fallback] if fallback else []
+    notes.append(compilation_cache.describe())
+    few_images = small_batch_warning(config.batch_size, data_parallel.size, data_parallel.platform)
+    notes += [few_images] if few_images else []
+    compiled = compilation_cache.Counter()  # what this run loads from JAX's cache, or writes
     log = None
     try:
         with jax.set_mesh(data_parallel.mesh):
@@ -402,6 +421,7 @@ def train_and_evaluate(
             results["xla_compiler_options"] = xla_cpu.compiler_options(config)
             results["closed_form_batch_norm"] = xla_cpu.closed_form_batch_norm(config)
             results["onednn_kernels"] = setup.onednn_kernels
+            results["compilation_cache"] = compiled.summary()
             results["machine"] = machine.machine()
             results["initial_weights_sha256"] = setup.initial_weights_sha256
             results["first_batch_sha256"] = progress.get("first_batch_sha256")
@@ -409,6 +429,7 @@ def train_and_evaluate(
                 report.write_outputs(workdir, config, results, log)
             return results
     finally:
+        compiled.close()
         if log is not None:
             log.close()
         watch.close()

@@ -124,7 +124,9 @@ def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None
     choice = config.cpu.kernels
     if choice == "xla":
         return False
-    if choice == "auto" and (num_devices > 1 or config.compute_dtype != "float32"):
+    # BatchNorm over device groups runs under shard_map without its axis checks: XLA's ops only.
+    grouped = config.batch_norm.startswith("groups:")
+    if choice == "auto" and (num_devices > 1 or config.compute_dtype != "float32" or grouped):
         return False
     if platform != "cpu":
         if choice == "onednn":
@@ -133,10 +135,10 @@ def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None
                 "'auto' or 'xla'"
             )
         return False
-    if num_devices > 1 and config.batch_norm == "per_device":
+    if (num_devices > 1 and config.batch_norm == "per_device") or grouped:
         raise UserError(
-            "config.cpu.kernels='onednn' does not run under batch_norm='per_device' on several "
-            "devices: use cpu.kernels='xla' or batch_norm='global'"
+            f"config.cpu.kernels='onednn' does not run under batch_norm={config.batch_norm!r} "
+            "(on several devices): use cpu.kernels='xla' or batch_norm='global'"
         )
     from ffcl_jax import cpu_kernels
 

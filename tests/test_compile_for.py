@@ -156,6 +156,14 @@ def test_the_smoke_step_compiles_for_a_v5e_slice(tmp_path):
         assert 0 < memory["fraction_of_hbm"] < 1, name
         assert step["collectives"]["all-reduce"]["count"] >= 1, name
         assert step["float64_ops"] == step["host_callbacks"] == step["cpu_kernel_calls"] == 0
+    # 16 images a chip: one warning line, before the steps' figures.
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == report["warnings"] and len(warnings) == 1
+    assert warnings[0].startswith("warning: 16 images a chip (batch_size 64 over 4 chips)")
+    fixed = report["fixed_bytes"]
+    assert fixed["weights"] == report["parameter_bytes"]
+    assert fixed["optimizer_state"] >= fixed["weights"]  # a momentum trace per parameter
+    assert "fixed per chip, whatever the batch" in proc.stdout
     train_step = report["train_step"]
     # The gradient of every (float32) parameter is summed over the chips.
     assert train_step["collectives"]["all-reduce"]["bytes"] >= report["parameter_bytes"] > 0
