@@ -58,9 +58,11 @@ def test_eight_devices_train_like_one(device_results):
     assert device_results["one_step_max_diff_8"] <= 2e-5
 
 
-def test_kdcl_and_pcl_on_eight_devices_train_like_one(device_results):
-    """Their batches of views are split over the devices like any batch, and PCL's temporal
-    mean is updated alike: the same tolerance as the main pair above."""
+def test_kdcl_pcl_and_mcl_on_eight_devices_train_like_one(device_results):
+    """Their batches of views are split over the devices like any batch, PCL's temporal mean is
+    updated alike, and MCL's similarity matrices span the global batch: the same tolerance as
+    the main pair above."""
+    assert set(device_results["methods"]) == {"kdcl", "pcl", "mcl"}
     for method, result in device_results["methods"].items():
         np.testing.assert_allclose(result["losses_8"], result["losses_1"], rtol=1e-4)
         assert result["max_diff"] <= 5e-3, method
@@ -103,7 +105,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["ffcl", "kdcl", "pcl"])
+@pytest.mark.parametrize("method", ["ffcl", "kdcl", "pcl", "mcl"])
 def test_two_processes_train_like_one(method, fmnist_dir, tmp_path):
     """Two processes with two CPU devices each, joined by jax.distributed on localhost, run 3
     steps: both end with bit-identical parameters, equal to a one-process, 4-device run within
