@@ -131,3 +131,20 @@ def test_unset_keeps_the_shuffled_batches_and_the_config_check_refuses_bad_value
         config.images_per_class = value
         with pytest.raises(UserError, match=message):
             train.check_config(config, 1)
+
+
+def test_the_pytorch_reference_draws_the_same_rows(fmnist_dir):
+    from ffcl_jax.torch_reference import train as reference
+
+    config = tiny_config(fmnist_dir, train_examples=128, batch_size=16, augment="none")
+    images, labels = input_pipeline.load_split(config, "train")
+    images_nchw, labels_t = reference.as_tensors(images, labels)
+    own = list(reference.epoch_batches(images_nchw, labels_t, config, 2, 8, 1, 4))
+    jax_side = list(
+        input_pipeline.TrainData(config, images, labels, 16, images_per_class=4).epoch(2)
+    )
+    assert len(own) == len(jax_side) == 8
+    for (x, y), batch in zip(own, jax_side, strict=True):
+        np.testing.assert_array_equal(y.numpy(), batch["label"])
+        np.testing.assert_array_equal(x.numpy(), np.moveaxis(batch["image"], -1, 1))
+        _assert_balanced(batch["label"], 4, 4)
