@@ -3,7 +3,7 @@
 The batch is a global array sharded over `data` and the state is replicated; the step is written
 for one device and XLA partitions it (GSPMD). BatchNorm statistics are then those of the global
 batch (SyncBN); `config.batch_norm="per_device"` maps the step over the mesh instead (see
-`train.make_train_step`).
+`steps.make_train_step`).
 """
 
 from __future__ import annotations
