@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_on_device = False
     c.pad = 4
     c.pad_mode = "reflect"  # "reflect" or "constant"
+    # Class-balanced training batches: m > 0 makes every global batch batch_size / m classes
+    # with m images each (ffcl_jax/class_balance.py); 0: shuffled batches; None: the method's
+    # choice (shuffled for every method but MCL, see Method.images_per_class).
+    c.images_per_class = config_dict.placeholder(int)
 
     # Networks and method.
     c.teacher = "resnet110"
@@ -285,5 +289,16 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods
                 f"unknown config.cpu.{key} {config.cpu[key]!r}; valid: {', '.join(valid)}"
             )
     batch_norm_groups(config.batch_norm, num_devices)
+    images_per_class = config.get("images_per_class")
+    if images_per_class is not None and images_per_class < 0:
+        raise UserError(
+            f"config.images_per_class must be >= 0 (0: shuffled batches), got {images_per_class}"
+        )
+    if images_per_class and config.batch_size % images_per_class:
+        raise UserError(
+            f"config.batch_size={config.batch_size} is not a multiple of "
+            f"config.images_per_class={images_per_class}: class-balanced batches hold whole "
+            "classes"
+        )
     method.check_config(config)
     return method

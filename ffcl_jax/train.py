@@ -190,9 +190,17 @@ def jit_steps(setup: Setup, config) -> tuple[Callable, Callable]:
     )
 
 
-def make_train_data(config, images, labels, data_parallel: DataParallel, num_views: int = 1):
+def make_train_data(
+    config,
+    images,
+    labels,
+    data_parallel: DataParallel,
+    num_views: int = 1,
+    images_per_class: int = 0,
+):
     """The training batches: tf.data on the host, or (`config.data_on_device`) made by jit;
-    `num_views` augmentations of every image (`Method.num_views`)."""
+    `num_views` augmentations of every image (`Method.num_views`), class-balanced batches of
+    `images_per_class` images a class where it is > 0 (`Method.images_per_class`)."""
     if config.data_on_device:
         return input_pipeline.DeviceTrainData(
             config,
@@ -202,6 +210,7 @@ def make_train_data(config, images, labels, data_parallel: DataParallel, num_vie
             data_parallel.data,
             data_parallel.replicated,
             num_views=num_views,
+            images_per_class=images_per_class,
         )
     return input_pipeline.TrainData(
         config,
@@ -211,6 +220,7 @@ def make_train_data(config, images, labels, data_parallel: DataParallel, num_vie
         jax.process_index(),
         jax.process_count(),
         num_views=num_views,
+        images_per_class=images_per_class,
     )
 
 
@@ -297,8 +307,14 @@ def train_and_evaluate(
     is_chief = jax.process_index() == 0
     (train_images, train_labels), splits = input_pipeline.load_splits(config)
     eval_split = "validation" if "validation" in splits else "test"
+    num_classes = input_pipeline.dataset_info(config.dataset).num_classes
     train_data = make_train_data(
-        config, train_images, train_labels, data_parallel, method.num_views
+        config,
+        train_images,
+        train_labels,
+        data_parallel,
+        method.num_views,
+        method.images_per_class(config, num_classes),
     )
     spe, total_steps = train_data.steps_per_epoch, config.num_epochs * train_data.steps_per_epoch
     setup, state = build(config, method, spe, data_parallel)

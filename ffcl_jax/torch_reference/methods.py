@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ffcl_jax.methods import REGISTRY, Method
 from ffcl_jax.methods.pair import fused_feature_stages
 from ffcl_jax.models import NUM_STAGES
-from ffcl_jax.torch_reference import losses, models
+from ffcl_jax.torch_reference import losses, mcl, models
 
 
 def pair_evaluated(out, mean_out=None) -> dict:
@@ -117,6 +117,7 @@ MIRRORS: dict[str, Mirror] = {
     "cl_ilr": _BRANCHES,
     "okddip": _BRANCHES,
     "pcl": Mirror(_branches, losses.branch_objective, pcl_evaluated),
+    "mcl": Mirror(mcl.build, mcl.objective),
 }
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from absl import app, flags
 from ml_collections import config_flags
 
-from ffcl_jax import input_pipeline, methods, report, storage
+from ffcl_jax import class_balance, input_pipeline, methods, report, storage
 from ffcl_jax.torch_reference import optim
 from ffcl_jax.torch_reference.methods import mirror, pair_evaluated, settings_mapping
 
@@ -83,11 +83,28 @@ class TemporalMean:
         self.step += 1
 
 
-def epoch_batches(images_nchw, labels, config, epoch: int, steps: int, num_views: int = 1):
-    """The augmented uint8 batches of one epoch: a seeded permutation, then pad/crop/flip;
+def epoch_batches(
+    images_nchw,
+    labels,
+    config,
+    epoch: int,
+    steps: int,
+    num_views: int = 1,
+    images_per_class: int = 0,
+):
+    """The augmented uint8 batches of one epoch: a seeded permutation (or, with
+    `images_per_class`, the JAX trainer's class-balanced batches), then pad/crop/flip;
     `num_views > 1` draws that many augmentations of every image (batch x views x C x H x W)."""
     generator = torch.Generator().manual_seed(int(config.seed) * 1_000_003 + epoch)
-    order = torch.randperm(len(images_nchw), generator=generator)
+    if images_per_class:
+        seed = class_balance.class_balanced_seed(config, epoch)
+        order = torch.from_numpy(
+            class_balance.class_balanced_order(
+                labels.numpy(), images_per_class, config.batch_size, steps, seed
+            )
+        )
+    else:
+        order = torch.randperm(len(images_nchw), generator=generator)
     for b in range(steps):
         index = order[b * config.batch_size : (b + 1) * config.batch_size]
         if num_views == 1:
@@ -191,10 +208,17 @@ def load_jax_initial_weights(cohort, config, method) -> str:
     return report.weights_sha256(jax_cohort)
 
 
-def jax_batches(config, images, labels, epoch: int, num_views: int = 1):
+def jax_batches(config, images, labels, epoch: int, num_views: int = 1, images_per_class: int = 0):
     """The JAX trainer's training batches of `epoch` (`input_pipeline.TrainData`: the same
     order and augmentation draws for the same seed), as uint8 NCHW tensors."""
-    data = input_pipeline.TrainData(config, images, labels, config.batch_size, num_views=num_views)
+    data = input_pipeline.TrainData(
+        config,
+        images,
+        labels,
+        config.batch_size,
+        num_views=num_views,
+        images_per_class=images_per_class,
+    )
     for batch in data.epoch(epoch):
         yield as_tensors(batch["image"], batch["label"])
 
@@ -233,6 +257,9 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
     cohort, optimizer, schedule, settings_dict, info = build(config, spe, device)
     temporal_mean = temporal_mean_of(cohort, settings_dict)
     num_views = settings_dict["num_views"]
+    images_per_class = methods.create(
+        config.method, dict(config.loss), config.get("protocol_rampup_epochs")
+    ).images_per_class(config, info.num_classes)
     workdir = storage.path(workdir)  # local or gs://
     storage.prepare_workdir(workdir)
 
@@ -257,9 +284,13 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
         for epoch in range(config.num_epochs):
             cohort.train()
             if config.get("reference_from_jax", False):
-                batches = jax_batches(config, train_images, train_labels, epoch, num_views)
+                batches = jax_batches(
+                    config, train_images, train_labels, epoch, num_views, images_per_class
+                )
             else:
-                batches = epoch_batches(images_nchw, labels_all, config, epoch, spe, num_views)
+                batches = epoch_batches(
+                    images_nchw, labels_all, config, epoch, spe, num_views, images_per_class
+                )
             for x, y in batches:
                 if step == 0:
                     first_batch = report.batch_sha256(np.moveaxis(x.numpy(), -3, -1), y.numpy())

@@ -13,8 +13,9 @@
   per-device on 2, against the same autodiff references;
 - `onednn`: one step with the oneDNN convolutions forced (`cpu.kernels="onednn"`), global on 8
   devices, against the same reference on XLA's kernels;
-- `methods`: STEPS steps of KDCL and PCL (batches of views; PCL's temporal mean included) on 8
-  devices against 1.
+- `methods`: STEPS steps of KDCL, PCL and MCL (batches of views; PCL's temporal mean included;
+  MCL on class-balanced rows, its similarity matrices over the global batch) on 8 devices
+  against 1.
 
 Everything else runs on XLA's kernels (`cpu.kernels="xla"`): this measures partitioning.
 """
@@ -31,7 +32,15 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ffcl_jax import checkpoint, cpu_kernels, export, input_pipeline, parallel, train  # noqa: E402
+from ffcl_jax import (  # noqa: E402
+    checkpoint,
+    class_balance,
+    cpu_kernels,
+    export,
+    input_pipeline,
+    parallel,
+    train,
+)
 from tests.conftest import tiny_config  # noqa: E402
 
 idx_dir, num_steps = sys.argv[1], int(sys.argv[2])
@@ -137,7 +146,7 @@ if cpu_kernels.available():
         ),
     }
 out["methods"] = {}
-for method in ("kdcl", "pcl"):
+for method in ("kdcl", "pcl", "mcl"):
     config.method = method
     num_views = train.check_config(config, 1).num_views
     shifted = [  # views that differ: each shifted by its own number of pixels
@@ -145,6 +154,9 @@ for method in ("kdcl", "pcl"):
         | {"label": b["label"]}
         for b in batches
     ]
+    if method == "mcl":  # one view, class-balanced rows (8 classes x 4), as its pipeline gives
+        rows = class_balance.class_balanced_order(labels, 4, 32, num_steps, 0)
+        shifted = [{"image": images[r], "label": labels[r]} for r in rows.reshape(-1, 32)]
     one_losses, one, *_ = run(1, "global", shifted)
     eight_losses, eight, *_ = run(8, "global", shifted)
     out["methods"][method] = {
