@@ -21,6 +21,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from ffcl_jax import storage
+from ffcl_jax.class_balance import (
+    check_class_balance,
+    class_balanced_order,
+    class_balanced_seed,
+)
 from ffcl_jax.errors import UserError
 
 
@@ -336,6 +341,9 @@ class TrainData:
     global position. The global batches, and so the training run, are therefore the same for any
     number of processes and devices, and any point of any epoch can be re-created (resume) with
     `epoch(e, skip_batches=k)` without tf.data state.
+
+    With `images_per_class = m > 0` every global batch holds `B / m` classes with `m` images
+    each (`class_balanced_order`, drawn from `(seed, epoch)`) instead of a shuffled pass.
     """
 
     def __init__(
@@ -348,6 +356,7 @@ class TrainData:
         process_count: int = 1,
         *,
         num_views: int = 1,
+        images_per_class: int = 0,
     ):
         if global_batch_size % process_count:
             raise UserError(
@@ -362,6 +371,9 @@ class TrainData:
         self.process_index = process_index
         self.steps_per_epoch = steps_per_epoch(len(images), global_batch_size)
         self.num_views = num_views
+        self.images_per_class = images_per_class
+        if images_per_class:
+            check_class_balance(labels, images_per_class, global_batch_size)
         self._augment = _augment_fn(config, self.info)
 
     def epoch(self, epoch: int, *, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -369,8 +381,18 @@ class TrainData:
 
         epoch_seed = int(self.config.seed) * 1_000_003 + int(epoch)
         n = len(self.images)
-        ds = tf.data.Dataset.from_tensor_slices((self.images, self.labels))
-        ds = ds.shuffle(n, seed=epoch_seed, reshuffle_each_iteration=False)
+        if self.images_per_class:
+            order = class_balanced_order(
+                self.labels,
+                self.images_per_class,
+                self.global_batch_size,
+                self.steps_per_epoch,
+                class_balanced_seed(self.config, epoch),
+            )
+            ds = tf.data.Dataset.from_tensor_slices((self.images[order], self.labels[order]))
+        else:
+            ds = tf.data.Dataset.from_tensor_slices((self.images, self.labels))
+            ds = ds.shuffle(n, seed=epoch_seed, reshuffle_each_iteration=False)
         ds = ds.enumerate()  # global position in the epoch: the augmentation seed
         ds = ds.take(self.steps_per_epoch * self.global_batch_size)  # whole batches only
         if self.local_batch_size != self.global_batch_size:
@@ -444,9 +466,11 @@ class DeviceTrainData:
         replicated_sharding,
         *,
         num_views: int = 1,
+        images_per_class: int = 0,
     ):
         """`num_views` as in `TrainData`: view 0 is the single-view batch, view v draws its
-        augmentation from the batch's key folded with v."""
+        augmentation from the batch's key folded with v; `images_per_class` as in `TrainData`
+        (the same class-balanced batches)."""
         import jax
         import jax.numpy as jnp
 
@@ -455,6 +479,10 @@ class DeviceTrainData:
         self.global_batch_size = global_batch_size
         self.num_examples = len(images)
         self.steps_per_epoch = steps_per_epoch(len(images), global_batch_size)
+        self.images_per_class = images_per_class
+        if images_per_class:
+            check_class_balance(labels, images_per_class, global_batch_size)
+            self.host_labels = labels
         self.images = jax.device_put(images, replicated_sharding)
         self.labels = jax.device_put(labels, replicated_sharding)
         options = dict(kind=config.augment, pad=int(config.pad), pad_mode=config.pad_mode)
@@ -476,8 +504,18 @@ class DeviceTrainData:
     def epoch(self, epoch: int, *, skip_batches: int = 0) -> Iterator[dict]:
         import jax
 
-        rng = np.random.default_rng([int(self.config.seed), int(epoch)])
-        order = rng.permutation(self.num_examples)[: self.steps_per_epoch * self.global_batch_size]
+        if self.images_per_class:
+            order = class_balanced_order(
+                self.host_labels,
+                self.images_per_class,
+                self.global_batch_size,
+                self.steps_per_epoch,
+                class_balanced_seed(self.config, epoch),
+            )
+        else:
+            rng = np.random.default_rng([int(self.config.seed), int(epoch)])
+            order = rng.permutation(self.num_examples)
+            order = order[: self.steps_per_epoch * self.global_batch_size]
         order = order.reshape(self.steps_per_epoch, self.global_batch_size).astype(np.int32)
         epoch_key = jax.random.fold_in(self._key, epoch)
         for b in range(skip_batches, self.steps_per_epoch):

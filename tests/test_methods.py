@@ -17,6 +17,7 @@ from ffcl_jax.errors import UserError
 from ffcl_jax.methods.branches import BranchSettings
 from ffcl_jax.methods.kd import KDSettings
 from ffcl_jax.methods.kdcl import KDCLSettings
+from ffcl_jax.methods.mcl import MCLSettings
 from ffcl_jax.methods.pair import PairSettings, fused_feature_stages, taught_stages
 from ffcl_jax.methods.pcl import PCLSettings
 from ffcl_jax.methods.switokd import SwitOKDSettings
@@ -35,6 +36,7 @@ SETTINGS_OF = {
     "cl_ilr": BranchSettings,
     "okddip": BranchSettings,
     "pcl": PCLSettings,
+    "mcl": MCLSettings,
     "switokd": SwitOKDSettings,
 }
 

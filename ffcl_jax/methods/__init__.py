@@ -16,6 +16,7 @@ from ffcl_jax.methods.base import Cohort, Method
 from ffcl_jax.methods.branches import BranchMethod
 from ffcl_jax.methods.kd import KD
 from ffcl_jax.methods.kdcl import KDCL
+from ffcl_jax.methods.mcl import MCL
 from ffcl_jax.methods.pair import PairMethod
 from ffcl_jax.methods.pcl import PCL
 from ffcl_jax.methods.switokd import SwitOKD
@@ -31,6 +32,7 @@ REGISTRY: dict[str, type[Method]] = {
     "cl_ilr": BranchMethod,
     "okddip": BranchMethod,
     "pcl": PCL,
+    "mcl": MCL,
     "switokd": SwitOKD,
 }
 

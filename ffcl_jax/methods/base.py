@@ -135,6 +135,12 @@ class Method:
         """Augmented views of every training image the input pipeline makes (1: one batch)."""
         return 1
 
+    def images_per_class(self, config, num_classes: int) -> int:
+        """Images of each class in a class-balanced training batch (`config.images_per_class`;
+        0: shuffled batches). A method that needs such batches chooses when it is None."""
+        del num_classes
+        return config.get("images_per_class") or 0
+
     def describe(self, config, num_params: Mapping[str, int]) -> str:
         """The run header's words for the cohort."""
         return " | ".join(

@@ -11,12 +11,13 @@
   the global mode;
 - `closed_form`: one step with the closed-form BatchNorm backward, global on 8 devices and
   per-device on 2, against the same autodiff references;
-- `onednn`: one step with the oneDNN convolutions forced (`cpu_kernels="onednn"`), global on 8
+- `onednn`: one step with the oneDNN convolutions forced (`cpu.kernels="onednn"`), global on 8
   devices, against the same reference on XLA's kernels;
-- `methods`: STEPS steps of KDCL, PCL (batches of views; PCL's temporal mean included) and
-  SwitOKD (its teacher paused on some steps) on 8 devices against 1.
+- `methods`: STEPS steps of KDCL, PCL, MCL (batches of views; PCL's temporal mean
+  included; MCL on class-balanced rows, its similarity matrices over the global batch)
+  and SwitOKD (its teacher paused on some steps) on 8 devices against 1.
 
-Everything else runs on XLA's kernels (`cpu_kernels="xla"`): this measures partitioning.
+Everything else runs on XLA's kernels (`cpu.kernels="xla"`): this measures partitioning.
 """
 
 from __future__ import annotations
@@ -31,12 +32,20 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ffcl_jax import checkpoint, cpu_kernels, export, input_pipeline, parallel, train  # noqa: E402
+from ffcl_jax import (  # noqa: E402
+    checkpoint,
+    class_balance,
+    cpu_kernels,
+    export,
+    input_pipeline,
+    parallel,
+    train,
+)
 from tests.conftest import tiny_config  # noqa: E402
 
 idx_dir, num_steps = sys.argv[1], int(sys.argv[2])
 config = tiny_config(
-    idx_dir, batch_size=32, eval_batch_size=16, learning_rate=0.05, cpu_kernels="xla"
+    idx_dir, batch_size=32, eval_batch_size=16, learning_rate=0.05, **{"cpu.kernels": "xla"}
 )
 images, labels = input_pipeline.load_idx_split(idx_dir, "train")
 batches = [
@@ -56,8 +65,8 @@ def run(
     kernels: str = "xla",
 ):
     config.batch_norm = batch_norm
-    config.batch_norm_backward = bn_backward
-    config.cpu_kernels = kernels
+    config.cpu.batch_norm_backward = bn_backward
+    config.cpu.kernels = kernels
     mesh = parallel.DataParallel(num_devices)
     method = train.check_config(config, mesh.size)
     setup, state = train.build(config, method, steps_per_epoch=100, data_parallel=mesh)
@@ -142,7 +151,7 @@ if cpu_kernels.available():
         ),
     }
 out["methods"] = {}
-for method in ("kdcl", "pcl", "switokd"):
+for method in ("kdcl", "pcl", "mcl", "switokd"):
     config.method = method
     # SwitOKD on sharp switch distributions: its teacher is paused on some of the steps.
     config.loss.switch_tau = 0.2 if method == "switokd" else None
@@ -153,7 +162,10 @@ for method in ("kdcl", "pcl", "switokd"):
         | {"label": b["label"]}
         for b in batches
     ]
-    if num_views == 1:  # one view: the plain batches
+    if method == "mcl":  # one view, class-balanced rows (8 classes x 4), as its pipeline gives
+        rows = class_balance.class_balanced_order(labels, 4, 32, num_steps, 0)
+        shifted = [{"image": images[r], "label": labels[r]} for r in rows.reshape(-1, 32)]
+    elif num_views == 1:  # one view: the plain batches
         shifted = batches
     one_losses, one, *_ = run(1, "global", shifted)
     eight_losses, eight, *_ = run(8, "global", shifted)

@@ -31,6 +31,7 @@ CASES: dict[str, dict] = {
     "cl_ilr": {"method": "cl_ilr"},
     "okddip": {"method": "okddip"},
     "pcl": {"method": "pcl"},
+    "mcl": {"method": "mcl"},
     # Sharp switch distributions, so that the teacher is paused within the three steps.
     "switokd": {"method": "switokd", "loss.switch_tau": 0.2},
 }
@@ -49,7 +50,7 @@ def fingerprint_config(**overrides):
     config.teacher = "resnet14"
     config.student = "resnet8"
     config.compute_dtype = "float64"
-    config.cpu_kernels = "xla"
+    config.cpu.kernels = "xla"
     config.batch_size = BATCH
     config.lr_decay_epochs = (1,)
     config.loss.rampup_epochs = 1.0

@@ -4,7 +4,8 @@
         [VALIDATION]
 
 Forces DEVICES CPU devices, joins `jax.distributed` on localhost:PORT when NUM_PROCS > 1,
-trains the tiny test config (its method, or `FFCL_TEST_METHOD`'s) for STEPS steps (one epoch
+trains the tiny test config (its method, or `FFCL_TEST_METHOD`'s; its compute dtype, or
+`FFCL_TEST_DTYPE`'s, float64 with JAX_ENABLE_X64=1) for STEPS steps (one epoch
 of STEPS batches of 32; with VALIDATION, that many held-out images evaluated after it), and
 writes this process's own copy of the parameters and BatchNorm statistics at the final
 checkpoint to OUT (.npz; PCL's temporal mean too), plus the run's results (OUT.json).
@@ -71,6 +72,7 @@ config = tiny_config(
     tensorboard_dir=os.environ.get("FFCL_TEST_TENSORBOARD_DIR"),
 )
 config.method = os.environ.get("FFCL_TEST_METHOD", config.method)
+config.compute_dtype = os.environ.get("FFCL_TEST_DTYPE", config.compute_dtype)
 results = train.train_and_evaluate(config, workdir)
 np.savez(out, **local_copies)
 with open(out + ".json", "w") as f:
