@@ -126,6 +126,15 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": total, **terms, "learning_rate": schedule(state.step)}
+        # A method may pause members for a step (SwitOKD's teacher in expert mode), decided from
+        # the terms, which are global-batch means here (after `pmean` under per-device BN).
+        takes_update = method.member_updates(terms)
+        if takes_update:
+            params, opt_state = keep_paused_members(
+                takes_update, params, opt_state, state.params, state.opt_state
+            )
+            for member, flag in takes_update.items():
+                metrics[f"updates_{member}"] = jnp.asarray(flag, jnp.float32)
         return state.replace(
             step=state.step + 1,
             params=params,
@@ -135,6 +144,42 @@ def make_train_step(
         ), metrics
 
     return train_step
+
+
+def keep_paused_members(takes_update, params, opt_state, old_params, old_opt_state):
+    """`params` and `opt_state` after a step, with the members whose flag in `takes_update` is
+    False as they were before it: their parameters, and every optimizer-state entry that belongs
+    to one of their parameters (momentum; any per-parameter state of the chain). State shared by
+    every member (the schedule's step count) advances as usual, so a paused member resumes on
+    the same learning-rate schedule. `jnp.where` on traced flags: no host synchronisation.
+
+    An optimizer-state leaf belongs to a parameter when its tree path ends with that parameter's
+    path (optax's per-parameter states mirror the parameter tree, masked or not)."""
+    member_of = {
+        tuple(str(k) for k in path): path[0].key
+        for path, _ in jax.tree_util.tree_flatten_with_path(old_params)[0]
+    }
+    depths = sorted({len(p) for p in member_of})
+    unknown = set(takes_update) - {m for m in member_of.values()}
+    if unknown:
+        raise ValueError(f"member_updates names members without parameters: {sorted(unknown)}")
+
+    def owner(path):
+        keys = tuple(str(k) for k in path)
+        for depth in depths:
+            if len(keys) >= depth and keys[-depth:] in member_of:
+                return member_of[keys[-depth:]]
+        return None
+
+    def keep(path, new, old):
+        member = owner(path)
+        if member is None or member not in takes_update:
+            return new
+        return jnp.where(takes_update[member], new, old)
+
+    params = jax.tree_util.tree_map_with_path(keep, params, old_params)
+    opt_state = jax.tree_util.tree_map_with_path(keep, opt_state, old_opt_state)
+    return params, opt_state
 
 
 def loss_term_names(forward, state: TrainState, info: input_pipeline.DatasetInfo, num_views: int):

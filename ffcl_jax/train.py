@@ -64,7 +64,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, meth
     does, and applies to every parameter of a member (BatchNorm included), as in the FFL and
     RepDistiller references: `fusion_weight_decay` for the method's fusion-side members (FFCL's
     fusion module and fused feature knowledge), `weight_decay` for every other member. The
-    method's frozen members get no update.
+    method's frozen members get no update; its `learning_rate_scales` multiply a member's rate.
     """
     schedule = optax.piecewise_constant_schedule(
         config.learning_rate,
@@ -92,6 +92,16 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, meth
         optax.add_decayed_weights(config.fusion_weight_decay, mask=member_mask(fusion_side)),
         optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
     )
+    scales = method.learning_rate_scales()
+    if any(scale != 1 for scale in scales.values()):
+        # SGD's update is linear in the rate (the momentum buffer holds gradients, as in
+        # torch.optim.SGD), so a member's rate times c is its update times c.
+        factor = member_mask(lambda m: scales.get(m, 1.0))
+
+        def scale(updates, params):
+            return jax.tree.map(jnp.multiply, updates, factor(updates))
+
+        tx = optax.chain(tx, optax.stateless(scale))
     if method.frozen_members:
         # A frozen member gets zero updates (no weight decay either) and no optimizer state.
         tx = optax.multi_transform(

@@ -20,6 +20,7 @@ from ffcl_jax.methods.kdcl import KDCLSettings
 from ffcl_jax.methods.mcl import MCLSettings
 from ffcl_jax.methods.pair import PairSettings, fused_feature_stages, taught_stages
 from ffcl_jax.methods.pcl import PCLSettings
+from ffcl_jax.methods.switokd import SwitOKDSettings
 from tests.conftest import tiny_config
 
 K = 5
@@ -36,6 +37,7 @@ SETTINGS_OF = {
     "okddip": BranchSettings,
     "pcl": PCLSettings,
     "mcl": MCLSettings,
+    "switokd": SwitOKDSettings,
 }
 
 

@@ -58,15 +58,19 @@ def test_eight_devices_train_like_one(device_results):
     assert device_results["one_step_max_diff_8"] <= 2e-5
 
 
-def test_kdcl_pcl_and_mcl_on_eight_devices_train_like_one(device_results):
+def test_kdcl_pcl_mcl_and_switokd_on_eight_devices_train_like_one(device_results):
     """Their batches of views are split over the devices like any batch, PCL's temporal mean is
-    updated alike, and MCL's similarity matrices span the global batch: the same tolerance as
-    the main pair above."""
-    assert set(device_results["methods"]) == {"kdcl", "pcl", "mcl"}
+    updated alike, MCL's similarity matrices span the global batch, and SwitOKD's switch
+    decides alike: the same tolerance as the main pair above."""
+    assert set(device_results["methods"]) == {"kdcl", "pcl", "mcl", "switokd"}
     for method, result in device_results["methods"].items():
         np.testing.assert_allclose(result["losses_8"], result["losses_1"], rtol=1e-4)
         assert result["max_diff"] <= 5e-3, method
         assert result["temporal_mean"] == (method == "pcl")
+    # SwitOKD's switch decides alike on 1 and 8 devices, and pauses its teacher on some steps.
+    flags = device_results["methods"]["switokd"]["teacher_updates"]
+    steps = len(flags) // 2
+    assert flags[:steps] == flags[steps:] and 0.0 in flags and 1.0 in flags, flags
 
 
 def test_evaluation_over_eight_devices_counts_every_example_once(device_results):
@@ -105,7 +109,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["ffcl", "kdcl", "pcl", "mcl"])
+@pytest.mark.parametrize("method", ["ffcl", "kdcl", "pcl", "mcl", "switokd"])
 def test_two_processes_train_like_one(method, fmnist_dir, tmp_path):
     """Two processes with two CPU devices each, joined by jax.distributed on localhost, run 3
     steps: both end with bit-identical parameters, equal to a one-process, 4-device run within
@@ -152,6 +156,10 @@ def test_two_processes_train_like_one(method, fmnist_dir, tmp_path):
     p0, p1, s = (np.load(tmp_path / name) for name in ("p0.npz", "p1.npz", "s.npz"))
     assert len(p0.files) > 50 and p0.files == p1.files == s.files
     assert any(k.startswith("mean_params/") for k in p0.files) == (method == "pcl")
+    # SwitOKD's pair amplifies the collectives' other summation order on this toy problem as
+    # DML's does across device counts (its teacher: 1e-3 after 3 steps on 1 vs 4 devices of one
+    # process, 2026-12-07): the 8-device bound above; the processes still agree bit for bit.
+    atol = 5e-3 if method == "switokd" else 5e-5
     for key in p0.files:
         np.testing.assert_array_equal(p0[key], p1[key], err_msg=key)
         np.testing.assert_allclose(p0[key], s[key], atol=atol, rtol=0, err_msg=key)

@@ -307,11 +307,26 @@ PARITY_CASES = {name: {"method": name} for name in sorted(methods.REGISTRY)} | {
     "kdcl-min-logit": {"method": "kdcl", "loss.collaborative_target": "min_logit"},
     "cl_ilr-authors-gradient": {"method": "cl_ilr", "loss.stop_target_gradient": False},
     "okddip-authors-gradient": {"method": "okddip", "loss.stop_target_gradient": False},
+    # SwitOKD's switch on sharper distributions, so that it flips within the three steps: the
+    # code's rule pauses the teacher for two steps, the paper's trains, pauses, resumes.
+    "switokd-expert-mode": {"method": "switokd", "loss.switch_tau": 0.22},
+    "switokd-paper-rule": {
+        "method": "switokd",
+        "loss.switch_tau": 0.255,
+        "loss.require_teacher_ahead": False,
+    },
+}
+# The teacher's update flag of each of the three steps, where a case exists to flip it (a
+# change to the cohort's initialisation may move these: pick another switch_tau then).
+TEACHER_UPDATES = {
+    "switokd": [True, True, True],
+    "switokd-expert-mode": [False, False, True],
+    "switokd-paper-rule": [True, False, True],
 }
 
 
-@pytest.mark.parametrize("overrides", PARITY_CASES.values(), ids=PARITY_CASES.keys())
-def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, overrides):
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, case):
     """The whole train step of a method, JAX with `compute_dtype="float64"` against its PyTorch
     mirror (`torch_reference.methods.MIRRORS`) in float64: normalised images (a view per member
     where the method takes views), every member in training mode (a frozen member in inference
@@ -329,6 +344,7 @@ def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, override
     neither can be the other's yardstick. The float32 path is held to the float64 reference by
     the gradient test above, on well-conditioned inputs.
     """
+    overrides = PARITY_CASES[case]
     with jax.enable_x64(True):
         config = _optimizer_config(fmnist_dir, compute_dtype="float64", **overrides)
         method = _checked_method(config)
@@ -339,7 +355,11 @@ def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, override
         mirror = torch_methods.mirror(config.method)
         cohort = _reference_cohort(config, method, state.params, state.batch_stats)
         optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
-        _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, schedule, mirror)
+        flags = _assert_three_steps_agree(
+            config, method, setup, state, cohort, optimizer, schedule, mirror
+        )
+    if case in TEACHER_UPDATES:
+        assert [f["teacher"] for f in flags] == TEACHER_UPDATES[case]
 
 
 def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, schedule, mirror):
@@ -347,7 +367,8 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
     schedule; two steps an epoch) on the same random batches: the same loss to 1e-12, the same
     loss terms (names: `setup.loss_terms`, and `rampup_weight` where the objective has one), and
     every parameter and running mean to 1e-12 after each step, the method's temporal mean
-    included; frozen members keep their initial weights and statistics on both sides."""
+    included; frozen members keep their initial weights and statistics on both sides; a member
+    the method pauses for a step is paused on both sides. Returns each step's update flags."""
     settings = torch_methods.settings_mapping(method)
     temporal_mean = temporal_mean_of(cohort, settings)
     assert (temporal_mean is None) == (state.method_state is None)
@@ -358,6 +379,7 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
     labels = rng.integers(0, 10, 96).astype(np.int32)
     info = input_pipeline.dataset_info(config.dataset)
     step = jax.jit(setup.train_step)
+    flags_per_step = []  # the members' update flags of each step, where the method has any
     for i in range(3):
         batch = {"image": images[32 * i : 32 * (i + 1)], "label": labels[32 * i : 32 * (i + 1)]}
         state, metrics = step(state, batch)
@@ -377,7 +399,7 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
         jax_terms = {
             k: v
             for k, v in metrics.items()
-            if k not in ("loss", "learning_rate") and not k.startswith("train_acc_")
+            if k not in ("loss", "learning_rate") and not k.startswith(("train_acc_", "updates_"))
         }
         assert set(terms) == set(jax_terms)
         for key, value in terms.items():
@@ -387,6 +409,14 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
                 float(value.detach()), rel=rel, abs=1e-15
             ), f"step {i + 1}: {key}"
         total.backward()
+        # A member the method pauses this step (SwitOKD's teacher): the same flags both sides.
+        flags = torch_methods.pause_members(cohort, settings, terms)
+        assert {k: float(v) for k, v in flags.items()} == {
+            k.removeprefix("updates_"): float(v)
+            for k, v in metrics.items()
+            if k.startswith("updates_")
+        }, f"step {i + 1}: member updates"
+        flags_per_step.append(flags)
         optimizer.step()
         schedule.step()
         assert float(metrics["loss"]) == pytest.approx(float(total.detach()), rel=1e-12)
@@ -412,6 +442,7 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
                 1e-12,
                 f"temporal mean after step {i + 1}",
             )
+    return flags_per_step
 
 
 def test_every_registered_method_has_a_pytorch_mirror():

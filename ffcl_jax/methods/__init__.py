@@ -19,6 +19,7 @@ from ffcl_jax.methods.kdcl import KDCL
 from ffcl_jax.methods.mcl import MCL
 from ffcl_jax.methods.pair import PairMethod
 from ffcl_jax.methods.pcl import PCL
+from ffcl_jax.methods.switokd import SwitOKD
 
 REGISTRY: dict[str, type[Method]] = {
     "independent": PairMethod,
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[Method]] = {
     "okddip": BranchMethod,
     "pcl": PCL,
     "mcl": MCL,
+    "switokd": SwitOKD,
 }
 
 __all__ = ["REGISTRY", "Cohort", "Method", "create", "setting_types"]

@@ -159,6 +159,19 @@ class Method:
         """The total loss and its named terms (what a run logs beside the total)."""
         raise NotImplementedError
 
+    def member_updates(self, terms: Mapping[str, jax.Array]) -> dict[str, jax.Array] | None:
+        """Which members take this step's update: a boolean scalar per named member (False:
+        its parameters and optimizer state stay as they were; its BatchNorm statistics still
+        move with its training-mode pass), computed inside the jitted step from the
+        objective's terms (means over the global batch); a member not named updates. None
+        (the default): every member updates every step (SwitOKD pauses its teacher)."""
+        return None
+
+    def learning_rate_scales(self) -> dict[str, float]:
+        """A factor on the learning rate per named member (1 for the others; SwitOKD's
+        student: 0.1). Empty (the default): one learning rate for every member."""
+        return {}
+
     def train_accuracy_logits(self, outputs: Outputs) -> dict[str, jax.Array]:
         """The models whose training accuracy a run logs (`train_acc_<name>`)."""
         return {self.deployed: outputs[f"{self.deployed}_logits"]}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ffcl_jax.methods import REGISTRY, Method
 from ffcl_jax.methods.pair import fused_feature_stages
 from ffcl_jax.models import NUM_STAGES
-from ffcl_jax.torch_reference import losses, mcl, models
+from ffcl_jax.torch_reference import losses, mcl, models, switokd
 
 
 def pair_evaluated(out, mean_out=None) -> dict:
@@ -57,6 +57,9 @@ class Mirror:
     objective: Callable
     # (outputs, outputs of the method's temporal mean or None) -> {evaluated name: logits}
     evaluated: Callable = pair_evaluated
+    # (terms, settings mapping) -> {member: whether it takes this step's update}, as the
+    # method's `member_updates`; None: every member updates every step
+    member_updates: Callable | None = None
 
 
 def _pair(config, method: Method, info):
@@ -118,6 +121,7 @@ MIRRORS: dict[str, Mirror] = {
     "okddip": _BRANCHES,
     "pcl": Mirror(_branches, losses.branch_objective, pcl_evaluated),
     "mcl": Mirror(mcl.build, mcl.objective),
+    "switokd": Mirror(two_networks, switokd.objective, member_updates=switokd.member_updates),
 }
 
 
@@ -128,6 +132,19 @@ def mirror(name: str) -> Mirror:
             "methods.py (MIRRORS)"
         )
     return MIRRORS[name]
+
+
+def pause_members(cohort, settings: dict, terms) -> dict[str, bool]:
+    """After the backward pass: the gradients of the members the method pauses this step set
+    to None, which `torch.optim.SGD` skips entirely (no weight decay, momentum unchanged), as
+    when the authors' code does not step a network's optimizer. Returns the flags."""
+    updates = MIRRORS[settings["method"]].member_updates
+    flags = updates(terms, settings) if updates is not None else {}
+    for member, takes_update in flags.items():
+        if not takes_update:
+            for param in getattr(cohort, member).parameters():
+                param.grad = None
+    return flags
 
 
 def settings_mapping(method: Method) -> dict:

@@ -7,18 +7,26 @@ import torch
 
 def make_optimizer(cohort, config, steps_per_epoch: int, method):
     """`torch.optim.SGD` with `fusion_weight_decay` on the method's fusion-side members and
-    `weight_decay` on the others (none on its frozen members), and a `MultiStepLR` stepped once
+    `weight_decay` on the others (none on its frozen members), each member's rate times its
+    `learning_rate_scales` factor, and a `MultiStepLR` stepped once
     per training step (milestones in steps), as `ffcl_jax.train.make_optimizer`."""
-    networks, fusion = [], []
+    scales = method.learning_rate_scales()
+    grouped: dict[tuple[bool, float], list] = {}  # (fusion side, rate factor) -> parameters
     for name, param in cohort.named_parameters():
         member = name.split(".")[0]
         if member in method.frozen_members:
             param.requires_grad_(False)
             continue
-        (fusion if member in method.fusion_side_members else networks).append(param)
-    groups = [{"params": networks, "weight_decay": config.weight_decay}]
-    if fusion:
-        groups.append({"params": fusion, "weight_decay": config.fusion_weight_decay})
+        key = (member in method.fusion_side_members, scales.get(member, 1.0))
+        grouped.setdefault(key, []).append(param)
+    groups = [
+        {
+            "params": params,
+            "weight_decay": config.fusion_weight_decay if fusion else config.weight_decay,
+            **({"lr": config.learning_rate * scale} if scale != 1 else {}),
+        }
+        for (fusion, scale), params in grouped.items()
+    ]
     optimizer = torch.optim.SGD(
         groups, lr=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov
     )

@@ -27,7 +27,12 @@ from ml_collections import config_flags
 
 from ffcl_jax import class_balance, input_pipeline, methods, report, storage
 from ffcl_jax.torch_reference import optim
-from ffcl_jax.torch_reference.methods import mirror, pair_evaluated, settings_mapping
+from ffcl_jax.torch_reference.methods import (
+    mirror,
+    pair_evaluated,
+    pause_members,
+    settings_mapping,
+)
 
 
 def augment(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
@@ -156,6 +161,7 @@ def train_step(
         )
     optimizer.zero_grad(set_to_none=True)
     total.backward()
+    pause_members(cohort, settings_dict, terms)
     optimizer.step()
     schedule.step()
     if temporal_mean is not None:

@@ -13,9 +13,9 @@
   per-device on 2, against the same autodiff references;
 - `onednn`: one step with the oneDNN convolutions forced (`cpu.kernels="onednn"`), global on 8
   devices, against the same reference on XLA's kernels;
-- `methods`: STEPS steps of KDCL, PCL and MCL (batches of views; PCL's temporal mean included;
-  MCL on class-balanced rows, its similarity matrices over the global batch) on 8 devices
-  against 1.
+- `methods`: STEPS steps of KDCL, PCL, MCL (batches of views; PCL's temporal mean
+  included; MCL on class-balanced rows, its similarity matrices over the global batch)
+  and SwitOKD (its teacher paused on some steps) on 8 devices against 1.
 
 Everything else runs on XLA's kernels (`cpu.kernels="xla"`): this measures partitioning.
 """
@@ -54,6 +54,9 @@ batches = [
 ]
 
 
+TEACHER_UPDATES: list[float] = []  # the flags of a method that pauses its teacher
+
+
 def run(
     num_devices: int,
     batch_norm: str,
@@ -74,6 +77,8 @@ def run(
         for batch in steps:
             state, metrics = step(state, mesh.global_batch(batch))
             losses.append(float(metrics["loss"]))
+            if "updates_teacher" in metrics:
+                TEACHER_UPDATES.append(float(metrics["updates_teacher"]))
     flat = {
         f"{kind}/{k}": v
         for kind, tree in checkpoint.saved_tree(state).items()
@@ -146,8 +151,11 @@ if cpu_kernels.available():
         ),
     }
 out["methods"] = {}
-for method in ("kdcl", "pcl", "mcl"):
+for method in ("kdcl", "pcl", "mcl", "switokd"):
     config.method = method
+    # SwitOKD on sharp switch distributions: its teacher is paused on some of the steps.
+    config.loss.switch_tau = 0.2 if method == "switokd" else None
+    TEACHER_UPDATES.clear()
     num_views = train.check_config(config, 1).num_views
     shifted = [  # views that differ: each shifted by its own number of pixels
         {"image": np.stack([np.roll(b["image"], v, axis=2) for v in range(num_views)], axis=1)}
@@ -157,6 +165,8 @@ for method in ("kdcl", "pcl", "mcl"):
     if method == "mcl":  # one view, class-balanced rows (8 classes x 4), as its pipeline gives
         rows = class_balance.class_balanced_order(labels, 4, 32, num_steps, 0)
         shifted = [{"image": images[r], "label": labels[r]} for r in rows.reshape(-1, 32)]
+    elif num_views == 1:  # one view: the plain batches
+        shifted = batches
     one_losses, one, *_ = run(1, "global", shifted)
     eight_losses, eight, *_ = run(8, "global", shifted)
     out["methods"][method] = {
@@ -164,5 +174,6 @@ for method in ("kdcl", "pcl", "mcl"):
         "losses_8": eight_losses,
         "max_diff": max_diff(eight, one),
         "temporal_mean": any(k.startswith("mean_params/") for k in one),
+        "teacher_updates": list(TEACHER_UPDATES),  # 1 device's flags, then 8 devices'
     }
 print("RESULT " + json.dumps(out))

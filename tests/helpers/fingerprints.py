@@ -32,6 +32,8 @@ CASES: dict[str, dict] = {
     "okddip": {"method": "okddip"},
     "pcl": {"method": "pcl"},
     "mcl": {"method": "mcl"},
+    # Sharp switch distributions, so that the teacher is paused within the three steps.
+    "switokd": {"method": "switokd", "loss.switch_tau": 0.2},
 }
 STEPS = 3
 STEPS_PER_EPOCH = 2  # the ramp-up and the learning-rate decay both move within the three steps
