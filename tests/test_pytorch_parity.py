@@ -210,11 +210,13 @@ def _optimizer_config(fmnist_dir, **overrides):
     an epoch, decay after epoch 1); the ramp-up w(epoch) is neither 0 nor 1."""
     config = tiny_config(
         fmnist_dir,
-        teacher=PAIR[0],
-        student=PAIR[1],
-        lr_decay_epochs=(1,),
-        learning_rate=0.1,
-        **overrides,
+        **{
+            "teacher": PAIR[0],
+            "student": PAIR[1],
+            "lr_decay_epochs": (1,),
+            "learning_rate": 0.1,
+            **overrides,
+        },
     )
     config.loss.rampup_epochs = 2.0
     return config
@@ -307,6 +309,8 @@ PARITY_CASES = {name: {"method": name} for name in sorted(methods.REGISTRY)} | {
     "kdcl-min-logit": {"method": "kdcl", "loss.collaborative_target": "min_logit"},
     "cl_ilr-authors-gradient": {"method": "cl_ilr", "loss.stop_target_gradient": False},
     "okddip-authors-gradient": {"method": "okddip", "loss.stop_target_gradient": False},
+    # FFSD's peer decodes the teacher's last map: a teacher with the student's last channels.
+    "ffsd": {"method": "ffsd", "teacher": "resnet14"},
 }
 
 

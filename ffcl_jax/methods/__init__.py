@@ -14,6 +14,7 @@ from typing import Any
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods.base import Cohort, Method
 from ffcl_jax.methods.branches import BranchMethod
+from ffcl_jax.methods.ffsd import FFSD
 from ffcl_jax.methods.kd import KD
 from ffcl_jax.methods.kdcl import KDCL
 from ffcl_jax.methods.pair import PairMethod
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[Method]] = {
     "cl_ilr": BranchMethod,
     "okddip": BranchMethod,
     "pcl": PCL,
+    "ffsd": FFSD,
 }
 
 __all__ = ["REGISTRY", "Cohort", "Method", "create", "setting_types"]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ffcl_jax.methods import REGISTRY, Method
 from ffcl_jax.methods.pair import fused_feature_stages
 from ffcl_jax.models import NUM_STAGES
-from ffcl_jax.torch_reference import losses, models
+from ffcl_jax.torch_reference import ffsd, losses, models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +83,7 @@ MIRRORS: dict[str, Mirror] = {
     "cl_ilr": _BRANCHES,
     "okddip": _BRANCHES,
     "pcl": _BRANCHES,
+    "ffsd": Mirror(ffsd.build, ffsd.objective),
 }
 
 
