@@ -103,7 +103,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["ffcl", "kdcl", "pcl"])
+@pytest.mark.parametrize("method", ["ffcl", "kdcl", "pcl", "ffsd"])
 def test_two_processes_train_like_one(method, fmnist_dir, tmp_path):
     """Two processes with two CPU devices each, joined by jax.distributed on localhost, run 3
     steps: both end with bit-identical parameters, equal to a one-process, 4-device run within

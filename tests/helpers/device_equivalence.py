@@ -13,8 +13,8 @@
   per-device on 2, against the same autodiff references;
 - `onednn`: one step with the oneDNN convolutions forced (`cpu_kernels="onednn"`), global on 8
   devices, against the same reference on XLA's kernels;
-- `methods`: STEPS steps of KDCL and PCL (batches of views; PCL's temporal mean included) on 8
-  devices against 1.
+- `methods`: STEPS steps of KDCL and PCL (batches of views; PCL's temporal mean included) and
+  of FFSD (Adam and SGD groups, inference-mode decoders within the step) on 8 devices against 1.
 
 Everything else runs on XLA's kernels (`cpu_kernels="xla"`): this measures partitioning.
 """
@@ -137,7 +137,7 @@ if cpu_kernels.available():
         ),
     }
 out["methods"] = {}
-for method in ("kdcl", "pcl"):
+for method in ("kdcl", "pcl", "ffsd"):
     config.method = method
     num_views = train.check_config(config, 1).num_views
     shifted = [  # views that differ: each shifted by its own number of pixels
@@ -145,6 +145,8 @@ for method in ("kdcl", "pcl"):
         | {"label": b["label"]}
         for b in batches
     ]
+    if num_views == 1:  # FFSD: one batch for its five trained members and two decoders
+        shifted = batches
     one_losses, one, *_ = run(1, "global", shifted)
     eight_losses, eight, *_ = run(8, "global", shifted)
     out["methods"][method] = {

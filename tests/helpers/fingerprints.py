@@ -31,6 +31,7 @@ CASES: dict[str, dict] = {
     "cl_ilr": {"method": "cl_ilr"},
     "okddip": {"method": "okddip"},
     "pcl": {"method": "pcl"},
+    "ffsd": {"method": "ffsd"},
 }
 STEPS = 3
 STEPS_PER_EPOCH = 2  # the ramp-up and the learning-rate decay both move within the three steps
