@@ -15,6 +15,7 @@ import pytest
 from ffcl_jax import config_base, losses, methods, train
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods.branches import BranchSettings
+from ffcl_jax.methods.ffsd import FFSDSettings
 from ffcl_jax.methods.kd import KDSettings
 from ffcl_jax.methods.kdcl import KDCLSettings
 from ffcl_jax.methods.pair import PairSettings, fused_feature_stages, taught_stages
@@ -34,6 +35,7 @@ SETTINGS_OF = {
     "cl_ilr": BranchSettings,
     "okddip": BranchSettings,
     "pcl": PCLSettings,
+    "ffsd": FFSDSettings,
 }
 
 

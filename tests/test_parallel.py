@@ -143,9 +143,13 @@ def test_two_processes_train_like_one(method, fmnist_dir, tmp_path):
     p0, p1, s = (np.load(tmp_path / name) for name in ("p0.npz", "p1.npz", "s.npz"))
     assert len(p0.files) > 50 and p0.files == p1.files == s.files
     assert any(k.startswith("mean_params/") for k in p0.files) == (method == "pcl")
+    # FFSD's feature terms amplify the collectives' float32 differences: observed 1.6e-4 (the
+    # peer, from the lam_diversity terms) and 1.2e-4 (the leader, from the lam_fusion terms);
+    # with both weights 0 its members agree to 4e-7, as the other methods' do.
+    atol = 5e-4 if method == "ffsd" else 5e-5
     for key in p0.files:
         np.testing.assert_array_equal(p0[key], p1[key], err_msg=key)
-        np.testing.assert_allclose(p0[key], s[key], atol=5e-5, rtol=0, err_msg=key)
+        np.testing.assert_allclose(p0[key], s[key], atol=atol, rtol=0, err_msg=key)
     info = [json.loads((tmp_path / f"p{i}.npz.json").read_text()) for i in range(2)]
     assert [i["process_count"] for i in info] == [2, 2]
     assert [i["device_count"] for i in info] == [4, 4]
