@@ -1,65 +1,36 @@
-"""The benchmark's results: the machine description, one file name per setting, and the speed
-table of docs/performance.md rebuilt from `experiments/results/bench_*.json`
-(`python experiments/bench_step.py --readme`)."""
+"""The benchmark's results: the machine description, one file name per setting, and the tables
+of docs/performance.md rebuilt from the committed results (`python experiments/bench_step.py
+--readme`): the speed table from `experiments/results/bench_*.json`, and the table "Compiled for
+TPU slices" from the reports of `python -m ffcl_jax.compile_for` in
+`experiments/results/compile_for_*.json` (every time in it a compiler-based lower bound, never a
+measurement)."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
-import platform
 
 import readme_block  # experiments/, beside this module
+
+from ffcl_jax.machine import cpu_isa, machine  # noqa: F401  (the benchmarks' machine record)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 README = os.path.join(ROOT, "docs", "performance.md")  # holds the bench table
 
 
-def cpu_isa(cpu_flags: set[str], arch: str) -> str:
-    """The widest vector extension among the CPU's flags ("AVX-512", "AVX2"; else the
-    architecture). It belongs in the machine description: this project's 2-core machines have
-    come as AVX-512 and as AVX2 EPYCs of the same model name, whose step times differ 2x and
-    whose fastest XLA:CPU setting differs too (README, Speed)."""
-    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
-        if flag in cpu_flags:
-            return name
-    return arch
-
-
-def machine() -> dict:
-    cpu, cpu_flags = platform.processor() or "cpu", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name":
-                    cpu = value.strip()
-                elif key in ("flags", "Features"):  # x86, arm
-                    cpu_flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "isa": cpu_isa(cpu_flags, platform.machine()),
-        "cores": os.cpu_count(),
-        "system": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
-    }
-
-
 def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
     """One file per pair, batch, device (a CPU by its ISA) and setting."""
     flags_tag = "_xlaflags" if os.environ.get("XLA_FLAGS") else ""
-    if config.get("xla_cpu_ynn_fusion", "auto") != "auto":
-        flags_tag += f"_ynn_{config.xla_cpu_ynn_fusion}"
-    if not config.get("xla_cpu_flatten_after_fusion", True):
+    if config.cpu.ynn_fusion != "auto":
+        flags_tag += f"_ynn_{config.cpu.ynn_fusion}"
+    if not config.cpu.flatten_after_fusion:
         flags_tag += "_noflatten"
-    if config.get("cpu_kernels", "auto") != "auto":
-        flags_tag += f"_kernels_{config.cpu_kernels}"
-    if config.get("batch_norm_backward", "auto") != "auto":
-        flags_tag += f"_bn_{config.batch_norm_backward}"
+    if config.cpu.kernels != "auto":
+        flags_tag += f"_kernels_{config.cpu.kernels}"
+    if config.cpu.batch_norm_backward != "auto":
+        flags_tag += f"_bn_{config.cpu.batch_norm_backward}"
     if config.compute_dtype != "float32":
         flags_tag += f"_{config.compute_dtype}"
     if config.data_on_device:
@@ -137,3 +108,47 @@ def write_readme(results: str = RESULTS, readme: str = README) -> None:
     )
     readme_block.replace_block("bench", table, readme)
     print(f"README table: {len(rows)} rows from {results}/bench_*.json")
+
+
+COMPILE_FOR_HEADER = (
+    "| report | slice | chips (hosts) | batch per chip | memory per chip (of HBM) | "
+    "GFLOP per chip | GB accessed per chip | all-reduces: ops, MiB | step bound | "
+    "epoch bound | compile |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def compile_for_row(name: str, report: dict) -> str:
+    """One `ffcl_jax.compile_for` report as a row of the table "Compiled for TPU slices"."""
+    step = report["train_step"]
+    memory = step["memory_bytes"]
+    split = report["training_split_on_chip_bytes"]
+    reduces = step["collectives"].get("all-reduce", {"count": 0, "bytes": 0})
+    others = [op for op in step["collectives"] if op != "all-reduce"]
+    bound = step["roofline"]
+    limiter = "HBM" if bound["limited_by"].startswith("HBM") else "compute"
+    fraction = report["train_step_and_split_fraction_of_hbm"]
+    other_ops = " + " + ", ".join(others) if others else ""
+    return (
+        f"| `{name}` | {report['topology']} | {report['chips']} ({report['hosts']}) | "
+        f"{step['per_chip_batch']['image'][0]} | "
+        f"{(memory['total'] + split) / 2**30:.2f} GiB ({fraction:.1%}) | "
+        f"{step['flops'] / 1e9:.1f} | {step['bytes_accessed'] / 1e9:.2f} | "
+        f"{reduces['count']}, {reduces['bytes'] / 2**20:.1f}{other_ops} | "
+        f"{bound['step_bound_seconds'] * 1e3:.2f} ms ({limiter}) | "
+        f"{report['epoch_bound_seconds']['total']:.2f} s | "
+        f"{step['compile_seconds'] + report['eval_step']['compile_seconds']:.0f} s |"
+    )
+
+
+def write_compile_for_table(results: str = RESULTS, doc: str = README) -> None:
+    """Rewrites the table between `doc`'s compile-for markers from `results`' compile_for_*.json."""
+    reports = []
+    for path in glob.glob(os.path.join(results, "compile_for_*.json")):
+        with open(path) as f:
+            report = json.load(f)
+        reports.append((os.path.basename(path)[len("compile_for_") : -len(".json")], report))
+    # One chip generation after another, smaller slices first, the preset before its variants.
+    reports.sort(key=lambda r: (r[1]["chip"]["name"], r[1]["chips"], len(r[0]), r[0]))
+    table = "\n".join([COMPILE_FOR_HEADER, *(compile_for_row(n, r) for n, r in reports)])
+    readme_block.replace_block("compile-for", table, doc)
+    print(f"compile-for table: {len(reports)} rows from {results}/compile_for_*.json")

@@ -2,7 +2,7 @@
 
     python experiments/bench_step.py --config=configs/fashion_mnist.py            # demo pair
     python experiments/bench_step.py --config=configs/cifar100.py --modes=step     # default pair
-    python experiments/bench_step.py --readme      # rewrite docs/performance.md's table
+    python experiments/bench_step.py --readme      # rewrite docs/performance.md's tables
     python experiments/bench_step.py --modes=compare --settings=xla_default,reduce   # JAX alone
     python experiments/bench_step.py --modes=checkpoint --config=configs/cifar100.py --repeats=3
 
@@ -29,13 +29,13 @@ in bfloat16, and with `cudnn.benchmark` on, as CIFAR training scripts set it):
 
 Two modes time JAX alone and print their result (nothing is written):
 - `compare`: the train step under several values of one config key (`--key`, default
-  `xla_cpu_ynn_fusion`, XLA:CPU's YNNPACK fusion list; any key works, e.g.
+  `cpu.ynn_fusion`, XLA:CPU's YNNPACK fusion list; any key works, e.g.
   `--key=loss.feat_form --settings=attention,fused_map,stage_fusion` for a loss setting's cost).
   Separate benchmark processes on a shared 2-core machine drift by 5-10% from one run to the
   next, as much as such settings differ, so the step is compiled once per setting in one
   process and the settings are timed in turns (`--rounds` x `--steps_per_round` each): a drift
   hits all alike. Prints a Markdown table of min and median ms and each median's speed-up over
-  the first setting. What only `XLA_FLAGS` carries (`xla_cpu_flatten_after_fusion`) holds for
+  the first setting. What only `XLA_FLAGS` carries (`cpu.flatten_after_fusion`) holds for
   the whole process, so compare it in alternating `--modes=step` processes instead.
 - `checkpoint`: saves the config's initial cohort state (no data needed) as training does,
   `--repeats` times, timing the part that blocks the loop and the time until the checkpoint is
@@ -99,10 +99,12 @@ def define_flags() -> None:
     flags.DEFINE_list("frameworks", ["jax", "pytorch"], "Which sides to run.")
     flags.DEFINE_integer("turns", 1, "Step/epoch: alternate the framework workers this often.")
     flags.DEFINE_string("output", None, "JSON path (default: experiments/results/bench_...)")
-    flags.DEFINE_bool("readme", False, "Only rewrite the README table from the results.")
+    flags.DEFINE_bool(
+        "readme", False, "Only rewrite docs/performance.md's tables from the results."
+    )
     flags.DEFINE_string("worker", None, "Internal: run one framework and print JSON.")
     flags.DEFINE_string("torch_device", None, "PyTorch device (default: cuda if present).")
-    flags.DEFINE_string("key", "xla_cpu_ynn_fusion", "compare: the config key (dotted if nested).")
+    flags.DEFINE_string("key", "cpu.ynn_fusion", "compare: the config key (dotted if nested).")
     flags.DEFINE_list("settings", ["xla_default", "auto"], "compare: values; the first: base.")
     flags.DEFINE_integer("rounds", 10, "compare: turns over all settings.")
     flags.DEFINE_integer("steps_per_round", 2, "compare: timed steps of one setting per turn.")
@@ -409,6 +411,7 @@ def main(argv):
         return
     if FLAGS.readme:
         bench_results.write_readme()
+        bench_results.write_compile_for_table()
         return
     if {"compare", "checkpoint", "profile"} & set(FLAGS.modes):  # JAX alone, in this process
         from ffcl_jax import xla_cpu

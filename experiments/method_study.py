@@ -17,16 +17,16 @@ method's selection over the seeds every grid configuration finished, the full tr
 test top-1 at the last epoch: independent, KD, DML, FFL and FFCL (selected) for 5 seeds, the
 selected FFCL with each of its terms off for 3, and the PyTorch reference's independent and
 selected FFCL for 5 (`final_runs`); its table goes between the `final` markers of the study file
-and `<final_output>.json`, its student curves to `<final_output>_student.png`, and its summary
-(the five methods and FFCL's paired differences) between the README's `fashion-mnist-study`
-markers (`--readme`).
+and `<final_output>.json`, its student curves to `<final_output>_student.png`, and with
+`--readme=FILE` its summary (the five methods and FFCL's paired differences) between FILE's
+`fashion-mnist-study` markers (the README showed it until the study was archived).
 
 Each run is one `python -m ffcl_jax.main` subprocess in its own workdir under `--root`; a run
 whose results exist (there, or as the committed copy under `<output>_runs/`) is skipped, and an
 interrupted one resumes from its checkpoint. Seeds run in order (every configuration's seed 0
 first), so an interrupted grid has whole seeds. The report (`<output>.json`, and the selection
-section of `experiments/results/fashion_mnist.md` between its `selection` markers) lists every
-configuration, its validation accuracies per seed, and the selection.
+section of `experiments/results/archive/fashion_mnist_method_study.md` between its `selection`
+markers) lists every configuration, its validation accuracies per seed, and the selection.
 """
 
 from __future__ import annotations
@@ -37,13 +37,12 @@ import os
 import statistics
 
 import readme_block  # experiments/, beside this script
-import run_table
 import study_runs
 import study_stats
 
 ROOT = study_runs.ROOT
 VALIDATION_SIZE = 5000
-MODELS = run_table.MODELS
+MODELS = ("student", "teacher", "fused", "ensemble")
 
 
 def _grid_run(method: str, name: str, overrides: dict, description: str) -> study_runs.Run:
@@ -56,7 +55,7 @@ def _grid_run(method: str, name: str, overrides: dict, description: str) -> stud
 # positions (every stage weighted equally), 1 for the fused-map distance (bounded in [0, 4]).
 # lam_reg 1 is today's default; 0.1 is a tenth (Tf-KD weighs its KL by 10/K = 1 against 0.9 CE
 # at K = 10, so both lie within the range its authors used). `stage_fusion` is not in the grid:
-# its step costs 1.78x attention's on the demo pair (docs/performance.md), over the 1.3x the
+# its step costs 1.78x attention's on the demo pair (docs/performance_log.md), over the 1.3x the
 # study allowed.
 FEATURE_FORMS = {
     "att": ({"feat_form": "attention"}, "attention transfer, summed over positions, lam_feat 1"),
@@ -284,7 +283,7 @@ def final_report(
                 )
 
     def of(name, framework="jax"):
-        return run_table.runs_of(records, name, framework)
+        return study_runs.runs_of(records, name, framework)
 
     def students(name, framework="jax"):
         return [r["summary"]["student"]["last"] for r in of(name, framework)]
@@ -334,7 +333,7 @@ def final_report(
         lines.append(study_stats.difference_row(f"{name}: pytorch - jax (unpaired, Welch)", diff))
     curves = os.path.basename(final_args.output) + "_student.png"
     if records:
-        run_table.plot_students(
+        study_runs.plot_students(
             records, final_args.output + "_student.png", tuple(run for run, _ in rows)
         )
         lines += ["", f"Student test top-1 per epoch, mean over seeds: `{curves}`."]
@@ -381,11 +380,13 @@ def parse_args(argv=None):
     parser.add_argument("--root", default=os.path.join(ROOT, "workdirs", "method_study"))
     parser.add_argument(
         "--output",
-        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist_selection"),
+        default=os.path.join(ROOT, "experiments", "results", "archive", "fashion_mnist_selection"),
     )
     parser.add_argument(
         "--study_file",
-        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist.md"),
+        default=os.path.join(
+            ROOT, "experiments", "results", "archive", "fashion_mnist_method_study.md"
+        ),
     )
     parser.add_argument("--validation_size", type=int, default=VALIDATION_SIZE)
     parser.add_argument(
@@ -402,12 +403,12 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--final_output",
-        default=os.path.join(ROOT, "experiments", "results", "fashion_mnist_final"),
+        default=os.path.join(ROOT, "experiments", "results", "archive", "fashion_mnist_final"),
     )
     parser.add_argument(
         "--readme",
-        default=readme_block.README,
-        help="the file whose fashion-mnist-study block gets the final table's summary",
+        default=None,
+        help="a file whose fashion-mnist-study block gets the final table's summary",
     )
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args(argv)

@@ -1,14 +1,24 @@
 """The JAX-only modes of `bench_step.py`, `compare` and `profile` (its docstring has the
-commands), and the fixed-batch step they and its `step` mode time."""
+commands), and the fixed-batch step they and its `step` mode time.
+
+`profile`: where a jitted call spends its time, the XLA ops of one profiled call, longest first.
+It traces one call with `jax.profiler`, reads the trace back with `jax.profiler.ProfileData` and
+sums each op's events (fusions, convolutions, custom calls such as the oneDNN kernels, copies).
+The name of an XLA fusion says what it holds (`transpose_copy_fusion`); to read its body, dump
+the optimised HLO (`XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text`).
+"""
 
 from __future__ import annotations
 
+import collections
+import glob
 import os
 import statistics
+import tempfile
 import time
 
 import bench_results  # experiments/, beside this script
-import op_profile
+import jax
 
 
 def step_on_random_batch(config, mesh):
@@ -52,7 +62,7 @@ def compare_settings(
 
     from ffcl_jax import parallel, xla_cpu
 
-    if key.startswith("xla_cpu") and jax.default_backend() != "cpu":
+    if key.startswith("cpu.") and jax.default_backend() != "cpu":
         raise SystemExit("these are XLA:CPU settings; run this on the CPU backend")
     mesh = parallel.DataParallel()
     runs = {}
@@ -95,7 +105,7 @@ def compare_settings(
 
 def profile_step(config, top: int) -> str:
     """bench_step's `profile` mode: the `top` ops one train step spends its time in
-    (op_profile.top_ops), by kind and one by one."""
+    (top_ops), by kind and one by one."""
     import jax
 
     from ffcl_jax import parallel
@@ -108,14 +118,65 @@ def profile_step(config, top: int) -> str:
         latest[0], metrics = step(latest[0], batch)
         return metrics
 
-    rows, wall_ms = op_profile.top_ops(one_step)
+    rows, wall_ms = top_ops(one_step)
     jax.block_until_ready(latest)
     cpu = bench_results.machine()
     return "\n\n".join(
         [
-            f"{config.teacher} + {config.student}, batch {config.batch_size}, cpu_kernels="
-            f"{config.cpu_kernels}; {cpu['cpu']} ({cpu['isa']})",
-            "By kind:\n" + op_profile.table(op_profile.by_kind(rows)[:top], wall_ms),
-            "Longest ops:\n" + op_profile.table(rows[:top], wall_ms),
+            f"{config.teacher} + {config.student}, batch {config.batch_size}, cpu.kernels="
+            f"{config.cpu.kernels}; {cpu['cpu']} ({cpu['isa']})",
+            "By kind:\n" + table(by_kind(rows)[:top], wall_ms),
+            "Longest ops:\n" + table(rows[:top], wall_ms),
         ]
     )
+
+
+# Events that enclose others (the executor, Python frames): counting them would count twice.
+ENCLOSING = ("ThunkExecutor", "block_until_ready", "profiler.py", "contextlib.py", "$")
+
+
+def top_ops(fn, *args, n: int | None = None) -> tuple[list[tuple[str, float, int]], float]:
+    """`([(op, ms, calls), ...] longest first (the first `n`), wall ms of the profiled call)`;
+    `fn` is called once untraced first, so compilation is not in the profile."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory(prefix="op_profile-") as folder:
+        with jax.profiler.trace(folder):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            wall_ms = (time.perf_counter() - start) * 1e3
+        path = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0]
+        data = jax.profiler.ProfileData.from_file(path)
+        total, count = collections.Counter(), collections.Counter()
+        for plane in data.planes:
+            for line in plane.lines:
+                for event in line.events:
+                    if any(part in event.name for part in ENCLOSING):
+                        continue
+                    total[event.name] += event.duration_ns
+                    count[event.name] += 1
+    rows = [(name, ns / 1e6, count[name]) for name, ns in total.most_common(n)]
+    return rows, wall_ms
+
+
+def kind(op: str) -> str:
+    """An op's name without XLA's instance number: `ffi_call.376` -> `ffi_call`."""
+    head, _, tail = op.rpartition(".")
+    return head if head and tail.isdigit() else op
+
+
+def by_kind(rows) -> list[tuple[str, float, int]]:
+    total, count = collections.Counter(), collections.Counter()
+    for name, ms, calls in rows:
+        total[kind(name)] += ms
+        count[kind(name)] += calls
+    return [(name, ms, count[name]) for name, ms in total.most_common()]
+
+
+def table(rows, wall_ms: float) -> str:
+    lines = [
+        f"one call: {wall_ms:.0f} ms wall (ops on two threads can sum to more)",
+        "| ms | calls | op |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {ms:.1f} | {calls} | `{name[:90]}` |" for name, ms, calls in rows]
+    return "\n".join(lines)

@@ -1,8 +1,7 @@
 """Running a study's runs: each one subprocess (`python -m ffcl_jax.main ...` or the PyTorch
 reference) in its own workdir under `--root` (local or gs://), resumable, with what the drivers
-commit (`<output>_runs/<run>/`: results, metrics log, start record). Every driver here
-(`run_table.py`, `method_study.py`, `baselines_first_look.py`, `powered_study.py`) runs its runs
-through `run_missing` or `execute`.
+commit (`<output>_runs/<run>/`: results, metrics log, start record). Both study drivers here
+(`method_study.py`, `powered_study.py`) run their runs through `run_missing`.
 
 A run whose workdir (or committed copy) holds `results.json` is finished and skipped; an
 interrupted JAX run resumes from its checkpoint when started again (a PyTorch reference run
@@ -276,3 +275,42 @@ def run_missing(plan, args, child: dict, after_each=None) -> None:
         execute(run, seed, args, child)
         if after_each is not None:
             after_each()
+
+
+def runs_of(records: list[dict], method: str, framework: str) -> list[dict]:
+    """The finished runs of one row (all its seeds)."""
+    return [r for r in records if r["method"] == method and r["framework"] == framework]
+
+
+def plot_students(records: list[dict], path: str, runs: tuple[Run, ...]) -> None:
+    """Student top-1 per epoch (the runs' evaluated split), mean over seeds, one line a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for run in runs:
+        mine = runs_of(records, run.name, run.framework)
+        if not mine:
+            continue
+        epochs = [row["epoch"] for row in mine[0]["history"]]
+        curves = [[row["student"] for row in r["history"]] for r in mine]
+        curves = [c for c in curves if len(c) == len(epochs)]
+        means = [100 * statistics.fmean(column) for column in zip(*curves, strict=True)]
+        style = "-" if run.framework == "jax" else "--"
+        ax.plot(
+            epochs,
+            means,
+            style,
+            marker="o",
+            label=f"{run.name} ({run.framework}, {len(curves)} seeds)",
+        )
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("student test top-1 (%), mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -46,10 +46,11 @@ RUN_OUTPUTS = (
 RESUMABLE_KEYS = frozenset(
     {
         "num_epochs",
-        "xla_cpu_ynn_fusion",  # a compiler setting: the same computation, other fusion decisions
-        "batch_norm_backward",  # the same gradient, other rounding
-        "xla_cpu_flatten_after_fusion",  # a compiler setting, like xla_cpu_ynn_fusion
-        "cpu_kernels",  # the same convolutions and BatchNorm, other kernels: other rounding
+        "cpu.ynn_fusion",  # a compiler setting: the same computation, other fusion decisions
+        "cpu.batch_norm_backward",  # the same gradient, other rounding
+        "cpu.flatten_after_fusion",  # a compiler setting, like cpu.ynn_fusion
+        "cpu.kernels",  # the same convolutions and BatchNorm, other kernels: other rounding
+        "cpu.hugepage_malloc",  # where memory comes from
         "log_every_steps",
         "eval_every_epochs",
         "final_test",
@@ -59,6 +60,7 @@ RESUMABLE_KEYS = frozenset(
         "data_dir",
         "idx_dir",
         "tensorboard_dir",
+        "compilation_cache_dir",
         "download",
         "eval_batch_size",
         "mesh.data",  # with global BatchNorm the device count does not change the maths
@@ -86,10 +88,11 @@ def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
 # runs did before the key existed: a checkpoint without the key resumes under that value.
 ADDED_KEYS = {
     "data_on_device": False,
-    "xla_cpu_ynn_fusion": "auto",
-    "batch_norm_backward": "autodiff",
-    "xla_cpu_flatten_after_fusion": False,
-    "cpu_kernels": "xla",
+    "cpu.ynn_fusion": "auto",
+    "cpu.batch_norm_backward": "autodiff",
+    "cpu.flatten_after_fusion": False,
+    "cpu.kernels": "xla",
+    "cpu.hugepage_malloc": True,
     "validation_size": 0,
     "validation_seed": 0,
     "warmup_epochs": 0.0,
@@ -119,16 +122,58 @@ ADDED_KEYS = {
 }
 
 
+# Config keys that moved, by their name in checkpoints written before the move.
+RENAMED_KEYS = {
+    "xla_cpu_ynn_fusion": "cpu.ynn_fusion",
+    "batch_norm_backward": "cpu.batch_norm_backward",
+    "xla_cpu_flatten_after_fusion": "cpu.flatten_after_fusion",
+    "cpu_kernels": "cpu.kernels",
+}
+
+
+def current_key_names(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat config written by an earlier version, under today's key names."""
+    return {RENAMED_KEYS.get(key, key): value for key, value in flat.items()}
+
+
+def with_method_settings(flat: dict[str, Any]) -> dict[str, Any] | None:
+    """A flat config with its `loss.*` entries as its method resolves them (None entries as the
+    method's defaults, the protocol's ramp-up applied); None where the method refuses them."""
+    from ffcl_jax import methods
+
+    loss = {key[len("loss.") :]: value for key, value in flat.items() if key.startswith("loss.")}
+    try:
+        method = methods.create(flat.get("method"), loss, flat.get("protocol_rampup_epochs"))
+    except UserError:
+        return None
+    resolved = json.loads(json.dumps(method.settings_dict()))
+    return {**flat, **{f"loss.{key}": value for key, value in resolved.items()}}
+
+
+def config_as_run(config: ml_collections.ConfigDict, method) -> str:
+    """`config` as the JSON a run's `config.json` holds: its method's settings written out as
+    they resolved, so the file shows what the run trains."""
+    tree = json.loads(config.to_json_best_effort())
+    tree["loss"].update(json.loads(json.dumps(method.settings_dict())))
+    return json.dumps(tree, indent=2)
+
+
 def config_differences(
     saved: dict, config: ml_collections.ConfigDict, where: str = "in the checkpoint"
 ) -> list[str]:
     """Human-readable differences between a checkpoint's config and `config`, resumable keys
-    excepted."""
-    before, now = {**ADDED_KEYS, **flat_config(saved)}, flat_config(config)
+    excepted. The method's settings compare as they resolve: a default written out (as
+    `config.json` does) equals the same default left as None."""
+    before = {**ADDED_KEYS, **current_key_names(flat_config(saved))}
+    now = flat_config(config)
     resumable = set(RESUMABLE_KEYS)
-    if now.get("batch_norm") == "per_device":
+    if now.get("batch_norm") != "global":  # per_device or groups:N
         resumable.discard("mesh.data")  # the device count is then part of the normalisation
-    if before.get("loss.rampup_epochs") is not None and now.get("loss.rampup_epochs") is not None:
+    before_resolved, now_resolved = with_method_settings(before), with_method_settings(now)
+    if before_resolved is not None and now_resolved is not None:
+        before, now = before_resolved, now_resolved
+        resumable.add("protocol_rampup_epochs")  # what it changes shows in loss.rampup_epochs
+    elif before.get("loss.rampup_epochs") is not None and now.get("loss.rampup_epochs") is not None:
         resumable.add("protocol_rampup_epochs")  # an explicit loss.rampup_epochs overrides it
     return [
         f"{key}={before.get(key)!r} {where} but {now.get(key)!r} now"
@@ -359,8 +404,11 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def open_finished_run(path: str, config: ml_collections.ConfigDict) -> tuple[RunCheckpoints, int]:
-    """A run's checkpoints, read-only, from its workdir (or its checkpoints folder)."""
+def open_finished_run(
+    path: str, config: ml_collections.ConfigDict | None = None
+) -> tuple[RunCheckpoints, int]:
+    """A run's checkpoints, read-only, from its workdir (or its checkpoints folder); `config`
+    says which checkpoint is the best one, by default the run's own (its `config.json`)."""
     workdir = storage.path(path)
     if workdir.name == CHECKPOINT_SUBDIR:
         workdir = workdir.parent
@@ -373,6 +421,14 @@ def open_finished_run(path: str, config: ml_collections.ConfigDict) -> tuple[Run
         raise UserError(
             f"{path!r} holds no checkpoints/ folder: give the workdir of a finished run "
             "(or an exported .npz file)"
+        )
+    if config is None:
+        saved = saved_config(workdir) or {}
+        config = ml_collections.ConfigDict(
+            {
+                "keep_checkpoints": saved.get("keep_checkpoints", 1),
+                "best_metric": saved.get("best_metric", ""),
+            }
         )
     checkpoints = RunCheckpoints(workdir, config, read_only=True)
     step = checkpoints.latest_step()

@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from ffcl_jax import input_pipeline, storage, train
+from ffcl_jax import compilation_cache, input_pipeline, storage, train
 from ffcl_jax.config_base import check_config, eval_batch_size
 from ffcl_jax.errors import UserError, parse_flags_or_exit
-from ffcl_jax.parallel import DataParallel
+from ffcl_jax.parallel import DataParallel, small_batch_warning
 
 BOUND_LABEL = (
     "compiler-based lower bounds (XLA's cost and memory analysis of the program compiled for "
@@ -181,6 +181,22 @@ def memory_report(stats, chip: Chip) -> dict[str, Any]:
     return memory
 
 
+def state_bytes(state) -> dict[str, int]:
+    """Bytes of the train state each chip holds (it is replicated), by part: what every step
+    reads and writes whatever its batch, the fixed part beside the per-image bytes."""
+
+    def size(tree) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    parts = {
+        "weights": size(state.params),
+        "optimizer_state": size(state.opt_state),
+        "batch_norm_statistics": size(state.batch_stats),
+        "method_state": size(state.method_state),
+    }
+    return {**parts, "total": sum(parts.values())}
+
+
 def abstract_like(tree, sharding: NamedSharding):
     """Shapes and dtypes of `tree`'s arrays, placed by `sharding`: what `jit(...).trace` takes for
     devices that cannot hold data (compile-only ones)."""
@@ -193,7 +209,7 @@ def compile_step(
     """Traces, lowers and compiles one jitted step for the mesh's platform; its report.
     `args[batch_position]` is the batch; every other argument is state."""
     started = time.perf_counter()
-    with jax.set_mesh(data_parallel.mesh):
+    with jax.set_mesh(data_parallel.mesh), compilation_cache.Counter() as cache:
         lowered = jitted.trace(*args).lower(lowering_platforms=(data_parallel.platform,))
         compiled = lowered.compile()
     seconds = time.perf_counter() - started
@@ -207,17 +223,22 @@ def compile_step(
         name: list(batch_sharding[name].shard_shape(spec.shape))
         for name, spec in args[batch_position].items()
     }
+    images = per_chip_batch["image"][0]
     state_shardings = jax.tree.leaves(
         [s for i, s in enumerate(arg_shardings) if i != batch_position]
     )
     stablehlo = lowered.as_text()
     return {
         "compile_seconds": seconds,
+        # No hits here: JAX's persistent cache writes programs compiled for a compile-only
+        # TPU client but cannot load them (docs/performance.md); counted in case it learns to.
+        "compilation_cache": cache.summary(),
         "per_chip_batch": per_chip_batch,
         "state_replicated": all(s.is_fully_replicated for s in state_shardings),
         "memory_bytes": memory_report(compiled.memory_analysis(), chip),
         "flops": flops,
         "bytes_accessed": bytes_accessed,
+        "bytes_accessed_per_image": bytes_accessed / images,  # fixed part included
         "collectives": collectives(compiled.as_text()),
         "roofline": roofline(flops, bytes_accessed, chip),
         # What the TPU compiler must never see: float64, host callbacks, CPU-only kernels.
@@ -243,7 +264,7 @@ def compile_for(config, devices, topology: str = "") -> dict[str, Any]:
     setup, state = train.build(config, method, steps_per_epoch, data_parallel)
     train_step, eval_step = train.jit_steps(setup, config)
 
-    parameter_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    fixed_bytes = state_bytes(state)
     state = abstract_like(state, data_parallel.replicated)
     shape, batch, data = info.image_shape, config.batch_size, data_parallel.data
     views = (method.num_views,) if method.num_views > 1 else ()
@@ -288,8 +309,13 @@ def compile_for(config, devices, topology: str = "") -> dict[str, Any]:
         "method": config.method,
         "compute_dtype": config.compute_dtype,
         "batch_norm": config.batch_norm,
-        "parameter_bytes": parameter_bytes,
+        "parameter_bytes": fixed_bytes["weights"],
+        "fixed_bytes": fixed_bytes,
         "global_batch": config.batch_size,
+        # chip_of admits TPU chips only: the lane padding applies to every slice compiled here.
+        "warnings": [
+            w for w in [small_batch_warning(config.batch_size, data_parallel.size, "tpu")] if w
+        ],
         "eval_global_batch": eval_batch,
         "steps_per_epoch": steps_per_epoch,
         "eval_steps_per_epoch": eval_steps,
@@ -327,22 +353,35 @@ def format_report(report: dict[str, Any]) -> str:
         f"chip {chip['name']}: {chip['bf16_flops_per_second'] / 1e12:g} TFLOP/s bf16 peak, "
         f"{chip['hbm_bytes_per_second'] / 1e9:g} GB/s HBM, {_gib(chip['hbm_bytes'])} HBM "
         f"({chip['source']})",
+        *report.get("warnings", []),
     ]
+    fixed = report.get("fixed_bytes")
+    if fixed:
+        lines.append(
+            f"fixed per chip, whatever the batch: state {_mib(fixed['total'])} (weights "
+            f"{_mib(fixed['weights'])}, optimizer {_mib(fixed['optimizer_state'])}, BatchNorm "
+            f"statistics {_mib(fixed['batch_norm_statistics'])}, method "
+            f"{_mib(fixed['method_state'])}), read and written every step"
+        )
     for name in ("train_step", "eval_step"):
         step = report[name]
         memory, bound = step["memory_bytes"], step["roofline"]
         ops = ", ".join(
             f"{op} x{c['count']} ({_mib(c['bytes'])})" for op, c in step["collectives"].items()
         )
+        cache = step.get("compilation_cache") or {}
+        how = "loaded from the compilation cache" if cache.get("hits") else "compiled"
         lines += [
-            f"{name}: compiled in {step['compile_seconds']:.1f} s; per-chip batch "
+            f"{name}: {how} in {step['compile_seconds']:.1f} s; per-chip batch "
             f"{step['per_chip_batch']['image']}; state replicated: {step['state_replicated']}",
             f"  memory per chip {_mib(memory['total'])} = {memory['fraction_of_hbm']:.1%} of HBM "
             f"(arguments {_mib(memory['arguments'])}, outputs {_mib(memory['outputs'])}, "
             f"aliased {_mib(memory['aliased'])}, temporaries {_mib(memory['temporaries'])}, "
             f"code {_mib(memory['generated_code'])})",
             f"  per chip per step: {step['flops'] / 1e9:.2f} GFLOP, "
-            f"{step['bytes_accessed'] / 1e9:.3f} GB accessed; collectives: {ops or 'none'}",
+            f"{step['bytes_accessed'] / 1e9:.3f} GB accessed "
+            f"({step['bytes_accessed_per_image'] / 1e6:.2f} MB an image); "
+            f"collectives: {ops or 'none'}",
             f"  step >= {bound['step_bound_seconds'] * 1e3:.3f} ms (compute "
             f"{bound['compute_bound_seconds'] * 1e3:.3f} ms, HBM "
             f"{bound['memory_bound_seconds'] * 1e3:.3f} ms: {bound['limited_by']})",

@@ -18,7 +18,28 @@ from ffcl_jax.errors import UserError
 # float64 is for exact comparisons (a float64 reference, such as the PyTorch one in the parity
 # tests), not for speed: it needs 64-bit JAX (`jax_enable_x64`), which the CLI turns on for it.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-BATCH_NORM_MODES = ("global", "per_device")
+BATCH_NORM_MODES = ("global", "per_device", "groups:N")
+
+
+def batch_norm_groups(mode: str, num_devices: int) -> list[list[int]] | None:
+    """The device groups whose rows share BatchNorm statistics under `batch_norm="groups:N"`:
+    N consecutive devices of the mesh each; None for the other modes. Raises `UserError` for
+    a mode that is none of `BATCH_NORM_MODES`, or an N that does not divide the devices."""
+    if mode in ("global", "per_device"):
+        return None
+    size = mode.removeprefix("groups:")
+    if not mode.startswith("groups:") or not size.isdigit() or int(size) < 1:
+        raise UserError(
+            f"unknown config.batch_norm {mode!r}; valid: global, per_device, or groups:N "
+            "(statistics over groups of N devices, for example groups:4)"
+        )
+    size = int(size)
+    if num_devices % size:
+        raise UserError(
+            f"config.batch_norm={mode!r}: groups of {size} devices do not divide the "
+            f"{num_devices} devices; use a divisor of {num_devices}"
+        )
+    return [list(range(start, start + size)) for start in range(0, num_devices, size)]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -63,28 +84,36 @@ def base_config() -> ml_collections.ConfigDict:
     # "float32", "bfloat16" (losses stay float32) or "float64" (for exact comparisons with a
     # float64 reference; the CLI turns on 64-bit JAX for it).
     c.compute_dtype = "float32"
-    # XLA:CPU only, what YNNPACK fusions take: "eltwise_reduce" (elementwise ops, which keeps a
-    # deep ResNet's backward pass linear in depth, and reductions), "reduce" (BatchNorm's
-    # reductions only), "eltwise", "dot", "xla_default", or "auto" (eltwise_reduce when a network
-    # has >= 5 blocks a stage, else reduce). See train.compiler_options.
-    c.xla_cpu_ynn_fusion = "auto"
-    # BatchNorm's training backward: "closed_form" (two per-channel sums; faster for deep
-    # networks on XLA:CPU), "autodiff" (JAX differentiates the forward), or "auto" (closed_form
-    # on the CPU backend when a network has >= 5 blocks a stage). See train.closed_form_batch_norm.
-    # Float32 layers on the CPU kernels (cpu_kernels below) use the kernel's own backward.
-    c.batch_norm_backward = "auto"
+
+    # CPU only: the kernels and XLA:CPU settings a CPU run takes; none of them changes what is
+    # computed beyond rounding, and a resumed run may change any of them.
+    c.cpu = ml_collections.ConfigDict()
+    # Convolutions and training-mode BatchNorm: "onednn" (ffcl_jax.cpu_kernels: oneDNN's
+    # convolutions and a double-sum BatchNorm with its ReLU fused, through jax.ffi, float32
+    # layers, one device; 2.5x faster than XLA:CPU's on the demo pair's convolutions), "xla"
+    # (XLA's own), or "auto" (onednn for float32 on one CPU device where the kernels are built,
+    # else xla). See xla_cpu.use_onednn_kernels and docs/performance.md.
+    c.cpu.kernels = "auto"
+    # What XLA:CPU's YNNPACK fusions take: "eltwise_reduce" (elementwise ops, which keeps a deep
+    # ResNet's backward pass linear in depth, and reductions), "reduce" (BatchNorm's reductions
+    # only), "eltwise", "dot", "xla_default", or "auto" (eltwise_reduce when a network has >= 5
+    # blocks a stage, else reduce). See xla_cpu.compiler_options.
+    c.cpu.ynn_fusion = "auto"
+    # BatchNorm's training backward on XLA's kernels: "closed_form" (two per-channel sums; faster
+    # for deep networks on XLA:CPU), "autodiff" (JAX differentiates the forward), or "auto"
+    # (closed_form on the CPU backend when a network has >= 5 blocks a stage). See
+    # xla_cpu.closed_form_batch_norm. Float32 layers on the oneDNN kernels use their own backward.
+    c.cpu.batch_norm_backward = "auto"
     # XLA:CPU inlines called computations after its fusion pass, which lets its simplifier drop
-    # some copies (demo pair's step 1.11x faster, cifar100 pair's 1.03x). XLA reads this only from
-    # XLA_FLAGS when JAX starts its backend: the CLI and the benchmarks set it first; a process
-    # whose backend already runs, or whose XLA_FLAGS already set xla_backend_extra_options, keeps
-    # what it has. See train.set_process_xla_flags.
-    c.xla_cpu_flatten_after_fusion = True
-    # Convolutions and training-mode BatchNorm on the CPU: "onednn" (ffcl_jax.cpu_kernels:
-    # oneDNN's convolutions and a double-sum BatchNorm with its ReLU fused, through jax.ffi,
-    # float32 layers, one device; 2.5x faster than XLA:CPU's on the demo pair's convolutions),
-    # "xla" (XLA's own), or "auto" (onednn for float32 on one CPU device where the kernels are
-    # built, else xla). See xla_cpu.use_onednn_kernels and docs/performance.md.
-    c.cpu_kernels = "auto"
+    # some copies (demo pair's step 1.11x faster, cifar100 pair's 1.03x). XLA reads this only
+    # from XLA_FLAGS when JAX starts its backend: the command line and the benchmarks set it
+    # first; a process whose backend already runs, or whose XLA_FLAGS already set
+    # xla_backend_extra_options, keeps what it has. See xla_cpu.process_xla_flags.
+    c.cpu.flatten_after_fusion = True
+    # glibc's huge-page malloc (ffcl_jax.process_env): the command line restarts itself once
+    # with it where it takes effect (glibc >= 2.35, transparent huge pages not `never`); code
+    # that calls the trainer from Python starts its process as it likes.
+    c.cpu.hugepage_malloc = True
 
     # A protocol's ramp-up for the methods that have one (a compressed schedule scales it), None:
     # each method's own; methods without a ramp-up (independent, kd, dml, kdcl) keep none, and
@@ -113,8 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Devices. The batch is split over the `data` axis of a `jax.make_mesh` mesh; -1 = every
     # device of every process. BatchNorm statistics: "global" (SyncBN: statistics over the whole
-    # global batch, what jit over a sharded batch computes) or "per_device" (each device's rows
-    # normalised with their own statistics, as PyTorch DDP without SyncBatchNorm).
+    # global batch, what jit over a sharded batch computes), "per_device" (each device's rows
+    # normalised with their own statistics, as PyTorch DDP without SyncBatchNorm) or "groups:N"
+    # (statistics over the rows of each group of N consecutive devices; docs/method.md).
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.batch_norm = "global"
@@ -130,6 +160,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Bookkeeping. TensorBoard events go to WORKDIR/tensorboard unless this names another place
     # (a local folder or gs://, e.g. one bucket for the events of many runs).
     c.tensorboard_dir = config_dict.placeholder(str)
+    # JAX's persistent compilation cache (ffcl_jax.compilation_cache), which the command lines
+    # turn on so that a resumed or restarted run loads its compiled steps instead of compiling
+    # them again: None keeps them in WORKDIR/compilation_cache (or JAX_COMPILATION_CACHE_DIR when
+    # set), a folder or gs:// URI there, "none" nowhere.
+    c.compilation_cache_dir = config_dict.placeholder(str)
     c.seed = 0
     c.log_every_steps = 100
     c.eval_every_epochs = 1
@@ -241,15 +276,14 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods
             f"valid: {', '.join(valid_best)}, or '' to keep only the last checkpoints"
         )
     for key, valid in (
-        ("xla_cpu_ynn_fusion", ("auto", "xla_default", *xla_cpu.CPU_YNN_FUSION)),
+        ("ynn_fusion", ("auto", "xla_default", *xla_cpu.CPU_YNN_FUSION)),
         ("batch_norm_backward", xla_cpu.BATCH_NORM_BACKWARDS),
-        ("cpu_kernels", xla_cpu.CPU_KERNELS),
+        ("kernels", xla_cpu.CPU_KERNELS),
     ):
-        if config[key] not in valid:
-            raise UserError(f"unknown config.{key} {config[key]!r}; valid: {', '.join(valid)}")
-    if config.batch_norm not in BATCH_NORM_MODES:
-        raise UserError(
-            f"unknown config.batch_norm {config.batch_norm!r}; valid: {', '.join(BATCH_NORM_MODES)}"
-        )
+        if config.cpu[key] not in valid:
+            raise UserError(
+                f"unknown config.cpu.{key} {config.cpu[key]!r}; valid: {', '.join(valid)}"
+            )
+    batch_norm_groups(config.batch_norm, num_devices)
     method.check_config(config)
     return method

@@ -148,9 +148,8 @@ def export_run(
     `output`, from checkpoint `step`: a number, "latest" (default) or "best" (the kept checkpoint
     with the best `config.best_metric`)."""
     from ffcl_jax import checkpoint, input_pipeline
-    from ffcl_jax.config_base import base_config
 
-    checkpoints, latest = checkpoint.open_finished_run(workdir, base_config())
+    checkpoints, latest = checkpoint.open_finished_run(workdir)
     try:
         if step in (None, "latest"):
             step = latest
@@ -226,7 +225,7 @@ def load_network(path: str, member: str, config, like) -> tuple[Any, Any, str]:
         saved_model, dataset = exported.meta["roles"][member], exported.meta["dataset"]
         source = f"export {path} (step {exported.meta['step']})"
     else:
-        checkpoints, step = checkpoint.open_finished_run(path, config)
+        checkpoints, step = checkpoint.open_finished_run(path)
         try:
             meta = checkpoints.read_meta(step)
             state = checkpoints.restore_raw_state(step)

@@ -42,6 +42,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 # 128 + SIGTERM, as a shell reports a process stopped by SIGTERM: schedulers requeue on it.
 PREEMPTED_EXIT_CODE = 143
+# Set by `cli()` only: whether this process may restart itself (see restart_with_hugepage_malloc).
+_MAY_RESTART = False
 
 
 def multi_process_environment(env=os.environ) -> bool:
@@ -83,8 +85,9 @@ def main(argv) -> None:
     if not _WORKDIR.value:
         print("error: --workdir is required (a folder for logs and results)", file=sys.stderr)
         sys.exit(2)
+    restart_if_asked(_CONFIG.value)
     logging.set_verbosity(logging.WARNING)
-    from ffcl_jax import xla_cpu
+    from ffcl_jax import compilation_cache, xla_cpu
     from ffcl_jax.errors import UserError
     from ffcl_jax.input_pipeline import import_tensorflow
     from ffcl_jax.train import train_and_evaluate
@@ -100,6 +103,8 @@ def main(argv) -> None:
         jax.config.update("jax_enable_x64", True)
     import_tensorflow()
     _initialize_distributed()
+    # Before anything compiles: a resumed or restarted run loads the steps it compiled before.
+    compilation_cache.configure(compilation_cache.directory(_CONFIG.value, _WORKDIR.value))
     try:
         train_and_evaluate(
             _CONFIG.value,
@@ -170,6 +175,13 @@ def restart_with_hugepage_malloc() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def restart_if_asked(config) -> None:
+    """Restarts with huge-page malloc where the command line runs (`cli()`) and
+    `config.cpu.hugepage_malloc` asks for it; else returns."""
+    if _MAY_RESTART and config.cpu.hugepage_malloc:
+        restart_with_hugepage_malloc()
+
+
 def run() -> None:
     """Trains as `sys.argv` says, in this process: what the command line runs, and what Python
     code (a script, a test) may call; it never restarts the process."""
@@ -177,9 +189,10 @@ def run() -> None:
 
 
 def cli() -> None:
-    """`python -m ffcl_jax.main`: restarted once with huge-page malloc (glibc reads its tunables
-    at start-up only), then `run()`."""
-    restart_with_hugepage_malloc()
+    """`python -m ffcl_jax.main`: `run()`, restarted once with huge-page malloc where
+    `config.cpu.hugepage_malloc` asks for it (glibc reads its tunables at start-up only)."""
+    global _MAY_RESTART
+    _MAY_RESTART = True
     run()
 
 

@@ -3,7 +3,7 @@
 The batch is a global array sharded over `data` and the state is replicated; the step is written
 for one device and XLA partitions it (GSPMD). BatchNorm statistics are then those of the global
 batch (SyncBN); `config.batch_norm="per_device"` maps the step over the mesh instead (see
-`train.make_train_step`).
+`steps.make_train_step`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,26 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ffcl_jax.errors import UserError
+
+# A TPU lays a convolution's activations out with the batch in the 128 lanes of its tiles (the
+# compiled step's `{0,3,2,1:T(8,128)}` layouts, docs/performance.md): fewer images a chip are
+# padded to 128, and each step moves the activation bytes of 128 images for the work of fewer.
+TPU_LANES = 128
+
+
+def small_batch_warning(global_batch: int, num_devices: int, platform: str) -> str | None:
+    """One line for a TPU run whose chips get fewer than `TPU_LANES` images a step, saying what
+    it costs and what to change; None elsewhere."""
+    per_chip = global_batch // num_devices
+    if platform != "tpu" or per_chip >= TPU_LANES:
+        return None
+    return (
+        f"warning: {per_chip} images a chip (batch_size {global_batch} over {num_devices} "
+        f"chips) is below {TPU_LANES}: the TPU pads activations to {TPU_LANES}-lane tiles, so a "
+        f"step moves about the activation bytes of {TPU_LANES} images a chip "
+        f"({TPU_LANES / per_chip:.3g}x those of {per_chip}) for the work of {per_chip}; use "
+        f"batch_size >= {TPU_LANES * num_devices} or fewer chips (config.mesh.data)"
+    )
 
 
 class DataParallel:

@@ -5,13 +5,14 @@ glibc hands allocations that large back to the kernel when freed: the next step 
 pages and takes a page fault per 4 KiB (82,000 a step for the demo pair). With glibc's
 `glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages there (2 MiB each),
 which removes nearly all of them (700 a step) and makes the demo step 1.15-1.35x faster
-(docs/performance.md, "Huge pages for malloc"). glibc reads the tunable only when a process
+(docs/performance_log.md, "Huge pages for malloc"). glibc reads the tunable only when a process
 starts, so the command line (`python -m ffcl_jax.main`, never `main.run()` called from Python)
 restarts itself with it (`exec`, same PID and command line) and the benchmarks start their
 workers with it; nothing in the library changes the environment. Only where it takes effect:
 glibc 2.35 or later (older ones ignore the tunable) with transparent huge pages not `never`
-(malloc asks for them with madvise, which `never` refuses). `FFCL_MALLOC_HUGEPAGES=0` keeps a
-process as it is.
+(malloc asks for them with madvise, which `never` refuses). `--config.cpu.hugepage_malloc=false`
+keeps the command line's process as it is, `FFCL_MALLOC_HUGEPAGES=0` any process (the
+benchmarks' workers too).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ffcl_jax import storage
+from ffcl_jax import machine, storage
 from ffcl_jax.errors import UserError
 
 # What an eval row (and its metrics.jsonl line) holds besides one accuracy per evaluated model.
@@ -310,9 +310,47 @@ def banner(
         f"FFCL | method {config.method} | {networks} | {config.dataset} {num_train} train / "
         f"{evaluated} | batch {config.batch_size}, {config.compute_dtype} compute | "
         f"{config.num_epochs} epochs x {steps_per_epoch} steps | {num_devices} "
-        f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es), "
+        f"{setup.platform} device(s){cpu_kind(setup)} in {jax.process_count()} process(es), "
         f"batch norm {config.batch_norm} | terms: {', '.join(setup.loss_terms)}"
     )
+
+
+def cpu_kind(setup) -> str:
+    """ " (AVX-512, oneDNN kernels)" on a CPU: what a CPU run's speed depends on; else ""."""
+    if setup.platform != "cpu":
+        return ""
+    kernels = "oneDNN" if setup.onednn_kernels else "XLA"
+    return f" ({machine.machine()['isa']}, {kernels} kernels)"
+
+
+def weights_sha256(cohort) -> str:
+    """A digest of a cohort's parameters and BatchNorm statistics (float64 bytes, by key path):
+    a JAX run and a PyTorch reference run started from its weights (`reference_from_jax`)
+    record the same one, which shows that they were paired."""
+    import hashlib
+
+    from flax import nnx
+
+    digest = hashlib.sha256()
+    for kind in (nnx.Param, nnx.BatchStat):
+        leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(cohort, kind)))
+        for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+            digest.update(jax.tree_util.keystr(path).encode())
+            digest.update(np.ascontiguousarray(np.asarray(leaf, np.float64)).tobytes())
+    return digest.hexdigest()
+
+
+def batch_sha256(images, labels) -> str:
+    """A digest of a training batch: uint8 NHWC images (views before H, W, C) and labels. The
+    JAX trainer and a PyTorch reference run on its batches (`reference_from_jax`) record the
+    same one for their first batch."""
+    import hashlib
+
+    images = np.ascontiguousarray(np.asarray(images, np.uint8))
+    digest = hashlib.sha256(repr(images.shape).encode())
+    digest.update(images.tobytes())
+    digest.update(np.ascontiguousarray(np.asarray(labels, np.int64)).tobytes())
+    return digest.hexdigest()
 
 
 def settings_line(method) -> str:

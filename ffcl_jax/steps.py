@@ -6,6 +6,7 @@ own state) and the eval step. They know the method only through `ffcl_jax.method
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from ffcl_jax import input_pipeline, losses
 from ffcl_jax.methods import Method
+from ffcl_jax.models import layers
 from ffcl_jax.models.layers import XLA_OPS, LayerKernels, layer_kernels
 
 
@@ -79,6 +81,7 @@ def make_train_step(
     steps_per_epoch: int,
     per_device_mesh: jax.sharding.Mesh | None = None,
     kernels: LayerKernels = XLA_OPS,
+    batch_norm_groups: list[list[int]] | None = None,
 ):
     """The whole cohort update as one pure function `(state, batch) -> (state, metrics)`.
 
@@ -86,6 +89,9 @@ def make_train_step(
     device normalises its own rows (per-device BatchNorm); losses, metrics and the updated running
     statistics are averaged over devices, and the gradient of the replicated parameters is summed
     by `shard_map`'s transpose, which makes it the gradient of the global mean loss.
+    `batch_norm_groups` (with `per_device_mesh`): device groups over whose rows BatchNorm takes
+    its statistics instead (`config.batch_norm="groups:N"`). JAX's collectives over device groups
+    do not check which values vary over the mesh (`check_vma`), so that check is off for them.
     `kernels`: what the layers compute with (XLA's ops by default; `xla_cpu.layer_kernels`).
     """
     forward = make_forward(graphdef, method, info, kernels)
@@ -95,7 +101,11 @@ def make_train_step(
 
         def forward(params, batch_stats, batch, epoch, method_state):
             def on_device(params, batch_stats, batch, epoch, method_state):
-                total, aux = local_forward(params, batch_stats, batch, epoch, method_state)
+                groups = contextlib.nullcontext()
+                if batch_norm_groups is not None:
+                    groups = layers.batch_norm_groups("data", batch_norm_groups)
+                with groups:
+                    total, aux = local_forward(params, batch_stats, batch, epoch, method_state)
                 return jax.lax.pmean((total, aux), "data")
 
             return jax.shard_map(
@@ -103,6 +113,7 @@ def make_train_step(
                 mesh=per_device_mesh,
                 in_specs=(P(), P(), P("data"), P(), P()),
                 out_specs=P(),
+                check_vma=batch_norm_groups is None,
             )(params, batch_stats, batch, epoch, method_state)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):

@@ -26,13 +26,27 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ffcl_jax import checkpoint, input_pipeline, methods, report, storage, xla_cpu
+from ffcl_jax import (
+    checkpoint,
+    compilation_cache,
+    input_pipeline,
+    machine,
+    methods,
+    report,
+    storage,
+    xla_cpu,
+)
 from ffcl_jax import workdir as workdir_lib
-from ffcl_jax.config_base import COMPUTE_DTYPES, check_config, eval_batch_size
+from ffcl_jax.config_base import (
+    COMPUTE_DTYPES,
+    batch_norm_groups,
+    check_config,
+    eval_batch_size,
+)
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import Method
 from ffcl_jax.methods.base import OPTIMIZERS, OptimizerGroup
-from ffcl_jax.parallel import DataParallel
+from ffcl_jax.parallel import DataParallel, small_batch_warning
 from ffcl_jax.steps import (
     TrainState,
     create_train_state,
@@ -170,8 +184,9 @@ class Setup:
     train_step: Callable  # pure (state, batch) -> (state, metrics); jit with donate_argnums=0
     eval_step: Callable  # pure (params, batch_stats, batch, method_state) -> correct counts
     loss_terms: tuple[str, ...]  # the terms the method's objective computes, in its order
-    onednn_kernels: bool  # float32 convolutions on ffcl_jax.cpu_kernels (config.cpu_kernels)
+    onednn_kernels: bool  # float32 convolutions on ffcl_jax.cpu_kernels (config.cpu.kernels)
     platform: str  # what the steps are built for: "cpu", "gpu" or "tpu" (the mesh's devices)
+    initial_weights_sha256: str  # report.weights_sha256 of the cohort as `config.seed` made it
 
 
 def build(
@@ -186,14 +201,16 @@ def build(
     """
     info = input_pipeline.dataset_info(config.dataset)
     tx, schedule = make_optimizer(config, steps_per_epoch, method)
-    graphdef, state = create_train_state(create_cohort(config, method, info), tx, method)
+    cohort = create_cohort(config, method, info)
+    initial_weights_sha256 = report.weights_sha256(cohort)
+    graphdef, state = create_train_state(cohort, tx, method)
     num_devices = data_parallel.size if data_parallel is not None else 1
     platform = data_parallel.platform if data_parallel is not None else jax.default_backend()
     kernels = xla_cpu.layer_kernels(config, num_devices, platform)
     per_device_mesh = None
-    if config.batch_norm == "per_device":
+    if config.batch_norm != "global":  # per_device, or groups:N of devices
         if data_parallel is None:
-            raise ValueError("batch_norm='per_device' needs the data-parallel mesh")
+            raise ValueError(f"batch_norm={config.batch_norm!r} needs the data-parallel mesh")
         per_device_mesh = data_parallel.mesh
     setup = Setup(
         method=method,
@@ -209,6 +226,7 @@ def build(
             steps_per_epoch,
             per_device_mesh,
             kernels,
+            batch_norm_groups(config.batch_norm, num_devices),
         ),
         eval_step=make_eval_step(graphdef, method, info, kernels),
         loss_terms=loss_term_names(
@@ -216,6 +234,7 @@ def build(
         ),
         onednn_kernels=kernels.conv2d is not None,
         platform=platform,
+        initial_weights_sha256=initial_weights_sha256,
     )
     return setup, state
 
@@ -290,6 +309,7 @@ def new_progress() -> dict[str, Any]:
         "wall_seconds": 0.0,
         "first_step_seconds": None,
         "resumed_at_steps": [],
+        "first_batch_sha256": None,  # report.batch_sha256 of this process's first batch
     }
 
 
@@ -346,6 +366,10 @@ def train_and_evaluate(
     notes = [f"moved the earlier run to {moved}"] if moved else []
     fallback = xla_cpu.onednn_fallback_note(config, data_parallel.size)
     notes += [fallback] if fallback else []
+    notes.append(compilation_cache.describe())
+    few_images = small_batch_warning(config.batch_size, data_parallel.size, data_parallel.platform)
+    notes += [few_images] if few_images else []
+    compiled = compilation_cache.Counter()  # what this run loads from JAX's cache, or writes
     log = None
     try:
         with jax.set_mesh(data_parallel.mesh):
@@ -356,7 +380,9 @@ def train_and_evaluate(
             if is_chief:
                 if resume_step is not None:
                     checkpoint.truncate_metrics_log(workdir / "metrics.jsonl", resume_step)
-                storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+                storage.write_text(
+                    workdir / "config.json", checkpoint.config_as_run(config, method)
+                )
             log = report.RunLog(
                 workdir, is_chief, config.num_epochs, total_steps, config.tensorboard_dir
             )
@@ -416,6 +442,10 @@ def train_and_evaluate(
                 batch_in_epoch = skip if epoch == start_epoch else 0
                 clock.start_interval(step)
                 for local_batch in train_data.epoch(epoch, skip_batches=batch_in_epoch):
+                    if step == 0:
+                        progress["first_batch_sha256"] = report.batch_sha256(
+                            local_batch["image"], local_batch["label"]
+                        )
                     state, metrics = train_step(state, data_parallel.global_batch(local_batch))
                     step, batch_in_epoch = step + 1, batch_in_epoch + 1
                     pending.append(metrics)
@@ -450,10 +480,15 @@ def train_and_evaluate(
             results["xla_compiler_options"] = xla_cpu.compiler_options(config)
             results["closed_form_batch_norm"] = xla_cpu.closed_form_batch_norm(config)
             results["onednn_kernels"] = setup.onednn_kernels
+            results["compilation_cache"] = compiled.summary()
+            results["machine"] = machine.machine()
+            results["initial_weights_sha256"] = setup.initial_weights_sha256
+            results["first_batch_sha256"] = progress.get("first_batch_sha256")
             if is_chief:
                 report.write_outputs(workdir, config, results, log)
             return results
     finally:
+        compiled.close()
         if log is not None:
             log.close()
         watch.close()

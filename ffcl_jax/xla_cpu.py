@@ -2,7 +2,7 @@
 
 Everything here is about speed on the CPU backend (on GPU and TPU, `compiler_options` is None and
 the closed-form BatchNorm backward is off unless asked for); the measurements behind each choice
-are in docs/performance.md.
+are in docs/performance_log.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ffcl_jax.models.layers import LayerKernels
 # convolutions to YNNPACK, whose kernels are 2x slower there than XLA's own (Eigen); keeping only
 # the reductions (BatchNorm's statistics) in YNNPACK makes the demo pair's step 1.15x faster and,
 # with the elementwise ops, the cifar100 pair's 1.05x (bench_step.py --modes=compare).
-# Measurements: docs/performance.md. Only XLA:CPU reads these options; each replaces
+# Measurements: docs/performance_log.md. Only XLA:CPU reads these options; each replaces
 # XLA's default list of YNNPACK fusion types.
 CPU_YNN_FUSION = {
     "eltwise_reduce": "LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
@@ -48,12 +48,12 @@ def _cpu_option_accepted(value: str) -> bool:
 
 
 def compiler_options(config, platform: str | None = None) -> dict[str, str] | None:
-    """XLA options for the step functions: `config.xla_cpu_ynn_fusion` on the CPU backend.
+    """XLA options for the step functions: `config.cpu.ynn_fusion` on the CPU backend.
 
     `platform`: what the steps are compiled for ("cpu", "gpu", "tpu"); None: JAX's default
     backend (a step compiled here for a TPU slice must not carry XLA:CPU's options)."""
     platform = platform or jax.default_backend()
-    choice = config.xla_cpu_ynn_fusion
+    choice = config.cpu.ynn_fusion
     if choice == "auto":
         deep = deepest_blocks_per_stage(config) >= DEEP_BLOCKS_PER_STAGE
         choice = "eltwise_reduce" if deep else "reduce"
@@ -76,13 +76,13 @@ FLATTEN_AFTER_FUSION_FLAG = "--xla_backend_extra_options=xla_cpu_flatten_after_f
 
 def process_xla_flags(config, current: str = "") -> str:
     """The XLA_FLAGS a process running `config` should start JAX with: `current` plus
-    `FLATTEN_AFTER_FUSION_FLAG` if `config.xla_cpu_flatten_after_fusion` (unless `current`
+    `FLATTEN_AFTER_FUSION_FLAG` if `config.cpu.flatten_after_fusion` (unless `current`
     already sets `xla_backend_extra_options`: the user's choice stays).
 
     Only the owner of a process may apply it, before anything starts a JAX backend (XLA reads
     XLA_FLAGS once): the CLI and the benchmark scripts do; library code never edits XLA_FLAGS.
     """
-    if not config.xla_cpu_flatten_after_fusion or "xla_backend_extra_options" in current:
+    if not config.cpu.flatten_after_fusion or "xla_backend_extra_options" in current:
         return current
     return f"{current} {FLATTEN_AFTER_FUSION_FLAG}".strip()
 
@@ -91,11 +91,11 @@ BATCH_NORM_BACKWARDS = ("auto", "closed_form", "autodiff")
 
 
 def closed_form_batch_norm(config, platform: str | None = None) -> bool:
-    """`config.batch_norm_backward`: "auto" takes the closed form (layers.batch_norm_train) where
-    it was measured to pay off, a deep network on the CPU backend (cifar100 pair's step 1.2x);
+    """`config.cpu.batch_norm_backward`: "auto" takes the closed form (layers.batch_norm_train)
+    where it was measured to pay off, a deep network on the CPU backend (cifar100 pair's step 1.2x);
     for shallow pairs it changes nothing measurable and autodiff keeps earlier runs' numerics.
     `platform`: as in `compiler_options`."""
-    choice = config.batch_norm_backward
+    choice = config.cpu.batch_norm_backward
     if choice == "auto":
         deep = deepest_blocks_per_stage(config) >= DEEP_BLOCKS_PER_STAGE
         return (platform or jax.default_backend()) == "cpu" and deep
@@ -110,7 +110,7 @@ CPU_KERNELS = ("auto", "onednn", "xla")
 
 
 def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None) -> bool:
-    """`config.cpu_kernels`: whether the steps run float32 convolutions and training-mode
+    """`config.cpu.kernels`: whether the steps run float32 convolutions and training-mode
     BatchNorm as the kernels of `ffcl_jax.cpu_kernels`.
 
     "onednn" insists (an error where they cannot run); "xla" never uses them; "auto" takes them
@@ -121,28 +121,30 @@ def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None
     a TPU slice never takes them).
     """
     platform = platform or jax.default_backend()
-    choice = config.cpu_kernels
+    choice = config.cpu.kernels
     if choice == "xla":
         return False
-    if choice == "auto" and (num_devices > 1 or config.compute_dtype != "float32"):
+    # BatchNorm over device groups runs under shard_map without its axis checks: XLA's ops only.
+    grouped = config.batch_norm.startswith("groups:")
+    if choice == "auto" and (num_devices > 1 or config.compute_dtype != "float32" or grouped):
         return False
     if platform != "cpu":
         if choice == "onednn":
             raise UserError(
-                f"config.cpu_kernels='onednn' runs on the CPU only, this is {platform}: use "
+                f"config.cpu.kernels='onednn' runs on the CPU only, this is {platform}: use "
                 "'auto' or 'xla'"
             )
         return False
-    if num_devices > 1 and config.batch_norm == "per_device":
+    if (num_devices > 1 and config.batch_norm == "per_device") or grouped:
         raise UserError(
-            "config.cpu_kernels='onednn' does not run under batch_norm='per_device' on several "
-            "devices: use cpu_kernels='xla' or batch_norm='global'"
+            f"config.cpu.kernels='onednn' does not run under batch_norm={config.batch_norm!r} "
+            "(on several devices): use cpu.kernels='xla' or batch_norm='global'"
         )
     from ffcl_jax import cpu_kernels
 
     reason = cpu_kernels.unavailable_reason()
     if reason and choice == "onednn":
-        raise UserError(f"config.cpu_kernels='onednn': {reason}; or use 'auto' or 'xla'")
+        raise UserError(f"config.cpu.kernels='onednn': {reason}; or use 'auto' or 'xla'")
     return reason is None
 
 
@@ -162,7 +164,7 @@ def layer_kernels(config, num_devices: int = 1, platform: str | None = None) -> 
 def onednn_fallback_note(config, num_devices: int = 1) -> str | None:
     """One line for the CLI when "auto" wanted the oneDNN kernels on this CPU but cannot have
     them (not built here), else None."""
-    if config.cpu_kernels != "auto":
+    if config.cpu.kernels != "auto":
         return None
     if jax.default_backend() != "cpu" or num_devices > 1:
         return None
@@ -171,4 +173,4 @@ def onednn_fallback_note(config, num_devices: int = 1) -> str | None:
     from ffcl_jax import cpu_kernels
 
     reason = cpu_kernels.unavailable_reason()
-    return f"cpu_kernels: XLA's kernels ({reason})" if reason else None
+    return f"cpu.kernels: XLA's kernels ({reason})" if reason else None

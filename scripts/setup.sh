@@ -59,7 +59,13 @@ if ! .venv/bin/python -c "$NEEDED" >/dev/null 2>&1 \
   touch .venv/.installed
 fi
 # The oneDNN kernels compile once into ~/.cache/ffcl_jax (about 10 s); where they cannot (no g++,
-# not x86-64 Linux), everything runs on XLA's kernels and the trainer says so.
-KERNELS="$(.venv/bin/python -m ffcl_jax.cpu_kernels.build 2>&1)" \
-  || echo "setup: ${KERNELS}; training will use XLA's CPU kernels"
+# not x86-64 Linux), everything runs on XLA's kernels and the trainer says so. One line either
+# way: a compiler's error is long, and the build command repeats it in full.
+if KERNELS="$(.venv/bin/python -m ffcl_jax.cpu_kernels.build 2>&1)"; then
+  echo "setup: oneDNN CPU kernels ready"
+else
+  WHY="$(grep -m1 '^ffcl_jax.cpu_kernels: ' <<< "$KERNELS" || tail -n1 <<< "$KERNELS")"
+  echo "setup: ${WHY}; training will use XLA's CPU kernels" \
+    "(.venv/bin/python -m ffcl_jax.cpu_kernels.build says why in full)"
+fi
 echo "setup: ready (.venv, $(ls /usr/share/datasets/fashion-mnist | wc -l) Fashion-MNIST files)"

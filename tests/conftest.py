@@ -83,6 +83,8 @@ def apply_overrides(config, overrides: dict):
         *parents, leaf = key.split(".")
         for parent in parents:
             target = target[parent]
+        if leaf not in target:  # a misspelt or moved key would otherwise add a new one
+            raise KeyError(f"the config has no key {key!r}")
         target[leaf] = value
     return config
 

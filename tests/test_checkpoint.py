@@ -190,7 +190,7 @@ def test_another_config_is_refused_and_nothing_is_touched(fmnist_dir, tmp_path):
     before = _listing(workdir)
     for overrides, message in (
         ({"student": "resnet14"}, "student='resnet8' in the checkpoint but 'resnet14' now"),
-        ({"loss.tau": 2.0}, "loss.tau=None in the checkpoint but 2.0 now"),
+        ({"loss.tau": 2.0}, "loss.tau=3.0 in the checkpoint but 2.0 now"),  # FFCL's default
         ({"batch_size": 64}, "batch_size=32 in the checkpoint but 64 now"),
     ):
         with pytest.raises(UserError, match="written with another config") as info:
@@ -239,12 +239,29 @@ def test_keys_added_later_resume_at_their_old_behaviour(fmnist_dir):
     assert checkpoint.config_differences(saved, config) == [
         "data_on_device=False in the checkpoint but True now"
     ]
-    # Such runs set loss.rampup_epochs for every method: without it, the protocol's ramp-up
-    # (which only methods with one take) is a difference.
+    # Such runs set loss.rampup_epochs for every method. Settings compare as they resolve: the
+    # protocol's ramp-up of the same length is no difference, one of another length is.
     config.data_on_device, config.loss.rampup_epochs = False, None
+    assert config.protocol_rampup_epochs == 1.0
+    assert checkpoint.config_differences(saved, config) == []
+    config.protocol_rampup_epochs = 2.0
     assert checkpoint.config_differences(saved, config) == [
-        "loss.rampup_epochs=1.0 in the checkpoint but None now",
-        "protocol_rampup_epochs=None in the checkpoint but 1.0 now",
+        "loss.rampup_epochs=1.0 in the checkpoint but 2.0 now"
+    ]
+
+
+def test_config_json_shows_the_method_settings_a_run_resolved(fmnist_dir):
+    from ffcl_jax import methods
+
+    config = tiny_config(fmnist_dir)
+    method = methods.create(config.method, config.loss, config.protocol_rampup_epochs)
+    written = json.loads(checkpoint.config_as_run(config, method))
+    assert config.loss.tau is None and written["loss"]["tau"] == method.settings.tau
+    assert written["loss"]["rampup_epochs"] == 1.0
+    assert checkpoint.config_differences(written, config) == []
+    config.loss.tau = method.settings.tau + 1.0  # a setting changed from its default
+    assert checkpoint.config_differences(written, config) == [
+        f"loss.tau={method.settings.tau!r} in the checkpoint but {config.loss.tau!r} now"
     ]
 
 

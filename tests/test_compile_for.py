@@ -15,7 +15,7 @@ from tests.helpers.cli import run_python
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install -e '.[tpu]'; scripts/setup.sh installs it)",
+    reason="libtpu is not installed: pip install -e '.[tpu]' (FFCL_SETUP_TPU=1 scripts/setup.sh)",
 )
 
 
@@ -68,18 +68,18 @@ ENTRY %main {
 def test_the_platform_of_the_mesh_decides_the_backend_specific_choices(fmnist_dir):
     """A step built over a TPU slice's devices gets no XLA:CPU options, no closed-form BatchNorm
     backward and none of the oneDNN kernels, whatever JAX's default backend (here the CPU)."""
-    deep = tiny_config(fmnist_dir, teacher="resnet56", cpu_kernels="auto")
+    deep = tiny_config(fmnist_dir, teacher="resnet56", **{"cpu.kernels": "auto"})
     assert jax.default_backend() == "cpu"
     assert xla_cpu.compiler_options(deep, "cpu") == xla_cpu.compiler_options(deep)
     assert xla_cpu.compiler_options(deep, "tpu") is None
     assert xla_cpu.closed_form_batch_norm(deep, "cpu")
     assert not xla_cpu.closed_form_batch_norm(deep, "tpu")
     assert not xla_cpu.use_onednn_kernels(deep, 1, "tpu")
-    deep.cpu_kernels = "onednn"
+    deep.cpu.kernels = "onednn"
     with pytest.raises(UserError, match="runs on the CPU only, this is tpu"):
         xla_cpu.use_onednn_kernels(deep, 1, "tpu")
 
-    config = tiny_config(fmnist_dir, cpu_kernels="auto")
+    config = tiny_config(fmnist_dir, **{"cpu.kernels": "auto"})
     mesh = parallel.DataParallel(1, devices=jax.devices()[:1])
     assert mesh.platform == "cpu" and mesh.size == 1
     cpu_setup, _ = train.build(config, train.check_config(config, 1), 10, mesh)
@@ -156,6 +156,14 @@ def test_the_smoke_step_compiles_for_a_v5e_slice(tmp_path):
         assert 0 < memory["fraction_of_hbm"] < 1, name
         assert step["collectives"]["all-reduce"]["count"] >= 1, name
         assert step["float64_ops"] == step["host_callbacks"] == step["cpu_kernel_calls"] == 0
+    # 16 images a chip: one warning line, before the steps' figures.
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == report["warnings"] and len(warnings) == 1
+    assert warnings[0].startswith("warning: 16 images a chip (batch_size 64 over 4 chips)")
+    fixed = report["fixed_bytes"]
+    assert fixed["weights"] == report["parameter_bytes"]
+    assert fixed["optimizer_state"] >= fixed["weights"]  # a momentum trace per parameter
+    assert "fixed per chip, whatever the batch" in proc.stdout
     train_step = report["train_step"]
     # The gradient of every (float32) parameter is summed over the chips.
     assert train_step["collectives"]["all-reduce"]["bytes"] >= report["parameter_bytes"] > 0

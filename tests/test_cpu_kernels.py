@@ -1,5 +1,5 @@
 """The optional oneDNN kernels (ffcl_jax.cpu_kernels) against XLA's: every op, every zoo model,
-whole train steps; which kernels `config.cpu_kernels` picks, and what happens without them."""
+whole train steps; which kernels `config.cpu.kernels` picks, and what happens without them."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def test_batch_norm_kernel_passes_a_nan_on():
 def test_batch_norm_kernel_is_exact_where_sums_cancel():
     """Where the incoming gradient nearly cancels over a channel (a shift's gradient at a
     BatchNorm followed by another), plain float32 sums lose most digits: oneDNN's BatchNorm was
-    1.4e-3 of scale from float64 here, against XLA's 9e-6 (docs/performance.md). The kernel sums
+    1.4e-3 of scale from float64 here, against XLA's 9e-6 (docs/performance_log.md). The kernel sums
     in double, so it must be at least as exact as XLA's pairwise reductions."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 28, 28, 16)) * 2 + 0.5
@@ -340,7 +340,7 @@ def _custom_calls(config, num_devices: int = 1) -> tuple[int, int]:
 
 @needs_kernels
 def test_the_kernels_run_where_config_asks_for_them(fmnist_dir):
-    config = tiny_config(fmnist_dir, cpu_kernels="onednn")
+    config = tiny_config(fmnist_dir, **{"cpu.kernels": "onednn"})
     # resnet8 + resnet8 and the fusion module: 2 x (stem + 3 blocks x 2 + 2 shortcuts) + 2
     # convolutions, each forward, backward-data and backward-weights, but for the two stems'
     # backward-data (nothing needs the images' gradient: JAX drops those calls); as many
@@ -348,14 +348,14 @@ def test_the_kernels_run_where_config_asks_for_them(fmnist_dir):
     layers_with_weights = 2 * 9 + 2
     expected = (3 * layers_with_weights - 2, 2 * layers_with_weights)
     assert _custom_calls(config) == expected
-    config.cpu_kernels = "xla"
+    config.cpu.kernels = "xla"
     assert _custom_calls(config) == (0, 0)
-    config.cpu_kernels = "auto"  # built here, one CPU device, float32
+    config.cpu.kernels = "auto"  # built here, one CPU device, float32
     assert _custom_calls(config) == expected
     assert not xla_cpu.use_onednn_kernels(config, num_devices=8)
     config.compute_dtype = "bfloat16"
     assert not xla_cpu.use_onednn_kernels(config)
-    config.cpu_kernels = "onednn"  # forced, but bfloat16 layers stay on XLA's kernels
+    config.cpu.kernels = "onednn"  # forced, but bfloat16 layers stay on XLA's kernels
     assert _custom_calls(config) == (0, 0)
     config.compute_dtype, config.batch_norm = "float32", "per_device"
     with pytest.raises(UserError, match="does not run under batch_norm='per_device'"):
@@ -367,14 +367,14 @@ def test_without_the_kernels_auto_says_why_and_onednn_is_an_error(fmnist_dir, mo
     config = tiny_config(fmnist_dir)
     assert not xla_cpu.use_onednn_kernels(config)
     note = xla_cpu.onednn_fallback_note(config)
-    assert note == "cpu_kernels: XLA's kernels (no C++ compiler (g++))"
-    config.cpu_kernels = "xla"
+    assert note == "cpu.kernels: XLA's kernels (no C++ compiler (g++))"
+    config.cpu.kernels = "xla"
     assert xla_cpu.onednn_fallback_note(config) is None
-    config.cpu_kernels = "onednn"
-    with pytest.raises(UserError, match="cpu_kernels=.onednn.: no C[+][+] compiler"):
+    config.cpu.kernels = "onednn"
+    with pytest.raises(UserError, match="cpu.kernels=.onednn.: no C[+][+] compiler"):
         xla_cpu.use_onednn_kernels(config)
-    config.cpu_kernels = "fast"
-    with pytest.raises(UserError, match="unknown config.cpu_kernels 'fast'"):
+    config.cpu.kernels = "fast"
+    with pytest.raises(UserError, match="unknown config.cpu.kernels 'fast'"):
         train.check_config(config, 1)
 
 
@@ -600,9 +600,9 @@ def test_three_train_steps_are_as_exact_as_xla(fmnist_dir):
     images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
     runs = {}
     for name, overrides in {
-        "onednn": {"cpu_kernels": "onednn"},
-        "xla": {"cpu_kernels": "xla"},
-        "float64": {"cpu_kernels": "xla", "compute_dtype": "float64"},
+        "onednn": {"cpu.kernels": "onednn"},
+        "xla": {"cpu.kernels": "xla"},
+        "float64": {"cpu.kernels": "xla", "compute_dtype": "float64"},
     }.items():
         with jax.enable_x64(name == "float64"):
             config = tiny_config(fmnist_dir, **overrides)
@@ -942,16 +942,26 @@ class _Exec(Exception):
     """Raised in place of os.execve: the process would have been replaced here."""
 
 
-def _main_with_an_exec_pending(monkeypatch):
+def _main_with_an_exec_pending(monkeypatch, hugepage_malloc=True):
     """ffcl_jax.main where a restart is due (the tunable applies and is not set), with os.execve
-    raising _Exec and absl's app.run recording that training would start."""
+    raising _Exec and absl's app.run standing for parsing a config that sets
+    `cpu.hugepage_malloc` and starting training."""
     from ffcl_jax import main, process_env
+    from ffcl_jax.config_base import base_config
 
     monkeypatch.setattr(
         process_env, "with_hugepage_malloc", lambda env: {**env, "GLIBC_TUNABLES": "x"}
     )
+    monkeypatch.setattr(main, "_MAY_RESTART", False)
+    config = base_config()
+    config.cpu.hugepage_malloc = hugepage_malloc
     started = []
-    monkeypatch.setattr(main.app, "run", lambda fn, **kwargs: started.append(fn))
+
+    def app_run(fn, **kwargs):
+        main.restart_if_asked(config)  # what main.main does first with the parsed config
+        started.append(fn)
+
+    monkeypatch.setattr(main.app, "run", app_run)
 
     def execve(path, argv, env):
         raise _Exec(path, argv, env)
@@ -964,6 +974,12 @@ def test_main_run_from_python_never_replaces_the_process(monkeypatch):
     """A script, a notebook or a test that calls `main.run()` must go on as itself."""
     main, started = _main_with_an_exec_pending(monkeypatch)
     main.run()  # _Exec, were it to restart
+    assert started == [main.main]
+
+
+def test_main_cli_keeps_its_process_when_the_config_says_so(monkeypatch):
+    main, started = _main_with_an_exec_pending(monkeypatch, hugepage_malloc=False)
+    main.cli()
     assert started == [main.main]
 
 

@@ -3,7 +3,7 @@
 XLA:CPU's default loop fusion copies the forward residual + ReLU chain of a stage into each
 backward consumer, so the largest fusion of the compiled step holds one copy of every earlier
 block: its size grows with the depth, and the work with depth^2. With
-`xla_cpu_ynn_fusion="eltwise_reduce"` and the closed-form BatchNorm backward (what "auto" picks for
+`cpu.ynn_fusion="eltwise_reduce"` and the closed-form BatchNorm backward (what "auto" picks for
 deep networks) the largest fusion must not grow with the depth. The control compiles the same
 steps with XLA's defaults and must show the growth, so a change of XLA that fixes (or moves) the
 defect is noticed too.
@@ -53,9 +53,9 @@ def compiled_step_hlo(teacher: str, ynn_fusion: str, bn_backward: str) -> str:
     config.teacher, config.student = teacher, "resnet8"
     config.method = "independent"  # the networks' own backward passes, nothing else
     config.batch_size = 4
-    config.xla_cpu_ynn_fusion = ynn_fusion
-    config.batch_norm_backward = bn_backward
-    config.cpu_kernels = "xla"  # these tests are about XLA's own kernels and fusions
+    config.cpu.ynn_fusion = ynn_fusion
+    config.cpu.batch_norm_backward = bn_backward
+    config.cpu.kernels = "xla"  # these tests are about XLA's own kernels and fusions
     return compiled_cifar_step(config)
 
 
@@ -86,9 +86,9 @@ def test_auto_picks_the_linear_setting_for_deep_networks():
     assert xla_cpu.compiler_options(config) == deep
     config.teacher, config.student = "resnet20", "resnet8"  # shallow: reductions only
     assert xla_cpu.compiler_options(config) == shallow
-    config.xla_cpu_ynn_fusion = "xla_default"
+    config.cpu.ynn_fusion = "xla_default"
     assert xla_cpu.compiler_options(config) is None
-    config.xla_cpu_ynn_fusion = "dot"
+    config.cpu.ynn_fusion = "dot"
     assert xla_cpu.compiler_options(config) == {
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
     }
@@ -107,7 +107,7 @@ def test_largest_fusion_does_not_grow_with_depth():
     default_deep = largest_fusion(compiled_step_hlo("resnet56", "xla_default", "autodiff"))
     assert default_deep >= 1.8 * default_shallow, (
         f"XLA's default fusion no longer grows with depth ({default_shallow} -> {default_deep}):"
-        " re-measure whether xla_cpu_ynn_fusion='auto' still pays off (experiments/bench_step.py)"
+        " re-measure whether cpu.ynn_fusion='auto' still pays off (experiments/bench_step.py)"
     )
 
 
@@ -142,8 +142,8 @@ from ffcl_jax.config_base import base_config
 config = base_config()
 config.dataset, config.teacher, config.student = "cifar10", "resnet8", "resnet8"
 config.batch_size = 32
-config.cpu_kernels = "xla"
-config.xla_cpu_flatten_after_fusion = sys.argv[1] == "on"
+config.cpu.kernels = "xla"
+config.cpu.flatten_after_fusion = sys.argv[1] == "on"
 os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
 print("flags:", os.environ["XLA_FLAGS"])
 sys.path.insert(0, "tests")
@@ -187,7 +187,7 @@ def test_process_xla_flags_keep_the_users_own_and_edit_nothing():
     assert xla_cpu.process_xla_flags(config, flags) == flags  # not twice
     users = "--xla_backend_extra_options=xla_cpu_use_fusion_emitters"
     assert xla_cpu.process_xla_flags(config, users) == users  # the user's own choice stays
-    config.xla_cpu_flatten_after_fusion = False
+    config.cpu.flatten_after_fusion = False
     assert xla_cpu.process_xla_flags(config, current) == current
     # Importing the library and building a step leave the process's XLA_FLAGS alone.
     before = os.environ.get("XLA_FLAGS")

@@ -1,7 +1,8 @@
-"""The experiment drivers: the JAX/PyTorch benchmark and the method/ablation table."""
+"""The experiment scripts: the JAX/PyTorch benchmarks, the study drivers and their run loop."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,7 +21,6 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 pytest.importorskip("torch")
 
 import bench_results  # noqa: E402
-import run_table  # noqa: E402
 import study_runs  # noqa: E402
 import study_stats  # noqa: E402
 
@@ -221,7 +221,7 @@ def test_benchmark_result_names_keep_settings_apart(monkeypatch):
     assert bench_results.result_name(config, "NVIDIA H100 80GB HBM3", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_gpu_bfloat16_ondevice"  # the host's ISA is not the GPU's
     )
-    config.update(batch_norm_backward="autodiff")
+    config.cpu.batch_norm_backward = "autodiff"
     assert bench_results.result_name(config, "1 x cpu", synthetic=False) == (
         "bench_resnet110_resnet32_b128_cpu_bn_autodiff_bfloat16_ondevice"
     )
@@ -237,7 +237,7 @@ def test_benchmark_result_names_keep_settings_apart(monkeypatch):
     from ffcl_jax import process_env
 
     config = get_config()
-    config.cpu_kernels = "xla"
+    config.cpu.kernels = "xla"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     monkeypatch.setattr(process_env, "hugepage_malloc_takes_effect", lambda: True)
     assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
@@ -302,7 +302,7 @@ def test_profile_mode_lists_where_the_step_spends_its_time(kernels):
     if kernels == "onednn" and not cpu_kernels.available():
         pytest.skip(f"oneDNN kernels: {cpu_kernels.unavailable_reason()}")
     args = ["--modes=profile", *TINY, "--config.batch_size=8", "--top=40"]
-    out = run_script("bench_step.py", *args, f"--config.cpu_kernels={kernels}")
+    out = run_script("bench_step.py", *args, f"--config.cpu.kernels={kernels}")
     by_kind, longest = out.split("Longest ops:")
     rows = [line.split(" | ") for line in by_kind.splitlines() if line.startswith("| ")][1:]
     assert rows and all(float(row[0].strip("| ")) >= 0 for row in rows)
@@ -362,20 +362,32 @@ def test_readme_names_the_ynnpack_setting():
     assert bench_results.ynn_setting({key: both}) == "ynn eltwise+reduce"
 
 
-def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_path, monkeypatch):
-    root, output = tmp_path / "runs", tmp_path / "out" / "table"
+def test_study_runs_run_each_run_once_and_train_a_missing_kd_teacher_again(fmnist_dir, tmp_path):
+    """The drivers' run loop (`study_runs.run_missing`): every run once, a kd run after its own
+    seed's teacher, nothing again once finished; on a machine with only the committed summaries a
+    kd run trains its teacher again beside the runs and leaves the committed summary alone."""
+    root, output = tmp_path / "runs", tmp_path / "out" / "study"
     extra = (
         f"idx_dir={fmnist_dir},teacher=resnet8,student=resnet8,batch_size=32,num_epochs=1,"
         "lr_decay_epochs=(),augment=none,log_every_steps=4,eval_batch_size=50"
     )
-    args = [
-        "--seeds=0,1",
-        "--runs=jax:independent,kd,pytorch:ffcl",
-        f"--root={root}",
-        f"--output={output}",
-        f"--extra={extra}",
-    ]
-    run_table.main(args)
+    args = argparse.Namespace(
+        config="configs/fashion_mnist.py",
+        root=str(root),
+        output=str(output),
+        extra=extra.split(","),
+    )
+    independent = study_runs.Run("independent", "jax", ("method=independent",), "alone")
+    kd = study_runs.Run("kd", "jax", ("method=kd",), "kd", needs="independent")
+    reference = study_runs.Run("ffcl", "pytorch", ("method=ffcl",), "reference")
+    plan = [(run, seed) for seed in (0, 1) for run in (independent, kd, reference)]
+
+    def run_all():
+        study_runs.run_missing(plan, args, {"process": None}, lambda: None)
+        for run, seed in plan:
+            study_runs.keep_copy(run, seed, args)
+
+    run_all()
     finished = sorted(os.listdir(root))
     assert finished == [
         f"{framework}_{name}_seed{seed}"
@@ -388,32 +400,16 @@ def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_p
             ("pytorch", "ffcl", 1),
         ]
     ]
-    table = json.loads((tmp_path / "out" / "table.json").read_text())
-    by_name = {(row["framework"], row["method"]): row for row in table["table"]}
-    independent = by_name[("jax", "independent")]
-    assert independent["seeds_done"] == [0, 1]
-    runs = {r["run"]: r for r in table["runs"]}
-    assert sorted(independent["student_last"]) == sorted(
-        runs[f"jax_independent_seed{s}"]["summary"]["student"]["last"] for s in (0, 1)
-    )
-    kd = runs["jax_kd_seed1"]
-    assert "--config.method=kd" in kd["command"]
-    assert "jax_independent_seed1" in kd["command"]  # its own seed's teacher
-    assert by_name[("jax", "dml")]["seeds_pending"] == [0, 1]
-    markdown = (tmp_path / "out" / "table.md").read_text()
-    assert "| dml | jax | 0/2 | pending" in markdown
-    assert (tmp_path / "out" / "table_student.png").stat().st_size > 0
-    assert (tmp_path / "out" / "table_runs" / "jax_kd_seed0" / "metrics.jsonl").exists()
+    kd_seed1 = study_runs.ran_command(kd, 1, args).split()
+    assert "--config.method=kd" in kd_seed1
+    assert f"--config.teacher_checkpoint={root / 'jax_independent_seed1'}" in kd_seed1
+    assert study_runs.finished(reference, 0, args)["summary"]["student"]["last"] > 0
+    assert (tmp_path / "out" / "study_runs" / "jax_kd_seed0" / "metrics.jsonl").exists()
 
-    # A second call finds every run finished and starts nothing; --readme fills the README.
+    # A second call finds every run finished and starts nothing.
     stamps = {name: os.path.getmtime(root / name / "results.json") for name in finished}
-    readme = tmp_path / "README.md"
-    readme.write_text("a\n<!-- fashion-mnist-table:start -->\n<!-- fashion-mnist-table:end -->\n")
-    monkeypatch.setattr(run_table, "TABLE_DOC", str(readme))
-    run_table.main([*args, "--readme"])
+    run_all()
     assert stamps == {name: os.path.getmtime(root / name / "results.json") for name in finished}
-    block = readme.read_text().splitlines()
-    assert block[2].startswith("| method") and "| independent | jax | 2/2 |" in block[4]
 
     # On a new machine only the committed summaries are left: a kd run still to do trains its
     # teacher again beside the runs and leaves the teacher run's committed summary alone.
@@ -422,9 +418,9 @@ def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_p
     shutil.rmtree(root / "jax_independent_seed0" / "checkpoints")
     shutil.rmtree(root / "jax_independent_seed1" / "checkpoints")
     shutil.rmtree(root / "jax_kd_seed0")
-    shutil.rmtree(tmp_path / "out" / "table_runs" / "jax_kd_seed0")
-    kept = (tmp_path / "out" / "table_runs" / "jax_independent_seed0" / "results.json").read_bytes()
-    run_table.main(args)
+    shutil.rmtree(tmp_path / "out" / "study_runs" / "jax_kd_seed0")
+    kept = (tmp_path / "out" / "study_runs" / "jax_independent_seed0" / "results.json").read_bytes()
+    run_all()
     copy = tmp_path / "runs_teachers" / "jax_independent_seed0"
     assert (copy / "results.json").exists() and (copy / "checkpoints").is_dir()
     kd_command = json.loads((root / "jax_kd_seed0" / "table_run.json").read_text())["command"]
@@ -432,14 +428,31 @@ def test_table_runs_each_run_once_and_reports_mean_and_pending(fmnist_dir, tmp_p
     assert (root / "jax_kd_seed0" / "results.json").exists()
     assert (
         kept
-        == (tmp_path / "out" / "table_runs" / "jax_independent_seed0" / "results.json").read_bytes()
+        == (tmp_path / "out" / "study_runs" / "jax_independent_seed0" / "results.json").read_bytes()
     )
     assert sorted(os.listdir(tmp_path / "runs_teachers")) == ["jax_independent_seed0"]
-    # The report names the teacher each kd run used, not the copy a new run would use.
-    runs = {r["run"]: r for r in json.loads((tmp_path / "out" / "table.json").read_text())["runs"]}
+    # The record names the teacher each kd run used, not the copy a new run would use.
     used = f"--config.teacher_checkpoint={root / 'jax_independent_seed1'}"
-    assert used in runs["jax_kd_seed1"]["command"].split()
-    assert f"--config.teacher_checkpoint={copy}" in runs["jax_kd_seed0"]["command"].split()
+    assert used in study_runs.ran_command(kd, 1, args).split()
+    assert f"--config.teacher_checkpoint={copy}" in study_runs.ran_command(kd, 0, args).split()
+
+
+def test_compile_for_table_is_the_one_the_committed_reports_give(tmp_path):
+    """docs/performance.md's table "Compiled for TPU slices" is what `bench_step.py --readme`
+    writes from the committed `compile_for_*.json` reports."""
+    doc = tmp_path / "performance.md"
+    doc.write_text("a\n<!-- compile-for:start -->\nold\n<!-- compile-for:end -->\nb\n")
+    bench_results.write_compile_for_table(bench_results.RESULTS, str(doc))
+
+    def block(text):
+        return text.split("<!-- compile-for:start -->")[1].split("<!-- compile-for:end -->")[0]
+
+    rows = block(doc.read_text()).strip().splitlines()
+    assert len(rows) == 2 + len(
+        [f for f in os.listdir(bench_results.RESULTS) if f.startswith("compile_for_")]
+    )
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        assert block(f.read()).strip().splitlines() == rows
 
 
 def test_paired_difference_matches_a_paired_t_test():
@@ -466,43 +479,6 @@ def test_paired_difference_matches_a_paired_t_test():
     wide = study_stats.paired_difference(records({0: 0.893, 1: 0.888}), reference)
     assert study_stats.format_difference(wide, "ffcl").startswith("+0.25 [")  # includes 0: plain
     assert study_stats.format_difference(None, None) == "-"
-
-
-def test_claim_section_pairs_ffcl_with_each_baseline_and_compares_frameworks():
-    import scipy.stats
-
-    def record(method, framework, seed, student, teacher=0.9):
-        summary = {"student": {"last": student}, "teacher": {"last": teacher}}
-        return {"method": method, "framework": framework, "seed": seed, "summary": summary}
-
-    records = [
-        *(record("ffcl", "jax", s, v) for s, v in enumerate([0.890, 0.880, 0.885])),
-        *(record("ffl", "jax", s, v) for s, v in enumerate([0.898, 0.889, 0.892])),
-        *(record("independent", "jax", s, v) for s, v in enumerate([0.889, 0.890, 0.884])),
-        *(record("independent", "pytorch", s, v) for s, v in enumerate([0.895, 0.896])),
-        *(
-            record("ffcl-regularizer", "jax", s, 0.87, t)
-            for s, t in enumerate([0.881, 0.88, 0.879])
-        ),
-    ]
-    lines = run_table.claim_lines(records)
-    by_label = dict(line.strip("| ").split(" | ") for line in lines[7:])
-    # ffl beats ffcl by 0.8/0.9/0.7 points: the interval excludes 0.
-    assert by_label["ffcl - ffl (jax, paired by seed)"].startswith("**-0.80 [")
-    assert by_label["ffcl - independent (jax, paired by seed)"].startswith("-0.27 [")
-    assert by_label["ffcl - kd (jax, paired by seed)"] == "pending"
-    welch = scipy.stats.ttest_ind([89.5, 89.6], [88.9, 89.0, 88.4], equal_var=False)
-    interval = welch.confidence_interval(0.95)
-    expected = f"[{interval.low:+.2f}, {interval.high:+.2f}]"
-    cell = by_label["independent student: pytorch - jax (unpaired, Welch)"]
-    assert expected in cell and cell.endswith("(n=2/3)"), cell
-    assert "ffcl student: pytorch - jax (unpaired, Welch)" in by_label  # jax side only
-    assert by_label["ffcl student: pytorch - jax (unpaired, Welch)"] == "pending"
-    # An ablation's teacher against full ffcl's (0.9 in every seed): -1.9, -2.0, -2.1 points.
-    paired = scipy.stats.ttest_1samp([-1.9, -2.0, -2.1], 0.0).confidence_interval(0.95)
-    cell = by_label["ffcl-regularizer teacher: minus ffcl (jax, paired by seed)"]
-    assert cell == f"**-2.00 [{paired.low:+.2f}, {paired.high:+.2f}]** (n=3)", cell
-    assert by_label["ffcl-feature teacher: minus ffcl (jax, paired by seed)"] == "pending"
 
 
 def _study_record(name: str, seed: int, validation: float, test: float) -> dict:
@@ -1061,13 +1037,3 @@ def test_powered_study_records_a_dirty_tree_and_every_segment_of_a_resumed_run(
     (dml,) = [r for r in result["runs"] if r["run"] == "jax_dml_seed1002"]
     assert dml["commit"] == "abc1234 + def5678-dirty"
     assert "`abc1234 + def5678-dirty` (1 run)" in study.read_text()
-
-
-def test_the_table_driver_takes_any_preset_by_name():
-    args = run_table.parse_args(["--runs=pcl,pytorch:kdcl,independent"])
-    chosen = [(r.name, r.framework, r.overrides) for r in args.selected]
-    assert ("pcl", "jax", ("method=pcl",)) in chosen
-    assert ("kdcl", "pytorch", ("method=kdcl",)) in chosen
-    assert {r.name for r in run_table.table_runs(args)} >= {"pcl", "kdcl", "ffcl"}
-    with pytest.raises(SystemExit):
-        run_table.parse_args(["--runs=pcll"])

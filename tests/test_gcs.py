@@ -319,16 +319,18 @@ def test_tensorboard_events_go_through_tensorflows_file_system_layer(tmp_path):
     assert not os.path.exists(tmp_path / "tensorboard")
 
 
-def test_the_method_table_driver_reads_and_copies_runs_under_a_gs_root(gcs, tmp_path):
-    """`experiments/run_table.py --root=gs://...` (and every driver, through `study_runs`): finished
-    runs are found there and their files copied to the local results folder for committing."""
+def test_the_study_drivers_read_and_copy_runs_under_a_gs_root(gcs, tmp_path):
+    """`experiments/powered_study.py --root=gs://...` (and the method study, through `study_runs`):
+    finished runs are found there and their files copied to the local results folder."""
     sys.path.insert(0, os.path.join(REPO, "experiments"))
-    import run_table
+    import powered_study
     import study_runs
 
     root = f"gs://{BUCKET}/table"
-    args = run_table.parse_args([f"--root={root}", f"--output={tmp_path / 'table'}", "--seeds=0"])
-    run = next(r for r in run_table.RUNS if (r.name, r.framework) == ("independent", "jax"))
+    args = powered_study.parse_args(
+        [f"--root={root}", f"--output={tmp_path / 'table'}", "--seeds=0"]
+    )
+    run = next(r for r in powered_study.RUNS if (r.name, r.framework) == ("independent", "jax"))
     workdir = study_runs.run_workdir(run, 0, args)
     assert os.fspath(workdir) == f"{root}/{study_runs.run_id(run, 0)}"
     assert study_runs.finished(run, 0, args) is None

@@ -23,7 +23,7 @@ import pytest
 import torch
 from flax import nnx
 
-from ffcl_jax import convert, export, input_pipeline, methods, models, train
+from ffcl_jax import convert, export, input_pipeline, methods, models, report, train
 from ffcl_jax.torch_reference import methods as torch_methods
 from ffcl_jax.torch_reference import models as torch_models
 from ffcl_jax.torch_reference import optim as torch_optim
@@ -432,6 +432,30 @@ def test_a_registered_method_without_a_mirror_fails_the_parity_tests(monkeypatch
         torch_methods.mirror("unmirrored_dummy")
 
 
+@pytest.mark.parametrize("name", [name for name in torch_methods.MIRRORS if name != "kd"])
+def test_each_mirror_evaluates_the_models_its_method_reports(fmnist_dir, name):
+    """The reference's evaluation (each mirror's `evaluated`) names the same models as the JAX
+    method's, so the two results tables line up. (KD's reference trains no frozen teacher.)"""
+    from ffcl_jax.torch_reference import train as reference
+
+    config = tiny_config(fmnist_dir, method=name)
+    method = train.check_config(config, 1)
+    cohort, _, _, settings, info = reference.build(config, 8, "cpu")
+    images, labels = input_pipeline.load_split(config, "test")
+    accuracy = reference.evaluate(
+        cohort,
+        images[:20],
+        labels[:20],
+        info,
+        "cpu",
+        10,
+        temporal_mean=temporal_mean_of(cohort, settings),
+        evaluated=torch_methods.mirror(name).evaluated,
+    )
+    assert sorted(accuracy) == sorted(method.evaluated_names())
+    assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+
+
 def test_reference_augmentation_moves_pixels_but_keeps_content():
     from ffcl_jax.torch_reference.train import augment
 
@@ -451,6 +475,9 @@ def test_reference_loop_trains_and_reports_like_the_jax_trainer(fmnist_dir, tmp_
     results = train_and_evaluate(config, str(tmp_path))
     assert [row["epoch"] for row in results["history"]] == [1, 2]
     assert set(results["summary"]) == {"student", "teacher", "fused", "ensemble"}
+    # Its own initialisation (no JAX weights to pair with); the batch it started on.
+    assert results["initial_weights_sha256"] is None
+    assert len(results["first_batch_sha256"]) == 64
     # Above chance (10%) on the toy classes after 16 steps, and the supervised loss falls.
     assert max(results["history"][-1][k] for k in ("teacher", "student")) > 0.2
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -528,10 +555,15 @@ def test_reference_from_jax_starts_from_the_jax_weights_and_trains_on_its_batche
     config = tiny_config(
         fmnist_dir, seed=3, augment="pad_crop_flip", pad=2, reference_from_jax=from_jax
     )
-    cohort = reference.build(config, 8, "cpu")[0]
-    _, state = train.build(config, train.check_config(config, 1), 8)
+    cohort, _, _, settings, _ = reference.build(config, 8, "cpu")
+    setup, state = train.build(config, train.check_config(config, 1), 8)
+    # What each run's results.json records: the same digest exactly when paired.
+    assert (settings["initial_weights_sha256"] == setup.initial_weights_sha256) == from_jax
     if from_jax:
         _assert_same_parameters(state.params, state.batch_stats, cohort, 0.0, "initial")
+        other_seed = tiny_config(fmnist_dir, seed=4)
+        other = train.build(other_seed, train.check_config(other_seed, 1), 8)[0]
+        assert other.initial_weights_sha256 != setup.initial_weights_sha256
     else:
         with pytest.raises(AssertionError):
             _assert_same_parameters(state.params, state.batch_stats, cohort, 1e-3, "initial")
@@ -543,6 +575,9 @@ def test_reference_from_jax_starts_from_the_jax_weights_and_trains_on_its_batche
         x, y = next(reference.epoch_batches(*reference.as_tensors(images, labels), config, 1, 1))
     same = np.array_equal(x.numpy(), np.moveaxis(ours["image"], -1, 1))
     assert same == from_jax and np.array_equal(y.numpy(), ours["label"]) == from_jax
+    # The digests the two loops record of their first batch (NHWC whatever the framework).
+    theirs = report.batch_sha256(np.moveaxis(x.numpy(), -3, -1), y.numpy())
+    assert (theirs == report.batch_sha256(ours["image"], ours["label"])) == from_jax
 
 
 def test_reference_loop_holds_out_the_same_validation_split(fmnist_dir, tmp_path):

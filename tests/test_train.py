@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import cpu_kernels, input_pipeline, parallel, process_env, report, train, xla_cpu
+from ffcl_jax import (
+    cpu_kernels,
+    input_pipeline,
+    machine,
+    parallel,
+    process_env,
+    report,
+    train,
+    xla_cpu,
+)
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
 from tests.helpers.cli import run_python
@@ -102,11 +111,13 @@ def test_bfloat16_compute_trains_with_float32_losses_and_parameters(fmnist_dir):
 def test_closed_form_batch_norm_backward_trains_like_autodiff(fmnist_dir):
     """Three steps of the whole cohort (both networks, fusion module) with each BatchNorm
     backward: the same training up to rounding, and not bit-identical (so the switch is used).
-    On XLA's kernels: where `cpu_kernels` runs BatchNorm, the kernel has its own backward."""
+    On XLA's kernels: where `cpu.kernels` runs BatchNorm, the kernel has its own backward."""
     finals = {}
     for choice in ("autodiff", "closed_form"):
         config = tiny_config(
-            fmnist_dir, batch_norm_backward=choice, learning_rate=0.05, cpu_kernels="xla"
+            fmnist_dir,
+            learning_rate=0.05,
+            **{"cpu.batch_norm_backward": choice, "cpu.kernels": "xla"},
         )
         setup, state = build(config, steps_per_epoch=1)
         step = jax.jit(setup.train_step, donate_argnums=0)
@@ -125,14 +136,14 @@ def test_closed_form_batch_norm_backward_trains_like_autodiff(fmnist_dir):
 
 def test_closed_form_batch_norm_is_chosen_for_deep_networks_on_the_cpu(fmnist_dir):
     config = tiny_config(fmnist_dir)
-    assert config.batch_norm_backward == "auto"
+    assert config.cpu.batch_norm_backward == "auto"
     config.teacher, config.student = "resnet20", "resnet8"  # 3 blocks a stage: autodiff
     assert not xla_cpu.closed_form_batch_norm(config)
     config.teacher = "resnet56"
     assert xla_cpu.closed_form_batch_norm(config) == (jax.default_backend() == "cpu")
-    config.batch_norm_backward = "autodiff"
+    config.cpu.batch_norm_backward = "autodiff"
     assert not xla_cpu.closed_form_batch_norm(config)
-    config.teacher, config.batch_norm_backward = "resnet8", "closed_form"
+    config.teacher, config.cpu.batch_norm_backward = "resnet8", "closed_form"
     assert xla_cpu.closed_form_batch_norm(config)
 
 
@@ -274,8 +285,8 @@ def test_a_run_that_died_before_its_first_checkpoint_restarts_unattended(fmnist_
         ({"lr_decay_epochs": (2, 2)}, 1, "lr_decay_epochs must be strictly increasing"),
         ({"eval_every_epochs": 0}, 1, "config.eval_every_epochs must be > 0"),
         ({"num_epochs": 0}, 1, "num_epochs must be > 0"),
-        ({"batch_norm_backward": "fast"}, 1, "unknown config.batch_norm_backward 'fast'"),
-        ({"xla_cpu_ynn_fusion": "all"}, 1, "unknown config.xla_cpu_ynn_fusion 'all'"),
+        ({"cpu.batch_norm_backward": "fast"}, 1, "unknown config.cpu.batch_norm_backward 'fast'"),
+        ({"cpu.ynn_fusion": "all"}, 1, "unknown config.cpu.ynn_fusion 'all'"),
     ],
 )
 def test_bad_configs_fail_clearly(fmnist_dir, overrides, num_devices, message):
@@ -382,6 +393,16 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     assert results["closed_form_batch_norm"] is False
     auto_onednn = cpu_kernels.available()
     assert results["onednn_kernels"] is auto_onednn  # what "auto" resolved to
+    # The machine kind, in results.json and the header: CPU speed depends on it.
+    isa = machine.machine()["isa"]
+    assert results["machine"]["isa"] == isa and results["machine"]["cores"] == os.cpu_count()
+    kernels = "oneDNN" if auto_onednn else "XLA"
+    assert f"cpu device(s) ({isa}, {kernels} kernels) in 1 process(es)" in proc.stdout
+    # What a paired PyTorch reference run (reference_from_jax) records the same of.
+    assert len(results["initial_weights_sha256"]) == len(results["first_batch_sha256"]) == 64
+    # config.json holds the method's settings as they resolved, not None.
+    written = json.loads((workdir / "config.json").read_text())
+    assert written["loss"]["tau"] == results["method_settings"]["tau"] is not None
     assert results["xla_flags"].endswith(xla_cpu.FLATTEN_AFTER_FUSION_FLAG)  # set by the CLI
     # The CLI restarted with huge-page malloc where the tunable takes effect, and only there.
     hugepages = process_env.hugepage_malloc_takes_effect()

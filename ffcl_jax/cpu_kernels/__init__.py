@@ -4,7 +4,8 @@ An accelerator of the CPU backend, not part of the method: every op here compute
 `lax.conv_general_dilated` and `layers.batch_norm_train` (followed by a ReLU where asked)
 compute, float32 only, so a model gives the same numbers to rounding with or without it.
 XLA:CPU's own convolutions are 2-4x slower than oneDNN's on this project's layers, and its
-BatchNorm takes several passes over memory (docs/performance.md, "oneDNN kernels").
+BatchNorm takes several passes over memory (docs/performance_log.md, "oneDNN convolutions for
+XLA:CPU").
 
 The BatchNorm is not oneDNN's: oneDNN sums each channel in plain float32, far less exact than
 XLA's pairwise reductions where a gradient nearly cancels over a channel. Ours sums in double
@@ -13,7 +14,7 @@ XLA's pairwise reductions where a gradient nearly cancels over a channel. Ours s
 `available()` says whether the library is built (compiling it into a cache on first use, see
 `build.py`) and registered; `unavailable_reason()` says why not. The trainer hands the ops to
 the layers (`xla_cpu.layer_kernels`, through `models.layers.LayerKernels`) when
-`config.cpu_kernels` asks for them; the models never import them.
+`config.cpu.kernels` asks for them; the models never import them.
 """
 
 from __future__ import annotations

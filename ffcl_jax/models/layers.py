@@ -192,6 +192,36 @@ batch_norm_train.defvjp(
 )
 
 
+_batch_norm_groups = contextvars.ContextVar("batch_norm_groups", default=None)
+
+
+@contextlib.contextmanager
+def batch_norm_groups(axis_name: str, groups: list[list[int]]):
+    """While a step is traced under it, inside `shard_map` over `axis_name`, training-mode
+    BatchNorm takes its statistics over the rows of each group of devices (`groups`, indices
+    along `axis_name`, `jax.lax.pmean`'s `axis_index_groups`), differentiated by autodiff."""
+    token = _batch_norm_groups.set((axis_name, groups))
+    try:
+        yield
+    finally:
+        _batch_norm_groups.reset(token)
+
+
+def _grouped_batch_norm(x, scale, bias, epsilon, axis_name, groups):
+    """`(y, mean, var)` as `_batch_norm_forward`, the statistics averaged over each group's
+    devices (every device holds as many rows, so the mean of their means is the group's)."""
+    axes = tuple(range(x.ndim - 1))
+    x32 = at_least_float32(x)
+    mean, mean_square = jax.lax.pmean(
+        (jnp.mean(x32, axes), jnp.mean(jnp.square(x32), axes)),
+        axis_name,
+        axis_index_groups=groups,
+    )
+    var = jnp.maximum(mean_square - jnp.square(mean), 0.0)
+    y = (x32 - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+    return y.astype(x.dtype), mean, var
+
+
 def _varying_axes(x) -> frozenset:
     """The shard_map mesh axes `x` varies over (empty outside shard_map)."""
     aval = jax.typeof(x)
@@ -213,6 +243,12 @@ class BatchNorm(nnx.BatchNorm):
         training = not use_running_average and mask is None
         kernels = _kernels.get()
         kernel = None
+        grouped = _batch_norm_groups.get() if training else None
+        if grouped is not None:
+            y, mean, var = _grouped_batch_norm(
+                x, self.scale[...], self.bias[...], self.epsilon, *grouped
+            )
+            return self._update_and_cast(nnx.relu(y) if relu else y, mean, var)
         if training and x.ndim in (2, 4):
             kernel = _float32_kernel(kernels.batch_norm_train, self.dtype, x, self.scale[...])
         if not kernel and not (training and kernels.closed_form_batch_norm):
@@ -224,6 +260,10 @@ class BatchNorm(nnx.BatchNorm):
         else:
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
             y = nnx.relu(y) if relu else y
+        return self._update_and_cast(y, mean, var)
+
+    def _update_and_cast(self, y, mean, var):
+        """Updates the running statistics with a training batch's; `y` in the layer's dtype."""
         stop = jax.lax.stop_gradient
         self.mean[...] = stop(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
         self.var[...] = stop(self.momentum * self.var[...] + (1 - self.momentum) * var)

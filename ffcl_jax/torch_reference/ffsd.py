@@ -148,6 +148,17 @@ def build(config, method, info):
     return cohort
 
 
+def evaluated(out, mean_out=None) -> dict:
+    """The leader (`student`), the two students, their mean logits and the fusion module."""
+    return {
+        "student": out["student_logits"],
+        "teacher": out["teacher_logits"],
+        "peer": out["peer_logits"],
+        "ensemble": (out["teacher_logits"] + out["peer_logits"]) / 2,
+        "fused": out["fused_logits"],
+    }
+
+
 def objective(outputs, labels, s, epoch, num_classes):
     z = {n: outputs[f"{n}_logits"] for n in ("teacher", "peer", "student", "fused")}
     f = {n: outputs[f"{n}_features"] for n in ("teacher", "peer", "student")}

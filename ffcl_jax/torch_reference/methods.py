@@ -16,6 +16,38 @@ from ffcl_jax.models import NUM_STAGES
 from ffcl_jax.torch_reference import ffsd, losses, models
 
 
+def pair_evaluated(out, mean_out=None) -> dict:
+    """A pair's evaluated models (`Method.evaluated`): student, teacher, their ensemble and the
+    fused classifier where there is one."""
+    logits = {"student": out["student_logits"], "teacher": out["teacher_logits"]}
+    logits["ensemble"] = (out["teacher_logits"] + out["student_logits"]) / 2
+    if "fused_logits" in out:
+        logits["fused"] = out["fused_logits"]
+    return logits
+
+
+def branch_evaluated(out, mean_out=None) -> dict:
+    """ONE's, CL-ILR's and OKDDip's: the student (branch 0), the other branches, and the
+    ensemble (OKDDip's: the peers' mean, without the leader)."""
+    logits = {"student": out["student_logits"]}
+    for index, z in enumerate(out["branch_logits"][1:], start=1):
+        logits[f"branch_{index}"] = z
+    if "peer_attention" in out:
+        logits["ensemble"] = losses.branch_ensemble(out["branch_logits"][1:])
+    else:
+        logits["ensemble"] = losses.branch_ensemble(out["branch_logits"], out.get("gate_weights"))
+    return logits
+
+
+def pcl_evaluated(out, mean_out) -> dict:
+    """PCL's: the temporal mean's branches are the deployed student and its peers; the online
+    network's branch 0 and the peer-ensemble classifier are reported beside them."""
+    logits = branch_evaluated(mean_out)
+    logits["ensemble"] = out["peer_ensemble_logits"]
+    logits["online_student"] = out["student_logits"]
+    return logits
+
+
 @dataclasses.dataclass(frozen=True)
 class Mirror:
     # (config, method, info) -> the cohort as an nn.Module whose forward returns the JAX
@@ -23,6 +55,8 @@ class Mirror:
     build: Callable
     # (outputs, labels, settings mapping, epoch, num_classes) -> (total, terms)
     objective: Callable
+    # (outputs, outputs of the method's temporal mean or None) -> {evaluated name: logits}
+    evaluated: Callable = pair_evaluated
 
 
 def _pair(config, method: Method, info):
@@ -71,7 +105,7 @@ def _branches(config, method: Method, info):
 
 
 _PAIR = Mirror(_pair, losses.pair_objective)
-_BRANCHES = Mirror(_branches, losses.branch_objective)
+_BRANCHES = Mirror(_branches, losses.branch_objective, branch_evaluated)
 MIRRORS: dict[str, Mirror] = {
     "independent": _PAIR,
     "dml": _PAIR,
@@ -82,8 +116,8 @@ MIRRORS: dict[str, Mirror] = {
     "one": _BRANCHES,
     "cl_ilr": _BRANCHES,
     "okddip": _BRANCHES,
-    "pcl": _BRANCHES,
-    "ffsd": Mirror(ffsd.build, ffsd.objective),
+    "pcl": Mirror(_branches, losses.branch_objective, pcl_evaluated),
+    "ffsd": Mirror(ffsd.build, ffsd.objective, ffsd.evaluated),
 }
 
 

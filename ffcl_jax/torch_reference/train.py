@@ -26,8 +26,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ffcl_jax import input_pipeline, methods, report, storage
-from ffcl_jax.torch_reference import losses, optim
-from ffcl_jax.torch_reference.methods import mirror, settings_mapping
+from ffcl_jax.torch_reference import optim
+from ffcl_jax.torch_reference.methods import mirror, pair_evaluated, settings_mapping
 
 
 def augment(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
@@ -146,32 +146,6 @@ def train_step(
     return total, terms
 
 
-def evaluated_logits(out, mean_out=None) -> dict:
-    """The models each method evaluates (`Method.evaluated`), from the reference's outputs."""
-    if mean_out is not None:  # PCL: the temporal mean is the student and the branches
-        logits = evaluated_logits(mean_out)
-        logits["ensemble"] = out["peer_ensemble_logits"]
-        logits["online_student"] = out["student_logits"]
-        return logits
-    logits = {"student": out["student_logits"]}
-    if "teacher_logits" in out:
-        logits["teacher"] = out["teacher_logits"]
-        logits["ensemble"] = (out["teacher_logits"] + out["student_logits"]) / 2
-    if "fused_logits" in out:
-        logits["fused"] = out["fused_logits"]
-    if "branch_logits" in out:
-        for index, z in enumerate(out["branch_logits"][1:], start=1):
-            logits[f"branch_{index}"] = z
-        logits["ensemble"] = out.get("peer_ensemble_logits")
-        if "peer_attention" in out:  # OKDDip: the peers' mean, without the leader
-            logits["ensemble"] = losses.branch_ensemble(out["branch_logits"][1:])
-        elif logits["ensemble"] is None:
-            logits["ensemble"] = losses.branch_ensemble(
-                out["branch_logits"], out.get("gate_weights")
-            )
-    return logits
-
-
 def evaluate(
     cohort,
     images,
@@ -181,7 +155,9 @@ def evaluate(
     batch_size,
     compute_dtype="float32",
     temporal_mean: TemporalMean | None = None,
+    evaluated=pair_evaluated,
 ) -> dict[str, float]:
+    """Top-1 of each model `evaluated` (a mirror's: outputs -> logits by name) names."""
     models = [cohort] + ([temporal_mean.model] if temporal_mean is not None else [])
     for model in models:
         model.eval()
@@ -191,14 +167,15 @@ def evaluate(
             x = torch.from_numpy(np.array(images[start : start + batch_size])).permute(0, 3, 1, 2)
             y = torch.from_numpy(np.array(labels[start : start + batch_size])).long().to(device)
             outputs = [model(normalize(x.to(device), info)) for model in models]
-            for name, z in evaluated_logits(*outputs).items():
+            for name, z in evaluated(*outputs).items():
                 correct[name] = correct.get(name, 0) + int((z.argmax(-1) == y).sum())
     return {k: v / len(images) for k, v in correct.items()}
 
 
-def load_jax_initial_weights(cohort, config, method) -> None:
+def load_jax_initial_weights(cohort, config, method) -> str:
     """Overwrites `cohort`'s weights and BatchNorm statistics with the JAX trainer's initial
-    ones for `config.seed` (`ffcl_jax.train.create_cohort`, converted member by member)."""
+    ones for `config.seed` (`ffcl_jax.train.create_cohort`, converted member by member); returns
+    their digest (`report.weights_sha256`), which the JAX run of that seed records too."""
     from flax import nnx
 
     from ffcl_jax import convert
@@ -211,6 +188,7 @@ def load_jax_initial_weights(cohort, config, method) -> None:
         member_stats = stats[member] if member in stats else {}
         state_dict = convert.to_torch_state_dict(params[member], member_stats)
         getattr(cohort, member).load_state_dict(state_dict, strict=True)
+    return report.weights_sha256(jax_cohort)
 
 
 def jax_batches(config, images, labels, epoch: int, num_views: int = 1):
@@ -231,10 +209,12 @@ def build(config, steps_per_epoch: int, device: str):
         raise ValueError("the reference trains every method but those with a loaded member (kd)")
     info = input_pipeline.dataset_info(config.dataset)
     cohort = mirror(config.method).build(config, method, info).to(device)
+    started_from = None
     if config.get("reference_from_jax", False):
-        load_jax_initial_weights(cohort, config, method)
+        started_from = load_jax_initial_weights(cohort, config, method)
     optimizer, schedule = optim.make_optimizer(cohort, config, steps_per_epoch, method)
-    return cohort, optimizer, schedule, settings_mapping(method), info
+    settings = settings_mapping(method) | {"initial_weights_sha256": started_from}
+    return cohort, optimizer, schedule, settings, info
 
 
 def as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,11 +240,19 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
         images, labels = splits[name]
         batch = config.eval_batch_size
         return evaluate(
-            cohort, images, labels, info, device, batch, config.compute_dtype, temporal_mean
+            cohort,
+            images,
+            labels,
+            info,
+            device,
+            batch,
+            config.compute_dtype,
+            temporal_mean,
+            mirror(config.method).evaluated,
         )
 
     images_nchw, labels_all = as_tensors(train_images, train_labels)
-    history, start, step = [], time.time(), 0
+    history, start, step, first_batch = [], time.time(), 0, None
     with (workdir / "metrics.jsonl").open("w") as log:
         for epoch in range(config.num_epochs):
             cohort.train()
@@ -273,6 +261,8 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
             else:
                 batches = epoch_batches(images_nchw, labels_all, config, epoch, spe, num_views)
             for x, y in batches:
+                if step == 0:
+                    first_batch = report.batch_sha256(np.moveaxis(x.numpy(), -3, -1), y.numpy())
                 total, terms = train_step(
                     cohort,
                     optimizer,
@@ -317,6 +307,10 @@ def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str =
         "summary": report.summarize(history),
         "final_test": final_test,
         "command": command,
+        # The JAX run of this seed records the same digest when this run started from its
+        # weights (`reference_from_jax`); None: PyTorch's own initialisation.
+        "initial_weights_sha256": settings_dict["initial_weights_sha256"],
+        "first_batch_sha256": first_batch,  # the JAX run's, when on its batches
     }
     storage.write_text(workdir / "results.json", json.dumps(results, indent=2))
     print(report.format_table(results["summary"], eval_split, final_test))

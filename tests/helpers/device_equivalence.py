@@ -11,12 +11,12 @@
   the global mode;
 - `closed_form`: one step with the closed-form BatchNorm backward, global on 8 devices and
   per-device on 2, against the same autodiff references;
-- `onednn`: one step with the oneDNN convolutions forced (`cpu_kernels="onednn"`), global on 8
+- `onednn`: one step with the oneDNN convolutions forced (`cpu.kernels="onednn"`), global on 8
   devices, against the same reference on XLA's kernels;
 - `methods`: STEPS steps of KDCL and PCL (batches of views; PCL's temporal mean included) and
   of FFSD (Adam and SGD groups, inference-mode decoders within the step) on 8 devices against 1.
 
-Everything else runs on XLA's kernels (`cpu_kernels="xla"`): this measures partitioning.
+Everything else runs on XLA's kernels (`cpu.kernels="xla"`): this measures partitioning.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tests.conftest import tiny_config  # noqa: E402
 
 idx_dir, num_steps = sys.argv[1], int(sys.argv[2])
 config = tiny_config(
-    idx_dir, batch_size=32, eval_batch_size=16, learning_rate=0.05, cpu_kernels="xla"
+    idx_dir, batch_size=32, eval_batch_size=16, learning_rate=0.05, **{"cpu.kernels": "xla"}
 )
 images, labels = input_pipeline.load_idx_split(idx_dir, "train")
 batches = [
@@ -53,8 +53,8 @@ def run(
     kernels: str = "xla",
 ):
     config.batch_norm = batch_norm
-    config.batch_norm_backward = bn_backward
-    config.cpu_kernels = kernels
+    config.cpu.batch_norm_backward = bn_backward
+    config.cpu.kernels = kernels
     mesh = parallel.DataParallel(num_devices)
     method = train.check_config(config, mesh.size)
     setup, state = train.build(config, method, steps_per_epoch=100, data_parallel=mesh)

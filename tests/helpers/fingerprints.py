@@ -48,7 +48,7 @@ def fingerprint_config(**overrides):
     config.teacher = "resnet14"
     config.student = "resnet8"
     config.compute_dtype = "float64"
-    config.cpu_kernels = "xla"
+    config.cpu.kernels = "xla"
     config.batch_size = BATCH
     config.lr_decay_epochs = (1,)
     config.loss.rampup_epochs = 1.0

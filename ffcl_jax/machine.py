@@ -1,0 +1,41 @@
+"""The machine a run or benchmark ran on, as its records say it: the CPU model, its widest vector
+extension and core count. This project's 2-core machines have come as AVX-512 and AVX2 EPYCs of
+the same model name, whose step times differ 2x and whose fastest CPU settings differ too, so
+results.json, the run's header line and every benchmark record it."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_isa(cpu_flags: set[str], arch: str) -> str:
+    """The widest vector extension among the CPU's flags ("AVX-512", "AVX2"; else the
+    architecture)."""
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in cpu_flags:
+            return name
+    return arch
+
+
+def machine() -> dict:
+    """{"cpu": model name, "isa": cpu_isa, "cores", "system"} of this machine."""
+    cpu, cpu_flags = platform.processor() or "cpu", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    cpu = value.strip()
+                elif key in ("flags", "Features"):  # x86, arm
+                    cpu_flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "isa": cpu_isa(cpu_flags, platform.machine()),
+        "cores": os.cpu_count(),
+        "system": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
+    }
