@@ -135,7 +135,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(straight_run, fmnist_dir, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["kdcl", "pcl", "mcl", "switokd"])
+@pytest.mark.parametrize("method", ["kdcl", "pcl", "mcl", "switokd", "ffsd"])
 def test_a_preempted_kdcl_or_pcl_run_resumes_bit_for_bit(method, fmnist_dir, tmp_path):
     """Their per-member views (drawn from the example's position) and PCL's temporal mean (its
     weights and BatchNorm statistics are in the checkpoint) continue exactly after a SIGTERM in

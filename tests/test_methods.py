@@ -15,6 +15,7 @@ import pytest
 from ffcl_jax import config_base, losses, methods, train
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods.branches import BranchSettings
+from ffcl_jax.methods.ffsd import FFSDSettings
 from ffcl_jax.methods.kd import KDSettings
 from ffcl_jax.methods.kdcl import KDCLSettings
 from ffcl_jax.methods.mcl import MCLSettings
@@ -38,6 +39,7 @@ SETTINGS_OF = {
     "pcl": PCLSettings,
     "mcl": MCLSettings,
     "switokd": SwitOKDSettings,
+    "ffsd": FFSDSettings,
 }
 
 

@@ -210,11 +210,13 @@ def _optimizer_config(fmnist_dir, **overrides):
     an epoch, decay after epoch 1); the ramp-up w(epoch) is neither 0 nor 1."""
     config = tiny_config(
         fmnist_dir,
-        teacher=PAIR[0],
-        student=PAIR[1],
-        lr_decay_epochs=(1,),
-        learning_rate=0.1,
-        **overrides,
+        **{
+            "teacher": PAIR[0],
+            "student": PAIR[1],
+            "lr_decay_epochs": (1,),
+            "learning_rate": 0.1,
+            **overrides,
+        },
     )
     config.loss.rampup_epochs = 2.0
     return config
@@ -315,6 +317,8 @@ PARITY_CASES = {name: {"method": name} for name in sorted(methods.REGISTRY)} | {
         "loss.switch_tau": 0.255,
         "loss.require_teacher_ahead": False,
     },
+    # FFSD's peer decodes the teacher's last map: a teacher with the student's last channels.
+    "ffsd": {"method": "ffsd", "teacher": "resnet14"},
 }
 # The teacher's update flag of each of the three steps, where a case exists to flip it (a
 # change to the cohort's initialisation may move these: pick another switch_tau then).

@@ -14,6 +14,7 @@ from typing import Any
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods.base import Cohort, Method
 from ffcl_jax.methods.branches import BranchMethod
+from ffcl_jax.methods.ffsd import FFSD
 from ffcl_jax.methods.kd import KD
 from ffcl_jax.methods.kdcl import KDCL
 from ffcl_jax.methods.mcl import MCL
@@ -34,6 +35,7 @@ REGISTRY: dict[str, type[Method]] = {
     "pcl": PCL,
     "mcl": MCL,
     "switokd": SwitOKD,
+    "ffsd": FFSD,
 }
 
 __all__ = ["REGISTRY", "Cohort", "Method", "create", "setting_types"]

@@ -27,6 +27,28 @@ Outputs = dict[str, Any]
 # `model_of(params, batch_stats)`: the cohort with other weights (a method's own state, such as
 # PCL's temporal mean, is a second set of the cohort's weights).
 ModelOf = Callable[[Any, Any], nnx.Module]
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerGroup:
+    """How one group of a cohort's members is updated (`Method.optimizer_groups`). Every group
+    follows the run's schedule (its warm-up and its decays at `config.lr_decay_epochs`) from its
+    own base rate; weight decay is L2 added to the gradient, as PyTorch's `weight_decay`.
+
+    `optimizer`: "sgd" (the run's `config.momentum` and `config.nesterov`) or "adam" (PyTorch's
+    Adam: `adam_b1`, `adam_b2`, `adam_eps`). `learning_rate`: the group's base rate (None: the
+    run's `config.learning_rate`); a per-member rate is a group of its own."""
+
+    weight_decay: float
+    optimizer: str = "sgd"
+    learning_rate: float | None = None
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+
+    def base_rate(self, config) -> float:
+        return config.learning_rate if self.learning_rate is None else self.learning_rate
 
 
 class Cohort(nnx.Module):
@@ -57,7 +79,8 @@ class Method:
     deployed: ClassVar[str] = "student"
     # Members that are loaded, not trained: zero updates, no optimizer state, inference mode.
     frozen_members: ClassVar[tuple[str, ...]] = ()
-    # Members that take `config.fusion_weight_decay`; every other member takes `weight_decay`.
+    # Members that take `config.fusion_weight_decay`; every other member takes `weight_decay`
+    # (the default `optimizer_groups`).
     fusion_side_members: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, settings):
@@ -124,6 +147,19 @@ class Method:
         """The cohort's members in the order they are created (which fixes their initial
         weights for a seed)."""
         raise NotImplementedError
+
+    def optimizer_groups(self, config) -> dict[str, OptimizerGroup]:
+        """The cohort's optimizer groups by name, in order (a trainable member is in one, named
+        by `optimizer_group`). The default: the run's SGD for every member, `weight_decay` on the
+        networks and `fusion_weight_decay` on `fusion_side_members`."""
+        return {
+            "members": OptimizerGroup(config.weight_decay),
+            "fusion_side": OptimizerGroup(config.fusion_weight_decay),
+        }
+
+    def optimizer_group(self, member: str) -> str:
+        """The name of the optimizer group of a trainable member (frozen ones have none)."""
+        return "fusion_side" if member in self.fusion_side_members else "members"
 
     def networks(self, config) -> dict[str, str]:
         """The members that are whole zoo networks, with their zoo names (what export can write

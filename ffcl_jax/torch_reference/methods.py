@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ffcl_jax.methods import REGISTRY, Method
 from ffcl_jax.methods.pair import fused_feature_stages
 from ffcl_jax.models import NUM_STAGES
-from ffcl_jax.torch_reference import losses, mcl, models, switokd
+from ffcl_jax.torch_reference import ffsd, losses, mcl, models, switokd
 
 
 def pair_evaluated(out, mean_out=None) -> dict:
@@ -122,6 +122,7 @@ MIRRORS: dict[str, Mirror] = {
     "pcl": Mirror(_branches, losses.branch_objective, pcl_evaluated),
     "mcl": Mirror(mcl.build, mcl.objective),
     "switokd": Mirror(two_networks, switokd.objective, member_updates=switokd.member_updates),
+    "ffsd": Mirror(ffsd.build, ffsd.objective, ffsd.evaluated),
 }
 
 

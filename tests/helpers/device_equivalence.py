@@ -15,7 +15,8 @@
   devices, against the same reference on XLA's kernels;
 - `methods`: STEPS steps of KDCL, PCL, MCL (batches of views; PCL's temporal mean
   included; MCL on class-balanced rows, its similarity matrices over the global batch)
-  and SwitOKD (its teacher paused on some steps) on 8 devices against 1.
+  SwitOKD (its teacher paused on some steps) and FFSD (Adam and SGD groups, inference-mode
+  decoders within the step) on 8 devices against 1.
 
 Everything else runs on XLA's kernels (`cpu.kernels="xla"`): this measures partitioning.
 """
@@ -151,7 +152,7 @@ if cpu_kernels.available():
         ),
     }
 out["methods"] = {}
-for method in ("kdcl", "pcl", "mcl", "switokd"):
+for method in ("kdcl", "pcl", "mcl", "switokd", "ffsd"):
     config.method = method
     # SwitOKD on sharp switch distributions: its teacher is paused on some of the steps.
     config.loss.switch_tau = 0.2 if method == "switokd" else None
@@ -165,7 +166,7 @@ for method in ("kdcl", "pcl", "mcl", "switokd"):
     if method == "mcl":  # one view, class-balanced rows (8 classes x 4), as its pipeline gives
         rows = class_balance.class_balanced_order(labels, 4, 32, num_steps, 0)
         shifted = [{"image": images[r], "label": labels[r]} for r in rows.reshape(-1, 32)]
-    elif num_views == 1:  # one view: the plain batches
+    elif num_views == 1:  # one view (SwitOKD; FFSD's five members and two decoders)
         shifted = batches
     one_losses, one, *_ = run(1, "global", shifted)
     eight_losses, eight, *_ = run(8, "global", shifted)

@@ -34,6 +34,7 @@ CASES: dict[str, dict] = {
     "mcl": {"method": "mcl"},
     # Sharp switch distributions, so that the teacher is paused within the three steps.
     "switokd": {"method": "switokd", "loss.switch_tau": 0.2},
+    "ffsd": {"method": "ffsd"},
 }
 STEPS = 3
 STEPS_PER_EPOCH = 2  # the ramp-up and the learning-rate decay both move within the three steps
