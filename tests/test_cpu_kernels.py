@@ -587,6 +587,7 @@ def test_the_compile_helper_runs_a_wrapped_compiler_and_returns_its_warnings(tmp
     assert "unused_here" in _compile_tiny(tmp_path, unused)[1]
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_three_train_steps_are_as_exact_as_xla(fmnist_dir):
     """A whole cohort (two networks, the fusion module, every loss term) for three steps:
