@@ -14,7 +14,6 @@ from ffcl_jax import export, input_pipeline, losses, methods, train
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
 from tests.helpers import numpy_reference as ref
-from tests.helpers import tiers
 
 RNG = np.random.default_rng(0)
 LOGITS = [RNG.standard_normal((5, 4)) * 2 for _ in range(3)]
@@ -183,7 +182,8 @@ LOGGED_TERMS = {
 }
 
 
-@pytest.mark.parametrize("method", tiers.cases(LOGGED_TERMS, ("one",)))
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(LOGGED_TERMS))
 def test_a_branch_run_exports_its_student_as_the_plain_network(method, fmnist_dir, tmp_path):
     """The student a run reports (for PCL, the temporal mean's branch 0) is what `export`
     writes: a plain zoo network that predicts exactly the reported accuracy."""

@@ -136,6 +136,7 @@ def _listing(workdir) -> dict[str, int]:
     }
 
 
+@pytest.mark.slow
 def test_keeps_the_last_k_and_the_best(fmnist_dir, tmp_path):
     config, results = _tiny_run(
         fmnist_dir, tmp_path / "w", num_epochs=4, keep_checkpoints=1, best_metric="teacher"

@@ -218,7 +218,11 @@ def test_closed_form_batch_norm_matches_flax_forward_and_autodiff(dtype):
 
 
 @pytest.mark.parametrize(
-    "stages, fusions", [((2,), 0), ((0, 1, 2), 2)], ids=["fused-map", "stage-fusion"]
+    "stages, fusions",
+    [
+        pytest.param((2,), 0, id="fused-map"),
+        pytest.param((0, 1, 2), 2, id="stage-fusion", marks=pytest.mark.slow),
+    ],
 )
 def test_fused_feature_knowledge_modules_shapes_and_unchanged_initialisation(stages, fusions):
     """Adapters map each network's stage to the fused map's channels and resolution; the

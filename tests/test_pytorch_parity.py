@@ -138,7 +138,7 @@ FEATURE_SETTINGS = {
     "fused-map": {"feat_form": "fused_map"},
     "stage-fusion": {"feat_form": "stage_fusion"},
 }
-FAST_FEATURE_SETTINGS = ("attention-mean", "fused-map")
+FAST_FEATURE_SETTINGS = ("fused-map",)
 
 
 @pytest.mark.parametrize(

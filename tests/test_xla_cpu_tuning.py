@@ -122,6 +122,7 @@ def ynn_fusion_ops(hlo_text: str) -> collections.Counter:
     return held
 
 
+@pytest.mark.slow
 def test_shallow_setting_leaves_convolutions_to_xla():
     # XLA's default list sends convolutions to YNNPACK, whose kernels are 2x slower at these
     # channel counts; "auto" for a shallow pair keeps only BatchNorm's reductions there.
