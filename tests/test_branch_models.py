@@ -95,6 +95,7 @@ def test_okddip_and_pcl_build_their_heads():
     np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_backprop_rescale_divides_the_trunk_gradient_by_the_branches():
     images = jnp.asarray(np.random.default_rng(1).standard_normal((4, 16, 16, 1)), jnp.float32)
 

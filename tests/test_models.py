@@ -77,6 +77,7 @@ def test_outputs_for_any_input_size_and_channels(name, shape):
         assert f.shape == (2, -(-h // 2**i), -(-w // 2**i), c)
 
 
+@pytest.mark.slow
 def test_every_model_runs_on_small_inputs():
     for name in MODELS:
         if name == "wrn_28_10":

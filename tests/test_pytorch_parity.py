@@ -138,13 +138,10 @@ FEATURE_SETTINGS = {
     "fused-map": {"feat_form": "fused_map"},
     "stage-fusion": {"feat_form": "stage_fusion"},
 }
-FAST_FEATURE_SETTINGS = ("fused-map",)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    tiers.cases(FEATURE_SETTINGS.values(), FAST_FEATURE_SETTINGS, ids=FEATURE_SETTINGS.keys()),
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", FEATURE_SETTINGS.values(), ids=FEATURE_SETTINGS.keys())
 def test_ffcl_pair_loss_terms_and_gradients_match_pytorch(overrides):
     method, graphdef, params, batch_stats, reference = _pair(overrides)
     rng = np.random.default_rng(0)

@@ -178,6 +178,7 @@ def test_state_is_donated(fmnist_dir):
     assert old_leaf.is_deleted()
 
 
+@pytest.mark.slow
 def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
     config = tiny_config(fmnist_dir, eval_batch_size=16)
     setup, state = build(config)
@@ -199,6 +200,7 @@ def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
         assert got[name] == pytest.approx(expected, abs=1e-9), name
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_end_to_end(fmnist_dir, tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_config(fmnist_dir, num_epochs=3, lr_decay_epochs=(2,))
