@@ -13,6 +13,7 @@ from flax import nnx
 from ffcl_jax import export, input_pipeline, losses, methods, train
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
+from tests.helpers import numpy_reference as ref
 
 RNG = np.random.default_rng(0)
 LOGITS = [RNG.standard_normal((5, 4)) * 2 for _ in range(3)]
@@ -20,20 +21,6 @@ GATE = RNG.dirichlet(np.ones(3), size=5)
 LABELS = np.array([0, 3, 1, 2, 3])
 PEER_LOGITS = [RNG.standard_normal((5, 4)) * 2 for _ in range(4)]  # leader, 3 peers
 ATTENTION = RNG.dirichlet(np.ones(3), size=(5, 3))  # batch, peer, peer (rows sum to 1)
-
-
-def _softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def _ce(z, y):
-    return float(np.mean(-np.log(_softmax(z)[np.arange(len(y)), y])))
-
-
-def _kl(student, target, tau):
-    q, p = _softmax(target / tau), _softmax(student / tau)
-    return float(tau**2 * np.mean(np.sum(q * (np.log(q) - np.log(p)), -1)))
 
 
 def test_branch_ensemble_and_mean_of_others_match_numpy():
@@ -64,17 +51,17 @@ def _objective(name, epoch, **overrides):
 def test_objective_matches_numpy(method):
     settings, total, terms = _objective(method, epoch=20)
     tau, ramp = settings.tau, np.exp(-5 * (1 - 20 / settings.rampup_epochs) ** 2)
-    ce = sum(_ce(z, LABELS) for z in LOGITS)
+    ce = sum(ref.cross_entropy(z, LABELS) for z in LOGITS)
     if method == "one":
         ensemble = sum(GATE[:, [i]] * LOGITS[i] for i in range(3))
         targets = [ensemble] * 3
-        expected = ce + _ce(ensemble, LABELS)
+        expected = ce + ref.cross_entropy(ensemble, LABELS)
         assert tuple(terms) == ("ce_branches", "ce_ensemble", "kl_to_branches", "rampup_weight")
     else:
         targets = [sum(LOGITS[j] for j in range(3) if j != i) / 2 for i in range(3)]
         expected = ce
         assert tuple(terms) == ("ce_branches", "kl_to_branches", "rampup_weight")
-    kl = sum(_kl(z, t, tau) for z, t in zip(LOGITS, targets, strict=True))
+    kl = sum(ref.kl(z, t, tau) for z, t in zip(LOGITS, targets, strict=True))
     np.testing.assert_allclose(float(terms["kl_to_branches"]), kl, rtol=1e-5)
     np.testing.assert_allclose(total, expected + ramp * kl, rtol=1e-5)
     np.testing.assert_allclose(float(terms["rampup_weight"]), ramp, rtol=1e-5)
@@ -84,10 +71,12 @@ def test_okddip_objective_matches_numpy():
     settings, total, terms = _objective("okddip", epoch=100)  # past the ramp-up: w = 1
     leader, peers = PEER_LOGITS[0], PEER_LOGITS[1:]
     mixes = [np.einsum("bq,qbc->bc", ATTENTION[:, a], np.stack(peers)) for a in range(3)]
-    kl = sum(_kl(z, t, settings.tau) for z, t in zip(peers, mixes, strict=True))
-    kl += _kl(leader, sum(peers) / 3, settings.tau)
+    kl = sum(ref.kl(z, t, settings.tau) for z, t in zip(peers, mixes, strict=True))
+    kl += ref.kl(leader, sum(peers) / 3, settings.tau)
     np.testing.assert_allclose(float(terms["kl_to_branches"]), kl, rtol=1e-5)
-    np.testing.assert_allclose(total, sum(_ce(z, LABELS) for z in PEER_LOGITS) + kl, rtol=1e-5)
+    np.testing.assert_allclose(
+        total, sum(ref.cross_entropy(z, LABELS) for z in PEER_LOGITS) + kl, rtol=1e-5
+    )
     assert tuple(terms) == ("ce_branches", "kl_to_branches", "rampup_weight")
 
 
@@ -193,6 +182,7 @@ LOGGED_TERMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(LOGGED_TERMS))
 def test_a_branch_run_exports_its_student_as_the_plain_network(method, fmnist_dir, tmp_path):
     """The student a run reports (for PCL, the temporal mean's branch 0) is what `export`
@@ -221,7 +211,7 @@ def _kl_gradients(student, target, tau):
     """By hand, for L = tau^2 mean_batch KL(softmax(target/tau) || softmax(student/tau)):
     (dL/dstudent, dL/dtarget). dKL/ds = p - q for the student's scaled logits s; for the
     target's, softmax's Jacobian applied to log q - log p + 1 gives q (log q - log p - KL)."""
-    q, p = _softmax(target / tau), _softmax(student / tau)
+    q, p = ref.softmax(target / tau), ref.softmax(student / tau)
     kl = np.sum(q * (np.log(q) - np.log(p)), -1, keepdims=True)
     scale = tau / len(student)  # tau^2 / tau per logit, the batch mean
     return scale * (p - q), scale * q * (np.log(q) - np.log(p) - kl)

@@ -12,44 +12,14 @@ import pytest
 from ffcl_jax import checkpoint, export, train
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
-from tests.helpers.cli import run_python
-
-EPOCHS, STEPS_PER_EPOCH = 4, 4
-# A tiny run through the real command line, with augmentation on, so the data pipeline's
-# position is part of what a resume must restore.
-CLI_ARGS = [
-    "--config=configs/fashion_mnist.py:smoke",
-    "--config.teacher=resnet8",
-    "--config.train_examples=128",
-    "--config.test_examples=70",
-    "--config.batch_size=32",
-    "--config.eval_batch_size=35",
-    f"--config.num_epochs={EPOCHS}",
-    "--config.lr_decay_epochs=(3,)",
-    "--config.log_every_steps=3",
-]
-
-
-# `python -c` this with the CLI's arguments: the CLI, with SIGTERM arriving at the second batch of
-# epoch 3 (a preemption notice mid-epoch).
-PREEMPT_IN_EPOCH_3 = (
-    "import os, signal, sys\n"
-    "from ffcl_jax import input_pipeline, main\n"
-    "epoch_fn = input_pipeline.TrainData.epoch\n"
-    "def epoch(self, e, **kw):\n"
-    "    for i, batch in enumerate(epoch_fn(self, e, **kw)):\n"
-    "        if e == 2 and i == 1:\n"
-    "            os.kill(os.getpid(), signal.SIGTERM)\n"
-    "        yield batch\n"
-    "input_pipeline.TrainData.epoch = epoch\n"
-    "sys.argv = ['main', *sys.argv[1:]]\n"
-    "main.run()\n"
+from tests.helpers.checkpoint_runs import (
+    CLI_ARGS,
+    EPOCHS,
+    PREEMPT_IN_EPOCH_3,
+    STEPS_PER_EPOCH,
+    assert_same_state,
+    run,
 )
-
-
-def run(*args, entry: tuple[str, ...] = ("-m", "ffcl_jax.main"), env: dict | None = None):
-    """The CLI (or `entry`) in a subprocess, with `env` added to this process's environment."""
-    return run_python(*entry, *args, env=env)
 
 
 def final_state(workdir) -> tuple[int, dict[str, np.ndarray]]:
@@ -62,12 +32,6 @@ def metric_rows(workdir) -> list[dict]:
     """metrics.jsonl without its timing fields, which differ from run to run."""
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     return [{k: v for k, v in row.items() if k != "img_per_sec"} for row in rows]
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not np.array_equal(a[k], b[k])]
-    assert not different, f"{len(different)} arrays differ, first {different[0]}"
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +136,7 @@ def _listing(workdir) -> dict[str, int]:
     }
 
 
+@pytest.mark.slow
 def test_keeps_the_last_k_and_the_best(fmnist_dir, tmp_path):
     config, results = _tiny_run(
         fmnist_dir, tmp_path / "w", num_epochs=4, keep_checkpoints=1, best_metric="teacher"
@@ -184,6 +149,7 @@ def test_keeps_the_last_k_and_the_best(fmnist_dir, tmp_path):
     assert results["best_checkpoint"]["step"] == best_row["step"]
 
 
+@pytest.mark.slow
 def test_another_config_is_refused_and_nothing_is_touched(fmnist_dir, tmp_path):
     workdir = tmp_path / "w"
     _tiny_run(fmnist_dir, workdir)
@@ -311,6 +277,7 @@ def test_damaged_or_foreign_checkpoints_fail_clearly_and_are_kept(
         assert _listing(workdir) == before
 
 
+@pytest.mark.slow
 def test_fresh_moves_the_old_run_aside(fmnist_dir, tmp_path):
     workdir = tmp_path / "w"
     _tiny_run(fmnist_dir, workdir, num_epochs=1)
@@ -324,6 +291,7 @@ def test_fresh_moves_the_old_run_aside(fmnist_dir, tmp_path):
     assert (workdir / "results.json").exists() and (workdir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fmnist_dir, tmp_path):
     """The lr jumps to 1e29 after epoch 1: the loss overflows in epoch 2; the run stops naming
     the step, writes no checkpoint of the broken state, and epoch 1's stays restorable."""

@@ -11,6 +11,7 @@ import pytest
 from ffcl_jax import class_balance, input_pipeline, methods, train
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
+from tests.helpers import tiers
 
 
 def _assert_balanced(labels, classes, per_class):
@@ -70,7 +71,9 @@ def _data(fmnist_dir, per_class, on_device=False, **kw):
     return input_pipeline.TrainData(config, images, labels, 16, images_per_class=per_class, **kw)
 
 
-@pytest.mark.parametrize("on_device", [False, True], ids=["tf_data", "on_device"])
+@pytest.mark.parametrize(
+    "on_device", tiers.cases([False, True], ("on_device",), ids=["tf_data", "on_device"])
+)
 def test_pipelines_give_class_balanced_batches_and_resume_them(fmnist_dir, on_device):
     data = _data(fmnist_dir, 2, on_device)
     batches = list(data.epoch(1))

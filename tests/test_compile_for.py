@@ -105,6 +105,7 @@ def test_a_device_list_makes_the_mesh():
         parallel.DataParallel(2, devices=devices[:1])
 
 
+@pytest.mark.slow
 def test_the_command_needs_a_topology():
     proc = _compile_for("--config=configs/cifar100.py:smoke")
     assert proc.returncode == 2

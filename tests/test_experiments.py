@@ -12,9 +12,6 @@ import sys
 
 import pytest
 
-# Multi-process runs / experiment scripts: the slow tier (bash scripts/test.sh --all, CI).
-pytestmark = pytest.mark.slow
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
@@ -54,6 +51,7 @@ def without_tensorflow(tmp_path) -> str:
     return str(blocked)
 
 
+@pytest.mark.slow
 def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, tmp_path):
     output = tmp_path / "bench_tiny.json"
     argv = [
@@ -119,6 +117,7 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     assert f"| {m['cores']}-core {m['cpu']} ({m['isa']}) |" in rows[0]
 
 
+@pytest.mark.slow
 def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensorflow(tmp_path):
     """What a GPU node without network runs: no data set on disk, no tensorflow installed."""
     blocked = without_tensorflow(tmp_path)
@@ -150,6 +149,7 @@ def test_epoch_benchmark_on_synthetic_data_needs_neither_the_data_set_nor_tensor
     assert "JAX data on device, synthetic images" in row
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_the_benchmark_without_tensorflow_and_returns_the_result(tmp_path):
     """experiments/gpu_bench.sh, as the device machine runs it (no tensorflow, no data set, $OUT
     set), on the CPU with a tiny pair: it must write the result and copy it to $OUT."""
@@ -264,6 +264,7 @@ def test_machine_description_names_the_vector_isa():
         assert here["isa"] in ("AVX-512", "AVX2", "AVX")
 
 
+@pytest.mark.slow
 def test_settings_comparison_times_each_setting_in_turns():
     out = run_script(
         "bench_step.py",
@@ -295,6 +296,7 @@ def test_settings_comparison_times_each_setting_in_turns():
     assert [row.split(" | ")[0] for row in rows] == ["| attention", "| fused_map"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["xla", "onednn"])
 def test_profile_mode_lists_where_the_step_spends_its_time(kernels):
     from ffcl_jax import cpu_kernels
@@ -313,6 +315,7 @@ def test_profile_mode_lists_where_the_step_spends_its_time(kernels):
     assert "one call:" in longest and "ms wall" in longest
 
 
+@pytest.mark.slow
 def test_kernel_benchmark_times_every_layer_of_the_demo_pair(tmp_path):
     from ffcl_jax import cpu_kernels
 
@@ -336,6 +339,7 @@ def test_kernel_benchmark_times_every_layer_of_the_demo_pair(tmp_path):
     assert ("glibc.malloc.hugetlb=1" in record["glibc_tunables"]) is hugepages
 
 
+@pytest.mark.slow
 def test_checkpoint_mode_times_a_save_and_a_restore_of_the_whole_cohort(tmp_path):
     out = run_script(
         "bench_step.py",
@@ -362,6 +366,7 @@ def test_readme_names_the_ynnpack_setting():
     assert bench_results.ynn_setting({key: both}) == "ynn eltwise+reduce"
 
 
+@pytest.mark.slow
 def test_study_runs_run_each_run_once_and_train_a_missing_kd_teacher_again(fmnist_dir, tmp_path):
     """The drivers' run loop (`study_runs.run_missing`): every run once, a kd run after its own
     seed's teacher, nothing again once finished; on a machine with only the committed summaries a
@@ -523,6 +528,7 @@ def test_study_selection_reads_validation_only():
     assert {r.name.split("-")[0] for r in method_study.GRID[:8]} == {"ffcl"}
 
 
+@pytest.mark.slow
 def test_study_driver_runs_the_grid_on_a_validation_split(fmnist_dir, tmp_path, capsys):
     import method_study
 

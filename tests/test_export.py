@@ -89,6 +89,7 @@ def test_crafted_files_are_refused_without_running_code(tmp_path, kind, fmnist_d
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_kd_trains_the_student_from_a_frozen_teacher(independent_run, fmnist_dir, tmp_path):
     teacher_dir, teacher_results = independent_run
     config = tiny_config(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,29 +28,23 @@ import pytest
 from etils import epath
 
 from tests.conftest import REPO, tiny_config
-from tests.test_checkpoint import (
+from tests.helpers.checkpoint_runs import (
     CLI_ARGS,
     EPOCHS,
     PREEMPT_IN_EPOCH_3,
     STEPS_PER_EPOCH,
     assert_same_state,
 )
-from tests.test_checkpoint import run as run_with_env
+from tests.helpers.checkpoint_runs import run as run_with_env
+from tests.helpers.ports import free_port
 
-pytestmark = pytest.mark.slow
 BUCKET = "ffcl-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def gcs():
     """The emulator's environment (also set in this process while the module's tests run)."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "tests/helpers/gcs_emulator.py", str(port), BUCKET],
         cwd=REPO,
@@ -138,6 +131,7 @@ def gs_run(gcs, fmnist_dir, tmp_path_factory):
     return workdir, events, proc
 
 
+@pytest.mark.slow
 def test_a_run_on_a_gs_workdir_writes_every_output_there(gs_run):
     workdir, events, proc = gs_run
     files = listing(workdir)
@@ -154,6 +148,7 @@ def test_a_run_on_a_gs_workdir_writes_every_output_there(gs_run):
     assert png.startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_rerun_resumes_from_gs_exactly(gcs, gs_run, fmnist_dir, tmp_path):
     straight, _, _ = gs_run
     workdir = f"gs://{BUCKET}/preempted"
@@ -175,6 +170,7 @@ def test_sigterm_mid_epoch_then_rerun_resumes_from_gs_exactly(gcs, gs_run, fmnis
     assert eval_rows(workdir) == eval_rows(straight)
 
 
+@pytest.mark.slow
 def test_fresh_on_gs_moves_the_earlier_run_and_deletes_nothing(gcs, fmnist_dir, tmp_path):
     workdir = f"gs://{BUCKET}/fresh"
     args = [
@@ -196,6 +192,7 @@ def test_fresh_on_gs_moves_the_earlier_run_and_deletes_nothing(gcs, fmnist_dir, 
     assert "results.json" in after
 
 
+@pytest.mark.slow
 def test_export_and_load_exported_on_gs_reproduce_the_runs_accuracy(gcs, gs_run, fmnist_dir):
     from ffcl_jax import export, input_pipeline
 
@@ -211,6 +208,7 @@ def test_export_and_load_exported_on_gs_reproduce_the_runs_accuracy(gcs, gs_run,
     assert accuracy == pytest.approx(meta["test_top1"]["student"], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "gs"])
 def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command(
     gcs, fmnist_dir, tmp_path, where
@@ -241,6 +239,7 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command
     assert "results.json" in after
 
 
+@pytest.mark.slow
 def test_bad_gs_input_ends_in_one_line_naming_the_path(gcs, gs_run, fmnist_dir, tmp_path):
     base = [*CLI_ARGS, f"--config.idx_dir={fmnist_dir}", f"--config.tensorboard_dir={tmp_path}"]
 
@@ -268,11 +267,12 @@ def test_bad_gs_input_ends_in_one_line_naming_the_path(gcs, gs_run, fmnist_dir, 
     assert blocker.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_gs_workdir(gcs, fmnist_dir, tmp_path):
     """Two jax.distributed processes on one gs:// workdir: same parameters, one set of files."""
     from ffcl_jax import report
 
-    port, workdir = _free_port(), f"gs://{BUCKET}/two_processes"
+    port, workdir = free_port(), f"gs://{BUCKET}/two_processes"
     env = dict(
         os.environ,
         **gcs,
@@ -319,6 +319,7 @@ def test_tensorboard_events_go_through_tensorflows_file_system_layer(tmp_path):
     assert not os.path.exists(tmp_path / "tensorboard")
 
 
+@pytest.mark.slow
 def test_the_study_drivers_read_and_copy_runs_under_a_gs_root(gcs, tmp_path):
     """`experiments/powered_study.py --root=gs://...` (and the method study, through `study_runs`):
     finished runs are found there and their files copied to the local results folder."""

@@ -14,7 +14,7 @@ from flax import nnx
 from ffcl_jax import input_pipeline, losses, methods, train
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
-from tests.test_branch_methods import _ce, _kl
+from tests.helpers import numpy_reference as ref
 
 RNG = np.random.default_rng(1)
 LABELS = np.array([0, 3, 1, 2, 3])
@@ -47,9 +47,9 @@ def test_kdcl_objective_matches_numpy(rule):
     else:
         rows = np.arange(len(LABELS))
         target = np.minimum(z_t - z_t[rows, LABELS][:, None], z_s - z_s[rows, LABELS][:, None])
-    kl = _kl(z_t, target, 4.0) + _kl(z_s, target, 4.0)
+    kl = ref.kl(z_t, target, 4.0) + ref.kl(z_s, target, 4.0)
     np.testing.assert_allclose(float(terms["kl_collaborative"]), kl, rtol=1e-5)
-    ce = _ce(z_t, LABELS) + _ce(z_s, LABELS)
+    ce = ref.cross_entropy(z_t, LABELS) + ref.cross_entropy(z_s, LABELS)
     np.testing.assert_allclose(float(total), 0.5 * ce + 0.5 * kl, rtol=1e-5)  # no ramp-up
     assert tuple(terms) == ("ce_teacher", "ce_student", "kl_collaborative", "rampup_weight")
     assert float(terms["rampup_weight"]) == 1.0
@@ -76,7 +76,7 @@ def test_kdcl_target_takes_no_gradient():
 def test_peer_mean_distillation_matches_numpy_and_leaves_the_means_untrained():
     got = losses.peer_mean_distillation(_as_jax(BRANCH_LOGITS), _as_jax(MEAN_LOGITS), 3.0)
     want = sum(
-        sum(_kl(z, MEAN_LOGITS[j], 3.0) for j in range(3) if j != i) / 2
+        sum(ref.kl(z, MEAN_LOGITS[j], 3.0) for j in range(3) if j != i) / 2
         for i, z in enumerate(BRANCH_LOGITS)
     )
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
@@ -105,16 +105,18 @@ def test_pcl_objective_matches_numpy():
     method = methods.create("pcl")
     # Epoch 100: past the ramp-up.
     total, terms = method.loss(_pcl_outputs(), jnp.asarray(LABELS), jnp.asarray(100), 4)
-    ce = sum(_ce(z, LABELS) for z in BRANCH_LOGITS)
-    kl_ensemble = sum(_kl(z, PEER_ENSEMBLE, 3.0) for z in BRANCH_LOGITS)
+    ce = sum(ref.cross_entropy(z, LABELS) for z in BRANCH_LOGITS)
+    kl_ensemble = sum(ref.kl(z, PEER_ENSEMBLE, 3.0) for z in BRANCH_LOGITS)
     kl_mean = sum(
-        sum(_kl(z, MEAN_LOGITS[j], 3.0) for j in range(3) if j != i) / 2
+        sum(ref.kl(z, MEAN_LOGITS[j], 3.0) for j in range(3) if j != i) / 2
         for i, z in enumerate(BRANCH_LOGITS)
     )
-    np.testing.assert_allclose(float(terms["ce_ensemble"]), _ce(PEER_ENSEMBLE, LABELS), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(terms["ce_ensemble"]), ref.cross_entropy(PEER_ENSEMBLE, LABELS), rtol=1e-5
+    )
     np.testing.assert_allclose(float(terms["kl_to_branches"]), kl_ensemble, rtol=1e-5)
     np.testing.assert_allclose(float(terms["kl_temporal_mean"]), kl_mean, rtol=1e-5)
-    expected = ce + _ce(PEER_ENSEMBLE, LABELS) + kl_ensemble + kl_mean
+    expected = ce + ref.cross_entropy(PEER_ENSEMBLE, LABELS) + kl_ensemble + kl_mean
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
     assert tuple(terms) == (
         "ce_branches",
@@ -229,6 +231,7 @@ def test_pcl_evaluates_the_temporal_mean_as_its_student():
     assert "kl_temporal_mean" not in terms
 
 
+@pytest.mark.slow
 def test_the_temporal_mean_follows_the_weights_with_the_warm_up_decay(fmnist_dir):
     """mean <- d mean + (1 - d) params after each step, d = min(1 - 1/(step + 1), decay)."""
     config = tiny_config(fmnist_dir, method="pcl")

@@ -9,18 +9,7 @@ import numpy as np
 import pytest
 
 from ffcl_jax import losses
-
-
-def np_log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_kl(student, target, tau):
-    """tau^2 * mean over batch of sum over classes q (log q - log p), in float64."""
-    log_q = np_log_softmax(target / tau)
-    log_p = np_log_softmax(student / tau)
-    return tau**2 * np.mean(np.sum(np.exp(log_q) * (log_q - log_p), axis=-1))
+from tests.helpers import numpy_reference as ref
 
 
 @pytest.fixture
@@ -33,7 +22,7 @@ def logits():
 def test_kl_matches_numpy(logits, tau):
     s, t = logits
     got = losses.kl_distill(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), tau)
-    np.testing.assert_allclose(got, np_kl(s, t, tau), rtol=1e-5)
+    np.testing.assert_allclose(got, ref.kl(s, t, tau), rtol=1e-5)
 
 
 def test_kl_direction_sum_over_classes_and_tau_squared(logits):
@@ -41,7 +30,7 @@ def test_kl_direction_sum_over_classes_and_tau_squared(logits):
     # Direction: KL(s <- t) takes t as the target; KL is not symmetric.
     assert not np.isclose(losses.kl_distill(s, t, 1.0), losses.kl_distill(t, s, 1.0), rtol=1e-3)
     np.testing.assert_allclose(
-        losses.kl_distill(s, t, 1.0), np_kl(logits[0], logits[1], 1.0), rtol=1e-5
+        losses.kl_distill(s, t, 1.0), ref.kl(logits[0], logits[1], 1.0), rtol=1e-5
     )
     # Sum over classes: a mean over the 7 classes would be 7 times smaller.
     num_classes = s.shape[-1]
@@ -52,7 +41,7 @@ def test_kl_direction_sum_over_classes_and_tau_squared(logits):
     )
     # tau^2: the value at tau is tau^2 times the un-scaled KL of the softened distributions.
     tau = 4.0
-    unscaled = np_kl(logits[0], logits[1], tau) / tau**2
+    unscaled = ref.kl(logits[0], logits[1], tau) / tau**2
     np.testing.assert_allclose(losses.kl_distill(s, t, tau), tau**2 * unscaled, rtol=1e-5)
 
 
@@ -75,14 +64,14 @@ def test_kl_in_float32_under_bfloat16_inputs(logits):
     assert value.dtype == jnp.float32
     assert np.isfinite(value)
     np.testing.assert_allclose(
-        value, np_kl(np.asarray(s, np.float64), np.asarray(t, np.float64), 3.0), rtol=1e-4
+        value, ref.kl(np.asarray(s, np.float64), np.asarray(t, np.float64), 3.0), rtol=1e-4
     )
 
 
 def test_cross_entropy_matches_numpy(logits):
     s = logits[0]
     labels = np.array([0, 1, 2, 3, 4, 6])
-    expected = -np.mean(np_log_softmax(s)[np.arange(6), labels])
+    expected = -np.mean(ref.log_softmax(s)[np.arange(6), labels])
     np.testing.assert_allclose(
         losses.cross_entropy(jnp.asarray(s, jnp.float32), jnp.asarray(labels)), expected, rtol=1e-5
     )
@@ -154,7 +143,7 @@ def test_fixed_target_kl_matches_numpy_and_label_smoothing(logits):
     np.testing.assert_allclose(
         losses.label_smoothing_target(jnp.asarray(labels), 7, 0.1), target, rtol=1e-6
     )
-    expected = np.mean(np.sum(target * (np.log(target) - np_log_softmax(s)), axis=-1))
+    expected = np.mean(np.sum(target * (np.log(target) - ref.log_softmax(s)), axis=-1))
     got = losses.fixed_target_kl(jnp.asarray(s, jnp.float32), jnp.asarray(target, jnp.float32))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 

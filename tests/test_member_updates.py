@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from ffcl_jax import input_pipeline, train
@@ -83,6 +84,7 @@ def test_a_paused_member_keeps_its_parameters_and_momentum_bit_identical(fmnist_
     assert int(after_two.step) == 2
 
 
+@pytest.mark.slow
 def test_a_member_whose_flag_is_on_steps_as_without_flags(fmnist_dir):
     _, _, plain, state = _setup(fmnist_dir, {})
     _, _, flagged, _ = _setup(
@@ -96,6 +98,7 @@ def test_a_member_whose_flag_is_on_steps_as_without_flags(fmnist_dir):
     _assert_tree_equal(a.opt_state, b.opt_state, "optimizer state")
 
 
+@pytest.mark.slow
 def test_learning_rate_scale_multiplies_a_members_update_in_jax_and_pytorch(fmnist_dir):
     """A factor 0.1 on the student: its first SGD update is 0.1 x the unscaled one, the
     teacher's is unchanged; the reference gives the student a group at 0.1 x the rate."""

@@ -15,6 +15,7 @@ from ffcl_jax.errors import UserError
 from ffcl_jax.models import MODELS, create_model, layers
 from ffcl_jax.models.fusion import FusionModule
 from ffcl_jax.models.layers import avg_pool_to
+from tests.helpers import tiers
 
 
 def n_params(model):
@@ -50,7 +51,7 @@ REFERENCE_MILLIONS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", tiers.cases(sorted(MODELS), tiers.FAST_ZOO))
 def test_parameter_counts_match_the_pytorch_zoo(name):
     model = create_model(name, 100, in_channels=3, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(
@@ -59,7 +60,13 @@ def test_parameter_counts_match_the_pytorch_zoo(name):
 
 
 @pytest.mark.parametrize("name", ["resnet8", "resnet8x4", "wrn_16_2"])
-@pytest.mark.parametrize("shape", [(32, 32, 3), (28, 28, 1), (12, 20, 2)])
+# The fast tier keeps the odd size with two channels; the full tier every shape.
+@pytest.mark.parametrize(
+    "shape",
+    tiers.cases(
+        [(32, 32, 3), (28, 28, 1), (12, 20, 2)], ("shape2",), ids=["shape0", "shape1", "shape2"]
+    ),
+)
 def test_outputs_for_any_input_size_and_channels(name, shape):
     model = create_model(name, 7, in_channels=shape[-1], rngs=nnx.Rngs(0))
     logits, features = model(jnp.ones((2, *shape)), train=False)
@@ -70,6 +77,7 @@ def test_outputs_for_any_input_size_and_channels(name, shape):
         assert f.shape == (2, -(-h // 2**i), -(-w // 2**i), c)
 
 
+@pytest.mark.slow
 def test_every_model_runs_on_small_inputs():
     for name in MODELS:
         if name == "wrn_28_10":
@@ -211,7 +219,11 @@ def test_closed_form_batch_norm_matches_flax_forward_and_autodiff(dtype):
 
 
 @pytest.mark.parametrize(
-    "stages, fusions", [((2,), 0), ((0, 1, 2), 2)], ids=["fused-map", "stage-fusion"]
+    "stages, fusions",
+    [
+        pytest.param((2,), 0, id="fused-map"),
+        pytest.param((0, 1, 2), 2, id="stage-fusion", marks=pytest.mark.slow),
+    ],
 )
 def test_fused_feature_knowledge_modules_shapes_and_unchanged_initialisation(stages, fusions):
     """Adapters map each network's stage to the fused map's channels and resolution; the

@@ -15,7 +15,7 @@ from ffcl_jax.methods.base import OptimizerGroup
 from ffcl_jax.methods.pair import PairMethod
 from ffcl_jax.torch_reference import optim as torch_optim
 from tests.conftest import tiny_config
-from tests.test_pytorch_parity import _assert_same_parameters, _member_stats, _reference_cohort
+from tests.helpers.torch_parity import assert_same_parameters, member_stats, reference_cohort
 
 STEPS_PER_EPOCH = 2  # the schedule drops x0.1 after step 2
 
@@ -101,7 +101,7 @@ def test_sgd_and_adam_groups_match_pytorch_and_their_declared_rates(fmnist_dir):
     state = _state(config, method)
     tx, _ = train.make_optimizer(config, STEPS_PER_EPOCH, method)
     plain, _ = train.make_optimizer(config, STEPS_PER_EPOCH, methods.create("ffcl"))
-    cohort = _reference_cohort(config, method, state.params, state.batch_stats)
+    cohort = reference_cohort(config, method, state.params, state.batch_stats)
     optimizer, schedule = torch_optim.make_optimizer(cohort, config, STEPS_PER_EPOCH, method)
     assert len(optimizer.optimizers) == 2  # one SGD (two parameter groups) and one Adam
     params, opt_state = state.params, tx.init(state.params)
@@ -128,13 +128,13 @@ def test_sgd_and_adam_groups_match_pytorch_and_their_declared_rates(fmnist_dir):
         params = optax.apply_updates(params, updates)
         for member in params:
             torch_grads = convert.to_torch_state_dict(
-                grads[member], _member_stats(state.batch_stats, member)
+                grads[member], member_stats(state.batch_stats, member)
             )
             for name, param in getattr(cohort, member).named_parameters():
                 param.grad = torch_grads[name].double()
         optimizer.step()
         schedule.step()
-        _assert_same_parameters(params, state.batch_stats, cohort, 1e-6, f"step {step + 1}")
+        assert_same_parameters(params, state.batch_stats, cohort, 1e-6, f"step {step + 1}")
 
 
 def test_a_bad_optimizer_group_is_one_clear_error(fmnist_dir):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,9 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-
-# Eight forced devices and two processes in subprocesses: the slow tier (scripts/test.sh --all).
-pytestmark = pytest.mark.slow
+from tests.helpers.ports import free_port
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
 
@@ -43,6 +40,7 @@ def device_results(fmnist_dir):
     return json.loads(line[len("RESULT ") :])
 
 
+@pytest.mark.slow
 def test_eight_devices_train_like_one(device_results):
     """Same global batch, SyncBN: only float summation order differs. After 3 steps the losses
     agree to 1e-4 relative and the parameters within 5e-3; the control (the same batches with
@@ -58,6 +56,7 @@ def test_eight_devices_train_like_one(device_results):
     assert device_results["one_step_max_diff_8"] <= 2e-5
 
 
+@pytest.mark.slow
 def test_kdcl_pcl_mcl_and_switokd_on_eight_devices_train_like_one(device_results):
     """Their batches of views are split over the devices like any batch, PCL's temporal mean is
     updated alike, MCL's similarity matrices span the global batch, and SwitOKD's switch
@@ -73,6 +72,7 @@ def test_kdcl_pcl_mcl_and_switokd_on_eight_devices_train_like_one(device_results
     assert flags[:steps] == flags[steps:] and 0.0 in flags and 1.0 in flags, flags
 
 
+@pytest.mark.slow
 def test_evaluation_over_eight_devices_counts_every_example_once(device_results):
     # 70 test examples, eval batch 16 over 8 devices (2 rows each): 5 batches, the last one
     # mostly padding. `evaluate` itself checks the count; the accuracies must be identical.
@@ -80,6 +80,7 @@ def test_evaluation_over_eight_devices_counts_every_example_once(device_results)
     assert device_results["eval"]["8"] == device_results["eval"]["1"]
 
 
+@pytest.mark.slow
 def test_per_device_batch_norm_is_the_mean_of_per_shard_steps(device_results):
     per_device = device_results["per_device"]
     assert per_device["vs_halves"] <= 1e-5 and per_device["loss_vs_halves"] <= 1e-5
@@ -87,12 +88,14 @@ def test_per_device_batch_norm_is_the_mean_of_per_shard_steps(device_results):
     assert per_device["one_device_vs_global"] <= 1e-6
 
 
+@pytest.mark.slow
 def test_closed_form_batch_norm_backward_under_both_shardings(device_results):
     closed_form = device_results["closed_form"]
     assert closed_form["global_8_vs_autodiff_1"] <= 2e-5  # as one autodiff step over 8 devices
     assert closed_form["per_device_2_vs_halves"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_forced_onednn_convolutions_on_eight_devices(device_results):
     """Forced on 8 devices, the oneDNN convolutions still compute the same step (gathered by
     XLA's partitioner under global BatchNorm); per-device BatchNorm refuses them
@@ -103,12 +106,7 @@ def test_forced_onednn_convolutions_on_eight_devices(device_results):
     assert device_results["onednn"]["global_8_vs_xla_1"] <= 2e-5  # as the closed-form backward
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ffcl", "kdcl", "pcl", "mcl", "switokd", "ffsd"])
 def test_two_processes_train_like_one(method, fmnist_dir, tmp_path):
     """Two processes with two CPU devices each, joined by jax.distributed on localhost, run 3
@@ -121,7 +119,7 @@ def test_two_processes_train_like_one(method, fmnist_dir, tmp_path):
     the collectives' other summation order past 5e-5 in float32 (teacher: 7e-5 to 2e-3), as
     DML's does across device counts. And FFSD: its feature terms amplify it to 1.6e-4 (the
     peer, from the lam_diversity terms) and 1.2e-4 (the leader, from the lam_fusion terms)."""
-    port, steps, env = _free_port(), "3", {"FFCL_TEST_METHOD": method}
+    port, steps, env = free_port(), "3", {"FFCL_TEST_METHOD": method}
     atol = 5e-5
     if method in ("mcl", "switokd", "ffsd"):
         env |= {"FFCL_TEST_DTYPE": "float64", "JAX_ENABLE_X64": "1"}
@@ -172,11 +170,12 @@ def test_two_processes_train_like_one(method, fmnist_dir, tmp_path):
     assert os.listdir(workdir / "checkpoints") == ["3"]
 
 
+@pytest.mark.slow
 def test_two_processes_hold_out_one_validation_split_and_count_it_once(fmnist_dir, tmp_path):
     """Both processes hold out the same 20 images (the split does not depend on the process
     layout), train on the same rows and evaluate every validation image once (`evaluate` checks
     the count), then the test split once; only process 0 reports and writes."""
-    port, workdir = _free_port(), tmp_path / "run"
+    port, workdir = free_port(), tmp_path / "run"
     procs = [
         _python(
             "tests/helpers/multiprocess_run.py",

@@ -29,6 +29,8 @@ from ffcl_jax.torch_reference import models as torch_models
 from ffcl_jax.torch_reference import optim as torch_optim
 from ffcl_jax.torch_reference.train import temporal_mean_of
 from tests.conftest import tiny_config
+from tests.helpers import tiers
+from tests.helpers.torch_parity import assert_same_parameters, member_stats, reference_cohort
 
 torch.set_num_threads(1)  # two pytest workers share two cores
 
@@ -80,7 +82,7 @@ def _assert_outputs_match(jax_out, torch_out, atol, what):
     )
 
 
-@pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.parametrize("name", tiers.cases(sorted(models.MODELS), tiers.FAST_ZOO))
 def test_zoo_model_logits_match_pytorch(name):
     jax_model = models.create_model(name, 10, in_channels=3, rngs=nnx.Rngs(0))
     graphdef, params, batch_stats = nnx.split(jax_model, nnx.Param, nnx.BatchStat)
@@ -117,28 +119,6 @@ def test_zoo_model_logits_match_pytorch(name):
 PAIR = ("wrn_16_2", "resnet8")  # different families and widths: 128 + 64 fused channels
 
 
-def _member_stats(batch_stats, member):
-    """A member's BatchNorm statistics; a member without BatchNorm (the fused map's adapters,
-    OKDDip's attention, PCL's peer-ensemble classifier) has none."""
-    return batch_stats[member] if member in batch_stats else {}
-
-
-def _reference_cohort(config, method, params, batch_stats):
-    """The method's PyTorch mirror (`MIRRORS[name].build`) with the JAX cohort's weights and
-    statistics loaded member by member, in float64. The mirror must have exactly the JAX
-    cohort's members: one without weights on the JAX side fails here, as does a missing one."""
-    info = input_pipeline.dataset_info(config.dataset)
-    reference = torch_methods.MIRRORS[config.method].build(config, method, info)
-    members = {name.split(".")[0] for name in reference.state_dict()}
-    assert members == set(params), f"reference members {members}, JAX members {set(params)}"
-    for member in params:
-        getattr(reference, member).load_state_dict(
-            convert.to_torch_state_dict(params[member], _member_stats(batch_stats, member)),
-            strict=True,
-        )
-    return reference.double()
-
-
 def _pair(overrides):
     """The FFCL pair of `overrides` (its own defaults otherwise: a ramp-up of 80 epochs) as the
     JAX trainer creates it for seed 3, split, and its reference."""
@@ -147,7 +127,7 @@ def _pair(overrides):
     info = input_pipeline.dataset_info(config.dataset)
     cohort = train.create_cohort(config, method, info)
     graphdef, params, batch_stats = nnx.split(cohort, nnx.Param, nnx.BatchStat)
-    reference = _reference_cohort(config, method, params, batch_stats)
+    reference = reference_cohort(config, method, params, batch_stats)
     return method, graphdef, params, batch_stats, reference
 
 
@@ -160,6 +140,7 @@ FEATURE_SETTINGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", FEATURE_SETTINGS.values(), ids=FEATURE_SETTINGS.keys())
 def test_ffcl_pair_loss_terms_and_gradients_match_pytorch(overrides):
     method, graphdef, params, batch_stats, reference = _pair(overrides)
@@ -192,7 +173,7 @@ def test_ffcl_pair_loss_terms_and_gradients_match_pytorch(overrides):
     # Gradients: within 1e-5 of each tensor's largest entry (observed: about 1e-6).
     for member in params:
         jax_grads = convert.to_torch_state_dict(
-            grads[member], _member_stats(batch_stats, member), as_numpy=True
+            grads[member], member_stats(batch_stats, member), as_numpy=True
         )
         for name, param in getattr(reference, member).named_parameters():
             exact = param.grad.numpy()
@@ -232,26 +213,6 @@ def _checked_method(config):
     return train.check_config(config, 1)
 
 
-def _assert_same_parameters(params, batch_stats, cohort, atol: float, what: str):
-    """Every parameter and BatchNorm running mean, in the order of the reference's modules
-    (stem first): a failure names the first that differs. (Running variances differ by design:
-    Flax averages the biased batch variance, PyTorch the unbiased one.)"""
-    for member in params:
-        ours = convert.to_torch_state_dict(
-            params[member], _member_stats(batch_stats, member), as_numpy=True
-        )
-        for name, value in getattr(cohort, member).state_dict().items():
-            if name.endswith(("running_var", "num_batches_tracked")):
-                continue
-            np.testing.assert_allclose(
-                ours[name],
-                value.detach().numpy(),
-                atol=atol,
-                rtol=0,
-                err_msg=f"{what}: {member}.{name} is the first that differs",
-            )
-
-
 @pytest.mark.parametrize("method_name", ["ffcl", "one"])
 def test_optimizers_fed_the_same_gradients_agree(fmnist_dir, method_name):
     """Nesterov SGD, per-member weight decay (FFCL's fusion side takes `fusion_weight_decay`)
@@ -262,7 +223,7 @@ def test_optimizers_fed_the_same_gradients_agree(fmnist_dir, method_name):
     method = _checked_method(config)
     _, state = train.build(config, method, steps_per_epoch)
     tx, _ = train.make_optimizer(config, steps_per_epoch, method)
-    cohort = _reference_cohort(config, method, state.params, state.batch_stats)
+    cohort = reference_cohort(config, method, state.params, state.batch_stats)
     optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
     params, opt_state = state.params, tx.init(state.params)
     rng = np.random.default_rng(0)
@@ -272,13 +233,13 @@ def test_optimizers_fed_the_same_gradients_agree(fmnist_dir, method_name):
         params = optax.apply_updates(params, updates)
         for member in params:
             torch_grads = convert.to_torch_state_dict(
-                grads[member], _member_stats(state.batch_stats, member)
+                grads[member], member_stats(state.batch_stats, member)
             )
             for name, param in getattr(cohort, member).named_parameters():
                 param.grad = torch_grads[name].double()
         optimizer.step()
         schedule.step()
-        _assert_same_parameters(params, state.batch_stats, cohort, 1e-6, f"step {step + 1}")
+        assert_same_parameters(params, state.batch_stats, cohort, 1e-6, f"step {step + 1}")
 
 
 def test_frozen_members_get_no_update_and_no_optimizer_group(fmnist_dir):
@@ -290,7 +251,7 @@ def test_frozen_members_get_no_update_and_no_optimizer_group(fmnist_dir):
     assert method.frozen_members == ("teacher",)
     _, state = train.build(config, method, steps_per_epoch)
     tx, _ = train.make_optimizer(config, steps_per_epoch, method)
-    cohort = _reference_cohort(config, method, state.params, state.batch_stats)
+    cohort = reference_cohort(config, method, state.params, state.batch_stats)
     optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
     grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not any(id(p) in grouped or p.requires_grad for p in cohort.teacher.parameters())
@@ -320,6 +281,8 @@ PARITY_CASES = {name: {"method": name} for name in sorted(methods.REGISTRY)} | {
     # FFSD's peer decodes the teacher's last map: a teacher with the student's last channels.
     "ffsd": {"method": "ffsd", "teacher": "resnet14"},
 }
+# The fast tier keeps one case of each family of methods (SwitOKD's: one whose switch flips).
+FAST_PARITY_CASES = ("ffcl", "kd", "kdcl", "one", "pcl", "mcl", "switokd-expert-mode", "ffsd")
 # The teacher's update flag of each of the three steps, where a case exists to flip it (a
 # change to the cohort's initialisation may move these: pick another switch_tau then).
 TEACHER_UPDATES = {
@@ -329,7 +292,7 @@ TEACHER_UPDATES = {
 }
 
 
-@pytest.mark.parametrize("case", PARITY_CASES)
+@pytest.mark.parametrize("case", tiers.cases(PARITY_CASES, FAST_PARITY_CASES))
 def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, case):
     """The whole train step of a method, JAX with `compute_dtype="float64"` against its PyTorch
     mirror (`torch_reference.methods.MIRRORS`) in float64: normalised images (a view per member
@@ -357,7 +320,7 @@ def test_three_train_steps_in_float64_match_pytorch_exactly(fmnist_dir, case):
         floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
         assert {x.dtype for x in floats} == {jnp.dtype(jnp.float64)}
         mirror = torch_methods.mirror(config.method)
-        cohort = _reference_cohort(config, method, state.params, state.batch_stats)
+        cohort = reference_cohort(config, method, state.params, state.batch_stats)
         optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
         flags = _assert_three_steps_agree(
             config, method, setup, state, cohort, optimizer, schedule, mirror
@@ -424,22 +387,22 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
         optimizer.step()
         schedule.step()
         assert float(metrics["loss"]) == pytest.approx(float(total.detach()), rel=1e-12)
-        _assert_same_parameters(
+        assert_same_parameters(
             state.params, state.batch_stats, cohort, 1e-12, f"after step {i + 1}"
         )
         for member in method.frozen_members:
             for before, after in (
                 (initial.params[member], state.params[member]),
                 (
-                    _member_stats(initial.batch_stats, member),
-                    _member_stats(state.batch_stats, member),
+                    member_stats(initial.batch_stats, member),
+                    member_stats(state.batch_stats, member),
                 ),
             ):
                 for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
                     np.testing.assert_array_equal(a, b, err_msg=f"frozen {member} moved")
         if temporal_mean is not None:
             temporal_mean.update(cohort)
-            _assert_same_parameters(
+            assert_same_parameters(
                 state.method_state["mean_params"],
                 state.method_state["mean_batch_stats"],
                 temporal_mean.model,
@@ -591,13 +554,13 @@ def test_reference_from_jax_starts_from_the_jax_weights_and_trains_on_its_batche
     # What each run's results.json records: the same digest exactly when paired.
     assert (settings["initial_weights_sha256"] == setup.initial_weights_sha256) == from_jax
     if from_jax:
-        _assert_same_parameters(state.params, state.batch_stats, cohort, 0.0, "initial")
+        assert_same_parameters(state.params, state.batch_stats, cohort, 0.0, "initial")
         other_seed = tiny_config(fmnist_dir, seed=4)
         other = train.build(other_seed, train.check_config(other_seed, 1), 8)[0]
         assert other.initial_weights_sha256 != setup.initial_weights_sha256
     else:
         with pytest.raises(AssertionError):
-            _assert_same_parameters(state.params, state.batch_stats, cohort, 1e-3, "initial")
+            assert_same_parameters(state.params, state.batch_stats, cohort, 1e-3, "initial")
     images, labels = input_pipeline.load_split(config, "train")
     ours = next(iter(input_pipeline.TrainData(config, images, labels, 32).epoch(1)))
     if from_jax:
@@ -611,6 +574,7 @@ def test_reference_from_jax_starts_from_the_jax_weights_and_trains_on_its_batche
     assert (theirs == report.batch_sha256(ours["image"], ours["label"])) == from_jax
 
 
+@pytest.mark.slow
 def test_reference_loop_holds_out_the_same_validation_split(fmnist_dir, tmp_path):
     """With `validation_size` the reference evaluates its epochs on the same held-out images as
     the JAX trainer (the shared `input_pipeline.load_splits`) and the test split once."""

@@ -94,6 +94,7 @@ def test_a_few_steps_lower_the_loss_and_update_batch_norm(fmnist_dir):
     assert all(np.ndim(v) == 0 for v in metrics.values())
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains_with_float32_losses_and_parameters(fmnist_dir):
     config = tiny_config(fmnist_dir, compute_dtype="bfloat16", learning_rate=0.05)
     setup, state = build(config, steps_per_epoch=1)
@@ -108,6 +109,7 @@ def test_bfloat16_compute_trains_with_float32_losses_and_parameters(fmnist_dir):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_closed_form_batch_norm_backward_trains_like_autodiff(fmnist_dir):
     """Three steps of the whole cohort (both networks, fusion module) with each BatchNorm
     backward: the same training up to rounding, and not bit-identical (so the switch is used).
@@ -176,6 +178,7 @@ def test_state_is_donated(fmnist_dir):
     assert old_leaf.is_deleted()
 
 
+@pytest.mark.slow
 def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
     config = tiny_config(fmnist_dir, eval_batch_size=16)
     setup, state = build(config)
@@ -197,6 +200,7 @@ def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
         assert got[name] == pytest.approx(expected, abs=1e-9), name
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_end_to_end(fmnist_dir, tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_config(fmnist_dir, num_epochs=3, lr_decay_epochs=(2,))
@@ -240,6 +244,7 @@ def test_a_workdir_with_a_run_but_no_checkpoint_is_refused_and_left_alone(fmnist
     assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]
 
 
+@pytest.mark.slow
 def test_a_run_that_died_before_its_first_checkpoint_restarts_unattended(fmnist_dir, tmp_path):
     """What a scheduler's restart loop does: the same command again. With the config the dead
     run recorded, its outputs go to previous_runs/ and the run starts over; with another
@@ -479,6 +484,7 @@ def test_progress_line_without_a_timed_step_shows_no_speed(tmp_path, capsys):
     assert [r["img_per_sec"] for r in rows] == [None, 640.0]
 
 
+@pytest.mark.slow
 def test_a_validation_split_is_evaluated_every_epoch_and_the_test_split_once(fmnist_dir, tmp_path):
     """Epochs are evaluated on the held-out images (and the best checkpoint chosen there); with
     `final_test` the test split is evaluated once, after training, and reported apart."""
@@ -508,6 +514,7 @@ def test_a_validation_split_is_evaluated_every_epoch_and_the_test_split_once(fmn
     assert results["history"][-1]["step"] == 12
 
 
+@pytest.mark.slow
 def test_a_run_with_a_validation_split_leaves_the_test_split_alone_unless_asked(
     fmnist_dir, tmp_path
 ):
@@ -521,6 +528,7 @@ def test_a_run_with_a_validation_split_leaves_the_test_split_alone_unless_asked(
     assert '"test"' not in (workdir / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_fused_feature_forms_train_end_to_end(fmnist_dir):
     """A few steps of each fused feature form lower the loss; the feature term and the stage
     classifiers' cross-entropy are logged."""

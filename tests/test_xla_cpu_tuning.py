@@ -1,4 +1,4 @@
-"""The XLA:CPU tuning keeps a ResNet's backward pass linear in depth (deterministic: no timing).
+"""The XLA:CPU tuning keeps a ResNet's backward pass linear in depth, read off the compiled HLO.
 
 XLA:CPU's default loop fusion copies the forward residual + ReLU chain of a stage into each
 backward consumer, so the largest fusion of the compiled step holds one copy of every earlier
@@ -94,6 +94,7 @@ def test_auto_picks_the_linear_setting_for_deep_networks():
     }
 
 
+@pytest.mark.slow
 def test_largest_fusion_does_not_grow_with_depth():
     # What "auto" runs for deep networks, compiled at two depths.
     shallow = largest_fusion(compiled_step_hlo("resnet20", "eltwise_reduce", "closed_form"))
@@ -121,6 +122,7 @@ def ynn_fusion_ops(hlo_text: str) -> collections.Counter:
     return held
 
 
+@pytest.mark.slow
 def test_shallow_setting_leaves_convolutions_to_xla():
     # XLA's default list sends convolutions to YNNPACK, whose kernels are 2x slower at these
     # channel counts; "auto" for a shallow pair keeps only BatchNorm's reductions there.
@@ -147,7 +149,7 @@ config.cpu.flatten_after_fusion = sys.argv[1] == "on"
 os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
 print("flags:", os.environ["XLA_FLAGS"])
 sys.path.insert(0, "tests")
-from test_cpu_speed import compiled_cifar_step  # starts the backend, after the line above
+from test_xla_cpu_tuning import compiled_cifar_step  # starts the backend, after the line above
 
 print("copies:", compiled_cifar_step(config).count(" copy("))
 """

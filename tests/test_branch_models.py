@@ -14,6 +14,7 @@ from ffcl_jax import methods
 from ffcl_jax.errors import UserError
 from ffcl_jax.models import create_model
 from ffcl_jax.models.branches import scale_gradient
+from tests.helpers import tiers
 
 
 def _branch_cohort(name, **overrides):
@@ -29,7 +30,7 @@ def _count(tree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name", ["resnet8", "wrn_16_2"])
+@pytest.mark.parametrize("name", tiers.cases(["resnet8", "wrn_16_2"], ("resnet8",)))
 def test_branch_zero_with_the_trunk_is_the_plain_network(name):
     method, cohort = _branch_cohort(name, num_branches=3, branch_stages=1, gate="one")
     assert cohort.member_names == ("student", "peers", "gate", "attention", "peer_ensemble")
@@ -94,6 +95,7 @@ def test_okddip_and_pcl_build_their_heads():
     np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_backprop_rescale_divides_the_trunk_gradient_by_the_branches():
     images = jnp.asarray(np.random.default_rng(1).standard_normal((4, 16, 16, 1)), jnp.float32)
 
