@@ -57,11 +57,12 @@ def test_eight_devices_train_like_one(device_results):
 
 
 @pytest.mark.slow
-def test_kdcl_pcl_mcl_and_switokd_on_eight_devices_train_like_one(device_results):
-    """Their batches of views are split over the devices like any batch, PCL's temporal mean is
-    updated alike, MCL's similarity matrices span the global batch, and SwitOKD's switch
-    decides alike: the same tolerance as the main pair above."""
-    assert set(device_results["methods"]) == {"kdcl", "pcl", "mcl", "switokd"}
+def test_the_newer_methods_on_eight_devices_train_like_one(device_results):
+    """KDCL's and PCL's batches of views are split over the devices like any batch, PCL's
+    temporal mean is updated alike, MCL's similarity matrices span the global batch, SwitOKD's
+    switch decides alike, and FFSD's Adam and SGD groups step alike: the same tolerance as the
+    main pair above."""
+    assert set(device_results["methods"]) == {"kdcl", "pcl", "mcl", "switokd", "ffsd"}
     for method, result in device_results["methods"].items():
         np.testing.assert_allclose(result["losses_8"], result["losses_1"], rtol=1e-4)
         assert result["max_diff"] <= 5e-3, method
