@@ -27,9 +27,20 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
             text = text[1:-1]
         reason = " ".join(text.replace("\\'", "'").replace("\\n", " ").split())
         if isinstance(exc, (AttributeError, KeyError)):
-            reason = f"unknown config key {reason}"
+            reason = _moved_key(argv) or f"unknown config key {reason}"
         print(
             f"error: bad command line or config ({reason}); see the config file for valid keys",
             file=sys.stderr,
         )
         sys.exit(2)
+
+
+def _moved_key(argv: list[str]) -> str | None:
+    """For an override of a config key that moved (`checkpoint.RENAMED_KEYS`), where it went."""
+    from ffcl_jax.checkpoint import RENAMED_KEYS
+
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0].removeprefix("--config.")
+        if name in RENAMED_KEYS:
+            return f"--config.{name} is now --config.{RENAMED_KEYS[name]}"
+    return None

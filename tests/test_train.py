@@ -458,6 +458,7 @@ def test_the_smoke_config_runs_unchanged_on_8_devices(fmnist_dir, tmp_path):
         (["--config.teacher=resnet9"], "error: unknown model 'resnet9'; valid models: resnet110"),
         (["--config.idx_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
         (["--config.loss.lam_fuze=1"], 'Did you mean "lam_fuse"'),
+        (["--config.cpu_kernels=xla"], "--config.cpu_kernels is now --config.cpu.kernels"),
         (["--config.batch_size=abc"], "error: bad command line or config"),
     ],
 )
