@@ -44,6 +44,10 @@ def step_on_random_batch(config, mesh):
     return step, jax.device_put(state, mesh.replicated), batch
 
 
+# The OpenMP settings a timing depends on, printed with it.
+OPENMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
 def _config_value(text: str):
     for cast in (int, float):
         try:
@@ -65,6 +69,8 @@ def compare_settings(
     if key.startswith("cpu.") and jax.default_backend() != "cpu":
         raise SystemExit("these are XLA:CPU settings; run this on the CPU backend")
     mesh = parallel.DataParallel()
+    if key == KERNEL_THREAD:
+        return _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, warmup)
     runs = {}
     for setting in settings:
         varied = config.copy_and_resolve_references()
@@ -86,19 +92,58 @@ def compare_settings(
                 run["state"], metrics = run["step"](run["state"], run["batch"])
                 jax.block_until_ready(metrics)
                 run["times"].append((time.perf_counter() - start) * 1e3)
+    return _timing_table(config, key, rounds, steps_per_round, runs)
+
+
+# compare's key for where the oneDNN kernels run: "kernel_thread" (their own thread) or
+# "caller" (the XLA thread that calls each), switched between steps of one compiled step.
+KERNEL_THREAD = "cpu_kernels.thread"
+
+
+def _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, warmup) -> str:
+    import jax
+
+    from ffcl_jax import cpu_kernels
+
+    if set(settings) - {"kernel_thread", "caller"}:
+        raise SystemExit(f"--key={KERNEL_THREAD} takes the settings kernel_thread and caller")
+    step, state, batch = step_on_random_batch(config, mesh)
+    for _ in range(warmup):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    runs = {setting: {"times": []} for setting in settings}
+    latest = [state]
+    try:
+        for _ in range(rounds):
+            for setting, run in runs.items():
+                cpu_kernels.set_kernel_thread(setting == "kernel_thread")
+                for _ in range(steps_per_round):
+                    start = time.perf_counter()
+                    latest[0], metrics = step(latest[0], batch)
+                    jax.block_until_ready(metrics)
+                    run["times"].append((time.perf_counter() - start) * 1e3)
+    finally:
+        cpu_kernels.set_kernel_thread(True)
+    return _timing_table(config, KERNEL_THREAD, rounds, steps_per_round, runs)
+
+
+def _timing_table(config, key, rounds, steps_per_round, runs) -> str:
     cpu = bench_results.machine()
+    env = " ".join(f"{k}={os.environ[k]}" for k in OPENMP_ENV if k in os.environ)
     lines = [
         f"{config.teacher} + {config.student}, batch {config.batch_size}, {rounds} x "
         f"{steps_per_round} steps each, interleaved; XLA_FLAGS for all: "
-        f"{os.environ.get('XLA_FLAGS') or '(none)'}; {cpu['cpu']} ({cpu['isa']})",
-        f"| {key} | min ms | median ms | speed-up |",
-        "|---|---|---|---|",
+        f"{os.environ.get('XLA_FLAGS') or '(none)'}; OpenMP: {env or '(defaults)'}; "
+        f"{cpu['cpu']} ({cpu['isa']})",
+        f"| {key} | min ms | median ms | max ms | speed-up |",
+        "|---|---|---|---|---|",
     ]
     base = statistics.median(next(iter(runs.values()))["times"])
     for setting, run in runs.items():
         median = statistics.median(run["times"])
         lines.append(
-            f"| {setting} | {min(run['times']):.0f} | {median:.0f} | {base / median:.2f}x |"
+            f"| {setting} | {min(run['times']):.0f} | {median:.0f} | {max(run['times']):.0f} "
+            f"| {base / median:.2f}x |"
         )
     return "\n".join(lines)
 

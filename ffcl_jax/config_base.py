@@ -96,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
     # convolutions and a double-sum BatchNorm with its ReLU fused, through jax.ffi, float32
     # layers, one device; 2.5x faster than XLA:CPU's on the demo pair's convolutions), "xla"
     # (XLA's own), or "auto" (onednn for float32 on one CPU device where the kernels are built,
-    # else xla). See xla_cpu.use_onednn_kernels and docs/performance.md.
+    # on the kinds of CPU where they were measured faster; else xla). See
+    # xla_cpu.use_onednn_kernels and docs/performance.md.
     c.cpu.kernels = "auto"
     # What XLA:CPU's YNNPACK fusions take: "eltwise_reduce" (elementwise ops, which keeps a deep
     # ResNet's backward pass linear in depth, and reductions), "reduce" (BatchNorm's reductions

@@ -5,8 +5,12 @@ results.json, the run's header line and every benchmark record it."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+
+# /proc/cpuinfo's vendor_id, as records name the vendor.
+VENDORS = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}
 
 
 def cpu_isa(cpu_flags: set[str], arch: str) -> str:
@@ -18,9 +22,10 @@ def cpu_isa(cpu_flags: set[str], arch: str) -> str:
     return arch
 
 
+@functools.cache
 def machine() -> dict:
-    """{"cpu": model name, "isa": cpu_isa, "cores", "system"} of this machine."""
-    cpu, cpu_flags = platform.processor() or "cpu", set()
+    """{"cpu": model name, "vendor", "isa": cpu_isa, "cores", "system"} of this machine."""
+    cpu, vendor, cpu_flags = platform.processor() or "cpu", "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -28,6 +33,8 @@ def machine() -> dict:
                 key = key.strip()
                 if key == "model name":
                     cpu = value.strip()
+                elif key == "vendor_id":
+                    vendor = VENDORS.get(value.strip(), value.strip())
                 elif key in ("flags", "Features"):  # x86, arm
                     cpu_flags = set(value.split())
                     break
@@ -35,6 +42,7 @@ def machine() -> dict:
         pass
     return {
         "cpu": cpu,
+        "vendor": vendor or platform.machine(),
         "isa": cpu_isa(cpu_flags, platform.machine()),
         "cores": os.cpu_count(),
         "system": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",

@@ -12,7 +12,7 @@ import functools
 
 import jax
 
-from ffcl_jax import models
+from ffcl_jax import machine, models
 from ffcl_jax.errors import UserError
 from ffcl_jax.models.layers import LayerKernels
 
@@ -108,13 +108,34 @@ def deepest_blocks_per_stage(config) -> int:
 
 CPU_KERNELS = ("auto", "onednn", "xla")
 
+# The (vendor, ISA) kinds of CPU on which the oneDNN kernels were measured faster than XLA's
+# (docs/performance.md): "auto" takes them there only. "onednn" takes them anywhere.
+KERNELS_MEASURED_ON = (("AMD", "AVX-512"), ("AMD", "AVX2"))
+
+
+def kernels_measured_here() -> bool:
+    """Whether this CPU is of a kind in KERNELS_MEASURED_ON."""
+    here = machine.machine()
+    return (here["vendor"], here["isa"]) in KERNELS_MEASURED_ON
+
+
+def _unmeasured_note() -> str:
+    here = machine.machine()
+    kinds = ", ".join(f"{vendor} {isa}" for vendor, isa in KERNELS_MEASURED_ON)
+    return (
+        f"cpu.kernels: XLA's kernels (auto takes the oneDNN kernels only on the CPUs where they "
+        f"were measured faster: {kinds}; this is {here['vendor']} {here['isa']}: "
+        "--config.cpu.kernels=onednn uses them)"
+    )
+
 
 def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None) -> bool:
     """`config.cpu.kernels`: whether the steps run float32 convolutions and training-mode
     BatchNorm as the kernels of `ffcl_jax.cpu_kernels`.
 
     "onednn" insists (an error where they cannot run); "xla" never uses them; "auto" takes them
-    for float32 on the CPU backend with one device when they are built. On several devices XLA's
+    for float32 on the CPU backend with one device when they are built, on the kinds of CPU where
+    they were measured faster (KERNELS_MEASURED_ON). On several devices XLA's
     partitioner gathers a custom call's sharded operands onto every device (correct, not
     data-parallel), and under per-device BatchNorm (`shard_map`) the kernels' gradients do not
     carry the mesh axes: an error. `platform`: as in `compiler_options` (a step compiled here for
@@ -145,7 +166,7 @@ def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None
     reason = cpu_kernels.unavailable_reason()
     if reason and choice == "onednn":
         raise UserError(f"config.cpu.kernels='onednn': {reason}; or use 'auto' or 'xla'")
-    return reason is None
+    return reason is None and (choice == "onednn" or kernels_measured_here())
 
 
 def layer_kernels(config, num_devices: int = 1, platform: str | None = None) -> LayerKernels:
@@ -162,8 +183,8 @@ def layer_kernels(config, num_devices: int = 1, platform: str | None = None) -> 
 
 
 def onednn_fallback_note(config, num_devices: int = 1) -> str | None:
-    """One line for the CLI when "auto" wanted the oneDNN kernels on this CPU but cannot have
-    them (not built here), else None."""
+    """One line for the CLI when "auto" leaves the oneDNN kernels out on this CPU (not built
+    here, or not measured on this kind of CPU), else None."""
     if config.cpu.kernels != "auto":
         return None
     if jax.default_backend() != "cpu" or num_devices > 1:
@@ -173,4 +194,6 @@ def onednn_fallback_note(config, num_devices: int = 1) -> str | None:
     from ffcl_jax import cpu_kernels
 
     reason = cpu_kernels.unavailable_reason()
-    return f"cpu.kernels: XLA's kernels ({reason})" if reason else None
+    if reason:
+        return f"cpu.kernels: XLA's kernels ({reason})"
+    return None if kernels_measured_here() else _unmeasured_note()

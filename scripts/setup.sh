@@ -54,8 +54,16 @@ fi
 if ! .venv/bin/python -c "$NEEDED" >/dev/null 2>&1 \
    || [ setup.cfg -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
   echo "setup: installing ffcl_jax and its dependencies into .venv (a few minutes the first time)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
+  # pip's own output (warnings about the machine's package indexes among it) goes to a log that
+  # is shown only when the install fails.
+  LOG=.venv/install.log
+  if ! { .venv/bin/python -m pip install -q --upgrade pip \
+         && .venv/bin/python -m pip install -q -c constraints.txt -e ".[$EXTRAS]"; } >"$LOG" 2>&1
+  then
+    tail -n 25 "$LOG" >&2
+    echo "setup: installing into .venv failed; the whole log is $LOG" >&2
+    exit 1
+  fi
   touch .venv/.installed
 fi
 # The oneDNN kernels compile once into ~/.cache/ffcl_jax (about 10 s); where they cannot (no g++,

@@ -3,6 +3,7 @@ whole train steps; which kernels `config.cpu.kernels` picks, and what happens wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import re
@@ -98,6 +99,52 @@ def test_the_primitive_cache_keeps_at_most_its_limit():
         assert library.FfclCachedPlans(0) == 2
     finally:
         assert library.FfclSetMaxPlans(previous) == 2
+
+
+# Run in a fresh process (the count is the process's): three Python threads call a jitted
+# program of independent convolutions, and it prints how many threads ran kernel work, and a
+# checksum of the results.
+_CALLERS_SCRIPT = """
+import ctypes, sys, threading
+import jax, jax.numpy as jnp, numpy as np
+from ffcl_jax import cpu_kernels
+from ffcl_jax.cpu_kernels import build
+cpu_kernels.set_kernel_thread(sys.argv[1] == "on")
+library = ctypes.CDLL(str(build.library_path()))
+library.FfclWorkThreads.restype = ctypes.c_int64
+xs = [jnp.full((16, 16, 16, 8), i + 1.0) for i in range(4)]
+w = jnp.ones((3, 3, 8, 8))
+conv = lambda x: cpu_kernels.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), 1)
+branches = jax.jit(lambda xs: [conv(conv(x)) for x in xs])
+sums = []
+def call():
+    for _ in range(5):
+        sums.append(float(sum(np.asarray(y, np.float64).sum() for y in branches(xs))))
+threads = [threading.Thread(target=call) for _ in range(3)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(library.FfclWorkThreads(), len(set(sums)), sums[0])
+"""
+
+
+@needs_kernels
+def test_kernel_work_runs_on_one_thread_whichever_thread_calls():
+    """One thread opens every OpenMP region (libgomp keeps a worker pool per such thread): with
+    the kernel thread on, three calling threads give one; off, each caller runs its own."""
+    import subprocess
+    import sys
+
+    def run(mode):
+        done = subprocess.run(
+            [sys.executable, "-c", _CALLERS_SCRIPT, mode], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        threads, distinct, total = done.stdout.split()
+        return int(threads), int(distinct), float(total)
+
+    on, off = run("on"), run("off")
+    assert on[0] == 1 and off[0] > 1, (on, off)
+    assert on[1] == off[1] == 1 and on[2] == off[2]
 
 
 def _xla_batch_norm(x, scale, bias, epsilon, relu=False):
@@ -339,6 +386,37 @@ def _custom_calls(config, num_devices: int = 1) -> tuple[int, int]:
 
 
 @needs_kernels
+def test_training_runs_the_training_convolution_and_eval_the_inference_one(fmnist_dir):
+    config = tiny_config(fmnist_dir, **{"cpu.kernels": "onednn"})
+    settings = train.check_config(config, 1)
+    setup, state = train.build(config, settings, steps_per_epoch=10)
+    batch = {
+        "image": jnp.zeros((config.batch_size, 28, 28, 1), jnp.uint8),
+        "label": jnp.zeros((config.batch_size,), jnp.int32),
+        "mask": jnp.ones((config.batch_size,), jnp.float32),
+    }
+    trained = jax.jit(setup.train_step).lower(state, batch).as_text()
+    evaluated = jax.jit(setup.eval_step).lower(
+        state.params, state.batch_stats, batch, state.method_state
+    )
+    evaluated = evaluated.as_text()
+    assert "ffcl_onednn_conv_forward" in trained and "ffcl_onednn_conv_inference" not in trained
+    assert "ffcl_onednn_conv_inference" in evaluated and "ffcl_onednn_conv_forward" not in evaluated
+
+
+@contextlib.contextmanager
+def _on_cpu(vendor, isa):
+    """As if on a CPU of that vendor and widest vector extension (machine.machine's record)."""
+    from unittest import mock
+
+    from ffcl_jax import machine
+
+    here = {**machine.machine(), "vendor": vendor, "isa": isa}
+    with mock.patch.object(machine, "machine", lambda: here):
+        yield
+
+
+@needs_kernels
 def test_the_kernels_run_where_config_asks_for_them(fmnist_dir):
     config = tiny_config(fmnist_dir, **{"cpu.kernels": "onednn"})
     # resnet8 + resnet8 and the fusion module: 2 x (stem + 3 blocks x 2 + 2 shortcuts) + 2
@@ -350,8 +428,17 @@ def test_the_kernels_run_where_config_asks_for_them(fmnist_dir):
     assert _custom_calls(config) == expected
     config.cpu.kernels = "xla"
     assert _custom_calls(config) == (0, 0)
-    config.cpu.kernels = "auto"  # built here, one CPU device, float32
-    assert _custom_calls(config) == expected
+    config.cpu.kernels = "auto"  # built here, one CPU device, float32, a measured CPU
+    with _on_cpu("AMD", "AVX-512"):
+        assert _custom_calls(config) == expected
+    with _on_cpu("Intel", "AVX-512"):
+        assert _custom_calls(config) == (0, 0)
+        assert "this is Intel AVX-512: --config.cpu.kernels=onednn" in (
+            xla_cpu.onednn_fallback_note(config)
+        )
+        config.cpu.kernels = "onednn"  # takes them anywhere
+        assert _custom_calls(config) == expected
+        config.cpu.kernels = "auto"
     assert not xla_cpu.use_onednn_kernels(config, num_devices=8)
     config.compute_dtype = "bfloat16"
     assert not xla_cpu.use_onednn_kernels(config)
@@ -634,6 +721,7 @@ CONV_ATTRS = dict(stride_h=1, stride_w=1, pad_top=1, pad_bottom=1, pad_left=1, p
 # For each target: the names of its two inputs and its result, as its buffers of CONV_OK.
 CONV_TARGETS = {
     "ffcl_onednn_conv_forward": ("x", "w", "y"),
+    "ffcl_onednn_conv_inference": ("x", "w", "y"),
     "ffcl_onednn_conv_backward_data": ("y", "w", "x"),  # dy, w -> dx
     "ffcl_onednn_conv_backward_weights": ("x", "y", "w"),  # x, dy -> dw
 }
@@ -692,6 +780,7 @@ def _conv_names(target) -> dict[str, str]:
     """The target's names for x, w and y (its message's)."""
     return {
         "ffcl_onednn_conv_forward": {"x": "x", "w": "w", "y": "y"},
+        "ffcl_onednn_conv_inference": {"x": "x", "w": "w", "y": "y"},
         "ffcl_onednn_conv_backward_data": {"x": "dx", "w": "w", "y": "dy"},
         "ffcl_onednn_conv_backward_weights": {"x": "x", "w": "dw", "y": "dy"},
     }[target]

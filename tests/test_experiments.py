@@ -90,11 +90,12 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     }
     # The JAX worker added the process-wide XLA:CPU flag before its backend started.
     assert result["jax"]["xla_flags"].endswith("xla_cpu_flatten_after_fusion")
-    # "auto" took the oneDNN convolutions where they are built; both frameworks' workers ran with
-    # malloc on huge pages (the benchmark restarted itself with the tunable, as the CLI does).
-    from ffcl_jax import cpu_kernels
+    # "auto" took the oneDNN convolutions where they are built and measured; both frameworks'
+    # workers ran with malloc on huge pages (the benchmark restarted itself with the tunable, as
+    # the CLI does).
+    from ffcl_jax import cpu_kernels, xla_cpu
 
-    auto_onednn = cpu_kernels.available()
+    auto_onednn = cpu_kernels.available() and xla_cpu.kernels_measured_here()
     assert result["jax"]["onednn_kernels"] is auto_onednn
     assert result["jax"]["cpu_kernel_ops"] == (list(cpu_kernels.OPS) if auto_onednn else [])
     from ffcl_jax import process_env
@@ -262,6 +263,7 @@ def test_machine_description_names_the_vector_isa():
     assert here["isa"] and here["cores"] == os.cpu_count()
     if platform.machine() == "x86_64":  # this machine's own /proc/cpuinfo is read
         assert here["isa"] in ("AVX-512", "AVX2", "AVX")
+        assert here["vendor"] in ("AMD", "Intel")
 
 
 @pytest.mark.slow
@@ -294,6 +296,29 @@ def test_settings_comparison_times_each_setting_in_turns():
     assert "| loss.feat_form | min ms |" in out
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| attention", "| fused_map"]
+
+
+@pytest.mark.slow
+def test_kernel_thread_comparison_switches_one_compiled_step():
+    from ffcl_jax import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip(f"oneDNN kernels: {cpu_kernels.unavailable_reason()}")
+    out = run_script(
+        "bench_step.py",
+        "--modes=compare",
+        *TINY,
+        "--config.batch_size=8",
+        "--config.cpu.kernels=onednn",
+        "--key=cpu_kernels.thread",
+        "--settings=kernel_thread,caller",
+        "--rounds=2",
+        "--steps_per_round=1",
+    )
+    assert "| cpu_kernels.thread | min ms | median ms | max ms | speed-up |" in out
+    assert "OpenMP: " in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| kernel_thread", "| caller"]
 
 
 @pytest.mark.slow

@@ -173,6 +173,33 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"use_scale": False}, {"use_bias": False}, {"axis": 1}, {"use_fast_variance": False}],
+    ids=["no_scale", "no_bias", "channels_at_axis_1", "two_pass_variance"],
+)
+def test_batch_norm_built_otherwise_runs_as_flax_under_every_kernel_choice(options):
+    """The closed form and the kernel compute BatchNorm's default form only: a layer built with
+    other options must compute exactly what nnx.BatchNorm computes, never read a missing scale
+    or normalise the wrong axis."""
+    x = jax.random.normal(jax.random.key(0), (8, 6, 5, 5), jnp.float32) * 3 + 1
+    channels = 6 if options.get("axis") == 1 else 5
+
+    def run(closed_form):
+        bn = layers.BatchNorm(channels, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0), **options)
+        with layers.closed_form_batch_norm_backward(closed_form):
+            y = bn(x, use_running_average=False)
+        return y, bn.mean[...], bn.var[...]
+
+    expected = nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0), **options)
+    y = expected(x, use_running_average=False)
+    for closed_form in (False, True):
+        got_y, got_mean, got_var = run(closed_form)
+        np.testing.assert_array_equal(got_y, y)
+        np.testing.assert_array_equal(got_mean, expected.mean[...])
+        np.testing.assert_array_equal(got_var, expected.var[...])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_closed_form_batch_norm_matches_flax_forward_and_autodiff(dtype):
     """layers.BatchNorm under `closed_form_batch_norm_backward`: flax's forward and running

@@ -32,6 +32,7 @@ OPS = ("convolutions", "batch_norm_relu")
 
 TARGETS = {
     "ffcl_onednn_conv_forward": "FfclConvForward",
+    "ffcl_onednn_conv_inference": "FfclConvInference",
     "ffcl_onednn_conv_backward_data": "FfclConvBackwardData",
     "ffcl_onednn_conv_backward_weights": "FfclConvBackwardWeights",
     "ffcl_batch_norm_forward": "FfclBatchNormForward",
@@ -62,3 +63,15 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return _load() is None
+
+
+def set_kernel_thread(on: bool) -> bool:
+    """Runs the kernels on the library's own thread (True, the default) or on the XLA thread
+    that calls each (False), for the whole process; returns the previous setting. For benchmarks
+    and tests that compare the two in one process (onednn_kernels.cc, `KernelThread`)."""
+    reason = _load()
+    if reason:
+        raise RuntimeError(reason)
+    switch = ctypes.CDLL(str(build.library_path())).FfclSetKernelThread
+    switch.restype, switch.argtypes = ctypes.c_int64, [ctypes.c_int64]
+    return bool(switch(int(on)))

@@ -7,9 +7,11 @@
 //
 // Primitives are built once per shape and thread count and kept, the most recently used
 // max_plans of each pass (oneDNN's own primitive cache would still pay for the
-// primitive-descriptor search on every call). The scratchpad is the caller's: XLA may run two of
-// these handlers at once on its thread pool, and oneDNN's library-managed scratchpad is shared
-// between primitives.
+// primitive-descriptor search on every call). The scratchpad is the caller's (oneDNN's
+// library-managed one is shared between primitives).
+//
+// All handlers' work runs on one thread of the library's own (KernelThread), so one thread opens
+// every OpenMP region whichever of XLA's threads calls.
 //
 // XLA checks each buffer's element type against the binding and nothing else: every handler
 // checks every buffer's rank and dimensions against the others, and its attributes, before it
@@ -17,19 +19,23 @@
 // shapes.
 
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <list>
 #include <memory>
 #include <mutex>
 #include <new>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
@@ -101,9 +107,10 @@ ThreadBuffers& Buffers() {
   return buffers;
 }
 
-// One oneDNN primitive runs at a time, on all of OpenMP's threads. XLA:CPU runs independent ops
-// concurrently on its own pool; two handlers there would each start an OpenMP team, twice as
-// many busy threads as cores, and OpenMP's spinning barriers slow to a crawl when oversubscribed.
+// One oneDNN primitive runs at a time, on all of OpenMP's threads. Handlers run one at a time on
+// the KernelThread anyway; with it switched off, XLA:CPU runs independent ops concurrently on its
+// own pool, and two handlers there would each start an OpenMP team, twice as many busy threads
+// as cores, and OpenMP's spinning barriers slow to a crawl when oversubscribed.
 std::mutex& ExecutionLock() {
   static std::mutex lock;
   return lock;
@@ -194,10 +201,13 @@ struct ConvGeometry {
   memory::dims PadLow() const { return {pt, pl}; }
   memory::dims PadHigh() const { return {pb, pr}; }
 
-  dnnl::convolution_forward::primitive_desc Forward(const dnnl::primitive_attr& attr) const {
-    return dnnl::convolution_forward::primitive_desc(
-        Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, Src(),
-        AnyWeights(), Dst(), Strides(), PadLow(), PadHigh(), attr);
+  dnnl::convolution_forward::primitive_desc Forward(
+      const dnnl::primitive_attr& attr,
+      dnnl::prop_kind kind = dnnl::prop_kind::forward_training) const {
+    return dnnl::convolution_forward::primitive_desc(Engine(), kind,
+                                                     dnnl::algorithm::convolution_direct, Src(),
+                                                     AnyWeights(), Dst(), Strides(), PadLow(),
+                                                     PadHigh(), attr);
   }
 };
 
@@ -327,19 +337,26 @@ void SetWeightsReorder(Plan& plan, const memory::desc& primitive_weights, bool t
                                                     primitive_weights));
 }
 
+// The forward pass of training (`kInference` false: what the backward passes were planned
+// with) or of inference (oneDNN may pick another implementation for it).
+template <bool kInference>
 ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                            int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
   static const char* const kNames[3] = {"x", "w", "y"};
+  const char* target = kInference ? "ffcl_onednn_conv_inference" : "ffcl_onednn_conv_forward";
   ConvGeometry g;
-  if (auto e = CheckedGeometry("ffcl_onednn_conv_forward", kNames, x.dimensions(), w.dimensions(),
-                               y->dimensions(), {sh, sw, pt, pb, pl, pr, groups}, &g);
+  if (auto e = CheckedGeometry(target, kNames, x.dimensions(), w.dimensions(), y->dimensions(),
+                               {sh, sw, pt, pb, pl, pr, groups}, &g);
       e.failure()) {
     return e;
   }
-  std::shared_ptr<ConvForwardPlan> shared = ForwardPlans().Get(g.Key(), [&] {
+  std::vector<int64_t> key = g.Key();
+  key.push_back(kInference ? 1 : 0);
+  std::shared_ptr<ConvForwardPlan> shared = ForwardPlans().Get(std::move(key), [&] {
     ConvForwardPlan p;
-    p.pd = g.Forward(UserScratchpad());
+    p.pd = g.Forward(UserScratchpad(), kInference ? dnnl::prop_kind::forward_inference
+                                                  : dnnl::prop_kind::forward_training);
     p.primitive = dnnl::convolution_forward(p.pd);
     p.user_weights = g.UserWeights();
     SetWeightsReorder(p, p.pd.weights_desc(), /*to_user=*/false);
@@ -775,16 +792,94 @@ ffi::Error BatchNormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
   return ffi::Error::Success();
 }
 
+// Every handler's work runs on this one thread of the library's own, while the XLA thread that
+// called it sleeps. libgomp keeps a separate pool of worker threads for each thread that opens a
+// parallel region: with regions opened from whichever of XLA's threads runs a handler, each of
+// them had its own team, whose workers kept spinning after their region while another team ran,
+// more busy threads than cores. One opening thread means one team, and the caller's core is free
+// for it. A process forked from one that ran the kernels starts a thread of its own.
+class KernelThread {
+ public:
+  static void Run(const std::function<void()>& work) {
+    static std::mutex creation;
+    static KernelThread* instance = nullptr;
+    static pid_t owner = 0;
+    KernelThread* thread;
+    {
+      std::lock_guard<std::mutex> lock(creation);
+      if (instance == nullptr || owner != getpid()) {
+        instance = new KernelThread();  // never deleted: it serves until the process ends
+        owner = getpid();
+      }
+      thread = instance;
+    }
+    thread->Execute(work);
+  }
+
+ private:
+  KernelThread() { std::thread([this] { Serve(); }).detach(); }
+
+  void Execute(const std::function<void()>& work) {
+    std::lock_guard<std::mutex> one_caller(submit_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    work_ = &work;
+    done_ = false;
+    wake_.notify_all();
+    wake_.wait(lock, [this] { return done_; });
+  }
+
+  void Serve() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this] { return work_ != nullptr; });
+      const std::function<void()>* work = work_;
+      lock.unlock();
+      (*work)();
+      lock.lock();
+      work_ = nullptr;
+      done_ = true;
+      wake_.notify_all();
+    }
+  }
+
+  std::mutex submit_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  const std::function<void()>* work_ = nullptr;
+  bool done_ = false;
+};
+
+// Whether handlers run on the KernelThread (else on the XLA thread that calls them); a switch
+// for benchmarks and tests that compare the two in one process (FfclSetKernelThread).
+std::atomic<bool> on_kernel_thread{true};
+
+// How many threads have run a handler's work (for a test that shows it is one).
+std::atomic<int64_t> work_threads{0};
+
 // oneDNN reports failures as exceptions; XLA's FFI wants an error value.
 template <typename Fn>
 ffi::Error Guarded(Fn fn) {
-  try {
-    return fn();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(e.what());
+  ffi::Error result = ffi::Error::Success();
+  auto guarded = [&] {
+    thread_local bool counted = false;
+    if (!counted) {
+      counted = true;
+      work_threads.fetch_add(1);
+    }
+    try {
+      result = fn();
+    } catch (const dnnl::error& e) {
+      result = ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+    } catch (const std::exception& e) {
+      result = ffi::Error::Internal(e.what());
+    }
+  };
+  if (on_kernel_thread.load(std::memory_order_relaxed)) {
+    KernelThread::Run(guarded);
+  } else {
+    guarded();
   }
+  return result;
 }
 
 }  // namespace
@@ -803,6 +898,14 @@ extern "C" int64_t FfclCachedPlans(int64_t pass) {
       return -1;
   }
 }
+
+// For benchmarks and tests, through ctypes: run the handlers on the KernelThread (1) or on the
+// calling XLA thread (0), returning the previous setting.
+extern "C" int64_t FfclSetKernelThread(int64_t on) {
+  return on_kernel_thread.exchange(on != 0) ? 1 : 0;
+}
+
+extern "C" int64_t FfclWorkThreads() { return work_threads.load(); }
 
 extern "C" int64_t FfclSetMaxPlans(int64_t limit) {
   const size_t kept = static_cast<size_t>(std::max<int64_t>(1, limit));
@@ -828,7 +931,8 @@ extern "C" int64_t FfclSetMaxPlans(int64_t limit) {
       .Attr<int64_t>("pad_right")                                                       \
       .Attr<int64_t>("groups")
 
-FFCL_HANDLER(FfclConvForward, ConvForwardImpl, FFCL_CONV_BINDING);
+FFCL_HANDLER(FfclConvForward, ConvForwardImpl<false>, FFCL_CONV_BINDING);
+FFCL_HANDLER(FfclConvInference, ConvForwardImpl<true>, FFCL_CONV_BINDING);
 FFCL_HANDLER(FfclConvBackwardData, ConvBackwardDataImpl, FFCL_CONV_BINDING);
 FFCL_HANDLER(FfclConvBackwardWeights, ConvBackwardWeightsImpl, FFCL_CONV_BINDING);
 

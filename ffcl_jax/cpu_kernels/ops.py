@@ -100,10 +100,10 @@ def conv_output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int
     return (n, (h + pt + pb - kh) // strides[0] + 1, (w + pl + pr - kw) // strides[1] + 1, out_ch)
 
 
-def _forward(x, w, strides, padding, groups):
+def _forward(x, w, strides, padding, groups, target):
     check_conv_args(x, w, strides, padding, groups)
     out = jax.ShapeDtypeStruct(conv_output_shape(x.shape, w.shape, strides, padding), x.dtype)
-    call = jax.ffi.ffi_call("ffcl_onednn_conv_forward", out, vmap_method="sequential")
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     return call(x, w, **_conv_attrs(strides, padding, groups))
 
 
@@ -111,12 +111,13 @@ def _forward(x, w, strides, padding, groups):
 def conv2d(x, w, strides, padding, groups):
     """`lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO",
     "NHWC"), feature_group_count=groups)` for float32, with explicit `((top, bottom), (left,
-    right))` padding and static Python ints for everything but the arrays."""
-    return _forward(x, w, strides, padding, groups)
+    right))` padding and static Python ints for everything but the arrays. Undifferentiated (an
+    eval step), it runs oneDNN's inference form of the convolution."""
+    return _forward(x, w, strides, padding, groups, "ffcl_onednn_conv_inference")
 
 
 def _conv2d_fwd(x, w, strides, padding, groups):
-    return _forward(x, w, strides, padding, groups), (x, w)
+    return _forward(x, w, strides, padding, groups, "ffcl_onednn_conv_forward"), (x, w)
 
 
 def _conv2d_bwd(strides, padding, groups, residuals, dy):

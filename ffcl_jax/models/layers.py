@@ -235,15 +235,23 @@ class BatchNorm(nnx.BatchNorm):
     """nnx.BatchNorm (same variables, same forward), with `relu=True` applying a ReLU to its
     output. With `LayerKernels.closed_form_batch_norm` its training mode differentiates with the
     closed form; with `LayerKernels.batch_norm_train` a float32 training-mode layer runs as that
-    kernel instead (the ReLU fused)."""
+    kernel instead (the ReLU fused). Those paths compute nnx.BatchNorm's default form only
+    (`_default_form`); a layer built with other options runs as nnx.BatchNorm."""
 
     def __call__(self, x, use_running_average=None, *, mask=None, relu: bool = False):
         if use_running_average is None:
             use_running_average = self.use_running_average
         training = not use_running_average and mask is None
+        grouped = _batch_norm_groups.get() if training else None
+        if training and not self._default_form(x):
+            if grouped is not None:
+                raise ValueError(
+                    "batch_norm='groups:N' computes BatchNorm over the last axis with a scale "
+                    "and a bias and no axis_name; this layer is built otherwise"
+                )
+            training = False  # nnx.BatchNorm's own training mode, below
         kernels = _kernels.get()
         kernel = None
-        grouped = _batch_norm_groups.get() if training else None
         if grouped is not None:
             y, mean, var = _grouped_batch_norm(
                 x, self.scale[...], self.bias[...], self.epsilon, *grouped
@@ -261,6 +269,18 @@ class BatchNorm(nnx.BatchNorm):
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
             y = nnx.relu(y) if relu else y
         return self._update_and_cast(y, mean, var)
+
+    def _default_form(self, x) -> bool:
+        """Whether the layer is nnx.BatchNorm's default form, the one the kernel, the closed form
+        and the grouped statistics compute: statistics per entry of the last axis over this
+        device's batch (no axis_name), with a scale and a bias, the variance as E[x^2] - E[x]^2."""
+        return (
+            self.axis_name is None
+            and self.use_scale
+            and self.use_bias
+            and self.use_fast_variance
+            and self.axis % x.ndim == x.ndim - 1
+        )
 
     def _update_and_cast(self, y, mean, var):
         """Updates the running statistics with a training batch's; `y` in the layer's dtype."""
