@@ -13,7 +13,17 @@ import os
 
 import readme_block  # experiments/, beside this module
 
+from ffcl_jax.checkpoint import RENAMED_KEYS
 from ffcl_jax.machine import cpu_isa, machine  # noqa: F401  (the benchmarks' machine record)
+
+
+def command_today(command: str) -> str:
+    """A recorded command with the config keys renamed since under today's names, so that the
+    table's commands run as shown (the JSON keeps the command as it ran)."""
+    for old, new in RENAMED_KEYS.items():
+        command = command.replace(f"--config.{old}=", f"--config.{new}=")
+    return command
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
@@ -96,7 +106,7 @@ def write_readme(results: str = RESULTS, readme: str = README) -> None:
                 f"{setting} | "
                 f"{speeds[0]} | {speeds[1]} | "
                 + (f"**{ratio:.2f}**" if ratio else "-")
-                + f" | {r['date']} | `{r['command']}` |"
+                + f" | {r['date']} | `{command_today(r['command'])}` |"
             )
     table = "\n".join(
         [

@@ -380,6 +380,13 @@ def test_checkpoint_mode_times_a_save_and_a_restore_of_the_whole_cohort(tmp_path
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
 
 
+def test_the_readme_table_shows_recorded_commands_under_todays_key_names():
+    recorded = "python experiments/bench_step.py --repeats=10 --config.cpu_kernels=xla"
+    shown = bench_results.command_today(recorded)
+    assert shown == "python experiments/bench_step.py --repeats=10 --config.cpu.kernels=xla"
+    assert bench_results.command_today(shown) == shown
+
+
 def test_readme_names_the_ynnpack_setting():
     key = "xla_cpu_experimental_ynn_fusion_type"
     assert bench_results.ynn_setting(None) == "xla defaults"
