@@ -93,7 +93,8 @@ def _conv_jax(backend: str, strides, padding, groups, options):
             return ops._conv2d_bwd(strides, padding, groups, (x, wt), dy)
 
         return (
-            jax.jit(lambda x, wt: ops._forward(x, wt, strides, padding, groups)),
+            # The training form of the forward pass, as the train step runs it.
+            jax.jit(lambda x, wt: ops._conv2d_fwd(x, wt, strides, padding, groups)[0]),
             jax.jit(lambda x, wt, dy: backward(x, wt, dy)[0]),
             jax.jit(lambda x, wt, dy: backward(x, wt, dy)[1]),
         )
