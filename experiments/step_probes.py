@@ -11,6 +11,7 @@ the optimised HLO (`XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text`).
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import os
 import statistics
@@ -83,16 +84,28 @@ def compare_settings(
         for _ in range(warmup):
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
-        runs[setting] = {"step": step, "state": state, "batch": batch, "times": []}
+        runs[setting] = {"step": step, "state": [state], "batch": batch, "times": []}
         print(f"{setting}: {xla_cpu.compiler_options(varied)}", flush=True)
+    _time_in_turns(runs, rounds, steps_per_round)
+    return _timing_table(config, key, rounds, steps_per_round, runs)
+
+
+def _time_in_turns(runs: dict, rounds: int, steps_per_round: int) -> None:
+    """Times `steps_per_round` steps of each run in turn, `rounds` times, into its "times". A
+    run holds its step, its batch, its state in a one-element list (runs may share one: the step
+    donates it) and optionally `before()`, called before each of its turns."""
+    import jax
+
     for _ in range(rounds):
         for run in runs.values():
+            if "before" in run:
+                run["before"]()
+            state = run["state"]
             for _ in range(steps_per_round):
                 start = time.perf_counter()
-                run["state"], metrics = run["step"](run["state"], run["batch"])
+                state[0], metrics = run["step"](state[0], run["batch"])
                 jax.block_until_ready(metrics)
                 run["times"].append((time.perf_counter() - start) * 1e3)
-    return _timing_table(config, key, rounds, steps_per_round, runs)
 
 
 # compare's key for where the oneDNN kernels run: "kernel_thread" (their own thread) or
@@ -111,17 +124,19 @@ def _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, war
     for _ in range(warmup):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    runs = {setting: {"times": []} for setting in settings}
-    latest = [state]
+    shared = [state]  # one compiled step and its state, the switch flipped between turns
+    runs = {
+        setting: {
+            "step": step,
+            "state": shared,
+            "batch": batch,
+            "times": [],
+            "before": functools.partial(cpu_kernels.set_kernel_thread, setting == "kernel_thread"),
+        }
+        for setting in settings
+    }
     try:
-        for _ in range(rounds):
-            for setting, run in runs.items():
-                cpu_kernels.set_kernel_thread(setting == "kernel_thread")
-                for _ in range(steps_per_round):
-                    start = time.perf_counter()
-                    latest[0], metrics = step(latest[0], batch)
-                    jax.block_until_ready(metrics)
-                    run["times"].append((time.perf_counter() - start) * 1e3)
+        _time_in_turns(runs, rounds, steps_per_round)
     finally:
         cpu_kernels.set_kernel_thread(True)
     return _timing_table(config, KERNEL_THREAD, rounds, steps_per_round, runs)
