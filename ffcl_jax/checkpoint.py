@@ -51,6 +51,7 @@ RESUMABLE_KEYS = frozenset(
         "cpu.flatten_after_fusion",  # a compiler setting, like cpu.ynn_fusion
         "cpu.kernels",  # the same convolutions and BatchNorm, other kernels: other rounding
         "cpu.hugepage_malloc",  # where memory comes from
+        "scan_blocks",  # the same blocks as one loop, the same weights: other rounding
         "log_every_steps",
         "eval_every_epochs",
         "final_test",
@@ -98,6 +99,7 @@ ADDED_KEYS = {
     "warmup_epochs": 0.0,
     "final_test": True,  # runs with a validation split evaluated the test split before
     "reference_from_jax": False,
+    "scan_blocks": False,
     # Runs before it set loss.rampup_epochs for every method instead.
     "protocol_rampup_epochs": None,
     # The branch methods', KDCL's and PCL's loss settings (None: the preset's value, as for

@@ -171,8 +171,12 @@ def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None
 
 def layer_kernels(config, num_devices: int = 1, platform: str | None = None) -> LayerKernels:
     """What the layers compute with for `config` on `platform` (the seam the trainer hands to
-    the models): the closed-form BatchNorm backward and the oneDNN kernels where chosen."""
-    kernels = LayerKernels(closed_form_batch_norm=closed_form_batch_norm(config, platform))
+    the models): the closed-form BatchNorm backward and the oneDNN kernels where chosen, and
+    the blocks of a stage as one loop with `config.scan_blocks` (any platform)."""
+    kernels = LayerKernels(
+        closed_form_batch_norm=closed_form_batch_norm(config, platform),
+        scan_blocks=bool(config.get("scan_blocks", False)),
+    )
     if not use_onednn_kernels(config, num_devices, platform):
         return kernels
     from ffcl_jax import cpu_kernels

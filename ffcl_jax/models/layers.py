@@ -40,11 +40,14 @@ class LayerKernels:
     `conv2d(x, w, strides, padding, groups)` replaces float32, bias-free, undilated NHWC
     convolutions; `batch_norm_train(x, scale, bias, epsilon, relu) -> (y, mean, var)` replaces
     float32 training-mode BatchNorm (its ReLU fused); `closed_form_batch_norm`: training-mode
-    BatchNorm differentiates with the closed form (`batch_norm_train` below)."""
+    BatchNorm differentiates with the closed form (`batch_norm_train` below); `scan_blocks`: the
+    identical blocks of a stage run as one `jax.lax.scan` (`scan_blocks` below), which the
+    compiler builds once per stage instead of once per block."""
 
     conv2d: Callable | None = None
     batch_norm_train: Callable | None = None
     closed_form_batch_norm: bool = False
+    scan_blocks: bool = False
 
 
 XLA_OPS = LayerKernels()  # the layers as written: every op XLA's
@@ -341,7 +344,11 @@ class ZooNetwork(nnx.Module):
         raise NotImplementedError
 
     def run_stage(self, index: int, x: jax.Array, *, train: bool) -> jax.Array:
-        for block in self.stages[index]:
+        blocks = list(self.stages[index])
+        if _kernels.get().scan_blocks and len(blocks) > 2:
+            # The first block changes the stride or the width; the others are alike.
+            return scan_blocks(blocks[1:], blocks[0](x, train=train), train=train)
+        for block in blocks:
             x = block(x, train=train)
         return x
 
@@ -353,6 +360,36 @@ class ZooNetwork(nnx.Module):
             features.append(x)
         logits, features[-1] = self.head(x, train=train)
         return logits, features
+
+
+def scan_blocks(blocks, x: jax.Array, *, train: bool) -> jax.Array:
+    """`x` through `blocks` in order, as one `jax.lax.scan` over their variables stacked on a new
+    leading axis: the compiler builds one block's forward and backward pass, not one per block.
+    The blocks keep their own variables (checkpoints, export and conversion see one layout):
+    the stack is built here, its gradient flows back to each block's parameters, and the
+    BatchNorm statistics the scan updates are written back to each block. Blocks that differ
+    in structure run one after the other instead."""
+    graphdef = nnx.graphdef(blocks[0])
+    if any(nnx.graphdef(b) != graphdef for b in blocks[1:]):
+        for block in blocks:
+            x = block(x, train=train)
+        return x
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in blocks])
+
+    def body(carry, state):
+        block = nnx.merge(graphdef, state)
+        y = block(carry, train=train)
+        return y, nnx.state(block, nnx.BatchStat) if train else None
+
+    # Saving only the convolutions' outputs: the residuals of everything else in a block
+    # (BatchNorm's float32 intermediates, the ReLUs) would otherwise be stacked over the loop,
+    # where the compiler can no longer recompute them instead.
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False)
+    x, stats = jax.lax.scan(body, x, stacked)
+    if train:  # each block's running statistics, as the unrolled blocks leave them
+        for i, block in enumerate(blocks):
+            nnx.update(block, jax.tree.map(lambda leaf, i=i: leaf[i], stats))
+    return x
 
 
 def member_views(images: jax.Array, count: int) -> list[jax.Array]:
