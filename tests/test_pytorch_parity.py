@@ -280,6 +280,15 @@ PARITY_CASES = {name: {"method": name} for name in sorted(methods.REGISTRY)} | {
     },
     # FFSD's peer decodes the teacher's last map: a teacher with the student's last channels.
     "ffsd": {"method": "ffsd", "teacher": "resnet14"},
+    # Stages of three and more blocks run as a scan (config.scan_blocks), in both families.
+    # (The branch methods' scanned stages: tests/test_scan_blocks.py, against the unrolled
+    # ones; a ResNet-20 student rounds beyond this test's 1e-12 after three steps either way.)
+    "ffcl-scan-blocks": {
+        "method": "ffcl",
+        "teacher": "wrn_40_1",
+        "student": "resnet20",
+        "scan_blocks": True,
+    },
 }
 # The fast tier keeps one case of each family of methods (SwitOKD's: one whose switch flips).
 FAST_PARITY_CASES = ("ffcl", "kd", "kdcl", "one", "pcl", "mcl", "switokd-expert-mode", "ffsd")

@@ -82,8 +82,9 @@ def test_the_accelerator_variants_turn_it_on_and_the_cpu_default_leaves_it_off()
     assert not xla_cpu.layer_kernels(get_config(), 1, "cpu").scan_blocks
 
 
-def _one_step(fmnist_dir, scan: bool, state=None):
-    config = tiny_config(fmnist_dir, teacher="wrn_40_1", student="resnet20", scan_blocks=scan)
+def _one_step(fmnist_dir, scan: bool, state=None, **overrides):
+    overrides = {"teacher": "wrn_40_1", "student": "resnet20", **overrides}
+    config = tiny_config(fmnist_dir, scan_blocks=scan, **overrides)
     config.cpu.kernels = "xla"
     method = train.check_config(config, 1)
     setup, initial = train.build(config, method, 2)
@@ -135,3 +136,17 @@ def test_a_checkpoint_resumes_across_the_switch_and_exports_one_layout(fmnist_di
     _, _, resumed, _ = _one_step(fmnist_dir, True, state_off)
     _, _, straight, _ = _one_step(fmnist_dir, False, state_off)
     chex.assert_trees_all_close(resumed, straight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_branch_methods_scan_their_branches_stages(fmnist_dir):
+    """ONE runs the stages of its branches one at a time (models/branches.py): a step in
+    float64, where the two forms agree to rounding."""
+    with jax.enable_x64(True):
+        steps = [
+            _one_step(fmnist_dir, scan, method="one", student="resnet20", compute_dtype="float64")
+            for scan in (False, True)
+        ]
+    (_, _, state_off, metrics_off), (_, _, state_on, metrics_on) = steps
+    chex.assert_trees_all_close(metrics_on, metrics_off, rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(state_on, state_off, rtol=1e-10, atol=1e-12)
