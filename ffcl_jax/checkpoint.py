@@ -52,6 +52,7 @@ RESUMABLE_KEYS = frozenset(
         "cpu.kernels",  # the same convolutions and BatchNorm, other kernels: other rounding
         "cpu.hugepage_malloc",  # where memory comes from
         "scan_blocks",  # the same blocks as one loop, the same weights: other rounding
+        "remat",  # the same forward recomputed in the backward pass: other rounding
         "log_every_steps",
         "eval_every_epochs",
         "final_test",
@@ -100,6 +101,7 @@ ADDED_KEYS = {
     "final_test": True,  # runs with a validation split evaluated the test split before
     "reference_from_jax": False,
     "scan_blocks": False,
+    "remat": "none",
     # Runs before it set loss.rampup_epochs for every method instead.
     "protocol_rampup_epochs": None,
     # The branch methods', KDCL's and PCL's loss settings (None: the preset's value, as for

@@ -14,6 +14,7 @@ from ml_collections import config_dict
 
 from ffcl_jax import input_pipeline, methods, models, xla_cpu
 from ffcl_jax.errors import UserError
+from ffcl_jax.models.layers import REMAT_POLICIES
 
 # float64 is for exact comparisons (a float64 reference, such as the PyTorch one in the parity
 # tests), not for speed: it needs 64-bit JAX (`jax_enable_x64`), which the CLI turns on for it.
@@ -95,6 +96,13 @@ def base_config() -> ml_collections.ConfigDict:
     # set per block). On by the :gpu and :tpu variants; off by default, where XLA:CPU compiles
     # the unrolled step faster.
     c.scan_blocks = False
+    # What each residual block's backward pass keeps from its forward pass (models/layers.py,
+    # REMAT_POLICIES): "none" (what autodiff saves), "conv_outputs" (only the convolutions'
+    # outputs; BatchNorm's apply, the ReLUs and the adds recomputed) or "dots" (every
+    # convolution's and matrix product's output). The same gradients to rounding; with
+    # scan_blocks it is the loop body's policy. Off by default, where the CPU step gains nothing;
+    # the :gpu and :tpu variants' choice and its measured cost are in docs/performance.md.
+    c.remat = "none"
 
     # CPU only: the kernels and XLA:CPU settings a CPU run takes; none of them changes what is
     # computed beyond rounding, and a resumed run may change any of them.
@@ -261,6 +269,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods
         raise UserError(
             f"config.batch_size={config.batch_size} must be a positive multiple of the "
             f"{num_devices} devices it is split over"
+        )
+    if config.get("remat", "none") not in REMAT_POLICIES:
+        raise UserError(
+            f"unknown remat policy {config.remat!r}; valid: {', '.join(REMAT_POLICIES)}"
         )
     if config.eval_batch_size <= 0:  # rounded up to the devices (padded rows are masked)
         raise UserError(f"config.eval_batch_size must be > 0, got {config.eval_batch_size}")

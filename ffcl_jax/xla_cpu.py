@@ -172,10 +172,12 @@ def use_onednn_kernels(config, num_devices: int = 1, platform: str | None = None
 def layer_kernels(config, num_devices: int = 1, platform: str | None = None) -> LayerKernels:
     """What the layers compute with for `config` on `platform` (the seam the trainer hands to
     the models): the closed-form BatchNorm backward and the oneDNN kernels where chosen, and
-    the blocks of a stage as one loop with `config.scan_blocks` (any platform)."""
+    the blocks of a stage as one loop with `config.scan_blocks` and the blocks' remat policy
+    `config.remat` (any platform)."""
     kernels = LayerKernels(
         closed_form_batch_norm=closed_form_batch_norm(config, platform),
         scan_blocks=bool(config.get("scan_blocks", False)),
+        remat=config.get("remat", "none"),
     )
     if not use_onednn_kernels(config, num_devices, platform):
         return kernels

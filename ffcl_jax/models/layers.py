@@ -18,6 +18,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ffcl_jax.errors import UserError
 
@@ -42,12 +43,14 @@ class LayerKernels:
     float32 training-mode BatchNorm (its ReLU fused); `closed_form_batch_norm`: training-mode
     BatchNorm differentiates with the closed form (`batch_norm_train` below); `scan_blocks`: the
     identical blocks of a stage run as one `jax.lax.scan` (`scan_blocks` below), which the
-    compiler builds once per stage instead of once per block."""
+    compiler builds once per stage instead of once per block; `remat`: what a residual block's
+    backward pass keeps from its forward pass (`REMAT_POLICIES`, `run_block` below)."""
 
     conv2d: Callable | None = None
     batch_norm_train: Callable | None = None
     closed_form_batch_norm: bool = False
     scan_blocks: bool = False
+    remat: str = "none"
 
 
 XLA_OPS = LayerKernels()  # the layers as written: every op XLA's
@@ -62,6 +65,25 @@ def layer_kernels(kernels: LayerKernels):
         yield
     finally:
         _kernels.reset(token)
+
+
+# What a residual block's backward pass keeps from its forward pass (`config.remat`): "none",
+# whatever autodiff saves (BatchNorm's float32 intermediates, the ReLUs' outputs); "conv_outputs",
+# only the convolutions' outputs (named CONV_OUTPUT in `Conv`), BatchNorm's apply, the ReLUs and
+# the adds recomputed from them; "dots", every convolution's and matrix product's output.
+REMAT_POLICIES = ("none", "conv_outputs", "dots")
+CONV_OUTPUT = "conv_output"
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of `config.remat` (`REMAT_POLICIES`); None for "none"."""
+    if name == "conv_outputs":
+        return jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
+    if name == "dots":
+        return jax.checkpoint_policies.dots_saveable
+    if name == "none":
+        return None
+    raise UserError(f"config.remat={name!r}: use one of {', '.join(REMAT_POLICIES)}")
 
 
 def _float32_kernel(kernel: Callable | None, module_dtype, *arrays) -> Callable | None:
@@ -94,15 +116,24 @@ class Conv(nnx.Conv):
         plain = self.bias is None and self.mask is None and undilated and explicit
         conv2d = _float32_kernel(_kernels.get().conv2d, self.dtype, inputs, kernel)
         if not (plain and inputs.ndim == 4 and conv2d):
-            return super().__call__(inputs)
+            return self._named(super().__call__(inputs))
         (kernel,) = _varying_like(inputs, kernel)
-        return conv2d(
+        y = conv2d(
             inputs,
             kernel,
             tuple(self.strides),
             tuple(map(tuple, self.padding)),
             self.feature_group_count,
         )
+        return self._named(y)
+
+    @staticmethod
+    def _named(y: jax.Array) -> jax.Array:
+        """`y` named for the "conv_outputs" remat policy; untouched otherwise, so that a step
+        without it traces as before."""
+        if _kernels.get().remat != "conv_outputs":
+            return y
+        return checkpoint_name(y, CONV_OUTPUT)
 
 
 def conv(
@@ -347,9 +378,9 @@ class ZooNetwork(nnx.Module):
         blocks = list(self.stages[index])
         if _kernels.get().scan_blocks and len(blocks) > 2:
             # The first block changes the stride or the width; the others are alike.
-            return scan_blocks(blocks[1:], blocks[0](x, train=train), train=train)
+            return scan_blocks(blocks[1:], run_block(blocks[0], x, train=train), train=train)
         for block in blocks:
-            x = block(x, train=train)
+            x = run_block(block, x, train=train)
         return x
 
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, list[jax.Array]]:
@@ -360,6 +391,24 @@ class ZooNetwork(nnx.Module):
             features.append(x)
         logits, features[-1] = self.head(x, train=train)
         return logits, features
+
+
+def run_block(block, x: jax.Array, *, train: bool) -> jax.Array:
+    """`block(x)`, in training under `jax.checkpoint` with the `LayerKernels.remat` policy: its
+    backward pass recomputes from the saved values what the policy does not save. The block's
+    BatchNorm statistics are written back as a plain call leaves them."""
+    policy = remat_policy(_kernels.get().remat)
+    if policy is None or not train:
+        return block(x, train=train)
+    graphdef, state = nnx.split(block)
+
+    def forward(state, x):
+        block = nnx.merge(graphdef, state)
+        return block(x, train=True), nnx.state(block, nnx.BatchStat)
+
+    y, stats = jax.checkpoint(forward, policy=policy)(state, x)
+    nnx.update(block, stats)
+    return y
 
 
 def scan_blocks(blocks, x: jax.Array, *, train: bool) -> jax.Array:
@@ -381,10 +430,12 @@ def scan_blocks(blocks, x: jax.Array, *, train: bool) -> jax.Array:
         y = block(carry, train=train)
         return y, nnx.state(block, nnx.BatchStat) if train else None
 
-    # Saving only the convolutions' outputs: the residuals of everything else in a block
-    # (BatchNorm's float32 intermediates, the ReLUs) would otherwise be stacked over the loop,
-    # where the compiler can no longer recompute them instead.
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False)
+    # The remat policy (`run_block`) applies to the loop's body; without one ("none") autodiff
+    # stacks every residual of a block over the loop, where the compiler can no longer
+    # recompute them instead. Inside a scan no CSE can merge the recomputation with the forward.
+    policy = remat_policy(_kernels.get().remat) if train else None
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     x, stats = jax.lax.scan(body, x, stacked)
     if train:  # each block's running statistics, as the unrolled blocks leave them
         for i, block in enumerate(blocks):
