@@ -100,8 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     # REMAT_POLICIES): "none" (what autodiff saves), "conv_outputs" (only the convolutions'
     # outputs; BatchNorm's apply, the ReLUs and the adds recomputed) or "dots" (every
     # convolution's and matrix product's output). The same gradients to rounding; with
-    # scan_blocks it is the loop body's policy. Off by default, where the CPU step gains nothing;
-    # the :gpu and :tpu variants' choice and its measured cost are in docs/performance.md.
+    # scan_blocks it is the loop body's policy, which a scan needs ("none" stacks every residual
+    # over the loop). Unrolled, "conv_outputs" made the TPU step move more bytes, not fewer
+    # (docs/performance.md): off by default, "dots" in the :gpu and :tpu variants.
     c.remat = "none"
 
     # CPU only: the kernels and XLA:CPU settings a CPU run takes; none of them changes what is
@@ -205,10 +206,13 @@ def apply_gpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """One GPU node (1 to 8 GPUs): the protocol unchanged (global batch 128, its learning rate),
     bfloat16 compute with float32 losses, the training split held on the GPUs and batched
     there (small CIFAR networks would otherwise wait for the host's input pipeline), and each
-    stage's identical blocks compiled once (`scan_blocks`)."""
+    stage's identical blocks compiled once (`scan_blocks`), whose loop keeps only the
+    convolutions' outputs for the backward pass (`remat="dots"`: without it the loop stacks
+    every residual of a block, 3.4x the v5e:2x2 step's temporaries; docs/performance.md)."""
     c.compute_dtype = "bfloat16"
     c.data_on_device = True
     c.scan_blocks = True
+    c.remat = "dots"
     c.eval_batch_size = 1000
     return c
 
