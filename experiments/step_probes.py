@@ -50,6 +50,8 @@ OPENMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def _config_value(text: str):
+    if text.lower() in ("true", "false"):  # a boolean key (scan_blocks)
+        return text.lower() == "true"
     for cast in (int, float):
         try:
             return cast(text)
