@@ -36,7 +36,10 @@ Two modes time JAX alone and print their result (nothing is written):
   process and the settings are timed in turns (`--rounds` x `--steps_per_round` each): a drift
   hits all alike. Prints a Markdown table of min and median ms and each median's speed-up over
   the first setting. What only `XLA_FLAGS` carries (`cpu.flatten_after_fusion`) holds for
-  the whole process, so compare it in alternating `--modes=step` processes instead.
+  the whole process, so compare it in alternating `--modes=step` processes instead. Two keys
+  vary the oneDNN kernels rather than the config: `--key=cpu_kernels.thread
+  --settings=kernel_thread,caller` (where their work runs) and `--key=cpu_kernels.residual_end
+  --settings=fused,separate` (a residual block's add and ReLU in the BatchNorm kernel, or XLA's).
 - `checkpoint`: saves the config's initial cohort state (no data needed) as training does,
   `--repeats` times, timing the part that blocks the loop and the time until the checkpoint is
   complete, then restores it; prints one JSON line with the medians and the size

@@ -72,6 +72,8 @@ def compare_settings(
     mesh = parallel.DataParallel()
     if key == KERNEL_THREAD:
         return _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, warmup)
+    if key == RESIDUAL_END:
+        return _compare_residual_ends(config, settings, mesh, rounds, steps_per_round, warmup)
     runs = {}
     for setting in settings:
         varied = config.copy_and_resolve_references()
@@ -140,6 +142,39 @@ def _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, war
     finally:
         cpu_kernels.set_kernel_thread(True)
     return _timing_table(config, KERNEL_THREAD, rounds, steps_per_round, runs)
+
+
+# compare's key for a residual block's end on the oneDNN kernels: "fused" (the BatchNorm kernel
+# adds the residual and applies the ReLU, `cpu_kernels.batch_norm_add_relu`) or "separate"
+# (the BatchNorm kernel, then XLA's add and ReLU).
+RESIDUAL_END = "cpu_kernels.residual_end"
+
+
+def _compare_residual_ends(config, settings, mesh, rounds, steps_per_round, warmup) -> str:
+    import dataclasses
+    from unittest import mock
+
+    from ffcl_jax import xla_cpu
+
+    if set(settings) - {"fused", "separate"}:
+        raise SystemExit(f"--key={RESIDUAL_END} takes the settings fused and separate")
+    if not xla_cpu.use_onednn_kernels(config):
+        raise SystemExit(f"--key={RESIDUAL_END} times the oneDNN kernels, which do not run here")
+    chosen = xla_cpu.layer_kernels
+    runs = {}
+    for setting in settings:
+        kernels = chosen(config)
+        if setting == "separate":
+            kernels = dataclasses.replace(kernels, batch_norm_add_relu=None)
+        # The trainer asks xla_cpu which kernels to trace with; this step gets `kernels`.
+        with mock.patch.object(xla_cpu, "layer_kernels", lambda *a, k=kernels, **kw: k):
+            step, state, batch = step_on_random_batch(config, mesh)
+        for _ in range(warmup):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        runs[setting] = {"step": step, "state": [state], "batch": batch, "times": []}
+    _time_in_turns(runs, rounds, steps_per_round)
+    return _timing_table(config, RESIDUAL_END, rounds, steps_per_round, runs)
 
 
 def _timing_table(config, key, rounds, steps_per_round, runs) -> str:

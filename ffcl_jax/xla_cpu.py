@@ -178,7 +178,10 @@ def layer_kernels(config, num_devices: int = 1, platform: str | None = None) -> 
     from ffcl_jax import cpu_kernels
 
     return dataclasses.replace(
-        kernels, conv2d=cpu_kernels.conv2d, batch_norm_train=cpu_kernels.batch_norm_train
+        kernels,
+        conv2d=cpu_kernels.conv2d,
+        batch_norm_train=cpu_kernels.batch_norm_train,
+        batch_norm_add_relu=cpu_kernels.batch_norm_add_relu,
     )
 
 
