@@ -202,7 +202,8 @@ def test_batch_norm_add_relu_is_the_kernel_then_the_add_and_relu(shape):
     def fused(x, scale, bias, residual):
         return cpu_kernels.batch_norm_add_relu(x, scale, bias, residual, eps)
 
-    for got, want in zip(fused(x, scale, bias, residual), unfused(x, scale, bias, residual)):
+    outputs = fused(x, scale, bias, residual), unfused(x, scale, bias, residual)
+    for got, want in zip(*outputs, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert 0.1 < float(jnp.mean(fused(x, scale, bias, residual)[0] == 0)) < 0.9
     cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32)
