@@ -87,10 +87,14 @@ def phase_args(plan, phase, args) -> argparse.Namespace:
     )
 
 
+def is_named(plan, phase, args) -> bool:
+    """Whether --seeds and --rows apply to `phase`: the one --phase names (all: the first)."""
+    return phase.name == (plan.phases()[0].name if args.phase == "all" else args.phase)
+
+
 def phase_seeds(plan, phase, args) -> tuple[int, ...]:
     """--seeds replaces the seeds of the phase it names (--phase=all: the first phase)."""
-    first = plan.phases()[0].name if args.phase == "all" else args.phase
-    return tuple(args.seeds) if args.seeds and phase.name == first else phase.seeds
+    return tuple(args.seeds) if args.seeds and is_named(plan, phase, args) else phase.seeds
 
 
 def rows_of(phase, seeds, selection: dict | None = None) -> list:
@@ -184,12 +188,13 @@ def run_phase(plan, phase, args, child, selection=None) -> dict:
     and once at the end (also when stopped)."""
     pargs, seeds = phase_args(plan, phase, args), phase_seeds(plan, phase, args)
     rows = rows_of(phase, seeds, selection)
+    wanted = set(args.rows) if is_named(plan, phase, args) else set()
     known = {run.name for run, _ in rows}
-    if set(args.rows) - known:
-        raise UserError(f"--rows: unknown {sorted(set(args.rows) - known)}; valid: {sorted(known)}")
+    if wanted - known:
+        raise UserError(f"--rows: unknown {sorted(wanted - known)}; valid: {sorted(known)}")
     order = pairs_of(rows, "seed")
     order = phase.run_order(order) if phase.run_order else order
-    order = [(run, seed) for run, seed in order if not args.rows or run.name in args.rows]
+    order = [(run, seed) for run, seed in order if not wanted or run.name in wanted]
 
     def write():
         return report(phase, pargs, rows, seeds, selection, args.summary_file)
@@ -238,7 +243,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--seeds", default="", help="the seeds of the phase run (all: the first phase's)"
     )
-    parser.add_argument("--rows", default="", help="comma-separated row names to run; all")
+    parser.add_argument(
+        "--rows", default="", help="the rows to run (comma-separated names) of the phase run"
+    )
     parser.add_argument("--extra", default="", help="config overrides for every run")
     parser.add_argument(
         "--workdirs",

@@ -589,7 +589,7 @@ def test_report_only_rewrites_the_committed_study_reports_byte_for_byte(name, tm
 
 def test_the_driver_refuses_a_plan_it_cannot_run(tmp_path):
     """A missing plan file, a module without get_plan(), --phase=select on a plan without a
-    selection and an unknown record field each get one clear error."""
+    selection, an unknown row and an unknown record field each get one clear error."""
     import dataclasses
 
     from ffcl_jax.errors import UserError
@@ -602,6 +602,8 @@ def test_the_driver_refuses_a_plan_it_cannot_run(tmp_path):
     powered = os.path.join(PLANS, "powered_2026_12.py")
     with pytest.raises(UserError, match="no selection phase"):
         study.main([f"--plan={powered}", "--phase=select", "--report_only"])
+    with pytest.raises(UserError, match="--rows: unknown"):
+        study.main([f"--plan={powered}", "--rows=ffcl,fcl", f"--repo={tmp_path}", "--report_only"])
     plan = study_plan.load(powered)
     phase = dataclasses.replace(plan.final, record_fields=("run", "sead"))
     with pytest.raises(UserError, match="sead"):
