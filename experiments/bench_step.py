@@ -161,6 +161,7 @@ def train_split(config):
 
 def jax_worker(config, modes) -> dict:
     import jax
+    import jax.numpy as jnp
 
     from ffcl_jax import cpu_kernels, parallel, process_env, train, xla_cpu
 
@@ -219,7 +220,13 @@ def jax_worker(config, modes) -> dict:
             "first_step_seconds_incl_compile": round(first, 2),
             "peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1),
             **memory(step, state, batch),
+            "train_gflop_per_step": round(step_probes.train_flops_per_step(config) / 1e9, 3),
         }
+        if jax.default_backend() == "cpu":
+            out["gemm_gflops"] = step_probes.gemm_gflops(
+                lambda a, b: jax.block_until_ready(jnp.dot(a, b)),
+                lambda n: jax.random.normal(jax.random.key(n), (n, n), jnp.float32),
+            )
     if "epoch" in modes:
         images, labels = train_split(config)
         data = train.make_train_data(config, images, labels, mesh, settings.num_views)
@@ -340,6 +347,10 @@ def torch_worker(config, modes) -> dict:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+        if not cuda:
+            out["gemm_gflops"] = step_probes.gemm_gflops(
+                torch.mm, lambda n: torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+            )
         out["step"] = {
             **summarize(times, config.batch_size),
             "first_step_seconds": round(first, 2),
@@ -383,6 +394,24 @@ def pair_ratios(sides: dict, modes: list[str]) -> dict[str, float]:
         mode: round(sides["jax"][mode][keys[mode]] / sides["pytorch"][mode][keys[mode]], 3)
         for mode in modes
     }
+
+
+def fraction_of_peak(sides: dict) -> dict:
+    """The machine's float32 peak (the faster framework's 4096 x 4096 matrix product on the same
+    threads) and each side's step at its minimum as a fraction of it, the step's FLOPs counted
+    by XLA (`train_gflop_per_step`); empty off the CPU or without a step."""
+    gemms = [side["gemm_gflops"] for side in sides.values() if "gemm_gflops" in side]
+    flops = sides.get("jax", {}).get("step", {}).get("train_gflop_per_step")
+    if not gemms or not flops:
+        return {}
+    peak = max(gemms)
+    result = {"gemm_gflops": peak}
+    for name, side in sides.items():
+        if "step" in side:
+            achieved = flops / (side["step"]["step_ms_min"] / 1e3)
+            result[f"{name}_step_min_gflops"] = round(achieved, 1)
+            result[f"{name}_step_min_fraction"] = round(achieved / peak, 3)
+    return result
 
 
 def _median_turn(ratios: list[dict[str, float]]) -> int:
@@ -459,6 +488,9 @@ def main(argv):
         "glibc_tunables": tunables_in_effect(os.environ.get("GLIBC_TUNABLES", "")),
         **sides,
     }
+    peak = fraction_of_peak(sides)
+    if peak:
+        result["fp32_peak"] = peak
     if ratios[0]:
         result["ratio"] = {
             mode: round(statistics.median(r[mode] for r in ratios), 3) for mode in ratios[0]

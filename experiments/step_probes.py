@@ -45,6 +45,34 @@ def step_on_random_batch(config, mesh):
     return step, jax.device_put(state, mesh.replicated), batch
 
 
+def train_flops_per_step(config) -> float:
+    """XLA's count of one train step's floating-point operations (its HLO cost analysis before
+    optimisation), traced with XLA's own ops: the oneDNN kernels are custom calls, which XLA does
+    not count."""
+    from ffcl_jax import parallel
+
+    varied = config.copy_and_resolve_references()
+    varied.cpu.kernels = "xla"
+    step, state, batch = step_on_random_batch(varied, parallel.DataParallel())
+    cost = step.lower(state, batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def gemm_gflops(matmul, make, n: int = 4096, repeats: int = 5) -> float:
+    """The best GFLOP/s of `matmul` on two n x n float32 matrices from `make(n)` (after one
+    untimed call): the machine's float32 peak as a framework's matrix product reaches it, the
+    denominator of a step's fraction of peak."""
+    a, b = make(n), make(n)
+    matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return round(2 * n**3 / best / 1e9, 1)
+
+
 # The OpenMP settings a timing depends on, printed with it.
 OPENMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 

@@ -100,6 +100,15 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
         jax_side["img_per_sec_median"] / torch_side["img_per_sec_median"], 0.01
     )
     assert jax_side["first_step_seconds_incl_compile"] > 0 and jax_side["xla_temp_mb"] > 0
+    # The step's fraction of the machine's float32 peak: XLA's FLOP count over its minimum time,
+    # against the faster framework's large matrix product.
+    peak = result["fp32_peak"]
+    assert peak["gemm_gflops"] == max(result[s]["gemm_gflops"] for s in ("jax", "pytorch")) > 0
+    assert jax_side["train_gflop_per_step"] > 0
+    assert peak["jax_step_min_fraction"] == pytest.approx(
+        jax_side["train_gflop_per_step"] / (jax_side["step_ms_min"] / 1e3) / peak["gemm_gflops"],
+        abs=2e-3,
+    )
     assert result["machine"]["cores"] == os.cpu_count()
     # "auto" for a shallow pair: only the reductions in YNNPACK.
     assert result["jax"]["compiler_options"] == {
@@ -129,7 +138,11 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     rows = [line for line in text.splitlines() if line.startswith("| resnet8+resnet8")]
     assert len(rows) == 2  # step and epoch
     assert f"**{result['ratio']['step']:.2f}**" in rows[0]
-    kernels = ", oneDNN convolutions, BatchNorm+ReLU kernel" if auto_onednn else ""
+    kernels = (
+        ", oneDNN convolutions, BatchNorm+ReLU kernel, residual add+ReLU in it"
+        if auto_onednn
+        else ""
+    )
     assert f"| float32, ynn reduce, flatten after fusion{kernels}, huge-page malloc |" in rows[0]
     m = result["machine"]
     assert f"| {m['cores']}-core {m['cpu']} ({m['isa']}) |" in rows[0]
@@ -316,7 +329,16 @@ def test_settings_comparison_times_each_setting_in_turns():
 
 
 @pytest.mark.slow
-def test_kernel_thread_comparison_switches_one_compiled_step():
+@pytest.mark.parametrize(
+    "key,settings",
+    [
+        ("cpu_kernels.thread", ["kernel_thread", "caller"]),
+        ("cpu_kernels.residual_end", ["separate", "fused"]),
+    ],
+)
+def test_kernel_comparisons_time_each_setting(key, settings):
+    """Where the kernels' work runs (one compiled step, switched between turns) and a residual
+    block's end fused into the BatchNorm kernel or left to XLA (a step traced for each)."""
     from ffcl_jax import cpu_kernels
 
     if not cpu_kernels.available():
@@ -327,15 +349,15 @@ def test_kernel_thread_comparison_switches_one_compiled_step():
         *TINY,
         "--config.batch_size=8",
         "--config.cpu.kernels=onednn",
-        "--key=cpu_kernels.thread",
-        "--settings=kernel_thread,caller",
+        f"--key={key}",
+        f"--settings={','.join(settings)}",
         "--rounds=2",
         "--steps_per_round=1",
     )
-    assert "| cpu_kernels.thread | min ms | median ms | max ms | speed-up |" in out
+    assert f"| {key} | min ms | median ms | max ms | speed-up |" in out
     assert "OpenMP: " in out
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
-    assert [row.split(" | ")[0] for row in rows] == ["| kernel_thread", "| caller"]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {s}" for s in settings]
 
 
 @pytest.mark.slow
