@@ -46,17 +46,12 @@ def step_on_random_batch(config, mesh):
 
 
 def train_flops_per_step(config) -> float:
-    """XLA's count of one train step's floating-point operations (its HLO cost analysis before
-    optimisation), traced with XLA's own ops: the oneDNN kernels are custom calls, which XLA does
-    not count."""
-    from ffcl_jax import parallel
+    """One train step's FLOPs as the trainer records them (`report.train_flops`)."""
+    from ffcl_jax import report, train
 
-    varied = config.copy_and_resolve_references()
-    varied.cpu.kernels = "xla"
-    step, state, batch = step_on_random_batch(varied, parallel.DataParallel())
-    cost = step.lower(state, batch).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost["flops"])
+    settings = train.check_config(config, jax.device_count())
+    setup, state = train.build(config, settings, steps_per_epoch=1000)
+    return report.train_flops(setup, state, config.batch_size)
 
 
 def gemm_gflops(matmul, make, n: int = 4096, repeats: int = 5) -> float:

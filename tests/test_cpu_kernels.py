@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import cpu_kernels, train, xla_cpu
+from ffcl_jax import cpu_kernels, report, train, xla_cpu
 from ffcl_jax.cpu_kernels import build, ops
 from ffcl_jax.errors import UserError
 from ffcl_jax.models import MODELS, create_model, layers
@@ -419,6 +419,19 @@ def _custom_calls(config, num_devices: int = 1) -> tuple[int, int]:
     }
     text = jax.jit(setup.train_step).lower(state, batch).as_text()
     return text.count("ffcl_onednn_conv_"), text.count("ffcl_batch_norm_")
+
+
+@needs_kernels
+def test_a_steps_flops_are_counted_with_or_without_the_kernels(fmnist_dir):
+    """XLA counts a custom call as no work: the count comes from the step with XLA's ops, so the
+    kernels do not change it."""
+    counts = []
+    for choice in ("onednn", "xla"):
+        config = tiny_config(fmnist_dir, **{"cpu.kernels": choice})
+        setup, state = train.build(config, train.check_config(config, 1), steps_per_epoch=10)
+        assert (setup.counted_train_step is None) is (choice == "xla")
+        counts.append(report.train_flops(setup, state, config.batch_size))
+    assert counts[0] == counts[1] > 1e8
 
 
 @needs_kernels
