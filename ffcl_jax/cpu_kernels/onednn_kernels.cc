@@ -550,20 +550,43 @@ void NormalizeRows(const Block& b, const float* x, float* y, const float* mean, 
   FFCL_BY_WIDTH(NormalizeBody, b, x, y, mean, a, shift, floor);
 }
 
-template <int64_t W>
+// Where the backward pass lets dy through, g = dy or 0. BatchNorm's own ReLU recomputes its
+// mask from x as the forward pass rounded it (floor 0), or lets everything through (floor
+// -inf); the residual block's fused end reads it off its output y (y > 0 exactly where the sum
+// was: the sum itself would need the residual), and in the input-gradient pass writes g as the
+// residual's gradient. `at` is the row's offset in the rows x channels arrays, `k` the channel
+// in the block (the per-channel pointers start at the block's first channel).
+struct ReluOfNormalized {
+  const float *mean, *a, *shift;
+  float floor;
+  FFCL_ALWAYS_INLINE float operator()(float d, float x, int64_t, int64_t k) const {
+    return KeptIf(d, Normalized(x, mean[k], a[k], shift[k]) > floor);
+  }
+};
+
+struct ReluOfOutput {
+  const float* y;
+  float* residual_gradient;  // null in the sums' pass
+  FFCL_ALWAYS_INLINE float operator()(float d, float, int64_t at, int64_t k) const {
+    float g = KeptIf(d, y[at + k] > 0.0f);
+    if (residual_gradient != nullptr) residual_gradient[at + k] = g;
+    return g;
+  }
+};
+
+template <int64_t W, typename Gate>
 FFCL_ALWAYS_INLINE void GradientSumBody(const Block& b, const float* __restrict x,
                                         const float* __restrict dy, const float* __restrict mean,
-                                        const float* __restrict a,
-                                        const float* __restrict shift, float floor,
-                                        double* __restrict sum_g, double* __restrict sum_gx) {
+                                        Gate gate, double* __restrict sum_g,
+                                        double* __restrict sum_gx) {
   const int64_t n = W ? W : b.width;
   double s[kChannelBlock] = {}, q[kChannelBlock] = {};
   for (int64_t r = b.begin; r < b.end; ++r) {
-    const float* xin = x + r * b.c + b.c0;
-    const float* din = dy + r * b.c + b.c0;
+    const int64_t at = r * b.c + b.c0;
+    const float *xin = x + at, *din = dy + at;
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
-      float g = KeptIf(din[k], Normalized(xin[k], mean[k], a[k], shift[k]) > floor);
+      float g = gate(din[k], xin[k], at, k);
       s[k] += g;
       q[k] += static_cast<double>(g) * (static_cast<double>(xin[k]) - mean[k]);
     }
@@ -574,32 +597,34 @@ FFCL_ALWAYS_INLINE void GradientSumBody(const Block& b, const float* __restrict 
   }
 }
 
-// The backward pass's sums in double: g and g * (x - mean), where g is dy, zeroed where the
-// fused ReLU's input was not above `floor` (-inf: no ReLU).
+// The backward pass's sums in double: g and g * (x - mean), g as the gate lets dy through.
 FFCL_VECTOR_CLONES
 void GradientSumRows(const Block& b, const float* x, const float* dy, const float* mean,
-                     const float* a, const float* shift, float floor, double* sum_g,
-                     double* sum_gx) {
-  FFCL_BY_WIDTH(GradientSumBody, b, x, dy, mean, a, shift, floor, sum_g, sum_gx);
+                     ReluOfNormalized gate, double* sum_g, double* sum_gx) {
+  FFCL_BY_WIDTH(GradientSumBody, b, x, dy, mean, gate, sum_g, sum_gx);
 }
 
-template <int64_t W>
+FFCL_VECTOR_CLONES
+void GradientSumRows(const Block& b, const float* x, const float* dy, const float* mean,
+                     ReluOfOutput gate, double* sum_g, double* sum_gx) {
+  FFCL_BY_WIDTH(GradientSumBody, b, x, dy, mean, gate, sum_g, sum_gx);
+}
+
+template <int64_t W, typename Gate>
 FFCL_ALWAYS_INLINE void InputGradientBody(const Block& b, const float* __restrict x,
                                           const float* __restrict dy, float* __restrict dx,
-                                          const float* __restrict mean,
-                                          const float* __restrict a,
-                                          const float* __restrict shift, float floor,
+                                          const float* __restrict mean, Gate gate,
                                           const float* __restrict da,
                                           const float* __restrict db,
                                           const float* __restrict dc) {
   const int64_t n = W ? W : b.width;
   for (int64_t r = b.begin; r < b.end; ++r) {
-    const float* xin = x + r * b.c + b.c0;
-    const float* din = dy + r * b.c + b.c0;
-    float* out = dx + r * b.c + b.c0;
+    const int64_t at = r * b.c + b.c0;
+    const float *xin = x + at, *din = dy + at;
+    float* out = dx + at;
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
-      float g = KeptIf(din[k], Normalized(xin[k], mean[k], a[k], shift[k]) > floor);
+      float g = gate(din[k], xin[k], at, k);
       out[k] = da[k] * g + db[k] * (xin[k] - mean[k]) + dc[k];
     }
   }
@@ -608,14 +633,20 @@ FFCL_ALWAYS_INLINE void InputGradientBody(const Block& b, const float* __restric
 // dx = da * g + db * (x - mean) + dc, g as in GradientSumRows.
 FFCL_VECTOR_CLONES
 void InputGradientRows(const Block& b, const float* x, const float* dy, float* dx,
-                       const float* mean, const float* a, const float* shift, float floor,
-                       const float* da, const float* db, const float* dc) {
-  FFCL_BY_WIDTH(InputGradientBody, b, x, dy, dx, mean, a, shift, floor, da, db, dc);
+                       const float* mean, ReluOfNormalized gate, const float* da,
+                       const float* db, const float* dc) {
+  FFCL_BY_WIDTH(InputGradientBody, b, x, dy, dx, mean, gate, da, db, dc);
+}
+
+FFCL_VECTOR_CLONES
+void InputGradientRows(const Block& b, const float* x, const float* dy, float* dx,
+                       const float* mean, ReluOfOutput gate, const float* da, const float* db,
+                       const float* dc) {
+  FFCL_BY_WIDTH(InputGradientBody, b, x, dy, dx, mean, gate, da, db, dc);
 }
 
 // The residual block's end, relu(residual + BatchNorm(x)), fused: the add and the ReLU cost no
-// pass of their own over the block's output. Its backward pass takes the ReLU's mask from the
-// output y (y > 0 exactly where the sum was), since the sum needs the residual to recompute.
+// pass of their own over the block's output.
 template <int64_t W>
 FFCL_ALWAYS_INLINE void NormalizeAddBody(const Block& b, const float* __restrict x,
                                          const float* __restrict residual, float* __restrict y,
@@ -639,67 +670,6 @@ FFCL_VECTOR_CLONES
 void NormalizeAddRows(const Block& b, const float* x, const float* residual, float* y,
                       const float* mean, const float* a, const float* shift) {
   FFCL_BY_WIDTH(NormalizeAddBody, b, x, residual, y, mean, a, shift);
-}
-
-template <int64_t W>
-FFCL_ALWAYS_INLINE void GradientSumFromOutputBody(const Block& b, const float* __restrict x,
-                                                  const float* __restrict y,
-                                                  const float* __restrict dy,
-                                                  const float* __restrict mean,
-                                                  double* __restrict sum_g,
-                                                  double* __restrict sum_gx) {
-  const int64_t n = W ? W : b.width;
-  double s[kChannelBlock] = {}, q[kChannelBlock] = {};
-  for (int64_t r = b.begin; r < b.end; ++r) {
-    const float* xin = x + r * b.c + b.c0;
-    const float* yin = y + r * b.c + b.c0;
-    const float* din = dy + r * b.c + b.c0;
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) {
-      float g = KeptIf(din[k], yin[k] > 0.0f);
-      s[k] += g;
-      q[k] += static_cast<double>(g) * (static_cast<double>(xin[k]) - mean[k]);
-    }
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    sum_g[k] += s[k];
-    sum_gx[k] += q[k];
-  }
-}
-
-// GradientSumRows's sums with g = dy where the fused sum's output y is above 0, else 0.
-FFCL_VECTOR_CLONES
-void GradientSumFromOutputRows(const Block& b, const float* x, const float* y, const float* dy,
-                               const float* mean, double* sum_g, double* sum_gx) {
-  FFCL_BY_WIDTH(GradientSumFromOutputBody, b, x, y, dy, mean, sum_g, sum_gx);
-}
-
-template <int64_t W>
-FFCL_ALWAYS_INLINE void InputGradientFromOutputBody(
-    const Block& b, const float* __restrict x, const float* __restrict y,
-    const float* __restrict dy, float* __restrict dx, float* __restrict dresidual,
-    const float* __restrict mean, const float* __restrict da, const float* __restrict db,
-    const float* __restrict dc) {
-  const int64_t n = W ? W : b.width;
-  for (int64_t r = b.begin; r < b.end; ++r) {
-    const int64_t at = r * b.c + b.c0;
-    const float *xin = x + at, *yin = y + at, *din = dy + at;
-    float *out = dx + at, *res = dresidual + at;
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) {
-      float g = KeptIf(din[k], yin[k] > 0.0f);
-      res[k] = g;
-      out[k] = da[k] * g + db[k] * (xin[k] - mean[k]) + dc[k];
-    }
-  }
-}
-
-// dx as InputGradientRows, g as in GradientSumFromOutputRows; the residual's gradient is g.
-FFCL_VECTOR_CLONES
-void InputGradientFromOutputRows(const Block& b, const float* x, const float* y, const float* dy,
-                                 float* dx, float* dresidual, const float* mean, const float* da,
-                                 const float* db, const float* dc) {
-  FFCL_BY_WIDTH(InputGradientFromOutputBody, b, x, y, dy, dx, dresidual, mean, da, db, dc);
 }
 
 struct RowsView {
@@ -925,15 +895,17 @@ ffi::Error BatchNormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
   ChannelSums(
       v,
       [&](const Block& b, double* s, double* q) {
-        GradientSumRows(b, xs, dys, m + b.c0, a.data() + b.c0, beta + b.c0, floor, s, q);
+        ReluOfNormalized gate{m + b.c0, a.data() + b.c0, beta + b.c0, floor};
+        GradientSumRows(b, xs, dys, m + b.c0, gate, s, q);
       },
       &sum_g, &sum_gx);
   GradientFactors f = FactorsFromSums(v, rstd, gamma, sum_g, sum_gx, dscale->typed_data(),
                                       dshift->typed_data());
   float* dxs = dx->typed_data();
   OverBlocks(v, Shares(v), [&](const Block& b, int64_t) {
-    InputGradientRows(b, xs, dys, dxs, m + b.c0, a.data() + b.c0, beta + b.c0, floor,
-                      f.da.data() + b.c0, f.db.data() + b.c0, f.dc.data() + b.c0);
+    ReluOfNormalized gate{m + b.c0, a.data() + b.c0, beta + b.c0, floor};
+    InputGradientRows(b, xs, dys, dxs, m + b.c0, gate, f.da.data() + b.c0, f.db.data() + b.c0,
+                      f.dc.data() + b.c0);
   });
   return ffi::Error::Success();
 }
@@ -966,15 +938,15 @@ ffi::Error BatchNormAddReluBackwardImpl(
   ChannelSums(
       v,
       [&](const Block& b, double* s, double* q) {
-        GradientSumFromOutputRows(b, xs, ys, dys, m + b.c0, s, q);
+        GradientSumRows(b, xs, dys, m + b.c0, ReluOfOutput{ys, nullptr}, s, q);
       },
       &sum_g, &sum_gx);
   GradientFactors f = FactorsFromSums(v, rstd, scale.typed_data(), sum_g, sum_gx,
                                       dscale->typed_data(), dshift->typed_data());
   float *dxs = dx->typed_data(), *drs = dresidual->typed_data();
   OverBlocks(v, Shares(v), [&](const Block& b, int64_t) {
-    InputGradientFromOutputRows(b, xs, ys, dys, dxs, drs, m + b.c0, f.da.data() + b.c0,
-                                f.db.data() + b.c0, f.dc.data() + b.c0);
+    InputGradientRows(b, xs, dys, dxs, m + b.c0, ReluOfOutput{ys, drs}, f.da.data() + b.c0,
+                      f.db.data() + b.c0, f.dc.data() + b.c0);
   });
   return ffi::Error::Success();
 }
