@@ -27,7 +27,8 @@ in bfloat16, and with `cudnn.benchmark` on, as CIFAR training scripts set it):
 
 (`bash experiments/gpu_bench.sh float32|bfloat16` runs them on a GPU machine without network.)
 
-Two modes time JAX alone and print their result (nothing is written):
+Three modes time JAX alone and print their result (`--output=FILE` writes `compare`'s and
+`profile`'s as JSON, with the command and every timed step, for a result to commit):
 - `compare`: the train step under several values of one config key (`--key`, default
   `cpu.ynn_fusion`, XLA:CPU's YNNPACK fusion list; any key works, e.g.
   `--key=loss.feat_form --settings=attention,fused_map,stage_fusion` for a loss setting's cost).
@@ -40,6 +41,9 @@ Two modes time JAX alone and print their result (nothing is written):
   vary the oneDNN kernels rather than the config: `--key=cpu_kernels.thread
   --settings=kernel_thread,caller` (where their work runs) and `--key=cpu_kernels.residual_end
   --settings=fused,separate` (a residual block's add and ReLU in the BatchNorm kernel, or XLA's).
+- `profile`: the ops one train step spends its time in, from a profiler trace, by kind and one
+  by one (`--top`). Tracing slows the call (a step's kernels and fusions each record events):
+  read the shares, and time with the other modes.
 - `checkpoint`: saves the config's initial cohort state (no data needed) as training does,
   `--repeats` times, timing the part that blocks the loop and the time until the checkpoint is
   complete, then restores it; prints one JSON line with the medians and the size
@@ -450,20 +454,29 @@ def main(argv):
 
         os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
         if "compare" in FLAGS.modes:
-            print(
-                step_probes.compare_settings(
-                    config,
-                    FLAGS.key,
-                    FLAGS.settings,
-                    warmup=FLAGS.warmup,
-                    rounds=FLAGS.rounds,
-                    steps_per_round=FLAGS.steps_per_round,
-                )
+            record = step_probes.compare_settings(
+                config,
+                FLAGS.key,
+                FLAGS.settings,
+                warmup=FLAGS.warmup,
+                rounds=FLAGS.rounds,
+                steps_per_round=FLAGS.steps_per_round,
             )
         elif "profile" in FLAGS.modes:
-            print(step_probes.profile_step(config, FLAGS.top))
+            record = step_probes.profile_step(config, FLAGS.top)
         else:
             print(json.dumps(time_checkpoint(config)))
+            return
+        print(record["table"])
+        if FLAGS.output:  # a measurement to commit: its command and date with it
+            record = {
+                "date": datetime.date.today().isoformat(),
+                "command": "python experiments/bench_step.py " + " ".join(sys.argv[1:]),
+                **record,
+            }
+            with open(FLAGS.output, "w") as f:
+                json.dump(record, f, indent=1)
+            print(f"wrote {FLAGS.output}")
         return
     turns = [
         {framework: run_worker(framework) for framework in FLAGS.frameworks}

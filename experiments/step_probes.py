@@ -83,9 +83,9 @@ def _config_value(text: str):
 
 def compare_settings(
     config, key: str, settings: list[str], *, warmup: int, rounds: int, steps_per_round: int
-) -> str:
+) -> dict:
     """bench_step's `compare` mode: the train step under each of `settings` for the config key
-    `key`, timed in turns; returns the Markdown table it prints."""
+    `key`, timed in turns; returns its record (`_timing_table`)."""
     import jax
 
     from ffcl_jax import parallel, xla_cpu
@@ -138,7 +138,7 @@ def _time_in_turns(runs: dict, rounds: int, steps_per_round: int) -> None:
 KERNEL_THREAD = "cpu_kernels.thread"
 
 
-def _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, warmup) -> str:
+def _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, warmup) -> dict:
     import jax
 
     from ffcl_jax import cpu_kernels
@@ -173,7 +173,7 @@ def _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, war
 RESIDUAL_END = "cpu_kernels.residual_end"
 
 
-def _compare_residual_ends(config, settings, mesh, rounds, steps_per_round, warmup) -> str:
+def _compare_residual_ends(config, settings, mesh, rounds, steps_per_round, warmup) -> dict:
     import dataclasses
     from unittest import mock
 
@@ -200,7 +200,9 @@ def _compare_residual_ends(config, settings, mesh, rounds, steps_per_round, warm
     return _timing_table(config, RESIDUAL_END, rounds, steps_per_round, runs)
 
 
-def _timing_table(config, key, rounds, steps_per_round, runs) -> str:
+def _timing_table(config, key, rounds, steps_per_round, runs) -> dict:
+    """compare's record: the Markdown table it prints ("table") and every timed step of each
+    setting in ms ("settings"), for a committed JSON."""
     cpu = bench_results.machine()
     env = " ".join(f"{k}={os.environ[k]}" for k in OPENMP_ENV if k in os.environ)
     lines = [
@@ -212,18 +214,39 @@ def _timing_table(config, key, rounds, steps_per_round, runs) -> str:
         "|---|---|---|---|---|",
     ]
     base = statistics.median(next(iter(runs.values()))["times"])
+    settings = {}
     for setting, run in runs.items():
-        median = statistics.median(run["times"])
+        times = run["times"]
+        median = statistics.median(times)
+        settings[setting] = {
+            "min_ms": round(min(times), 1),
+            "median_ms": round(median, 1),
+            "max_ms": round(max(times), 1),
+            "speed_up": round(base / median, 3),
+            "times_ms": [round(t, 1) for t in times],
+        }
         lines.append(
-            f"| {setting} | {min(run['times']):.0f} | {median:.0f} | {max(run['times']):.0f} "
+            f"| {setting} | {min(times):.0f} | {median:.0f} | {max(times):.0f} "
             f"| {base / median:.2f}x |"
         )
-    return "\n".join(lines)
+    return {
+        "mode": "compare",
+        "pair": f"{config.teacher}+{config.student}",
+        "batch_size": config.batch_size,
+        "key": key,
+        "rounds": rounds,
+        "steps_per_round": steps_per_round,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "openmp_env": env,
+        "machine": cpu,
+        "settings": settings,
+        "table": "\n".join(lines),
+    }
 
 
-def profile_step(config, top: int) -> str:
+def profile_step(config, top: int) -> dict:
     """bench_step's `profile` mode: the `top` ops one train step spends its time in
-    (top_ops), by kind and one by one."""
+    (top_ops), by kind and one by one: the Markdown it prints ("table") and the rows."""
     import jax
 
     from ffcl_jax import parallel
@@ -239,14 +262,25 @@ def profile_step(config, top: int) -> str:
     rows, wall_ms = top_ops(one_step)
     jax.block_until_ready(latest)
     cpu = bench_results.machine()
-    return "\n\n".join(
-        [
-            f"{config.teacher} + {config.student}, batch {config.batch_size}, cpu.kernels="
-            f"{config.cpu.kernels}; {cpu['cpu']} ({cpu['isa']})",
-            "By kind:\n" + table(by_kind(rows)[:top], wall_ms),
-            "Longest ops:\n" + table(rows[:top], wall_ms),
-        ]
-    )
+    kinds = by_kind(rows)[:top]
+    return {
+        "mode": "profile",
+        "pair": f"{config.teacher}+{config.student}",
+        "batch_size": config.batch_size,
+        "cpu_kernels": config.cpu.kernels,
+        "machine": cpu,
+        "wall_ms": round(wall_ms, 1),
+        "by_kind": [{"op": n, "ms": round(ms, 2), "calls": c} for n, ms, c in kinds],
+        "longest": [{"op": n, "ms": round(ms, 2), "calls": c} for n, ms, c in rows[:top]],
+        "table": "\n\n".join(
+            [
+                f"{config.teacher} + {config.student}, batch {config.batch_size}, cpu.kernels="
+                f"{config.cpu.kernels}; {cpu['cpu']} ({cpu['isa']})",
+                "By kind:\n" + table(kinds, wall_ms),
+                "Longest ops:\n" + table(rows[:top], wall_ms),
+            ]
+        ),
+    }
 
 
 # Events that enclose others (the executor, Python frames): counting them would count twice.

@@ -336,7 +336,7 @@ def test_settings_comparison_times_each_setting_in_turns():
         ("cpu_kernels.residual_end", ["separate", "fused"]),
     ],
 )
-def test_kernel_comparisons_time_each_setting(key, settings):
+def test_kernel_comparisons_time_each_setting(key, settings, tmp_path):
     """Where the kernels' work runs (one compiled step, switched between turns) and a residual
     block's end fused into the BatchNorm kernel or left to XLA (a step traced for each)."""
     from ffcl_jax import cpu_kernels
@@ -353,22 +353,36 @@ def test_kernel_comparisons_time_each_setting(key, settings):
         f"--settings={','.join(settings)}",
         "--rounds=2",
         "--steps_per_round=1",
+        f"--output={tmp_path / 'compare.json'}",
     )
     assert f"| {key} | min ms | median ms | max ms | speed-up |" in out
     assert "OpenMP: " in out
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0] for row in rows] == [f"| {s}" for s in settings]
+    # The same measurement as a JSON to commit: every timed step, the command, the table.
+    record = json.loads((tmp_path / "compare.json").read_text())
+    assert record["key"] == key and list(record["settings"]) == settings
+    assert record["command"].startswith("python experiments/bench_step.py --modes=compare")
+    for timing in record["settings"].values():
+        assert len(timing["times_ms"]) == 2 and timing["min_ms"] == min(timing["times_ms"])
+    assert record["table"] in out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["xla", "onednn"])
-def test_profile_mode_lists_where_the_step_spends_its_time(kernels):
+def test_profile_mode_lists_where_the_step_spends_its_time(kernels, tmp_path):
     from ffcl_jax import cpu_kernels
 
     if kernels == "onednn" and not cpu_kernels.available():
         pytest.skip(f"oneDNN kernels: {cpu_kernels.unavailable_reason()}")
     args = ["--modes=profile", *TINY, "--config.batch_size=8", "--top=40"]
-    out = run_script("bench_step.py", *args, f"--config.cpu.kernels={kernels}")
+    output = tmp_path / "profile.json"
+    out = run_script(
+        "bench_step.py", *args, f"--config.cpu.kernels={kernels}", f"--output={output}"
+    )
+    record = json.loads(output.read_text())
+    assert record["table"] in out and record["cpu_kernels"] == kernels
+    assert sum(row["calls"] for row in record["by_kind"]) >= len(record["longest"]) > 0
     by_kind, longest = out.split("Longest ops:")
     rows = [line.split(" | ") for line in by_kind.splitlines() if line.startswith("| ")][1:]
     assert rows and all(float(row[0].strip("| ")) >= 0 for row in rows)
