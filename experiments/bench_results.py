@@ -94,6 +94,8 @@ def write_readme(results: str = RESULTS, readme: str = README) -> None:
                 settings.append("oneDNN convolutions")
             if "batch_norm_relu" in j.get("cpu_kernel_ops", []):
                 settings.append("BatchNorm+ReLU kernel")
+            if "batch_norm_add_relu" in j.get("cpu_kernel_ops", []):
+                settings.append("residual add+ReLU in it")
             if "glibc.malloc.hugetlb=1" in r.get("glibc_tunables", ""):
                 settings.append("huge-page malloc")
             if mode == "epoch":
