@@ -27,7 +27,8 @@ in bfloat16, and with `cudnn.benchmark` on, as CIFAR training scripts set it):
 
 (`bash experiments/gpu_bench.sh float32|bfloat16` runs them on a GPU machine without network.)
 
-Two modes time JAX alone and print their result (nothing is written):
+Three modes time JAX alone and print their result (`--output=FILE` writes `compare`'s and
+`profile`'s as JSON, with the command and every timed step, for a result to commit):
 - `compare`: the train step under several values of one config key (`--key`, default
   `cpu.ynn_fusion`, XLA:CPU's YNNPACK fusion list; any key works, e.g.
   `--key=loss.feat_form --settings=attention,fused_map,stage_fusion` for a loss setting's cost).
@@ -36,7 +37,13 @@ Two modes time JAX alone and print their result (nothing is written):
   process and the settings are timed in turns (`--rounds` x `--steps_per_round` each): a drift
   hits all alike. Prints a Markdown table of min and median ms and each median's speed-up over
   the first setting. What only `XLA_FLAGS` carries (`cpu.flatten_after_fusion`) holds for
-  the whole process, so compare it in alternating `--modes=step` processes instead.
+  the whole process, so compare it in alternating `--modes=step` processes instead. Two keys
+  vary the oneDNN kernels rather than the config: `--key=cpu_kernels.thread
+  --settings=kernel_thread,caller` (where their work runs) and `--key=cpu_kernels.residual_end
+  --settings=fused,separate` (a residual block's add and ReLU in the BatchNorm kernel, or XLA's).
+- `profile`: the ops one train step spends its time in, from a profiler trace, by kind and one
+  by one (`--top`). Tracing slows the call (a step's kernels and fusions each record events):
+  read the shares, and time with the other modes.
 - `checkpoint`: saves the config's initial cohort state (no data needed) as training does,
   `--repeats` times, timing the part that blocks the loop and the time until the checkpoint is
   complete, then restores it; prints one JSON line with the medians and the size
@@ -158,6 +165,7 @@ def train_split(config):
 
 def jax_worker(config, modes) -> dict:
     import jax
+    import jax.numpy as jnp
 
     from ffcl_jax import cpu_kernels, parallel, process_env, train, xla_cpu
 
@@ -216,7 +224,13 @@ def jax_worker(config, modes) -> dict:
             "first_step_seconds_incl_compile": round(first, 2),
             "peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1),
             **memory(step, state, batch),
+            "train_gflop_per_step": round(step_probes.train_flops_per_step(config) / 1e9, 3),
         }
+        if jax.default_backend() == "cpu":
+            out["gemm_gflops"] = step_probes.gemm_gflops(
+                lambda a, b: jax.block_until_ready(jnp.dot(a, b)),
+                lambda n: jax.random.normal(jax.random.key(n), (n, n), jnp.float32),
+            )
     if "epoch" in modes:
         images, labels = train_split(config)
         data = train.make_train_data(config, images, labels, mesh, settings.num_views)
@@ -337,6 +351,10 @@ def torch_worker(config, modes) -> dict:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+        if not cuda:
+            out["gemm_gflops"] = step_probes.gemm_gflops(
+                torch.mm, lambda n: torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+            )
         out["step"] = {
             **summarize(times, config.batch_size),
             "first_step_seconds": round(first, 2),
@@ -382,6 +400,24 @@ def pair_ratios(sides: dict, modes: list[str]) -> dict[str, float]:
     }
 
 
+def fraction_of_peak(sides: dict) -> dict:
+    """The machine's float32 peak (the faster framework's 4096 x 4096 matrix product on the same
+    threads) and each side's step at its minimum as a fraction of it, the step's FLOPs counted
+    by XLA (`train_gflop_per_step`); empty off the CPU or without a step."""
+    gemms = [side["gemm_gflops"] for side in sides.values() if "gemm_gflops" in side]
+    flops = sides.get("jax", {}).get("step", {}).get("train_gflop_per_step")
+    if not gemms or not flops:
+        return {}
+    peak = max(gemms)
+    result = {"gemm_gflops": peak}
+    for name, side in sides.items():
+        if "step" in side:
+            achieved = flops / (side["step"]["step_ms_min"] / 1e3)
+            result[f"{name}_step_min_gflops"] = round(achieved, 1)
+            result[f"{name}_step_min_fraction"] = round(achieved / peak, 3)
+    return result
+
+
 def _median_turn(ratios: list[dict[str, float]]) -> int:
     """The turn whose first mode's ratio is the median (the lower one for an even count)."""
     if not ratios[0]:
@@ -418,20 +454,29 @@ def main(argv):
 
         os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
         if "compare" in FLAGS.modes:
-            print(
-                step_probes.compare_settings(
-                    config,
-                    FLAGS.key,
-                    FLAGS.settings,
-                    warmup=FLAGS.warmup,
-                    rounds=FLAGS.rounds,
-                    steps_per_round=FLAGS.steps_per_round,
-                )
+            record = step_probes.compare_settings(
+                config,
+                FLAGS.key,
+                FLAGS.settings,
+                warmup=FLAGS.warmup,
+                rounds=FLAGS.rounds,
+                steps_per_round=FLAGS.steps_per_round,
             )
         elif "profile" in FLAGS.modes:
-            print(step_probes.profile_step(config, FLAGS.top))
+            record = step_probes.profile_step(config, FLAGS.top)
         else:
             print(json.dumps(time_checkpoint(config)))
+            return
+        print(record["table"])
+        if FLAGS.output:  # a measurement to commit: its command and date with it
+            record = {
+                "date": datetime.date.today().isoformat(),
+                "command": "python experiments/bench_step.py " + " ".join(sys.argv[1:]),
+                **record,
+            }
+            with open(FLAGS.output, "w") as f:
+                json.dump(record, f, indent=1)
+            print(f"wrote {FLAGS.output}")
         return
     turns = [
         {framework: run_worker(framework) for framework in FLAGS.frameworks}
@@ -456,6 +501,9 @@ def main(argv):
         "glibc_tunables": tunables_in_effect(os.environ.get("GLIBC_TUNABLES", "")),
         **sides,
     }
+    peak = fraction_of_peak(sides)
+    if peak:
+        result["fp32_peak"] = peak
     if ratios[0]:
         result["ratio"] = {
             mode: round(statistics.median(r[mode] for r in ratios), 3) for mode in ratios[0]

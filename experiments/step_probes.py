@@ -45,11 +45,36 @@ def step_on_random_batch(config, mesh):
     return step, jax.device_put(state, mesh.replicated), batch
 
 
+def train_flops_per_step(config) -> float:
+    """One train step's FLOPs as the trainer records them (`report.train_flops`)."""
+    from ffcl_jax import report, train
+
+    settings = train.check_config(config, jax.device_count())
+    setup, state = train.build(config, settings, steps_per_epoch=1000)
+    return report.train_flops(setup, state, config.batch_size)
+
+
+def gemm_gflops(matmul, make, n: int = 4096, repeats: int = 5) -> float:
+    """The best GFLOP/s of `matmul` on two n x n float32 matrices from `make(n)` (after one
+    untimed call): the machine's float32 peak as a framework's matrix product reaches it, the
+    denominator of a step's fraction of peak."""
+    a, b = make(n), make(n)
+    matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return round(2 * n**3 / best / 1e9, 1)
+
+
 # The OpenMP settings a timing depends on, printed with it.
 OPENMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def _config_value(text: str):
+    if text.lower() in ("true", "false"):  # a boolean key (scan_blocks)
+        return text.lower() == "true"
     for cast in (int, float):
         try:
             return cast(text)
@@ -60,9 +85,9 @@ def _config_value(text: str):
 
 def compare_settings(
     config, key: str, settings: list[str], *, warmup: int, rounds: int, steps_per_round: int
-) -> str:
+) -> dict:
     """bench_step's `compare` mode: the train step under each of `settings` for the config key
-    `key`, timed in turns; returns the Markdown table it prints."""
+    `key`, timed in turns; returns its record (`_timing_table`)."""
     import jax
 
     from ffcl_jax import parallel, xla_cpu
@@ -72,6 +97,8 @@ def compare_settings(
     mesh = parallel.DataParallel()
     if key == KERNEL_THREAD:
         return _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, warmup)
+    if key == RESIDUAL_END:
+        return _compare_residual_ends(config, settings, mesh, rounds, steps_per_round, warmup)
     runs = {}
     for setting in settings:
         varied = config.copy_and_resolve_references()
@@ -113,7 +140,7 @@ def _time_in_turns(runs: dict, rounds: int, steps_per_round: int) -> None:
 KERNEL_THREAD = "cpu_kernels.thread"
 
 
-def _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, warmup) -> str:
+def _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, warmup) -> dict:
     import jax
 
     from ffcl_jax import cpu_kernels
@@ -142,7 +169,42 @@ def _compare_kernel_threads(config, settings, mesh, rounds, steps_per_round, war
     return _timing_table(config, KERNEL_THREAD, rounds, steps_per_round, runs)
 
 
-def _timing_table(config, key, rounds, steps_per_round, runs) -> str:
+# compare's key for a residual block's end on the oneDNN kernels: "fused" (the BatchNorm kernel
+# adds the residual and applies the ReLU, `cpu_kernels.batch_norm_add_relu`) or "separate"
+# (the BatchNorm kernel, then XLA's add and ReLU).
+RESIDUAL_END = "cpu_kernels.residual_end"
+
+
+def _compare_residual_ends(config, settings, mesh, rounds, steps_per_round, warmup) -> dict:
+    import dataclasses
+    from unittest import mock
+
+    from ffcl_jax import xla_cpu
+
+    if set(settings) - {"fused", "separate"}:
+        raise SystemExit(f"--key={RESIDUAL_END} takes the settings fused and separate")
+    if not xla_cpu.use_onednn_kernels(config):
+        raise SystemExit(f"--key={RESIDUAL_END} times the oneDNN kernels, which do not run here")
+    chosen = xla_cpu.layer_kernels
+    runs = {}
+    for setting in settings:
+        kernels = chosen(config)
+        if setting == "separate":
+            kernels = dataclasses.replace(kernels, batch_norm_add_relu=None)
+        # The trainer asks xla_cpu which kernels to trace with; this step gets `kernels`.
+        with mock.patch.object(xla_cpu, "layer_kernels", lambda *a, k=kernels, **kw: k):
+            step, state, batch = step_on_random_batch(config, mesh)
+        for _ in range(warmup):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        runs[setting] = {"step": step, "state": [state], "batch": batch, "times": []}
+    _time_in_turns(runs, rounds, steps_per_round)
+    return _timing_table(config, RESIDUAL_END, rounds, steps_per_round, runs)
+
+
+def _timing_table(config, key, rounds, steps_per_round, runs) -> dict:
+    """compare's record: the Markdown table it prints ("table") and every timed step of each
+    setting in ms ("settings"), for a committed JSON."""
     cpu = bench_results.machine()
     env = " ".join(f"{k}={os.environ[k]}" for k in OPENMP_ENV if k in os.environ)
     lines = [
@@ -154,18 +216,39 @@ def _timing_table(config, key, rounds, steps_per_round, runs) -> str:
         "|---|---|---|---|---|",
     ]
     base = statistics.median(next(iter(runs.values()))["times"])
+    settings = {}
     for setting, run in runs.items():
-        median = statistics.median(run["times"])
+        times = run["times"]
+        median = statistics.median(times)
+        settings[setting] = {
+            "min_ms": round(min(times), 1),
+            "median_ms": round(median, 1),
+            "max_ms": round(max(times), 1),
+            "speed_up": round(base / median, 3),
+            "times_ms": [round(t, 1) for t in times],
+        }
         lines.append(
-            f"| {setting} | {min(run['times']):.0f} | {median:.0f} | {max(run['times']):.0f} "
+            f"| {setting} | {min(times):.0f} | {median:.0f} | {max(times):.0f} "
             f"| {base / median:.2f}x |"
         )
-    return "\n".join(lines)
+    return {
+        "mode": "compare",
+        "pair": f"{config.teacher}+{config.student}",
+        "batch_size": config.batch_size,
+        "key": key,
+        "rounds": rounds,
+        "steps_per_round": steps_per_round,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "openmp_env": env,
+        "machine": cpu,
+        "settings": settings,
+        "table": "\n".join(lines),
+    }
 
 
-def profile_step(config, top: int) -> str:
+def profile_step(config, top: int) -> dict:
     """bench_step's `profile` mode: the `top` ops one train step spends its time in
-    (top_ops), by kind and one by one."""
+    (top_ops), by kind and one by one: the Markdown it prints ("table") and the rows."""
     import jax
 
     from ffcl_jax import parallel
@@ -181,14 +264,25 @@ def profile_step(config, top: int) -> str:
     rows, wall_ms = top_ops(one_step)
     jax.block_until_ready(latest)
     cpu = bench_results.machine()
-    return "\n\n".join(
-        [
-            f"{config.teacher} + {config.student}, batch {config.batch_size}, cpu.kernels="
-            f"{config.cpu.kernels}; {cpu['cpu']} ({cpu['isa']})",
-            "By kind:\n" + table(by_kind(rows)[:top], wall_ms),
-            "Longest ops:\n" + table(rows[:top], wall_ms),
-        ]
-    )
+    kinds = by_kind(rows)[:top]
+    return {
+        "mode": "profile",
+        "pair": f"{config.teacher}+{config.student}",
+        "batch_size": config.batch_size,
+        "cpu_kernels": config.cpu.kernels,
+        "machine": cpu,
+        "wall_ms": round(wall_ms, 1),
+        "by_kind": [{"op": n, "ms": round(ms, 2), "calls": c} for n, ms, c in kinds],
+        "longest": [{"op": n, "ms": round(ms, 2), "calls": c} for n, ms, c in rows[:top]],
+        "table": "\n\n".join(
+            [
+                f"{config.teacher} + {config.student}, batch {config.batch_size}, cpu.kernels="
+                f"{config.cpu.kernels}; {cpu['cpu']} ({cpu['isa']})",
+                "By kind:\n" + table(kinds, wall_ms),
+                "Longest ops:\n" + table(rows[:top], wall_ms),
+            ]
+        ),
+    }
 
 
 # Events that enclose others (the executor, Python frames): counting them would count twice.

@@ -1,7 +1,7 @@
 """Running a study's runs: each one subprocess (`python -m ffcl_jax.main ...` or the PyTorch
-reference) in its own workdir under `--root` (local or gs://), resumable, with what the drivers
-commit (`<output>_runs/<run>/`: results, metrics log, start record). Both study drivers here
-(`method_study.py`, `powered_study.py`) run their runs through `run_missing`.
+reference) in its own workdir under `--root` (local or gs://), resumable, with what a study
+commits (`<output>_runs/<run>/`: results, metrics log, start record). The study driver,
+`study.py`, runs every plan's runs through it.
 
 A run whose workdir (or committed copy) holds `results.json` is finished and skipped; an
 interrupted JAX run resumes from its checkpoint when started again (a PyTorch reference run

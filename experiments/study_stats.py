@@ -1,5 +1,6 @@
 """Statistics of the result tables: mean +- std over seeds, paired and unpaired differences of
-top-1 in points with 95% t-intervals, and their table cells."""
+top-1 in points with 95% t-intervals, their table cells, Holm's correction and the registered
+reading of a comparison."""
 
 from __future__ import annotations
 
@@ -101,3 +102,31 @@ def seeds_for_power(sd: float, delta: float, alpha: float, power: float = 0.8) -
     while paired_t_power(sd, delta, n, alpha) < power:
         n += 1
     return n
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values (family-wise error over all of `p_values`)."""
+    ordered = sorted(p_values, key=p_values.get)
+    adjusted, running = {}, 0.0
+    for rank, name in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - rank) * p_values[name]))
+        adjusted[name] = running
+    return adjusted
+
+
+def reading(c: dict) -> str:
+    """The registered rule: the reference "beats" a baseline where the Holm-adjusted p < 0.05
+    and the difference is positive, "loses" where it is negative, "ties" otherwise."""
+    if c["p_holm"] >= 0.05:
+        return "ties"
+    return "beats" if c["mean"] > 0 else "loses"
+
+
+def read_with_holm(compared: dict) -> dict:
+    """Adds the Holm-adjusted p (over every comparison of `compared` with a `p`) and the
+    rule's reading to each tested comparison, in place."""
+    tested = {name: c["p"] for name, c in compared.items() if "p" in c}
+    for name, adjusted in holm(tested).items():
+        compared[name]["p_holm"] = adjusted
+        compared[name]["reading"] = reading(compared[name])
+    return compared

@@ -418,6 +418,24 @@ def update_best(progress: dict, row: dict | None, metric: str) -> bool:
     return True
 
 
+def train_flops(setup, state, batch_size: int) -> float | None:
+    """One train step's floating-point operations as XLA's cost analysis counts them (the step
+    lowered, not compiled, for a batch of `batch_size`): what a run's accuracy cost, beside its
+    wall time, comparable across methods and machines. None where XLA cannot count it."""
+    views = (setup.method.num_views,) if setup.method.num_views > 1 else ()
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_size, *views, *setup.info.image_shape), np.uint8),
+        "label": jax.ShapeDtypeStruct((batch_size,), np.int32),
+    }
+    step = setup.counted_train_step or setup.train_step
+    try:
+        cost = jax.jit(step).lower(state, batch).cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost["flops"])
+    except Exception:  # noqa: BLE001 - a figure for the record: never lose a finished run to it
+        return None
+
+
 def results(config, setup, params, progress: dict, eval_split: str) -> dict[str, Any]:
     """`results.json`'s content (less what only the trainer knows: final test, command)."""
     measured = progress["measured_steps"]

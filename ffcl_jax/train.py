@@ -200,6 +200,8 @@ class Setup:
     graphdef: nnx.GraphDef
     schedule: optax.Schedule
     train_step: Callable  # pure (state, batch) -> (state, metrics); jit with donate_argnums=0
+    # train_step with XLA's ops where it calls kernels XLA cannot count (report.train_flops)
+    counted_train_step: Callable | None
     eval_step: Callable  # pure (params, batch_stats, batch, method_state) -> correct counts
     loss_terms: tuple[str, ...]  # the terms the method's objective computes, in its order
     onednn_kernels: bool  # float32 convolutions on ffcl_jax.cpu_kernels (config.cpu.kernels)
@@ -230,22 +232,21 @@ def build(
         if data_parallel is None:
             raise ValueError(f"batch_norm={config.batch_norm!r} needs the data-parallel mesh")
         per_device_mesh = data_parallel.mesh
+
+    def train_step(kernels):
+        groups = batch_norm_groups(config.batch_norm, num_devices)
+        return make_train_step(
+            graphdef, tx, schedule, method, info, steps_per_epoch, per_device_mesh, kernels, groups
+        )
+
+    countable = xla_cpu.countable(kernels)
     setup = Setup(
         method=method,
         info=info,
         graphdef=graphdef,
         schedule=schedule,
-        train_step=make_train_step(
-            graphdef,
-            tx,
-            schedule,
-            method,
-            info,
-            steps_per_epoch,
-            per_device_mesh,
-            kernels,
-            batch_norm_groups(config.batch_norm, num_devices),
-        ),
+        train_step=train_step(kernels),
+        counted_train_step=train_step(countable) if countable != kernels else None,
         eval_step=make_eval_step(graphdef, method, info, kernels),
         loss_terms=loss_term_names(
             make_forward(graphdef, method, info), state, info, method.num_views
@@ -518,6 +519,7 @@ def train_and_evaluate(
             results["machine"] = machine.machine()
             results["initial_weights_sha256"] = setup.initial_weights_sha256
             results["first_batch_sha256"] = progress.get("first_batch_sha256")
+            results["train_flops_per_step"] = report.train_flops(setup, state, config.batch_size)
             if is_chief:
                 report.write_outputs(workdir, config, results, log)
             return results

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import jax
 import pytest
 
 from ffcl_jax import compile_for, cpu_kernels, parallel, train, xla_cpu
 from ffcl_jax.errors import UserError
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 from tests.helpers.cli import run_python
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed: pip install -e '.[tpu]' (FFCL_SETUP_TPU=1 scripts/setup.sh)",
 )
+
+
+SCAN_REPORT = "experiments/results/compile_for_cifar100_tpu_scan_v5e_2x2.json"
 
 
 def _compile_for(*args: str, timeout: int = 900):
@@ -63,6 +67,23 @@ ENTRY %main {
     }
     assert compile_for.shape_bytes("pred[3]{0}") == 3
     assert compile_for.shape_bytes("s32[]") == 4
+
+
+def test_loops_are_counted_and_the_report_says_what_they_hide():
+    """A scanned step's loops: counted in the optimised HLO, and the terminal report says that
+    XLA's cost analysis counts each body once (the committed :tpu report with scan_blocks)."""
+
+    def body(carry, _):
+        return carry * 2.0, None
+
+    looped = jax.jit(lambda x: jax.lax.scan(body, x, None, length=7)[0])
+    assert compile_for.while_loops(looped.lower(1.0).compile().as_text()) == 1
+    assert compile_for.while_loops(jax.jit(lambda x: x * 2.0).lower(1.0).compile().as_text()) == 0
+    with open(os.path.join(REPO, SCAN_REPORT)) as f:
+        report = json.load(f)
+    assert report["scan_blocks"] and report["train_step"]["while_loops"] > 0
+    lines = compile_for.format_report(report).splitlines()
+    assert sum("counts each loop body once" in line for line in lines) == 2  # train and eval
 
 
 def test_the_platform_of_the_mesh_decides_the_backend_specific_choices(fmnist_dir):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import cpu_kernels, train, xla_cpu
+from ffcl_jax import cpu_kernels, report, train, xla_cpu
 from ffcl_jax.cpu_kernels import build, ops
 from ffcl_jax.errors import UserError
 from ffcl_jax.models import MODELS, create_model, layers
@@ -180,6 +180,42 @@ def test_batch_norm_matches_the_closed_form_and_flax(shape, relu):
     reference = jax.grad(loss(_xla_batch_norm), (0, 1, 2))(x, scale, bias)
     for got, want in zip(grads, reference, strict=True):
         assert relative_to_scale(got, want) <= 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(4, 9, 7, 16), (6, 10), (2, 5, 5, 37)])
+def test_batch_norm_add_relu_is_the_kernel_then_the_add_and_relu(shape):
+    """The residual block's fused end computes exactly what `batch_norm_train`, XLA's add and
+    XLA's ReLU compute one after the other, and its gradients (the residual's included) agree
+    with theirs."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.float32)
+    residual = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+    eps = layers.BN_EPSILON
+
+    def unfused(x, scale, bias, residual):
+        y, mean, var = cpu_kernels.batch_norm_train(x, scale, bias, eps, False)
+        return jax.nn.relu(residual + y), mean, var
+
+    def fused(x, scale, bias, residual):
+        return cpu_kernels.batch_norm_add_relu(x, scale, bias, residual, eps)
+
+    outputs = fused(x, scale, bias, residual), unfused(x, scale, bias, residual)
+    for got, want in zip(*outputs, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert 0.1 < float(jnp.mean(fused(x, scale, bias, residual)[0] == 0)) < 0.9
+    cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*a)[0] * cotangent)
+
+    grads = jax.grad(loss(fused), (0, 1, 2, 3))(x, scale, bias, residual)
+    reference = jax.grad(loss(unfused), (0, 1, 2, 3))(x, scale, bias, residual)
+    for got, want in zip(grads, reference, strict=True):
+        assert relative_to_scale(got, want) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(grads[3]), np.asarray(reference[3]))
 
 
 @needs_kernels
@@ -383,6 +419,19 @@ def _custom_calls(config, num_devices: int = 1) -> tuple[int, int]:
     }
     text = jax.jit(setup.train_step).lower(state, batch).as_text()
     return text.count("ffcl_onednn_conv_"), text.count("ffcl_batch_norm_")
+
+
+@needs_kernels
+def test_a_steps_flops_are_counted_with_or_without_the_kernels(fmnist_dir):
+    """XLA counts a custom call as no work: the count comes from the step with XLA's ops, so the
+    kernels do not change it."""
+    counts = []
+    for choice in ("onednn", "xla"):
+        config = tiny_config(fmnist_dir, **{"cpu.kernels": choice})
+        setup, state = train.build(config, train.check_config(config, 1), steps_per_epoch=10)
+        assert (setup.counted_train_step is None) is (choice == "xla")
+        counts.append(report.train_flops(setup, state, config.batch_size))
+    assert counts[0] == counts[1] > 1e8
 
 
 @needs_kernels
@@ -836,6 +885,21 @@ BN_TARGETS = {
         },
         {"dx": BN_SHAPE, "dscale": BN_CHANNELS, "dshift": BN_CHANNELS},
     ),
+    "ffcl_batch_norm_add_relu_forward": (
+        {"x": BN_SHAPE, "scale": BN_CHANNELS, "shift": BN_CHANNELS, "residual": BN_SHAPE},
+        {"y": BN_SHAPE, "mean": BN_CHANNELS, "variance": BN_CHANNELS},
+    ),
+    "ffcl_batch_norm_add_relu_backward": (
+        {
+            "x": BN_SHAPE,
+            "y": BN_SHAPE,
+            "dy": BN_SHAPE,
+            "mean": BN_CHANNELS,
+            "variance": BN_CHANNELS,
+            "scale": BN_CHANNELS,
+        },
+        {"dx": BN_SHAPE, "dscale": BN_CHANNELS, "dshift": BN_CHANNELS, "dresidual": BN_SHAPE},
+    ),
 }
 
 
@@ -843,7 +907,8 @@ def _bn_call(target, changed):
     inputs, results = BN_TARGETS[target]
     args = [_f32(changed.get(name, shape)) for name, shape in inputs.items()]
     outs = tuple(_out(changed.get(name, shape)) for name, shape in results.items())
-    return _call_target(target, outs, *args, epsilon=np.float32(1e-5), relu=False)
+    relu = {} if "add_relu" in target else {"relu": False}  # the fused add's ReLU is always on
+    return _call_target(target, outs, *args, epsilon=np.float32(1e-5), **relu)
 
 
 def _bn_mismatches():

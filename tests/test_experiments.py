@@ -1,4 +1,4 @@
-"""The experiment scripts: the JAX/PyTorch benchmarks, the study drivers and their run loop."""
+"""The experiment scripts: the JAX/PyTorch benchmarks, the study driver, its plans and run loop."""
 
 from __future__ import annotations
 
@@ -18,8 +18,25 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 pytest.importorskip("torch")
 
 import bench_results  # noqa: E402
+import study  # noqa: E402
+import study_plan  # noqa: E402
+import study_report  # noqa: E402
 import study_runs  # noqa: E402
+import study_sensitivity  # noqa: E402
 import study_stats  # noqa: E402
+
+PLANS = os.path.join(ROOT, "experiments", "plans")
+
+
+def plan_module(name: str):
+    """The plan module experiments/plans/<name>.py (its grid, rows and sections)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"plan_{name}", os.path.join(PLANS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY = [
     "--config=configs/fashion_mnist.py",
@@ -83,6 +100,15 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
         jax_side["img_per_sec_median"] / torch_side["img_per_sec_median"], 0.01
     )
     assert jax_side["first_step_seconds_incl_compile"] > 0 and jax_side["xla_temp_mb"] > 0
+    # The step's fraction of the machine's float32 peak: XLA's FLOP count over its minimum time,
+    # against the faster framework's large matrix product.
+    peak = result["fp32_peak"]
+    assert peak["gemm_gflops"] == max(result[s]["gemm_gflops"] for s in ("jax", "pytorch")) > 0
+    assert jax_side["train_gflop_per_step"] > 0
+    assert peak["jax_step_min_fraction"] == pytest.approx(
+        jax_side["train_gflop_per_step"] / (jax_side["step_ms_min"] / 1e3) / peak["gemm_gflops"],
+        abs=2e-3,
+    )
     assert result["machine"]["cores"] == os.cpu_count()
     # "auto" for a shallow pair: only the reductions in YNNPACK.
     assert result["jax"]["compiler_options"] == {
@@ -112,7 +138,11 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     rows = [line for line in text.splitlines() if line.startswith("| resnet8+resnet8")]
     assert len(rows) == 2  # step and epoch
     assert f"**{result['ratio']['step']:.2f}**" in rows[0]
-    kernels = ", oneDNN convolutions, BatchNorm+ReLU kernel" if auto_onednn else ""
+    kernels = (
+        ", oneDNN convolutions, BatchNorm+ReLU kernel, residual add+ReLU in it"
+        if auto_onednn
+        else ""
+    )
     assert f"| float32, ynn reduce, flatten after fusion{kernels}, huge-page malloc |" in rows[0]
     m = result["machine"]
     assert f"| {m['cores']}-core {m['cpu']} ({m['isa']}) |" in rows[0]
@@ -299,7 +329,16 @@ def test_settings_comparison_times_each_setting_in_turns():
 
 
 @pytest.mark.slow
-def test_kernel_thread_comparison_switches_one_compiled_step():
+@pytest.mark.parametrize(
+    "key,settings",
+    [
+        ("cpu_kernels.thread", ["kernel_thread", "caller"]),
+        ("cpu_kernels.residual_end", ["separate", "fused"]),
+    ],
+)
+def test_kernel_comparisons_time_each_setting(key, settings, tmp_path):
+    """Where the kernels' work runs (one compiled step, switched between turns) and a residual
+    block's end fused into the BatchNorm kernel or left to XLA (a step traced for each)."""
     from ffcl_jax import cpu_kernels
 
     if not cpu_kernels.available():
@@ -310,26 +349,40 @@ def test_kernel_thread_comparison_switches_one_compiled_step():
         *TINY,
         "--config.batch_size=8",
         "--config.cpu.kernels=onednn",
-        "--key=cpu_kernels.thread",
-        "--settings=kernel_thread,caller",
+        f"--key={key}",
+        f"--settings={','.join(settings)}",
         "--rounds=2",
         "--steps_per_round=1",
+        f"--output={tmp_path / 'compare.json'}",
     )
-    assert "| cpu_kernels.thread | min ms | median ms | max ms | speed-up |" in out
+    assert f"| {key} | min ms | median ms | max ms | speed-up |" in out
     assert "OpenMP: " in out
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]
-    assert [row.split(" | ")[0] for row in rows] == ["| kernel_thread", "| caller"]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {s}" for s in settings]
+    # The same measurement as a JSON to commit: every timed step, the command, the table.
+    record = json.loads((tmp_path / "compare.json").read_text())
+    assert record["key"] == key and list(record["settings"]) == settings
+    assert record["command"].startswith("python experiments/bench_step.py --modes=compare")
+    for timing in record["settings"].values():
+        assert len(timing["times_ms"]) == 2 and timing["min_ms"] == min(timing["times_ms"])
+    assert record["table"] in out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["xla", "onednn"])
-def test_profile_mode_lists_where_the_step_spends_its_time(kernels):
+def test_profile_mode_lists_where_the_step_spends_its_time(kernels, tmp_path):
     from ffcl_jax import cpu_kernels
 
     if kernels == "onednn" and not cpu_kernels.available():
         pytest.skip(f"oneDNN kernels: {cpu_kernels.unavailable_reason()}")
     args = ["--modes=profile", *TINY, "--config.batch_size=8", "--top=40"]
-    out = run_script("bench_step.py", *args, f"--config.cpu.kernels={kernels}")
+    output = tmp_path / "profile.json"
+    out = run_script(
+        "bench_step.py", *args, f"--config.cpu.kernels={kernels}", f"--output={output}"
+    )
+    record = json.loads(output.read_text())
+    assert record["table"] in out and record["cpu_kernels"] == kernels
+    assert sum(row["calls"] for row in record["by_kind"]) >= len(record["longest"]) > 0
     by_kind, longest = out.split("Longest ops:")
     rows = [line.split(" | ") for line in by_kind.splitlines() if line.startswith("| ")][1:]
     assert rows and all(float(row[0].strip("| ")) >= 0 for row in rows)
@@ -529,12 +582,75 @@ def _study_record(name: str, seed: int, validation: float, test: float) -> dict:
     return {"run": name, "seed": seed, "results": results}
 
 
+# Each plan's committed outputs: what its --report_only must rewrite byte for byte.
+COMMITTED = {
+    "method_study_2026_11": (
+        "experiments/results/archive/fashion_mnist_method_study.md",
+        "experiments/results/archive/fashion_mnist_selection.json",
+        "experiments/results/archive/fashion_mnist_final.json",
+        "experiments/results/archive/fashion_mnist_final_student.png",
+    ),
+    "powered_2026_12": (
+        "experiments/results/fashion_mnist_powered.md",
+        "experiments/results/fashion_mnist_powered.json",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMITTED))
+def test_report_only_rewrites_the_committed_study_reports_byte_for_byte(name, tmp_path):
+    """`study.py --plan=<plan> --report_only` re-derives the committed report from the committed
+    runs: run against a copy of the outputs (the runs linked, not copied), every file comes
+    out byte for byte as committed."""
+    plan = study_plan.load(os.path.join(PLANS, f"{name}.py"))
+    for path in COMMITTED[name]:
+        os.makedirs(os.path.dirname(tmp_path / path), exist_ok=True)
+        (tmp_path / path).write_bytes(b"")  # each must be written again
+    for phase in plan.phases():
+        os.symlink(os.path.join(ROOT, phase.output + "_runs"), tmp_path / (phase.output + "_runs"))
+    # The study file: the committed text outside its blocks, the blocks empty.
+    with open(os.path.join(ROOT, plan.final.study_file)) as f:
+        text = f.read()
+    for block in {phase.block for phase in plan.phases()}:
+        start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+        before, rest = text.split(start, 1)
+        text = f"{before}{start}\n{end}{rest.split(end, 1)[1]}"
+    (tmp_path / plan.final.study_file).write_text(text)
+    argv = [f"--plan={os.path.join(PLANS, name + '.py')}", f"--repo={tmp_path}", "--report_only"]
+    study.main([*argv, f"--workdirs={tmp_path / 'workdirs'}"])
+    for path in COMMITTED[name]:
+        with open(os.path.join(ROOT, path), "rb") as f:
+            assert (tmp_path / path).read_bytes() == f.read(), path
+
+
+def test_the_driver_refuses_a_plan_it_cannot_run(tmp_path):
+    """A missing plan file, a module without get_plan(), --phase=select on a plan without a
+    selection, an unknown row and an unknown record field each get one clear error."""
+    import dataclasses
+
+    from ffcl_jax.errors import UserError
+
+    with pytest.raises(UserError, match="no plan file"):
+        study_plan.load(str(tmp_path / "missing.py"))
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(UserError, match="get_plan"):
+        study_plan.load(str(tmp_path / "empty.py"))
+    powered = os.path.join(PLANS, "powered_2026_12.py")
+    with pytest.raises(UserError, match="no selection phase"):
+        study.main([f"--plan={powered}", "--phase=select", "--report_only"])
+    with pytest.raises(UserError, match="--rows: unknown"):
+        study.main([f"--plan={powered}", "--rows=ffcl,fcl", f"--repo={tmp_path}", "--report_only"])
+    plan = study_plan.load(powered)
+    phase = dataclasses.replace(plan.final, record_fields=("run", "sead"))
+    with pytest.raises(UserError, match="sead"):
+        study.collect(phase, None, [])
+
+
 def test_study_selection_reads_validation_only():
     """The selected configuration is the best mean last-epoch validation student; the final
     test numbers, however arranged, change nothing, and a run evaluated on the test split is
     refused."""
-    import method_study
-
+    grid = plan_module("method_study_2026_11").GRID
     records = [
         _study_record("ffcl-att-reg1", 0, 0.880, 0.990),
         _study_record("ffcl-att-reg1", 1, 0.884, 0.990),
@@ -543,7 +659,7 @@ def test_study_selection_reads_validation_only():
         _study_record("ffl-tau2", 0, 0.870, 0.500),
         _study_record("ffl-default", 0, 0.870, 0.900),  # a tie: the earlier in the grid wins
     ]
-    selected = method_study.select(records)
+    selected = study_report.select(records, grid)
     assert selected["ffcl"]["run"] == "ffcl-fused-reg1"
     assert selected["ffcl"]["validation_student"] == pytest.approx(0.885)
     assert selected["ffl"]["run"] == "ffl-default"
@@ -551,47 +667,55 @@ def test_study_selection_reads_validation_only():
         record["results"]["final_test"]["student"] = (
             1.0 - record["results"]["final_test"]["student"]
         )
-    assert method_study.select(records) == selected
+    assert study_report.select(records, grid) == selected
     leaky = _study_record("ffl-tau4", 0, 0.99, 0.99)
     leaky["results"]["eval_split"] = "test"
     with pytest.raises(ValueError, match="validation split"):
-        method_study.select([*records, leaky])
-    assert len(method_study.GRID) == 16
-    assert {r.name.split("-")[0] for r in method_study.GRID[:8]} == {"ffcl"}
+        study_report.select([*records, leaky], grid)
+    assert len(grid) == 16
+    assert {r.name.split("-")[0] for r in grid[:8]} == {"ffcl"}
 
 
 @pytest.mark.slow
 def test_study_driver_runs_the_grid_on_a_validation_split(fmnist_dir, tmp_path, capsys):
-    import method_study
-
-    root, output = tmp_path / "runs", tmp_path / "out" / "selection"
-    study = tmp_path / "study.md"
-    study.write_text("x\n<!-- selection:start -->\n<!-- selection:end -->\n")
+    """The method study's plan, from the command line: its selection grid (two configurations
+    of it) on a validation split, the report in the plan's files under --repo; the final phase
+    waits for a seed every configuration finished."""
+    root = tmp_path / "runs" / "method_study"
+    archive = tmp_path / "experiments" / "results" / "archive"
+    archive.mkdir(parents=True)
+    output = archive / "fashion_mnist_selection"
+    study_md = archive / "fashion_mnist_method_study.md"
+    study_md.write_text("x\n<!-- selection:start -->\n<!-- selection:end -->\n")
     extra = (
         f"idx_dir={fmnist_dir},teacher=resnet8,student=resnet8,batch_size=32,num_epochs=1,"
-        "lr_decay_epochs=(),augment=none,log_every_steps=4,eval_batch_size=50"
+        "lr_decay_epochs=(),augment=none,log_every_steps=4,eval_batch_size=50,"
+        "validation_size=40"
     )
-    method_study.main(
+    study.main(
         [
+            f"--plan={os.path.join(PLANS, 'method_study_2026_11.py')}",
             "--seeds=0",
-            "--runs=ffcl-fused-reg0.1,ffl-tau2",
-            f"--root={root}",
-            f"--output={output}",
-            f"--study_file={study}",
-            "--validation_size=40",
+            "--rows=ffcl-fused-reg0.1,ffl-tau2",
+            f"--workdirs={tmp_path / 'runs'}",
+            f"--repo={tmp_path}",
             f"--extra={extra}",
         ]
     )
     assert sorted(os.listdir(root)) == ["jax_ffcl-fused-reg0.1_seed0", "jax_ffl-tau2_seed0"]
-    progress = [x for x in capsys.readouterr().out.splitlines() if x.startswith("== selection")]
+    out = capsys.readouterr().out
+    progress = [x for x in out.splitlines() if x.startswith("== selection")]
     assert progress[0] == "== selection: 0 of 2 runs finished"
     assert progress[1].startswith("== selection: 1 of 2 runs finished, about 0.0 h left")
     assert len(progress) == 2
-    summary = json.loads((tmp_path / "out" / "selection.json").read_text())
+    assert "== final comparison: waits for a seed every configuration finished" in out
+    summary = json.loads(output.with_suffix(".json").read_text())
     assert set(summary["selected"]) == {"ffcl", "ffl"}
     commands = " ".join(r["command"] for r in summary["runs"])
     assert "--config.validation_size=40" in commands and "feat_form=fused_map" in commands
-    text = study.read_text()
+    assert "--config.validation_size=5000" not in commands  # --extra replaces the plan's
+    assert summary["validation_size"] == 40
+    text = study_md.read_text()
     assert "| **ffl-tau2** |" in text and "| ffl-default |" in text and "pending" in text
     started = json.loads((root / "jax_ffl-tau2_seed0" / "table_run.json").read_text())
     assert started["machine"] == study_runs.machine_line() and "-core " in started["machine"]
@@ -608,20 +732,20 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
     differences from the runs' results."""
     import argparse
 
-    import method_study
     import scipy.stats
 
+    module = plan_module("method_study_2026_11")
+    final_phase = module.get_plan().final
     best = "ffcl-fused-reg0.1"
     records = [
-        _study_record(run.name, 0, 0.95 if run.name == best else 0.80, 0.5)
-        for run in method_study.GRID
+        _study_record(run.name, 0, 0.95 if run.name == best else 0.80, 0.5) for run in module.GRID
     ]
     records.append(_study_record("ffl-tau4", 1, 0.99, 0.5))  # seed 1 is incomplete: ignored
-    assert method_study.complete_seeds(records) == [0]
-    selected = method_study.select(records, [0])
+    assert study_report.complete_seeds(records, module.GRID) == [0]
+    selected = study_report.select(records, module.GRID, [0])
     assert selected["ffcl"]["run"] == "ffcl-fused-reg0.1"
     assert selected["ffl"]["run"] == "ffl-default"  # every FFL config tied on seed 0
-    rows = method_study.final_runs(selected)
+    rows = study.rows_of(final_phase, final_phase.seeds, selected)
     by_name = {(run.name, run.framework): (run, seeds) for run, seeds in rows}
     ffcl, seeds = by_name[("ffcl", "jax")]
     assert seeds == (0, 1, 2, 3, 4)
@@ -634,7 +758,7 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
     assert by_name[("kd", "jax")][0].needs == "independent"
     assert by_name[("ffcl", "pytorch")][0].overrides == ffcl.overrides
     # A selection without the feature term has no feature ablation (it is off already).
-    none = method_study.final_runs(
+    none = module.final_runs(
         {
             **selected,
             "ffcl": {
@@ -644,7 +768,7 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
         }
     )
     assert "ffcl-feature" not in {run.name for run, _ in none}
-    merged = method_study._merged(("a=1", "b=2"), "a=3")
+    merged = module.merged(("a=1", "b=2"), "a=3")
     assert merged == ("a=3", "b=2")
 
     # The report reads each run's results and pairs by seed.
@@ -675,12 +799,16 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
                 isa = ("AVX2", "AVX-512")[seed]
                 started = {"machine": f"2-core AMD EPYC ({isa})"}
                 (folder / "table_run.json").write_text(json.dumps(started))
-    study, readme = tmp_path / "study.md", tmp_path / "README.md"
-    study.write_text("<!-- final:start -->\n<!-- final:end -->\n")
+    study_md, readme = tmp_path / "study.md", tmp_path / "README.md"
+    final_args.study_file = str(study_md)
+    study_md.write_text("<!-- final:start -->\n<!-- final:end -->\n")
     block = "<!-- fashion-mnist-study:start -->\n<!-- fashion-mnist-study:end -->"
     readme.write_text(f"a\n{block}\nb\n")
-    method_study.final_report(rows, final_args, str(study), {"seeds": [0]}, str(readme))
-    text = study.read_text()
+    seeds = final_phase.seeds
+    written = study.report(final_phase, final_args, rows, seeds, {"seeds": [0]}, str(readme))
+    assert written["selection"] == {"seeds": [0]} and len(written["runs"]) == 9
+    assert list(written) == ["selection", "runs"]
+    text = study_md.read_text()
     assert "| ffcl - independent (paired by seed) | **+1.00 [+1.00, +1.00]** (n=2) |" in text
     assert "| ffcl - dml (paired by seed) | pending |" in text
     # Within each framework, on the seeds PyTorch ran (here seed 0 only).
@@ -700,7 +828,7 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
     plan = [(run, seed) for run, seeds in rows for seed in seeds]
     done = 3 * 2 + 2 + 1  # three JAX rows and PyTorch's independent on 2 seeds, its FFCL on 1
     hours = (len(plan) - done) * 600 / 3600
-    progress = method_study.progress_line("final", plan, final_args)
+    progress = study.progress_line("final", plan, final_args)
     expected = f"== final: {done} of {len(plan)} runs finished, about {hours:.1f} h left"
     assert progress == expected + " at the finished runs' mean"
     # The README's summary: the same cells, the methods only.
@@ -716,29 +844,25 @@ def test_study_final_rows_follow_the_selection_and_read_complete_seeds(tmp_path)
 
 
 def test_holm_adjusts_like_the_step_down_rule():
-    import powered_study
-
-    adjusted = powered_study.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    adjusted = study_stats.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
     # sorted: a 0.01 x4 = 0.04; c 0.03 x3 = 0.09; b 0.04 x2 = 0.08 -> max(0.09, 0.08); d 0.5 x1
     assert adjusted == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
 
 
 def _powered_report(tmp_path, root):
-    """The powered study's report of the runs under `root` (seeds 1000-1003): its file, result."""
-    import powered_study
+    """The powered study's report of the runs under `root` (seeds 1000-1003), by the driver
+    with its plan (the plan's folders replaced by these): its file, result."""
+    import dataclasses
 
-    study = tmp_path / "study.md"
-    study.write_text("<!-- powered:start -->\n<!-- powered:end -->\n")
-    args = powered_study.parse_args(
-        [
-            "--seeds=1000,1001,1002,1003",
-            f"--root={root}",
-            f"--output={tmp_path / 'out'}",
-            f"--study_file={study}",
-            "--report_only",
-        ]
+    study_md = tmp_path / "study.md"
+    study_md.write_text("<!-- powered:start -->\n<!-- powered:end -->\n")
+    powered = study_plan.load(os.path.join(PLANS, "powered_2026_12.py"))
+    phase = dataclasses.replace(
+        powered.final, root=str(root), output=str(tmp_path / "out"), study_file=str(study_md)
     )
-    return study, powered_study.report(args)
+    plan = dataclasses.replace(powered, final=phase)
+    args = study.parse_args(["--seeds=1000,1001,1002,1003", "--report_only"])
+    return study_md, study.run_phase(plan, phase, args, {"process": None})
 
 
 def _write_powered_run(root, run_id, value, wall=60.0, machine=None):
@@ -754,10 +878,8 @@ def _write_powered_run(root, run_id, value, wall=60.0, machine=None):
 def _write_every_powered_run(root, students, walls=None, machine=None):
     """Every run of the study for seeds 1000-1003: the values of `students` where given, else
     one shared spread; `walls` {seed: seconds} (else 60), `machine(run, seed)` (else none)."""
-    import powered_study
-
     default = (0.891, 0.897, 0.894, 0.896)
-    for run in powered_study.RUNS:
+    for run in plan_module("powered_2026_12").RUNS:
         values = students.get((run.framework, run.name), default)
         for index, seed in enumerate((1000, 1001, 1002, 1003)):
             _write_powered_run(
@@ -773,7 +895,6 @@ def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
     """Once every run is in: FFCL's student minus each baseline's, paired by seed, the paired
     t-test's p Holm-adjusted over the nine baselines, PyTorch minus JAX paired by seed; the
     report block and the JSON hold them."""
-    import powered_study
     import scipy.stats
 
     root = tmp_path / "root"
@@ -794,7 +915,7 @@ def test_powered_study_pairs_by_seed_and_corrects_for_every_baseline(tmp_path):
     assert primary["independent"]["differences"] == pytest.approx(diffs)
     p_independent = scipy.stats.ttest_1samp(diffs, 0.0).pvalue
     assert primary["independent"]["p"] == pytest.approx(p_independent)
-    expected = powered_study.holm({name: c["p"] for name, c in primary.items()})
+    expected = study_stats.holm({name: c["p"] for name, c in primary.items()})
     assert expected["independent"] > p_independent
     for name, c in primary.items():
         assert c["p_holm"] == pytest.approx(expected[name])
@@ -895,13 +1016,11 @@ def test_powered_study_lists_each_command_once_with_its_seeds(tmp_path):
 
 
 def _powered_records(students: dict, seeds, resumed=()) -> list[dict]:
-    """JAX records as `powered_study.collect` makes them: `students` {method: per-seed points}
-    (else FFCL's minus about one point), the runs in `resumed` resumed at step 46."""
-    import powered_study
-
+    """JAX records as `study.collect` makes them: `students` {method: per-seed points} (else
+    FFCL's minus about one point), the runs in `resumed` resumed at step 46."""
     ffcl = students["ffcl"]
     records = []
-    for run in powered_study.JAX_RUNS:
+    for run in plan_module("powered_2026_12").JAX_RUNS:
         values = students.get(run.name, [v - 1.0 + 0.01 * (i % 3) for i, v in enumerate(ffcl)])
         for seed, value in zip(seeds, values, strict=True):
             rid = f"jax_{run.name}_seed{seed}"
@@ -922,8 +1041,10 @@ def test_powered_study_sensitivity_analyses_find_the_seeds_a_reading_rests_on():
     """Wilcoxon with Holm, leave-one-seed-out and the outlier rules, on 20 seeds: DML's tie
     rests on one seed (1019, -5 points: Wilcoxon and the seed's removal read "beats"), PCL's on
     one odd PCL run (seed 1005, resumed: its removal reads "loses")."""
-    import powered_study
     import scipy.stats
+
+    module = plan_module("powered_2026_12")
+    comparisons, rows = module.COMPARISONS, [(run, None) for run in module.RUNS]
 
     seeds = list(range(1000, 1020))
     ffcl = [89.0 + 0.1 * (i % 7) for i in range(20)]
@@ -936,18 +1057,18 @@ def test_powered_study_sensitivity_analyses_find_the_seeds_a_reading_rests_on():
         "pcl": [f - d for f, d in zip(ffcl, pcl, strict=True)],
     }
     records = _powered_records(students, seeds, resumed={"jax_pcl_seed1005"})
-    primary = powered_study.comparisons(records, test=True)["primary"]
+    primary = comparisons.compute_for(rows, records, test=True)["primary"]
     readings = {name: c["reading"] for name, c in primary.items()}
     assert readings == {**dict.fromkeys(primary, "beats"), "dml": "ties", "pcl": "ties"}
 
-    wilcoxon = powered_study.wilcoxon_readings(primary)
+    wilcoxon = study_sensitivity.wilcoxon_readings(primary)
     expected = scipy.stats.wilcoxon([round(d, 6) for d in dml]).pvalue
     assert wilcoxon["dml"]["p"] == pytest.approx(expected) and wilcoxon["dml"]["exact"]
-    holm = powered_study.holm({name: w["p"] for name, w in wilcoxon.items()})
+    holm = study_stats.holm({name: w["p"] for name, w in wilcoxon.items()})
     assert {name: w["p_holm"] for name, w in wilcoxon.items()} == pytest.approx(holm)
     assert wilcoxon["dml"]["reading"] == "beats" and wilcoxon["independent"]["reading"] == "beats"
 
-    left_out = powered_study.leave_one_seed_out(records, primary)
+    left_out = study_sensitivity.leave_one_seed_out(comparisons, rows, records, primary)
     changes = {
         name: [(c["seed"], c["reading"]) for c in v["changes"]] for name, v in left_out.items()
     }
@@ -958,8 +1079,8 @@ def test_powered_study_sensitivity_analyses_find_the_seeds_a_reading_rests_on():
     }
     assert left_out["dml"]["seeds"] == 20
 
-    assert powered_study.resumed_runs(records) == {"jax_pcl_seed1005": [46]}
-    by_difference = powered_study.without_outliers(records, primary, "difference")
+    assert study_sensitivity.resumed_runs(records) == {"jax_pcl_seed1005": [46]}
+    by_difference = study_sensitivity.without_outliers(records, primary, "difference")
     flagged = {name: [o["seed"] for o in c["outliers"]] for name, c in by_difference.items()}
     assert flagged == {**dict.fromkeys(primary, []), "dml": [1019], "pcl": [1005]}
     assert by_difference["dml"]["n"] == 19 and by_difference["dml"]["reading"] == "beats"
@@ -967,7 +1088,7 @@ def test_powered_study_sensitivity_analyses_find_the_seeds_a_reading_rests_on():
     assert by_difference["pcl"]["outliers"][0]["resumed"] == ["jax_pcl_seed1005"]
     assert by_difference["pcl"]["reading"] == "loses"
     assert by_difference["kd"]["n"] == 20 and by_difference["kd"]["reading"] == "beats"
-    by_run = powered_study.without_outliers(records, primary, "run")
+    by_run = study_sensitivity.without_outliers(records, primary, "run")
     (outlier,) = by_run["pcl"]["outliers"]
     assert outlier["seed"] == 1005 and set(outlier["z"]) == {"pcl"} and outlier["z"]["pcl"] < -3
     assert outlier["difference"] == pytest.approx(4.7)
@@ -977,8 +1098,6 @@ def test_powered_study_sensitivity_analyses_find_the_seeds_a_reading_rests_on():
 def test_powered_study_report_holds_the_sensitivity_analyses_once_complete(tmp_path):
     """The complete report's block and JSON hold the sensitivity analyses, DML against the
     branch methods and the ramp-up weight each method logged; a progress report holds none."""
-    import powered_study
-
     root = tmp_path / "root"
     students = {
         ("jax", "ffcl"): [0.900, 0.905, 0.902, 0.907],
@@ -1000,7 +1119,7 @@ def test_powered_study_report_holds_the_sensitivity_analyses_once_complete(tmp_p
     sensitivity = result["sensitivity"]
     assert set(sensitivity["wilcoxon"]) == set(result["comparisons"]["primary"])
     dml_minus = sensitivity["dml_minus_branch_methods"]
-    assert list(dml_minus) == list(powered_study.BRANCH_METHODS)
+    assert list(dml_minus) == list(plan_module("powered_2026_12").BRANCH_METHODS)
     assert dml_minus["one"]["mean"] == pytest.approx(100 * (0.89525 - 0.885))
     assert sensitivity["logged_rampup_weight"] == {"dml": {1: [0.006738], 2: [1.0]}}
     text = study.read_text()

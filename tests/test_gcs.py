@@ -321,24 +321,27 @@ def test_tensorboard_events_go_through_tensorflows_file_system_layer(tmp_path):
 
 @pytest.mark.slow
 def test_the_study_drivers_read_and_copy_runs_under_a_gs_root(gcs, tmp_path):
-    """`experiments/powered_study.py --root=gs://...` (and the method study, through `study_runs`):
-    finished runs are found there and their files copied to the local results folder."""
+    """`experiments/study.py --workdirs=gs://...` (every plan, through `study_runs`): finished
+    runs are found there and their files copied to the local results folder."""
     sys.path.insert(0, os.path.join(REPO, "experiments"))
-    import powered_study
+    import study
+    import study_plan
     import study_runs
 
-    root = f"gs://{BUCKET}/table"
-    args = powered_study.parse_args(
-        [f"--root={root}", f"--output={tmp_path / 'table'}", "--seeds=0"]
-    )
-    run = next(r for r in powered_study.RUNS if (r.name, r.framework) == ("independent", "jax"))
-    workdir = study_runs.run_workdir(run, 0, args)
-    assert os.fspath(workdir) == f"{root}/{study_runs.run_id(run, 0)}"
-    assert study_runs.finished(run, 0, args) is None
+    workdirs = f"gs://{BUCKET}/table"
+    plan = study_plan.load(os.path.join(REPO, "experiments", "plans", "powered_2026_12.py"))
+    args = study.parse_args([f"--workdirs={workdirs}", f"--repo={tmp_path}", "--seeds=0"])
+    pargs = study.phase_args(plan, plan.final, args)
+    rows = study.rows_of(plan.final, study.phase_seeds(plan, plan.final, args))
+    run = next(r for r, _ in rows if (r.name, r.framework) == ("independent", "jax"))
+    workdir = study_runs.run_workdir(run, 0, pargs)
+    assert os.fspath(workdir) == f"{workdirs}/powered_study/{study_runs.run_id(run, 0)}"
+    assert study_runs.finished(run, 0, pargs) is None
     (workdir / "results.json").write_text(json.dumps({"summary": {"student": {"last": 0.5}}}))
     (workdir / "metrics.jsonl").write_text('{"kind": "eval"}\n')
-    assert study_runs.finished(run, 0, args)["summary"]["student"]["last"] == 0.5
-    study_runs.keep_copy(run, 0, args)
-    copy = tmp_path / "table_runs" / study_runs.run_id(run, 0)
+    assert study_runs.finished(run, 0, pargs)["summary"]["student"]["last"] == 0.5
+    study_runs.keep_copy(run, 0, pargs)
+    results = tmp_path / "experiments" / "results"
+    copy = results / "fashion_mnist_powered_runs" / study_runs.run_id(run, 0)
     assert (copy / "metrics.jsonl").read_text() == '{"kind": "eval"}\n'
     assert json.loads((copy / "results.json").read_text())["summary"]["student"]["last"] == 0.5

@@ -405,6 +405,9 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     assert f"cpu device(s) ({isa}, {kernels} kernels) in 1 process(es)" in proc.stdout
     # What a paired PyTorch reference run (reference_from_jax) records the same of.
     assert len(results["initial_weights_sha256"]) == len(results["first_batch_sha256"]) == 64
+    # A step's FLOPs as XLA counts them: at least the forward convolutions' (ResNet-8 pair:
+    # stem + 6 3x3 convolutions a network, 2 x H x W x C_in x C_out x 9 an image each).
+    assert results["train_flops_per_step"] > 2 * 2 * 28 * 28 * 9 * (1 * 16 + 16 * 16) * 16
     # config.json holds the method's settings as they resolved, not None.
     written = json.loads((workdir / "config.json").read_text())
     assert written["loss"]["tau"] == results["method_settings"]["tau"] is not None

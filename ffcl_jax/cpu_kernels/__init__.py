@@ -9,7 +9,8 @@ XLA:CPU").
 
 The BatchNorm is not oneDNN's: oneDNN sums each channel in plain float32, far less exact than
 XLA's pairwise reductions where a gradient nearly cancels over a channel. Ours sums in double
-(more exact than XLA's) in two memory-bound passes each way, with the ReLU that follows it fused.
+(more exact than XLA's) in two memory-bound passes each way, with the ReLU that follows it fused,
+and at a residual block's end the add and ReLU that follow it (`batch_norm_add_relu`).
 
 `available()` says whether the library is built (compiling it into a cache on first use, see
 `build.py`) and registered; `unavailable_reason()` says why not. The trainer hands the ops to
@@ -25,10 +26,10 @@ import functools
 import jax
 
 from ffcl_jax.cpu_kernels import build
-from ffcl_jax.cpu_kernels.ops import batch_norm_train, conv2d  # noqa: F401
+from ffcl_jax.cpu_kernels.ops import batch_norm_add_relu, batch_norm_train, conv2d  # noqa: F401
 
 # What the kernels replace in a model, for the records that say which ran (bench results).
-OPS = ("convolutions", "batch_norm_relu")
+OPS = ("convolutions", "batch_norm_relu", "batch_norm_add_relu")
 
 TARGETS = {
     "ffcl_onednn_conv_forward": "FfclConvForward",
@@ -37,6 +38,8 @@ TARGETS = {
     "ffcl_onednn_conv_backward_weights": "FfclConvBackwardWeights",
     "ffcl_batch_norm_forward": "FfclBatchNormForward",
     "ffcl_batch_norm_backward": "FfclBatchNormBackward",
+    "ffcl_batch_norm_add_relu_forward": "FfclBatchNormAddReluForward",
+    "ffcl_batch_norm_add_relu_backward": "FfclBatchNormAddReluBackward",
 }
 
 

@@ -550,20 +550,43 @@ void NormalizeRows(const Block& b, const float* x, float* y, const float* mean, 
   FFCL_BY_WIDTH(NormalizeBody, b, x, y, mean, a, shift, floor);
 }
 
-template <int64_t W>
+// Where the backward pass lets dy through, g = dy or 0. BatchNorm's own ReLU recomputes its
+// mask from x as the forward pass rounded it (floor 0), or lets everything through (floor
+// -inf); the residual block's fused end reads it off its output y (y > 0 exactly where the sum
+// was: the sum itself would need the residual), and in the input-gradient pass writes g as the
+// residual's gradient. `at` is the row's offset in the rows x channels arrays, `k` the channel
+// in the block (the per-channel pointers start at the block's first channel).
+struct ReluOfNormalized {
+  const float *mean, *a, *shift;
+  float floor;
+  FFCL_ALWAYS_INLINE float operator()(float d, float x, int64_t, int64_t k) const {
+    return KeptIf(d, Normalized(x, mean[k], a[k], shift[k]) > floor);
+  }
+};
+
+struct ReluOfOutput {
+  const float* y;
+  float* residual_gradient;  // null in the sums' pass
+  FFCL_ALWAYS_INLINE float operator()(float d, float, int64_t at, int64_t k) const {
+    float g = KeptIf(d, y[at + k] > 0.0f);
+    if (residual_gradient != nullptr) residual_gradient[at + k] = g;
+    return g;
+  }
+};
+
+template <int64_t W, typename Gate>
 FFCL_ALWAYS_INLINE void GradientSumBody(const Block& b, const float* __restrict x,
                                         const float* __restrict dy, const float* __restrict mean,
-                                        const float* __restrict a,
-                                        const float* __restrict shift, float floor,
-                                        double* __restrict sum_g, double* __restrict sum_gx) {
+                                        Gate gate, double* __restrict sum_g,
+                                        double* __restrict sum_gx) {
   const int64_t n = W ? W : b.width;
   double s[kChannelBlock] = {}, q[kChannelBlock] = {};
   for (int64_t r = b.begin; r < b.end; ++r) {
-    const float* xin = x + r * b.c + b.c0;
-    const float* din = dy + r * b.c + b.c0;
+    const int64_t at = r * b.c + b.c0;
+    const float *xin = x + at, *din = dy + at;
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
-      float g = KeptIf(din[k], Normalized(xin[k], mean[k], a[k], shift[k]) > floor);
+      float g = gate(din[k], xin[k], at, k);
       s[k] += g;
       q[k] += static_cast<double>(g) * (static_cast<double>(xin[k]) - mean[k]);
     }
@@ -574,32 +597,34 @@ FFCL_ALWAYS_INLINE void GradientSumBody(const Block& b, const float* __restrict 
   }
 }
 
-// The backward pass's sums in double: g and g * (x - mean), where g is dy, zeroed where the
-// fused ReLU's input was not above `floor` (-inf: no ReLU).
+// The backward pass's sums in double: g and g * (x - mean), g as the gate lets dy through.
 FFCL_VECTOR_CLONES
 void GradientSumRows(const Block& b, const float* x, const float* dy, const float* mean,
-                     const float* a, const float* shift, float floor, double* sum_g,
-                     double* sum_gx) {
-  FFCL_BY_WIDTH(GradientSumBody, b, x, dy, mean, a, shift, floor, sum_g, sum_gx);
+                     ReluOfNormalized gate, double* sum_g, double* sum_gx) {
+  FFCL_BY_WIDTH(GradientSumBody, b, x, dy, mean, gate, sum_g, sum_gx);
 }
 
-template <int64_t W>
+FFCL_VECTOR_CLONES
+void GradientSumRows(const Block& b, const float* x, const float* dy, const float* mean,
+                     ReluOfOutput gate, double* sum_g, double* sum_gx) {
+  FFCL_BY_WIDTH(GradientSumBody, b, x, dy, mean, gate, sum_g, sum_gx);
+}
+
+template <int64_t W, typename Gate>
 FFCL_ALWAYS_INLINE void InputGradientBody(const Block& b, const float* __restrict x,
                                           const float* __restrict dy, float* __restrict dx,
-                                          const float* __restrict mean,
-                                          const float* __restrict a,
-                                          const float* __restrict shift, float floor,
+                                          const float* __restrict mean, Gate gate,
                                           const float* __restrict da,
                                           const float* __restrict db,
                                           const float* __restrict dc) {
   const int64_t n = W ? W : b.width;
   for (int64_t r = b.begin; r < b.end; ++r) {
-    const float* xin = x + r * b.c + b.c0;
-    const float* din = dy + r * b.c + b.c0;
-    float* out = dx + r * b.c + b.c0;
+    const int64_t at = r * b.c + b.c0;
+    const float *xin = x + at, *din = dy + at;
+    float* out = dx + at;
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
-      float g = KeptIf(din[k], Normalized(xin[k], mean[k], a[k], shift[k]) > floor);
+      float g = gate(din[k], xin[k], at, k);
       out[k] = da[k] * g + db[k] * (xin[k] - mean[k]) + dc[k];
     }
   }
@@ -608,9 +633,43 @@ FFCL_ALWAYS_INLINE void InputGradientBody(const Block& b, const float* __restric
 // dx = da * g + db * (x - mean) + dc, g as in GradientSumRows.
 FFCL_VECTOR_CLONES
 void InputGradientRows(const Block& b, const float* x, const float* dy, float* dx,
-                       const float* mean, const float* a, const float* shift, float floor,
-                       const float* da, const float* db, const float* dc) {
-  FFCL_BY_WIDTH(InputGradientBody, b, x, dy, dx, mean, a, shift, floor, da, db, dc);
+                       const float* mean, ReluOfNormalized gate, const float* da,
+                       const float* db, const float* dc) {
+  FFCL_BY_WIDTH(InputGradientBody, b, x, dy, dx, mean, gate, da, db, dc);
+}
+
+FFCL_VECTOR_CLONES
+void InputGradientRows(const Block& b, const float* x, const float* dy, float* dx,
+                       const float* mean, ReluOfOutput gate, const float* da, const float* db,
+                       const float* dc) {
+  FFCL_BY_WIDTH(InputGradientBody, b, x, dy, dx, mean, gate, da, db, dc);
+}
+
+// The residual block's end, relu(residual + BatchNorm(x)), fused: the add and the ReLU cost no
+// pass of their own over the block's output.
+template <int64_t W>
+FFCL_ALWAYS_INLINE void NormalizeAddBody(const Block& b, const float* __restrict x,
+                                         const float* __restrict residual, float* __restrict y,
+                                         const float* __restrict mean,
+                                         const float* __restrict a,
+                                         const float* __restrict shift) {
+  const int64_t n = W ? W : b.width;
+  for (int64_t r = b.begin; r < b.end; ++r) {
+    const float* in = x + r * b.c + b.c0;
+    const float* add = residual + r * b.c + b.c0;
+    float* out = y + r * b.c + b.c0;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) {
+      out[k] = std::max(add[k] + Normalized(in[k], mean[k], a[k], shift[k]), 0.0f);
+    }
+  }
+}
+
+// y = max(residual + Normalized(x), 0).
+FFCL_VECTOR_CLONES
+void NormalizeAddRows(const Block& b, const float* x, const float* residual, float* y,
+                      const float* mean, const float* a, const float* shift) {
+  FFCL_BY_WIDTH(NormalizeAddBody, b, x, residual, y, mean, a, shift);
 }
 
 struct RowsView {
@@ -704,6 +763,23 @@ double RsqrtOf(float variance, float epsilon) {
 // from it, so both passes must get it from this one expression, bit for bit.
 float NormalizingScale(float gamma, double rstd) { return static_cast<float>(gamma * rstd); }
 
+// The batch's mean and biased variance of each channel, and `Normalized`'s factor `a`. Called
+// under the execution lock.
+std::vector<float> BatchStatistics(const RowsView& v, const float* xs, const float* gamma,
+                                   float epsilon, float* m, float* var) {
+  std::vector<double> sum, square;
+  ChannelSums(
+      v, [&](const Block& b, double* s, double* q) { SumRows(b, xs, s, q); }, &sum, &square);
+  std::vector<float> a(v.channels);
+  for (int64_t k = 0; k < v.channels; ++k) {
+    double mk = sum[k] / v.rows;
+    m[k] = static_cast<float>(mk);
+    var[k] = static_cast<float>(std::max(square[k] / v.rows - mk * mk, 0.0));
+    a[k] = NormalizingScale(gamma[k], RsqrtOf(var[k], epsilon));
+  }
+  return a;
+}
+
 ffi::Error BatchNormForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
                                 ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
                                 ffi::ResultBuffer<ffi::F32> mean,
@@ -719,23 +795,72 @@ ffi::Error BatchNormForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> s
     return e;
   }
   const float floor = relu ? 0.0f : -INFINITY;  // the fused ReLU, or none
-  const float *xs = x.typed_data(), *gamma = scale.typed_data(), *beta = shift.typed_data();
-  float *ys = y->typed_data(), *m = mean->typed_data(), *var = variance->typed_data();
+  const float *xs = x.typed_data(), *beta = shift.typed_data();
+  float *ys = y->typed_data(), *m = mean->typed_data();
   std::lock_guard<std::mutex> serial(ExecutionLock());
-  std::vector<double> sum, square;
-  ChannelSums(
-      v, [&](const Block& b, double* s, double* q) { SumRows(b, xs, s, q); }, &sum, &square);
-  std::vector<float> a(v.channels);
-  for (int64_t k = 0; k < v.channels; ++k) {
-    double mk = sum[k] / v.rows;
-    m[k] = static_cast<float>(mk);
-    var[k] = static_cast<float>(std::max(square[k] / v.rows - mk * mk, 0.0));
-    a[k] = NormalizingScale(gamma[k], RsqrtOf(var[k], epsilon));
-  }
+  std::vector<float> a =
+      BatchStatistics(v, xs, scale.typed_data(), epsilon, m, variance->typed_data());
   OverBlocks(v, Shares(v), [&](const Block& b, int64_t) {
     NormalizeRows(b, xs, ys, m + b.c0, a.data() + b.c0, beta + b.c0, floor);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error BatchNormAddReluForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                                       ffi::Buffer<ffi::F32> shift,
+                                       ffi::Buffer<ffi::F32> residual,
+                                       ffi::ResultBuffer<ffi::F32> y,
+                                       ffi::ResultBuffer<ffi::F32> mean,
+                                       ffi::ResultBuffer<ffi::F32> variance, float epsilon) {
+  RowsView v;
+  if (auto e = CheckedRows("ffcl_batch_norm_add_relu_forward", x.dimensions(),
+                           {{"residual", residual.dimensions()}, {"y", y->dimensions()}},
+                           {{"scale", scale.dimensions()},
+                            {"shift", shift.dimensions()},
+                            {"mean", mean->dimensions()},
+                            {"variance", variance->dimensions()}},
+                           &v);
+      e.failure()) {
+    return e;
+  }
+  const float *xs = x.typed_data(), *beta = shift.typed_data(), *rs = residual.typed_data();
+  float *ys = y->typed_data(), *m = mean->typed_data();
+  std::lock_guard<std::mutex> serial(ExecutionLock());
+  std::vector<float> a =
+      BatchStatistics(v, xs, scale.typed_data(), epsilon, m, variance->typed_data());
+  OverBlocks(v, Shares(v), [&](const Block& b, int64_t) {
+    NormalizeAddRows(b, xs, rs, ys, m + b.c0, a.data() + b.c0, beta + b.c0);
+  });
+  return ffi::Error::Success();
+}
+
+// The backward pass's per-channel results from its two sums: dscale, dshift, and the factors of
+// dx = da * g + db * (x - mean) + dc.
+struct GradientFactors {
+  std::vector<float> da, db, dc;
+};
+
+GradientFactors FactorsFromSums(const RowsView& v, const std::vector<double>& rstd,
+                                const float* gamma, const std::vector<double>& sum_g,
+                                const std::vector<double>& sum_gx, float* dscale,
+                                float* dshift) {
+  const int64_t c = v.channels;
+  GradientFactors f{std::vector<float>(c), std::vector<float>(c), std::vector<float>(c)};
+  for (int64_t k = 0; k < c; ++k) {
+    double gr = gamma[k] * rstd[k];
+    dscale[k] = static_cast<float>(sum_gx[k] * rstd[k]);
+    dshift[k] = static_cast<float>(sum_g[k]);
+    f.da[k] = static_cast<float>(gr);
+    f.db[k] = static_cast<float>(-gr * rstd[k] * rstd[k] * sum_gx[k] / v.rows);
+    f.dc[k] = static_cast<float>(-gr * sum_g[k] / v.rows);
+  }
+  return f;
+}
+
+std::vector<double> RstdOf(const RowsView& v, const float* variance, float epsilon) {
+  std::vector<double> rstd(v.channels);
+  for (int64_t k = 0; k < v.channels; ++k) rstd[k] = RsqrtOf(variance[k], epsilon);
+  return rstd;
 }
 
 ffi::Error BatchNormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
@@ -758,13 +883,11 @@ ffi::Error BatchNormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
     return e;
   }
   const float floor = relu ? 0.0f : -INFINITY;  // the fused ReLU, or none
-  const int64_t c = v.channels;
   const float *xs = x.typed_data(), *dys = dy.typed_data(), *m = mean.typed_data();
   const float *gamma = scale.typed_data(), *beta = shift.typed_data();
-  std::vector<double> rstd(c);
-  std::vector<float> a(c);
-  for (int64_t k = 0; k < c; ++k) {
-    rstd[k] = RsqrtOf(variance.typed_data()[k], epsilon);
+  std::vector<double> rstd = RstdOf(v, variance.typed_data(), epsilon);
+  std::vector<float> a(v.channels);
+  for (int64_t k = 0; k < v.channels; ++k) {
     a[k] = NormalizingScale(gamma[k], rstd[k]);  // as the forward pass rounded it
   }
   std::lock_guard<std::mutex> serial(ExecutionLock());
@@ -772,22 +895,58 @@ ffi::Error BatchNormBackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> 
   ChannelSums(
       v,
       [&](const Block& b, double* s, double* q) {
-        GradientSumRows(b, xs, dys, m + b.c0, a.data() + b.c0, beta + b.c0, floor, s, q);
+        ReluOfNormalized gate{m + b.c0, a.data() + b.c0, beta + b.c0, floor};
+        GradientSumRows(b, xs, dys, m + b.c0, gate, s, q);
       },
       &sum_g, &sum_gx);
-  std::vector<float> da(c), db(c), dc(c);
-  for (int64_t k = 0; k < c; ++k) {
-    double gr = gamma[k] * rstd[k];
-    dscale->typed_data()[k] = static_cast<float>(sum_gx[k] * rstd[k]);
-    dshift->typed_data()[k] = static_cast<float>(sum_g[k]);
-    da[k] = static_cast<float>(gr);
-    db[k] = static_cast<float>(-gr * rstd[k] * rstd[k] * sum_gx[k] / v.rows);
-    dc[k] = static_cast<float>(-gr * sum_g[k] / v.rows);
-  }
+  GradientFactors f = FactorsFromSums(v, rstd, gamma, sum_g, sum_gx, dscale->typed_data(),
+                                      dshift->typed_data());
   float* dxs = dx->typed_data();
   OverBlocks(v, Shares(v), [&](const Block& b, int64_t) {
-    InputGradientRows(b, xs, dys, dxs, m + b.c0, a.data() + b.c0, beta + b.c0, floor,
-                      da.data() + b.c0, db.data() + b.c0, dc.data() + b.c0);
+    ReluOfNormalized gate{m + b.c0, a.data() + b.c0, beta + b.c0, floor};
+    InputGradientRows(b, xs, dys, dxs, m + b.c0, gate, f.da.data() + b.c0, f.db.data() + b.c0,
+                      f.dc.data() + b.c0);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error BatchNormAddReluBackwardImpl(
+    ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> dy,
+    ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> variance, ffi::Buffer<ffi::F32> scale,
+    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+    ffi::ResultBuffer<ffi::F32> dshift, ffi::ResultBuffer<ffi::F32> dresidual, float epsilon) {
+  RowsView v;
+  if (auto e = CheckedRows("ffcl_batch_norm_add_relu_backward", x.dimensions(),
+                           {{"y", y.dimensions()},
+                            {"dy", dy.dimensions()},
+                            {"dx", dx->dimensions()},
+                            {"dresidual", dresidual->dimensions()}},
+                           {{"mean", mean.dimensions()},
+                            {"variance", variance.dimensions()},
+                            {"scale", scale.dimensions()},
+                            {"dscale", dscale->dimensions()},
+                            {"dshift", dshift->dimensions()}},
+                           &v);
+      e.failure()) {
+    return e;
+  }
+  const float *xs = x.typed_data(), *ys = y.typed_data(), *dys = dy.typed_data();
+  const float* m = mean.typed_data();
+  std::vector<double> rstd = RstdOf(v, variance.typed_data(), epsilon);
+  std::lock_guard<std::mutex> serial(ExecutionLock());
+  std::vector<double> sum_g, sum_gx;
+  ChannelSums(
+      v,
+      [&](const Block& b, double* s, double* q) {
+        GradientSumRows(b, xs, dys, m + b.c0, ReluOfOutput{ys, nullptr}, s, q);
+      },
+      &sum_g, &sum_gx);
+  GradientFactors f = FactorsFromSums(v, rstd, scale.typed_data(), sum_g, sum_gx,
+                                      dscale->typed_data(), dshift->typed_data());
+  float *dxs = dx->typed_data(), *drs = dresidual->typed_data();
+  OverBlocks(v, Shares(v), [&](const Block& b, int64_t) {
+    InputGradientRows(b, xs, dys, dxs, m + b.c0, ReluOfOutput{ys, drs}, f.da.data() + b.c0,
+                      f.db.data() + b.c0, f.dc.data() + b.c0);
   });
   return ffi::Error::Success();
 }
@@ -962,3 +1121,30 @@ FFCL_HANDLER(
         .Ret<ffi::Buffer<ffi::F32>>()
         .Attr<float>("epsilon")
         .Attr<bool>("relu"));
+
+FFCL_HANDLER(
+    FfclBatchNormAddReluForward, BatchNormAddReluForwardImpl,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<float>("epsilon"));
+
+FFCL_HANDLER(
+    FfclBatchNormAddReluBackward, BatchNormAddReluBackwardImpl,
+    ffi::Ffi::Bind()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Arg<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Ret<ffi::Buffer<ffi::F32>>()
+        .Attr<float>("epsilon"));

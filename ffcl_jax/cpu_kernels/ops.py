@@ -170,3 +170,41 @@ def _batch_norm_backward(epsilon, relu, residuals, cotangents):
 
 
 batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
+def _batch_norm_add_relu_forward(x, scale, bias, residual, epsilon):
+    check_batch_norm_args(x, scale, bias)
+    if residual.shape != x.shape or residual.dtype != jnp.float32:
+        raise ValueError(
+            "batch_norm_add_relu: residual must be float32 of x's shape "
+            f"({_describe(x=x, residual=residual)})"
+        )
+    channels = jax.ShapeDtypeStruct((x.shape[-1],), jnp.float32)
+    y, mean, var = jax.ffi.ffi_call(
+        "ffcl_batch_norm_add_relu_forward",
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels),
+        vmap_method="sequential",
+    )(x, scale, bias, residual, epsilon=np.float32(epsilon))
+    return (y, mean, var), (x, y, mean, var, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def batch_norm_add_relu(x, scale, bias, residual, epsilon):
+    """`(relu(residual + y), batch mean, biased batch variance)`, `y` BatchNorm's training-mode
+    output as in `batch_norm_train`: a residual block's end in one pass over its output. The
+    statistics' cotangents are ignored, as there."""
+    return _batch_norm_add_relu_forward(x, scale, bias, residual, epsilon)[0]
+
+
+def _batch_norm_add_relu_backward(epsilon, residuals, cotangents):
+    x, y, mean, var, scale = residuals
+    like_x = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    channels = jax.ShapeDtypeStruct(scale.shape, scale.dtype)
+    return jax.ffi.ffi_call(
+        "ffcl_batch_norm_add_relu_backward",
+        (like_x, channels, channels, like_x),
+        vmap_method="sequential",
+    )(x, y, cotangents[0], mean, var, scale, epsilon=np.float32(epsilon))
+
+
+batch_norm_add_relu.defvjp(_batch_norm_add_relu_forward, _batch_norm_add_relu_backward)

@@ -40,14 +40,17 @@ class LayerKernels:
 
     `conv2d(x, w, strides, padding, groups)` replaces float32, bias-free, undilated NHWC
     convolutions; `batch_norm_train(x, scale, bias, epsilon, relu) -> (y, mean, var)` replaces
-    float32 training-mode BatchNorm (its ReLU fused); `closed_form_batch_norm`: training-mode
-    BatchNorm differentiates with the closed form (`batch_norm_train` below); `scan_blocks`: the
-    identical blocks of a stage run as one `jax.lax.scan` (`scan_blocks` below), which the
-    compiler builds once per stage instead of once per block; `remat`: what a residual block's
-    backward pass keeps from its forward pass (`REMAT_POLICIES`, `run_block` below)."""
+    float32 training-mode BatchNorm (its ReLU fused); `batch_norm_add_relu(x, scale, bias,
+    residual, epsilon) -> (relu(residual + y), mean, var)` replaces it where a residual block
+    ends; `closed_form_batch_norm`: training-mode BatchNorm differentiates with the closed form
+    (`batch_norm_train` below); `scan_blocks`: the identical blocks of a stage run as one
+    `jax.lax.scan` (`scan_blocks` below), which the compiler builds once per stage instead of
+    once per block; `remat`: what a residual block's backward pass keeps from its forward pass
+    (`REMAT_POLICIES`, `run_block` below)."""
 
     conv2d: Callable | None = None
     batch_norm_train: Callable | None = None
+    batch_norm_add_relu: Callable | None = None
     closed_form_batch_norm: bool = False
     scan_blocks: bool = False
     remat: str = "none"
@@ -266,13 +269,17 @@ def _varying_axes(x) -> frozenset:
 
 
 class BatchNorm(nnx.BatchNorm):
-    """nnx.BatchNorm (same variables, same forward), with `relu=True` applying a ReLU to its
-    output. With `LayerKernels.closed_form_batch_norm` its training mode differentiates with the
-    closed form; with `LayerKernels.batch_norm_train` a float32 training-mode layer runs as that
-    kernel instead (the ReLU fused). Those paths compute nnx.BatchNorm's default form only
-    (`_default_form`); a layer built with other options runs as nnx.BatchNorm."""
+    """nnx.BatchNorm (same variables, same forward), with `residual` added to its output and
+    `relu=True` applying a ReLU last: `relu(residual + bn(x))` ends a residual block. With
+    `LayerKernels.closed_form_batch_norm` its training mode differentiates with the closed form;
+    with `LayerKernels.batch_norm_train` (`batch_norm_add_relu` where a residual and the ReLU
+    follow) a float32 training-mode layer runs as that kernel instead, the ReLU and the add
+    fused. Those paths compute nnx.BatchNorm's default form only (`_default_form`); a layer built
+    with other options runs as nnx.BatchNorm."""
 
-    def __call__(self, x, use_running_average=None, *, mask=None, relu: bool = False):
+    def __call__(
+        self, x, use_running_average=None, *, mask=None, relu: bool = False, residual=None
+    ):
         if use_running_average is None:
             use_running_average = self.use_running_average
         training = not use_running_average and mask is None
@@ -285,24 +292,38 @@ class BatchNorm(nnx.BatchNorm):
                 )
             training = False  # nnx.BatchNorm's own training mode, below
         kernels = _kernels.get()
-        kernel = None
+        inner_relu = relu and residual is None  # else the ReLU follows the add
+
+        def end(y):
+            if residual is not None:
+                y = residual + y
+            return nnx.relu(y) if relu else y
+
         if grouped is not None:
             y, mean, var = _grouped_batch_norm(
                 x, self.scale[...], self.bias[...], self.epsilon, *grouped
             )
-            return self._update_and_cast(nnx.relu(y) if relu else y, mean, var)
+            y = self._update_and_cast(nnx.relu(y) if inner_relu else y, mean, var)
+            return y if inner_relu else end(y)
+        kernel = fused = None
         if training and x.ndim in (2, 4):
             kernel = _float32_kernel(kernels.batch_norm_train, self.dtype, x, self.scale[...])
-        if not kernel and not (training and kernels.closed_form_batch_norm):
-            y = super().__call__(x, use_running_average, mask=mask)
-            return nnx.relu(y) if relu else y
+            if relu and residual is not None:
+                fused = _float32_kernel(
+                    kernels.batch_norm_add_relu, self.dtype, x, self.scale[...], residual
+                )
+        if not kernel and not fused and not (training and kernels.closed_form_batch_norm):
+            return end(super().__call__(x, use_running_average, mask=mask))
         scale, bias = _varying_like(x, self.scale[...], self.bias[...])
+        if fused:
+            return self._update_and_cast(*fused(x, scale, bias, residual, self.epsilon))
         if kernel:
-            y, mean, var = kernel(x, scale, bias, self.epsilon, relu)
+            y, mean, var = kernel(x, scale, bias, self.epsilon, inner_relu)
         else:
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
-            y = nnx.relu(y) if relu else y
-        return self._update_and_cast(y, mean, var)
+            y = nnx.relu(y) if inner_relu else y
+        y = self._update_and_cast(y, mean, var)
+        return y if inner_relu else end(y)
 
     def _default_form(self, x) -> bool:
         """Whether the layer is nnx.BatchNorm's default form, the one the kernel, the closed form

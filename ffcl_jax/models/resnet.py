@@ -36,10 +36,9 @@ class BasicBlock(nnx.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         frozen = not train
         y = self.bn1(self.conv1(x), use_running_average=frozen, relu=True)
-        y = self.bn2(self.conv2(y), use_running_average=frozen)
         if self.shortcut_conv is not None:
             x = self.shortcut_bn(self.shortcut_conv(x), use_running_average=frozen)
-        return nnx.relu(x + y)
+        return self.bn2(self.conv2(y), use_running_average=frozen, relu=True, residual=x)
 
 
 class CifarResNet(ZooNetwork):
