@@ -288,7 +288,10 @@ PARITY_CASES = {name: {"method": name} for name in sorted(methods.REGISTRY)} | {
         "teacher": "wrn_40_1",
         "student": "resnet20",
         "scan_blocks": True,
+        "remat": "dots",  # the loop body's policy in the :gpu and :tpu variants
     },
+    # Each residual block under jax.checkpoint, its BatchNorm and ReLUs recomputed backwards.
+    "ffcl-remat": {"method": "ffcl", "remat": "conv_outputs"},
 }
 # The fast tier keeps one case of each family of methods (SwitOKD's: one whose switch flips).
 FAST_PARITY_CASES = ("ffcl", "kd", "kdcl", "one", "pcl", "mcl", "switokd-expert-mode", "ffsd")
