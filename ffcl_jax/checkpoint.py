@@ -101,7 +101,7 @@ ADDED_KEYS = {
     "final_test": True,  # runs with a validation split evaluated the test split before
     "reference_from_jax": False,
     "scan_blocks": False,
-    "remat": "none",
+    "remat": "auto",  # what scan_blocks did before the key: its loop's body kept the dots
     # Runs before it set loss.rampup_epochs for every method instead.
     "protocol_rampup_epochs": None,
     # The branch methods', KDCL's and PCL's loss settings (None: the preset's value, as for

@@ -98,12 +98,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.scan_blocks = False
     # What each residual block's backward pass keeps from its forward pass (models/layers.py,
     # REMAT_POLICIES): "none" (what autodiff saves), "conv_outputs" (only the convolutions'
-    # outputs; BatchNorm's apply, the ReLUs and the adds recomputed) or "dots" (every
-    # convolution's and matrix product's output). The same gradients to rounding; with
-    # scan_blocks it is the loop body's policy, which a scan needs ("none" stacks every residual
-    # over the loop). Unrolled, "conv_outputs" made the TPU step move more bytes, not fewer
-    # (docs/performance.md): off by default, "dots" in the :gpu and :tpu variants.
-    c.remat = "none"
+    # outputs; BatchNorm's apply, the ReLUs and the adds recomputed), "dots" (every
+    # convolution's and matrix product's output), each for every block, unrolled or a
+    # scan_blocks loop's body; or "auto": "dots" in a loop's body, which needs a policy ("none"
+    # stacks every residual over the loop: 3.4x the v5e:2x2 step's temporaries), "none" for
+    # unrolled blocks, where "conv_outputs" made the TPU step move more bytes, not fewer
+    # (docs/performance.md). The same gradients to rounding; the CPU step's default (unrolled)
+    # is unchanged.
+    c.remat = "auto"
 
     # CPU only: the kernels and XLA:CPU settings a CPU run takes; none of them changes what is
     # computed beyond rounding, and a resumed run may change any of them.
@@ -121,8 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
     # blocks a stage, else reduce). See xla_cpu.compiler_options.
     c.cpu.ynn_fusion = "auto"
     # BatchNorm's training backward on XLA's kernels: "closed_form" (two per-channel sums; faster
-    # for deep networks on XLA:CPU), "autodiff" (JAX differentiates the forward), or "auto"
-    # (closed_form on the CPU backend when a network has >= 5 blocks a stage). See
+    # for deep networks on XLA:CPU, fewer HBM bytes on a TPU), "autodiff" (JAX differentiates the
+    # forward), or "auto" (closed_form on the CPU or a TPU when a network has >= 5 blocks a
+    # stage). Despite its place under cpu, it applies on any backend. See
     # xla_cpu.closed_form_batch_norm. Float32 layers on the oneDNN kernels use their own backward.
     c.cpu.batch_norm_backward = "auto"
     # XLA:CPU inlines called computations after its fusion pass, which lets its simplifier drop
@@ -206,13 +209,10 @@ def apply_gpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """One GPU node (1 to 8 GPUs): the protocol unchanged (global batch 128, its learning rate),
     bfloat16 compute with float32 losses, the training split held on the GPUs and batched
     there (small CIFAR networks would otherwise wait for the host's input pipeline), and each
-    stage's identical blocks compiled once (`scan_blocks`), whose loop keeps only the
-    convolutions' outputs for the backward pass (`remat="dots"`: without it the loop stacks
-    every residual of a block, 3.4x the v5e:2x2 step's temporaries; docs/performance.md)."""
+    stage's identical blocks compiled once (`scan_blocks`)."""
     c.compute_dtype = "bfloat16"
     c.data_on_device = True
     c.scan_blocks = True
-    c.remat = "dots"
     c.eval_batch_size = 1000
     return c
 
@@ -274,7 +274,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods
             f"config.batch_size={config.batch_size} must be a positive multiple of the "
             f"{num_devices} devices it is split over"
         )
-    if config.get("remat", "none") not in REMAT_POLICIES:
+    if config.get("remat", "auto") not in REMAT_POLICIES:
         raise UserError(
             f"unknown remat policy {config.remat!r}; valid: {', '.join(REMAT_POLICIES)}"
         )

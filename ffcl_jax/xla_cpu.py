@@ -92,13 +92,14 @@ BATCH_NORM_BACKWARDS = ("auto", "closed_form", "autodiff")
 
 def closed_form_batch_norm(config, platform: str | None = None) -> bool:
     """`config.cpu.batch_norm_backward`: "auto" takes the closed form (layers.batch_norm_train)
-    where it was measured to pay off, a deep network on the CPU backend (cifar100 pair's step 1.2x);
+    where it was measured to pay off, a deep network on the CPU backend (cifar100 pair's step 1.2x)
+    or on a TPU (the cifar100 :tpu step's HBM bytes 4-5% fewer on v5e:2x2, docs/performance.md);
     for shallow pairs it changes nothing measurable and autodiff keeps earlier runs' numerics.
     `platform`: as in `compiler_options`."""
     choice = config.cpu.batch_norm_backward
     if choice == "auto":
         deep = deepest_blocks_per_stage(config) >= DEEP_BLOCKS_PER_STAGE
-        return (platform or jax.default_backend()) == "cpu" and deep
+        return (platform or jax.default_backend()) in ("cpu", "tpu") and deep
     return choice == "closed_form"
 
 
@@ -177,7 +178,7 @@ def layer_kernels(config, num_devices: int = 1, platform: str | None = None) -> 
     kernels = LayerKernels(
         closed_form_batch_norm=closed_form_batch_norm(config, platform),
         scan_blocks=bool(config.get("scan_blocks", False)),
-        remat=config.get("remat", "none"),
+        remat=config.get("remat", "auto"),
     )
     if not use_onednn_kernels(config, num_devices, platform):
         return kernels

@@ -288,7 +288,7 @@ PARITY_CASES = {name: {"method": name} for name in sorted(methods.REGISTRY)} | {
         "teacher": "wrn_40_1",
         "student": "resnet20",
         "scan_blocks": True,
-        "remat": "dots",  # the loop body's policy in the :gpu and :tpu variants
+        "remat": "dots",  # every block, the unrolled first ones too
     },
     # Each residual block under jax.checkpoint, its BatchNorm and ReLUs recomputed backwards.
     "ffcl-remat": {"method": "ffcl", "remat": "conv_outputs"},

@@ -88,14 +88,24 @@ def test_conv_outputs_keeps_fewer_values_than_autodiff():
     assert kept["dots"] < 0.6 * kept["none"], kept
 
 
-def test_off_on_the_cpu_on_for_the_accelerators_and_a_bad_policy_is_refused(fmnist_dir):
+def test_auto_wraps_a_loop_body_only():
+    """`remat="auto"`: unrolled blocks as autodiff leaves them (the CPU default's step
+    unchanged), a scan_blocks loop's body under the dots policy."""
+    with jax.enable_x64(True):
+        unrolled_text, _ = _model_run("resnet20", "auto", False)
+        scanned_text, _ = _model_run("resnet20", "auto", True)
+        scanned_none_text, _ = _model_run("resnet20", "none", True)
+    assert not _rematted(unrolled_text)
+    assert _rematted(scanned_text) and not _rematted(scanned_none_text)
+
+
+def test_the_default_is_auto_everywhere_and_a_bad_policy_is_refused(fmnist_dir):
     from configs.cifar100 import get_config
 
-    assert get_config().remat == "none"
-    assert xla_cpu.layer_kernels(get_config(), 1, "cpu").remat == "none"
-    # The accelerator variants scan their blocks: the loop's body keeps the convolutions' outputs.
-    assert get_config("gpu").remat == get_config("tpu").remat == "dots"
-    assert xla_cpu.layer_kernels(get_config("tpu"), 1, "tpu").remat == "dots"
+    for variant in (None, "gpu", "tpu"):
+        assert get_config(variant).remat == "auto"
+    assert xla_cpu.layer_kernels(get_config(), 1, "cpu").remat == "auto"
+    assert xla_cpu.layer_kernels(get_config("tpu"), 1, "tpu").remat == "auto"
     with pytest.raises(UserError, match="remat policy 'everything'"):
         train.check_config(tiny_config(fmnist_dir, remat="everything"), 1)
 

@@ -53,7 +53,7 @@ class LayerKernels:
     batch_norm_add_relu: Callable | None = None
     closed_form_batch_norm: bool = False
     scan_blocks: bool = False
-    remat: str = "none"
+    remat: str = "auto"
 
 
 XLA_OPS = LayerKernels()  # the layers as written: every op XLA's
@@ -73,13 +73,19 @@ def layer_kernels(kernels: LayerKernels):
 # What a residual block's backward pass keeps from its forward pass (`config.remat`): "none",
 # whatever autodiff saves (BatchNorm's float32 intermediates, the ReLUs' outputs); "conv_outputs",
 # only the convolutions' outputs (named CONV_OUTPUT in `Conv`), BatchNorm's apply, the ReLUs and
-# the adds recomputed from them; "dots", every convolution's and matrix product's output.
-REMAT_POLICIES = ("none", "conv_outputs", "dots")
+# the adds recomputed from them; "dots", every convolution's and matrix product's output; "auto",
+# "dots" in a `scan_blocks` loop's body (else the loop stacks every residual of a block) and
+# "none" for unrolled blocks, where the TPU compiler's own choices moved fewer bytes
+# (docs/performance.md).
+REMAT_POLICIES = ("auto", "none", "conv_outputs", "dots")
 CONV_OUTPUT = "conv_output"
 
 
-def remat_policy(name: str):
-    """The `jax.checkpoint` policy of `config.remat` (`REMAT_POLICIES`); None for "none"."""
+def remat_policy(name: str, *, scanned: bool = False):
+    """The `jax.checkpoint` policy of `config.remat` (`REMAT_POLICIES`) for an unrolled block or
+    a loop's body (`scanned`); None for none."""
+    if name == "auto":
+        name = "dots" if scanned else "none"
     if name == "conv_outputs":
         return jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
     if name == "dots":
@@ -454,7 +460,7 @@ def scan_blocks(blocks, x: jax.Array, *, train: bool) -> jax.Array:
     # The remat policy (`run_block`) applies to the loop's body; without one ("none") autodiff
     # stacks every residual of a block over the loop, where the compiler can no longer
     # recompute them instead. Inside a scan no CSE can merge the recomputation with the forward.
-    policy = remat_policy(_kernels.get().remat) if train else None
+    policy = remat_policy(_kernels.get().remat, scanned=True) if train else None
     if policy is not None:
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     x, stats = jax.lax.scan(body, x, stacked)
