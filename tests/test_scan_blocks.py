@@ -5,6 +5,9 @@ train state, checkpoint and export layout, and a checkpoint resumes across the s
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -16,7 +19,7 @@ from flax import nnx
 from ffcl_jax import checkpoint, export, train, xla_cpu
 from ffcl_jax.models import create_model
 from ffcl_jax.models.layers import LayerKernels, layer_kernels
-from tests.conftest import tiny_config
+from tests.conftest import REPO, tiny_config
 from tests.helpers import tiers
 
 
@@ -150,3 +153,51 @@ def test_the_branch_methods_scan_their_branches_stages(fmnist_dir):
     (_, _, state_off, metrics_off), (_, _, state_on, metrics_on) = steps
     chex.assert_trees_all_close(metrics_on, metrics_off, rtol=1e-10, atol=1e-12)
     chex.assert_trees_all_close(state_on, state_off, rtol=1e-10, atol=1e-12)
+
+
+PER_DEVICE_CODE = """
+import json, os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, numpy as np
+from configs.fashion_mnist import get_config
+from ffcl_jax import parallel, train
+mesh = parallel.DataParallel(-1)
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (32, 28, 28, 1)).astype(np.uint8)
+labels = rng.integers(0, 10, 32).astype(np.int32)
+result = {}
+for mode in ("per_device", "groups:2"):
+    out = []
+    for scan in (False, True):
+        config = get_config()
+        config.scan_blocks, config.batch_norm, config.batch_size = scan, mode, 32
+        config.cpu.kernels = "xla"
+        setup, state = train.build(config, train.check_config(config, 2), 10, mesh)
+        step, _ = train.jit_steps(setup, config)
+        with jax.set_mesh(mesh.mesh):
+            out.append(step(jax.device_put(state, mesh.replicated),
+                            mesh.global_batch({"image": images, "label": labels})))
+    gaps = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), *out)
+    result[mode] = max(jax.tree.leaves(gaps))
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_per_device_and_grouped_batch_norm_scan_alike():
+    """Under shard_map (per-device and grouped statistics, 2 forced CPU devices), the scanned
+    stages give the unrolled step to float32 rounding: the demo pair, ResNet-20 scanned."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", PER_DEVICE_CODE],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    gaps = json.loads(line[len("RESULT ") :])
+    assert set(gaps) == {"per_device", "groups:2"}
+    assert all(gap <= 1e-5 for gap in gaps.values()), gaps
