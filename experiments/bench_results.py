@@ -1,4 +1,5 @@
-"""The benchmark's results: the machine description, one file name per setting, and the tables
+"""The benchmark's results: a run's turns summarised (ratios, the median turn, the step's fraction
+of the machine's peak), the machine description, one file name per setting, and the tables
 of docs/performance.md rebuilt from the committed results (`python experiments/bench_step.py
 --readme`): the speed table from `experiments/results/bench_*.json`, and the table "Compiled for
 TPU slices" from the reports of `python -m ffcl_jax.compile_for` in
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import statistics
 
 import readme_block  # experiments/, beside this module
 
@@ -167,3 +169,55 @@ def write_compile_for_table(results: str = RESULTS, doc: str = README) -> None:
     table = "\n".join([COMPILE_FOR_HEADER, *(compile_for_row(n, r) for n, r in reports)])
     readme_block.replace_block("compile-for", table, doc)
     print(f"compile-for table: {len(reports)} rows from {results}/compile_for_*.json")
+
+
+# The turns of a JAX-against-PyTorch benchmark (bench_step.py), summarised.
+
+
+def summarize(times: list[float], batch_size: int) -> dict:
+    median = statistics.median(times)
+    return {
+        "step_ms_min": round(1000 * min(times), 1),
+        "step_ms_median": round(1000 * median, 1),
+        "img_per_sec_median": round(batch_size / median, 1),
+        "img_per_sec_best": round(batch_size / min(times), 1),
+        "repeats": len(times),
+    }
+
+
+def pair_ratios(sides: dict, modes: list[str]) -> dict[str, float]:
+    """JAX/PyTorch throughput per mode, where both sides ran."""
+    if not {"jax", "pytorch"} <= set(sides):
+        return {}
+    keys = {"step": "img_per_sec_median", "epoch": "img_per_sec"}
+    return {
+        mode: round(sides["jax"][mode][keys[mode]] / sides["pytorch"][mode][keys[mode]], 3)
+        for mode in modes
+    }
+
+
+def fraction_of_peak(sides: dict) -> dict:
+    """The machine's float32 peak (the faster framework's 4096 x 4096 matrix product on the same
+    threads) and each side's step at its minimum as a fraction of it, the step's FLOPs counted
+    by XLA (`train_gflop_per_step`); empty off the CPU or without a step."""
+    gemms = [side["gemm_gflops"] for side in sides.values() if "gemm_gflops" in side]
+    flops = sides.get("jax", {}).get("step", {}).get("train_gflop_per_step")
+    if not gemms or not flops:
+        return {}
+    peak = max(gemms)
+    result = {"gemm_gflops": peak}
+    for name, side in sides.items():
+        if "step" in side:
+            achieved = flops / (side["step"]["step_ms_min"] / 1e3)
+            result[f"{name}_step_min_gflops"] = round(achieved, 1)
+            result[f"{name}_step_min_fraction"] = round(achieved / peak, 3)
+    return result
+
+
+def median_turn(ratios: list[dict[str, float]]) -> int:
+    """The turn whose first mode's ratio is the median (the lower one for an even count)."""
+    if not ratios[0]:
+        return 0
+    mode = next(iter(ratios[0]))
+    order = sorted(range(len(ratios)), key=lambda i: ratios[i][mode])
+    return order[(len(order) - 1) // 2]

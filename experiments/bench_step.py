@@ -127,17 +127,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def summarize(times: list[float], batch_size: int) -> dict:
-    median = statistics.median(times)
-    return {
-        "step_ms_min": round(1000 * min(times), 1),
-        "step_ms_median": round(1000 * median, 1),
-        "img_per_sec_median": round(batch_size / median, 1),
-        "img_per_sec_best": round(batch_size / min(times), 1),
-        "repeats": len(times),
-    }
-
-
 # Training-set sizes, for --synthetic_data (which must not need the data set to find them).
 TRAIN_EXAMPLES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}
 
@@ -220,7 +209,7 @@ def jax_worker(config, modes) -> dict:
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
         out["step"] = {
-            **summarize(times, config.batch_size),
+            **bench_results.summarize(times, config.batch_size),
             "first_step_seconds_incl_compile": round(first, 2),
             "peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1),
             **memory(step, state, batch),
@@ -356,7 +345,7 @@ def torch_worker(config, modes) -> dict:
                 torch.mm, lambda n: torch.randn(n, n, generator=torch.Generator().manual_seed(n))
             )
         out["step"] = {
-            **summarize(times, config.batch_size),
+            **bench_results.summarize(times, config.batch_size),
             "first_step_seconds": round(first, 2),
             "peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1),
             "device_peak_mb": (
@@ -387,44 +376,6 @@ def torch_worker(config, modes) -> dict:
             "img_per_sec": round(steps * config.batch_size / seconds, 1),
         }
     return out
-
-
-def pair_ratios(sides: dict, modes: list[str]) -> dict[str, float]:
-    """JAX/PyTorch throughput per mode, where both sides ran."""
-    if not {"jax", "pytorch"} <= set(sides):
-        return {}
-    keys = {"step": "img_per_sec_median", "epoch": "img_per_sec"}
-    return {
-        mode: round(sides["jax"][mode][keys[mode]] / sides["pytorch"][mode][keys[mode]], 3)
-        for mode in modes
-    }
-
-
-def fraction_of_peak(sides: dict) -> dict:
-    """The machine's float32 peak (the faster framework's 4096 x 4096 matrix product on the same
-    threads) and each side's step at its minimum as a fraction of it, the step's FLOPs counted
-    by XLA (`train_gflop_per_step`); empty off the CPU or without a step."""
-    gemms = [side["gemm_gflops"] for side in sides.values() if "gemm_gflops" in side]
-    flops = sides.get("jax", {}).get("step", {}).get("train_gflop_per_step")
-    if not gemms or not flops:
-        return {}
-    peak = max(gemms)
-    result = {"gemm_gflops": peak}
-    for name, side in sides.items():
-        if "step" in side:
-            achieved = flops / (side["step"]["step_ms_min"] / 1e3)
-            result[f"{name}_step_min_gflops"] = round(achieved, 1)
-            result[f"{name}_step_min_fraction"] = round(achieved / peak, 3)
-    return result
-
-
-def _median_turn(ratios: list[dict[str, float]]) -> int:
-    """The turn whose first mode's ratio is the median (the lower one for an even count)."""
-    if not ratios[0]:
-        return 0
-    mode = next(iter(ratios[0]))
-    order = sorted(range(len(ratios)), key=lambda i: ratios[i][mode])
-    return order[(len(order) - 1) // 2]
 
 
 def run_worker(framework: str) -> dict:
@@ -482,8 +433,8 @@ def main(argv):
         {framework: run_worker(framework) for framework in FLAGS.frameworks}
         for _ in range(FLAGS.turns)
     ]
-    ratios = [pair_ratios(sides, modes) for sides in turns]
-    median_turn = _median_turn(ratios)
+    ratios = [bench_results.pair_ratios(sides, modes) for sides in turns]
+    median_turn = bench_results.median_turn(ratios)
     sides = turns[median_turn]
     from ffcl_jax.process_env import tunables_in_effect
 
@@ -501,7 +452,7 @@ def main(argv):
         "glibc_tunables": tunables_in_effect(os.environ.get("GLIBC_TUNABLES", "")),
         **sides,
     }
-    peak = fraction_of_peak(sides)
+    peak = bench_results.fraction_of_peak(sides)
     if peak:
         result["fp32_peak"] = peak
     if ratios[0]:

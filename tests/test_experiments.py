@@ -221,7 +221,6 @@ def test_gpu_script_runs_the_benchmark_without_tensorflow_and_returns_the_result
 def test_turns_take_the_median_ratio_and_show_that_turn():
     """`--turns`: each turn's JAX/PyTorch ratio; the turn shown is the one with the median ratio
     (the lower of the middle two for an even count)."""
-    import bench_step
 
     def sides(jax_rate, torch_rate):
         return {
@@ -229,11 +228,14 @@ def test_turns_take_the_median_ratio_and_show_that_turn():
             "pytorch": {"step": {"img_per_sec_median": torch_rate}, "epoch": {"img_per_sec": 2.0}},
         }
 
-    assert bench_step.pair_ratios(sides(3.0, 2.0), ["step", "epoch"]) == {"step": 1.5, "epoch": 0.5}
-    assert bench_step.pair_ratios({"jax": {}}, ["step"]) == {}
-    assert bench_step._median_turn([{"step": 0.5}, {"step": 3.0}, {"step": 2.0}]) == 2
-    assert bench_step._median_turn([{"step": 2.0}, {"step": 1.0}]) == 1
-    assert bench_step._median_turn([{}]) == 0
+    assert bench_results.pair_ratios(sides(3.0, 2.0), ["step", "epoch"]) == {
+        "step": 1.5,
+        "epoch": 0.5,
+    }
+    assert bench_results.pair_ratios({"jax": {}}, ["step"]) == {}
+    assert bench_results.median_turn([{"step": 0.5}, {"step": 3.0}, {"step": 2.0}]) == 2
+    assert bench_results.median_turn([{"step": 2.0}, {"step": 1.0}]) == 1
+    assert bench_results.median_turn([{}]) == 0
 
 
 def test_benchmark_result_names_keep_settings_apart(monkeypatch):
