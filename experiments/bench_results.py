@@ -13,8 +13,6 @@ import json
 import os
 import statistics
 
-import readme_block  # experiments/, beside this module
-
 from ffcl_jax.checkpoint import RENAMED_KEYS
 from ffcl_jax.machine import cpu_isa, machine  # noqa: F401  (the benchmarks' machine record)
 
@@ -30,6 +28,7 @@ def command_today(command: str) -> str:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 README = os.path.join(ROOT, "docs", "performance.md")  # holds the bench table
+REPO_README = os.path.join(ROOT, "README.md")
 
 
 def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
@@ -120,7 +119,7 @@ def write_readme(results: str = RESULTS, readme: str = README) -> None:
             *rows,
         ]
     )
-    readme_block.replace_block("bench", table, readme)
+    replace_block("bench", table, readme)
     print(f"README table: {len(rows)} rows from {results}/bench_*.json")
 
 
@@ -167,7 +166,7 @@ def write_compile_for_table(results: str = RESULTS, doc: str = README) -> None:
     # One chip generation after another, smaller slices first, the preset before its variants.
     reports.sort(key=lambda r: (r[1]["chip"]["name"], r[1]["chips"], len(r[0]), r[0]))
     table = "\n".join([COMPILE_FOR_HEADER, *(compile_for_row(n, r) for n, r in reports)])
-    readme_block.replace_block("compile-for", table, doc)
+    replace_block("compile-for", table, doc)
     print(f"compile-for table: {len(reports)} rows from {results}/compile_for_*.json")
 
 
@@ -221,3 +220,18 @@ def median_turn(ratios: list[dict[str, float]]) -> int:
     mode = next(iter(ratios[0]))
     order = sorted(range(len(ratios)), key=lambda i: ratios[i][mode])
     return order[(len(order) - 1) // 2]
+
+
+def replace_block(name: str, content: str, path: str | None = None) -> None:
+    """Rewrites the generated block NAME of a Markdown file (README.md unless `path`), between
+    its start and end markers."""
+    path = path or REPO_README
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    with open(path) as f:
+        text = f.read()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} block to fill")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{before}{start}\n{content}\n{end}{after}")

@@ -1,4 +1,4 @@
-"""The study driver: runs a study's plan (`experiments/plans/*.py`, `study_plan.Plan`) and writes
+"""The study driver: runs a study's plan (`experiments/plans/*.py`, `study_runs.Plan`) and writes
 its report.
 
     nice -n 19 python experiments/study.py --plan=experiments/plans/powered_2026_12.py
@@ -30,8 +30,7 @@ import json
 import os
 import statistics
 
-import readme_block  # experiments/, beside this script
-import study_plan
+import bench_results  # experiments/, beside this script
 import study_report
 import study_runs
 
@@ -149,10 +148,10 @@ def report(phase, pargs, rows, seeds, selection=None, summary_file=None) -> dict
     result = {key: ctx.result[key] for key in phase.json_keys if key in ctx.result}
     with open(f"{pargs.output}.json", "w") as f:
         json.dump(result, f, indent=1)
-    readme_block.replace_block(phase.block, "\n".join(lines), path=pargs.study_file)
+    bench_results.replace_block(phase.block, "\n".join(lines), path=pargs.study_file)
     if summary_file and phase.summary is not None:
         text = "\n".join(phase.summary.lines(ctx))
-        readme_block.replace_block(phase.summary_block, text, path=summary_file)
+        bench_results.replace_block(phase.summary_block, text, path=summary_file)
     print(f"{TITLES[phase.name]} report of {len(records)} finished runs in {pargs.output}.json")
     return result
 
@@ -268,11 +267,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None, plan=None) -> None:
-    """`plan`: a `study_plan.Plan` in place of the one --plan names (tests)."""
+    """`plan`: a `study_runs.Plan` in place of the one --plan names (tests)."""
     args = parse_args(argv)
     if plan is None and not args.plan:
         raise UserError("name the study's plan: --plan=experiments/plans/<study>.py")
-    plan = plan or study_plan.load(args.plan)
+    plan = plan or study_runs.load(args.plan)
     if args.phase == "select" and plan.select is None:
         raise UserError(f"{args.plan}: this plan has no selection phase; use --phase=final")
     run_study(plan, args)

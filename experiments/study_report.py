@@ -1,4 +1,4 @@
-"""The sections of a study's report (`study.py` writes them from a plan, `study_plan.Phase`):
+"""The sections of a study's report (`study.py` writes them from a plan, `study_runs.Phase`):
 each section is a small frozen dataclass with `lines(ctx)` (its Markdown lines; the report
 joins the sections' non-empty lines with a blank line) and `compute(ctx)` (what it adds to the
 report's JSON, `ctx.result`). The sensitivity analyses are in `study_sensitivity.py`.

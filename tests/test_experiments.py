@@ -19,7 +19,6 @@ pytest.importorskip("torch")
 
 import bench_results  # noqa: E402
 import study  # noqa: E402
-import study_plan  # noqa: E402
 import study_report  # noqa: E402
 import study_runs  # noqa: E402
 import study_sensitivity  # noqa: E402
@@ -604,7 +603,7 @@ def test_report_only_rewrites_the_committed_study_reports_byte_for_byte(name, tm
     """`study.py --plan=<plan> --report_only` re-derives the committed report from the committed
     runs: run against a copy of the outputs (the runs linked, not copied), every file comes
     out byte for byte as committed."""
-    plan = study_plan.load(os.path.join(PLANS, f"{name}.py"))
+    plan = study_runs.load(os.path.join(PLANS, f"{name}.py"))
     for path in COMMITTED[name]:
         os.makedirs(os.path.dirname(tmp_path / path), exist_ok=True)
         (tmp_path / path).write_bytes(b"")  # each must be written again
@@ -633,16 +632,16 @@ def test_the_driver_refuses_a_plan_it_cannot_run(tmp_path):
     from ffcl_jax.errors import UserError
 
     with pytest.raises(UserError, match="no plan file"):
-        study_plan.load(str(tmp_path / "missing.py"))
+        study_runs.load(str(tmp_path / "missing.py"))
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(UserError, match="get_plan"):
-        study_plan.load(str(tmp_path / "empty.py"))
+        study_runs.load(str(tmp_path / "empty.py"))
     powered = os.path.join(PLANS, "powered_2026_12.py")
     with pytest.raises(UserError, match="no selection phase"):
         study.main([f"--plan={powered}", "--phase=select", "--report_only"])
     with pytest.raises(UserError, match="--rows: unknown"):
         study.main([f"--plan={powered}", "--rows=ffcl,fcl", f"--repo={tmp_path}", "--report_only"])
-    plan = study_plan.load(powered)
+    plan = study_runs.load(powered)
     phase = dataclasses.replace(plan.final, record_fields=("run", "sead"))
     with pytest.raises(UserError, match="sead"):
         study.collect(phase, None, [])
@@ -858,7 +857,7 @@ def _powered_report(tmp_path, root):
 
     study_md = tmp_path / "study.md"
     study_md.write_text("<!-- powered:start -->\n<!-- powered:end -->\n")
-    powered = study_plan.load(os.path.join(PLANS, "powered_2026_12.py"))
+    powered = study_runs.load(os.path.join(PLANS, "powered_2026_12.py"))
     phase = dataclasses.replace(
         powered.final, root=str(root), output=str(tmp_path / "out"), study_file=str(study_md)
     )

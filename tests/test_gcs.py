@@ -325,11 +325,10 @@ def test_the_study_drivers_read_and_copy_runs_under_a_gs_root(gcs, tmp_path):
     runs are found there and their files copied to the local results folder."""
     sys.path.insert(0, os.path.join(REPO, "experiments"))
     import study
-    import study_plan
     import study_runs
 
     workdirs = f"gs://{BUCKET}/table"
-    plan = study_plan.load(os.path.join(REPO, "experiments", "plans", "powered_2026_12.py"))
+    plan = study_runs.load(os.path.join(REPO, "experiments", "plans", "powered_2026_12.py"))
     args = study.parse_args([f"--workdirs={workdirs}", f"--repo={tmp_path}", "--seeds=0"])
     pargs = study.phase_args(plan, plan.final, args)
     rows = study.rows_of(plan.final, study.phase_seeds(plan, plan.final, args))

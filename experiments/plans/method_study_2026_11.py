@@ -18,7 +18,6 @@ independent and selected FFCL for 5. Report: `archive/fashion_mnist_method_study
 
 from __future__ import annotations
 
-from study_plan import Phase, Plan, Run
 from study_report import (
     Ablations,
     Commands,
@@ -31,6 +30,7 @@ from study_report import (
     Text,
     Welch,
 )
+from study_runs import Phase, Plan, Run
 
 ARCHIVE = "experiments/results/archive/"
 STUDY_FILE = ARCHIVE + "fashion_mnist_method_study.md"

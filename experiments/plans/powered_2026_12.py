@@ -18,8 +18,8 @@ methods, each method's parameters and its logged ramp-up weights.
 
 from __future__ import annotations
 
-from study_plan import Phase, Plan, Run
 from study_report import CodeLine, Commands, Comparisons, Progress, RowsTable
+from study_runs import Phase, Plan, Run
 from study_sensitivity import OneMachine, Secondary, Sensitivity
 
 SEEDS = tuple(range(1000, 1030))
