@@ -8,7 +8,6 @@ import re
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,26 +17,13 @@ from ffcl_jax.errors import UserError
 from ffcl_jax.models import create_model
 from ffcl_jax.models.layers import LayerKernels, layer_kernels
 from tests.conftest import tiny_config
+from tests.helpers.model_runs import float64_model_run
 
 
 def _model_run(name: str, remat: str, scan: bool):
-    """The traced step's text and its loss, outputs, statistics and gradients, in float64 (the
-    forms compare to rounding, not to float32's ill-conditioning)."""
-    graphdef, params, stats = nnx.split(
-        create_model(name, 10, rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat
-    )
-    params, stats = jax.tree.map(lambda a: np.asarray(a, np.float64), (params, stats))
-    images = np.asarray(jax.random.normal(jax.random.key(1), (4, 8, 8, 3)), np.float64)
-
-    def loss(params, stats):
-        model = nnx.merge(graphdef, params, stats, copy=True)
-        with layer_kernels(LayerKernels(scan_blocks=scan, remat=remat)):
-            logits, features = model(images, train=True)
-        total = jnp.sum(logits**2) + sum(jnp.mean(f**2) for f in features)
-        return total, (logits, features, nnx.state(model, nnx.BatchStat))
-
-    run = jax.value_and_grad(loss, has_aux=True)
-    return str(jax.make_jaxpr(run)(params, stats)), jax.jit(run)(params, stats)
+    """The traced step's text and its loss, outputs, statistics and gradients, in float64."""
+    text, result, _ = float64_model_run(name, LayerKernels(scan_blocks=scan, remat=remat))
+    return text, result
 
 
 def _rematted(jaxpr_text: str) -> bool:

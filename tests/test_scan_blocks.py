@@ -11,37 +11,21 @@ import sys
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from ffcl_jax import checkpoint, export, train, xla_cpu
-from ffcl_jax.models import create_model
-from ffcl_jax.models.layers import LayerKernels, layer_kernels
+from ffcl_jax.models.layers import LayerKernels
 from tests.conftest import REPO, tiny_config
 from tests.helpers import tiers
+from tests.helpers.model_runs import float64_model_run
 
 
 def _model_run(name: str, scan: bool, training: bool):
-    """Whether the traced step holds a scan, and its loss, outputs, statistics and gradients,
-    in float64 (so that the two forms compare to rounding, not to float32's ill-conditioning)."""
-    graphdef, params, stats = nnx.split(
-        create_model(name, 10, rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat
-    )
-    params, stats = jax.tree.map(lambda a: np.asarray(a, np.float64), (params, stats))
-    images = np.asarray(jax.random.normal(jax.random.key(1), (4, 8, 8, 3)), np.float64)
-
-    def loss(params, stats):
-        model = nnx.merge(graphdef, params, stats, copy=True)
-        with layer_kernels(LayerKernels(scan_blocks=scan)):
-            logits, features = model(images, train=training)
-        total = jnp.sum(logits**2) + sum(jnp.mean(f**2) for f in features)
-        return total, (logits, features, nnx.state(model, nnx.BatchStat))
-
-    run = jax.value_and_grad(loss, has_aux=True)
-    scanned = "scan[" in str(jax.make_jaxpr(run)(params, stats))
-    return scanned, jax.jit(run)(params, stats), stats
+    """Whether the traced step holds a scan, and its loss, outputs, statistics and gradients, in
+    float64, and the initial statistics."""
+    text, result, stats = float64_model_run(name, LayerKernels(scan_blocks=scan), training)
+    return "scan[" in text, result, stats
 
 
 @pytest.mark.parametrize(
