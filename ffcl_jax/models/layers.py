@@ -448,7 +448,7 @@ def scan_blocks(blocks, x: jax.Array, *, train: bool) -> jax.Array:
     graphdef = nnx.graphdef(blocks[0])
     if any(nnx.graphdef(b) != graphdef for b in blocks[1:]):
         for block in blocks:
-            x = block(x, train=train)
+            x = run_block(block, x, train=train)
         return x
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in blocks])
 
