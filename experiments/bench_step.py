@@ -27,8 +27,9 @@ in bfloat16, and with `cudnn.benchmark` on, as CIFAR training scripts set it):
 
 (`bash experiments/gpu_bench.sh float32|bfloat16` runs them on a GPU machine without network.)
 
-Three modes time JAX alone and print their result (`--output=FILE` writes `compare`'s and
-`profile`'s as JSON, with the command and every timed step, for a result to commit):
+Four modes time JAX (`primitives` PyTorch too) and print their result (`--output=FILE`
+writes `compare`'s, `profile`'s and `primitives`' as JSON, with the command and every timed
+step, for a result to commit):
 - `compare`: the train step under several values of one config key (`--key`, default
   `cpu.ynn_fusion`, XLA:CPU's YNNPACK fusion list; any key works, e.g.
   `--key=loss.feat_form --settings=attention,fused_map,stage_fusion` for a loss setting's cost).
@@ -44,6 +45,10 @@ Three modes time JAX alone and print their result (`--output=FILE` writes `compa
 - `profile`: the ops one train step spends its time in, from a profiler trace, by kind and one
   by one (`--top`). Tracing slows the call (a step's kernels and fusions each record events):
   read the shares, and time with the other modes.
+- `primitives`: every oneDNN primitive `--repeats` train steps run, as oneDNN's own verbose mode
+  times it: which implementation each convolution pass gets, its ms a step and GFLOP/s, and
+  their sum beside the step's wall time; for JAX (its oneDNN kernels on) and, in a worker
+  process, PyTorch (whose CPU convolutions are oneDNN's too).
 - `checkpoint`: saves the config's initial cohort state (no data needed) as training does,
   `--repeats` times, timing the part that blocks the loop and the time until the checkpoint is
   complete, then restores it; prints one JSON line with the medians and the size
@@ -89,7 +94,9 @@ def define_flags() -> None:
     `ffcl_jax.main`, which defines `--config` too, must not clash."""
     config_flags.DEFINE_config_file("config", "configs/fashion_mnist.py", "Config file.")
     flags.DEFINE_list(
-        "modes", ["step", "epoch"], "step and/or epoch; or compare, checkpoint, profile."
+        "modes",
+        ["step", "epoch"],
+        "step and/or epoch; or compare, checkpoint, profile, primitives.",
     )
     flags.DEFINE_integer("repeats", 10, "Timed steps after the warm-up (step mode).")
     flags.DEFINE_integer("warmup", 2, "Untimed steps first (compile, allocator warm-up).")
@@ -337,6 +344,8 @@ def torch_worker(config, modes) -> dict:
             step()
         times = []
         for _ in range(FLAGS.repeats):
+            if os.environ.get("ONEDNN_VERBOSE"):  # primitives mode: where a step's lines begin
+                print(step_probes.STEP_MARKER, flush=True)
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
@@ -352,6 +361,8 @@ def torch_worker(config, modes) -> dict:
                 round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None
             ),
         }
+        if os.environ.get("ONEDNN_VERBOSE"):  # primitives mode pairs each step with its lines
+            out["step"]["times_ms"] = [round(1000 * t, 2) for t in times]
     if "epoch" in modes:
         images, labels = train_split(config)
         steps = len(images) // config.batch_size
@@ -400,7 +411,7 @@ def main(argv):
         bench_results.write_readme()
         bench_results.write_compile_for_table()
         return
-    if {"compare", "checkpoint", "profile"} & set(FLAGS.modes):  # JAX alone, in this process
+    if {"compare", "checkpoint", "profile", "primitives"} & set(FLAGS.modes):  # in this process
         from ffcl_jax import xla_cpu
 
         os.environ["XLA_FLAGS"] = xla_cpu.process_xla_flags(config, os.environ.get("XLA_FLAGS", ""))
@@ -415,6 +426,10 @@ def main(argv):
             )
         elif "profile" in FLAGS.modes:
             record = step_probes.profile_step(config, FLAGS.top)
+        elif "primitives" in FLAGS.modes:
+            record = step_probes.primitive_times(
+                config, FLAGS.frameworks, FLAGS.repeats, FLAGS.warmup, sys.argv[1:]
+            )
         else:
             print(json.dumps(time_checkpoint(config)))
             return

@@ -394,6 +394,66 @@ def test_profile_mode_lists_where_the_step_spends_its_time(kernels, tmp_path):
     assert "one call:" in longest and "ms wall" in longest
 
 
+def test_primitive_lines_parse_in_both_of_onednns_verbose_formats():
+    import step_probes
+
+    shape = "mb128_ic16oc32_ih28oh14kh3sh2dh0ph1_iw28ow14kw3sw2dw0pw1"
+    old = f"onednn_verbose,exec,cpu,convolution,jit:avx512_core,backward_data,src,,alg,{shape},2.5"
+    new = (
+        "onednn_verbose,v1,primitive,exec,cpu,convolution,brgconv:avx512_core,"
+        f"forward_training,src,attr,alg,{shape},0.75"
+    )
+    assert step_probes.parse_primitive_line(old) == (
+        "convolution",
+        "jit:avx512_core",
+        "backward_data",
+        shape,
+        2.5,
+    )
+    assert step_probes.parse_primitive_line(new)[1:3] == ("brgconv:avx512_core", "forward_training")
+    for other in ("onednn_verbose,info,cpu,isa:AVX-512", "onednn_verbose,create:cache_miss,x,1"):
+        assert step_probes.parse_primitive_line(other) is None
+    # One multiply-add per weight per output position: 128 x 14 x 14 outputs x 32 x (16 x 3 x 3).
+    assert step_probes.convolution_gflop(shape) == 2 * 128 * 14 * 14 * 32 * 16 * 9 / 1e9
+    depthwise = "g128mb128_ic128oc128_ih7oh7kh3sh1dh0ph1_iw7ow7kw3sw1dw0pw1"
+    assert step_probes.convolution_gflop(depthwise) == 2 * 128 * 7 * 7 * 128 * 9 / 1e9
+    lines = [step_probes.STEP_MARKER, old, old, step_probes.STEP_MARKER, old]
+    rows = step_probes._primitive_rows(lines, [10.0, 9.0])
+    assert rows["onednn_ms"] == [5.0, 2.5]
+    # Each primitive's calls in the first step, and its fastest step's ms.
+    [row] = rows["primitives"]
+    assert (row["calls"], row["ms"]) == (2, 2.5)
+
+
+@pytest.mark.slow
+def test_primitives_mode_times_each_frameworks_onednn_primitives(tmp_path):
+    from ffcl_jax import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip(f"oneDNN kernels: {cpu_kernels.unavailable_reason()}")
+    output = tmp_path / "primitives.json"
+    out = run_script(
+        "bench_step.py",
+        "--modes=primitives",
+        *TINY,
+        "--repeats=2",
+        "--warmup=1",
+        "--config.cpu.kernels=onednn",
+        f"--output={output}",
+    )
+    record = json.loads(output.read_text())
+    assert record["table"] in out
+    for side in ("jax", "pytorch"):
+        result = record[side]
+        assert len(result["step_wall_ms"]) == len(result["onednn_ms"]) == 2
+        convolutions = [r for r in result["primitives"] if r["kind"] == "convolution"]
+        # resnet8: the stem, 6 block convolutions and 2 projections, each forward at least.
+        forward = [r for r in convolutions if r["pass"].startswith("forward")]
+        assert sum(r["calls"] for r in forward) >= 2 * 9
+        assert all(r["gflop_per_s"] > 0 and r["ms"] > 0 for r in convolutions)
+        assert min(result["onednn_ms"]) <= max(result["step_wall_ms"])
+
+
 @pytest.mark.slow
 def test_kernel_benchmark_times_every_layer_of_the_demo_pair(tmp_path):
     from ffcl_jax import cpu_kernels
