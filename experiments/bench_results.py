@@ -40,8 +40,8 @@ def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
         flags_tag += "_noflatten"
     if config.cpu.kernels != "auto":
         flags_tag += f"_kernels_{config.cpu.kernels}"
-    if config.cpu.batch_norm_backward != "auto":
-        flags_tag += f"_bn_{config.cpu.batch_norm_backward}"
+    if config.batch_norm_backward != "auto":
+        flags_tag += f"_bn_{config.batch_norm_backward}"
     if config.compute_dtype != "float32":
         flags_tag += f"_{config.compute_dtype}"
     if config.data_on_device:

@@ -106,6 +106,12 @@ def base_config() -> ml_collections.ConfigDict:
     # (docs/performance.md). The same gradients to rounding; the CPU step's default (unrolled)
     # is unchanged.
     c.remat = "auto"
+    # BatchNorm's training backward on XLA's kernels: "closed_form" (two per-channel sums; faster
+    # for deep networks on XLA:CPU, fewer HBM bytes on a TPU), "autodiff" (JAX differentiates the
+    # forward), or "auto" (closed_form on the CPU or a TPU when a network has >= 5 blocks a
+    # stage). See xla_cpu.closed_form_batch_norm. Float32 layers on the oneDNN kernels use their
+    # own backward.
+    c.batch_norm_backward = "auto"
 
     # CPU only: the kernels and XLA:CPU settings a CPU run takes; none of them changes what is
     # computed beyond rounding, and a resumed run may change any of them.
@@ -122,12 +128,6 @@ def base_config() -> ml_collections.ConfigDict:
     # only), "eltwise", "dot", "xla_default", or "auto" (eltwise_reduce when a network has >= 5
     # blocks a stage, else reduce). See xla_cpu.compiler_options.
     c.cpu.ynn_fusion = "auto"
-    # BatchNorm's training backward on XLA's kernels: "closed_form" (two per-channel sums; faster
-    # for deep networks on XLA:CPU, fewer HBM bytes on a TPU), "autodiff" (JAX differentiates the
-    # forward), or "auto" (closed_form on the CPU or a TPU when a network has >= 5 blocks a
-    # stage). Despite its place under cpu, it applies on any backend. See
-    # xla_cpu.closed_form_batch_norm. Float32 layers on the oneDNN kernels use their own backward.
-    c.cpu.batch_norm_backward = "auto"
     # XLA:CPU inlines called computations after its fusion pass, which lets its simplifier drop
     # some copies (demo pair's step 1.11x faster, cifar100 pair's 1.03x). XLA reads this only
     # from XLA_FLAGS when JAX starts its backend: the command line and the benchmarks set it
@@ -278,6 +278,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods
         raise UserError(
             f"unknown remat policy {config.remat!r}; valid: {', '.join(REMAT_POLICIES)}"
         )
+    if config.batch_norm_backward not in xla_cpu.BATCH_NORM_BACKWARDS:
+        raise UserError(
+            f"unknown config.batch_norm_backward {config.batch_norm_backward!r}; valid: "
+            f"{', '.join(xla_cpu.BATCH_NORM_BACKWARDS)}"
+        )
     if config.eval_batch_size <= 0:  # rounded up to the devices (padded rows are masked)
         raise UserError(f"config.eval_batch_size must be > 0, got {config.eval_batch_size}")
     if config.validation_size < 0:
@@ -307,7 +312,6 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods
         )
     for key, valid in (
         ("ynn_fusion", ("auto", "xla_default", *xla_cpu.CPU_YNN_FUSION)),
-        ("batch_norm_backward", xla_cpu.BATCH_NORM_BACKWARDS),
         ("kernels", xla_cpu.CPU_KERNELS),
     ):
         if config.cpu[key] not in valid:

@@ -91,12 +91,12 @@ BATCH_NORM_BACKWARDS = ("auto", "closed_form", "autodiff")
 
 
 def closed_form_batch_norm(config, platform: str | None = None) -> bool:
-    """`config.cpu.batch_norm_backward`: "auto" takes the closed form (layers.batch_norm_train)
+    """`config.batch_norm_backward`: "auto" takes the closed form (layers.batch_norm_train)
     where it was measured to pay off, a deep network on the CPU backend (cifar100 pair's step 1.2x)
     or on a TPU (the cifar100 :tpu step's HBM bytes 4-5% fewer on v5e:2x2, docs/performance.md);
     for shallow pairs it changes nothing measurable and autodiff keeps earlier runs' numerics.
     `platform`: as in `compiler_options`."""
-    choice = config.cpu.batch_norm_backward
+    choice = config.batch_norm_backward
     if choice == "auto":
         deep = deepest_blocks_per_stage(config) >= DEEP_BLOCKS_PER_STAGE
         return (platform or jax.default_backend()) in ("cpu", "tpu") and deep

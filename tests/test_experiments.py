@@ -253,7 +253,7 @@ def test_benchmark_result_names_keep_settings_apart(monkeypatch):
     assert bench_results.result_name(config, "NVIDIA H100 80GB HBM3", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_gpu_bfloat16_ondevice"  # the host's ISA is not the GPU's
     )
-    config.cpu.batch_norm_backward = "autodiff"
+    config.batch_norm_backward = "autodiff"
     assert bench_results.result_name(config, "1 x cpu", synthetic=False) == (
         "bench_resnet110_resnet32_b128_cpu_bn_autodiff_bfloat16_ondevice"
     )

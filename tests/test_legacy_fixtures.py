@@ -91,3 +91,22 @@ def test_legacy_run_resumes(legacy_run):
     results = train.train_and_evaluate(legacy_config(method, num_epochs=2), str(workdir))
     assert results["resumed_at_steps"] == [1]
     assert [row["epoch"] for row in results["history"]] == [1, 2]
+
+
+def test_a_run_written_with_the_cpu_settings_grouped_resumes(legacy_run):
+    """The version between the fixture's and today's kept its CPU settings under `cpu`,
+    BatchNorm's backward among them; today's top-level `batch_norm_backward` reads it."""
+    method, workdir = legacy_run
+    path = workdir / "config.json"
+    written = json.loads(path.read_text())
+    written["cpu"] = {
+        "ynn_fusion": written.pop("xla_cpu_ynn_fusion"),
+        "batch_norm_backward": written.pop("batch_norm_backward"),
+        "flatten_after_fusion": written.pop("xla_cpu_flatten_after_fusion"),
+        "kernels": written.pop("cpu_kernels"),
+    }
+    path.write_text(json.dumps(written))
+    # Unread, `cpu.batch_norm_backward` would be a key today's config lacks: a refused resume.
+    assert checkpoint.config_differences(written, legacy_config(method)) == []
+    results = train.train_and_evaluate(legacy_config(method, num_epochs=2), str(workdir))
+    assert results["resumed_at_steps"] == [1]

@@ -119,7 +119,7 @@ def test_closed_form_batch_norm_backward_trains_like_autodiff(fmnist_dir):
         config = tiny_config(
             fmnist_dir,
             learning_rate=0.05,
-            **{"cpu.batch_norm_backward": choice, "cpu.kernels": "xla"},
+            **{"batch_norm_backward": choice, "cpu.kernels": "xla"},
         )
         setup, state = build(config, steps_per_epoch=1)
         step = jax.jit(setup.train_step, donate_argnums=0)
@@ -138,14 +138,14 @@ def test_closed_form_batch_norm_backward_trains_like_autodiff(fmnist_dir):
 
 def test_closed_form_batch_norm_is_chosen_for_deep_networks_on_the_cpu(fmnist_dir):
     config = tiny_config(fmnist_dir)
-    assert config.cpu.batch_norm_backward == "auto"
+    assert config.batch_norm_backward == "auto"
     config.teacher, config.student = "resnet20", "resnet8"  # 3 blocks a stage: autodiff
     assert not xla_cpu.closed_form_batch_norm(config)
     config.teacher = "resnet56"
     assert xla_cpu.closed_form_batch_norm(config) == (jax.default_backend() == "cpu")
-    config.cpu.batch_norm_backward = "autodiff"
+    config.batch_norm_backward = "autodiff"
     assert not xla_cpu.closed_form_batch_norm(config)
-    config.teacher, config.cpu.batch_norm_backward = "resnet8", "closed_form"
+    config.teacher, config.batch_norm_backward = "resnet8", "closed_form"
     assert xla_cpu.closed_form_batch_norm(config)
 
 
@@ -290,7 +290,7 @@ def test_a_run_that_died_before_its_first_checkpoint_restarts_unattended(fmnist_
         ({"lr_decay_epochs": (2, 2)}, 1, "lr_decay_epochs must be strictly increasing"),
         ({"eval_every_epochs": 0}, 1, "config.eval_every_epochs must be > 0"),
         ({"num_epochs": 0}, 1, "num_epochs must be > 0"),
-        ({"cpu.batch_norm_backward": "fast"}, 1, "unknown config.cpu.batch_norm_backward 'fast'"),
+        ({"batch_norm_backward": "fast"}, 1, "unknown config.batch_norm_backward 'fast'"),
         ({"cpu.ynn_fusion": "all"}, 1, "unknown config.cpu.ynn_fusion 'all'"),
     ],
 )
@@ -462,6 +462,10 @@ def test_the_smoke_config_runs_unchanged_on_8_devices(fmnist_dir, tmp_path):
         (["--config.idx_dir=/nonexistent"], "apt-get install dataset-fashion-mnist"),
         (["--config.loss.lam_fuze=1"], 'Did you mean "lam_fuse"'),
         (["--config.cpu_kernels=xla"], "--config.cpu_kernels is now --config.cpu.kernels"),
+        (
+            ["--config.cpu.batch_norm_backward=autodiff"],
+            "--config.cpu.batch_norm_backward is now --config.batch_norm_backward",
+        ),
         (["--config.batch_size=abc"], "error: bad command line or config"),
     ],
 )

@@ -54,7 +54,7 @@ def compiled_step_hlo(teacher: str, ynn_fusion: str, bn_backward: str) -> str:
     config.method = "independent"  # the networks' own backward passes, nothing else
     config.batch_size = 4
     config.cpu.ynn_fusion = ynn_fusion
-    config.cpu.batch_norm_backward = bn_backward
+    config.batch_norm_backward = bn_backward
     config.cpu.kernels = "xla"  # these tests are about XLA's own kernels and fusions
     return compiled_cifar_step(config)
 

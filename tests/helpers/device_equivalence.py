@@ -66,7 +66,7 @@ def run(
     kernels: str = "xla",
 ):
     config.batch_norm = batch_norm
-    config.cpu.batch_norm_backward = bn_backward
+    config.batch_norm_backward = bn_backward
     config.cpu.kernels = kernels
     mesh = parallel.DataParallel(num_devices)
     method = train.check_config(config, mesh.size)
