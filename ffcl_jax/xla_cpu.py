@@ -187,6 +187,7 @@ def layer_kernels(config, num_devices: int = 1, platform: str | None = None) -> 
     return dataclasses.replace(
         kernels,
         conv2d=cpu_kernels.conv2d,
+        conv2d_transpose=cpu_kernels.conv2d_transpose,
         batch_norm_train=cpu_kernels.batch_norm_train,
         batch_norm_add_relu=cpu_kernels.batch_norm_add_relu,
     )
@@ -213,5 +214,9 @@ def countable(kernels: LayerKernels) -> LayerKernels:
     """`kernels` with XLA's own ops for the oneDNN kernels: XLA's cost analysis counts a custom
     call as no work, so a step's FLOPs are counted on this form of it."""
     return dataclasses.replace(
-        kernels, conv2d=None, batch_norm_train=None, batch_norm_add_relu=None
+        kernels,
+        conv2d=None,
+        conv2d_transpose=None,
+        batch_norm_train=None,
+        batch_norm_add_relu=None,
     )

@@ -77,6 +77,60 @@ def test_convolution_and_its_gradients_match_lax(shape):
     np.testing.assert_array_equal(jitted, actual)
 
 
+# (batch, the transposed convolution's input h, w, its in and out channels): FFSD's decoder
+# blocks (stride 2, ConvTranspose2d(k=3, s=2, p=1, output_padding=1)), odd sizes too.
+CONV_TRANSPOSE_SHAPES = [(4, 7, 7, 64, 32), (3, 5, 6, 32, 16), (2, 1, 1, 8, 4)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", CONV_TRANSPOSE_SHAPES)
+def test_transposed_convolution_and_its_gradients_match_ffsds_xla_form(shape):
+    from ffcl_jax.models.ffsd import ConvTranspose
+
+    n, h, w, cin, cout = shape
+    rng = np.random.default_rng(1)
+    graphdef, params = nnx.split(ConvTranspose(cin, cout, rngs=nnx.Rngs(0)))
+    y = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
+
+    def apply(y, params):
+        return nnx.merge(graphdef, params)(y)
+
+    kernel = params["kernel"][...]
+    expected, expected_vjp = jax.vjp(apply, y, params)
+    onednn = layers.LayerKernels(conv2d_transpose=cpu_kernels.conv2d_transpose)
+    with layers.layer_kernels(onednn):
+        actual, actual_vjp = jax.vjp(apply, y, params)
+        lowered = jax.jit(apply).lower(y, params).as_text()
+    assert "ffcl_onednn_conv_backward_data" in lowered and "convolution" not in lowered
+    assert actual.shape == expected.shape == (n, 2 * h, 2 * w, cout)
+    assert relative_to_scale(actual, expected) <= 1e-5
+    cotangent = jnp.asarray(rng.standard_normal(expected.shape), jnp.float32)
+    got, want = jax.tree.leaves(actual_vjp(cotangent)), jax.tree.leaves(expected_vjp(cotangent))
+    assert len(got) == len(want) == 2  # the input's and the kernel's
+    for g, e in zip(got, want, strict=True):
+        assert relative_to_scale(g, e) <= 1e-5
+    # It is the convolution's input gradient, by definition.
+    strides, padding = (2, 2), ((1, 1), (1, 1))
+    _, conv_vjp = jax.vjp(
+        lambda x: lax_conv(x, kernel, strides, padding, 1), jnp.zeros(expected.shape)
+    )
+    direct = cpu_kernels.conv2d_transpose(y, kernel, strides, padding, expected.shape)
+    assert relative_to_scale(direct, conv_vjp(y)[0]) <= 1e-5
+
+
+@needs_kernels
+def test_transposed_convolution_checks_its_arguments_when_traced():
+    y, kernel = jnp.zeros((2, 4, 4, 8), jnp.float32), jnp.zeros((3, 3, 4, 8), jnp.float32)
+    args = ((2, 2), ((1, 1), (1, 1)))
+    assert cpu_kernels.conv2d_transpose(y, kernel, *args, (2, 8, 8, 4)).shape == (2, 8, 8, 4)
+    with pytest.raises(ValueError, match=r"y must have the shape \(2, 5, 5, 8\)"):
+        cpu_kernels.conv2d_transpose(y, kernel, *args, (2, 9, 9, 4))
+    with pytest.raises(ValueError, match="x's channels must be w's input channels"):
+        cpu_kernels.conv2d_transpose(y, kernel, *args, (2, 8, 8, 5))
+    with pytest.raises(ValueError, match="y must be float32"):
+        cpu_kernels.conv2d_transpose(y.astype(jnp.float16), kernel, *args, (2, 8, 8, 4))
+
+
 @needs_kernels
 def test_the_primitive_cache_keeps_at_most_its_limit():
     """Least recently used out first; a shape whose primitive was dropped is built again."""

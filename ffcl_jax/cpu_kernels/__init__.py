@@ -26,10 +26,15 @@ import functools
 import jax
 
 from ffcl_jax.cpu_kernels import build
-from ffcl_jax.cpu_kernels.ops import batch_norm_add_relu, batch_norm_train, conv2d  # noqa: F401
+from ffcl_jax.cpu_kernels.ops import (  # noqa: F401
+    batch_norm_add_relu,
+    batch_norm_train,
+    conv2d,
+    conv2d_transpose,
+)
 
 # What the kernels replace in a model, for the records that say which ran (bench results).
-OPS = ("convolutions", "batch_norm_relu", "batch_norm_add_relu")
+OPS = ("convolutions", "transposed_convolutions", "batch_norm_relu", "batch_norm_add_relu")
 
 TARGETS = {
     "ffcl_onednn_conv_forward": "FfclConvForward",

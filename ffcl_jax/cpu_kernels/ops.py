@@ -120,23 +120,72 @@ def _conv2d_fwd(x, w, strides, padding, groups):
     return _forward(x, w, strides, padding, groups, "ffcl_onednn_conv_forward"), (x, w)
 
 
+def _backward_data(dy, w, x_shape, strides, padding, groups):
+    return jax.ffi.ffi_call(
+        "ffcl_onednn_conv_backward_data",
+        jax.ShapeDtypeStruct(x_shape, dy.dtype),
+        vmap_method="sequential",
+    )(dy, w, **_conv_attrs(strides, padding, groups))
+
+
+def _backward_weights(x, dy, w_shape, strides, padding, groups):
+    return jax.ffi.ffi_call(
+        "ffcl_onednn_conv_backward_weights",
+        jax.ShapeDtypeStruct(w_shape, x.dtype),
+        vmap_method="sequential",
+    )(x, dy, **_conv_attrs(strides, padding, groups))
+
+
 def _conv2d_bwd(strides, padding, groups, residuals, dy):
     x, w = residuals
-    attrs = _conv_attrs(strides, padding, groups)
-    dx = jax.ffi.ffi_call(
-        "ffcl_onednn_conv_backward_data",
-        jax.ShapeDtypeStruct(x.shape, x.dtype),
-        vmap_method="sequential",
-    )(dy, w, **attrs)
-    dw = jax.ffi.ffi_call(
-        "ffcl_onednn_conv_backward_weights",
-        jax.ShapeDtypeStruct(w.shape, w.dtype),
-        vmap_method="sequential",
-    )(x, dy, **attrs)
-    return dx, dw
+    dx = _backward_data(dy, w, x.shape, strides, padding, groups)
+    return dx, _backward_weights(x, dy, w.shape, strides, padding, groups)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def check_conv_transpose_args(y, w, strides, padding, out_shape) -> None:
+    """Raises ValueError unless `conv2d_transpose` can compute: `conv2d` of an `out_shape` input
+    with `w` must be valid and give `y`'s shape."""
+    _check_float32("conv2d_transpose", y=y, w=w)
+    x = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
+    try:
+        check_conv_args(x, w, strides, padding, 1)
+    except ValueError as e:
+        raise ValueError(
+            f"conv2d_transpose, of the convolution of an input x {x.shape}: {e}"
+        ) from None
+    expected = conv_output_shape(out_shape, w.shape, strides, padding)
+    if y.shape != expected:
+        raise ValueError(
+            f"conv2d_transpose: y must have the shape {expected} that a convolution of an "
+            f"{tuple(out_shape)} input with w gives ({_describe(y=y, w=w)})"
+        )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d_transpose(y, w, strides, padding, out_shape):
+    """The transpose of `conv2d(., w, strides, padding, 1)` applied to `y`: that convolution's
+    input gradient for the output gradient `y`, an input of `out_shape` (NHWC; it fixes what
+    PyTorch's ConvTranspose2d calls output_padding). `w` is the convolution's HWIO kernel, its
+    inputs `out_shape`'s channels and its outputs `y`'s; float32, static Python ints."""
+    check_conv_transpose_args(y, w, strides, padding, out_shape)
+    return _backward_data(y, w, tuple(out_shape), strides, padding, 1)
+
+
+def _conv2d_transpose_fwd(y, w, strides, padding, out_shape):
+    return conv2d_transpose(y, w, strides, padding, out_shape), (y, w)
+
+
+def _conv2d_transpose_bwd(strides, padding, out_shape, residuals, g):
+    # The transpose is linear in y with the convolution as its adjoint: <g, A_w' y> = <A_w g, y>.
+    y, w = residuals
+    dy = _forward(g, w, strides, padding, 1, "ffcl_onednn_conv_forward")
+    return dy, _backward_weights(g, y, w.shape, strides, padding, 1)
+
+
+conv2d_transpose.defvjp(_conv2d_transpose_fwd, _conv2d_transpose_bwd)
 
 
 def _batch_norm_forward(x, scale, bias, epsilon, relu):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ffcl_jax.models.layers import batch_norm, conv
+from ffcl_jax.models.layers import batch_norm, conv, float32_layer_kernel
 
 
 def _uniform_init(fan_in: int):
@@ -45,6 +45,12 @@ class ConvTranspose(nnx.Module):
         kernel = self.kernel[...]
         if self.dtype is not None:
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        transpose, (kernel,) = float32_layer_kernel("conv2d_transpose", self.dtype, x, kernel)
+        if transpose is not None:  # (kh, kw, out, in) is the HWIO kernel of the convolution
+            n, h, w, _ = x.shape
+            return transpose(
+                x, kernel, (2, 2), ((1, 1), (1, 1)), (n, 2 * h, 2 * w, kernel.shape[2])
+            )
         # The gradient of a stride-2 convolution: dilate the input, pad (k-1-p, k-1-p+op), and
         # correlate with the spatially flipped kernel, in and out swapped.
         hwio = jnp.transpose(kernel, (0, 1, 3, 2))[::-1, ::-1]

@@ -39,16 +39,19 @@ class LayerKernels:
     XLA:CPU) to the models, which know none. The defaults are XLA's ops.
 
     `conv2d(x, w, strides, padding, groups)` replaces float32, bias-free, undilated NHWC
-    convolutions; `batch_norm_train(x, scale, bias, epsilon, relu) -> (y, mean, var)` replaces
-    float32 training-mode BatchNorm (its ReLU fused); `batch_norm_add_relu(x, scale, bias,
-    residual, epsilon) -> (relu(residual + y), mean, var)` replaces it where a residual block
-    ends; `closed_form_batch_norm`: training-mode BatchNorm differentiates with the closed form
-    (`batch_norm_train` below); `scan_blocks`: the identical blocks of a stage run as one
-    `jax.lax.scan` (`scan_blocks` below), which the compiler builds once per stage instead of
-    once per block; `remat`: what a residual block's backward pass keeps from its forward pass
+    convolutions; `conv2d_transpose(y, w, strides, padding, out_shape)` their transposes (the
+    input gradient of `conv2d(., w, strides, padding, 1)` as a layer); `batch_norm_train(x,
+    scale, bias, epsilon, relu) -> (y, mean, var)` replaces float32 training-mode BatchNorm (its
+    ReLU fused); `batch_norm_add_relu(x, scale, bias, residual, epsilon) -> (relu(residual + y),
+    mean, var)` replaces it where a residual block ends; `closed_form_batch_norm`: training-mode
+    BatchNorm differentiates with the closed form (`batch_norm_train` below); `scan_blocks`: the
+    identical blocks of a stage run as one `jax.lax.scan` (`scan_blocks` below), which the
+    compiler builds once per stage instead of once per block; `remat`: what a residual block's
+    backward pass keeps from its forward pass
     (`REMAT_POLICIES`, `run_block` below)."""
 
     conv2d: Callable | None = None
+    conv2d_transpose: Callable | None = None
     batch_norm_train: Callable | None = None
     batch_norm_add_relu: Callable | None = None
     closed_form_batch_norm: bool = False
@@ -102,6 +105,15 @@ def _float32_kernel(kernel: Callable | None, module_dtype, *arrays) -> Callable 
     if any(a.dtype != jnp.float32 for a in arrays):
         return None
     return kernel
+
+
+def float32_layer_kernel(name: str, module_dtype, x, *params) -> tuple[Callable | None, tuple]:
+    """`(LayerKernels.<name>, params)` for a layer that computes in float32 on float32 arrays,
+    the params cast to vary like `x` (`_varying_like`); `(None, params)` where XLA computes."""
+    kernel = _float32_kernel(getattr(_kernels.get(), name), module_dtype, x, *params)
+    if kernel is None:
+        return None, params
+    return kernel, _varying_like(x, *params)
 
 
 def _varying_like(x, *params):
