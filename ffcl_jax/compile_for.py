@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -216,11 +217,12 @@ def compile_step(
 ) -> dict[str, Any]:
     """Traces, lowers and compiles one jitted step for the mesh's platform; its report.
     `args[batch_position]` is the batch; every other argument is state."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with jax.set_mesh(data_parallel.mesh), compilation_cache.Counter() as cache:
         lowered = jitted.trace(*args).lower(lowering_platforms=(data_parallel.platform,))
         compiled = lowered.compile()
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops, bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
@@ -239,6 +241,10 @@ def compile_step(
     optimized = compiled.as_text()
     return {
         "compile_seconds": seconds,
+        # This process's CPU time over the same span: what the compile cost, whatever else
+        # shared the machine (wall seconds grow with the load, CPU seconds much less).
+        "compile_cpu_seconds": cpu_seconds,
+        "host_load_average": os.getloadavg()[0],  # the last minute's, at the compile's end
         # No hits here: JAX's persistent cache writes programs compiled for a compile-only
         # TPU client but cannot load them (docs/performance.md); counted in case it learns to.
         "compilation_cache": cache.summary(),

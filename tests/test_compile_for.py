@@ -180,6 +180,8 @@ def test_the_smoke_step_compiles_for_a_v5e_slice(tmp_path):
         assert 0 < memory["fraction_of_hbm"] < 1, name
         assert step["collectives"]["all-reduce"]["count"] >= 1, name
         assert step["float64_ops"] == step["host_callbacks"] == step["cpu_kernel_calls"] == 0
+        # The compile's CPU time beside its wall time, and how loaded the machine was.
+        assert step["compile_cpu_seconds"] > 0 and step["host_load_average"] >= 0, name
     # 16 images a chip: one warning line, before the steps' figures.
     warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
     assert warnings == report["warnings"] and len(warnings) == 1
