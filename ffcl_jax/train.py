@@ -29,6 +29,7 @@ from flax import nnx
 from ffcl_jax import (
     checkpoint,
     compilation_cache,
+    datasets,
     input_pipeline,
     machine,
     methods,
@@ -178,7 +179,7 @@ def scaled_by_member(tx, method: Method, member_mask):
     return optax.chain(tx, optax.stateless(scale))
 
 
-def create_cohort(config, method: Method, info: input_pipeline.DatasetInfo) -> methods.Cohort:
+def create_cohort(config, method: Method, info: datasets.DatasetInfo) -> methods.Cohort:
     """The method's members, created from `config.seed` in the method's order."""
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     members = method.build_members(
@@ -196,7 +197,7 @@ class Setup:
     """What a run derives from its config before the first step (all static under `jit`)."""
 
     method: Method
-    info: input_pipeline.DatasetInfo
+    info: datasets.DatasetInfo
     graphdef: nnx.GraphDef
     schedule: optax.Schedule
     train_step: Callable  # pure (state, batch) -> (state, metrics); jit with donate_argnums=0
@@ -219,7 +220,7 @@ def build(
     mesh of a TPU slice's compile-only devices (`compile_for`) gets the TPU's step. Without it,
     the steps are for one device of JAX's default backend.
     """
-    info = input_pipeline.dataset_info(config.dataset)
+    info = datasets.dataset_info(config.dataset)
     tx, schedule = make_optimizer(config, steps_per_epoch, method)
     cohort = create_cohort(config, method, info)
     initial_weights_sha256 = report.weights_sha256(cohort)
@@ -383,9 +384,9 @@ def train_and_evaluate(
     data_parallel = DataParallel(config.mesh.data)
     method = check_config(config, data_parallel.size)
     is_chief = jax.process_index() == 0
-    (train_images, train_labels), splits = input_pipeline.load_splits(config)
+    (train_images, train_labels), splits = datasets.load_splits(config)
     eval_split = "validation" if "validation" in splits else "test"
-    num_classes = input_pipeline.dataset_info(config.dataset).num_classes
+    num_classes = datasets.dataset_info(config.dataset).num_classes
     train_data = make_train_data(
         config,
         train_images,

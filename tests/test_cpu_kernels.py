@@ -732,9 +732,9 @@ def test_three_train_steps_are_as_exact_as_xla(fmnist_dir):
     amplify float32 rounding to several % of some tensors' scale (BatchNorm shifts) in either
     implementation, so the two are compared through the exact result, not to each other: here
     XLA's third loss is 8e-5 from float64, the kernels' 4e-8."""
-    from ffcl_jax import export, input_pipeline
+    from ffcl_jax import datasets, export
 
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
+    images, labels = datasets.load_idx_split(fmnist_dir, "train")
     runs = {}
     for name, overrides in {
         "onednn": {"cpu.kernels": "onednn"},

@@ -15,6 +15,7 @@ from flax import nnx
 
 from ffcl_jax import (
     cpu_kernels,
+    datasets,
     input_pipeline,
     machine,
     parallel,
@@ -34,7 +35,7 @@ def build(config, steps_per_epoch=4):
 
 
 def fixed_batch(fmnist_dir, n=32):
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
+    images, labels = datasets.load_idx_split(fmnist_dir, "train")
     return {"image": images[:n], "label": labels[:n]}
 
 
@@ -159,7 +160,7 @@ def test_no_recompilation_across_steps_epochs_and_lr_boundaries(fmnist_dir):
         return setup.train_step(state, batch)
 
     step = jax.jit(counted, donate_argnums=0)
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
+    images, labels = datasets.load_idx_split(fmnist_dir, "train")
     for i in range(6):  # crosses two epoch boundaries, the ramp-up end and the lr decay
         batch = {"image": images[32 * i : 32 * (i + 1)], "label": labels[32 * i : 32 * (i + 1)]}
         state, metrics = step(state, batch)
@@ -182,7 +183,7 @@ def test_state_is_donated(fmnist_dir):
 def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
     config = tiny_config(fmnist_dir, eval_batch_size=16)
     setup, state = build(config)
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
+    images, labels = datasets.load_idx_split(fmnist_dir, "test")
     images, labels = images[:37], labels[:37]
     mesh = parallel.DataParallel()
     eval_step = jax.jit(setup.eval_step)
@@ -304,7 +305,7 @@ def test_feature_stage_out_of_range_fails_clearly(fmnist_dir):
     config = tiny_config(fmnist_dir, **{"loss.feat_stages": (0, 5)})
     method = train.check_config(config, 1)
     with pytest.raises(UserError, match="loss.feat_stages has stage 5"):
-        train.create_cohort(config, method, input_pipeline.dataset_info(config.dataset))
+        train.create_cohort(config, method, datasets.dataset_info(config.dataset))
 
 
 def test_batch_larger_than_the_data_set_fails_clearly():
