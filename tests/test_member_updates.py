@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ffcl_jax import datasets, train
+from ffcl_jax.optimizer import make_optimizer
 from ffcl_jax.torch_reference import methods as torch_methods
 from ffcl_jax.torch_reference import optim as torch_optim
 from tests.conftest import tiny_config
@@ -107,7 +108,7 @@ def test_learning_rate_scale_multiplies_a_members_update_in_jax_and_pytorch(fmni
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, p.dtype), state.params)
     updates = {}
     for name, method in (("plain", plain_method), ("scaled", scaled_method)):
-        tx, _ = train.make_optimizer(config, 4, method)
+        tx, _ = make_optimizer(config, 4, method)
         updates[name], _ = tx.update(grads, tx.init(state.params), state.params)
     _assert_tree_equal(updates["plain"]["teacher"], updates["scaled"]["teacher"], "teacher")
     for u, v in zip(

@@ -24,6 +24,7 @@ import torch
 from flax import nnx
 
 from ffcl_jax import convert, datasets, export, input_pipeline, methods, models, report, train
+from ffcl_jax.optimizer import make_optimizer
 from ffcl_jax.torch_reference import methods as torch_methods
 from ffcl_jax.torch_reference import models as torch_models
 from ffcl_jax.torch_reference import optim as torch_optim
@@ -222,7 +223,7 @@ def test_optimizers_fed_the_same_gradients_agree(fmnist_dir, method_name):
     steps_per_epoch = 2
     method = _checked_method(config)
     _, state = train.build(config, method, steps_per_epoch)
-    tx, _ = train.make_optimizer(config, steps_per_epoch, method)
+    tx, _ = make_optimizer(config, steps_per_epoch, method)
     cohort = reference_cohort(config, method, state.params, state.batch_stats)
     optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
     params, opt_state = state.params, tx.init(state.params)
@@ -250,7 +251,7 @@ def test_frozen_members_get_no_update_and_no_optimizer_group(fmnist_dir):
     method = _checked_method(config)
     assert method.frozen_members == ("teacher",)
     _, state = train.build(config, method, steps_per_epoch)
-    tx, _ = train.make_optimizer(config, steps_per_epoch, method)
+    tx, _ = make_optimizer(config, steps_per_epoch, method)
     cohort = reference_cohort(config, method, state.params, state.batch_stats)
     optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
     grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}

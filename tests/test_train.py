@@ -25,6 +25,7 @@ from ffcl_jax import (
     xla_cpu,
 )
 from ffcl_jax.errors import UserError
+from ffcl_jax.optimizer import make_optimizer
 from tests.conftest import tiny_config
 from tests.helpers.cli import run_python
 
@@ -41,7 +42,7 @@ def fixed_batch(fmnist_dir, n=32):
 
 def test_schedule_is_epoch_based_multistep(fmnist_dir):
     config = tiny_config(fmnist_dir, learning_rate=0.1, lr_decay_epochs=(3, 5))
-    _, schedule = train.make_optimizer(config, 10, train.check_config(config, 1))
+    _, schedule = make_optimizer(config, 10, train.check_config(config, 1))
     lrs = [float(schedule(s)) for s in (0, 29, 30, 49, 50, 99)]
     np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
 
@@ -51,7 +52,7 @@ def test_weight_decay_per_member_and_nesterov(fmnist_dir):
         fmnist_dir, learning_rate=0.1, weight_decay=1e-4, fusion_weight_decay=1e-5, momentum=0.9
     )
     _, state = build(config)
-    tx, _ = train.make_optimizer(config, 4, train.check_config(config, 1))
+    tx, _ = make_optimizer(config, 4, train.check_config(config, 1))
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     updates, _ = tx.update(zero_grads, tx.init(state.params), state.params)
     # First Nesterov step on gradient g = wd * p (torch.optim.SGD semantics): -lr (1 + mu) g.
