@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from ffcl_jax import datasets, input_pipeline, losses
 from ffcl_jax.methods import Method
-from ffcl_jax.models import layers
+from ffcl_jax.models import batch_norm
 from ffcl_jax.models.layers import XLA_OPS, LayerKernels, layer_kernels
 
 
@@ -103,7 +103,7 @@ def make_train_step(
             def on_device(params, batch_stats, batch, epoch, method_state):
                 groups = contextlib.nullcontext()
                 if batch_norm_groups is not None:
-                    groups = layers.batch_norm_groups("data", batch_norm_groups)
+                    groups = batch_norm.batch_norm_groups("data", batch_norm_groups)
                 with groups:
                     total, aux = local_forward(params, batch_stats, batch, epoch, method_state)
                 return jax.lax.pmean((total, aux), "data")
