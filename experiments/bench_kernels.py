@@ -8,7 +8,7 @@ fusion module) it times the forward pass, the input gradient (dX) and the weight
 and for every BatchNorm shape its training forward and backward, each as its own jitted call
 on fixed random float32 data (min and median of `--repeats` after a warm-up):
 - `onednn`: the `ffcl_jax.cpu_kernels` FFI targets, called directly;
-- `xla`: `lax.conv_general_dilated` and its autodiff transposes, and `layers.batch_norm_train`
+- `xla`: `lax.conv_general_dilated` and its autodiff transposes, and `batch_norm.batch_norm_train`
   (the closed-form BatchNorm), compiled with the XLA:CPU settings the trainer uses for this
   pair (its YNNPACK list as a compiler option, `XLA_FLAGS` as the CLI sets them);
 - `torch`: the PyTorch reference's ops on NCHW tensors (`aten.convolution_backward`,
@@ -132,7 +132,7 @@ def run_jax(backend: str, batch: int, repeats: int) -> dict:
     from configs import fashion_mnist
     from ffcl_jax import cpu_kernels, xla_cpu
     from ffcl_jax.cpu_kernels import ops
-    from ffcl_jax.models import layers
+    from ffcl_jax.models import batch_norm
 
     options = xla_cpu.compiler_options(fashion_mnist.get_config())
     if backend == "onednn" and not cpu_kernels.available():
@@ -147,13 +147,13 @@ def run_jax(backend: str, batch: int, repeats: int) -> dict:
             "dX": _time(_blocking(d_x), (x, wt, dy), repeats),
             "dW": _time(_blocking(d_w), (x, wt, dy), repeats),
         }
-    bn = ops.batch_norm_train if backend == "onednn" else layers.batch_norm_train
+    bn = ops.batch_norm_train if backend == "onednn" else batch_norm.batch_norm_train
 
     def bn_forward(x, s, b):
-        return bn(x, s, b, layers.BN_EPSILON)
+        return bn(x, s, b, batch_norm.BN_EPSILON)
 
     def bn_backward(x, s, b, dy):
-        return jax.vjp(lambda *a: bn(*a, layers.BN_EPSILON)[0], x, s, b)[1](dy)
+        return jax.vjp(lambda *a: bn(*a, batch_norm.BN_EPSILON)[0], x, s, b)[1](dy)
 
     fwd = jax.jit(bn_forward, compiler_options=options)
     bwd = jax.jit(bn_backward, compiler_options=options)

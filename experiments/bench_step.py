@@ -144,16 +144,16 @@ def train_split(config):
     `--epoch_examples`."""
     import numpy as np
 
-    from ffcl_jax import input_pipeline
+    from ffcl_jax import datasets
 
     if FLAGS.synthetic_data:
-        info = input_pipeline.dataset_info(config.dataset)
+        info = datasets.dataset_info(config.dataset)
         count = config.get("train_examples") or TRAIN_EXAMPLES[config.dataset]
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (count, *info.image_shape), np.uint8)
         labels = rng.integers(0, info.num_classes, (count,), np.int32)
     else:
-        images, labels = input_pipeline.load_split(config, "train")
+        images, labels = datasets.load_split(config, "train")
     if FLAGS.epoch_examples:
         images, labels = images[: FLAGS.epoch_examples], labels[: FLAGS.epoch_examples]
     return images, labels

@@ -27,7 +27,7 @@ def measure(config_arg: str, topology: str, scan: bool) -> dict:
     import jax.numpy as jnp
 
     jax.config.update("jax_platforms", "cpu")
-    from ffcl_jax import compile_for, input_pipeline, train
+    from ffcl_jax import compile_for, datasets, train
     from ffcl_jax.config_base import check_config
     from ffcl_jax.parallel import DataParallel
 
@@ -41,7 +41,7 @@ def measure(config_arg: str, topology: str, scan: bool) -> dict:
     setup, state = train.build(config, method, 48, data_parallel)
     step, _ = train.jit_steps(setup, config)
     state = compile_for.abstract_like(state, data_parallel.replicated)
-    shape, data = input_pipeline.dataset_info(config.dataset).image_shape, data_parallel.data
+    shape, data = datasets.dataset_info(config.dataset).image_shape, data_parallel.data
     batch = {
         "image": jax.ShapeDtypeStruct((config.batch_size, *shape), jnp.uint8, sharding=data),
         "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=data),

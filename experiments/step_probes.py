@@ -30,10 +30,10 @@ def step_on_random_batch(config, mesh):
     import jax
     import numpy as np
 
-    from ffcl_jax import input_pipeline, train
+    from ffcl_jax import datasets, train
 
     settings = train.check_config(config, jax.device_count())
-    info = input_pipeline.dataset_info(config.dataset)
+    info = datasets.dataset_info(config.dataset)
     setup, state = train.build(config, settings, steps_per_epoch=1000)
     rng = np.random.default_rng(0)
     views = (settings.num_views,) if settings.num_views > 1 else ()  # KDCL, PCL

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from ffcl_jax import compilation_cache, input_pipeline, storage, train
+from ffcl_jax import compilation_cache, datasets, input_pipeline, storage, train
 from ffcl_jax.config_base import check_config, eval_batch_size
 from ffcl_jax.errors import UserError, parse_flags_or_exit
 from ffcl_jax.parallel import DataParallel, small_batch_warning
@@ -272,7 +272,7 @@ def compile_for(config, devices, topology: str = "") -> dict[str, Any]:
     chip = chip_of(devices)
     data_parallel = DataParallel(config.mesh.data, devices=devices)
     method = check_config(config, data_parallel.size)
-    info = input_pipeline.dataset_info(config.dataset)
+    info = datasets.dataset_info(config.dataset)
     train_examples = TRAIN_EXAMPLES[config.dataset] - config.validation_size
     if config.train_examples:
         train_examples = min(train_examples, config.train_examples)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from ffcl_jax import input_pipeline, methods, models, xla_cpu
+from ffcl_jax import datasets, methods, models, xla_cpu
 from ffcl_jax.errors import UserError
 from ffcl_jax.models.layers import REMAT_POLICIES
 
@@ -256,7 +256,7 @@ def eval_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods.Method:
     """Validates what can be checked before any data is read; returns the method, its settings
     resolved from `config.loss`."""
-    input_pipeline.dataset_info(config.dataset)
+    datasets.dataset_info(config.dataset)
     models.check_model_name(config.teacher)
     models.check_model_name(config.student)
     method = methods.create(config.method, dict(config.loss), config.protocol_rampup_epochs)

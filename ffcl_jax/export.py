@@ -147,7 +147,7 @@ def export_run(
     """Writes `members` of the run in `workdir` (default: the member its method deploys) to
     `output`, from checkpoint `step`: a number, "latest" (default) or "best" (the kept checkpoint
     with the best `config.best_metric`)."""
-    from ffcl_jax import checkpoint, input_pipeline
+    from ffcl_jax import checkpoint, datasets
 
     checkpoints, latest = checkpoint.open_finished_run(workdir)
     try:
@@ -179,7 +179,7 @@ def export_run(
             f"the {config['method']} run has no network {unknown[0]!r} to export; its "
             f"networks: {', '.join(networks)}"
         )
-    info = input_pipeline.dataset_info(config["dataset"])
+    info = datasets.dataset_info(config["dataset"])
     arrays: dict[str, np.ndarray] = {}
     for member in members:
         for kind in ("params", "batch_stats"):

@@ -88,8 +88,8 @@ def main(argv) -> None:
     restart_if_asked(_CONFIG.value)
     logging.set_verbosity(logging.WARNING)
     from ffcl_jax import compilation_cache, xla_cpu
+    from ffcl_jax.datasets import import_tensorflow
     from ffcl_jax.errors import UserError
-    from ffcl_jax.input_pipeline import import_tensorflow
     from ffcl_jax.train import train_and_evaluate
     from ffcl_jax.workdir import Preempted
 

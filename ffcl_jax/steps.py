@@ -15,9 +15,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
-from ffcl_jax import input_pipeline, losses
+from ffcl_jax import datasets, input_pipeline, losses
 from ffcl_jax.methods import Method
-from ffcl_jax.models import layers
+from ffcl_jax.models import batch_norm
 from ffcl_jax.models.layers import XLA_OPS, LayerKernels, layer_kernels
 
 
@@ -46,7 +46,7 @@ def create_train_state(cohort: nnx.Module, tx, method: Method) -> tuple[nnx.Grap
 def make_forward(
     graphdef: nnx.GraphDef,
     method: Method,
-    info: input_pipeline.DatasetInfo,
+    info: datasets.DatasetInfo,
     kernels: LayerKernels = XLA_OPS,
 ):
     """`(params, batch_stats, batch, epoch, method_state) -> (total, (terms, batch_stats, aux))`:
@@ -77,7 +77,7 @@ def make_train_step(
     tx,
     schedule,
     method: Method,
-    info: input_pipeline.DatasetInfo,
+    info: datasets.DatasetInfo,
     steps_per_epoch: int,
     per_device_mesh: jax.sharding.Mesh | None = None,
     kernels: LayerKernels = XLA_OPS,
@@ -103,7 +103,7 @@ def make_train_step(
             def on_device(params, batch_stats, batch, epoch, method_state):
                 groups = contextlib.nullcontext()
                 if batch_norm_groups is not None:
-                    groups = layers.batch_norm_groups("data", batch_norm_groups)
+                    groups = batch_norm.batch_norm_groups("data", batch_norm_groups)
                 with groups:
                     total, aux = local_forward(params, batch_stats, batch, epoch, method_state)
                 return jax.lax.pmean((total, aux), "data")
@@ -182,7 +182,7 @@ def keep_paused_members(takes_update, params, opt_state, old_params, old_opt_sta
     return params, opt_state
 
 
-def loss_term_names(forward, state: TrainState, info: input_pipeline.DatasetInfo, num_views: int):
+def loss_term_names(forward, state: TrainState, info: datasets.DatasetInfo, num_views: int):
     """The names of the terms the objective computes (what a run logs), read off the objective
     itself by tracing it on abstract inputs (nothing runs)."""
     views = (num_views,) if num_views > 1 else ()
@@ -205,7 +205,7 @@ def loss_term_names(forward, state: TrainState, info: input_pipeline.DatasetInfo
 def make_eval_step(
     graphdef: nnx.GraphDef,
     method: Method,
-    info: input_pipeline.DatasetInfo,
+    info: datasets.DatasetInfo,
     kernels: LayerKernels = XLA_OPS,
 ):
     """`(params, batch_stats, batch, method_state=None) -> correct counts` of every model the

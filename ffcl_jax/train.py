@@ -6,9 +6,10 @@ One jitted, donated step (`steps`) runs the forward pass of the whole cohort, ev
 the gradients, the SGD update and the BatchNorm statistics update, and returns a small metrics
 dict. The host only synchronises at log steps and after evaluation.
 
-The rest of a run lives beside this module: the config and its checks (`config_base`), data
-parallelism (`parallel`), reporting (`report`), the workdir, resume and preemption (`workdir`),
-checkpoints (`checkpoint`), and the XLA:CPU tuning the CLI applies (`xla_cpu`).
+The rest of a run lives beside this module: the config and its checks (`config_base`), the
+optimizer and its schedule (`optimizer`), data parallelism (`parallel`), reporting (`report`), the
+workdir, resume and preemption (`workdir`), checkpoints (`checkpoint`), and the XLA:CPU tuning the
+CLI applies (`xla_cpu`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from flax import nnx
 from ffcl_jax import (
     checkpoint,
     compilation_cache,
+    datasets,
     input_pipeline,
     machine,
     methods,
@@ -45,7 +47,7 @@ from ffcl_jax.config_base import (
 )
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import Method
-from ffcl_jax.methods.base import OPTIMIZERS, OptimizerGroup
+from ffcl_jax.optimizer import make_optimizer
 from ffcl_jax.parallel import DataParallel, small_batch_warning
 from ffcl_jax.steps import (
     TrainState,
@@ -57,128 +59,7 @@ from ffcl_jax.steps import (
 )
 
 
-def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, base_rate=None):
-    """The run's learning-rate schedule from `base_rate` (default `config.learning_rate`): an
-    epoch-based multistep decay after `config.warmup_epochs` of linear warm-up (none by
-    default)."""
-    decays = optax.piecewise_constant_schedule(
-        config.learning_rate if base_rate is None else base_rate,
-        {int(epoch * steps_per_epoch): config.lr_decay_factor for epoch in config.lr_decay_epochs},
-    )
-    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-    if warmup_steps <= 0:
-        return decays
-
-    def schedule(step):  # large global batches (Goyal et al., 2017): a linear ramp to the rate
-        return decays(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
-
-    return schedule
-
-
-def _group_transform(config, steps_per_epoch: int, group: OptimizerGroup):
-    """One optimizer group: its weight decay added to the gradient, then SGD or Adam at the
-    run's schedule from the group's base rate."""
-    schedule = make_schedule(config, steps_per_epoch, group.base_rate(config))
-    if group.optimizer == "adam":  # PyTorch's Adam: eps outside the square root, L2 coupled
-        update = optax.chain(
-            optax.scale_by_adam(group.adam_b1, group.adam_b2, group.adam_eps),
-            optax.scale_by_learning_rate(schedule),
-        )
-    else:
-        update = optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov)
-    return optax.chain(optax.add_decayed_weights(group.weight_decay), update)
-
-
-def check_optimizer_groups(groups: dict[str, OptimizerGroup]) -> None:
-    if "frozen" in groups:
-        raise ValueError("'frozen' is the frozen members' label, not an optimizer group's name")
-    for name, group in groups.items():
-        if group.optimizer not in OPTIMIZERS:
-            raise UserError(
-                f"optimizer group {name!r} asks for optimizer {group.optimizer!r}; "
-                f"valid: {', '.join(OPTIMIZERS)}"
-            )
-
-
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, method: Method):
-    """The cohort's optimizer (`method.optimizer_groups`, each member in one group; frozen
-    members get no update and no state) and the run's schedule.
-
-    Weight decay is added to the gradient before momentum, as `torch.optim.SGD(weight_decay=...)`
-    does, and applies to every parameter of a member (BatchNorm included), as in the FFL and
-    RepDistiller references; by default `fusion_weight_decay` for the method's fusion-side
-    members (FFCL's fusion module and fused feature knowledge), `weight_decay` for the others.
-
-    Groups that differ in weight decay alone share one SGD, each decay masked to its members
-    (the optimizer state every run had before groups could differ in more); groups with another
-    optimizer or rate get `optax.multi_transform`, a transformation each.
-    """
-    schedule = make_schedule(config, steps_per_epoch)
-    groups = method.optimizer_groups(config)
-    check_optimizer_groups(groups)
-
-    def label(member: str) -> str:
-        if member in method.frozen_members:
-            return "frozen"
-        name = method.optimizer_group(member)
-        if name not in groups:
-            raise ValueError(f"member {member!r} is in optimizer group {name!r}, not declared")
-        return name
-
-    def member_mask(predicate: Callable[[str], bool]):
-        return lambda params: jax.tree_util.tree_map_with_path(
-            lambda path, _: predicate(path[0].key), params
-        )
-
-    labels = member_mask(label)
-    one_sgd = all(
-        g.optimizer == "sgd" and g.base_rate(config) == config.learning_rate
-        for g in groups.values()
-    )
-    if one_sgd:
-        tx = optax.chain(
-            *(
-                optax.add_decayed_weights(
-                    group.weight_decay, mask=member_mask(lambda m, n=name: label(m) == n)
-                )
-                for name, group in groups.items()
-            ),
-            optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
-        )
-        tx = scaled_by_member(tx, method, member_mask)
-        if method.frozen_members:
-            # A frozen member gets zero updates (no weight decay either) and no optimizer state.
-            tx = optax.multi_transform(
-                {"train": tx, "frozen": optax.set_to_zero()},
-                member_mask(lambda m: "frozen" if label(m) == "frozen" else "train"),
-            )
-        return tx, schedule
-    transforms = {
-        name: _group_transform(config, steps_per_epoch, group) for name, group in groups.items()
-    }
-    if method.frozen_members:
-        transforms["frozen"] = optax.set_to_zero()
-    return scaled_by_member(
-        optax.multi_transform(transforms, labels), method, member_mask
-    ), schedule
-
-
-def scaled_by_member(tx, method: Method, member_mask):
-    """`tx` with each member's updates times its `learning_rate_scales` factor. SGD's and Adam's
-    updates are linear in the rate (SGD's momentum buffer holds gradients, as in
-    torch.optim.SGD), so a member's rate times c is its update times c."""
-    scales = method.learning_rate_scales()
-    if all(scale == 1 for scale in scales.values()):
-        return tx
-    factor = member_mask(lambda m: scales.get(m, 1.0))
-
-    def scale(updates, params):
-        return jax.tree.map(jnp.multiply, updates, factor(updates))
-
-    return optax.chain(tx, optax.stateless(scale))
-
-
-def create_cohort(config, method: Method, info: input_pipeline.DatasetInfo) -> methods.Cohort:
+def create_cohort(config, method: Method, info: datasets.DatasetInfo) -> methods.Cohort:
     """The method's members, created from `config.seed` in the method's order."""
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     members = method.build_members(
@@ -196,7 +77,7 @@ class Setup:
     """What a run derives from its config before the first step (all static under `jit`)."""
 
     method: Method
-    info: input_pipeline.DatasetInfo
+    info: datasets.DatasetInfo
     graphdef: nnx.GraphDef
     schedule: optax.Schedule
     train_step: Callable  # pure (state, batch) -> (state, metrics); jit with donate_argnums=0
@@ -219,7 +100,7 @@ def build(
     mesh of a TPU slice's compile-only devices (`compile_for`) gets the TPU's step. Without it,
     the steps are for one device of JAX's default backend.
     """
-    info = input_pipeline.dataset_info(config.dataset)
+    info = datasets.dataset_info(config.dataset)
     tx, schedule = make_optimizer(config, steps_per_epoch, method)
     cohort = create_cohort(config, method, info)
     initial_weights_sha256 = report.weights_sha256(cohort)
@@ -383,9 +264,9 @@ def train_and_evaluate(
     data_parallel = DataParallel(config.mesh.data)
     method = check_config(config, data_parallel.size)
     is_chief = jax.process_index() == 0
-    (train_images, train_labels), splits = input_pipeline.load_splits(config)
+    (train_images, train_labels), splits = datasets.load_splits(config)
     eval_split = "validation" if "validation" in splits else "test"
-    num_classes = input_pipeline.dataset_info(config.dataset).num_classes
+    num_classes = datasets.dataset_info(config.dataset).num_classes
     train_data = make_train_data(
         config,
         train_images,

@@ -91,7 +91,7 @@ BATCH_NORM_BACKWARDS = ("auto", "closed_form", "autodiff")
 
 
 def closed_form_batch_norm(config, platform: str | None = None) -> bool:
-    """`config.batch_norm_backward`: "auto" takes the closed form (layers.batch_norm_train)
+    """`config.batch_norm_backward`: "auto" takes the closed form (batch_norm.batch_norm_train)
     where it was measured to pay off, a deep network on the CPU backend (cifar100 pair's step 1.2x)
     or on a TPU (the cifar100 :tpu step's HBM bytes 4-5% fewer on v5e:2x2, docs/performance.md);
     for shallow pairs it changes nothing measurable and autodiff keeps earlier runs' numerics.

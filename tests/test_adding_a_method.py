@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ffcl_jax import convert, input_pipeline, methods, train
+from ffcl_jax import convert, datasets, input_pipeline, methods, train
 from ffcl_jax.torch_reference import methods as mirrors
 from ffcl_jax.torch_reference import optim as torch_optim
 from tests.conftest import REPO, tiny_config
@@ -56,7 +56,7 @@ def test_the_pages_method_trains_as_its_mirror(dkd, fmnist_dir):
         assert (method.settings.alpha, method.settings.beta, method.settings.tau) == (1, 4, 2)
         setup, state = train.build(config, method, steps_per_epoch=2)
         assert setup.loss_terms == ("ce_teacher", "ce_student", "dkd")
-        info = input_pipeline.dataset_info(config.dataset)
+        info = datasets.dataset_info(config.dataset)
         cohort = mirrors.mirror("dkd").build(config, method, info)
         for member in state.params:
             stats = state.batch_stats[member] if member in state.batch_stats else {}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import export, input_pipeline, losses, methods, train
+from ffcl_jax import datasets, export, losses, methods, train
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
 from tests.helpers import numpy_reference as ref
@@ -198,7 +198,7 @@ def test_a_branch_run_exports_its_student_as_the_plain_network(method, fmnist_di
     # fills a freshly built zoo network and refuses any missing or extra array).
     path = export.export_run(str(tmp_path / "run"), str(tmp_path / "student.npz"))
     model, predict, meta = export.load_exported(path)
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
+    images, labels = datasets.load_idx_split(fmnist_dir, "test")
     accuracy = float(np.mean(np.argmax(np.asarray(predict(images)), -1) == labels))
     assert accuracy == pytest.approx(last["student"], abs=1e-9)
     assert meta["roles"]["student"] == "resnet8"

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from ffcl_jax import class_balance, input_pipeline, methods, train
+from ffcl_jax import class_balance, datasets, input_pipeline, methods, train
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
 from tests.helpers import tiers
@@ -62,7 +62,7 @@ def _data(fmnist_dir, per_class, on_device=False, **kw):
     config = tiny_config(
         fmnist_dir, train_examples=128, batch_size=16, augment="pad_crop_flip", pad=2
     )
-    images, labels = input_pipeline.load_split(config, "train")
+    images, labels = datasets.load_split(config, "train")
     if on_device:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return input_pipeline.DeviceTrainData(
@@ -86,7 +86,7 @@ def test_pipelines_give_class_balanced_batches_and_resume_them(fmnist_dir, on_de
         np.testing.assert_array_equal(np.asarray(a["label"]), np.asarray(b["label"]))
     # Both pipelines draw the same rows (their augmentations differ).
     config = data.config
-    images, labels = input_pipeline.load_split(config, "train")
+    images, labels = datasets.load_split(config, "train")
     order = class_balance.class_balanced_order(
         labels, 2, 16, 8, class_balance.class_balanced_seed(config, 1)
     )
@@ -101,7 +101,7 @@ def test_pipelines_give_class_balanced_batches_and_resume_them(fmnist_dir, on_de
 
 def test_two_processes_hold_the_rows_of_one_global_batch(fmnist_dir):
     config = tiny_config(fmnist_dir, train_examples=128, batch_size=16, augment="none")
-    images, labels = input_pipeline.load_split(config, "train")
+    images, labels = datasets.load_split(config, "train")
     whole = next(
         iter(input_pipeline.TrainData(config, images, labels, 16, images_per_class=4).epoch(0))
     )
@@ -121,7 +121,7 @@ def test_two_processes_hold_the_rows_of_one_global_batch(fmnist_dir):
 
 def test_unset_keeps_the_shuffled_batches_and_the_config_check_refuses_bad_values(fmnist_dir):
     config = tiny_config(fmnist_dir, train_examples=128, batch_size=16, augment="none")
-    images, labels = input_pipeline.load_split(config, "train")
+    images, labels = datasets.load_split(config, "train")
     plain = next(iter(input_pipeline.TrainData(config, images, labels, 16).epoch(0)))
     zero = next(
         iter(input_pipeline.TrainData(config, images, labels, 16, images_per_class=0).epoch(0))
@@ -140,7 +140,7 @@ def test_the_pytorch_reference_draws_the_same_rows(fmnist_dir):
     from ffcl_jax.torch_reference import train as reference
 
     config = tiny_config(fmnist_dir, train_examples=128, batch_size=16, augment="none")
-    images, labels = input_pipeline.load_split(config, "train")
+    images, labels = datasets.load_split(config, "train")
     images_nchw, labels_t = reference.as_tensors(images, labels)
     own = list(reference.epoch_batches(images_nchw, labels_t, config, 2, 8, 1, 4))
     jax_side = list(

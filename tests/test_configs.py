@@ -11,6 +11,7 @@ import pytest
 
 from ffcl_jax import train
 from ffcl_jax.config_base import eval_batch_size
+from ffcl_jax.optimizer import make_optimizer
 from tests.conftest import REPO
 
 CONFIGS = ("configs.cifar100", "configs.cifar10", "configs.fashion_mnist")
@@ -97,11 +98,11 @@ def test_warmup_ramps_the_rate_linearly_then_leaves_the_decays_alone():
     config = importlib.import_module("configs.cifar100").get_config("tpu")
     config.lr_decay_epochs = (10,)
     method = train.check_config(config, 1)
-    _, schedule = train.make_optimizer(config, 4, method)
+    _, schedule = make_optimizer(config, 4, method)
     rates = np.array([float(schedule(step)) for step in (0, 9, 19, 20, 39, 40)])
     np.testing.assert_allclose(rates, [0.04, 0.4, 0.8, 0.8, 0.8, 0.08], rtol=1e-6)
     config.warmup_epochs = 0.0  # the protocol's schedule: piecewise constant from step 0
-    _, schedule = train.make_optimizer(config, 4, method)
+    _, schedule = make_optimizer(config, 4, method)
     assert float(schedule(0)) == pytest.approx(0.8)
 
 

@@ -19,7 +19,7 @@ from flax import nnx
 from ffcl_jax import cpu_kernels, report, train, xla_cpu
 from ffcl_jax.cpu_kernels import build, ops
 from ffcl_jax.errors import UserError
-from ffcl_jax.models import MODELS, create_model, layers
+from ffcl_jax.models import MODELS, batch_norm, create_model, layers
 from tests.conftest import tiny_config
 
 needs_kernels = pytest.mark.skipif(
@@ -202,8 +202,9 @@ def test_kernel_work_runs_on_one_thread_whichever_thread_calls():
 
 
 def _xla_batch_norm(x, scale, bias, epsilon, relu=False):
-    """`layers.batch_norm_train`, its output through a ReLU under `relu`: what the kernel fuses."""
-    y, mean, var = layers.batch_norm_train(x, scale, bias, epsilon)
+    """`batch_norm.batch_norm_train`, its output through a ReLU under `relu`: what the kernel
+    fuses."""
+    y, mean, var = batch_norm.batch_norm_train(x, scale, bias, epsilon)
     return (jax.nn.relu(y) if relu else y), mean, var
 
 
@@ -219,8 +220,8 @@ def test_batch_norm_matches_the_closed_form_and_flax(shape, relu):
     channels = shape[-1]
     scale = jnp.asarray(rng.standard_normal(channels), jnp.float32)
     bias = jnp.asarray(rng.standard_normal(channels), jnp.float32)
-    expected = _xla_batch_norm(x, scale, bias, layers.BN_EPSILON, relu)
-    actual = cpu_kernels.batch_norm_train(x, scale, bias, layers.BN_EPSILON, relu)
+    expected = _xla_batch_norm(x, scale, bias, batch_norm.BN_EPSILON, relu)
+    actual = cpu_kernels.batch_norm_train(x, scale, bias, batch_norm.BN_EPSILON, relu)
     for got, want in zip(actual, expected, strict=True):
         assert relative_to_scale(got, want) <= 1e-5
     if relu:
@@ -228,7 +229,7 @@ def test_batch_norm_matches_the_closed_form_and_flax(shape, relu):
     cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
     def loss(fn):
-        return lambda *a: jnp.sum(fn(*a, layers.BN_EPSILON, relu)[0] * cotangent)
+        return lambda *a: jnp.sum(fn(*a, batch_norm.BN_EPSILON, relu)[0] * cotangent)
 
     grads = jax.grad(loss(cpu_kernels.batch_norm_train), (0, 1, 2))(x, scale, bias)
     reference = jax.grad(loss(_xla_batch_norm), (0, 1, 2))(x, scale, bias)
@@ -247,7 +248,7 @@ def test_batch_norm_add_relu_is_the_kernel_then_the_add_and_relu(shape):
     residual = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     scale = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
     bias = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
-    eps = layers.BN_EPSILON
+    eps = batch_norm.BN_EPSILON
 
     def unfused(x, scale, bias, residual):
         y, mean, var = cpu_kernels.batch_norm_train(x, scale, bias, eps, False)
@@ -297,15 +298,15 @@ def test_batch_norm_kernel_is_exact_where_sums_cancel():
 
     def shift_gradient(fn, dtype):
         def loss(b):
-            y = fn(jnp.asarray(x, dtype), jnp.asarray(scale, dtype), b, layers.BN_EPSILON)[0]
+            y = fn(jnp.asarray(x, dtype), jnp.asarray(scale, dtype), b, batch_norm.BN_EPSILON)[0]
             return jnp.sum(y * jnp.asarray(dy, dtype))
 
         return jax.jit(jax.grad(loss))(jnp.asarray(bias, dtype))
 
     with jax.enable_x64(True):
-        truth = shift_gradient(layers.batch_norm_train, jnp.float64)
+        truth = shift_gradient(batch_norm.batch_norm_train, jnp.float64)
         kernel = relative_to_scale(shift_gradient(cpu_kernels.batch_norm_train, jnp.float32), truth)
-        xla = relative_to_scale(shift_gradient(layers.batch_norm_train, jnp.float32), truth)
+        xla = relative_to_scale(shift_gradient(batch_norm.batch_norm_train, jnp.float32), truth)
     assert xla <= 1e-4
     assert kernel <= xla, (kernel, xla)
 
@@ -786,9 +787,9 @@ def test_three_train_steps_are_as_exact_as_xla(fmnist_dir):
     amplify float32 rounding to several % of some tensors' scale (BatchNorm shifts) in either
     implementation, so the two are compared through the exact result, not to each other: here
     XLA's third loss is 8e-5 from float64, the kernels' 4e-8."""
-    from ffcl_jax import export, input_pipeline
+    from ffcl_jax import datasets, export
 
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
+    images, labels = datasets.load_idx_split(fmnist_dir, "train")
     runs = {}
     for name, overrides in {
         "onednn": {"cpu.kernels": "onednn"},

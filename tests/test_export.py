@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from ffcl_jax import export, input_pipeline, train
+from ffcl_jax import datasets, export, train
 from ffcl_jax.errors import UserError
 from tests.conftest import REPO, tiny_config
 
@@ -26,7 +26,7 @@ def independent_run(fmnist_dir, tmp_path_factory):
 def test_exported_networks_predict_as_in_the_run(independent_run, fmnist_dir, tmp_path):
     workdir, results = independent_run
     path = export.export_run(str(workdir), str(tmp_path / "nets.npz"), ("student", "teacher"))
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
+    images, labels = datasets.load_idx_split(fmnist_dir, "test")
     for role in ("student", "teacher"):
         model, predict, meta = export.load_exported(path, role)
         accuracy = float(np.mean(np.argmax(np.asarray(predict(images)), -1) == labels))
@@ -140,11 +140,11 @@ sys.path.insert(0, sys.argv[1])  # the installed copy, first
 import numpy as np
 import torch
 import ffcl_jax
-from ffcl_jax import convert, export, input_pipeline
+from ffcl_jax import convert, datasets, export
 
 assert ffcl_jax.__file__.startswith(sys.argv[1]), ffcl_jax.__file__
 model = convert.torch_model_from_export(sys.argv[2])
-images, labels = input_pipeline.load_idx_split(sys.argv[3], "test")
+images, labels = datasets.load_idx_split(sys.argv[3], "test")
 meta = export.read_export(sys.argv[2]).meta
 norm = meta["normalization"]
 x = (images.astype(np.float32) - np.float32(norm["mean"][0] * norm["scale"])) / np.float32(

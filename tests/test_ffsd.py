@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import export, input_pipeline, methods, train
+from ffcl_jax import datasets, export, methods, train
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import ffsd
 from tests.conftest import tiny_config
@@ -273,7 +273,7 @@ def test_a_run_reports_and_exports_the_leader(fmnist_dir, tmp_path):
     last = results["history"][-1]
     assert {"student", "teacher", "peer", "ensemble", "fused"} <= set(last)
     path = export.export_run(str(workdir), str(tmp_path / "leader.npz"))
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
+    images, labels = datasets.load_idx_split(fmnist_dir, "test")
     _, predict, meta = export.load_exported(path, "student")
     accuracy = float(np.mean(np.argmax(np.asarray(predict(images)), -1) == labels))
     assert accuracy == pytest.approx(last["student"], abs=1e-9)

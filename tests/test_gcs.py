@@ -194,7 +194,7 @@ def test_fresh_on_gs_moves_the_earlier_run_and_deletes_nothing(gcs, fmnist_dir, 
 
 @pytest.mark.slow
 def test_export_and_load_exported_on_gs_reproduce_the_runs_accuracy(gcs, gs_run, fmnist_dir):
-    from ffcl_jax import export, input_pipeline
+    from ffcl_jax import datasets, export
 
     workdir, _, _ = gs_run
     output = f"gs://{BUCKET}/exports/student.npz"
@@ -202,7 +202,7 @@ def test_export_and_load_exported_on_gs_reproduce_the_runs_accuracy(gcs, gs_run,
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote student to {output}" in proc.stdout
     _, predict, meta = export.load_exported(output)
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
+    images, labels = datasets.load_idx_split(fmnist_dir, "test")
     images, labels = images[:70, ..., None], labels[:70]  # CLI_ARGS: test_examples=70
     accuracy = float(np.mean(np.argmax(np.asarray(predict(images)), -1) == labels))
     assert accuracy == pytest.approx(meta["test_top1"]["student"], abs=1e-6)

@@ -1,5 +1,6 @@
-"""Input pipeline: IDX files in the real format, TFDS (mocked and prepared from real-format CIFAR
-binaries), deterministic per-epoch shuffling and augmentation, exact padded evaluation."""
+"""Data sets and input pipeline: IDX files in the real format, TFDS (mocked and prepared from
+real-format CIFAR binaries), deterministic per-epoch shuffling and augmentation, exact padded
+evaluation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ffcl_jax import datasets
 from ffcl_jax import input_pipeline as ip
 from ffcl_jax.errors import UserError
 from tests.conftest import write_fashion_mnist, write_idx
@@ -37,11 +39,11 @@ def data_config(**kw):
 
 def test_idx_reader_round_trip(tmp_path):
     arrays = write_fashion_mnist(str(tmp_path), 20, 7)
-    images, labels = ip.load_idx_split(str(tmp_path), "train")
+    images, labels = datasets.load_idx_split(str(tmp_path), "train")
     assert images.shape == (20, 28, 28, 1) and images.dtype == np.uint8
     np.testing.assert_array_equal(images[..., 0], arrays["train"][0])
     np.testing.assert_array_equal(labels, arrays["train"][1])
-    test_images, _ = ip.load_idx_split(str(tmp_path), "test")
+    test_images, _ = datasets.load_idx_split(str(tmp_path), "test")
     assert len(test_images) == 7
 
 
@@ -53,38 +55,38 @@ def test_idx_reader_rejects_bad_files(tmp_path):
     with gzip.open(path, "wb") as f:
         f.write(raw[:-100])  # truncated
     with pytest.raises(UserError, match="truncated or corrupt"):
-        ip.load_idx_split(str(tmp_path), "train")
+        datasets.load_idx_split(str(tmp_path), "train")
     with gzip.open(path, "wb") as f:
         f.write(b"\x00\x00\x0d\x03" + raw[4:])  # float magic, not unsigned bytes
     with pytest.raises(UserError, match="bad magic"):
-        ip.load_idx_split(str(tmp_path), "train")
+        datasets.load_idx_split(str(tmp_path), "train")
     write_idx(str(path), np.zeros((4, 28, 28)))  # 4 images for 5 labels
     with pytest.raises(UserError, match="do not match"):
-        ip.load_idx_split(str(tmp_path), "train")
+        datasets.load_idx_split(str(tmp_path), "train")
 
 
 def test_missing_idx_files_say_how_to_get_them(tmp_path):
     with pytest.raises(UserError) as info:
-        ip.load_split(data_config(idx_dir=str(tmp_path / "nowhere")), "train")
+        datasets.load_split(data_config(idx_dir=str(tmp_path / "nowhere")), "train")
     assert "apt-get install dataset-fashion-mnist" in str(info.value)
     assert "--config.idx_dir" in str(info.value)
 
 
 @pytest.mark.skipif(not os.path.isdir(DEBIAN_DIR), reason="dataset-fashion-mnist not installed")
 def test_debian_fashion_mnist_files():
-    images, labels = ip.load_split(data_config(), "train")
+    images, labels = datasets.load_split(data_config(), "train")
     assert images.shape == (60000, 28, 28, 1) and labels.shape == (60000,)
     assert np.bincount(labels).tolist() == [6000] * 10
-    test_images, test_labels = ip.load_split(data_config(), "test")
+    test_images, test_labels = datasets.load_split(data_config(), "test")
     assert test_images.shape == (10000, 28, 28, 1)
     assert np.bincount(test_labels).tolist() == [1000] * 10
 
 
 def test_unknown_names_fail_clearly():
     with pytest.raises(UserError, match="unknown dataset 'mnist'"):
-        ip.dataset_info("mnist")
+        datasets.dataset_info("mnist")
     with pytest.raises(UserError, match="data_source 'idx' reads Fashion-MNIST"):
-        ip.load_split(data_config(dataset="cifar10"), "train")
+        datasets.load_split(data_config(dataset="cifar10"), "train")
     with pytest.raises(UserError, match="unknown augment"):
         ip.TrainData(
             data_config(augment="mixup"),
@@ -256,7 +258,9 @@ def test_tfds_path_with_mock_data():
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=12):
-        images, labels = ip.load_split(data_config(dataset="cifar100", data_source="tfds"), "train")
+        images, labels = datasets.load_split(
+            data_config(dataset="cifar100", data_source="tfds"), "train"
+        )
     assert images.shape == (12, 32, 32, 3) and images.dtype == np.uint8
     assert labels.shape == (12,) and labels.max() < 100
 
@@ -298,7 +302,7 @@ def test_tfds_cifar10_prepared_from_real_format_files(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
     records = _write_cifar10_binaries(tmp_path / "extracted")
-    monkeypatch.setattr(ip, "network_reaches", lambda hosts: True)
+    monkeypatch.setattr(datasets, "network_reaches", lambda hosts: True)
     monkeypatch.setattr(
         tfds.download.DownloadManager,
         "download_and_extract",
@@ -306,7 +310,7 @@ def test_tfds_cifar10_prepared_from_real_format_files(tmp_path, monkeypatch):
     )
     data_dir = str(tmp_path / "tfds")
     config = data_config(dataset="cifar10", data_source="tfds", data_dir=data_dir, download=True)
-    images, labels = ip.load_split(config, "test")
+    images, labels = datasets.load_split(config, "test")
     expected_labels, expected_images = records["test_batch.bin"]
     order = np.argsort([img.tobytes() for img in images])
     expected_order = np.argsort([img.tobytes() for img in expected_images])
@@ -315,7 +319,7 @@ def test_tfds_cifar10_prepared_from_real_format_files(tmp_path, monkeypatch):
     # Now prepared on disk: readable with downloads off.
     monkeypatch.undo()
     config.download = False
-    train_images, _ = ip.load_split(config, "train")
+    train_images, _ = datasets.load_split(config, "train")
     assert train_images.shape == (15, 32, 32, 3)
 
 
@@ -324,18 +328,18 @@ def test_tfds_missing_or_undownloadable_data_set_fails_clearly(tmp_path, monkeyp
 
     config = data_config(dataset="cifar100", data_source="tfds", data_dir=str(tmp_path))
     with pytest.raises(UserError) as info:
-        ip.load_split(config, "train")
+        datasets.load_split(config, "train")
     assert "not prepared" in str(info.value) and "tfds build cifar100" in str(info.value)
 
     # The hosts resolve but the download itself fails.
     def download_fails(self, url):
         raise OSError("Connection reset by peer")
 
-    monkeypatch.setattr(ip, "network_reaches", lambda hosts: True)
+    monkeypatch.setattr(datasets, "network_reaches", lambda hosts: True)
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_fails)
     config.download = True
     with pytest.raises(UserError) as info:
-        ip.load_split(config, "train")
+        datasets.load_split(config, "train")
     assert "could not download" in str(info.value)
     assert "Connection reset" in str(info.value) and "--config.data_dir" in str(info.value)
 
@@ -350,13 +354,13 @@ def test_offline_download_fails_at_once(tmp_path, monkeypatch):
     def must_not_download(self, *args, **kwargs):
         raise AssertionError("TFDS was asked to download although no host resolves")
 
-    monkeypatch.setattr(ip.socket, "getaddrinfo", unresolvable)
+    monkeypatch.setattr(datasets.socket, "getaddrinfo", unresolvable)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", must_not_download)
     config = data_config(
         dataset="cifar10", data_source="tfds", data_dir=str(tmp_path), download=True
     )
     with pytest.raises(UserError) as info:
-        ip.load_split(config, "train")
+        datasets.load_split(config, "train")
     message = str(info.value)
     assert "no network: cannot resolve storage.googleapis.com or www.cs.toronto.edu" in message
     assert "tfds build cifar10" in message
@@ -368,17 +372,17 @@ def test_validation_rows_are_balanced_disjoint_and_fixed():
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.arange(1000) % 10).astype(np.int32)
     images = np.arange(1000, dtype=np.int32).astype(np.uint8)[:, None, None, None]
-    held = ip.validation_rows(labels, 105, 10, seed=0)
+    held = datasets.validation_rows(labels, 105, 10, seed=0)
     assert len(held) == len(set(held.tolist())) == 105
     counts = np.bincount(labels[held], minlength=10)
     assert counts.tolist() == [11] * 5 + [10] * 5  # the remainder goes to the first classes
-    np.testing.assert_array_equal(held, ip.validation_rows(labels, 105, 10, seed=0))
-    assert not np.array_equal(held, ip.validation_rows(labels, 105, 10, seed=1))
+    np.testing.assert_array_equal(held, datasets.validation_rows(labels, 105, 10, seed=0))
+    assert not np.array_equal(held, datasets.validation_rows(labels, 105, 10, seed=1))
     # The run's seed and the process layout do not enter: configs that differ only there agree.
     splits = []
     for seed in (0, 7):
         config = data_config(seed=seed, validation_size=105, validation_seed=0)
-        (train_x, train_y), (val_x, val_y) = ip.hold_out_validation(config, images, labels)
+        (train_x, train_y), (val_x, val_y) = datasets.hold_out_validation(config, images, labels)
         splits.append((train_y, val_y))
         assert len(train_y) + len(val_y) == 1000
         np.testing.assert_array_equal(val_y, labels[held])
@@ -388,7 +392,7 @@ def test_validation_rows_are_balanced_disjoint_and_fixed():
         assert not set(kept.tolist()) & set(held.tolist())
     np.testing.assert_array_equal(splits[0][1], splits[1][1])
     with pytest.raises(UserError, match="leaves nothing to train on"):
-        ip.validation_rows(labels, 1000, 10, 0)
+        datasets.validation_rows(labels, 1000, 10, 0)
     no_zeros = np.where(labels == 0, 1, labels)
     with pytest.raises(UserError, match="asks for 1 images of class 0, but the training split"):
-        ip.validation_rows(no_zeros, 10, 10, 0)
+        datasets.validation_rows(no_zeros, 10, 10, 0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import input_pipeline, losses, methods, train
+from ffcl_jax import datasets, input_pipeline, losses, methods, train
 from ffcl_jax.errors import UserError
 from tests.conftest import tiny_config
 from tests.helpers import numpy_reference as ref
@@ -145,7 +145,7 @@ def _train_data(num_views, fmnist_dir, on_device=False):
     config = tiny_config(
         fmnist_dir, train_examples=64, batch_size=16, augment="pad_crop_flip", pad=2
     )
-    images, labels = input_pipeline.load_split(config, "train")
+    images, labels = datasets.load_split(config, "train")
     if on_device:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return input_pipeline.DeviceTrainData(

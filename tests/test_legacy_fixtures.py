@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs.fashion_mnist import get_config
-from ffcl_jax import checkpoint, export, input_pipeline, train
+from ffcl_jax import checkpoint, datasets, export, train
 from tests.conftest import REPO
 
 LEGACY = os.path.join(REPO, "tests", "data", "legacy_v1")
@@ -77,7 +77,7 @@ def test_legacy_export_predicts_its_recorded_accuracy(legacy_run):
     with open(workdir / "results.json") as f:
         recorded = json.load(f)["history"][-1]["student"]
     _, predict, meta = export.load_exported(str(workdir / "export.npz"))
-    images, labels = input_pipeline.load_idx_split(FMNIST, "test")
+    images, labels = datasets.load_idx_split(FMNIST, "test")
     images, labels = images[:50], labels[:50]
     accuracy = float(np.mean(np.argmax(np.asarray(predict(images)), -1) == labels))
     assert meta["config"]["method"] == method

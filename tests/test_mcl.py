@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ffcl_jax import export, input_pipeline, losses, methods, train
+from ffcl_jax import datasets, export, losses, methods, train
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods import mcl
 from tests.conftest import tiny_config
@@ -236,7 +236,7 @@ def test_a_run_trains_on_balanced_batches_and_exports_its_student(fmnist_dir, tm
     assert set(last) >= {"student", "teacher", "ensemble"}
     path = export.export_run(str(tmp_path / "run"), str(tmp_path / "student.npz"))
     model, predict, meta = export.load_exported(path)
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
+    images, labels = datasets.load_idx_split(fmnist_dir, "test")
     accuracy = float(np.mean(np.argmax(np.asarray(predict(images)), -1) == labels))
     assert accuracy == pytest.approx(last["student"], abs=1e-9)
     assert meta["roles"]["student"] == "resnet8"

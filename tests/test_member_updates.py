@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ffcl_jax import input_pipeline, train
+from ffcl_jax import datasets, train
+from ffcl_jax.optimizer import make_optimizer
 from ffcl_jax.torch_reference import methods as torch_methods
 from ffcl_jax.torch_reference import optim as torch_optim
 from tests.conftest import tiny_config
@@ -28,7 +29,7 @@ def _setup(fmnist_dir, method_hooks):
 
 
 def _batch(fmnist_dir, start):
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
+    images, labels = datasets.load_idx_split(fmnist_dir, "train")
     return {"image": images[start : start + 32], "label": labels[start : start + 32]}
 
 
@@ -107,7 +108,7 @@ def test_learning_rate_scale_multiplies_a_members_update_in_jax_and_pytorch(fmni
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, p.dtype), state.params)
     updates = {}
     for name, method in (("plain", plain_method), ("scaled", scaled_method)):
-        tx, _ = train.make_optimizer(config, 4, method)
+        tx, _ = make_optimizer(config, 4, method)
         updates[name], _ = tx.update(grads, tx.init(state.params), state.params)
     _assert_tree_equal(updates["plain"]["teacher"], updates["scaled"]["teacher"], "teacher")
     for u, v in zip(
@@ -118,7 +119,7 @@ def test_learning_rate_scale_multiplies_a_members_update_in_jax_and_pytorch(fmni
         np.testing.assert_allclose(np.asarray(v), 0.1 * np.asarray(u), rtol=1e-6)
 
     cohort = torch_methods.MIRRORS["dml"].build(
-        config, scaled_method, input_pipeline.dataset_info(config.dataset)
+        config, scaled_method, datasets.dataset_info(config.dataset)
     )
     optimizer, _ = torch_optim.make_optimizer(cohort, config, 4, scaled_method)
     rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}

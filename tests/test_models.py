@@ -12,7 +12,7 @@ from flax import nnx
 
 from ffcl_jax import methods
 from ffcl_jax.errors import UserError
-from ffcl_jax.models import MODELS, create_model, layers
+from ffcl_jax.models import MODELS, batch_norm, create_model
 from ffcl_jax.models.fusion import FusionModule
 from ffcl_jax.models.layers import avg_pool_to
 from tests.helpers import tiers
@@ -186,8 +186,8 @@ def test_batch_norm_built_otherwise_runs_as_flax_under_every_kernel_choice(optio
     channels = 6 if options.get("axis") == 1 else 5
 
     def run(closed_form):
-        bn = layers.BatchNorm(channels, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0), **options)
-        with layers.closed_form_batch_norm_backward(closed_form):
+        bn = batch_norm.BatchNorm(channels, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0), **options)
+        with batch_norm.closed_form_batch_norm_backward(closed_form):
             y = bn(x, use_running_average=False)
         return y, bn.mean[...], bn.var[...]
 
@@ -202,14 +202,14 @@ def test_batch_norm_built_otherwise_runs_as_flax_under_every_kernel_choice(optio
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_closed_form_batch_norm_matches_flax_forward_and_autodiff(dtype):
-    """layers.BatchNorm under `closed_form_batch_norm_backward`: flax's forward and running
+    """batch_norm.BatchNorm under `closed_form_batch_norm_backward`: flax's forward and running
     statistics exactly (float32), and the gradients autodiff gives."""
     x = jax.random.normal(jax.random.key(0), (8, 5, 5, 6), jnp.float32) * 3 + 1
     cotangent = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
     x, cotangent = x.astype(dtype), cotangent.astype(dtype)
 
     def make():
-        bn = layers.batch_norm(6, dtype=dtype, rngs=nnx.Rngs(0))
+        bn = batch_norm.batch_norm(6, dtype=dtype, rngs=nnx.Rngs(0))
         bn.scale[...] = jnp.linspace(0.5, 2.0, 6)
         bn.bias[...] = jnp.linspace(-1.0, 1.0, 6)
         return bn
@@ -220,7 +220,7 @@ def test_closed_form_batch_norm_matches_flax_forward_and_autodiff(dtype):
 
         def loss(params, x):
             model = nnx.merge(graphdef, params, stats, copy=True)
-            with layers.closed_form_batch_norm_backward(closed_form):
+            with batch_norm.closed_form_batch_norm_backward(closed_form):
                 y = model(x, use_running_average=False)
             return jnp.sum(y.astype(jnp.float32) * cotangent), (y, nnx.state(model, nnx.BatchStat))
 

@@ -13,6 +13,7 @@ from ffcl_jax import convert, methods, train
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods.base import OptimizerGroup
 from ffcl_jax.methods.pair import PairMethod
+from ffcl_jax.optimizer import make_optimizer, make_schedule
 from ffcl_jax.torch_reference import optim as torch_optim
 from tests.conftest import tiny_config
 from tests.helpers.torch_parity import assert_same_parameters, member_stats, reference_cohort
@@ -47,7 +48,7 @@ def _state(config, method):
 
 def _pre_groups_optimizer(config, method):
     """The optimizer every method had before optimizer groups, written out."""
-    schedule = train.make_schedule(config, STEPS_PER_EPOCH)
+    schedule = make_schedule(config, STEPS_PER_EPOCH)
 
     def mask(predicate):
         return lambda p: jax.tree_util.tree_map_with_path(lambda k, _: predicate(k[0].key), p)
@@ -76,7 +77,7 @@ def test_default_groups_build_the_optimizer_of_before(fmnist_dir, name):
         config.teacher_checkpoint = "unused: the initial weights"
     method = train.check_config(config, 1)
     state = _state(config, method)
-    ours, _ = train.make_optimizer(config, STEPS_PER_EPOCH, method)
+    ours, _ = make_optimizer(config, STEPS_PER_EPOCH, method)
     before = _pre_groups_optimizer(config, method)
     ours_state, before_state = ours.init(state.params), before.init(state.params)
     assert jax.tree.structure(ours_state) == jax.tree.structure(before_state)
@@ -99,8 +100,8 @@ def test_sgd_and_adam_groups_match_pytorch_and_their_declared_rates(fmnist_dir):
     config = _config(fmnist_dir)
     method = _Grouped("ffcl", methods.create("ffcl").settings)
     state = _state(config, method)
-    tx, _ = train.make_optimizer(config, STEPS_PER_EPOCH, method)
-    plain, _ = train.make_optimizer(config, STEPS_PER_EPOCH, methods.create("ffcl"))
+    tx, _ = make_optimizer(config, STEPS_PER_EPOCH, method)
+    plain, _ = make_optimizer(config, STEPS_PER_EPOCH, methods.create("ffcl"))
     cohort = reference_cohort(config, method, state.params, state.batch_stats)
     optimizer, schedule = torch_optim.make_optimizer(cohort, config, STEPS_PER_EPOCH, method)
     assert len(optimizer.optimizers) == 2  # one SGD (two parameter groups) and one Adam
@@ -146,4 +147,4 @@ def test_a_bad_optimizer_group_is_one_clear_error(fmnist_dir):
             return {"members": bad, "fusion_side": OptimizerGroup(0.0)}
 
     with pytest.raises(UserError, match="optimizer 'rmsprop'; valid: sgd, adam"):
-        train.make_optimizer(config, STEPS_PER_EPOCH, _Bad("ffcl", methods.create("ffcl").settings))
+        make_optimizer(config, STEPS_PER_EPOCH, _Bad("ffcl", methods.create("ffcl").settings))

@@ -23,7 +23,8 @@ import pytest
 import torch
 from flax import nnx
 
-from ffcl_jax import convert, export, input_pipeline, methods, models, report, train
+from ffcl_jax import convert, datasets, export, input_pipeline, methods, models, report, train
+from ffcl_jax.optimizer import make_optimizer
 from ffcl_jax.torch_reference import methods as torch_methods
 from ffcl_jax.torch_reference import models as torch_models
 from ffcl_jax.torch_reference import optim as torch_optim
@@ -124,7 +125,7 @@ def _pair(overrides):
     JAX trainer creates it for seed 3, split, and its reference."""
     method = methods.create("ffcl", overrides)
     config = tiny_config(".", method="ffcl", teacher=PAIR[0], student=PAIR[1], seed=3)
-    info = input_pipeline.dataset_info(config.dataset)
+    info = datasets.dataset_info(config.dataset)
     cohort = train.create_cohort(config, method, info)
     graphdef, params, batch_stats = nnx.split(cohort, nnx.Param, nnx.BatchStat)
     reference = reference_cohort(config, method, params, batch_stats)
@@ -222,7 +223,7 @@ def test_optimizers_fed_the_same_gradients_agree(fmnist_dir, method_name):
     steps_per_epoch = 2
     method = _checked_method(config)
     _, state = train.build(config, method, steps_per_epoch)
-    tx, _ = train.make_optimizer(config, steps_per_epoch, method)
+    tx, _ = make_optimizer(config, steps_per_epoch, method)
     cohort = reference_cohort(config, method, state.params, state.batch_stats)
     optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
     params, opt_state = state.params, tx.init(state.params)
@@ -250,7 +251,7 @@ def test_frozen_members_get_no_update_and_no_optimizer_group(fmnist_dir):
     method = _checked_method(config)
     assert method.frozen_members == ("teacher",)
     _, state = train.build(config, method, steps_per_epoch)
-    tx, _ = train.make_optimizer(config, steps_per_epoch, method)
+    tx, _ = make_optimizer(config, steps_per_epoch, method)
     cohort = reference_cohort(config, method, state.params, state.batch_stats)
     optimizer, schedule = torch_optim.make_optimizer(cohort, config, steps_per_epoch, method)
     grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -356,7 +357,7 @@ def _assert_three_steps_agree(config, method, setup, state, cohort, optimizer, s
     views = () if method.num_views == 1 else (method.num_views,)
     images = rng.integers(0, 256, (96, *views, 28, 28, 1)).astype(np.uint8)
     labels = rng.integers(0, 10, 96).astype(np.int32)
-    info = input_pipeline.dataset_info(config.dataset)
+    info = datasets.dataset_info(config.dataset)
     step = jax.jit(setup.train_step)
     flags_per_step = []  # the members' update flags of each step, where the method has any
     for i in range(3):
@@ -447,7 +448,7 @@ def test_each_mirror_evaluates_the_models_its_method_reports(fmnist_dir, name):
     config = tiny_config(fmnist_dir, method=name)
     method = train.check_config(config, 1)
     cohort, _, _, settings, info = reference.build(config, 8, "cpu")
-    images, labels = input_pipeline.load_split(config, "test")
+    images, labels = datasets.load_split(config, "test")
     accuracy = reference.evaluate(
         cohort,
         images[:20],
@@ -573,7 +574,7 @@ def test_reference_from_jax_starts_from_the_jax_weights_and_trains_on_its_batche
     else:
         with pytest.raises(AssertionError):
             assert_same_parameters(state.params, state.batch_stats, cohort, 1e-3, "initial")
-    images, labels = input_pipeline.load_split(config, "train")
+    images, labels = datasets.load_split(config, "train")
     ours = next(iter(input_pipeline.TrainData(config, images, labels, 32).epoch(1)))
     if from_jax:
         x, y = next(reference.jax_batches(config, images, labels, 1))
@@ -589,7 +590,7 @@ def test_reference_from_jax_starts_from_the_jax_weights_and_trains_on_its_batche
 @pytest.mark.slow
 def test_reference_loop_holds_out_the_same_validation_split(fmnist_dir, tmp_path):
     """With `validation_size` the reference evaluates its epochs on the same held-out images as
-    the JAX trainer (the shared `input_pipeline.load_splits`) and the test split once."""
+    the JAX trainer (the shared `datasets.load_splits`) and the test split once."""
     from ffcl_jax.torch_reference.train import train_and_evaluate
 
     config = tiny_config(fmnist_dir, num_epochs=1, validation_size=40, final_test=True)
@@ -597,5 +598,5 @@ def test_reference_loop_holds_out_the_same_validation_split(fmnist_dir, tmp_path
     assert results["eval_split"] == "validation"
     assert [row["split"] for row in results["history"]] == ["validation"]
     assert results["final_test"]["split"] == "test"
-    (_, _), splits = input_pipeline.load_splits(config)
+    (_, _), splits = datasets.load_splits(config)
     assert len(splits["validation"][1]) == 40

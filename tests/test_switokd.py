@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffcl_jax import export, input_pipeline, methods, train
+from ffcl_jax import datasets, export, methods, train
 from ffcl_jax.errors import UserError
 from ffcl_jax.methods.switokd import SwitOKD
 from tests.conftest import tiny_config
@@ -162,7 +162,7 @@ def test_a_run_pauses_the_teacher_and_exports_the_student_it_reports(fmnist_dir,
     assert min(fractions) < 1.0 and max(fractions) > 0.0, fractions
     path = export.export_run(str(tmp_path / "run"), str(tmp_path / "student.npz"))
     _, predict, meta = export.load_exported(path)
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
+    images, labels = datasets.load_idx_split(fmnist_dir, "test")
     accuracy = float(np.mean(np.argmax(np.asarray(predict(images)), -1) == labels))
     assert accuracy == pytest.approx(last["student"], abs=1e-9)
     assert meta["roles"]["student"] == "resnet8"

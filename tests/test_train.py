@@ -15,6 +15,7 @@ from flax import nnx
 
 from ffcl_jax import (
     cpu_kernels,
+    datasets,
     input_pipeline,
     machine,
     parallel,
@@ -24,6 +25,7 @@ from ffcl_jax import (
     xla_cpu,
 )
 from ffcl_jax.errors import UserError
+from ffcl_jax.optimizer import make_optimizer
 from tests.conftest import tiny_config
 from tests.helpers.cli import run_python
 
@@ -34,13 +36,13 @@ def build(config, steps_per_epoch=4):
 
 
 def fixed_batch(fmnist_dir, n=32):
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
+    images, labels = datasets.load_idx_split(fmnist_dir, "train")
     return {"image": images[:n], "label": labels[:n]}
 
 
 def test_schedule_is_epoch_based_multistep(fmnist_dir):
     config = tiny_config(fmnist_dir, learning_rate=0.1, lr_decay_epochs=(3, 5))
-    _, schedule = train.make_optimizer(config, 10, train.check_config(config, 1))
+    _, schedule = make_optimizer(config, 10, train.check_config(config, 1))
     lrs = [float(schedule(s)) for s in (0, 29, 30, 49, 50, 99)]
     np.testing.assert_allclose(lrs, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
 
@@ -50,7 +52,7 @@ def test_weight_decay_per_member_and_nesterov(fmnist_dir):
         fmnist_dir, learning_rate=0.1, weight_decay=1e-4, fusion_weight_decay=1e-5, momentum=0.9
     )
     _, state = build(config)
-    tx, _ = train.make_optimizer(config, 4, train.check_config(config, 1))
+    tx, _ = make_optimizer(config, 4, train.check_config(config, 1))
     zero_grads = jax.tree.map(jnp.zeros_like, state.params)
     updates, _ = tx.update(zero_grads, tx.init(state.params), state.params)
     # First Nesterov step on gradient g = wd * p (torch.optim.SGD semantics): -lr (1 + mu) g.
@@ -159,7 +161,7 @@ def test_no_recompilation_across_steps_epochs_and_lr_boundaries(fmnist_dir):
         return setup.train_step(state, batch)
 
     step = jax.jit(counted, donate_argnums=0)
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "train")
+    images, labels = datasets.load_idx_split(fmnist_dir, "train")
     for i in range(6):  # crosses two epoch boundaries, the ramp-up end and the lr decay
         batch = {"image": images[32 * i : 32 * (i + 1)], "label": labels[32 * i : 32 * (i + 1)]}
         state, metrics = step(state, batch)
@@ -182,7 +184,7 @@ def test_state_is_donated(fmnist_dir):
 def test_evaluation_is_exact_over_a_partial_last_batch(fmnist_dir):
     config = tiny_config(fmnist_dir, eval_batch_size=16)
     setup, state = build(config)
-    images, labels = input_pipeline.load_idx_split(fmnist_dir, "test")
+    images, labels = datasets.load_idx_split(fmnist_dir, "test")
     images, labels = images[:37], labels[:37]
     mesh = parallel.DataParallel()
     eval_step = jax.jit(setup.eval_step)
@@ -304,7 +306,7 @@ def test_feature_stage_out_of_range_fails_clearly(fmnist_dir):
     config = tiny_config(fmnist_dir, **{"loss.feat_stages": (0, 5)})
     method = train.check_config(config, 1)
     with pytest.raises(UserError, match="loss.feat_stages has stage 5"):
-        train.create_cohort(config, method, input_pipeline.dataset_info(config.dataset))
+        train.create_cohort(config, method, datasets.dataset_info(config.dataset))
 
 
 def test_batch_larger_than_the_data_set_fails_clearly():

@@ -1,7 +1,7 @@
 """Optional kernels for XLA:CPU via `jax.ffi`: oneDNN convolutions, and training-mode BatchNorm.
 
 An accelerator of the CPU backend, not part of the method: every op here computes what
-`lax.conv_general_dilated` and `layers.batch_norm_train` (followed by a ReLU where asked)
+`lax.conv_general_dilated` and `batch_norm.batch_norm_train` (followed by a ReLU where asked)
 compute, float32 only, so a model gives the same numbers to rounding with or without it.
 XLA:CPU's own convolutions are 2-4x slower than oneDNN's on this project's layers, and its
 BatchNorm takes several passes over memory (docs/performance_log.md, "oneDNN convolutions for

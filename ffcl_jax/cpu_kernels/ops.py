@@ -202,7 +202,7 @@ def _batch_norm_forward(x, scale, bias, epsilon, relu):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(x, scale, bias, epsilon, relu=False):
     """`(y, batch mean, biased batch variance)` over all axes but the last of a float32 NHWC (or
-    NC) tensor, as `layers.batch_norm_train` returns them, with `y` through a ReLU under `relu`.
+    NC) tensor, as `batch_norm.batch_norm_train` returns them, with `y` through a ReLU under `relu`.
     The statistics' cotangents are ignored (the caller stops their gradient, as the
     running-average update does). Its sums are in double: more exact than XLA's."""
     return _batch_norm_forward(x, scale, bias, epsilon, relu)[0]

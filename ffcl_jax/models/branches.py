@@ -9,13 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ffcl_jax.models.layers import (
-    at_least_float32,
-    batch_norm,
-    dense,
-    dense_kernel_init,
-    global_avg_pool,
-)
+from ffcl_jax.models.batch_norm import batch_norm
+from ffcl_jax.models.layers import at_least_float32, dense, dense_kernel_init, global_avg_pool
 
 GATES = ("none", "one")
 

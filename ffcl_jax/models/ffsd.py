@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ffcl_jax.models.layers import batch_norm, conv, float32_layer_kernel
+from ffcl_jax.models.batch_norm import batch_norm
+from ffcl_jax.models.layers import conv, float32_layer_kernel
 
 
 def _uniform_init(fan_in: int):

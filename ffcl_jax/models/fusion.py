@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ffcl_jax.models.layers import avg_pool_to, batch_norm, conv, dense, global_avg_pool
+from ffcl_jax.models.batch_norm import batch_norm
+from ffcl_jax.models.layers import avg_pool_to, conv, dense, global_avg_pool
 
 
 class FusionModule(nnx.Module):

@@ -12,14 +12,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from ffcl_jax.models.layers import (
-    ZooNetwork,
-    batch_norm,
-    build_stages,
-    conv,
-    dense,
-    global_avg_pool,
-)
+from ffcl_jax.models.batch_norm import batch_norm
+from ffcl_jax.models.layers import ZooNetwork, build_stages, conv, dense, global_avg_pool
 
 
 class WideBlock(nnx.Module):

@@ -45,7 +45,7 @@ def _schedule(optimizer, config, steps_per_epoch: int):
     if warmup_steps <= 0:
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, decay)
 
-    def factor(step: int) -> float:  # as ffcl_jax.train.make_schedule: the ramp times the decays
+    def factor(step: int) -> float:  # as ffcl_jax.optimizer.make_schedule: the ramp times decays
         ramp = min(1.0, (step + 1) / warmup_steps)
         return ramp * decay ** sum(step >= m for m in milestones)
 
@@ -53,7 +53,7 @@ def _schedule(optimizer, config, steps_per_epoch: int):
 
 
 def make_optimizer(cohort, config, steps_per_epoch: int, method):
-    """The optimizer groups of `method.optimizer_groups` as `ffcl_jax.train.make_optimizer`
+    """The optimizer groups of `method.optimizer_groups` as `ffcl_jax.optimizer.make_optimizer`
     builds them: the SGD groups as parameter groups of one `torch.optim.SGD` (each with its
     weight decay and base rate, times a member's `learning_rate_scales` factor), each Adam group
     a `torch.optim.Adam`; frozen members in none. One optimizer and its schedule where every

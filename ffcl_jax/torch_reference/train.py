@@ -3,7 +3,7 @@
     python -m ffcl_jax.torch_reference.train --config=configs/fashion_mnist.py --workdir=DIR
 
 Reads a config of `configs/` (every `--config.key=value` override works), the same splits
-(`ffcl_jax.input_pipeline.load_split`: numpy arrays), and writes `results.json` with the same
+(`ffcl_jax.datasets.load_split`: numpy arrays), and writes `results.json` with the same
 `history` / `summary` layout as the JAX trainer, plus `metrics.jsonl`. Augmentation is done in
 torch (pad, random crop, horizontal flip; a `torch.Generator` seeded per epoch), no torchvision.
 Runs on the CPU, or on CUDA when available (`--device`); `--config.compute_dtype=bfloat16`
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from absl import app, flags
 from ml_collections import config_flags
 
-from ffcl_jax import class_balance, input_pipeline, methods, report, storage
+from ffcl_jax import class_balance, datasets, input_pipeline, methods, report, storage
 from ffcl_jax.torch_reference import optim
 from ffcl_jax.torch_reference.methods import (
     mirror,
@@ -204,7 +204,7 @@ def load_jax_initial_weights(cohort, config, method) -> str:
     from ffcl_jax import convert
     from ffcl_jax import train as jax_train
 
-    info = input_pipeline.dataset_info(config.dataset)
+    info = datasets.dataset_info(config.dataset)
     jax_cohort = jax_train.create_cohort(config, method, info)
     params, stats = nnx.state(jax_cohort, nnx.Param), nnx.state(jax_cohort, nnx.BatchStat)
     for member in params:
@@ -237,7 +237,7 @@ def build(config, steps_per_epoch: int, device: str):
     method = methods.create(config.method, dict(config.loss), config.get("protocol_rampup_epochs"))
     if method.frozen_members:
         raise ValueError("the reference trains every method but those with a loaded member (kd)")
-    info = input_pipeline.dataset_info(config.dataset)
+    info = datasets.dataset_info(config.dataset)
     cohort = mirror(config.method).build(config, method, info).to(device)
     started_from = None
     if config.get("reference_from_jax", False):
@@ -257,7 +257,7 @@ def as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, to
 def train_and_evaluate(config, workdir: str, device: str = "cpu", command: str = "") -> dict:
     """Trains and evaluates as the JAX trainer does; `command` is recorded in `results.json`
     as what made the run."""
-    (train_images, train_labels), splits = input_pipeline.load_splits(config)
+    (train_images, train_labels), splits = datasets.load_splits(config)
     eval_split = "validation" if "validation" in splits else "test"
     spe = len(train_images) // config.batch_size
     cohort, optimizer, schedule, settings_dict, info = build(config, spe, device)

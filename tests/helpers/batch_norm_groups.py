@@ -22,11 +22,11 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ffcl_jax import checkpoint, compile_for, export, input_pipeline, parallel, train  # noqa: E402
+from ffcl_jax import checkpoint, compile_for, datasets, export, parallel, train  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 config = tiny_config(sys.argv[1], batch_size=32, learning_rate=0.05, **{"cpu.kernels": "xla"})
-images, labels = input_pipeline.load_idx_split(sys.argv[1], "train")
+images, labels = datasets.load_idx_split(sys.argv[1], "train")
 batch = {"image": images[:32], "label": labels[:32]}
 
 

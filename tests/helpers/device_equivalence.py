@@ -37,8 +37,8 @@ from ffcl_jax import (  # noqa: E402
     checkpoint,
     class_balance,
     cpu_kernels,
+    datasets,
     export,
-    input_pipeline,
     parallel,
     train,
 )
@@ -48,7 +48,7 @@ idx_dir, num_steps = sys.argv[1], int(sys.argv[2])
 config = tiny_config(
     idx_dir, batch_size=32, eval_batch_size=16, learning_rate=0.05, **{"cpu.kernels": "xla"}
 )
-images, labels = input_pipeline.load_idx_split(idx_dir, "train")
+images, labels = datasets.load_idx_split(idx_dir, "train")
 batches = [
     {"image": images[i * 32 : (i + 1) * 32], "label": labels[i * 32 : (i + 1) * 32]}
     for i in range(num_steps)
@@ -109,7 +109,7 @@ out["one_step_max_diff_8"] = max_diff(
     run(8, "global", batches[:1])[1], run(1, "global", batches[:1])[1]
 )
 
-test_images, test_labels = input_pipeline.load_idx_split(idx_dir, "test")
+test_images, test_labels = datasets.load_idx_split(idx_dir, "test")
 for n in (1, 8):
     mesh = parallel.DataParallel(n)
     with jax.set_mesh(mesh.mesh):

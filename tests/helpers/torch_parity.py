@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ffcl_jax import convert, input_pipeline
+from ffcl_jax import convert, datasets
 from ffcl_jax.torch_reference import methods as torch_methods
 
 
@@ -19,7 +19,7 @@ def reference_cohort(config, method, params, batch_stats):
     """The method's PyTorch mirror (`MIRRORS[name].build`) with the JAX cohort's weights and
     statistics loaded member by member, in float64. The mirror must have exactly the JAX
     cohort's members: one without weights on the JAX side fails here, as does a missing one."""
-    info = input_pipeline.dataset_info(config.dataset)
+    info = datasets.dataset_info(config.dataset)
     reference = torch_methods.MIRRORS[config.method].build(config, method, info)
     members = {name.split(".")[0] for name in reference.state_dict()}
     assert members == set(params), f"reference members {members}, JAX members {set(params)}"
