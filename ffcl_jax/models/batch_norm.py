@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ffcl_jax.models.layers import (
-    _float32_kernel,
-    _kernels,
-    _varying_like,
     at_least_float32,
+    current_kernels,
+    float32_kernel,
     layer_kernels,
+    varying_like,
 )
 
 # PyTorch BatchNorm2d defaults: momentum 0.1 (flax: 0.9 on the running average), eps 1e-5.
@@ -40,7 +40,7 @@ BN_EPSILON = 1e-5
 @contextlib.contextmanager
 def closed_form_batch_norm_backward(enabled: bool = True):
     """While tracing under it, `BatchNorm` in training mode uses `batch_norm_train`."""
-    with layer_kernels(dataclasses.replace(_kernels.get(), closed_form_batch_norm=enabled)):
+    with layer_kernels(dataclasses.replace(current_kernels(), closed_form_batch_norm=enabled)):
         yield
 
 
@@ -138,7 +138,7 @@ class BatchNorm(nnx.BatchNorm):
                     "and a bias and no axis_name; this layer is built otherwise"
                 )
             training = False  # nnx.BatchNorm's own training mode, below
-        kernels = _kernels.get()
+        kernels = current_kernels()
         inner_relu = relu and residual is None  # else the ReLU follows the add
 
         def end(y):
@@ -154,14 +154,14 @@ class BatchNorm(nnx.BatchNorm):
             return y if inner_relu else end(y)
         kernel = fused = None
         if training and x.ndim in (2, 4):
-            kernel = _float32_kernel(kernels.batch_norm_train, self.dtype, x, self.scale[...])
+            kernel = float32_kernel(kernels.batch_norm_train, self.dtype, x, self.scale[...])
             if relu and residual is not None:
-                fused = _float32_kernel(
+                fused = float32_kernel(
                     kernels.batch_norm_add_relu, self.dtype, x, self.scale[...], residual
                 )
         if not kernel and not fused and not (training and kernels.closed_form_batch_norm):
             return end(super().__call__(x, use_running_average, mask=mask))
-        scale, bias = _varying_like(x, self.scale[...], self.bias[...])
+        scale, bias = varying_like(x, self.scale[...], self.bias[...])
         if fused:
             return self._update_and_cast(*fused(x, scale, bias, residual, self.epsilon))
         if kernel:

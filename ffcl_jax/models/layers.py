@@ -60,6 +60,11 @@ XLA_OPS = LayerKernels()  # the layers as written: every op XLA's
 _kernels = contextvars.ContextVar("layer_kernels", default=XLA_OPS)  # noqa: B039 - frozen
 
 
+def current_kernels() -> LayerKernels:
+    """What the layers compute with in the step being traced (`layer_kernels`)."""
+    return _kernels.get()
+
+
 @contextlib.contextmanager
 def layer_kernels(kernels: LayerKernels):
     """While a step is traced under it, the layers compute with `kernels`."""
@@ -95,7 +100,7 @@ def remat_policy(name: str, *, scanned: bool = False):
     raise UserError(f"config.remat={name!r}: use one of {', '.join(REMAT_POLICIES)}")
 
 
-def _float32_kernel(kernel: Callable | None, module_dtype, *arrays) -> Callable | None:
+def float32_kernel(kernel: Callable | None, module_dtype, *arrays) -> Callable | None:
     """`kernel` for a layer that computes in float32 on float32 arrays, else None."""
     if kernel is None or module_dtype not in (None, jnp.float32):
         return None
@@ -106,14 +111,14 @@ def _float32_kernel(kernel: Callable | None, module_dtype, *arrays) -> Callable 
 
 def float32_layer_kernel(name: str, module_dtype, x, *params) -> tuple[Callable | None, tuple]:
     """`(LayerKernels.<name>, params)` for a layer that computes in float32 on float32 arrays,
-    the params cast to vary like `x` (`_varying_like`); `(None, params)` where XLA computes."""
-    kernel = _float32_kernel(getattr(_kernels.get(), name), module_dtype, x, *params)
+    the params cast to vary like `x` (`varying_like`); `(None, params)` where XLA computes."""
+    kernel = float32_kernel(getattr(current_kernels(), name), module_dtype, x, *params)
     if kernel is None:
         return None, params
-    return kernel, _varying_like(x, *params)
+    return kernel, varying_like(x, *params)
 
 
-def _varying_like(x, *params):
+def varying_like(x, *params):
     """`params` cast to vary over the shard_map mesh axes `x` varies over (per-device
     BatchNorm): a custom VJP cannot return the per-shard gradient of an invariant input; the
     transpose of this cast sums the parameters' gradient over the shards, as autodiff does."""
@@ -141,10 +146,10 @@ class Conv(nnx.Conv):
         undilated = {self.input_dilation, self.kernel_dilation} <= {None, 1, (1, 1)}
         explicit = all(isinstance(v, (tuple, list)) for v in (self.padding, self.strides))
         plain = self.bias is None and self.mask is None and undilated and explicit
-        conv2d = _float32_kernel(_kernels.get().conv2d, self.dtype, inputs, kernel)
+        conv2d = float32_kernel(current_kernels().conv2d, self.dtype, inputs, kernel)
         if not (plain and inputs.ndim == 4 and conv2d):
             return self._named(super().__call__(inputs))
-        (kernel,) = _varying_like(inputs, kernel)
+        (kernel,) = varying_like(inputs, kernel)
         y = conv2d(
             inputs,
             kernel,
@@ -158,7 +163,7 @@ class Conv(nnx.Conv):
     def _named(y: jax.Array) -> jax.Array:
         """`y` named for the "conv_outputs" remat policy; untouched otherwise, so that a step
         without it traces as before."""
-        if _kernels.get().remat != "conv_outputs":
+        if current_kernels().remat != "conv_outputs":
             return y
         return checkpoint_name(y, CONV_OUTPUT)
 
@@ -247,7 +252,7 @@ class ZooNetwork(nnx.Module):
 
     def run_stage(self, index: int, x: jax.Array, *, train: bool) -> jax.Array:
         blocks = list(self.stages[index])
-        if _kernels.get().scan_blocks and len(blocks) > 2:
+        if current_kernels().scan_blocks and len(blocks) > 2:
             # The first block changes the stride or the width; the others are alike.
             return scan_blocks(blocks[1:], run_block(blocks[0], x, train=train), train=train)
         for block in blocks:
@@ -268,7 +273,7 @@ def run_block(block, x: jax.Array, *, train: bool) -> jax.Array:
     """`block(x)`, in training under `jax.checkpoint` with the `LayerKernels.remat` policy: its
     backward pass recomputes from the saved values what the policy does not save. The block's
     BatchNorm statistics are written back as a plain call leaves them."""
-    policy = remat_policy(_kernels.get().remat)
+    policy = remat_policy(current_kernels().remat)
     if policy is None or not train:
         return block(x, train=train)
     graphdef, state = nnx.split(block)
@@ -304,7 +309,7 @@ def scan_blocks(blocks, x: jax.Array, *, train: bool) -> jax.Array:
     # The remat policy (`run_block`) applies to the loop's body; without one ("none") autodiff
     # stacks every residual of a block over the loop, where the compiler can no longer
     # recompute them instead. Inside a scan no CSE can merge the recomputation with the forward.
-    policy = remat_policy(_kernels.get().remat, scanned=True) if train else None
+    policy = remat_policy(current_kernels().remat, scanned=True) if train else None
     if policy is not None:
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     x, stats = jax.lax.scan(body, x, stacked)
