@@ -170,6 +170,87 @@ def write_compile_for_table(results: str = RESULTS, doc: str = README) -> None:
     print(f"compile-for table: {len(reports)} rows from {results}/compile_for_*.json")
 
 
+# Issue 61's levers slice by slice: each slice's report of the :tpu step as it was before them
+# (unrolled, autodiff BatchNorm backward), as the preset compiles it now (scanned blocks, remat
+# "auto", closed-form backward), and the same step unrolled (a full count of its bytes: XLA
+# counts a loop's body once).
+POD_SCALING_REPORTS = {
+    "before": "compile_for_cifar100_tpu_{slice}.json",
+    "scanned": "compile_for_cifar100_tpu_scanned_{slice}.json",
+    "unrolled": "compile_for_cifar100_tpu_unrolled_closed_form_{slice}.json",
+}
+POD_SCALING_HEADER = (
+    "| slice | batch per chip | compile s: before, scanned | compile CPU s: scanned, unrolled "
+    "| generated code MiB: before, scanned | fixed MB | MB an image: before, now (unrolled) | "
+    "step bound: before, now (unrolled) | scanned step bound (loops once) |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def pod_scaling_slices(results: str = RESULTS) -> list[str]:
+    """The slices with all three reports, as file-name tags (v5e_2x2), in the table's order."""
+    tags = []
+    for path in glob.glob(os.path.join(results, "compile_for_cifar100_tpu_scanned_*.json")):
+        tag = os.path.basename(path)[len("compile_for_cifar100_tpu_scanned_") : -len(".json")]
+        names = [pattern.format(slice=tag) for pattern in POD_SCALING_REPORTS.values()]
+        if all(os.path.exists(os.path.join(results, name)) for name in names):
+            tags.append(tag)
+    return sorted(tags, key=lambda t: (t.split("_")[0], int(slice_chips(t))))
+
+
+def slice_chips(tag: str) -> int:
+    """The chip count a slice tag names: v4_2x2x2 -> 8, v5e_4x4 -> 16."""
+    chips = 1
+    for size in tag.split("_", 1)[1].split("x"):
+        chips *= int(size)
+    return chips
+
+
+def pod_scaling_row(tag: str, results: str = RESULTS) -> str:
+    reports = {}
+    for key, pattern in POD_SCALING_REPORTS.items():
+        with open(os.path.join(results, pattern.format(slice=tag))) as f:
+            reports[key] = json.load(f)
+    steps = {key: report["train_step"] for key, report in reports.items()}
+    batch = steps["scanned"]["per_chip_batch"]["image"][0]
+
+    def compile_s(key):
+        return steps[key]["compile_seconds"] + reports[key]["eval_step"]["compile_seconds"]
+
+    def compile_cpu_s(key):  # recorded by compile_for since 2026-12-07
+        seconds = [
+            step.get("compile_cpu_seconds") for step in (steps[key], reports[key]["eval_step"])
+        ]
+        return f"{sum(seconds):.0f}" if None not in seconds else "-"
+
+    def code_mib(key):
+        return steps[key]["memory_bytes"]["generated_code"] / 2**20
+
+    def mb_per_image(key):
+        return steps[key]["bytes_accessed"] / batch / 1e6
+
+    def bound_ms(key):
+        return steps[key]["roofline"]["step_bound_seconds"] * 1e3
+
+    return (
+        f"| {reports['scanned']['topology']} | {batch} | "
+        f"{compile_s('before'):.0f}, {compile_s('scanned'):.0f} | "
+        f"{compile_cpu_s('scanned')}, {compile_cpu_s('unrolled')} | "
+        f"{code_mib('before'):.1f}, {code_mib('scanned'):.1f} | "
+        f"{reports['scanned']['fixed_bytes']['total'] / 1e6:.1f} | "
+        f"{mb_per_image('before'):.1f}, {mb_per_image('unrolled'):.1f} | "
+        f"{bound_ms('before'):.2f}, {bound_ms('unrolled'):.2f} ms | {bound_ms('scanned'):.2f} ms |"
+    )
+
+
+def write_pod_scaling_table(results: str = RESULTS, doc: str = README) -> None:
+    """Rewrites the table between `doc`'s pod-scaling markers from the reports it names."""
+    tags = pod_scaling_slices(results)
+    table = "\n".join([POD_SCALING_HEADER, *(pod_scaling_row(t, results) for t in tags)])
+    replace_block("pod-scaling", table, doc)
+    print(f"pod-scaling table: {len(tags)} slices from {results}")
+
+
 # The turns of a JAX-against-PyTorch benchmark (bench_step.py), summarised.
 
 

@@ -410,6 +410,7 @@ def main(argv):
     if FLAGS.readme:
         bench_results.write_readme()
         bench_results.write_compile_for_table()
+        bench_results.write_pod_scaling_table()
         return
     if {"compare", "checkpoint", "profile", "primitives"} & set(FLAGS.modes):  # in this process
         from ffcl_jax import xla_cpu

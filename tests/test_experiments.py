@@ -606,6 +606,35 @@ def test_compile_for_table_is_the_one_the_committed_reports_give(tmp_path):
         assert block(f.read()).strip().splitlines() == rows
 
 
+def test_pod_scaling_table_covers_every_slice_from_its_committed_reports(tmp_path):
+    """docs/performance.md's before/after table: one row per slice of the scaling table, each
+    from that slice's three reports, as `bench_step.py --readme` writes it."""
+    import re
+
+    slices = {
+        m.group(1)
+        for f in os.listdir(bench_results.RESULTS)
+        if (m := re.fullmatch(r"compile_for_cifar100_tpu_(v\d+[a-z]?_[\dx]+)\.json", f))
+    }
+    assert slices and set(bench_results.pod_scaling_slices()) == slices
+    doc = tmp_path / "performance.md"
+    doc.write_text("<!-- pod-scaling:start -->\n<!-- pod-scaling:end -->\n")
+    bench_results.write_pod_scaling_table(bench_results.RESULTS, str(doc))
+
+    def block(text):
+        return text.split("<!-- pod-scaling:start -->")[1].split("<!-- pod-scaling:end -->")[0]
+
+    rows = block(doc.read_text()).strip().splitlines()
+    assert len(rows) == 2 + len(slices)
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        assert block(f.read()).strip().splitlines() == rows
+    # A row reads its own slice's reports: the v5e:2x2 row's before-bound is that report's.
+    with open(os.path.join(bench_results.RESULTS, "compile_for_cifar100_tpu_v5e_2x2.json")) as f:
+        before = json.load(f)["train_step"]["roofline"]["step_bound_seconds"] * 1e3
+    [row] = [r for r in rows if r.startswith("| v5e:2x2 |")]
+    assert f"| {before:.2f}, " in row
+
+
 def test_paired_difference_matches_a_paired_t_test():
     import scipy.stats
 
