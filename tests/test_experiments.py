@@ -591,19 +591,33 @@ def test_study_runs_run_each_run_once_and_train_a_missing_kd_teacher_again(fmnis
 def test_compile_for_table_is_the_one_the_committed_reports_give(tmp_path):
     """docs/performance.md's table "Compiled for TPU slices" is what `bench_step.py --readme`
     writes from the committed `compile_for_*.json` reports."""
-    doc = tmp_path / "performance.md"
-    doc.write_text("a\n<!-- compile-for:start -->\nold\n<!-- compile-for:end -->\nb\n")
-    bench_results.write_compile_for_table(bench_results.RESULTS, str(doc))
-
-    def block(text):
-        return text.split("<!-- compile-for:start -->")[1].split("<!-- compile-for:end -->")[0]
-
-    rows = block(doc.read_text()).strip().splitlines()
+    rows = _generated_table("compile-for", bench_results.write_compile_for_table, tmp_path)
     assert len(rows) == 2 + len(
         [f for f in os.listdir(bench_results.RESULTS) if f.startswith("compile_for_")]
     )
+    assert _committed_table("compile-for") == rows
+
+
+def _generated_table(name: str, write, tmp_path) -> list[str]:
+    """The rows `write(results, doc)` puts between a fresh doc's `name` markers."""
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"a\n<!-- {name}:start -->\nold\n<!-- {name}:end -->\nb\n")
+    write(bench_results.RESULTS, str(doc))
+    return _table_block(name, doc.read_text())
+
+
+def _committed_table(name: str) -> list[str]:
     with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        assert block(f.read()).strip().splitlines() == rows
+        return _table_block(name, f.read())
+
+
+def _table_block(name: str, text: str) -> list[str]:
+    return (
+        text.split(f"<!-- {name}:start -->")[1]
+        .split(f"<!-- {name}:end -->")[0]
+        .strip()
+        .splitlines()
+    )
 
 
 def test_pod_scaling_table_covers_every_slice_from_its_committed_reports(tmp_path):
@@ -617,17 +631,9 @@ def test_pod_scaling_table_covers_every_slice_from_its_committed_reports(tmp_pat
         if (m := re.fullmatch(r"compile_for_cifar100_tpu_(v\d+[a-z]?_[\dx]+)\.json", f))
     }
     assert slices and set(bench_results.pod_scaling_slices()) == slices
-    doc = tmp_path / "performance.md"
-    doc.write_text("<!-- pod-scaling:start -->\n<!-- pod-scaling:end -->\n")
-    bench_results.write_pod_scaling_table(bench_results.RESULTS, str(doc))
-
-    def block(text):
-        return text.split("<!-- pod-scaling:start -->")[1].split("<!-- pod-scaling:end -->")[0]
-
-    rows = block(doc.read_text()).strip().splitlines()
+    rows = _generated_table("pod-scaling", bench_results.write_pod_scaling_table, tmp_path)
     assert len(rows) == 2 + len(slices)
-    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
-        assert block(f.read()).strip().splitlines() == rows
+    assert _committed_table("pod-scaling") == rows
     # A row reads its own slice's reports: the v5e:2x2 row's before-bound is that report's.
     with open(os.path.join(bench_results.RESULTS, "compile_for_cifar100_tpu_v5e_2x2.json")) as f:
         before = json.load(f)["train_step"]["roofline"]["step_bound_seconds"] * 1e3
