@@ -80,6 +80,7 @@ import sys
 import time
 
 import bench_results  # experiments/, beside this script
+import primitive_times
 import step_probes
 from absl import app, flags
 from ml_collections import config_flags
@@ -345,7 +346,7 @@ def torch_worker(config, modes) -> dict:
         times = []
         for _ in range(FLAGS.repeats):
             if os.environ.get("ONEDNN_VERBOSE"):  # primitives mode: where a step's lines begin
-                print(step_probes.STEP_MARKER, flush=True)
+                print(primitive_times.STEP_MARKER, flush=True)
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
@@ -428,7 +429,7 @@ def main(argv):
         elif "profile" in FLAGS.modes:
             record = step_probes.profile_step(config, FLAGS.top)
         elif "primitives" in FLAGS.modes:
-            record = step_probes.primitive_times(
+            record = primitive_times.primitive_times(
                 config, FLAGS.frameworks, FLAGS.repeats, FLAGS.warmup, sys.argv[1:]
             )
         else:

@@ -395,7 +395,7 @@ def test_profile_mode_lists_where_the_step_spends_its_time(kernels, tmp_path):
 
 
 def test_primitive_lines_parse_in_both_of_onednns_verbose_formats():
-    import step_probes
+    import primitive_times
 
     shape = "mb128_ic16oc32_ih28oh14kh3sh2dh0ph1_iw28ow14kw3sw2dw0pw1"
     old = f"onednn_verbose,exec,cpu,convolution,jit:avx512_core,backward_data,src,,alg,{shape},2.5"
@@ -403,22 +403,25 @@ def test_primitive_lines_parse_in_both_of_onednns_verbose_formats():
         "onednn_verbose,v1,primitive,exec,cpu,convolution,brgconv:avx512_core,"
         f"forward_training,src,attr,alg,{shape},0.75"
     )
-    assert step_probes.parse_primitive_line(old) == (
+    assert primitive_times.parse_primitive_line(old) == (
         "convolution",
         "jit:avx512_core",
         "backward_data",
         shape,
         2.5,
     )
-    assert step_probes.parse_primitive_line(new)[1:3] == ("brgconv:avx512_core", "forward_training")
+    assert primitive_times.parse_primitive_line(new)[1:3] == (
+        "brgconv:avx512_core",
+        "forward_training",
+    )
     for other in ("onednn_verbose,info,cpu,isa:AVX-512", "onednn_verbose,create:cache_miss,x,1"):
-        assert step_probes.parse_primitive_line(other) is None
+        assert primitive_times.parse_primitive_line(other) is None
     # One multiply-add per weight per output position: 128 x 14 x 14 outputs x 32 x (16 x 3 x 3).
-    assert step_probes.convolution_gflop(shape) == 2 * 128 * 14 * 14 * 32 * 16 * 9 / 1e9
+    assert primitive_times.convolution_gflop(shape) == 2 * 128 * 14 * 14 * 32 * 16 * 9 / 1e9
     depthwise = "g128mb128_ic128oc128_ih7oh7kh3sh1dh0ph1_iw7ow7kw3sw1dw0pw1"
-    assert step_probes.convolution_gflop(depthwise) == 2 * 128 * 7 * 7 * 128 * 9 / 1e9
-    lines = [step_probes.STEP_MARKER, old, old, step_probes.STEP_MARKER, old]
-    rows = step_probes._primitive_rows(lines, [10.0, 9.0])
+    assert primitive_times.convolution_gflop(depthwise) == 2 * 128 * 7 * 7 * 128 * 9 / 1e9
+    lines = [primitive_times.STEP_MARKER, old, old, primitive_times.STEP_MARKER, old]
+    rows = primitive_times._primitive_rows(lines, [10.0, 9.0])
     assert rows["onednn_ms"] == [5.0, 2.5]
     # Each primitive's calls in the first step, and its fastest step's ms.
     [row] = rows["primitives"]
