@@ -187,30 +187,31 @@ POD_SCALING_HEADER = (
 )
 
 
-def pod_scaling_slices(results: str = RESULTS) -> list[str]:
-    """The slices with all three reports, as file-name tags (v5e_2x2), in the table's order."""
-    tags = []
+def pod_scaling_reports(results: str = RESULTS) -> dict[str, dict[str, dict]]:
+    """Each slice with all three reports (by its file-name tag, v5e_2x2): its reports by
+    POD_SCALING_REPORTS' keys, in the order of the table "Compiled for TPU slices" (chip
+    generation, then chips)."""
+    slices = {}
     for path in glob.glob(os.path.join(results, "compile_for_cifar100_tpu_scanned_*.json")):
         tag = os.path.basename(path)[len("compile_for_cifar100_tpu_scanned_") : -len(".json")]
-        names = [pattern.format(slice=tag) for pattern in POD_SCALING_REPORTS.values()]
-        if all(os.path.exists(os.path.join(results, name)) for name in names):
-            tags.append(tag)
-    return sorted(tags, key=lambda t: (t.split("_")[0], int(slice_chips(t))))
+        paths = {
+            key: os.path.join(results, pattern.format(slice=tag))
+            for key, pattern in POD_SCALING_REPORTS.items()
+        }
+        if all(os.path.exists(p) for p in paths.values()):
+            reports = {}
+            for key, report_path in paths.items():
+                with open(report_path) as f:
+                    reports[key] = json.load(f)
+            slices[tag] = reports
+    order = sorted(
+        slices, key=lambda t: (slices[t]["scanned"]["chip"]["name"], slices[t]["scanned"]["chips"])
+    )
+    return {tag: slices[tag] for tag in order}
 
 
-def slice_chips(tag: str) -> int:
-    """The chip count a slice tag names: v4_2x2x2 -> 8, v5e_4x4 -> 16."""
-    chips = 1
-    for size in tag.split("_", 1)[1].split("x"):
-        chips *= int(size)
-    return chips
-
-
-def pod_scaling_row(tag: str, results: str = RESULTS) -> str:
-    reports = {}
-    for key, pattern in POD_SCALING_REPORTS.items():
-        with open(os.path.join(results, pattern.format(slice=tag))) as f:
-            reports[key] = json.load(f)
+def pod_scaling_row(reports: dict[str, dict]) -> str:
+    """One slice's row of the before/after table, from its reports (`pod_scaling_reports`)."""
     steps = {key: report["train_step"] for key, report in reports.items()}
     batch = steps["scanned"]["per_chip_batch"]["image"][0]
 
@@ -245,10 +246,10 @@ def pod_scaling_row(tag: str, results: str = RESULTS) -> str:
 
 def write_pod_scaling_table(results: str = RESULTS, doc: str = README) -> None:
     """Rewrites the table between `doc`'s pod-scaling markers from the reports it names."""
-    tags = pod_scaling_slices(results)
-    table = "\n".join([POD_SCALING_HEADER, *(pod_scaling_row(t, results) for t in tags)])
+    slices = pod_scaling_reports(results)
+    table = "\n".join([POD_SCALING_HEADER, *map(pod_scaling_row, slices.values())])
     replace_block("pod-scaling", table, doc)
-    print(f"pod-scaling table: {len(tags)} slices from {results}")
+    print(f"pod-scaling table: {len(slices)} slices from {results}")
 
 
 # The turns of a JAX-against-PyTorch benchmark (bench_step.py), summarised.

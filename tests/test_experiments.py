@@ -633,7 +633,7 @@ def test_pod_scaling_table_covers_every_slice_from_its_committed_reports(tmp_pat
         for f in os.listdir(bench_results.RESULTS)
         if (m := re.fullmatch(r"compile_for_cifar100_tpu_(v\d+[a-z]?_[\dx]+)\.json", f))
     }
-    assert slices and set(bench_results.pod_scaling_slices()) == slices
+    assert slices and set(bench_results.pod_scaling_reports()) == slices
     rows = _generated_table("pod-scaling", bench_results.write_pod_scaling_table, tmp_path)
     assert len(rows) == 2 + len(slices)
     assert _committed_table("pod-scaling") == rows

@@ -146,10 +146,9 @@ class Conv(nnx.Conv):
         undilated = {self.input_dilation, self.kernel_dilation} <= {None, 1, (1, 1)}
         explicit = all(isinstance(v, (tuple, list)) for v in (self.padding, self.strides))
         plain = self.bias is None and self.mask is None and undilated and explicit
-        conv2d = float32_kernel(current_kernels().conv2d, self.dtype, inputs, kernel)
+        conv2d, (kernel,) = float32_layer_kernel("conv2d", self.dtype, inputs, kernel)
         if not (plain and inputs.ndim == 4 and conv2d):
             return self._named(super().__call__(inputs))
-        (kernel,) = varying_like(inputs, kernel)
         y = conv2d(
             inputs,
             kernel,
