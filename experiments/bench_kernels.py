@@ -366,8 +366,8 @@ def main() -> None:
 if __name__ == "__main__":
     from ffcl_jax import process_env
 
-    # As the CLI runs: malloc on huge pages (the worker processes inherit it).
-    env = process_env.with_hugepage_malloc(dict(os.environ))
+    # As the CLI runs: malloc as `$FFCL_MALLOC` says (the worker processes inherit it).
+    env = process_env.with_malloc(dict(os.environ))
     if env is not None:
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
     main()

@@ -8,6 +8,7 @@ measurement)."""
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import os
@@ -15,6 +16,7 @@ import statistics
 
 from ffcl_jax.checkpoint import RENAMED_KEYS
 from ffcl_jax.machine import cpu_isa, machine  # noqa: F401  (the benchmarks' machine record)
+from ffcl_jax.process_env import malloc_choice, malloc_in_effect
 
 
 def command_today(command: str) -> str:
@@ -28,6 +30,7 @@ def command_today(command: str) -> str:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 README = os.path.join(ROOT, "docs", "performance.md")  # holds the bench table
+MALLOC_SETTING = {"retain": "malloc keeps freed memory", "hugepages": "huge-page malloc"}
 REPO_README = os.path.join(ROOT, "README.md")
 
 
@@ -49,11 +52,9 @@ def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
     if synthetic:
         flags_tag += "_synthetic"
     kind = "gpu" if "cpu" not in device.lower() else "cpu"
-    from ffcl_jax.process_env import tunables_in_effect
-
-    tunables = tunables_in_effect(os.environ.get("GLIBC_TUNABLES", ""))
-    if kind == "cpu" and "glibc.malloc.hugetlb=1" in tunables:
-        flags_tag += "_hugepages"
+    malloc = malloc_in_effect(os.environ.get("GLIBC_TUNABLES", ""))
+    if kind == "cpu" and malloc != "system":
+        flags_tag += f"_{malloc}"
     if kind == "cpu" and isa:
         kind += "_" + isa.lower().replace("-", "")
     return f"bench_{config.teacher}_{config.student}_b{config.batch_size}_{kind}{flags_tag}"
@@ -97,8 +98,9 @@ def write_readme(results: str = RESULTS, readme: str = README) -> None:
                 settings.append("BatchNorm+ReLU kernel")
             if "batch_norm_add_relu" in j.get("cpu_kernel_ops", []):
                 settings.append("residual add+ReLU in it")
-            if "glibc.malloc.hugetlb=1" in r.get("glibc_tunables", ""):
-                settings.append("huge-page malloc")
+            malloc = malloc_choice(r.get("glibc_tunables", ""))
+            if malloc != "system":
+                settings.append(MALLOC_SETTING[malloc])
             if mode == "epoch":
                 settings.append("JAX data on device" if r.get("data_on_device") else "tf.data")
                 if r.get("epoch_data") == "synthetic":
@@ -264,6 +266,30 @@ def summarize(times: list[float], batch_size: int) -> dict:
         "img_per_sec_best": round(batch_size / min(times), 1),
         "repeats": len(times),
     }
+
+
+def kernel_costs(before, after, times: list[float]) -> dict:
+    """What the operating system charged the timed steps, from `resource.getrusage` before and
+    after them: page faults and system (kernel) seconds a step, where an allocator that hands
+    memory back to the kernel every step shows, and every step's time."""
+    steps = max(len(times), 1)
+    return {
+        "page_faults_per_step": round((after.ru_minflt - before.ru_minflt) / steps),
+        "system_seconds_per_step": round((after.ru_stime - before.ru_stime) / steps, 3),
+        "times_ms": [round(1000 * t, 2) for t in times],
+    }
+
+
+def write_record(path: str, record: dict, argv: list[str]) -> None:
+    """A measurement to commit, with its date and the command that made it."""
+    record = {
+        "date": datetime.date.today().isoformat(),
+        "command": "python experiments/bench_step.py " + " ".join(argv),
+        **record,
+    }
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {path}")
 
 
 def pair_ratios(sides: dict, modes: list[str]) -> dict[str, float]:

@@ -42,6 +42,9 @@ step, for a result to commit):
   vary the oneDNN kernels rather than the config: `--key=cpu_kernels.thread
   --settings=kernel_thread,caller` (where their work runs) and `--key=cpu_kernels.residual_end
   --settings=fused,separate` (a residual block's add and ReLU in the BatchNorm kernel, or XLA's).
+  `--key=cpu.malloc --settings=retain,hugepages,system` (glibc reads it at start-up) runs a JAX
+  step worker (`--repeats` steps) per setting in turns instead, with page faults and system
+  seconds a step beside the times.
 - `profile`: the ops one train step spends its time in, from a profiler trace, by kind and one
   by one (`--top`). Tracing slows the call (a step's kernels and fusions each record events):
   read the shares, and time with the other modes.
@@ -211,6 +214,7 @@ def jax_worker(config, modes) -> dict:
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         times = []
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         for _ in range(FLAGS.repeats):
             start = time.perf_counter()
             state, metrics = step(state, batch)
@@ -218,6 +222,7 @@ def jax_worker(config, modes) -> dict:
             times.append(time.perf_counter() - start)
         out["step"] = {
             **bench_results.summarize(times, config.batch_size),
+            **bench_results.kernel_costs(usage, resource.getrusage(resource.RUSAGE_SELF), times),
             "first_step_seconds_incl_compile": round(first, 2),
             "peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1),
             **memory(step, state, batch),
@@ -344,26 +349,27 @@ def torch_worker(config, modes) -> dict:
         for _ in range(FLAGS.warmup - 1):
             step()
         times = []
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         for _ in range(FLAGS.repeats):
             if os.environ.get("ONEDNN_VERBOSE"):  # primitives mode: where a step's lines begin
                 print(primitive_times.STEP_MARKER, flush=True)
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+        costs = bench_results.kernel_costs(usage, resource.getrusage(resource.RUSAGE_SELF), times)
         if not cuda:
             out["gemm_gflops"] = step_probes.gemm_gflops(
                 torch.mm, lambda n: torch.randn(n, n, generator=torch.Generator().manual_seed(n))
             )
         out["step"] = {
             **bench_results.summarize(times, config.batch_size),
+            **costs,
             "first_step_seconds": round(first, 2),
             "peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1),
             "device_peak_mb": (
                 round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None
             ),
         }
-        if os.environ.get("ONEDNN_VERBOSE"):  # primitives mode pairs each step with its lines
-            out["step"]["times_ms"] = [round(1000 * t, 2) for t in times]
     if "epoch" in modes:
         images, labels = train_split(config)
         steps = len(images) // config.batch_size
@@ -390,9 +396,11 @@ def torch_worker(config, modes) -> dict:
     return out
 
 
-def run_worker(framework: str) -> dict:
-    argv = [sys.executable, os.path.abspath(__file__), f"--worker={framework}", *sys.argv[1:]]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+def run_worker(framework: str, env: dict | None = None, *flags_after: str) -> dict:
+    """Runs one framework's worker on this command line (`flags_after` override it)."""
+    me = os.path.abspath(__file__)
+    argv = [sys.executable, me, f"--worker={framework}", *sys.argv[1:], *flags_after]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         sys.stderr.write(done.stderr[-3000:])
@@ -412,6 +420,12 @@ def main(argv):
         bench_results.write_readme()
         bench_results.write_compile_for_table()
         bench_results.write_pod_scaling_table()
+        return
+    if "compare" in FLAGS.modes and FLAGS.key == step_probes.MALLOC:  # a process's setting
+        record = step_probes.compare_mallocs(config, FLAGS.settings, FLAGS.rounds, run_worker)
+        print(record["table"])
+        if FLAGS.output:
+            bench_results.write_record(FLAGS.output, record, sys.argv[1:])
         return
     if {"compare", "checkpoint", "profile", "primitives"} & set(FLAGS.modes):  # in this process
         from ffcl_jax import xla_cpu
@@ -437,14 +451,7 @@ def main(argv):
             return
         print(record["table"])
         if FLAGS.output:  # a measurement to commit: its command and date with it
-            record = {
-                "date": datetime.date.today().isoformat(),
-                "command": "python experiments/bench_step.py " + " ".join(sys.argv[1:]),
-                **record,
-            }
-            with open(FLAGS.output, "w") as f:
-                json.dump(record, f, indent=1)
-            print(f"wrote {FLAGS.output}")
+            bench_results.write_record(FLAGS.output, record, sys.argv[1:])
         return
     turns = [
         {framework: run_worker(framework) for framework in FLAGS.frameworks}
@@ -493,8 +500,8 @@ def main(argv):
 if __name__ == "__main__":
     from ffcl_jax import process_env
 
-    # As the CLI runs (both frameworks' workers inherit it): malloc on huge pages.
-    env = process_env.with_hugepage_malloc(dict(os.environ))
+    # As the CLI runs (both frameworks' workers inherit it): malloc as `$FFCL_MALLOC` says.
+    env = process_env.with_malloc(dict(os.environ))
     if env is not None:
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
     define_flags()

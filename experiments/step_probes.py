@@ -117,6 +117,46 @@ def compare_settings(
     return _timing_table(config, key, rounds, steps_per_round, runs)
 
 
+# compare's key for how glibc's malloc serves the process (ffcl_jax.process_env): glibc reads it
+# at start-up only, so each setting runs in a worker process of its own, the settings in turns.
+MALLOC = "cpu.malloc"
+
+
+def compare_mallocs(config, settings: list[str], rounds: int, run_worker) -> dict:
+    """bench_step's `compare` mode for `cpu.malloc`: `rounds` turns over `settings`, each a JAX
+    step worker (`run_worker("jax", env, "--modes=step")`, `--repeats` timed steps) started
+    with that setting's tunables; the timing table plus each setting's page faults and system
+    seconds a step."""
+    from ffcl_jax import process_env
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FFCL_MALLOC")}
+    runs = {setting: {"times": [], "faults": [], "system": []} for setting in settings}
+    for _ in range(rounds):
+        for setting, run in runs.items():
+            # The worker's own start-up (bench_step's __main__) reads the choice from here.
+            env = {**(process_env.with_malloc(base, setting) or base), "FFCL_MALLOC": setting}
+            worker = run_worker("jax", env, "--modes=step")
+            step = worker["step"]
+            run["times"] += step["times_ms"]
+            run["faults"].append(step["page_faults_per_step"])
+            run["system"].append(step["system_seconds_per_step"])
+            run["tunables"] = worker["glibc_tunables"]  # as the worker itself started
+    repeats = len(runs[settings[0]]["times"]) // max(rounds, 1)
+    record = _timing_table(config, MALLOC, rounds, repeats, runs)
+    lines = ["", f"| {MALLOC} | page faults a step | system s a step | GLIBC_TUNABLES |"]
+    lines.append("|---|---|---|---|")
+    for setting, run in runs.items():
+        faults, system = statistics.median(run["faults"]), statistics.median(run["system"])
+        record["settings"][setting].update(
+            page_faults_per_step=run["faults"],
+            system_seconds_per_step=run["system"],
+            glibc_tunables=run["tunables"],
+        )
+        lines.append(f"| {setting} | {faults:.0f} | {system:.3f} | {run['tunables'] or '-'} |")
+    record["table"] += "\n".join(lines)
+    return record
+
+
 def _time_in_turns(runs: dict, rounds: int, steps_per_round: int) -> None:
     """Times `steps_per_round` steps of each run in turn, `rounds` times, into its "times". A
     run holds its step, its batch, its state in a one-element list (runs may share one: the step

@@ -49,7 +49,7 @@ RESUMABLE_KEYS = frozenset(
         "cpu.ynn_fusion",  # a compiler setting: the same computation, other fusion decisions
         "cpu.flatten_after_fusion",  # a compiler setting, like cpu.ynn_fusion
         "cpu.kernels",  # the same convolutions and BatchNorm, other kernels: other rounding
-        "cpu.hugepage_malloc",  # where memory comes from
+        "cpu.malloc",  # where memory comes from
         "batch_norm_backward",  # the same gradient, other rounding
         "scan_blocks",  # the same blocks as one loop, the same weights: other rounding
         "remat",  # the same forward recomputed in the backward pass: other rounding
@@ -94,7 +94,7 @@ ADDED_KEYS = {
     "batch_norm_backward": "autodiff",
     "cpu.flatten_after_fusion": False,
     "cpu.kernels": "xla",
-    "cpu.hugepage_malloc": True,
+    "cpu.malloc": "hugepages",
     "validation_size": 0,
     "validation_seed": 0,
     "warmup_epochs": 0.0,
@@ -133,6 +133,8 @@ RENAMED_KEYS = {
     "cpu_kernels": "cpu.kernels",
     # Under cpu until the TPU took the closed form too; before that, top-level as today.
     "cpu.batch_norm_backward": "batch_norm_backward",
+    # A switch for huge pages until malloc had more than one choice (resumable either way).
+    "cpu.hugepage_malloc": "cpu.malloc",
 }
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from ffcl_jax import datasets, methods, models, xla_cpu
+from ffcl_jax import datasets, methods, models, process_env, xla_cpu
 from ffcl_jax.errors import UserError
 from ffcl_jax.models.layers import REMAT_POLICIES
 
@@ -134,10 +134,12 @@ def base_config() -> ml_collections.ConfigDict:
     # first; a process whose backend already runs, or whose XLA_FLAGS already set
     # xla_backend_extra_options, keeps what it has. See xla_cpu.process_xla_flags.
     c.cpu.flatten_after_fusion = True
-    # glibc's huge-page malloc (ffcl_jax.process_env): the command line restarts itself once
-    # with it where it takes effect (glibc >= 2.35, transparent huge pages not `never`); code
-    # that calls the trainer from Python starts its process as it likes.
-    c.cpu.hugepage_malloc = True
+    # How glibc's malloc serves the process (ffcl_jax.process_env): "retain" keeps each step's
+    # freed temporaries for the next step instead of faulting them in again, "hugepages" puts
+    # them on transparent huge pages, "system" leaves glibc as it comes. The command line
+    # restarts itself once with the choice's tunables where they take effect; code that calls
+    # the trainer from Python starts its process as it likes.
+    c.cpu.malloc = "retain"
 
     # A protocol's ramp-up for the methods that have one (a compressed schedule scales it), None:
     # each method's own; methods without a ramp-up (independent, kd, dml, kdcl) keep none, and
@@ -313,6 +315,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> methods
     for key, valid in (
         ("ynn_fusion", ("auto", "xla_default", *xla_cpu.CPU_YNN_FUSION)),
         ("kernels", xla_cpu.CPU_KERNELS),
+        ("malloc", process_env.MALLOC_CHOICES),
     ):
         if config.cpu[key] not in valid:
             raise UserError(

@@ -42,7 +42,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 # 128 + SIGTERM, as a shell reports a process stopped by SIGTERM: schedulers requeue on it.
 PREEMPTED_EXIT_CODE = 143
-# Set by `cli()` only: whether this process may restart itself (see restart_with_hugepage_malloc).
+# Set by `cli()` only: whether this process may restart itself (see restart_with_malloc).
 _MAY_RESTART = False
 
 
@@ -159,14 +159,14 @@ def _exit_now(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def restart_with_hugepage_malloc() -> None:
-    """Replaces this process with the same command line under glibc's huge-page malloc tunable
-    (`process_env`), where it takes effect and is not yet set; else returns. For the command
-    line only: a script, a notebook's kernel or a test that calls `run()` must never be
-    replaced by a re-run of its own command line."""
+def restart_with_malloc(choice: str) -> None:
+    """Replaces this process with the same command line under glibc's malloc tunables for
+    `choice` (`process_env`), where they take effect and no malloc tunable is set yet; else
+    returns. For the command line only: a script, a notebook's kernel or a test that calls
+    `run()` must never be replaced by a re-run of its own command line."""
     from ffcl_jax import process_env
 
-    env = process_env.with_hugepage_malloc(dict(os.environ))
+    env = process_env.with_malloc(dict(os.environ), choice)
     if env is None:
         return
     # exec runs no exit handlers: what is still in Python's stdio buffers would be lost.
@@ -176,10 +176,12 @@ def restart_with_hugepage_malloc() -> None:
 
 
 def restart_if_asked(config) -> None:
-    """Restarts with huge-page malloc where the command line runs (`cli()`) and
-    `config.cpu.hugepage_malloc` asks for it; else returns."""
-    if _MAY_RESTART and config.cpu.hugepage_malloc:
-        restart_with_hugepage_malloc()
+    """Restarts with `config.cpu.malloc`'s tunables where the command line runs (`cli()`);
+    else returns. An unknown choice is left to the config check, which says what is valid."""
+    from ffcl_jax import process_env
+
+    if _MAY_RESTART and config.cpu.malloc in process_env.MALLOC_CHOICES:
+        restart_with_malloc(config.cpu.malloc)
 
 
 def run() -> None:
@@ -189,8 +191,8 @@ def run() -> None:
 
 
 def cli() -> None:
-    """`python -m ffcl_jax.main`: `run()`, restarted once with huge-page malloc where
-    `config.cpu.hugepage_malloc` asks for it (glibc reads its tunables at start-up only)."""
+    """`python -m ffcl_jax.main`: `run()`, restarted once with `config.cpu.malloc`'s tunables
+    where they take effect (glibc reads its tunables at start-up only)."""
     global _MAY_RESTART
     _MAY_RESTART = True
     run()

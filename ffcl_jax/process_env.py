@@ -1,18 +1,25 @@
 """The environment a CPU training process starts with: what only the process's owner may set.
 
-XLA:CPU allocates each step's temporary buffers afresh, hundreds of MB for the demo pair, and
-glibc hands allocations that large back to the kernel when freed: the next step touches new
-pages and takes a page fault per 4 KiB (82,000 a step for the demo pair). With glibc's
-`glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages there (2 MiB each),
-which removes nearly all of them (700 a step) and makes the demo step 1.15-1.35x faster
-(docs/performance_log.md, "Huge pages for malloc"). glibc reads the tunable only when a process
-starts, so the command line (`python -m ffcl_jax.main`, never `main.run()` called from Python)
-restarts itself with it (`exec`, same PID and command line) and the benchmarks start their
-workers with it; nothing in the library changes the environment. Only where it takes effect:
-glibc 2.35 or later (older ones ignore the tunable) with transparent huge pages not `never`
-(malloc asks for them with madvise, which `never` refuses). `--config.cpu.hugepage_malloc=false`
-keeps the command line's process as it is, `FFCL_MALLOC_HUGEPAGES=0` any process (the
-benchmarks' workers too).
+XLA:CPU allocates each step's temporary buffers afresh as one block (221 MB for the demo pair,
+1.4 GB for cifar100's) and frees it when the step ends. glibc serves a block that large with
+its own `mmap` and returns it to the kernel on `free`, so every step faults its temporaries in
+again: the kernel zeroes them page by page, and where they come on transparent huge pages it may
+first compact memory to find 2 MiB pieces, which took 0.2-1.6 s of system time in some cifar100
+steps and none in others (docs/performance.md, "Where a step's memory comes from").
+
+`config.cpu.malloc` chooses how glibc serves the process (`MALLOC_CHOICES`):
+- `retain` (the default): one arena, no `mmap` and no trimming, so a freed block stays with the
+  process and the next step reuses it: no page faults in a step, the same step time each step.
+  The process keeps its high-water mark of heap from then on.
+- `hugepages`: transparent huge pages for large blocks (glibc >= 2.35, huge pages not `never`):
+  512 times fewer faults than 4 KiB pages, but still faults and compaction every step.
+- `system`: glibc as it comes.
+
+glibc reads its tunables only when a process starts, so the command line (`python -m
+ffcl_jax.main`, never `main.run()` called from Python) restarts itself with them (`exec`, the
+same PID and command line), and the benchmarks start their workers with them (`$FFCL_MALLOC`
+names the choice there, `retain` when unset); nothing in the library changes the environment.
+Tunables the user set for malloc are kept as they are, and nothing is added to them.
 """
 
 from __future__ import annotations
@@ -22,9 +29,21 @@ import pathlib
 import re
 import sys
 
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-OPT_OUT = "FFCL_MALLOC_HUGEPAGES"
-# The first glibc that reads glibc.malloc.hugetlb.
+# Above any step's temporaries: freed memory at the top of the heap stays with the process.
+_NEVER_TRIM = str(1 << 40)
+MALLOC_TUNABLES = {
+    "retain": (
+        "glibc.malloc.arena_max=1",  # every thread's blocks from the heap that is never unmapped
+        "glibc.malloc.mmap_max=0",  # no block on its own mmap, however large
+        f"glibc.malloc.trim_threshold={_NEVER_TRIM}",
+    ),
+    "hugepages": ("glibc.malloc.hugetlb=1",),
+    "system": (),
+}
+MALLOC_CHOICES = tuple(MALLOC_TUNABLES)
+CHOICE_VARIABLE = "FFCL_MALLOC"  # the benchmarks' workers: the choice where no config says
+# The first glibc that reads tunables at all, and the first that reads glibc.malloc.hugetlb.
+TUNABLES_GLIBC = (2, 26)
 HUGETLB_GLIBC = (2, 35)
 THP_ENABLED = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -50,33 +69,55 @@ def transparent_hugepages() -> str | None:
     return match[1] if match else None
 
 
-def hugepage_malloc_takes_effect() -> bool:
-    """Whether `glibc.malloc.hugetlb=1` changes anything in a process started here."""
+def tunable_takes_effect(tunable: str) -> bool:
+    """Whether glibc in a process started here reads `tunable` (`name=value`) and acts on it."""
     if not sys.platform.startswith("linux"):
         return False
     version = glibc_version()
-    if version is None or version < HUGETLB_GLIBC:
+    if version is None or version < TUNABLES_GLIBC:
         return False
-    return transparent_hugepages() in ("always", "madvise")
+    if tunable.startswith("glibc.malloc.hugetlb"):
+        # malloc asks for huge pages with madvise, which `never` refuses.
+        return version >= HUGETLB_GLIBC and transparent_hugepages() in ("always", "madvise")
+    return True
 
 
-def with_hugepage_malloc(env: dict) -> dict | None:
-    """`env` with glibc's huge-page tunable added, or None when there is nothing to add (the
-    tunable would take no effect here, already set, opted out, or tunables of the user's own
-    that name malloc's)."""
-    if env.get(OPT_OUT, "1") == "0" or not hugepage_malloc_takes_effect():
-        return None
+def malloc_tunables(choice: str) -> tuple[str, ...]:
+    """The tunables of `choice` (`MALLOC_CHOICES`) that take effect here; () for none."""
+    if choice not in MALLOC_TUNABLES:
+        raise ValueError(f"unknown malloc choice {choice!r}; valid: {', '.join(MALLOC_CHOICES)}")
+    tunables = MALLOC_TUNABLES[choice]
+    return tunables if all(map(tunable_takes_effect, tunables)) else ()
+
+
+def with_malloc(env: dict, choice: str | None = None) -> dict | None:
+    """`env` with the malloc tunables of `choice` (else `$FFCL_MALLOC`, else `retain`) added, or
+    None when there is nothing to add: the choice takes no effect here, or `GLIBC_TUNABLES`
+    already names a malloc tunable (the user's own, or those of the process that restarted)."""
+    choice = choice or env.get(CHOICE_VARIABLE) or "retain"
+    wanted = malloc_tunables(choice)
     tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables:
+    if not wanted or "glibc.malloc." in tunables:
         return None
-    joined = f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE
-    return {**env, "GLIBC_TUNABLES": joined}
+    return {**env, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, *wanted)))}
 
 
 def tunables_in_effect(tunables: str) -> str:
-    """`GLIBC_TUNABLES` as a record of what applies: without its glibc.malloc.hugetlb setting
-    where that takes no effect, so that no result claims huge-page malloc it did not have."""
-    if hugepage_malloc_takes_effect():
-        return tunables
-    kept = [t for t in tunables.split(":") if t and not t.startswith("glibc.malloc.hugetlb")]
-    return ":".join(kept)
+    """`GLIBC_TUNABLES` as a record of what applies: without the settings that take no effect
+    here, so that no result claims a malloc it did not have."""
+    return ":".join(t for t in tunables.split(":") if t and tunable_takes_effect(t))
+
+
+def malloc_choice(tunables: str) -> str:
+    """Which `MALLOC_CHOICES` entry a `GLIBC_TUNABLES` string names (`system` when none): for a
+    record, whose tunables were those in effect where it was made."""
+    named = set(tunables.split(":"))
+    for choice, wanted in MALLOC_TUNABLES.items():
+        if wanted and named >= set(wanted):
+            return choice
+    return "system"
+
+
+def malloc_in_effect(tunables: str) -> str:
+    """Which `MALLOC_CHOICES` entry `GLIBC_TUNABLES` amounts to in a process started here."""
+    return malloc_choice(tunables_in_effect(tunables))

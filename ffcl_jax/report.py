@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ffcl_jax import machine, storage
+from ffcl_jax import machine, process_env, storage
 from ffcl_jax.errors import UserError
 
 # What an eval row (and its metrics.jsonl line) holds besides one accuracy per evaluated model.
@@ -447,7 +447,8 @@ def results(config, setup, params, progress: dict, eval_split: str) -> dict[str,
         "num_params": parameter_counts(params),
         "loss_terms": list(setup.loss_terms),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge-page malloc: the CLI
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # cpu.malloc: the CLI
+        "malloc": process_env.malloc_in_effect(os.environ.get("GLIBC_TUNABLES", "")),
         "wall_seconds": progress["wall_seconds"],
         "first_step_seconds": progress["first_step_seconds"],
         "train_img_per_sec": speed if measured else None,

@@ -14,7 +14,7 @@ import jax
 
 from ffcl_jax import machine, models
 from ffcl_jax.errors import UserError
-from ffcl_jax.models.layers import LayerKernels
+from ffcl_jax.models.layers import LayerKernels, with_xla_ops
 
 # XLA:CPU's loop fusion pass copies the forward residual + ReLU chain of a ResNet stage into
 # every backward consumer that needs a ReLU mask, so each block's backward recomputes every
@@ -213,10 +213,4 @@ def onednn_fallback_note(config, num_devices: int = 1) -> str | None:
 def countable(kernels: LayerKernels) -> LayerKernels:
     """`kernels` with XLA's own ops for the oneDNN kernels: XLA's cost analysis counts a custom
     call as no work, so a step's FLOPs are counted on this form of it."""
-    return dataclasses.replace(
-        kernels,
-        conv2d=None,
-        conv2d_transpose=None,
-        batch_norm_train=None,
-        batch_norm_add_relu=None,
-    )
+    return with_xla_ops(kernels)

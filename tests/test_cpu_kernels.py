@@ -4,6 +4,7 @@ whole train steps; which kernels `config.cpu.kernels` picks, and what happens wi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import re
@@ -1074,145 +1075,22 @@ def test_batch_norm_train_traces_what_the_checks_let_through():
     assert (y.shape, mean.shape, var.shape) == ((2, 3, 3, 4), (4,), (4,))
 
 
-@pytest.fixture
-def hugepages(monkeypatch, tmp_path):
-    """Sets what process_env reads of the machine, `(glibc, transparent huge pages)`, e.g.
-    `("glibc 2.35", "always [madvise] never")`: None for another C library, or a kernel
-    without transparent huge pages. Returns process_env."""
-    from ffcl_jax import process_env
-
-    def set_machine(glibc, thp):
-        def confstr(name):
-            assert name == "CS_GNU_LIBC_VERSION"
-            if glibc is None:
-                raise ValueError("unrecognized configuration name")
-            return glibc
-
-        monkeypatch.setattr(process_env.os, "confstr", confstr)
-        monkeypatch.setattr(process_env.sys, "platform", "linux")
-        path = tmp_path / "transparent_hugepage_enabled"
-        path.unlink(missing_ok=True)
-        if thp is not None:
-            path.write_text(thp + "\n")
-        monkeypatch.setattr(process_env, "THP_ENABLED", path)
-        return process_env
-
-    return set_machine
-
-
-@pytest.mark.parametrize(
-    "glibc,thp,applies",
-    [
-        ("glibc 2.35", "always [madvise] never", True),
-        ("glibc 2.39", "[always] madvise never", True),
-        ("glibc 2.34", "always [madvise] never", False),  # glibc ignores the tunable
-        ("glibc 2.28", "[always] madvise never", False),
-        ("glibc 2.36", "always madvise [never]", False),  # the kernel refuses huge pages
-        ("glibc 2.36", None, False),  # a kernel without transparent huge pages
-        (None, "[always] madvise never", False),  # another C library (musl)
-        ("glibc 3.0", "always [madvise] never", True),
-    ],
-)
-def test_hugepage_malloc_applies_only_where_it_takes_effect(hugepages, glibc, thp, applies):
-    process_env = hugepages(glibc, thp)
-    assert process_env.hugepage_malloc_takes_effect() is applies
-    env = process_env.with_hugepage_malloc({"PATH": "/bin"})
-    assert env == (
-        {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if applies else None
+def test_the_counted_step_has_no_kernel_left_and_keeps_the_other_choices():
+    """Every field that swaps in a kernel goes back to XLA's op, found from the dataclass so a
+    new kernel field cannot be missed; the choices that are not kernels stay as they were."""
+    every_kernel = dataclasses.replace(
+        layers.XLA_OPS,
+        **{name: (lambda *args: args) for name in layers.KERNEL_FIELDS},
+        closed_form_batch_norm=True,
+        scan_blocks=True,
+        remat="dots",
     )
-    # A record (results.json, the benchmarks') claims the tunable only where it applied.
-    recorded = process_env.tunables_in_effect("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
-    expected = "glibc.malloc.arena_max=2" + (":glibc.malloc.hugetlb=1" if applies else "")
-    assert recorded == expected
-    assert process_env.tunables_in_effect("glibc.malloc.hugetlb=1") == (
-        "glibc.malloc.hugetlb=1" if applies else ""
+    counted = xla_cpu.countable(every_kernel)
+    callables = [f.name for f in dataclasses.fields(counted) if callable(getattr(counted, f.name))]
+    assert callables == []
+    assert set(layers.KERNEL_FIELDS) >= {"conv2d", "conv2d_transpose", "batch_norm_train"}
+    assert (counted.closed_form_batch_norm, counted.scan_blocks, counted.remat) == (
+        True,
+        True,
+        "dots",
     )
-
-
-def test_the_machine_is_read_as_glibc_and_the_kernel_report_it(hugepages):
-    process_env = hugepages("glibc 2.36", "always [madvise] never")
-    assert process_env.glibc_version() == (2, 36)
-    assert process_env.transparent_hugepages() == "madvise"
-    process_env = hugepages("glibc 2.17-pre1", None)
-    assert process_env.glibc_version() == (2, 17) and process_env.transparent_hugepages() is None
-    assert hugepages(None, "[never]").glibc_version() is None
-
-
-def test_the_cli_restarts_itself_with_hugepage_malloc_once(hugepages):
-    process_env = hugepages("glibc 2.36", "always [madvise] never")
-    env = process_env.with_hugepage_malloc({"PATH": "/bin"})
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    assert process_env.with_hugepage_malloc(env) is None  # the restarted process goes on
-    theirs = process_env.with_hugepage_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-    assert theirs["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert process_env.with_hugepage_malloc({"FFCL_MALLOC_HUGEPAGES": "0"}) is None
-
-
-class _Exec(Exception):
-    """Raised in place of os.execve: the process would have been replaced here."""
-
-
-def _main_with_an_exec_pending(monkeypatch, hugepage_malloc=True):
-    """ffcl_jax.main where a restart is due (the tunable applies and is not set), with os.execve
-    raising _Exec and absl's app.run standing for parsing a config that sets
-    `cpu.hugepage_malloc` and starting training."""
-    from ffcl_jax import main, process_env
-    from ffcl_jax.config_base import base_config
-
-    monkeypatch.setattr(
-        process_env, "with_hugepage_malloc", lambda env: {**env, "GLIBC_TUNABLES": "x"}
-    )
-    monkeypatch.setattr(main, "_MAY_RESTART", False)
-    config = base_config()
-    config.cpu.hugepage_malloc = hugepage_malloc
-    started = []
-
-    def app_run(fn, **kwargs):
-        main.restart_if_asked(config)  # what main.main does first with the parsed config
-        started.append(fn)
-
-    monkeypatch.setattr(main.app, "run", app_run)
-
-    def execve(path, argv, env):
-        raise _Exec(path, argv, env)
-
-    monkeypatch.setattr(main.os, "execve", execve)
-    return main, started
-
-
-def test_main_run_from_python_never_replaces_the_process(monkeypatch):
-    """A script, a notebook or a test that calls `main.run()` must go on as itself."""
-    main, started = _main_with_an_exec_pending(monkeypatch)
-    main.run()  # _Exec, were it to restart
-    assert started == [main.main]
-
-
-def test_main_cli_keeps_its_process_when_the_config_says_so(monkeypatch):
-    main, started = _main_with_an_exec_pending(monkeypatch, hugepage_malloc=False)
-    main.cli()
-    assert started == [main.main]
-
-
-def test_main_cli_flushes_stdio_then_restarts(monkeypatch):
-    import io
-
-    main, started = _main_with_an_exec_pending(monkeypatch)
-    written = {}
-    for name in ("stdout", "stderr"):
-        written[name] = io.BytesIO()
-        stream = io.TextIOWrapper(written[name], write_through=False)
-        stream.write(f"{name} line not yet flushed\n")
-        monkeypatch.setattr(main.sys, name, stream)
-    with pytest.raises(_Exec) as raised:
-        main.cli()
-    path, argv, env = raised.value.args
-    assert path == main.sys.executable and argv == [path, *main.sys.orig_argv[1:]]
-    assert env["GLIBC_TUNABLES"] == "x" and started == []
-    for name, buffer in written.items():
-        assert buffer.getvalue() == f"{name} line not yet flushed\n".encode()
-    # Once restarted (or where the tunable does not apply), the CLI trains in this process.
-    from ffcl_jax import process_env
-
-    monkeypatch.setattr(process_env, "with_hugepage_malloc", lambda env: None)
-    main.cli()
-    assert started == [main.main]

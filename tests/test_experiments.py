@@ -116,7 +116,7 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     # The JAX worker added the process-wide XLA:CPU flag before its backend started.
     assert result["jax"]["xla_flags"].endswith("xla_cpu_flatten_after_fusion")
     # "auto" took the oneDNN convolutions where they are built and measured; both frameworks'
-    # workers ran with malloc on huge pages (the benchmark restarted itself with the tunable, as
+    # workers ran with the default malloc (the benchmark restarted itself with its tunables, as
     # the CLI does).
     from ffcl_jax import cpu_kernels, xla_cpu
 
@@ -125,9 +125,10 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
     assert result["jax"]["cpu_kernel_ops"] == (list(cpu_kernels.OPS) if auto_onednn else [])
     from ffcl_jax import process_env
 
-    hugepages = process_env.hugepage_malloc_takes_effect()  # recorded only where it applies
+    # The workers started with the default malloc, recorded only where its tunables apply.
+    expected = "retain" if process_env.malloc_tunables("retain") else "system"
     for tunables in (result["glibc_tunables"], result["jax"]["glibc_tunables"]):
-        assert ("glibc.malloc.hugetlb=1" in tunables) is hugepages
+        assert process_env.malloc_choice(tunables) == expected
 
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n")
@@ -142,7 +143,8 @@ def test_benchmark_times_both_frameworks_and_fills_the_readme_table(fmnist_dir, 
         if auto_onednn
         else ""
     )
-    assert f"| float32, ynn reduce, flatten after fusion{kernels}, huge-page malloc |" in rows[0]
+    malloc = ", malloc keeps freed memory" if expected == "retain" else ""
+    assert f"| float32, ynn reduce, flatten after fusion{kernels}{malloc} |" in rows[0]
     m = result["machine"]
     assert f"| {m['cores']}-core {m['cpu']} ({m['isa']}) |" in rows[0]
 
@@ -264,18 +266,22 @@ def test_benchmark_result_names_keep_settings_apart(monkeypatch):
     assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_cpu_avx2_bn_autodiff_bfloat16_ondevice"
     )
-    # The CPU kernels and malloc's huge pages (the processes' environment) are settings too,
-    # the huge pages only where the tunable takes effect.
+    # The CPU kernels and malloc's choice (the processes' environment) are settings too,
+    # malloc's only where its tunables take effect.
     from ffcl_jax import process_env
 
     config = get_config()
     config.cpu.kernels = "xla"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-    monkeypatch.setattr(process_env, "hugepage_malloc_takes_effect", lambda: True)
+    monkeypatch.setattr(process_env, "tunable_takes_effect", lambda tunable: True)
     assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_cpu_avx2_kernels_xla_hugepages"
     )
-    monkeypatch.setattr(process_env, "hugepage_malloc_takes_effect", lambda: False)
+    monkeypatch.setenv("GLIBC_TUNABLES", ":".join(process_env.MALLOC_TUNABLES["retain"]))
+    assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
+        "bench_resnet110_resnet32_b128_cpu_avx2_kernels_xla_retain"
+    )
+    monkeypatch.setattr(process_env, "tunable_takes_effect", lambda tunable: False)
     assert bench_results.result_name(config, "1 x cpu", False, isa="AVX2") == (
         "bench_resnet110_resnet32_b128_cpu_avx2_kernels_xla"
     )
@@ -367,6 +373,35 @@ def test_kernel_comparisons_time_each_setting(key, settings, tmp_path):
     for timing in record["settings"].values():
         assert len(timing["times_ms"]) == 2 and timing["min_ms"] == min(timing["times_ms"])
     assert record["table"] in out
+
+
+@pytest.mark.slow
+def test_malloc_comparison_runs_each_setting_in_a_worker_started_with_it(tmp_path):
+    """glibc reads its tunables at start-up: each setting's worker must report its own, and
+    `system` must not fall back to the benchmark's default."""
+    from ffcl_jax import process_env
+
+    if not process_env.malloc_tunables("retain"):
+        pytest.skip("glibc's malloc tunables take no effect here")
+    out = run_script(
+        "bench_step.py",
+        "--modes=compare",
+        *TINY,
+        "--config.batch_size=8",
+        "--key=cpu.malloc",
+        "--settings=system,retain",
+        "--rounds=1",
+        "--repeats=2",
+        "--warmup=1",
+        f"--output={tmp_path / 'compare.json'}",
+    )
+    assert "| cpu.malloc | page faults a step | system s a step | GLIBC_TUNABLES |" in out
+    record = json.loads((tmp_path / "compare.json").read_text())
+    system, retain = record["settings"]["system"], record["settings"]["retain"]
+    assert process_env.malloc_choice(system["glibc_tunables"]) == "system"
+    assert retain["glibc_tunables"] == ":".join(process_env.MALLOC_TUNABLES["retain"])
+    for timing in (system, retain):
+        assert len(timing["times_ms"]) == 2 and len(timing["page_faults_per_step"]) == 1
 
 
 @pytest.mark.slow
@@ -477,8 +512,8 @@ def test_kernel_benchmark_times_every_layer_of_the_demo_pair(tmp_path):
     assert "| 16-channel convolutions (28x28) |" in out and "xla / onednn" in out
     from ffcl_jax import process_env
 
-    hugepages = process_env.hugepage_malloc_takes_effect()  # recorded only where it applies
-    assert ("glibc.malloc.hugetlb=1" in record["glibc_tunables"]) is hugepages
+    expected = "retain" if process_env.malloc_tunables("retain") else "system"
+    assert process_env.malloc_choice(record["glibc_tunables"]) == expected
 
 
 @pytest.mark.slow

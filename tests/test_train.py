@@ -414,9 +414,9 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     written = json.loads((workdir / "config.json").read_text())
     assert written["loss"]["tau"] == results["method_settings"]["tau"] is not None
     assert results["xla_flags"].endswith(xla_cpu.FLATTEN_AFTER_FUSION_FLAG)  # set by the CLI
-    # The CLI restarted with huge-page malloc where the tunable takes effect, and only there.
-    hugepages = process_env.hugepage_malloc_takes_effect()
-    assert ("glibc.malloc.hugetlb=1" in results["glibc_tunables"]) is hugepages
+    # The CLI restarted with the default malloc where its tunables take effect, and only there.
+    expected = "retain" if process_env.malloc_tunables("retain") else "system"
+    assert results["malloc"] == expected == process_env.malloc_choice(results["glibc_tunables"])
     # The CLI records its own command line; the library reads no sys.argv.
     assert results["command"].startswith("python -m ffcl_jax.main --config=configs/fashion_mnist")
 

@@ -57,6 +57,17 @@ class LayerKernels:
 
 
 XLA_OPS = LayerKernels()  # the layers as written: every op XLA's
+# The fields that swap in a kernel for one of XLA's ops: those whose default (None) means XLA's.
+KERNEL_FIELDS = tuple(
+    field.name for field in dataclasses.fields(LayerKernels) if field.default is None
+)
+
+
+def with_xla_ops(kernels: LayerKernels) -> LayerKernels:
+    """`kernels` with every swapped-in kernel back to XLA's op, the other choices kept."""
+    return dataclasses.replace(kernels, **dict.fromkeys(KERNEL_FIELDS))
+
+
 _kernels = contextvars.ContextVar("layer_kernels", default=XLA_OPS)  # noqa: B039 - frozen
 
 
