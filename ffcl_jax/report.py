@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from typing import Any
 
@@ -450,6 +451,8 @@ def results(config, setup, params, progress: dict, eval_split: str) -> dict[str,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # cpu.malloc: the CLI
         "malloc": process_env.malloc_in_effect(os.environ.get("GLIBC_TUNABLES", "")),
         "wall_seconds": progress["wall_seconds"],
+        # The process's resident high-water mark (Linux reports KiB): what cpu.malloc trades.
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "first_step_seconds": progress["first_step_seconds"],
         "train_img_per_sec": speed if measured else None,
         "eval_split": eval_split,

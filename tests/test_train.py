@@ -417,6 +417,7 @@ def test_cli_runs_a_preset_with_overrides(fmnist_dir, tmp_path):
     # The CLI restarted with the default malloc where its tunables take effect, and only there.
     expected = "retain" if process_env.malloc_tunables("retain") else "system"
     assert results["malloc"] == expected == process_env.malloc_choice(results["glibc_tunables"])
+    assert 100 < results["peak_rss_mb"] < 24 * 1024  # the CLI's process, in MB
     # The CLI records its own command line; the library reads no sys.argv.
     assert results["command"].startswith("python -m ffcl_jax.main --config=configs/fashion_mnist")
 
