@@ -30,8 +30,9 @@ def command_today(command: str) -> str:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
 README = os.path.join(ROOT, "docs", "performance.md")  # holds the bench table
-MALLOC_SETTING = {"retain": "malloc keeps freed memory", "hugepages": "huge-page malloc"}
 REPO_README = os.path.join(ROOT, "README.md")
+# How the speed table names each cpu.malloc choice a record ran under (glibc's own: nothing).
+MALLOC_SETTING = {"retain": "malloc keeps freed memory", "hugepages": "huge-page malloc"}
 
 
 def result_name(config, device: str, synthetic: bool, isa: str = "") -> str:
@@ -268,10 +269,10 @@ def summarize(times: list[float], batch_size: int) -> dict:
     }
 
 
-def kernel_costs(before, after, times: list[float]) -> dict:
-    """What the operating system charged the timed steps, from `resource.getrusage` before and
-    after them: page faults and system (kernel) seconds a step, where an allocator that hands
-    memory back to the kernel every step shows, and every step's time."""
+def timed_steps(before, after, times: list[float]) -> dict:
+    """Every timed step's time and what the operating system charged them, from
+    `resource.getrusage` before and after: page faults and system seconds a step, where an
+    allocator that hands memory back to the operating system every step shows."""
     steps = max(len(times), 1)
     return {
         "page_faults_per_step": round((after.ru_minflt - before.ru_minflt) / steps),

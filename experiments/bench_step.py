@@ -222,7 +222,7 @@ def jax_worker(config, modes) -> dict:
             times.append(time.perf_counter() - start)
         out["step"] = {
             **bench_results.summarize(times, config.batch_size),
-            **bench_results.kernel_costs(usage, resource.getrusage(resource.RUSAGE_SELF), times),
+            **bench_results.timed_steps(usage, resource.getrusage(resource.RUSAGE_SELF), times),
             "first_step_seconds_incl_compile": round(first, 2),
             "peak_rss_growth_mb": round(peak_rss_mb() - rss_before, 1),
             **memory(step, state, batch),
@@ -356,7 +356,7 @@ def torch_worker(config, modes) -> dict:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        costs = bench_results.kernel_costs(usage, resource.getrusage(resource.RUSAGE_SELF), times)
+        costs = bench_results.timed_steps(usage, resource.getrusage(resource.RUSAGE_SELF), times)
         if not cuda:
             out["gemm_gflops"] = step_probes.gemm_gflops(
                 torch.mm, lambda n: torch.randn(n, n, generator=torch.Generator().manual_seed(n))

@@ -124,18 +124,14 @@ MALLOC = "cpu.malloc"
 
 def compare_mallocs(config, settings: list[str], rounds: int, run_worker) -> dict:
     """bench_step's `compare` mode for `cpu.malloc`: `rounds` turns over `settings`, each a JAX
-    step worker (`run_worker("jax", env, "--modes=step")`, `--repeats` timed steps) started
-    with that setting's tunables; the timing table plus each setting's page faults and system
-    seconds a step."""
-    from ffcl_jax import process_env
-
+    step worker (`run_worker("jax", env, "--modes=step")`, `--repeats` timed steps) whose own
+    start-up (bench_step's `__main__`) applies that setting's tunables, named in `FFCL_MALLOC`;
+    the timing table plus each setting's page faults and system seconds a step."""
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FFCL_MALLOC")}
     runs = {setting: {"times": [], "faults": [], "system": []} for setting in settings}
     for _ in range(rounds):
         for setting, run in runs.items():
-            # The worker's own start-up (bench_step's __main__) reads the choice from here.
-            env = {**(process_env.with_malloc(base, setting) or base), "FFCL_MALLOC": setting}
-            worker = run_worker("jax", env, "--modes=step")
+            worker = run_worker("jax", {**base, "FFCL_MALLOC": setting}, "--modes=step")
             step = worker["step"]
             run["times"] += step["times_ms"]
             run["faults"].append(step["page_faults_per_step"])
